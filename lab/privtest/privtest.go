@@ -1,0 +1,35 @@
+// Package privtest gates the privileged and lab test tiers.
+//
+// Privileged tests need root (network namespaces, BPF, cgroups). They skip
+// with a reason when that is missing, except when NODEMESH_REQUIRE_PRIVILEGED=1
+// is set (CI sets it): then a skip is a failure, so a run can never pass by
+// skipping the tests that matter.
+package privtest
+
+import (
+	"os"
+	"testing"
+)
+
+// RequireEnv is the variable that turns skips of privileged tests into failures.
+const RequireEnv = "NODEMESH_REQUIRE_PRIVILEGED"
+
+// Required reports whether privileged tests must run rather than skip.
+func Required() bool { return os.Getenv(RequireEnv) == "1" }
+
+// Skip skips the test with reason, or fails it when privileged tests are required.
+func Skip(t testing.TB, reason string) {
+	t.Helper()
+	if Required() {
+		t.Fatalf("%s, and %s=1 forbids skipping privileged tests", reason, RequireEnv)
+	}
+	t.Skip(reason)
+}
+
+// Root skips (or fails, see Required) unless the test runs as root.
+func Root(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		Skip(t, "needs root (network namespaces, BPF, cgroups); run with sudo")
+	}
+}
