@@ -1,0 +1,381 @@
+package state
+
+import (
+	"cmp"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Snapshot is one immutable, indexed version of the cluster state. All
+// methods are safe for concurrent use; results must not be modified.
+type Snapshot struct {
+	version     uint64
+	synced      bool
+	trustDomain spiffeid.TrustDomain
+
+	namespaces map[string]*Namespace
+	pods       map[Key]*Pod
+	podsByIP   map[netip.Addr]*Pod
+	podsByNode map[string][]*Pod
+	services   map[Key]*Service
+	vips       map[netip.AddrPort]vip
+	slices     map[Key]*EndpointSlice
+	backends   map[servicePortKey][]Backend
+	netpols    map[Key]*NetworkPolicy
+	objects    map[GroupKind]map[Key]*Object
+}
+
+type vip struct {
+	svc  *Service
+	port int // index into svc.Ports
+}
+
+type servicePortKey struct {
+	svc  Key
+	port string // ServicePort.Name
+}
+
+// Backend is a ready endpoint of a service port.
+type Backend struct {
+	Addr netip.AddrPort `json:"addr"`
+	// Pod is the pod behind the endpoint, nil when the snapshot does not
+	// know it (an endpoint outside the cluster, or a pod not yet seen).
+	Pod *Pod `json:"-"`
+	// Node is the endpoint's node name from the EndpointSlice.
+	Node string `json:"node,omitempty"`
+	// Terminating is set when the backend is only serving while
+	// terminating (used when a port has no ready endpoint at all).
+	Terminating bool `json:"terminating,omitempty"`
+}
+
+// Version increases with every change the store applied.
+func (s *Snapshot) Version() uint64 { return s.version }
+
+// Synced reports whether every source had delivered its initial state when
+// this snapshot was built.
+func (s *Snapshot) Synced() bool { return s.synced }
+
+// TrustDomain is the trust domain identities were built in.
+func (s *Snapshot) TrustDomain() spiffeid.TrustDomain { return s.trustDomain }
+
+// PodByIP returns the live pod that owns ip, or nil. Host-network pods are
+// never returned: they share the node's address.
+func (s *Snapshot) PodByIP(ip netip.Addr) *Pod { return s.podsByIP[ip.Unmap()] }
+
+// Pod returns a pod by namespace and name, or nil.
+func (s *Snapshot) Pod(namespace, name string) *Pod { return s.pods[Key{namespace, name}] }
+
+// PodsOnNode returns the pods scheduled on node, sorted by namespace/name.
+func (s *Snapshot) PodsOnNode(node string) []*Pod { return s.podsByNode[node] }
+
+// Pods returns every pod, sorted by namespace/name.
+func (s *Snapshot) Pods() []*Pod { return sortedValues(s.pods) }
+
+// Namespace returns a namespace by name, or nil.
+func (s *Snapshot) Namespace(name string) *Namespace { return s.namespaces[name] }
+
+// Namespaces returns every namespace, sorted by name.
+func (s *Snapshot) Namespaces() []*Namespace {
+	out := make([]*Namespace, 0, len(s.namespaces))
+	for _, n := range s.namespaces {
+		out = append(out, n)
+	}
+	slices.SortFunc(out, func(a, b *Namespace) int { return cmp.Compare(a.Name, b.Name) })
+	return out
+}
+
+// Service returns a service by namespace and name, or nil.
+func (s *Snapshot) Service(namespace, name string) *Service {
+	return s.services[Key{namespace, name}]
+}
+
+// Services returns every service, sorted by namespace/name.
+func (s *Snapshot) Services() []*Service { return sortedValues(s.services) }
+
+// ServiceByVIP returns the service and TCP port that own a ClusterIP:port.
+func (s *Snapshot) ServiceByVIP(ap netip.AddrPort) (*Service, ServicePort, bool) {
+	v, ok := s.vips[netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())]
+	if !ok {
+		return nil, ServicePort{}, false
+	}
+	return v.svc, v.svc.Ports[v.port], true
+}
+
+// Backends returns the endpoints of a service port, sorted by address: the
+// ready ones, or, when none is ready, the ones still serving while
+// terminating (kube-proxy's rule, so connections drain instead of failing).
+// Endpoints listed by several slices appear once.
+func (s *Snapshot) Backends(svc *Service, port ServicePort) []Backend {
+	return s.backends[servicePortKey{svc.Key(), port.Name}]
+}
+
+// EndpointSlices returns every slice, sorted by namespace/name.
+func (s *Snapshot) EndpointSlices() []*EndpointSlice { return sortedValues(s.slices) }
+
+// NetworkPolicies returns the NetworkPolicies of a namespace ("" for all),
+// sorted by namespace/name.
+func (s *Snapshot) NetworkPolicies(namespace string) []*NetworkPolicy {
+	var out []*NetworkPolicy
+	for k, p := range s.netpols {
+		if namespace == "" || k.Namespace == namespace {
+			out = append(out, p)
+		}
+	}
+	slices.SortFunc(out, func(a, b *NetworkPolicy) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+	return out
+}
+
+// Objects returns the custom objects of a kind, sorted by namespace/name.
+func (s *Snapshot) Objects(gk GroupKind) []*Object { return sortedValues(s.objects[gk]) }
+
+// ObjectKinds returns the kinds of custom objects present.
+func (s *Snapshot) ObjectKinds() []GroupKind {
+	out := make([]GroupKind, 0, len(s.objects))
+	for gk := range s.objects {
+		out = append(out, gk)
+	}
+	slices.SortFunc(out, func(a, b GroupKind) int { return cmp.Compare(a.String(), b.String()) })
+	return out
+}
+
+type keyed interface{ Key() Key }
+
+func sortedValues[T keyed](m map[Key]T) []T {
+	out := make([]T, 0, len(m))
+	for _, v := range m {
+		out = append(out, v)
+	}
+	slices.SortFunc(out, func(a, b T) int { return compareKeys(a.Key(), b.Key()) })
+	return out
+}
+
+func compareKeys(a, b Key) int {
+	return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+}
+
+// build indexes the store's inputs into a new snapshot. Input values are
+// shared, never modified; pods are copied because the snapshot fills in
+// their computed fields.
+//
+// cache holds the pods computed by the previous build; a pod whose input
+// and namespace enrollment are unchanged is reused, so a change costs map
+// work, not re-deriving every identity. build replaces cache's contents.
+func build(in *inputs, version uint64, synced bool, td spiffeid.TrustDomain, cache map[Key]computed) *Snapshot {
+	s := &Snapshot{
+		version:     version,
+		synced:      synced,
+		trustDomain: td,
+		namespaces:  make(map[string]*Namespace, len(in.namespaces)),
+		pods:        make(map[Key]*Pod, len(in.pods)),
+		podsByIP:    make(map[netip.Addr]*Pod, len(in.pods)),
+		podsByNode:  make(map[string][]*Pod),
+		services:    maps.Clone(in.services),
+		vips:        make(map[netip.AddrPort]vip, len(in.services)),
+		slices:      maps.Clone(in.slices),
+		backends:    make(map[servicePortKey][]Backend, len(in.services)),
+		netpols:     maps.Clone(in.netpols),
+		objects:     make(map[GroupKind]map[Key]*Object, len(in.objects)),
+	}
+	for gk, m := range in.objects {
+		if len(m) > 0 {
+			s.objects[gk] = maps.Clone(m)
+		}
+	}
+	for name, n := range in.namespaces {
+		c := *n
+		c.Enrolled = n.Labels[LabelMode] == ModeEnabled
+		s.namespaces[name] = &c
+	}
+	for k := range cache {
+		if _, ok := in.pods[k]; !ok {
+			delete(cache, k)
+		}
+	}
+	for k, p := range in.pods {
+		ns := s.namespaces[p.Namespace]
+		nsEnrolled := ns != nil && ns.Enrolled
+		c := cache[k].out
+		if cache[k].in != p || cache[k].nsEnrolled != nsEnrolled {
+			c = computePod(p, ns, td)
+			cache[k] = computed{in: p, nsEnrolled: nsEnrolled, out: c}
+		}
+		s.pods[k] = c
+		if c.Node != "" {
+			s.podsByNode[c.Node] = append(s.podsByNode[c.Node], c)
+		}
+		if c.HostNetwork {
+			continue
+		}
+		for _, ip := range c.IPs {
+			if old, ok := s.podsByIP[ip]; !ok || preferPod(c, old) {
+				s.podsByIP[ip] = c
+			}
+		}
+	}
+	for _, list := range s.podsByNode {
+		slices.SortFunc(list, func(a, b *Pod) int { return compareKeys(a.Key(), b.Key()) })
+	}
+	for _, svc := range s.services {
+		for i, p := range svc.Ports {
+			if !isTCP(p.Protocol) {
+				continue
+			}
+			for _, ip := range svc.ClusterIPs {
+				s.vips[netip.AddrPortFrom(ip.Unmap(), p.Port)] = vip{svc, i}
+			}
+		}
+	}
+	s.indexBackends()
+	return s
+}
+
+type computed struct {
+	in         *Pod
+	nsEnrolled bool
+	out        *Pod
+}
+
+func isTCP(proto string) bool { return proto == "" || proto == "TCP" }
+
+// preferPod decides which of two pods claiming one IP owns it: a live pod
+// over a finished one, a running pod over a terminating or pending one, then
+// by namespace/name so the choice is stable.
+func preferPod(a, b *Pod) bool {
+	rank := func(p *Pod) int {
+		switch {
+		case !p.Live():
+			return 0
+		case p.Terminating:
+			return 1
+		case p.Phase != PodRunning:
+			return 2
+		default:
+			return 3
+		}
+	}
+	if ra, rb := rank(a), rank(b); ra != rb {
+		return ra > rb
+	}
+	return compareKeys(a.Key(), b.Key()) < 0
+}
+
+func computePod(p *Pod, ns *Namespace, td spiffeid.TrustDomain) *Pod {
+	c := *p
+	c.Problems = nil
+	sa := p.ServiceAccount
+	if sa == "" {
+		sa = "default" // what the API server fills in
+	}
+	id, err := spiffeid.FromSegments(td, "ns", p.Namespace, "sa", sa)
+	if err != nil {
+		c.Problems = append(c.Problems, fmt.Sprintf("building SPIFFE ID for service account %q: %v", sa, err))
+	}
+	c.Identity = id
+	c.Enrolled = ns != nil && ns.Enrolled && p.Labels[LabelMode] != ModeDisabled && !p.HostNetwork
+	c.ExcludeInboundPorts, err = parsePorts(p.Annotations[AnnotationExcludeInboundPorts])
+	if err != nil {
+		c.Problems = append(c.Problems, fmt.Sprintf("annotation %s ignored (nothing excluded): %v", AnnotationExcludeInboundPorts, err))
+	}
+	c.ExcludeOutboundPorts, err = parsePorts(p.Annotations[AnnotationExcludeOutboundPorts])
+	if err != nil {
+		c.Problems = append(c.Problems, fmt.Sprintf("annotation %s ignored (nothing excluded): %v", AnnotationExcludeOutboundPorts, err))
+	}
+	c.Netns = p.Annotations[AnnotationNetns]
+	c.Cgroup = p.Annotations[AnnotationCgroup]
+	return &c
+}
+
+// parsePorts parses "80, 8080" into ports. Any bad element rejects the whole
+// list, so a typo never excludes a port nobody meant to exclude.
+func parsePorts(s string) ([]uint16, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return nil, nil
+	}
+	var out []uint16
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(f)
+		n, err := strconv.ParseUint(f, 10, 16)
+		if err != nil || n == 0 {
+			return nil, fmt.Errorf("%q is not a port number (1-65535) in %q", f, s)
+		}
+		out = append(out, uint16(n))
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+func (s *Snapshot) indexBackends() {
+	bySvc := make(map[Key][]*EndpointSlice)
+	for _, es := range s.slices {
+		if es.Service == "" {
+			continue
+		}
+		k := Key{es.Namespace, es.Service}
+		bySvc[k] = append(bySvc[k], es)
+	}
+	for k, list := range bySvc {
+		svc := s.services[k]
+		if svc == nil {
+			continue
+		}
+		for _, sp := range svc.Ports {
+			if !isTCP(sp.Protocol) {
+				continue
+			}
+			var ready, terminating []Backend
+			seen := make(map[netip.AddrPort]bool)
+			for _, es := range list {
+				if es.AddressType != "" && es.AddressType != "IPv4" && es.AddressType != "IPv6" {
+					continue // FQDN slices name hosts, not addresses
+				}
+				for _, ep := range es.Ports {
+					if ep.Name != sp.Name || !isTCP(ep.Protocol) || ep.Port == 0 {
+						continue
+					}
+					for _, e := range es.Endpoints {
+						if !e.Ready && !(e.Serving && e.Terminating) {
+							continue
+						}
+						for _, a := range e.Addresses {
+							ap := netip.AddrPortFrom(a.Unmap(), ep.Port)
+							if seen[ap] {
+								continue
+							}
+							seen[ap] = true
+							b := Backend{Addr: ap, Node: e.Node, Terminating: !e.Ready}
+							if e.Pod != nil {
+								b.Pod = s.pods[*e.Pod]
+							}
+							if b.Pod == nil {
+								b.Pod = s.podsByIP[ap.Addr()]
+							}
+							if e.Ready {
+								ready = append(ready, b)
+							} else {
+								terminating = append(terminating, b)
+							}
+						}
+					}
+				}
+			}
+			out := ready
+			if len(out) == 0 {
+				out = terminating
+			}
+			if len(out) == 0 {
+				continue
+			}
+			slices.SortFunc(out, func(a, b Backend) int { return a.Addr.Compare(b.Addr) })
+			s.backends[servicePortKey{k, sp.Name}] = out
+		}
+	}
+}

@@ -1,0 +1,237 @@
+// Package state is the agent's view of the cluster: an indexed, versioned,
+// immutable Snapshot of pods, namespaces, services, EndpointSlices,
+// NetworkPolicies and nodemesh custom objects, kept current by a Store that
+// sources (agent/k8s: informers or static files) write into.
+//
+// Every connection decision reads one Snapshot, so it sees a consistent
+// cluster: a pod's enrollment, its identity and the endpoints of the service
+// it dialled all come from the same version. Snapshots are never modified
+// after they are published; everything reachable from one (maps, slices,
+// pointers) is read-only for callers.
+//
+// The package holds plain values only and does not import client-go; the
+// converters from Kubernetes API objects live in agent/k8s.
+package state
+
+import (
+	"net/netip"
+	"strings"
+
+	networkingv1 "k8s.io/api/networking/v1"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Labels and annotations the agent reads.
+const (
+	// LabelMode on a namespace ("enabled") enrolls its pods; on a pod
+	// ("disabled") opts that pod out.
+	LabelMode    = "nodemesh.io/mode"
+	ModeEnabled  = "enabled"
+	ModeDisabled = "disabled"
+
+	// AnnotationExcludeInboundPorts and AnnotationExcludeOutboundPorts list
+	// ports (comma separated) that capture leaves alone, like Istio's
+	// traffic.sidecar.istio.io/exclude{In,Out}boundPorts.
+	AnnotationExcludeInboundPorts  = "nodemesh.io/exclude-inbound-ports"
+	AnnotationExcludeOutboundPorts = "nodemesh.io/exclude-outbound-ports"
+
+	// AnnotationNetns and AnnotationCgroup are written by the lab (which plays
+	// kubelet): the pod's network namespace path and its cgroup v2 path. A real
+	// node discovers these from the container runtime instead.
+	AnnotationNetns  = "lab.nodemesh.io/netns"
+	AnnotationCgroup = "lab.nodemesh.io/cgroup"
+
+	// LabelServiceName ties an EndpointSlice to its Service.
+	LabelServiceName = "kubernetes.io/service-name"
+)
+
+// AnnotationPrefixes are the annotation key prefixes the agent keeps; sources
+// drop every other annotation to save memory.
+var AnnotationPrefixes = []string{"nodemesh.io/", "lab.nodemesh.io/"}
+
+// KeepAnnotation reports whether the agent needs annotation key.
+func KeepAnnotation(key string) bool {
+	for _, p := range AnnotationPrefixes {
+		if strings.HasPrefix(key, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// Key names a namespaced object.
+type Key struct {
+	Namespace, Name string
+}
+
+func (k Key) String() string {
+	if k.Namespace == "" {
+		return k.Name
+	}
+	return k.Namespace + "/" + k.Name
+}
+
+// Namespace is a Kubernetes namespace.
+type Namespace struct {
+	Name   string
+	Labels map[string]string
+	// Enrolled is computed by the snapshot: LabelMode is ModeEnabled.
+	Enrolled bool
+}
+
+// PodPhase mirrors corev1.PodPhase.
+type PodPhase string
+
+// Pod phases the snapshot treats specially.
+const (
+	PodPending   PodPhase = "Pending"
+	PodRunning   PodPhase = "Running"
+	PodSucceeded PodPhase = "Succeeded"
+	PodFailed    PodPhase = "Failed"
+)
+
+// ContainerPort is a port a container declares.
+type ContainerPort struct {
+	Name     string `json:"name,omitempty"`
+	Port     uint16 `json:"port"`
+	Protocol string `json:"protocol"`
+}
+
+// Pod is what the agent knows about a pod. Sources fill the input fields;
+// the snapshot fills the computed ones.
+type Pod struct {
+	Namespace      string            `json:"namespace"`
+	Name           string            `json:"name"`
+	UID            string            `json:"uid"`
+	ServiceAccount string            `json:"serviceAccount"`
+	Node           string            `json:"node"`
+	Labels         map[string]string `json:"labels,omitempty"`
+	// Annotations holds only the keys KeepAnnotation accepts.
+	Annotations map[string]string `json:"annotations,omitempty"`
+	IPs         []netip.Addr      `json:"ips"`
+	Ports       []ContainerPort   `json:"ports,omitempty"`
+	Phase       PodPhase          `json:"phase"`
+	HostNetwork bool              `json:"hostNetwork,omitempty"`
+	// Terminating is set once the pod has a deletion timestamp.
+	Terminating bool `json:"terminating,omitempty"`
+
+	// Computed by the snapshot.
+
+	// Identity is spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+	Identity spiffeid.ID `json:"identity"`
+	// Enrolled: the namespace is enabled, the pod has not opted out, and it
+	// is not on the host network.
+	Enrolled bool `json:"enrolled"`
+	// ExcludeInboundPorts and ExcludeOutboundPorts come from the annotations.
+	// An annotation that does not parse excludes nothing (fail closed: the
+	// traffic stays in the mesh) and is reported in Problems.
+	ExcludeInboundPorts  []uint16 `json:"excludeInboundPorts,omitempty"`
+	ExcludeOutboundPorts []uint16 `json:"excludeOutboundPorts,omitempty"`
+	// Netns and Cgroup are the lab annotations (paths), empty when absent.
+	Netns  string `json:"netns,omitempty"`
+	Cgroup string `json:"cgroup,omitempty"`
+	// Problems lists input the snapshot could not use, for the config dump.
+	Problems []string `json:"problems,omitempty"`
+}
+
+// Key returns the pod's namespace/name.
+func (p *Pod) Key() Key { return Key{p.Namespace, p.Name} }
+
+// Live reports whether the pod can still own its IPs: it has not finished.
+func (p *Pod) Live() bool { return p.Phase != PodSucceeded && p.Phase != PodFailed }
+
+// HasIP reports whether ip is one of the pod's IPs.
+func (p *Pod) HasIP(ip netip.Addr) bool {
+	ip = ip.Unmap()
+	for _, a := range p.IPs {
+		if a == ip {
+			return true
+		}
+	}
+	return false
+}
+
+// ServicePort is one port of a Service.
+type ServicePort struct {
+	Name     string `json:"name,omitempty"`
+	Protocol string `json:"protocol"`
+	Port     uint16 `json:"port"`
+	// TargetPort is the numeric target port, 0 when the target is named.
+	TargetPort uint16 `json:"targetPort,omitempty"`
+	// TargetPortName is the named target port, "" when numeric.
+	TargetPortName string `json:"targetPortName,omitempty"`
+}
+
+// Service is a Kubernetes Service.
+type Service struct {
+	Namespace  string            `json:"namespace"`
+	Name       string            `json:"name"`
+	Labels     map[string]string `json:"labels,omitempty"`
+	ClusterIPs []netip.Addr      `json:"clusterIPs,omitempty"` // empty for headless services
+	Ports      []ServicePort     `json:"ports"`
+}
+
+// Key returns the service's namespace/name.
+func (s *Service) Key() Key { return Key{s.Namespace, s.Name} }
+
+// EndpointPort is a port of an EndpointSlice.
+type EndpointPort struct {
+	Name     string `json:"name,omitempty"`
+	Protocol string `json:"protocol"`
+	Port     uint16 `json:"port"`
+}
+
+// Endpoint is one endpoint of an EndpointSlice. Ready, Serving and
+// Terminating are already resolved from the API's optional conditions (a
+// missing ready condition means ready).
+type Endpoint struct {
+	Addresses   []netip.Addr `json:"addresses"`
+	Ready       bool         `json:"ready"`
+	Serving     bool         `json:"serving"`
+	Terminating bool         `json:"terminating,omitempty"`
+	Node        string       `json:"node,omitempty"`
+	// Pod is the target pod, if the endpoint references one.
+	Pod *Key `json:"pod,omitempty"`
+}
+
+// EndpointSlice is a discovery.k8s.io/v1 EndpointSlice.
+type EndpointSlice struct {
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	// Service is the kubernetes.io/service-name label.
+	Service     string         `json:"service"`
+	AddressType string         `json:"addressType"`
+	Ports       []EndpointPort `json:"ports"`
+	Endpoints   []Endpoint     `json:"endpoints"`
+}
+
+// Key returns the slice's namespace/name.
+func (e *EndpointSlice) Key() Key { return Key{e.Namespace, e.Name} }
+
+// GroupKind names the kind of a custom object, e.g. {"security.nodemesh.io",
+// "AuthorizationPolicy"}.
+type GroupKind struct {
+	Group, Kind string
+}
+
+func (g GroupKind) String() string { return g.Kind + "." + g.Group }
+
+// Object is a custom resource carried as unstructured content (the decoded
+// JSON of the whole object). Consumers convert it to their typed form.
+type Object struct {
+	GroupKind  GroupKind      `json:"groupKind"`
+	APIVersion string         `json:"apiVersion"`
+	Namespace  string         `json:"namespace,omitempty"`
+	Name       string         `json:"name"`
+	Generation int64          `json:"generation,omitempty"`
+	Content    map[string]any `json:"content"`
+}
+
+// Key returns the object's namespace/name.
+func (o *Object) Key() Key { return Key{o.Namespace, o.Name} }
+
+// NetworkPolicy is carried as the Kubernetes API type: the policy engine
+// converts it to its own input, and keeping the original preserves every
+// field of NetworkPolicy's exact meaning.
+type NetworkPolicy = networkingv1.NetworkPolicy
