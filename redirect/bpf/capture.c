@@ -1,0 +1,532 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+//
+// capture.c: nodemesh traffic capture.
+//
+// Hooks, maps and verdicts:
+//
+//   cgroup/connect4, cgroup/connect6 (attached once at the node's cgroup root)
+//     A TCP connect from a socket whose network namespace cookie is in
+//     `enrolled` is rewritten to the agent's outbound listener at
+//     127.0.0.1:15001 ([::1]:15001) in that same namespace. The original
+//     destination is parked in `pending` under the socket cookie. Sockets
+//     carrying the agent's SO_MARK, loopback destinations, agent ports,
+//     per-pod excluded ports (`excluded`) and non-stream sockets are left
+//     alone. The verdict is always 1 (allow): capture is a rewrite, and when
+//     the agent is gone the rewritten connect finds no listener and fails,
+//     which is what makes capture fail closed.
+//
+//   sockops (cgroup root, plus the agent's own cgroup)
+//     ACTIVE_ESTABLISHED of a captured socket moves its original destination
+//     from `pending` to `origdst`, keyed by (netns cookie, family, local
+//     address, local port): the agent looks it up with the peer address of
+//     the accepted connection. When same-node acceleration is on, both ends
+//     of a captured connection (active app side, passive agent side on
+//     :15001) are added to `sockhash`.
+//
+//   sk_msg (attached to `sockhash`)
+//     Moves a message straight into the peer socket's receive queue. The
+//     first message that finds no peer taints the sending socket (socket
+//     local storage) so that a direction never mixes the redirected and
+//     the TCP path, which could reorder bytes.
+//
+//   sk_lookup (attached per enrolled pod network namespace)
+//     TCP arriving for an address in `inbound` (the pod's IPs) on any port
+//     but 15008, and not from the pod itself, is assigned to the agent's
+//     15006 listener stored in `inbound_socks`. The listener gone (agent
+//     down) means SK_DROP: inbound plaintext is refused, never delivered
+//     around the agent.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+
+#define PORT_OUTBOUND 15001
+#define PORT_INBOUND 15006
+#define PORT_HBONE 15008
+#define PORT_ADMIN 15000
+#define PORT_METRICS 15020
+#define PORT_READY 15021
+
+// Set by the loader: the SO_MARK carried by every agent socket.
+const volatile __u32 agent_mark = 0;
+
+struct pod_cfg {
+	__u32 flags;
+	__u32 _pad;
+};
+
+struct port_key {
+	__u64 netns;
+	__u32 port; // host byte order
+	__u32 _pad;
+};
+
+struct orig_dst {
+	__u32 family;
+	__u32 port; // host byte order
+	__u32 addr[4]; // network byte order; IPv4 in addr[0]
+};
+
+struct flow_key {
+	__u64 netns;
+	__u32 family;
+	__u32 port; // host byte order
+	__u32 addr[4];
+};
+
+struct ip_key {
+	__u32 family;
+	__u32 addr[4];
+};
+
+struct inbound_val {
+	__u32 slot; // index in inbound_socks of the 15006 listener
+	__u32 _pad;
+	__u64 netns; // the pod's netns cookie, for re-adoption
+};
+
+struct sock_key {
+	__u64 netns;
+	__u32 family;
+	__u32 local_port; // host byte order
+	__u32 remote_port; // host byte order
+	__u32 local_addr[4];
+	__u32 remote_addr[4];
+	__u32 _pad;
+};
+
+struct config {
+	__u32 accel; // 1: add captured local connections to sockhash
+	__u32 _pad;
+};
+
+enum {
+	STAT_CONNECT_CAPTURED,
+	STAT_CONNECT_EXCLUDED,
+	STAT_ORIGDST_RECORDED,
+	STAT_SOCKHASH_ADDED,
+	STAT_MSG_REDIRECTED,
+	STAT_MSG_PASSED,
+	STAT_LOOKUP_ASSIGNED,
+	STAT_LOOKUP_DROPPED,
+	STAT_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct pod_cfg);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} enrolled SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct port_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} excluded SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct orig_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pending SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, struct orig_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} origdst SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct ip_key);
+	__type(value, struct inbound_val);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} inbound SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 8192);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} inbound_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sockhash SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, struct port_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} accel_probe SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} settings SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} taint SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline int agent_port(__u16 port)
+{
+	switch (port) {
+	case PORT_OUTBOUND:
+	case PORT_INBOUND:
+	case PORT_HBONE:
+	case PORT_ADMIN:
+	case PORT_METRICS:
+	case PORT_READY:
+		return 1;
+	}
+	return 0;
+}
+
+// port_host converts a sock_ops/sk_msg remote_port to host order. Kernels
+// expose it as the 16-bit network-order port, either in the low or (since
+// 5.x on little endian) in the high half of the 32-bit field.
+static __always_inline __u16 port_host(__u32 p)
+{
+	if (p > 0xffff)
+		return bpf_ntohl(p);
+	return bpf_ntohs((__u16)p);
+}
+
+// skip_connect reports whether the connect of this socket must not be
+// captured: not stream, agent socket, or namespace not enrolled. It returns
+// the namespace cookie through ns.
+static __always_inline int skip_connect(struct bpf_sock_addr *ctx, __u64 *ns)
+{
+	if (ctx->type != SOCK_STREAM)
+		return 1;
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk)
+		return 1;
+	if (agent_mark != 0 && sk->mark == agent_mark)
+		return 1;
+	*ns = bpf_get_netns_cookie(ctx);
+	if (!bpf_map_lookup_elem(&enrolled, ns))
+		return 1;
+	return 0;
+}
+
+static __always_inline int skip_port(__u64 ns, __u16 port)
+{
+	if (agent_port(port))
+		return 1;
+	struct port_key pk = { .netns = ns, .port = port };
+	if (bpf_map_lookup_elem(&excluded, &pk))
+		return 1;
+	return 0;
+}
+
+SEC("cgroup/connect4")
+int nm_connect4(struct bpf_sock_addr *ctx)
+{
+	__u64 ns = 0;
+	if (skip_connect(ctx, &ns))
+		return 1;
+
+	__u32 ip = ctx->user_ip4;
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	__u32 hip = bpf_ntohl(ip);
+	// Loopback and 0.0.0.0 (which Linux treats as local) stay local.
+	if ((hip >> 24) == 127 || hip == 0) {
+		count(STAT_CONNECT_EXCLUDED);
+		return 1;
+	}
+	if (skip_port(ns, port)) {
+		count(STAT_CONNECT_EXCLUDED);
+		return 1;
+	}
+
+	struct orig_dst o = { .family = AF_INET, .port = port };
+	o.addr[0] = ip;
+	__u64 sc = bpf_get_socket_cookie(ctx);
+	// A failed update still redirects: the agent then finds no original
+	// destination and refuses the connection (fail closed).
+	bpf_map_update_elem(&pending, &sc, &o, BPF_ANY);
+
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(PORT_OUTBOUND);
+	count(STAT_CONNECT_CAPTURED);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int nm_connect6(struct bpf_sock_addr *ctx)
+{
+	__u64 ns = 0;
+	if (skip_connect(ctx, &ns))
+		return 1;
+
+	__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1];
+	__u32 a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
+	__u16 port = bpf_ntohs((__u16)ctx->user_port);
+	int mapped = a0 == 0 && a1 == 0 && a2 == bpf_htonl(0xffff);
+
+	if (a0 == 0 && a1 == 0 && a2 == 0 && (a3 == 0 || a3 == bpf_htonl(1))) {
+		// :: and ::1
+		count(STAT_CONNECT_EXCLUDED);
+		return 1;
+	}
+	if (mapped && ((bpf_ntohl(a3) >> 24) == 127 || a3 == 0)) {
+		count(STAT_CONNECT_EXCLUDED);
+		return 1;
+	}
+	if (skip_port(ns, port)) {
+		count(STAT_CONNECT_EXCLUDED);
+		return 1;
+	}
+
+	struct orig_dst o = { .family = AF_INET6, .port = port };
+	o.addr[0] = a0;
+	o.addr[1] = a1;
+	o.addr[2] = a2;
+	o.addr[3] = a3;
+	__u64 sc = bpf_get_socket_cookie(ctx);
+	bpf_map_update_elem(&pending, &sc, &o, BPF_ANY);
+
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	if (mapped) {
+		// A dual-stack socket connecting to an IPv4 address: stay IPv4.
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	} else {
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+	ctx->user_port = bpf_htons(PORT_OUTBOUND);
+	count(STAT_CONNECT_CAPTURED);
+	return 1;
+}
+
+static __always_inline void sock_key_from_ops(struct sock_key *k, struct bpf_sock_ops *skops, __u64 ns)
+{
+	k->netns = ns;
+	k->family = skops->family;
+	k->local_port = skops->local_port;
+	k->remote_port = port_host(skops->remote_port);
+	if (skops->family == AF_INET) {
+		k->local_addr[0] = skops->local_ip4;
+		k->remote_addr[0] = skops->remote_ip4;
+	} else {
+		k->local_addr[0] = skops->local_ip6[0];
+		k->local_addr[1] = skops->local_ip6[1];
+		k->local_addr[2] = skops->local_ip6[2];
+		k->local_addr[3] = skops->local_ip6[3];
+		k->remote_addr[0] = skops->remote_ip6[0];
+		k->remote_addr[1] = skops->remote_ip6[1];
+		k->remote_addr[2] = skops->remote_ip6[2];
+		k->remote_addr[3] = skops->remote_ip6[3];
+	}
+}
+
+static __always_inline int accel_on(void)
+{
+	__u32 zero = 0;
+	struct config *c = bpf_map_lookup_elem(&settings, &zero);
+	return c && c->accel;
+}
+
+static __always_inline void accel_add(struct bpf_sock_ops *skops, __u64 ns)
+{
+	struct sock_key k = {};
+	sock_key_from_ops(&k, skops, ns);
+	if (bpf_sock_hash_update(skops, &sockhash, &k, BPF_NOEXIST) == 0)
+		count(STAT_SOCKHASH_ADDED);
+}
+
+static __always_inline int probe_port(__u64 ns, __u16 port)
+{
+	struct port_key pk = { .netns = ns, .port = port };
+	return bpf_map_lookup_elem(&accel_probe, &pk) != 0;
+}
+
+SEC("sockops")
+int nm_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->family != AF_INET && skops->family != AF_INET6)
+		return 1;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: {
+		__u64 ns = bpf_get_netns_cookie(skops);
+		__u64 sc = bpf_get_socket_cookie(skops);
+		struct orig_dst *o = bpf_map_lookup_elem(&pending, &sc);
+		if (o) {
+			struct flow_key fk = {
+				.netns = ns,
+				.family = skops->family,
+				.port = skops->local_port,
+			};
+			if (skops->family == AF_INET) {
+				fk.addr[0] = skops->local_ip4;
+			} else {
+				fk.addr[0] = skops->local_ip6[0];
+				fk.addr[1] = skops->local_ip6[1];
+				fk.addr[2] = skops->local_ip6[2];
+				fk.addr[3] = skops->local_ip6[3];
+			}
+			struct orig_dst copy = *o;
+			if (bpf_map_update_elem(&origdst, &fk, &copy, BPF_ANY) == 0)
+				count(STAT_ORIGDST_RECORDED);
+			bpf_map_delete_elem(&pending, &sc);
+			if (accel_on())
+				accel_add(skops, ns);
+			return 1;
+		}
+		if (probe_port(ns, port_host(skops->remote_port)))
+			accel_add(skops, ns);
+		return 1;
+	}
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
+		__u64 ns = bpf_get_netns_cookie(skops);
+		if (skops->local_port == PORT_OUTBOUND) {
+			if (accel_on() && bpf_map_lookup_elem(&enrolled, &ns))
+				accel_add(skops, ns);
+			return 1;
+		}
+		if (probe_port(ns, skops->local_port))
+			accel_add(skops, ns);
+		return 1;
+	}
+	}
+	return 1;
+}
+
+SEC("sk_msg")
+int nm_skmsg(struct sk_msg_md *msg)
+{
+	struct bpf_sock *sk = msg->sk;
+	if (!sk)
+		return SK_PASS;
+	__u8 *tainted = bpf_sk_storage_get(&taint, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!tainted || *tainted) {
+		count(STAT_MSG_PASSED);
+		return SK_PASS;
+	}
+
+	struct sock_key peer = {
+		.netns = bpf_get_netns_cookie(msg),
+		.family = msg->family,
+		.local_port = port_host(msg->remote_port),
+		.remote_port = msg->local_port,
+	};
+	if (msg->family == AF_INET) {
+		peer.local_addr[0] = msg->remote_ip4;
+		peer.remote_addr[0] = msg->local_ip4;
+	} else {
+		peer.local_addr[0] = msg->remote_ip6[0];
+		peer.local_addr[1] = msg->remote_ip6[1];
+		peer.local_addr[2] = msg->remote_ip6[2];
+		peer.local_addr[3] = msg->remote_ip6[3];
+		peer.remote_addr[0] = msg->local_ip6[0];
+		peer.remote_addr[1] = msg->local_ip6[1];
+		peer.remote_addr[2] = msg->local_ip6[2];
+		peer.remote_addr[3] = msg->local_ip6[3];
+	}
+	if (bpf_msg_redirect_hash(msg, &sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
+		count(STAT_MSG_REDIRECTED);
+		return SK_PASS;
+	}
+	// No peer (yet): this direction uses TCP from now on.
+	*tainted = 1;
+	count(STAT_MSG_PASSED);
+	return SK_PASS;
+}
+
+SEC("sk_lookup")
+int nm_sklookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (ctx->local_port == PORT_HBONE)
+		return SK_PASS;
+
+	struct ip_key k = { .family = ctx->family };
+	__u32 same;
+	if (ctx->family == AF_INET) {
+		k.addr[0] = ctx->local_ip4;
+		same = ctx->remote_ip4 == ctx->local_ip4;
+	} else if (ctx->family == AF_INET6) {
+		k.addr[0] = ctx->local_ip6[0];
+		k.addr[1] = ctx->local_ip6[1];
+		k.addr[2] = ctx->local_ip6[2];
+		k.addr[3] = ctx->local_ip6[3];
+		same = ctx->remote_ip6[0] == ctx->local_ip6[0] &&
+		       ctx->remote_ip6[1] == ctx->local_ip6[1] &&
+		       ctx->remote_ip6[2] == ctx->local_ip6[2] &&
+		       ctx->remote_ip6[3] == ctx->local_ip6[3];
+	} else {
+		return SK_PASS;
+	}
+	struct inbound_val *v = bpf_map_lookup_elem(&inbound, &k);
+	if (!v)
+		return SK_PASS;
+	if (same)
+		return SK_PASS; // the pod talking to itself, or the agent delivering inbound
+
+	__u32 idx = v->slot;
+	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_socks, &idx);
+	if (!sk) {
+		count(STAT_LOOKUP_DROPPED);
+		return SK_DROP;
+	}
+	long err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		count(STAT_LOOKUP_DROPPED);
+		return SK_DROP;
+	}
+	count(STAT_LOOKUP_ASSIGNED);
+	return SK_PASS;
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

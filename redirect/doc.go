@@ -1,0 +1,2 @@
+// Package redirect captures the TCP traffic of enrolled pods with eBPF.
+package redirect

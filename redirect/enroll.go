@@ -1,0 +1,402 @@
+package redirect
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	"github.com/nodemesh/nodemesh/agent/inpod"
+)
+
+// Pod describes a pod to enroll.
+type Pod struct {
+	// Name is for messages, e.g. "default/web-0".
+	Name string
+	// Netns is the path of the pod's network namespace.
+	Netns string
+	// Cgroup is the pod's cgroup v2 directory. When set, Enroll checks that
+	// it lies under the capture root, because a pod outside it would not
+	// be captured at all.
+	Cgroup string
+	// IPs are the pod's addresses (IPv4 and/or IPv6).
+	IPs []netip.Addr
+	// ExcludeOutboundPorts are destination ports the pod reaches without
+	// capture (annotation nodemesh.io/exclude-outbound-ports).
+	ExcludeOutboundPorts []uint16
+}
+
+// EnrolledPod is a pod whose TCP traffic is captured, with the agent's
+// listeners inside its network namespace.
+type EnrolledPod struct {
+	Pod
+	// Cookie is the pod's network namespace cookie, the enrollment key.
+	Cookie uint64
+	// Listeners are the agent's sockets in the pod (15001, 15006, 15008).
+	Listeners *inpod.Listeners
+
+	c *Capture
+	probes
+}
+
+type podState struct {
+	cookie uint64
+	link   link.Link // sk_lookup link in the pod's netns, pinned
+	ips    []netip.Addr
+	slots  []uint32
+	ep     *EnrolledPod // nil for a pod adopted but not re-enrolled yet
+	ports  []uint16
+}
+
+func (p *podState) closeListeners() {
+	if p.ep != nil {
+		p.ep.Listeners.Close()
+		p.ep.probes.wait()
+	}
+}
+
+// AdoptedPod is a pod left enrolled by a previous agent instance.
+type AdoptedPod struct {
+	Cookie uint64
+	IPs    []netip.Addr
+}
+
+// AdoptedPods lists the pods found enrolled at Load that have not been
+// enrolled again since. They stay captured and fail closed; the agent
+// re-enrolls the ones that still exist and unenrolls the rest with
+// UnenrollCookie.
+func (c *Capture) AdoptedPods() []AdoptedPod {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []AdoptedPod
+	for cookie, p := range c.pods {
+		if p.ep == nil {
+			out = append(out, AdoptedPod{Cookie: cookie, IPs: slices.Clone(p.ips)})
+		}
+	}
+	return out
+}
+
+// readoptPods rebuilds pod state from the pinned maps and sk_lookup links
+// and points those links at the newly loaded program.
+func (c *Capture) readoptPods() error {
+	var k captureIpKey
+	var v captureInboundVal
+	it := c.objs.Inbound.Iterate()
+	for it.Next(&k, &v) {
+		p := c.pods[v.Netns]
+		if p == nil {
+			p = &podState{cookie: v.Netns}
+			c.pods[v.Netns] = p
+		}
+		p.ips = append(p.ips, ipFromKey(k.Family, k.Addr))
+		p.slots = append(p.slots, v.Slot)
+		c.slots[v.Slot] = true
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("adopting enrolled pods: reading inbound map: %w", err)
+	}
+	var cookie uint64
+	var cfg capturePodCfg
+	eit := c.objs.Enrolled.Iterate()
+	for eit.Next(&cookie, &cfg) {
+		if c.pods[cookie] == nil {
+			c.pods[cookie] = &podState{cookie: cookie}
+		}
+	}
+	if err := eit.Err(); err != nil {
+		return fmt.Errorf("adopting enrolled pods: reading enrollment map: %w", err)
+	}
+	ents, err := os.ReadDir(c.podsDir)
+	if err != nil {
+		return fmt.Errorf("adopting enrolled pods: %w", err)
+	}
+	for _, e := range ents {
+		cookie, err := strconv.ParseUint(e.Name(), 10, 64)
+		pin := filepath.Join(c.podsDir, e.Name())
+		if err != nil {
+			return fmt.Errorf("adopting enrolled pods: unexpected pin %s", pin)
+		}
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			return fmt.Errorf("adopting enrolled pods: opening %s: %w", pin, err)
+		}
+		if err := l.Update(c.objs.NmSklookup); err != nil {
+			// A link whose namespace is gone cannot be updated; the pod is.
+			c.log.Warn("dropping sk_lookup link of a vanished pod", "cookie", cookie, "err", err)
+			l.Unpin()
+			l.Close()
+			continue
+		}
+		p := c.pods[cookie]
+		if p == nil {
+			p = &podState{cookie: cookie}
+			c.pods[cookie] = p
+		}
+		p.link = l
+	}
+	return nil
+}
+
+func ipFromKey(family uint32, a [4]uint32) netip.Addr {
+	var b [16]byte
+	for i, w := range a {
+		// Addresses are stored in network byte order: the bytes as they are.
+		b[i*4], b[i*4+1], b[i*4+2], b[i*4+3] = byte(w), byte(w>>8), byte(w>>16), byte(w>>24)
+	}
+	if family == unix.AF_INET {
+		return netip.AddrFrom4([4]byte(b[:4]))
+	}
+	return netip.AddrFrom16(b)
+}
+
+func keyFromIP(ip netip.Addr) (family uint32, a [4]uint32) {
+	ip = ip.Unmap()
+	var b [16]byte
+	if ip.Is4() {
+		family = unix.AF_INET
+		v4 := ip.As4()
+		copy(b[:], v4[:])
+	} else {
+		family = unix.AF_INET6
+		b = ip.As16()
+	}
+	for i := range a {
+		a[i] = uint32(b[i*4]) | uint32(b[i*4+1])<<8 | uint32(b[i*4+2])<<16 | uint32(b[i*4+3])<<24
+	}
+	return family, a
+}
+
+func (c *Capture) allocSlot() (uint32, error) {
+	for range c.maxSlots {
+		s := c.nextSlot
+		c.nextSlot = (c.nextSlot + 1) % c.maxSlots
+		if !c.slots[s] {
+			c.slots[s] = true
+			return s, nil
+		}
+	}
+	return 0, fmt.Errorf("no free inbound listener slot (%d in use)", c.maxSlots)
+}
+
+// Enroll captures the pod's TCP traffic: it opens the agent's listeners in
+// the pod's namespace, steers inbound connections to 15006, and then adds
+// the pod to the enrollment map, so outbound connects are redirected only
+// once a listener is there. Enrolling a pod that is already enrolled (or
+// was adopted from a previous agent) replaces its listeners and settings
+// without a moment in which the pod is uncaptured.
+func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err error) {
+	if pod.Name == "" {
+		pod.Name = pod.Netns
+	}
+	if pod.Cgroup != "" && !within(pod.Cgroup, c.cfg.CgroupRoot) {
+		return nil, fmt.Errorf("enrolling pod %s: its cgroup %s is outside the capture root %s, so its connects would not be captured; run the agent with the node's pod cgroup as root", pod.Name, pod.Cgroup, c.cfg.CgroupRoot)
+	}
+	ports := slices.Clone(pod.ExcludeOutboundPorts)
+	ports = slices.DeleteFunc(ports, func(p uint16) bool { return p == ProbePort || p == 0 })
+	if len(ports) != len(pod.ExcludeOutboundPorts) {
+		return nil, fmt.Errorf("enrolling pod %s: excluded outbound ports %v include 0 or the self-check probe port %d", pod.Name, pod.ExcludeOutboundPorts, ProbePort)
+	}
+
+	ls, err := inpod.Open(ctx, pod.Netns, pod.IPs)
+	if err != nil {
+		return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
+	}
+	ep := &EnrolledPod{Pod: pod, Cookie: ls.Cookie, Listeners: ls, c: c}
+	ep.probes.init(c, ep)
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		ls.Close()
+		return nil, ErrClosed
+	}
+	old := c.pods[ls.Cookie]
+	st := &podState{cookie: ls.Cookie, ep: ep, ports: ports}
+	defer func() {
+		if err != nil {
+			// Undo what this call added; the previous state (if any) stays.
+			for _, s := range st.slots {
+				if old == nil || !slices.Contains(old.slots, s) {
+					c.objs.InboundSocks.Delete(s)
+					delete(c.slots, s)
+				}
+			}
+			if st.link != nil && (old == nil || st.link != old.link) {
+				st.link.Unpin()
+				st.link.Close()
+			}
+			ls.Close()
+		}
+	}()
+
+	// Inbound: a 15006 listener per family in a sockmap slot, pod IPs -> slot.
+	byFamily := map[bool]uint32{}
+	for _, ln := range ls.Inbound {
+		s, err := c.allocSlot()
+		if err != nil {
+			return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
+		}
+		st.slots = append(st.slots, s)
+		fd, err := socketFD(ln)
+		if err != nil {
+			return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
+		}
+		if err := c.objs.InboundSocks.Update(s, uint64(fd), ebpf.UpdateAny); err != nil {
+			return nil, fmt.Errorf("enrolling pod %s: adding the 15006 listener to the sockmap: %w", pod.Name, err)
+		}
+		ap, _ := netip.ParseAddrPort(ln.Addr().String())
+		byFamily[ap.Addr().Unmap().Is4()] = s
+	}
+	for _, ip := range pod.IPs {
+		s, ok := byFamily[ip.Unmap().Is4()]
+		if !ok {
+			return nil, fmt.Errorf("enrolling pod %s: no inbound listener for %v", pod.Name, ip)
+		}
+		fam, a := keyFromIP(ip)
+		if err := c.objs.Inbound.Update(captureIpKey{Family: fam, Addr: a}, captureInboundVal{Slot: s, Netns: ls.Cookie}, ebpf.UpdateAny); err != nil {
+			return nil, fmt.Errorf("enrolling pod %s: steering inbound for %v: %w", pod.Name, ip, err)
+		}
+		st.ips = append(st.ips, ip.Unmap())
+	}
+	// The sk_lookup program in the pod's namespace (kept from before, if any).
+	if old != nil && old.link != nil {
+		st.link = old.link
+	} else {
+		nsf, err := os.Open(pod.Netns)
+		if err != nil {
+			return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
+		}
+		l, err := link.AttachNetNs(int(nsf.Fd()), c.objs.NmSklookup)
+		nsf.Close()
+		if err != nil {
+			return nil, fmt.Errorf("enrolling pod %s: attaching sk_lookup (needs Linux 5.9+): %w", pod.Name, err)
+		}
+		st.link = l
+		if err := l.Pin(filepath.Join(c.podsDir, cookieName(ls.Cookie))); err != nil {
+			return nil, fmt.Errorf("enrolling pod %s: pinning sk_lookup link: %w", pod.Name, err)
+		}
+	}
+	// Excluded ports: add the new set, then drop what is no longer excluded.
+	for _, p := range ports {
+		if err := c.objs.Excluded.Update(capturePortKey{Netns: ls.Cookie, Port: uint32(p)}, uint8(1), ebpf.UpdateAny); err != nil {
+			return nil, fmt.Errorf("enrolling pod %s: excluding port %d: %w", pod.Name, p, err)
+		}
+	}
+	if err := c.pruneExcluded(ls.Cookie, ports); err != nil {
+		return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
+	}
+	// Outbound capture on, now that 15001 is listening.
+	if err := c.objs.Enrolled.Update(ls.Cookie, capturePodCfg{Flags: 1}, ebpf.UpdateAny); err != nil {
+		return nil, fmt.Errorf("enrolling pod %s: updating the enrollment map: %w", pod.Name, err)
+	}
+
+	if old != nil {
+		// Forget what the new state does not reuse.
+		for _, s := range old.slots {
+			c.objs.InboundSocks.Delete(s)
+			delete(c.slots, s)
+		}
+		for _, ip := range old.ips {
+			if !slices.Contains(st.ips, ip) {
+				fam, a := keyFromIP(ip)
+				c.objs.Inbound.Delete(captureIpKey{Family: fam, Addr: a})
+			}
+		}
+		old.closeListeners()
+	}
+	c.pods[ls.Cookie] = st
+	c.log.Info("pod enrolled", "pod", pod.Name, "netns_cookie", ls.Cookie, "ips", pod.IPs, "readopted", old != nil)
+	return ep, nil
+}
+
+func (c *Capture) pruneExcluded(cookie uint64, keep []uint16) error {
+	var k capturePortKey
+	var v uint8
+	var drop []capturePortKey
+	it := c.objs.Excluded.Iterate()
+	for it.Next(&k, &v) {
+		if k.Netns == cookie && !slices.Contains(keep, uint16(k.Port)) {
+			drop = append(drop, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading excluded ports: %w", err)
+	}
+	for _, k := range drop {
+		if err := c.objs.Excluded.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("removing excluded port %d: %w", k.Port, err)
+		}
+	}
+	return nil
+}
+
+// Unenroll gives the pod plain networking back: new connects are no longer
+// redirected, inbound is no longer steered, and the agent's listeners in
+// the pod are closed. Connections already accepted stay open.
+func (c *Capture) Unenroll(ep *EnrolledPod) error {
+	return c.UnenrollCookie(ep.Cookie)
+}
+
+// UnenrollCookie unenrolls the pod with the given netns cookie (see
+// AdoptedPods).
+func (c *Capture) UnenrollCookie(cookie uint64) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return ErrClosed
+	}
+	p, ok := c.pods[cookie]
+	if !ok {
+		return fmt.Errorf("unenrolling netns cookie %d: not enrolled", cookie)
+	}
+	err := c.dropPod(cookie, p)
+	delete(c.pods, cookie)
+	if err != nil {
+		return fmt.Errorf("unenrolling netns cookie %d: %w", cookie, err)
+	}
+	return nil
+}
+
+// dropPod removes a pod from every map, detaches its sk_lookup program and
+// closes its listeners, in that order.
+func (c *Capture) dropPod(cookie uint64, p *podState) error {
+	var errs []error
+	ignore := func(err error) error {
+		if errors.Is(err, ebpf.ErrKeyNotExist) || errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return err
+	}
+	errs = append(errs, ignore(c.objs.Enrolled.Delete(cookie)))
+	errs = append(errs, c.pruneExcluded(cookie, nil))
+	for _, ip := range p.ips {
+		// The address may belong to a newer pod by now; leave its entry.
+		fam, a := keyFromIP(ip)
+		k := captureIpKey{Family: fam, Addr: a}
+		var v captureInboundVal
+		if err := c.objs.Inbound.Lookup(k, &v); err == nil && v.Netns == cookie {
+			errs = append(errs, ignore(c.objs.Inbound.Delete(k)))
+		}
+	}
+	if p.link != nil {
+		errs = append(errs, ignore(p.link.Unpin()), p.link.Close())
+	} else {
+		errs = append(errs, ignore(os.Remove(filepath.Join(c.podsDir, cookieName(cookie)))))
+	}
+	for _, s := range p.slots {
+		errs = append(errs, ignore(c.objs.InboundSocks.Delete(s)))
+		delete(c.slots, s)
+	}
+	p.closeListeners()
+	return errors.Join(errs...)
+}

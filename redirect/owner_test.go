@@ -1,0 +1,3 @@
+package redirect
+
+func helperOwner() {}
