@@ -191,9 +191,11 @@ func (c *Capture) allocSlot() (uint32, error) {
 // Enroll captures the pod's TCP traffic: it opens the agent's listeners in
 // the pod's namespace, steers inbound connections to 15006, and then adds
 // the pod to the enrollment map, so outbound connects are redirected only
-// once a listener is there. Enrolling a pod that is already enrolled (or
-// was adopted from a previous agent) replaces its listeners and settings
-// without a moment in which the pod is uncaptured.
+// once a listener is there. Enrolling a pod that is already enrolled and
+// served updates its excluded ports and returns the same *EnrolledPod (its
+// listeners stay). Enrolling a pod adopted from a previous agent opens new
+// listeners and takes over its programs without a moment in which the pod
+// is uncaptured.
 func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err error) {
 	if pod.Name == "" {
 		pod.Name = pod.Netns
@@ -206,6 +208,17 @@ func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 	if len(ports) != len(pod.ExcludeOutboundPorts) {
 		return nil, fmt.Errorf("enrolling pod %s: excluded outbound ports %v include 0 or the self-check probe port %d", pod.Name, pod.ExcludeOutboundPorts, ProbePort)
 	}
+
+	cookie, err := inpod.Cookie(pod.Netns)
+	if err != nil {
+		return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
+	}
+	c.mu.Lock()
+	if p := c.pods[cookie]; p != nil && p.ep != nil {
+		defer c.mu.Unlock()
+		return c.updateLocked(p, pod, ports)
+	}
+	c.mu.Unlock()
 
 	ls, err := inpod.Open(ctx, pod.Netns, pod.IPs)
 	if err != nil {
@@ -317,6 +330,33 @@ func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 	c.pods[ls.Cookie] = st
 	c.log.Info("pod enrolled", "pod", pod.Name, "netns_cookie", ls.Cookie, "ips", pod.IPs, "readopted", old != nil)
 	return ep, nil
+}
+
+// updateLocked applies new settings to a pod that is enrolled and served:
+// its listeners stay as they are.
+func (c *Capture) updateLocked(p *podState, pod Pod, ports []uint16) (*EnrolledPod, error) {
+	if c.closed {
+		return nil, ErrClosed
+	}
+	ips := make([]netip.Addr, len(pod.IPs))
+	for i, ip := range pod.IPs {
+		ips[i] = ip.Unmap()
+	}
+	if !slices.Equal(ips, p.ips) {
+		return nil, fmt.Errorf("updating pod %s: its IPs changed from %v to %v; unenroll it and enroll it again", pod.Name, p.ips, ips)
+	}
+	for _, port := range ports {
+		if err := c.objs.Excluded.Update(capturePortKey{Netns: p.cookie, Port: uint32(port)}, uint8(1), ebpf.UpdateAny); err != nil {
+			return nil, fmt.Errorf("updating pod %s: excluding port %d: %w", pod.Name, port, err)
+		}
+	}
+	if err := c.pruneExcluded(p.cookie, ports); err != nil {
+		return nil, fmt.Errorf("updating pod %s: %w", pod.Name, err)
+	}
+	p.ports = ports
+	p.ep.ExcludeOutboundPorts = slices.Clone(ports)
+	c.log.Info("pod enrollment updated", "pod", pod.Name, "netns_cookie", p.cookie, "excluded_ports", ports)
+	return p.ep, nil
 }
 
 func (c *Capture) pruneExcluded(cookie uint64, keep []uint16) error {

@@ -113,7 +113,7 @@ type probes struct {
 }
 
 func (p *probes) init(c *Capture, ep *EnrolledPod) { p.c, p.ep = c, ep }
-func (p *probes) wait()                             { p.wg.Wait() }
+func (p *probes) wait()                            { p.wg.Wait() }
 
 const probeHello, probeReply = "NODEMESH-PROBE ", "NODEMESH-CAPTURED "
 

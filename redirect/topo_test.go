@@ -3,6 +3,7 @@ package redirect
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -186,6 +187,10 @@ func TestHelperProcess(t *testing.T) {
 		helperDial()
 	case "owner":
 		helperOwner()
+	case "dialloop":
+		helperDialLoop()
+	case "bulk":
+		helperBulk()
 	}
 	os.Exit(0)
 }
@@ -265,8 +270,13 @@ func listenIn(t testing.TB, p *testPod, network, addr string) *net.TCPListener {
 // reply; inbound connections on 15006 are answered with their local
 // address, the original destination. It returns a stop function.
 func agentServe(t testing.TB, c *Capture, ep *EnrolledPod) func() {
+	stop := agentServeNoCleanup(c, ep)
+	t.Cleanup(stop)
+	return stop
+}
+
+func agentServeNoCleanup(c *Capture, ep *EnrolledPod) func() {
 	var wg sync.WaitGroup
-	stopped := make(chan struct{})
 	for _, ln := range ep.Listeners.Outbound {
 		wg.Go(func() {
 			for {
@@ -307,19 +317,20 @@ func agentServe(t testing.TB, c *Capture, ep *EnrolledPod) func() {
 		})
 	}
 	var once sync.Once
-	stop := func() {
+	return func() {
 		once.Do(func() {
-			close(stopped)
 			ep.Listeners.Close()
 			wg.Wait()
 		})
 	}
-	t.Cleanup(stop)
-	return stop
 }
 
 func agentForward(c *Capture, ep *EnrolledPod, conn *net.TCPConn, dst netip.AddrPort) {
 	defer conn.Close()
+	if dst.Port() == sinkPort {
+		agentSink(conn)
+		return
+	}
 	conn.SetDeadline(time.Now().Add(10 * time.Second))
 	br := bufio.NewReader(conn)
 	line, err := br.ReadString('\n')
@@ -339,4 +350,18 @@ func agentForward(c *Capture, ep *EnrolledPod, conn *net.TCPConn, dst netip.Addr
 	io.WriteString(up, line)
 	reply, _ := bufio.NewReader(up).ReadString('\n')
 	fmt.Fprintf(conn, "AGENT dst=%s | %s", dst, reply)
+}
+
+// sinkPort is a destination the test agent terminates itself: it reads
+// until EOF and answers with the SHA-256 of what it read, so a test can
+// check payload integrity over the app<->agent leg alone.
+const sinkPort = 7777
+
+func agentSink(conn *net.TCPConn) {
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	h := sha256.New()
+	if _, err := io.Copy(h, conn); err != nil {
+		return
+	}
+	fmt.Fprintf(conn, "%x\n", h.Sum(nil))
 }

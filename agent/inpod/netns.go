@@ -162,3 +162,25 @@ func nsName(p string) string {
 	}
 	return "network namespace " + p
 }
+
+// Cookie returns the cookie of the network namespace at nsPath, read from a
+// throw-away socket created inside it.
+func Cookie(nsPath string) (uint64, error) {
+	var cookie uint64
+	err := Do(nsPath, func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("creating a socket: %w", err)
+		}
+		defer unix.Close(fd)
+		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		if err != nil {
+			return fmt.Errorf("reading SO_NETNS_COOKIE (needs Linux 5.14+): %w", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("finding the cookie of network namespace %s: %w", nsPath, err)
+	}
+	return cookie, nil
+}
