@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -25,7 +26,13 @@ func findMount(fstype string) (string, error) {
 		return "", fmt.Errorf("reading mounts: %w", err)
 	}
 	defer f.Close()
-	sc := bufio.NewScanner(f)
+	return parseMountinfo(f, fstype)
+}
+
+// parseMountinfo returns the first mount point of fstype in a
+// /proc/<pid>/mountinfo stream.
+func parseMountinfo(r io.Reader, fstype string) (string, error) {
+	sc := bufio.NewScanner(r)
 	for sc.Scan() {
 		// id parent maj:min root mountpoint opts [optional...] - fstype source superopts
 		line := sc.Text()
