@@ -289,7 +289,7 @@ func (s *Snapshot) evalIngress(src, dst endpoint, f *Flow) ([]Step, []PolicyRef)
 			st.Reason = fmt.Sprintf("plaintext accepted: mTLS mode is %s (%s)", mode, scope)
 		}
 		if pa != nil {
-			st.Reason += " " + pa.ref.String()
+			st.Reason += "; set by " + pa.ref.String()
 		}
 		steps = append(steps, st)
 		if st.Verdict == Deny {

@@ -1,0 +1,263 @@
+// Package explain implements "nodemeshctl policy explain": it loads
+// Namespaces, Pods, Nodes, NetworkPolicies, AuthorizationPolicies and
+// PeerAuthentications from YAML files, builds a policy.Snapshot and asks the
+// same engine the agent uses why a connection would be allowed or denied.
+//
+// The file handling lives here so that package policy stays free of I/O.
+package explain
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/nodemesh/nodemesh/agent/policy"
+)
+
+// Enrollment labels (as in the architecture): a namespace labelled
+// nodemesh.io/mode=enabled is in the mesh; a pod labelled
+// nodemesh.io/mode=disabled opts out.
+const (
+	modeLabel = "nodemesh.io/mode"
+)
+
+const usage = `usage: nodemeshctl policy explain --from-files DIR --src SRC --dst DST --port PORT [flags]
+
+Explains whether a connection is allowed by NetworkPolicy, AuthorizationPolicy
+and the mTLS mode, which direction decided, and which policy and rule.
+
+SRC and DST are namespace/pod or an IP address. DIR holds Kubernetes YAML or
+JSON (Namespaces, Pods, Nodes, NetworkPolicies, AuthorizationPolicies,
+PeerAuthentications; other kinds are ignored), searched recursively.
+
+By default the connection is taken to be mTLS (HBONE) with the source pod's
+SPIFFE ID when both pods are enrolled in the mesh, plaintext otherwise;
+--principal and --plaintext override that.
+
+Flags:
+`
+
+// Run runs "policy <subcommand> args...". args excludes "policy".
+func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprint(stderr, "usage: nodemeshctl policy explain [flags]   (run with -h for flags)\n")
+		if len(args) == 0 {
+			return errors.New("policy: missing subcommand (want explain)")
+		}
+		return nil
+	}
+	switch args[0] {
+	case "explain":
+		return runExplain(ctx, args[1:], stdout, stderr)
+	}
+	return fmt.Errorf("policy: unknown subcommand %q (want explain)", args[0])
+}
+
+type options struct {
+	dir, src, dst, protocol, principal, output, trustDomain, rootNS, direction string
+	port                                                                       uint
+	plaintext                                                                  bool
+}
+
+func runExplain(_ context.Context, args []string, stdout, stderr io.Writer) error {
+	var o options
+	fs := flag.NewFlagSet("policy explain", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
+	fs.StringVar(&o.dir, "from-files", "", "directory of Kubernetes YAML to evaluate (offline explain)")
+	fs.StringVar(&o.src, "src", "", "source: namespace/pod or IP")
+	fs.StringVar(&o.dst, "dst", "", "destination: namespace/pod or IP (the real endpoint, not a ClusterIP)")
+	fs.UintVar(&o.port, "port", 0, "destination port the application connects to")
+	fs.StringVar(&o.protocol, "protocol", "TCP", "TCP, UDP or SCTP")
+	fs.StringVar(&o.principal, "principal", "", "source SPIFFE ID presented over mTLS (default: derived from the source pod when both ends are enrolled)")
+	fs.BoolVar(&o.plaintext, "plaintext", false, "evaluate as a plaintext connection (no source identity)")
+	fs.StringVar(&o.output, "o", "text", "output format: text or json")
+	fs.StringVar(&o.trustDomain, "trust-domain", policy.DefaultTrustDomain, "SPIFFE trust domain of the mesh")
+	fs.StringVar(&o.rootNS, "root-namespace", policy.DefaultRootNamespace, "namespace whose selector-less policies apply mesh-wide")
+	fs.StringVar(&o.direction, "direction", "both", "evaluate both, egress (source agent) or ingress (destination agent)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("policy explain: unexpected argument %q", fs.Arg(0))
+	}
+	if err := o.validate(); err != nil {
+		return fmt.Errorf("policy explain: %w", err)
+	}
+	in, skipped, err := LoadDir(o.dir)
+	if err != nil {
+		return fmt.Errorf("policy explain: loading %s: %w", o.dir, err)
+	}
+	if skipped > 0 {
+		fmt.Fprintf(stderr, "note: ignored %d object(s) of kinds policy explain does not use\n", skipped)
+	}
+	snap := policy.NewSnapshot(1, in, policy.Options{TrustDomain: o.trustDomain, RootNamespace: o.rootNS})
+	d, err := explain(snap, &in, &o)
+	if err != nil {
+		return fmt.Errorf("policy explain: %w", err)
+	}
+	switch o.output {
+	case "json":
+		b, err := json.MarshalIndent(d, "", "  ")
+		if err != nil {
+			return fmt.Errorf("policy explain: encoding JSON: %w", err)
+		}
+		_, err = fmt.Fprintf(stdout, "%s\n", b)
+		return err
+	default:
+		_, err := io.WriteString(stdout, d.Text())
+		return err
+	}
+}
+
+func (o *options) validate() error {
+	switch {
+	case o.dir == "":
+		return errors.New("--from-files DIR is required (live explain through an agent's admin API is not available yet)")
+	case o.src == "" || o.dst == "":
+		return errors.New("--src and --dst are required (namespace/pod or IP)")
+	case o.port == 0 || o.port > 65535:
+		return fmt.Errorf("--port %d: want 1-65535", o.port)
+	case o.output != "text" && o.output != "json":
+		return fmt.Errorf("-o %q: want text or json", o.output)
+	case o.plaintext && o.principal != "":
+		return errors.New("--plaintext and --principal are mutually exclusive")
+	case o.direction != "both" && o.direction != "egress" && o.direction != "ingress":
+		return fmt.Errorf("--direction %q: want both, egress or ingress", o.direction)
+	}
+	o.protocol = strings.ToUpper(o.protocol)
+	switch corev1.Protocol(o.protocol) {
+	case corev1.ProtocolTCP, corev1.ProtocolUDP, corev1.ProtocolSCTP:
+	default:
+		return fmt.Errorf("--protocol %q: want TCP, UDP or SCTP", o.protocol)
+	}
+	if o.principal != "" && !strings.HasPrefix(o.principal, "spiffe://") {
+		return fmt.Errorf("--principal %q: want a SPIFFE ID (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)", o.principal)
+	}
+	return nil
+}
+
+// endpointArg parses "ns/pod" or an IP.
+func endpointArg(name, v string) (pod string, ip netip.Addr, err error) {
+	if a, perr := netip.ParseAddr(v); perr == nil {
+		return "", a.Unmap(), nil
+	}
+	ns, p, ok := strings.Cut(v, "/")
+	if !ok || ns == "" || p == "" || strings.Contains(p, "/") {
+		return "", netip.Addr{}, fmt.Errorf("--%s %q: want namespace/pod or an IP address", name, v)
+	}
+	return v, netip.Addr{}, nil
+}
+
+func explain(snap *policy.Snapshot, in *policy.Input, o *options) (*policy.Decision, error) {
+	f := policy.Flow{Port: uint16(o.port), Protocol: corev1.Protocol(o.protocol)}
+	var err error
+	if f.SrcPod, f.Src, err = endpointArg("src", o.src); err != nil {
+		return nil, err
+	}
+	if f.DstPod, f.Dst, err = endpointArg("dst", o.dst); err != nil {
+		return nil, err
+	}
+	for _, k := range []string{f.SrcPod, f.DstPod} {
+		if k == "" {
+			continue
+		}
+		if _, ok := snap.Pod(k); !ok {
+			return nil, fmt.Errorf("pod %s not found in %s", k, o.dir)
+		}
+	}
+	switch {
+	case o.principal != "":
+		f.Principal = o.principal
+	case o.plaintext || f.Protocol != corev1.ProtocolTCP:
+	default:
+		src, srcOK := lookup(snap, f.SrcPod, f.Src)
+		dst, dstOK := lookup(snap, f.DstPod, f.Dst)
+		if srcOK && dstOK && enrolled(in, src) && enrolled(in, dst) {
+			f.Principal = snap.SPIFFEID(src)
+		}
+	}
+	switch o.direction {
+	case "egress":
+		return snap.DecideEgress(f), nil
+	case "ingress":
+		return snap.DecideIngress(f), nil
+	}
+	return snap.Decide(f), nil
+}
+
+func lookup(s *policy.Snapshot, key string, ip netip.Addr) (policy.Pod, bool) {
+	if key != "" {
+		return s.Pod(key)
+	}
+	return s.PodByIP(ip)
+}
+
+func enrolled(in *policy.Input, p policy.Pod) bool {
+	if p.HostNetwork || p.Labels[modeLabel] == "disabled" {
+		return false
+	}
+	for _, ns := range in.Namespaces {
+		if ns.Name == p.Namespace {
+			return ns.Labels[modeLabel] == "enabled"
+		}
+	}
+	return false
+}
+
+// LoadDir decodes every .yaml, .yml and .json file under dir (recursively,
+// in lexical order). It returns the objects, how many objects of other kinds
+// were ignored, and every decoding or validation error.
+func LoadDir(dir string) (policy.Input, int, error) {
+	var in policy.Input
+	skipped := 0
+	var errs []error
+	files := 0
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() {
+			return nil
+		}
+		switch strings.ToLower(filepath.Ext(path)) {
+		case ".yaml", ".yml", ".json":
+		default:
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("reading %s: %w", path, err)
+		}
+		files++
+		sk, err := policy.Decode(path, b, &in)
+		skipped += len(sk)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return in, skipped, fmt.Errorf("walking %s: %w", dir, err)
+	}
+	if len(errs) > 0 {
+		return in, skipped, errors.Join(errs...)
+	}
+	if files == 0 {
+		return in, 0, fmt.Errorf("no .yaml, .yml or .json files in %s", dir)
+	}
+	return in, skipped, nil
+}
