@@ -1,0 +1,120 @@
+# nodemesh build, test and demo entry points.
+#
+#   sudo make test   every test tier (unit, privileged, lab end to end)
+#   sudo make demo   the lab cluster with the mesh
+#
+# Both install what they need on a fresh Debian machine with Go: missing apt
+# packages, and the kube-apiserver (built once from the k8s.io/kubernetes Go
+# module into the user cache, keyed by version).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+export PATH := $(dir $(GO)):$(PATH)
+
+K8S_VERSION    := v1.34.2
+CACHE_HOME     := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)
+KUBE_APISERVER := $(CACHE_HOME)/nodemesh/kube-apiserver-$(K8S_VERSION)/kube-apiserver
+export NODEMESH_KUBE_APISERVER := $(KUBE_APISERVER)
+
+# Debian packages each group of targets needs.
+APT_RUNTIME  := etcd-server iproute2 nftables tcpdump
+APT_GENERATE := clang llvm libbpf-dev bpftool
+APT_BENCH    := haproxy iperf3
+
+BINARIES := nodemesh-agent nodemesh-ca nodemeshctl
+FUZZTIME ?= 10s
+BENCH_PROFILE ?= quick
+
+.PHONY: build generate generate-check test test-unit test-priv test-lab demo bench lint fuzz \
+        kube-apiserver deps deps-generate deps-bench clean lab-down
+
+build:
+	@mkdir -p bin
+	@for b in $(BINARIES); do \
+	  if [ -d cmd/$$b ]; then $(GO) build -o bin/$$b ./cmd/$$b || exit 1; fi; \
+	done
+
+# apt-install helper: installs the listed packages that are missing.
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages:$$missing (run as root: sudo make $@)"; exit 1; fi; \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null || exit 1; \
+	fi
+endef
+
+deps:
+	$(call apt_install,$(APT_RUNTIME))
+
+deps-generate:
+	$(call apt_install,$(APT_GENERATE))
+
+deps-bench:
+	$(call apt_install,$(APT_RUNTIME) $(APT_BENCH))
+
+# The real API server, built from the Go module in a separate module under
+# lab/ so the main go.mod never requires k8s.io/kubernetes. No file
+# prerequisites on purpose: a fresh clone must reuse the cached build.
+kube-apiserver:
+	@if [ ! -x "$(KUBE_APISERVER)" ]; then \
+	  echo "building kube-apiserver $(K8S_VERSION) into $(KUBE_APISERVER) (a few minutes, once)"; \
+	  mkdir -p "$(dir $(KUBE_APISERVER))" && \
+	  (cd lab/kube-apiserver && GOFLAGS=-mod=mod $(GO) build -o "$(KUBE_APISERVER).tmp" .) && \
+	  mv "$(KUBE_APISERVER).tmp" "$(KUBE_APISERVER)"; \
+	fi
+
+generate: deps-generate
+	$(GO) generate ./redirect/...
+
+# Regenerating the eBPF objects must leave the committed ones unchanged.
+generate-check: generate
+	@if [ -n "$$(git status --porcelain -- redirect)" ]; then \
+	  echo "make generate changed committed files; commit the regenerated output:"; \
+	  git status --porcelain -- redirect; git --no-pager diff --stat -- redirect; exit 1; \
+	fi
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+
+# Test tiers, chosen by test name: TestPriv* need root (netns, BPF, cgroups),
+# TestLab* need the lab's real API server; everything else is a unit test.
+test: deps kube-apiserver lint generate-check test-unit test-priv test-lab
+
+test-unit:
+	@echo "== tier 1: unit tests"
+	$(GO) test -count=1 -skip '^Test(Priv|Lab)' ./...
+
+test-priv: deps
+	@echo "== tier 2: privileged tests (root: network namespaces, BPF, cgroups)"
+	$(GO) test -count=1 -run '^TestPriv' ./...
+
+test-lab: deps kube-apiserver
+	@echo "== tier 3: lab end-to-end tests (real kube-apiserver)"
+	$(GO) test -count=1 -p 1 -timeout 20m -run '^TestLab' ./...
+
+fuzz:
+	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' .); do \
+	  pkg=./$$(dirname $$f); \
+	  for t in $$(grep -h -o '^func Fuzz[A-Za-z0-9_]*' $$f | sed 's/^func //'); do \
+	    echo "== $$pkg $$t ($(FUZZTIME))"; \
+	    $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg; \
+	  done; \
+	done
+
+demo: deps kube-apiserver build
+	./bin/nodemeshctl lab demo
+
+bench: deps-bench kube-apiserver build
+	@mkdir -p results
+	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./... | tee results/go-bench.txt
+
+lab-down: build
+	./bin/nodemeshctl lab down
+
+clean:
+	rm -rf bin results
