@@ -52,7 +52,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		fmt.Fprint(stderr, "usage: nodemeshctl policy explain [flags]   (run with -h for flags)\n")
 		if len(args) == 0 {
-			return errors.New("policy: missing subcommand (want explain)")
+			return errors.New("missing subcommand (want explain)")
 		}
 		return nil
 	}
@@ -60,7 +60,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "explain":
 		return runExplain(ctx, args[1:], stdout, stderr)
 	}
-	return fmt.Errorf("policy: unknown subcommand %q (want explain)", args[0])
+	return fmt.Errorf("unknown subcommand %q (want explain)", args[0])
 }
 
 type options struct {
@@ -92,14 +92,14 @@ func runExplain(_ context.Context, args []string, stdout, stderr io.Writer) erro
 		return err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("policy explain: unexpected argument %q", fs.Arg(0))
+		return fmt.Errorf("explain: unexpected argument %q", fs.Arg(0))
 	}
 	if err := o.validate(); err != nil {
-		return fmt.Errorf("policy explain: %w", err)
+		return fmt.Errorf("explain: %w", err)
 	}
 	in, skipped, err := LoadDir(o.dir)
 	if err != nil {
-		return fmt.Errorf("policy explain: loading %s: %w", o.dir, err)
+		return fmt.Errorf("explain: loading %s: %w", o.dir, err)
 	}
 	if skipped > 0 {
 		fmt.Fprintf(stderr, "note: ignored %d object(s) of kinds policy explain does not use\n", skipped)
@@ -107,13 +107,13 @@ func runExplain(_ context.Context, args []string, stdout, stderr io.Writer) erro
 	snap := policy.NewSnapshot(1, in, policy.Options{TrustDomain: o.trustDomain, RootNamespace: o.rootNS})
 	d, err := explain(snap, &in, &o)
 	if err != nil {
-		return fmt.Errorf("policy explain: %w", err)
+		return fmt.Errorf("explain: %w", err)
 	}
 	switch o.output {
 	case "json":
 		b, err := json.MarshalIndent(d, "", "  ")
 		if err != nil {
-			return fmt.Errorf("policy explain: encoding JSON: %w", err)
+			return fmt.Errorf("explain: encoding JSON: %w", err)
 		}
 		_, err = fmt.Fprintf(stdout, "%s\n", b)
 		return err
