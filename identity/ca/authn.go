@@ -1,0 +1,237 @@
+package ca
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/golang-lru/v2/expirable"
+	authnv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/nodemesh/nodemesh/identity"
+)
+
+// Caller is an authenticated agent and the node its token is bound to.
+type Caller struct {
+	User string // e.g. system:serviceaccount:nodemesh-system:nodemesh-agent
+	Node string // the node the token is bound to (never empty on success)
+	Pod  string // namespace/name of the agent pod the token is bound to, if any
+}
+
+// Authenticator verifies a bearer token. It returns a *Refusal when the
+// token is not an agent token bound to a node.
+type Authenticator interface {
+	Authenticate(ctx context.Context, token string) (Caller, error)
+}
+
+// PodFinder looks for a running pod of workload w scheduled on node. It
+// returns the pod's name, "" when there is none, or an error when it cannot
+// tell (the CA then refuses with CodeUnavailable: fail closed).
+type PodFinder interface {
+	RunningPod(ctx context.Context, node string, w identity.Workload) (string, error)
+}
+
+// Keys of TokenReview status.user.extra set for tokens bound to a pod
+// (Kubernetes 1.30+ with ServiceAccountTokenPodNodeInfo, GA in 1.32).
+const (
+	ExtraNodeName = "authentication.kubernetes.io/node-name"
+	ExtraPodName  = "authentication.kubernetes.io/pod-name"
+	ExtraPodUID   = "authentication.kubernetes.io/pod-uid"
+)
+
+// KubeAuthenticatorConfig configures a KubeAuthenticator.
+type KubeAuthenticatorConfig struct {
+	Client kubernetes.Interface
+	// AgentNamespace/AgentServiceAccount name the only service account whose
+	// tokens may request SVIDs.
+	AgentNamespace, AgentServiceAccount string
+	// Audience the tokens must carry; default identity.Audience.
+	Audience string
+	// CacheSize and CacheTTL bound the cache of successful reviews, keyed by
+	// the token's SHA-256 (the token itself is never stored). Defaults 4096
+	// and 30s. A cached entry never outlives the token's exp.
+	CacheSize int
+	CacheTTL  time.Duration
+	Now       func() time.Time
+}
+
+// KubeAuthenticator authenticates agents with the TokenReview API.
+type KubeAuthenticator struct {
+	cfg   KubeAuthenticatorConfig
+	user  string
+	cache *expirable.LRU[[sha256.Size]byte, cachedCaller]
+}
+
+type cachedCaller struct {
+	c   Caller
+	exp time.Time
+}
+
+// NewKubeAuthenticator validates cfg.
+func NewKubeAuthenticator(cfg KubeAuthenticatorConfig) (*KubeAuthenticator, error) {
+	if cfg.Client == nil {
+		return nil, fmt.Errorf("creating TokenReview authenticator: no Kubernetes client")
+	}
+	if cfg.AgentNamespace == "" || cfg.AgentServiceAccount == "" {
+		return nil, fmt.Errorf("creating TokenReview authenticator: agent service account namespace/name not set")
+	}
+	if cfg.Audience == "" {
+		cfg.Audience = identity.Audience
+	}
+	if cfg.CacheSize <= 0 {
+		cfg.CacheSize = 4096
+	}
+	if cfg.CacheTTL <= 0 {
+		cfg.CacheTTL = 30 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &KubeAuthenticator{
+		cfg:   cfg,
+		user:  "system:serviceaccount:" + cfg.AgentNamespace + ":" + cfg.AgentServiceAccount,
+		cache: expirable.NewLRU[[sha256.Size]byte, cachedCaller](cfg.CacheSize, nil, cfg.CacheTTL),
+	}, nil
+}
+
+// Authenticate implements Authenticator.
+func (k *KubeAuthenticator) Authenticate(ctx context.Context, token string) (Caller, error) {
+	if token == "" {
+		return Caller{}, refuse(identity.CodeUnauthenticated, "no bearer token; send the agent's projected service-account token (audience %s) as Authorization: Bearer", k.cfg.Audience)
+	}
+	now := k.cfg.Now()
+	key := sha256.Sum256([]byte(token))
+	if c, ok := k.cache.Get(key); ok && (c.exp.IsZero() || now.Before(c.exp)) {
+		return c.c, nil
+	}
+	claims := peekClaims(token)
+	tr, err := k.cfg.Client.AuthenticationV1().TokenReviews().Create(ctx, &authnv1.TokenReview{
+		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: []string{k.cfg.Audience}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return Caller{}, &Refusal{Code: identity.CodeUnavailable, Msg: "cannot review the token with the Kubernetes API server now; retry later", Err: err}
+	}
+	st := tr.Status
+	if !st.Authenticated {
+		switch {
+		case claims.ok && claims.exp > 0 && now.Unix() >= claims.exp:
+			return Caller{}, refuse(identity.CodeTokenExpired, "token expired at %s; re-read the projected token file before each request (the kubelet refreshes it)", time.Unix(claims.exp, 0).UTC().Format(time.RFC3339))
+		case claims.ok && !slices.Contains(claims.aud, k.cfg.Audience):
+			return Caller{}, refuse(identity.CodeTokenAudience, "token audiences %q do not include %q; project the token with audience %q", claims.aud, k.cfg.Audience, k.cfg.Audience)
+		}
+		reason := st.Error
+		if reason == "" {
+			reason = "not authenticated"
+		}
+		return Caller{}, refuse(identity.CodeTokenInvalid, "the API server rejected the token (forged, revoked, or its pod is gone): %s", reason)
+	}
+	if len(st.Audiences) > 0 && !slices.Contains(st.Audiences, k.cfg.Audience) {
+		return Caller{}, refuse(identity.CodeTokenAudience, "token is valid for audiences %q, not %q", st.Audiences, k.cfg.Audience)
+	}
+	if st.User.Username != k.user {
+		return Caller{User: st.User.Username}, refuse(identity.CodeNotAgent, "token belongs to %q; only the agent service account %s/%s may request SVIDs", st.User.Username, k.cfg.AgentNamespace, k.cfg.AgentServiceAccount)
+	}
+	c := Caller{User: st.User.Username, Node: first(st.User.Extra[ExtraNodeName])}
+	if pod := first(st.User.Extra[ExtraPodName]); pod != "" {
+		c.Pod = k.cfg.AgentNamespace + "/" + pod
+		if c.Node == "" {
+			// Older API servers bind the pod but do not put its node in the
+			// token: look the pod up, and make sure it is the same pod.
+			p, err := k.cfg.Client.CoreV1().Pods(k.cfg.AgentNamespace).Get(ctx, pod, metav1.GetOptions{})
+			if err != nil {
+				return Caller{}, &Refusal{Code: identity.CodeUnavailable, Msg: fmt.Sprintf("cannot look up the agent pod %s the token is bound to", c.Pod), Err: err}
+			}
+			if uid := first(st.User.Extra[ExtraPodUID]); uid != "" && uid != string(p.UID) {
+				return Caller{}, refuse(identity.CodeTokenInvalid, "token is bound to pod %s uid %s, which no longer exists (now uid %s)", c.Pod, uid, p.UID)
+			}
+			c.Node = p.Spec.NodeName
+		}
+	}
+	if c.Node == "" {
+		return c, refuse(identity.CodeTokenNotBound, "token is bound to no node or scheduled pod; use a projected service-account token (bound to the agent pod) rather than a long-lived secret token")
+	}
+	exp := time.Time{}
+	if claims.exp > 0 {
+		exp = time.Unix(claims.exp, 0)
+	}
+	k.cache.Add(key, cachedCaller{c: c, exp: exp})
+	return c, nil
+}
+
+func first(v authnv1.ExtraValue) string {
+	if len(v) == 0 {
+		return ""
+	}
+	return v[0]
+}
+
+// tokenClaims are a JWT's claims read WITHOUT verifying the signature. They
+// only make refusal messages precise; TokenReview decides.
+type tokenClaims struct {
+	ok  bool
+	exp int64
+	aud []string
+}
+
+func peekClaims(token string) tokenClaims {
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 || len(parts[1]) > 16<<10 {
+		return tokenClaims{}
+	}
+	raw, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return tokenClaims{}
+	}
+	var c struct {
+		Exp json.Number     `json:"exp"`
+		Aud json.RawMessage `json:"aud"`
+	}
+	if err := json.Unmarshal(raw, &c); err != nil {
+		return tokenClaims{}
+	}
+	out := tokenClaims{ok: true}
+	if e, err := c.Exp.Int64(); err == nil {
+		out.exp = e
+	}
+	var one string
+	if json.Unmarshal(c.Aud, &one) == nil {
+		out.aud = []string{one}
+	} else {
+		_ = json.Unmarshal(c.Aud, &out.aud)
+	}
+	return out
+}
+
+// KubePods finds pods with the API server (a consistent list, so a pod
+// scheduled a moment ago is found and a deleted one is not).
+type KubePods struct{ Client kubernetes.Interface }
+
+// RunningPod implements PodFinder.
+func (k KubePods) RunningPod(ctx context.Context, node string, w identity.Workload) (string, error) {
+	sel := fields.Set{
+		"spec.nodeName":           node,
+		"spec.serviceAccountName": w.ServiceAccount,
+		"status.phase":            string(corev1.PodRunning),
+	}.AsSelector().String()
+	pods, err := k.Client.CoreV1().Pods(w.Namespace).List(ctx, metav1.ListOptions{FieldSelector: sel})
+	if err != nil {
+		return "", fmt.Errorf("listing pods of %s on node %s: %w", w, node, err)
+	}
+	for _, p := range pods.Items {
+		// Re-check what the selector promised, and skip terminating pods.
+		if p.Spec.NodeName == node && p.Spec.ServiceAccountName == w.ServiceAccount &&
+			p.Status.Phase == corev1.PodRunning && p.DeletionTimestamp == nil {
+			return p.Name, nil
+		}
+	}
+	return "", nil
+}
