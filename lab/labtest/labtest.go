@@ -1,0 +1,118 @@
+// Package labtest brings labs up for tests: each test lab gets its own ID
+// (t + 5 random characters) and state directory, so tests of several
+// packages, and several people on one machine, never touch each other's
+// labs, and it is taken down when the test ends. Labs left by a test
+// process that was killed are swept by the next Up.
+package labtest
+
+import (
+	"context"
+	"crypto/rand"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nodemesh/nodemesh/lab"
+	"github.com/nodemesh/nodemesh/lab/examples"
+	"github.com/nodemesh/nodemesh/lab/privtest"
+	"github.com/nodemesh/nodemesh/lab/spec"
+)
+
+// dirPrefix starts the state directory of every test lab.
+const dirPrefix = "/run/nodemesh-t"
+
+// NewID returns a fresh test lab ID.
+func NewID() string {
+	const chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, 5)
+	_, _ = rand.Read(b)
+	for i := range b {
+		b[i] = chars[int(b[i])%len(chars)]
+	}
+	return "t" + string(b)
+}
+
+// Dir returns the state directory of the test lab with the given ID.
+func Dir(id string) string { return "/run/nodemesh-" + id }
+
+// Up brings up sp for the test (skipping, or failing under
+// NODEMESH_REQUIRE_PRIVILEGED=1, without root) and takes it down in
+// t.Cleanup, failing the test if anything is left behind.
+func Up(t testing.TB, sp *spec.Spec) *lab.Lab {
+	t.Helper()
+	privtest.Root(t)
+	SweepStale(t)
+	id := NewID()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	l, err := lab.Up(ctx, sp, lab.Options{
+		StateDir: Dir(id), ID: id,
+		Log: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
+	})
+	if err != nil {
+		t.Fatalf("lab up: %v", err)
+	}
+	t.Logf("lab %s up in %s (state %s)", id, l.StartupTime().Round(time.Millisecond), l.StateDir())
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if err := l.Down(ctx); err != nil {
+			t.Errorf("lab down: %v", err)
+		}
+		if left, err := lab.Leftovers(id); err != nil || len(left) > 0 {
+			t.Errorf("lab %s left %v (%v)", id, left, err)
+		}
+	})
+	return l
+}
+
+// TwoNodes brings up lab/examples/two-nodes.yaml.
+func TwoNodes(t testing.TB) *lab.Lab {
+	t.Helper()
+	sp, err := examples.TwoNodesSpec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Up(t, sp)
+}
+
+// SweepStale takes down test labs whose creating process is gone (a test
+// binary killed by a timeout or SIGKILL).
+func SweepStale(t testing.TB) {
+	t.Helper()
+	dirs, _ := filepath.Glob(dirPrefix + "*")
+	for _, d := range dirs {
+		fi, err := os.Stat(d)
+		if err != nil || !fi.IsDir() {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(d, "creator"))
+		if err != nil {
+			// Up writes the creator first; without it the lab is either
+			// being created right now or long dead.
+			if time.Since(fi.ModTime()) < 10*time.Minute {
+				continue
+			}
+		} else if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 0 {
+			if _, err := os.Stat("/proc/" + strconv.Itoa(pid)); err == nil {
+				continue // still running
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		if err := lab.Down(ctx, d); err != nil {
+			t.Logf("sweeping stale test lab %s: %v", d, err)
+		}
+		cancel()
+	}
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}

@@ -1,0 +1,306 @@
+// Package workload is the lab's built-in pod software, so pods have real
+// servers and clients without container images:
+//
+//	http --port P [--port P2 ...]   HTTP/1.1 server answering every request
+//	                                with a JSON Reply saying who it is and
+//	                                what it saw (remote and local address)
+//	tcp-echo --port P               echoes every byte back
+//	get URL                         prints the body of a GET (exit 1 on a
+//	                                non-2xx status or a network error)
+//	tcp ADDR MESSAGE                sends MESSAGE, half-closes, prints the reply
+//	sleep                           blocks until SIGTERM
+//
+// They run as `nodemeshctl lab workload <name> ...` and read the pod they
+// are in from the NODEMESH_POD_* variables the lab sets (the lab's
+// downward API).
+package workload
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// Environment variables the lab sets in every pod process.
+const (
+	EnvPodName      = "NODEMESH_POD_NAME"
+	EnvPodNamespace = "NODEMESH_POD_NAMESPACE"
+	EnvPodIP        = "NODEMESH_POD_IP"
+	EnvNodeName     = "NODEMESH_NODE_NAME"
+)
+
+// Reply is the JSON body the http workload answers with.
+type Reply struct {
+	Pod       string      `json:"pod"`       // namespace/name
+	Node      string      `json:"node"`      // node name
+	PodIP     string      `json:"podIP"`     // the pod's own IP
+	Remote    string      `json:"remote"`    // the peer address the server saw
+	Local     string      `json:"local"`     // the local address the connection arrived on
+	Method    string      `json:"method"`    // request method
+	Path      string      `json:"path"`      // request URI
+	Host      string      `json:"host"`      // Host header
+	Proto     string      `json:"proto"`     // e.g. HTTP/1.1
+	Header    http.Header `json:"header"`    // request headers
+	BodyBytes int64       `json:"bodyBytes"` // size of the request body read
+}
+
+// Names lists the workloads Main accepts.
+var Names = []string{"http", "tcp-echo", "get", "tcp", "sleep"}
+
+// Main runs the workload named by args[0] and returns the exit code.
+func Main(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprintf(stderr, "usage: nodemeshctl lab workload {%s} ...\n", strings.Join(Names, "|"))
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	log := slog.New(slog.NewTextHandler(stderr, nil)).With("pod", os.Getenv(EnvPodNamespace)+"/"+os.Getenv(EnvPodName))
+	var err error
+	switch args[0] {
+	case "http":
+		err = runHTTP(ctx, log, args[1:])
+	case "tcp-echo":
+		err = runTCPEcho(ctx, log, args[1:])
+	case "get":
+		err = runGet(ctx, args[1:], stdout)
+	case "tcp":
+		err = runTCP(ctx, args[1:], stdout)
+	case "sleep":
+		<-ctx.Done()
+	default:
+		fmt.Fprintf(stderr, "unknown workload %q; want one of %s\n", args[0], strings.Join(Names, ", "))
+		return 2
+	}
+	if err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 2
+		}
+		fmt.Fprintf(stderr, "workload %s: %v\n", args[0], err)
+		return 1
+	}
+	return 0
+}
+
+type portsFlag []int
+
+func (p *portsFlag) String() string { return fmt.Sprint([]int(*p)) }
+func (p *portsFlag) Set(s string) error {
+	for _, f := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("%q is not a port number", f)
+		}
+		*p = append(*p, n)
+	}
+	return nil
+}
+
+// listen opens a non-MPTCP TCP listener, so BPF sockmap programs of the
+// mesh can see it.
+func listen(ctx context.Context, port int) (net.Listener, error) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	ln, err := lc.Listen(ctx, "tcp4", ":"+strconv.Itoa(port))
+	if err != nil {
+		return nil, fmt.Errorf("listening on port %d: %w", port, err)
+	}
+	return ln, nil
+}
+
+func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
+	fs := flag.NewFlagSet("http", flag.ContinueOnError)
+	var ports portsFlag
+	fs.Var(&ports, "port", "port to serve on (repeatable, or comma-separated)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if len(ports) == 0 {
+		ports = portsFlag{8080}
+	}
+	self := Reply{
+		Pod:   os.Getenv(EnvPodNamespace) + "/" + os.Getenv(EnvPodName),
+		Node:  os.Getenv(EnvNodeName),
+		PodIP: os.Getenv(EnvPodIP),
+	}
+	type localKey struct{}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, io.LimitReader(r.Body, 64<<20))
+		rep := self
+		rep.Remote = r.RemoteAddr
+		if la, ok := r.Context().Value(localKey{}).(net.Addr); ok {
+			rep.Local = la.String()
+		}
+		rep.Method, rep.Path, rep.Host, rep.Proto = r.Method, r.RequestURI, r.Host, r.Proto
+		rep.Header = r.Header
+		rep.BodyBytes = n
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Nodemesh-Pod", self.Pod)
+		_ = json.NewEncoder(w).Encode(rep)
+	})
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: 10 * time.Second,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			return context.WithValue(ctx, localKey{}, c.LocalAddr())
+		},
+	}
+	var wg sync.WaitGroup
+	errc := make(chan error, len(ports))
+	for _, p := range ports {
+		ln, err := listen(ctx, p)
+		if err != nil {
+			_ = srv.Close()
+			wg.Wait()
+			return err
+		}
+		log.Info("serving http", "port", p)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- err
+			}
+		}()
+	}
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(sctx)
+	wg.Wait()
+	return err
+}
+
+func runTCPEcho(ctx context.Context, log *slog.Logger, args []string) error {
+	fs := flag.NewFlagSet("tcp-echo", flag.ContinueOnError)
+	var ports portsFlag
+	fs.Var(&ports, "port", "port to echo on (repeatable, or comma-separated)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if len(ports) == 0 {
+		ports = portsFlag{9000}
+	}
+	var wg sync.WaitGroup
+	var lns []net.Listener
+	closeAll := func() {
+		for _, ln := range lns {
+			ln.Close()
+		}
+	}
+	for _, p := range ports {
+		ln, err := listen(ctx, p)
+		if err != nil {
+			closeAll()
+			wg.Wait()
+			return err
+		}
+		lns = append(lns, ln)
+		log.Info("serving tcp-echo", "port", p)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var conns sync.WaitGroup
+			defer conns.Wait()
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				conns.Add(1)
+				go func() {
+					defer conns.Done()
+					defer c.Close()
+					stop := context.AfterFunc(ctx, func() { c.Close() })
+					defer stop()
+					_, _ = io.Copy(c, c)
+				}()
+			}
+		}()
+	}
+	<-ctx.Done()
+	closeAll()
+	wg.Wait()
+	return nil
+}
+
+func runGet(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("get", flag.ContinueOnError)
+	timeout := fs.Duration("timeout", 10*time.Second, "overall deadline")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return errors.New("usage: get [--timeout D] URL")
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fs.Arg(0), nil)
+	if err != nil {
+		return fmt.Errorf("building request: %w", err)
+	}
+	// A fresh transport: no proxy from the environment, no pooling.
+	tr := &http.Transport{DisableKeepAlives: true}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		return fmt.Errorf("GET %s: %w", fs.Arg(0), err)
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(stdout, resp.Body); err != nil {
+		return fmt.Errorf("reading the body of %s: %w", fs.Arg(0), err)
+	}
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("GET %s: status %s", fs.Arg(0), resp.Status)
+	}
+	return nil
+}
+
+func runTCP(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("tcp", flag.ContinueOnError)
+	timeout := fs.Duration("timeout", 10*time.Second, "overall deadline")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 2 {
+		return errors.New("usage: tcp [--timeout D] HOST:PORT MESSAGE")
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp4", fs.Arg(0))
+	if err != nil {
+		return fmt.Errorf("connecting to %s: %w", fs.Arg(0), err)
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	}
+	if _, err := io.WriteString(c, fs.Arg(1)); err != nil {
+		return fmt.Errorf("sending to %s: %w", fs.Arg(0), err)
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.CloseWrite()
+	}
+	if _, err := io.Copy(stdout, c); err != nil {
+		return fmt.Errorf("reading from %s: %w", fs.Arg(0), err)
+	}
+	return nil
+}
