@@ -56,8 +56,10 @@ type Options struct {
 	ID string
 	// SpecFile is recorded for `lab status`; optional.
 	SpecFile string
-	// Detach leaves the API server and the pods running when this process
-	// exits (nodemeshctl lab up). Otherwise the API server dies with it.
+	// Detach records that the lab is meant to outlive this process
+	// (nodemeshctl lab up). Processes are always started detached (own
+	// session) so that a lab survives its creator either way; Down, or the
+	// next Up, sweeps what a dead creator left.
 	Detach bool
 	// APIServerBinary is the kube-apiserver to run; "" = apiserver.Binary.
 	APIServerBinary string
@@ -205,7 +207,10 @@ func Up(ctx context.Context, sp *spec.Spec, opts Options) (_ *Lab, err error) {
 	go func() {
 		s, err := apiserver.Start(sctx, apiserver.Config{
 			Dir: filepath.Join(dir, "apiserver"), Binary: opts.APIServerBinary,
-			ServiceCIDR: sp.Network.ServiceCIDR, Detach: opts.Detach,
+			// Always detached: Pdeathsig fires when the *thread* that
+			// forked exits, and netns.Do ends locked threads on purpose,
+			// which would kill the API server at random. Down sweeps it.
+			ServiceCIDR: sp.Network.ServiceCIDR, Detach: true,
 			Log: slogWriter{log},
 		})
 		srvc <- srvResult{s, err}
@@ -610,13 +615,15 @@ func (l *Lab) stopPod(ctx context.Context, p *Pod) error {
 	return errors.Join(errs...)
 }
 
-// Down stops the lab: a graceful stop of the API server this process
-// started, then the same sweep as the package-level Down.
+// Down removes the lab with the same sweep as the package-level Down, then
+// reaps the processes this process started.
 func (l *Lab) Down(ctx context.Context) error {
+	err := Down(ctx, l.st.Dir)
 	if l.Server != nil {
+		// Everything is killed already; Stop only reaps etcd and
+		// kube-apiserver if this process started them.
 		_ = l.Server.Stop()
 	}
-	err := Down(ctx, l.st.Dir)
 	l.wg.Wait()
 	return err
 }

@@ -279,7 +279,9 @@ func labApply(args []string) error {
 }
 
 func labDemo(args []string) error {
-	fs, dir := newFlags("demo")
+	fs := flag.NewFlagSet("lab demo", flag.ContinueOnError)
+	// The demo has its own lab, so it never sweeps one a user keeps up.
+	dir := fs.String("dir", "/run/nodemesh-demo", "lab state directory of the demo")
 	file := fs.String("f", "", "lab spec file (default: the two-node example)")
 	keep := fs.Bool("keep", false, "leave the lab up at the end")
 	verbose := fs.Bool("v", false, "log progress")
