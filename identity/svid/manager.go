@@ -50,8 +50,11 @@ type Config struct {
 	// MaxConcurrent bounds simultaneous CA requests; default 4.
 	MaxConcurrent int
 	// RefreshFraction of an SVID's lifetime after which it is renewed;
-	// default 0.5. Jitter (fraction of lifetime, default 0.1) spreads
-	// renewals so pods started together do not renew together.
+	// default 0.5 (half life). Jitter (fraction of lifetime, default 0.1)
+	// moves each renewal earlier by a random amount up to it, so pods
+	// started together do not renew together and at least
+	// 1-RefreshFraction of the lifetime is always left when renewal starts:
+	// that is how long a CA outage cached SVIDs survive.
 	RefreshFraction, Jitter float64
 	// BackoffMin/BackoffMax bound the exponential retry delay after a
 	// failed request; defaults 1s and 30s.
@@ -88,6 +91,33 @@ type entry struct {
 // ErrNoSVID is returned (wrapped) by an SVID source that holds no valid SVID.
 var ErrNoSVID = errors.New("no valid SVID")
 
+// NewWithCA returns a Manager that gets SVIDs from the nodemesh CA at
+// cc.URL, and the CA client. The client verifies the CA against the
+// manager's own trust bundle (load it with SetBundle, e.g. from
+// identity/k8s.RunBundleWatcher) unless cc.Bundle is set. cfg.CA is ignored.
+func NewWithCA(cfg Config, cc ClientConfig) (*Manager, *Client, error) {
+	cfg.CA = placeholder{}
+	m, err := New(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	if cc.Bundle == nil {
+		cc.Bundle = m
+	}
+	c, err := NewClient(cc)
+	if err != nil {
+		return nil, nil, err
+	}
+	m.cfg.CA = c
+	return m, c, nil
+}
+
+type placeholder struct{}
+
+func (placeholder) Sign(context.Context, spiffeid.ID, []byte) (*Signed, error) {
+	return nil, errors.New("no CA configured")
+}
+
 // New validates cfg and returns a Manager; call Run to start it.
 func New(cfg Config) (*Manager, error) {
 	if cfg.TrustDomain.IsZero() {
@@ -108,8 +138,8 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.Jitter == 0 {
 		cfg.Jitter = 0.1
 	}
-	if cfg.RefreshFraction <= 0 || cfg.RefreshFraction-cfg.Jitter <= 0 || cfg.RefreshFraction+cfg.Jitter >= 1 || cfg.Jitter < 0 {
-		return nil, fmt.Errorf("creating SVID manager: refresh fraction %.2f ± jitter %.2f must stay within (0, 1)", cfg.RefreshFraction, cfg.Jitter)
+	if cfg.RefreshFraction >= 1 || cfg.Jitter < 0 || cfg.RefreshFraction-cfg.Jitter <= 0 {
+		return nil, fmt.Errorf("creating SVID manager: refresh fraction %.2f minus jitter %.2f must stay within (0, 1)", cfg.RefreshFraction, cfg.Jitter)
 	}
 	if cfg.BackoffMin <= 0 {
 		cfg.BackoffMin = time.Second
@@ -358,7 +388,7 @@ func (m *Manager) maintain(ctx context.Context, e *entry) {
 			backoff = m.cfg.BackoffMin
 			leaf := svid.Certificates[0]
 			life := leaf.NotAfter.Sub(now)
-			frac := m.cfg.RefreshFraction + m.cfg.Jitter*(2*mrand.Float64()-1)
+			frac := m.cfg.RefreshFraction - m.cfg.Jitter*mrand.Float64()
 			wait = time.Duration(float64(life) * frac)
 			m.log.Debug("SVID issued", "spiffe_id", e.id.String(), "expires", leaf.NotAfter, "renew_in", wait)
 		}
