@@ -125,11 +125,12 @@ func DiscoverHierarchy(proc string) (Hierarchy, error) {
 }
 
 // DiscoverNodeHierarchy is DiscoverHierarchy seen from the node's cgroup
-// namespace (HostView), so Root is "/" and Dir can map every pod's cgroup
-// even from a container with a private cgroup namespace. It needs hostPID.
-func DiscoverNodeHierarchy(proc string) (Hierarchy, error) {
+// namespace nodeNS (HostView; NodeCgroupNS when empty), so Root is "/" and
+// Dir can map every pod's cgroup even from a container with a private
+// cgroup namespace. It needs hostPID.
+func DiscoverNodeHierarchy(proc, nodeNS string) (Hierarchy, error) {
 	var h Hierarchy
-	err := HostView(proc, func() error {
+	err := HostView(nodeNS, func() error {
 		var err error
 		h, err = DiscoverHierarchy(proc)
 		return err

@@ -79,8 +79,8 @@ func TestParseMountinfo(t *testing.T) {
 func TestParseMountinfoErrors(t *testing.T) {
 	for _, bad := range []string{
 		"41 31 0:38 / /sys/fs/cgroup/unified rw,relatime cgroup2 cgroup2 rw\n", // no separator
-		"41 31 0:38 / - cgroup2 cgroup2 rw\n",                                   // too few fields
-		"x 31 0:38 / /a rw - cgroup2 cgroup2 rw\n",                              // bad id
+		"41 31 0:38 / - cgroup2 cgroup2 rw\n",                                  // too few fields
+		"x 31 0:38 / /a rw - cgroup2 cgroup2 rw\n",                             // bad id
 	} {
 		if _, err := ParseMountinfo(strings.NewReader(bad)); err == nil || !strings.Contains(err.Error(), "line 1") {
 			t.Errorf("ParseMountinfo(%q) = %v, want an error naming line 1", bad, err)

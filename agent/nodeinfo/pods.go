@@ -172,6 +172,9 @@ type Scanner struct {
 	// it on real nodes, where the agent container has its own cgroup
 	// namespace; it needs hostPID and CAP_SYS_ADMIN.
 	NodeView bool
+	// NodeCgroupNS is the node's cgroup namespace for NodeView;
+	// NodeCgroupNS (the package constant) when empty.
+	NodeCgroupNS string
 }
 
 func (s *Scanner) proc() string {
@@ -240,7 +243,7 @@ func (s *Scanner) hostNetns() (uint64, error) {
 // only, unless uid is empty) with their netns inode.
 func (s *Scanner) walk(uid string) (procs []procInfo, err error) {
 	if s.NodeView {
-		err = HostView(s.proc(), func() error {
+		err = HostView(s.NodeCgroupNS, func() error {
 			procs, err = s.walkHere(uid)
 			return err
 		})

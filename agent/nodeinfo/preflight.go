@@ -36,6 +36,9 @@ type PreflightConfig struct {
 	// RequireHostPID demands the host's PID namespace, which pod discovery
 	// (Scanner) needs, and CAP_SYS_PTRACE to read other users' netns links.
 	RequireHostPID bool
+	// NodeCgroupNS is the node's cgroup namespace, read when
+	// RequireHostPID; NodeCgroupNS (the package constant) when empty.
+	NodeCgroupNS string
 }
 
 // Result is the outcome of one check: Err is nil when it passed, otherwise
@@ -112,11 +115,13 @@ func Preflight(cfg PreflightConfig) Report {
 	}
 	add("kernel BTF", checkBTF())
 
-	discover := DiscoverHierarchy
+	var h Hierarchy
+	var err error
 	if cfg.RequireHostPID {
-		discover = DiscoverNodeHierarchy
+		h, err = DiscoverNodeHierarchy(proc, cfg.NodeCgroupNS)
+	} else {
+		h, err = DiscoverHierarchy(proc)
 	}
-	h, err := discover(proc)
 	if err == nil {
 		r.Hierarchy = h
 	}
