@@ -3,7 +3,7 @@ package nodeinfo
 import (
 	"fmt"
 	"os"
-		"runtime"
+	"runtime"
 
 	"golang.org/x/sys/unix"
 )
