@@ -270,8 +270,8 @@ func (s *Snapshot) evalIngress(src, dst endpoint, f *Flow) ([]Step, []PolicyRef)
 			Reason: fmt.Sprintf("source identity %s does not match pod %s at %s (expected %s)", f.Principal, src.pod.Key(), src.ip, src.pod.spiffeID)}}, nil
 	}
 
-	// mTLS mode (TCP only: the mesh carries TCP).
-	if f.Protocol == corev1.ProtocolTCP {
+	// mTLS mode (TCP only: the mesh carries TCP; only meshed pods have it).
+	if f.Protocol == corev1.ProtocolTCP && !pod.Unmeshed {
 		mode, pa, scope := mtlsMode(pod, f.Port)
 		st := Step{Direction: Ingress, Check: CheckMTLS, Verdict: Allow, Rule: -1}
 		if pa != nil {
@@ -309,8 +309,15 @@ func (s *Snapshot) evalIngress(src, dst endpoint, f *Flow) ([]Step, []PolicyRef)
 		}
 	}
 
-	// AuthorizationPolicy (TCP only).
+	// AuthorizationPolicy (TCP only, meshed destinations only).
 	if f.Protocol != corev1.ProtocolTCP {
+		return steps, nil
+	}
+	if pod.Unmeshed {
+		if len(pod.allowAZ)+len(pod.denyAZ)+len(pod.auditAZ) > 0 {
+			steps = append(steps, Step{Direction: Ingress, Check: CheckAuthorizationPolicy, Verdict: Allow, Rule: -1,
+				Reason: pod.Key() + " is not in the mesh: AuthorizationPolicies selecting it are not enforced"})
+		}
 		return steps, nil
 	}
 	id := identityOf(f.Principal, src.ip)

@@ -119,3 +119,16 @@ func TestNetworkPolicyValidation(t *testing.T) {
 		})
 	}
 }
+
+func TestUnmeshedDestination(t *testing.T) {
+	in := shopInput()
+	in.Pods[2].Unmeshed = true // other/ot
+	if _, err := Decode("t", []byte(pa("nodemesh-system", "mesh", "mtls: {mode: STRICT}")+ap("other", "deny-all", "action: DENY\nrules: [{}]")), &in); err != nil {
+		t.Fatal(err)
+	}
+	s := NewSnapshot(1, in, Options{})
+	runFlowCases(t, s, []flowCase{
+		{name: "STRICT and AuthorizationPolicy do not apply to an unmeshed pod", flow: Flow{Src: ipOut, Dst: ipOT, Port: 80}, verdict: Allow, reasonHas: "no policy restricts"},
+		{name: "they do apply to meshed pods", flow: Flow{Src: ipOut, Dst: ipFE, Port: 80}, verdict: Deny, check: CheckMTLS, policy: "nodemesh-system/mesh", rule: -1},
+	})
+}

@@ -48,6 +48,11 @@ type Pod struct {
 	Node           string
 	HostNetwork    bool
 	Ports          []ContainerPort
+	// Unmeshed marks a pod that is not enrolled in the mesh (or opted out):
+	// no agent terminates its inbound traffic, so only NetworkPolicy applies
+	// to connections to it; mTLS mode and AuthorizationPolicy do not. The
+	// zero value (meshed) is the stricter one.
+	Unmeshed bool
 	// ProbePorts are the TCP ports the pod's HTTP, TCP and gRPC probes target
 	// (named probe ports already resolved). Kubelet probes from the pod's node
 	// to these ports pass STRICT mTLS.

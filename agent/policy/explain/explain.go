@@ -104,8 +104,13 @@ func runExplain(_ context.Context, args []string, stdout, stderr io.Writer) erro
 	if skipped > 0 {
 		fmt.Fprintf(stderr, "note: ignored %d object(s) of kinds policy explain does not use\n", skipped)
 	}
+	// Pods outside the mesh get NetworkPolicy only: no agent enforces mTLS
+	// mode or AuthorizationPolicy for them.
+	for i := range in.Pods {
+		in.Pods[i].Unmeshed = !enrolled(&in, in.Pods[i])
+	}
 	snap := policy.NewSnapshot(1, in, policy.Options{TrustDomain: o.trustDomain, RootNamespace: o.rootNS})
-	d, err := explain(snap, &in, &o)
+	d, err := explain(snap, &o)
 	if err != nil {
 		return fmt.Errorf("explain: %w", err)
 	}
@@ -162,7 +167,7 @@ func endpointArg(name, v string) (pod string, ip netip.Addr, err error) {
 	return v, netip.Addr{}, nil
 }
 
-func explain(snap *policy.Snapshot, in *policy.Input, o *options) (*policy.Decision, error) {
+func explain(snap *policy.Snapshot, o *options) (*policy.Decision, error) {
 	f := policy.Flow{Port: uint16(o.port), Protocol: corev1.Protocol(o.protocol)}
 	var err error
 	if f.SrcPod, f.Src, err = endpointArg("src", o.src); err != nil {
@@ -186,7 +191,7 @@ func explain(snap *policy.Snapshot, in *policy.Input, o *options) (*policy.Decis
 	default:
 		src, srcOK := lookup(snap, f.SrcPod, f.Src)
 		dst, dstOK := lookup(snap, f.DstPod, f.Dst)
-		if srcOK && dstOK && enrolled(in, src) && enrolled(in, dst) {
+		if srcOK && dstOK && !src.Unmeshed && !dst.Unmeshed {
 			f.Principal = snap.SPIFFEID(src)
 		}
 	}

@@ -24,6 +24,7 @@ func TestExplainGolden(t *testing.T) {
 		{"deny-authz-principal", "--src legacy/client --dst shop/backend --port 8080 --principal spiffe://cluster.local/ns/legacy/sa/default"},
 		{"deny-egress-by-ip", "--src 10.244.1.5 --dst 203.0.113.10 --port 443"},
 		{"allow-kubelet-probe", "--src 192.168.1.10 --dst shop/backend --port 8081"},
+		{"allow-to-unmeshed-pod", "--src shop/backend --dst legacy/client --port 80"},
 		{"egress-only", "--src shop/frontend --dst shop/backend --port 9090 --direction egress"},
 		{"deny-egress-namespaceselector-needs-a-pod", "--src shop/frontend --dst 10.96.0.10 --port 53 --protocol udp --direction egress"},
 		{"error-bad-policies", "--from-files testdata/bad --src shop/frontend --dst shop/backend --port 8080"},
