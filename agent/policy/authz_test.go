@@ -208,6 +208,7 @@ func TestAuthorizationPolicyRefusals(t *testing.T) {
 		{"custom", "action: CUSTOM\nprovider: {name: x}", false, "CUSTOM"},
 		{"bad action", "action: MAYBE", false, "MAYBE"},
 		{"bad port", "rules:\n- to:\n  - operation: {ports: [http]}", false, "named ports are not supported"},
+		{"mapped cidr too short", "rules:\n- from:\n  - source: {notIpBlocks: ['::ffff:0.0.0.0/80']}", false, "IPv4-mapped"},
 		{"bad cidr", "rules:\n- from:\n  - source: {ipBlocks: [10.0.0.0/33]}", false, "10.0.0.0/33"},
 		{"middle wildcard", "rules:\n- from:\n  - source: {principals: ['cluster.local/*/sa/x']}", false, "single leading or trailing"},
 		{"not a spiffe id", "rules:\n- from:\n  - source: {principals: [frontend]}", false, "not a SPIFFE ID"},

@@ -190,7 +190,14 @@ func parseCIDR(s string) (netip.Prefix, error) {
 	if p.Addr().Zone() != "" {
 		return netip.Prefix{}, fmt.Errorf("parsing CIDR %q: zones are not allowed", s)
 	}
-	return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-unmapBits(p.Addr())).Masked(), nil
+	out := netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-unmapBits(p.Addr())).Masked()
+	if !out.IsValid() {
+		// An IPv4-mapped prefix shorter than /96 has no IPv4 equivalent. An
+		// invalid prefix would match nothing, which in an except or
+		// notIpBlocks list would widen access: refuse it.
+		return netip.Prefix{}, fmt.Errorf("parsing CIDR %q: an IPv4-mapped prefix must be /96 or longer", s)
+	}
+	return out, nil
 }
 
 func unmapBits(a netip.Addr) int {

@@ -69,11 +69,6 @@ func indent(s, pfx string) string {
 // truth is a 9x9 table indexed [from][to] in the order x/a x/b x/c y/a ... z/c.
 type truth [9][9]bool
 
-func podIndex(s string) int {
-	ns, p, _ := strings.Cut(s, "/")
-	return strings.Index("xyz", ns)*3 + strings.Index("abc", p)
-}
-
 func matchPattern(pat string, idx int) bool {
 	if pat == "*" {
 		return true
