@@ -46,7 +46,9 @@ import (
 // ErrNotRoot means the caller lacks the privileges the lab needs.
 var ErrNotRoot = errors.New("the lab needs root (network namespaces, cgroups, nftables): run it with sudo")
 
-// Options configure Up.
+// Options configure Up. Every process of a lab is started detached (its
+// own session), so a lab outlives the process that created it; Down, or
+// the next Up with the same state directory, removes it.
 type Options struct {
 	// StateDir holds the lab's state, logs, the API server's files and the
 	// kubeconfig. Default DefaultStateDir.
@@ -56,18 +58,13 @@ type Options struct {
 	ID string
 	// SpecFile is recorded for `lab status`; optional.
 	SpecFile string
-	// Detach records that the lab is meant to outlive this process
-	// (nodemeshctl lab up). Processes are always started detached (own
-	// session) so that a lab survives its creator either way; Down, or the
-	// next Up, sweeps what a dead creator left.
-	Detach bool
 	// APIServerBinary is the kube-apiserver to run; "" = apiserver.Binary.
 	APIServerBinary string
 	// WorkloadBinary runs pod commands whose argv[0] is "nodemeshctl"; ""
 	// re-executes this process's own binary (see the package's init).
 	WorkloadBinary string
 	// ReadyTimeout bounds the wait for pods to listen on their declared
-	// TCP ports. Default 30s.
+	// TCP ports. Default 60s.
 	ReadyTimeout time.Duration
 	// Log receives progress; nil discards it.
 	Log *slog.Logger
@@ -82,13 +79,14 @@ type Lab struct {
 	underlay     netip.Prefix
 	log          *slog.Logger
 	workloadBin  string
-	detach       bool
 	readyTimeout time.Duration
 
-	mu       sync.Mutex // guards st and children
-	st       *state
+	mu sync.Mutex // guards st; held for the whole of Apply
+	st *state
+
+	cmu      sync.Mutex // guards children
 	children map[int]chan struct{}
-	wg       sync.WaitGroup
+	wg       sync.WaitGroup // owns the goroutines reaping children
 }
 
 func newLab(st *state, log *slog.Logger) (*Lab, error) {
@@ -101,7 +99,7 @@ func newLab(st *state, log *slog.Logger) (*Lab, error) {
 	}
 	return &Lab{
 		names: names{Prefix + st.ID}, underlay: under, log: log, st: st,
-		children: map[int]chan struct{}{}, readyTimeout: 30 * time.Second,
+		children: map[int]chan struct{}{}, readyTimeout: 60 * time.Second,
 	}, nil
 }
 
@@ -174,20 +172,20 @@ func Up(ctx context.Context, sp *spec.Spec, opts Options) (_ *Lab, err error) {
 	if err != nil {
 		return nil, err
 	}
-	l.workloadBin, l.detach = opts.WorkloadBinary, opts.Detach
+	l.workloadBin = opts.WorkloadBinary
 	if opts.ReadyTimeout > 0 {
 		l.readyTimeout = opts.ReadyTimeout
 	}
 	defer func() {
 		if err != nil {
 			log.Info("lab up failed, removing what was built", "err", err)
-			if l.Server != nil {
-				_ = l.Server.Stop()
-			}
 			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 			defer cancel()
 			if serr := sweep(cctx, dir, opts.ID, log); serr != nil {
 				err = errors.Join(err, fmt.Errorf("cleaning up after the failure: %w", serr))
+			}
+			if l.Server != nil {
+				_ = l.Server.Stop() // reaps; the sweep killed it
 			}
 			l.wg.Wait()
 		}
@@ -363,6 +361,8 @@ func (l *Lab) Apply(ctx context.Context, sp *spec.Spec) error {
 	if err := sp.Validate(""); err != nil {
 		return err
 	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	unlock, err := lockDir(l.st.Dir)
 	if err != nil {
 		return err
@@ -370,9 +370,7 @@ func (l *Lab) Apply(ctx context.Context, sp *spec.Spec) error {
 	defer unlock()
 	// Another process may have applied since this one loaded the state.
 	if fresh, err := loadState(l.st.Dir); err == nil && fresh.ID == l.st.ID {
-		l.mu.Lock()
 		l.st = fresh
-		l.mu.Unlock()
 	}
 	if !reflect.DeepEqual(sp.Network, l.st.Spec.Network) {
 		return fmt.Errorf("network: changed from %+v to %+v; the address plan cannot change on a running lab: run `nodemeshctl lab down` and up again", l.st.Spec.Network, sp.Network)

@@ -562,6 +562,21 @@ func TestLabDownAfterSIGKILL(t *testing.T) {
 			}
 			go func() { _ = cmd.Wait(); close(waited) }()
 			<-waited
+			if when == "after-up" {
+				// The lab outlives its creator: another process can load it
+				// and its pods still serve.
+				l, err := lab.Load(dir)
+				if err != nil {
+					t.Fatal(err)
+				}
+				web, err := l.Pod("shop/web-2")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r := get(t, l, "client/client-1", "http://"+web.IP+":8080/"); r.Pod != "shop/web-2" {
+					t.Errorf("after the creator died, the request reached %s", r.Pod)
+				}
+			}
 			mid := snapshot(t, id, dir)
 			t.Logf("after SIGKILL %s: %d objects left, e.g. %v", when, len(mid), mid[:min(len(mid), 5)])
 			if len(mid) == 0 {

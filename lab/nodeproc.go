@@ -36,22 +36,20 @@ func (l *Lab) StartNodeProcess(ctx context.Context, node, name string, argv, env
 	if err != nil {
 		return Process{}, err
 	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	unlock, err := lockDir(l.st.Dir)
 	if err != nil {
 		return Process{}, err
 	}
 	defer unlock()
 	if fresh, err := loadState(l.st.Dir); err == nil && fresh.ID == l.st.ID {
-		l.mu.Lock()
 		l.st.Processes = fresh.Processes
-		l.mu.Unlock()
 	}
-	l.mu.Lock()
 	var kept []*Process
 	for _, p := range l.st.Processes {
 		if p.Node == node && p.Name == name {
 			if !l.exited(p.Pid) {
-				l.mu.Unlock()
 				return Process{}, fmt.Errorf("node %s already runs a process named %q (pid %d)", node, name, p.Pid)
 			}
 			continue
@@ -59,7 +57,6 @@ func (l *Lab) StartNodeProcess(ctx context.Context, node, name string, argv, env
 		kept = append(kept, p)
 	}
 	l.st.Processes = kept
-	l.mu.Unlock()
 
 	p := &Process{
 		Node: node, Name: name, Argv: argv,
@@ -87,11 +84,8 @@ func (l *Lab) StartNodeProcess(ctx context.Context, node, name string, argv, env
 	}
 	p.Pid = cmd.Process.Pid
 	l.track(cmd)
-	l.mu.Lock()
 	l.st.Processes = append(l.st.Processes, p)
-	err = l.st.save()
-	l.mu.Unlock()
-	if err != nil {
+	if err := l.st.save(); err != nil {
 		return Process{}, err
 	}
 	return *p, nil
@@ -134,3 +128,7 @@ func (l *Lab) StopNodeProcess(ctx context.Context, node, name string, grace time
 // Running reports whether a process started with StartNodeProcess is
 // still running.
 func (l *Lab) Running(p Process) bool { return !l.exited(p.Pid) }
+
+// PodRunning reports whether a pod's command is still running. The lab
+// does not restart commands that exit; their Pod objects stay Running.
+func (l *Lab) PodRunning(p Pod) bool { return p.Pid > 0 && !l.exited(p.Pid) }

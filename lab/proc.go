@@ -131,9 +131,9 @@ func openLog(path string) (*os.File, error) {
 // zombie; the lab's WaitGroup owns the goroutine.
 func (l *Lab) track(cmd *exec.Cmd) {
 	done := make(chan struct{})
-	l.mu.Lock()
+	l.cmu.Lock()
 	l.children[cmd.Process.Pid] = done
-	l.mu.Unlock()
+	l.cmu.Unlock()
 	l.wg.Add(1)
 	go func() {
 		defer l.wg.Done()
@@ -144,9 +144,9 @@ func (l *Lab) track(cmd *exec.Cmd) {
 
 // exited reports whether pid (a child of this process or not) is gone.
 func (l *Lab) exited(pid int) bool {
-	l.mu.Lock()
+	l.cmu.Lock()
 	done, ok := l.children[pid]
-	l.mu.Unlock()
+	l.cmu.Unlock()
 	if ok {
 		select {
 		case <-done:

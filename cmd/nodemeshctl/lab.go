@@ -128,7 +128,7 @@ func labUp(args []string) error {
 	if name == "" {
 		name = examples.TwoNodesFile
 	}
-	l, err := lab.Up(ctx, sp, lab.Options{StateDir: *dir, ID: *id, SpecFile: name, Detach: true, Log: logger(*verbose)})
+	l, err := lab.Up(ctx, sp, lab.Options{StateDir: *dir, ID: *id, SpecFile: name, Log: logger(*verbose)})
 	if err != nil {
 		return err
 	}
@@ -299,7 +299,7 @@ func labDemo(args []string) error {
 	defer stop()
 	err = demo.Run(ctx, demo.Options{
 		Spec: sp, Keep: *keep, Out: os.Stdout, Log: logger(*verbose),
-		Lab: lab.Options{StateDir: *dir, SpecFile: *file, Detach: *keep},
+		Lab: lab.Options{StateDir: *dir, SpecFile: *file},
 	}, demoSteps())
 	if errors.Is(err, context.Canceled) {
 		return errors.New("interrupted")

@@ -121,9 +121,13 @@ func Status(w io.Writer, l *lab.Lab) {
 	tw.Flush()
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
-	fmt.Fprintln(tw, "POD\tNODE\tIP\tNETNS\tCGROUP")
+	fmt.Fprintln(tw, "POD\tNODE\tIP\tSTATE\tNETNS\tCGROUP")
 	for _, p := range l.Pods() {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", p.Key(), p.Node, p.IP, p.Netns, p.Cgroup)
+		state := "running"
+		if !l.PodRunning(p) {
+			state = "exited (see " + p.Log + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", p.Key(), p.Node, p.IP, state, p.Netns, p.Cgroup)
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
