@@ -1,0 +1,24 @@
+// Package proxy is the agent's L4 data plane for the workloads on its node:
+// what happens to a connection after capture hands it over.
+//
+//   - Outbound (15001): the original destination is resolved (a Service
+//     ClusterIP to one ready endpoint, chosen by power of two choices over
+//     in-flight connections), egress policy is checked, and the bytes go
+//     through an HBONE tunnel when the endpoint is an enrolled pod, or in
+//     plaintext to the address the application dialled otherwise.
+//   - Inbound HBONE (15008): the hbone package authenticates the peer; this
+//     package checks the CONNECT target (the pod's own IP, not an agent
+//     port), ingress policy, then dials the application and copies.
+//   - Inbound plaintext (15006): follows the workload's mTLS mode: STRICT
+//     refuses, PERMISSIVE checks ingress policy and forwards.
+//
+// Every connection is tracked so that it can be listed, closed when policy
+// changes, and drained on shutdown. Copying uses pooled buffers (or splice
+// between two TCP sockets), one goroutine per direction, and preserves
+// half-close where the transport allows it (see docs/hbone.md).
+//
+// The package takes plain values and small interfaces (Resolver, Policy,
+// Dialer, OrigDstFunc, the hbone TLS providers), so it runs and benchmarks
+// in-process without root; cmd/nodemesh-agent wires it to capture, state
+// and identity.
+package proxy

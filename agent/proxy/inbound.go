@@ -1,0 +1,172 @@
+package proxy
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"net/netip"
+	"strings"
+	"sync/atomic"
+
+	"github.com/nodemesh/nodemesh/agent/hbone"
+)
+
+// inboundHandler serves the HBONE tunnels of one workload.
+type inboundHandler struct {
+	p *Proxy
+	w *Workload
+}
+
+func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t *hbone.Tunnel) {
+	p, w := h.p, h.w
+	if !p.enter() {
+		t.Refuse(http.StatusServiceUnavailable)
+		return
+	}
+	defer p.wg.Done()
+	log := p.log.With("pod", w.String(), "peer", req.Peer.String(), "dst", req.Target.String())
+	if !w.HasIP(req.Target.Addr()) {
+		// Never dial on a peer's say-so: the tunnel is for this pod only.
+		log.Debug("CONNECT refused: target is not this pod's IP")
+		t.Refuse(http.StatusBadRequest)
+		return
+	}
+	if p.isAgentPort(req.Target.Port()) {
+		log.Debug("CONNECT refused: target is an agent port")
+		t.Refuse(http.StatusBadRequest)
+		return
+	}
+	c := &conn{flow: Flow{
+		Direction:   Inbound,
+		Transport:   TransportHBONE,
+		Workload:    w,
+		Src:         sourceOf(req),
+		SrcIdentity: req.Peer,
+		OrigDst:     req.Target,
+		Dst:         req.Target,
+		DstIdentity: w.Identity,
+		DstWorkload: w.String(),
+	}}
+	if dec := p.cfg.Policy.Check(ctx, &c.flow); !dec.Allow {
+		log.Debug("CONNECT denied by policy", "reason", dec.Reason)
+		t.Refuse(http.StatusUnauthorized)
+		return
+	}
+	dctx, cancel := context.WithTimeout(context.WithValue(ctx, flowKey{}, &c.flow), p.cfg.ConnectTimeout)
+	app, err := p.cfg.Dialer.DialContext(dctx, "tcp", req.Target.String())
+	cancel()
+	if err != nil {
+		log.Debug("dialing the application failed", "error", err)
+		t.Refuse(http.StatusServiceUnavailable)
+		return
+	}
+	if err := t.Accept(); err != nil {
+		app.Close()
+		return
+	}
+	c.kill = func() { resetConn(app) }
+	p.trk.add(c)
+	var left atomic.Int32
+	left.Store(2)
+	finish := func() {
+		if left.Add(-1) == 0 {
+			app.Close()
+			p.trk.remove(c)
+		}
+	}
+	// tunnel -> app runs in a goroutine of ours; it may outlive this
+	// handler by the moment x/net/http2 needs to close the request body.
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		defer finish()
+		if err := copyCounted(app, t, &c.sent); err != nil {
+			resetConn(app)
+			return
+		}
+		closeWrite(app)
+	}()
+	// app -> tunnel here; returning ends the stream (END_STREAM, or
+	// RST_STREAM after Reset).
+	if err := copyCounted(t, app, &c.recv); err != nil {
+		t.Reset()
+		resetConn(app)
+	}
+	finish()
+}
+
+// sourceOf returns the original source address: the address in the
+// Forwarded header the peer agent sent (trusted because the peer is an
+// authenticated mesh workload), else the tunnel's TCP source.
+func sourceOf(req *hbone.Request) netip.AddrPort {
+	for _, v := range req.Header.Values("Forwarded") {
+		for part := range strings.SplitSeq(v, ";") {
+			part = strings.TrimSpace(part)
+			if len(part) < 4 || !strings.EqualFold(part[:4], "for=") {
+				continue
+			}
+			s := strings.Trim(part[4:], `"`)
+			s = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
+			if ip, err := netip.ParseAddr(s); err == nil && ip.Zone() == "" {
+				return netip.AddrPortFrom(ip.Unmap(), 0)
+			}
+		}
+	}
+	return req.RemoteAddr
+}
+
+func (p *Proxy) handleInboundPlaintext(c net.Conn, w *Workload, origDst OrigDstFunc) {
+	src := addrPortOf(c.RemoteAddr())
+	var dst netip.AddrPort
+	if origDst != nil {
+		var err error
+		if dst, err = origDst(c); err != nil {
+			p.log.Warn("inbound plaintext connection without original destination; resetting it", "pod", w.String(), "src", src.String(), "error", err)
+			resetConn(c)
+			return
+		}
+	} else {
+		dst = addrPortOf(c.LocalAddr())
+	}
+	log := p.log.With("pod", w.String(), "src", src.String(), "dst", dst.String())
+	if p.isAgentPort(dst.Port()) {
+		log.Debug("plaintext to an agent port refused")
+		resetConn(c)
+		return
+	}
+	if p.cfg.Mode(w, dst.Port()) == Strict {
+		log.Debug("plaintext refused: mTLS mode is STRICT")
+		resetConn(c)
+		return
+	}
+	tc := &conn{flow: Flow{
+		Direction:   Inbound,
+		Transport:   TransportPlaintext,
+		Workload:    w,
+		Src:         src,
+		OrigDst:     dst,
+		Dst:         dst,
+		DstIdentity: w.Identity,
+		DstWorkload: w.String(),
+	}}
+	if dec := p.cfg.Policy.Check(p.ctx, &tc.flow); !dec.Allow {
+		log.Debug("plaintext connection denied by policy", "reason", dec.Reason)
+		resetConn(c)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithValue(p.ctx, flowKey{}, &tc.flow), p.cfg.ConnectTimeout)
+	app, err := p.cfg.Dialer.DialContext(ctx, "tcp", dst.String())
+	cancel()
+	if err != nil {
+		log.Debug("dialing the application failed; resetting", "error", err)
+		resetConn(c)
+		return
+	}
+	tc.kill = func() {
+		resetConn(c)
+		resetConn(app)
+	}
+	p.trk.add(tc)
+	defer p.trk.remove(tc)
+	pipeConns(c, app, &tc.sent, &tc.recv)
+}

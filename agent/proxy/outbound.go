@@ -1,0 +1,180 @@
+package proxy
+
+import (
+	"context"
+	"encoding/hex"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/netip"
+
+	"github.com/nodemesh/nodemesh/agent/hbone"
+)
+
+func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
+	src := addrPortOf(app.RemoteAddr())
+	dst, err := origDst(app)
+	if err != nil {
+		p.log.Warn("outbound connection without original destination; resetting it", "pod", w.String(), "src", src.String(), "error", err)
+		resetConn(app)
+		return
+	}
+	if p.isAgentPort(dst.Port()) && (dst.Addr().IsLoopback() || w.HasIP(dst.Addr())) {
+		// A connection to the agent's own listener was captured: a
+		// capture loop. Refuse rather than spin.
+		p.log.Warn("outbound connection to an agent port of the pod itself; resetting it", "pod", w.String(), "dst", dst.String())
+		resetConn(app)
+		return
+	}
+	d, err := p.cfg.Resolver.Resolve(w, dst)
+	if err == nil && len(d.Endpoints) == 0 {
+		err = ErrNoEndpoints
+	}
+	if err != nil {
+		p.log.Debug("outbound destination did not resolve; resetting", "pod", w.String(), "dst", dst.String(), "error", err)
+		resetConn(app)
+		return
+	}
+	i, release := p.bal.pick(d.Endpoints)
+	defer release()
+	ep := d.Endpoints[i]
+	c := &conn{flow: Flow{
+		Direction:   Outbound,
+		Transport:   TransportPlaintext,
+		Workload:    w,
+		Src:         src,
+		SrcIdentity: w.Identity,
+		OrigDst:     dst,
+		Dst:         ep.Addr,
+		Service:     d.Service,
+		DstWorkload: ep.Workload,
+	}}
+	if ep.Enrolled {
+		c.flow.Transport = TransportHBONE
+		c.flow.DstIdentity = ep.Identity
+	}
+	if dec := p.cfg.Policy.Check(p.ctx, &c.flow); !dec.Allow {
+		p.log.Debug("outbound connection denied", "pod", w.String(), "dst", dst.String(), "reason", dec.Reason)
+		resetConn(app)
+		return
+	}
+	if ep.Enrolled {
+		p.outboundHBONE(app, c, ep)
+	} else {
+		p.passthrough(app, c)
+	}
+}
+
+// passthrough copies to the chosen endpoint in plaintext. The endpoint,
+// not a ClusterIP, is dialled so that the balancing decision (and the
+// policy checked on it) is the one that takes effect.
+func (p *Proxy) passthrough(app net.Conn, c *conn) {
+	ctx, cancel := context.WithTimeout(context.WithValue(p.ctx, flowKey{}, &c.flow), p.cfg.ConnectTimeout)
+	up, err := p.cfg.Dialer.DialContext(ctx, "tcp", c.flow.Dst.String())
+	cancel()
+	if err != nil {
+		p.log.Debug("passthrough dial failed; resetting", "pod", c.flow.Workload.String(), "dst", c.flow.Dst.String(), "error", err)
+		resetConn(app)
+		return
+	}
+	c.kill = func() {
+		resetConn(app)
+		resetConn(up)
+	}
+	p.trk.add(c)
+	defer p.trk.remove(c)
+	pipeConns(app, up, &c.sent, &c.recv)
+}
+
+func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
+	ctx, cancel := context.WithCancel(p.ctx)
+	defer cancel()
+	c.kill = func() {
+		cancel()
+		resetConn(app)
+	}
+	p.trk.add(c)
+	defer p.trk.remove(c)
+	port := ep.TunnelPort
+	if port == 0 {
+		port = hbone.Port
+	}
+	body := newConnBody(app, &c.sent)
+	s, err := p.cfg.Pool.Connect(ctx, hbone.ConnectRequest{
+		Key:    hbone.Key{Src: c.flow.SrcIdentity, Dst: ep.Identity, Addr: netip.AddrPortFrom(ep.Addr.Addr(), port)},
+		Target: ep.Addr,
+		Header: connectHeader(&c.flow),
+		Body:   body,
+	})
+	if err != nil {
+		p.log.Debug("HBONE connect failed; resetting", "pod", c.flow.Workload.String(), "dst", ep.Addr.String(), "spiffe_id", ep.Identity.String(), "error", err)
+		resetConn(app)
+		<-body.done
+		return
+	}
+	// The transport's goroutine copies app -> tunnel from body; this one
+	// copies tunnel -> app.
+	if err := copyCounted(app, s, &c.recv); err != nil {
+		s.Close()
+		resetConn(app)
+		<-body.done
+		return
+	}
+	closeWrite(app)
+	<-body.done // the application half-closed too, or the peer ended the stream
+	s.Close()
+	app.Close()
+}
+
+// connectHeader returns the metadata headers ztunnel sends with a CONNECT.
+func connectHeader(f *Flow) http.Header {
+	h := make(http.Header, 3)
+	h["Forwarded"] = []string{forwardedFor(f.Src.Addr())}
+	h["Traceparent"] = []string{newTraceparent()}
+	b := f.Workload.Baggage
+	if b == "" {
+		b = "k8s.namespace.name=" + f.Workload.Namespace + ",k8s.pod.name=" + f.Workload.Name
+	}
+	h["Baggage"] = []string{b}
+	return h
+}
+
+// forwardedFor formats an RFC 7239 "for" parameter (IPv6 quoted and
+// bracketed).
+func forwardedFor(ip netip.Addr) string {
+	if ip.Is6() && !ip.Is4In6() {
+		return `for="[` + ip.String() + `]"`
+	}
+	return "for=" + ip.Unmap().String()
+}
+
+// newTraceparent starts a W3C trace context for the connection (version
+// 00, random trace and span IDs, not sampled).
+func newTraceparent() string {
+	var b [55]byte
+	copy(b[:], "00-")
+	var ids [24]byte
+	for i := 0; i < 24; i += 8 {
+		v := rand.Uint64()
+		for j := range 8 {
+			ids[i+j] = byte(v >> (8 * j))
+		}
+	}
+	hex.Encode(b[3:35], ids[:16])
+	b[35] = '-'
+	hex.Encode(b[36:52], ids[16:])
+	copy(b[52:], "-00")
+	return string(b[:])
+}
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	switch a := a.(type) {
+	case *net.TCPAddr:
+		ap := a.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	case nil:
+		return netip.AddrPort{}
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}
