@@ -2,6 +2,7 @@ package policy
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -9,6 +10,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 )
@@ -77,6 +79,24 @@ type Input struct {
 	NetworkPolicies       []*networkingv1.NetworkPolicy
 	AuthorizationPolicies []*v1alpha1.AuthorizationPolicy
 	PeerAuthentications   []*v1alpha1.PeerAuthentication
+	// Unreadable are policy objects that could not even be decoded (for
+	// example a custom object whose content does not fit the Go type). They
+	// are enforced fail closed for their whole namespace; see Unreadable.
+	Unreadable []Unreadable
+}
+
+// Unreadable names a policy object the caller could not decode.
+//
+// Stand-ins: a NetworkPolicy isolates every pod of its namespace in both
+// directions; an AuthorizationPolicy whose Action is known to be ALLOW
+// selects the namespace and matches nothing, AUDIT is inert, and any other
+// (DENY, CUSTOM or unknown) denies every connection to the namespace's
+// workloads; a PeerAuthentication makes the namespace STRICT.
+type Unreadable struct {
+	Ref PolicyRef
+	// Action is the AuthorizationPolicy's action if it could be read, else "".
+	Action v1alpha1.Action
+	Err    error
 }
 
 // Options tune how a snapshot interprets its input.
@@ -227,6 +247,33 @@ func NewSnapshot(version uint64, in Input, opts Options) *Snapshot {
 		}
 		nps = append(nps, c)
 	}
+	var unreadableAZ []*authzPolicy
+	var unreadablePA []*peerAuthn
+	for _, u := range in.Unreadable {
+		err := fmt.Errorf("unreadable: %w", u.Err)
+		if u.Err == nil {
+			err = errors.New("unreadable")
+		}
+		s.problems = append(s.problems, Problem{Ref: u.Ref, Err: err})
+		switch u.Ref.Kind {
+		case KindNetworkPolicy:
+			nps = append(nps, &netPol{ref: u.Ref, podSel: labels.Everything(), ingress: true, egress: true, refused: err})
+		case KindAuthorizationPolicy:
+			c := &authzPolicy{ref: u.Ref, refused: err}
+			switch u.Action {
+			case v1alpha1.ActionAllow:
+				c.action = v1alpha1.ActionAllow
+			case v1alpha1.ActionAudit:
+				c.action = v1alpha1.ActionAudit
+			default:
+				c.action = v1alpha1.ActionDeny
+				c.rules = []azRule{{}}
+			}
+			unreadableAZ = append(unreadableAZ, c)
+		case KindPeerAuthentication:
+			unreadablePA = append(unreadablePA, &peerAuthn{ref: u.Ref, mode: v1alpha1.MTLSStrict, refused: err})
+		}
+	}
 	slices.SortFunc(nps, func(a, b *netPol) int { return a.ref.compare(b.ref) })
 	s.netpolCount = len(nps)
 	for _, np := range nps {
@@ -255,6 +302,7 @@ func NewSnapshot(version uint64, in Input, opts Options) *Snapshot {
 		}
 		azs = append(azs, c)
 	}
+	azs = append(azs, unreadableAZ...)
 	slices.SortFunc(azs, func(a, b *authzPolicy) int { return a.ref.compare(b.ref) })
 	s.authzCount = len(azs)
 	for _, az := range azs {
@@ -295,6 +343,7 @@ func NewSnapshot(version uint64, in Input, opts Options) *Snapshot {
 		}
 		pas = append(pas, c)
 	}
+	pas = append(pas, unreadablePA...)
 	// Oldest first, as Istio resolves conflicts, then by name for stability.
 	slices.SortFunc(pas, func(a, b *peerAuthn) int {
 		if c := a.created.Compare(b.created); c != 0 {
