@@ -80,7 +80,7 @@ func TestLabCRDs(t *testing.T) {
 			Rules: []v1alpha1.Rule{{
 				From: []v1alpha1.RuleFrom{{Source: v1alpha1.Source{
 					Principals: []string{"spiffe://cluster.local/ns/" + ns + "/sa/frontend"}, NotPrincipals: []string{"*/sa/blocked"},
-					Namespaces: []string{"shop*"}, NotNamespaces: []string{"kube-system"},
+					Namespaces: []string{"nmtpolicy-*"}, NotNamespaces: []string{"kube-system"},
 					IPBlocks: []string{"10.0.0.0/8", "192.168.1.1"}, NotIPBlocks: []string{"10.9.0.0/16"},
 				}}},
 				To: []v1alpha1.RuleTo{{Operation: v1alpha1.Operation{Ports: []string{"8080"}, NotPorts: []string{"9090"}}}},
