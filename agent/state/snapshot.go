@@ -20,6 +20,7 @@ type Snapshot struct {
 	trustDomain spiffeid.TrustDomain
 
 	namespaces map[string]*Namespace
+	nodes      map[string]*Node
 	pods       map[Key]*Pod
 	podsByIP   map[netip.Addr]*Pod
 	podsByNode map[string][]*Pod
@@ -87,6 +88,19 @@ func (s *Snapshot) Namespaces() []*Namespace {
 		out = append(out, n)
 	}
 	slices.SortFunc(out, func(a, b *Namespace) int { return cmp.Compare(a.Name, b.Name) })
+	return out
+}
+
+// Node returns a node by name, or nil.
+func (s *Snapshot) Node(name string) *Node { return s.nodes[name] }
+
+// Nodes returns every node, sorted by name.
+func (s *Snapshot) Nodes() []*Node {
+	out := make([]*Node, 0, len(s.nodes))
+	for _, n := range s.nodes {
+		out = append(out, n)
+	}
+	slices.SortFunc(out, func(a, b *Node) int { return cmp.Compare(a.Name, b.Name) })
 	return out
 }
 
@@ -174,6 +188,7 @@ func build(in *inputs, version uint64, synced bool, td spiffeid.TrustDomain, cac
 		synced:      synced,
 		trustDomain: td,
 		namespaces:  make(map[string]*Namespace, len(in.namespaces)),
+		nodes:       maps.Clone(in.nodes),
 		pods:        make(map[Key]*Pod, len(in.pods)),
 		podsByIP:    make(map[netip.Addr]*Pod, len(in.pods)),
 		podsByNode:  make(map[string][]*Pod),

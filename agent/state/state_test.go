@@ -217,7 +217,7 @@ func TestExcludedPortAnnotations(t *testing.T) {
 	}
 }
 
-func TestLabAnnotations(t *testing.T) {
+func TestNetnsAndCgroupAnnotations(t *testing.T) {
 	s := newStore(t)
 	s.Update(func(tx *Tx) {
 		tx.SetPod(pod("ns", "a", "10.0.0.1", func(p *Pod) {

@@ -31,6 +31,7 @@ type Store struct {
 
 type inputs struct {
 	namespaces map[string]*Namespace
+	nodes      map[string]*Node
 	pods       map[Key]*Pod
 	services   map[Key]*Service
 	slices     map[Key]*EndpointSlice
@@ -40,6 +41,7 @@ type inputs struct {
 
 func (in *inputs) reset() {
 	in.namespaces = make(map[string]*Namespace)
+	in.nodes = make(map[string]*Node)
 	in.pods = make(map[Key]*Pod)
 	in.services = make(map[Key]*Service)
 	in.slices = make(map[Key]*EndpointSlice)
@@ -174,6 +176,20 @@ func (tx *Tx) SetNamespace(n *Namespace) {
 func (tx *Tx) DeleteNamespace(name string) {
 	if _, ok := tx.in.namespaces[name]; ok {
 		delete(tx.in.namespaces, name)
+		tx.changed = true
+	}
+}
+
+// SetNode adds or replaces a node.
+func (tx *Tx) SetNode(n *Node) {
+	tx.in.nodes[n.Name] = n
+	tx.changed = true
+}
+
+// DeleteNode removes a node.
+func (tx *Tx) DeleteNode(name string) {
+	if _, ok := tx.in.nodes[name]; ok {
+		delete(tx.in.nodes, name)
 		tx.changed = true
 	}
 }

@@ -80,6 +80,12 @@ type Namespace struct {
 	Enrolled bool
 }
 
+// Node is a cluster node and its addresses (the source of kubelet probes).
+type Node struct {
+	Name string       `json:"name"`
+	IPs  []netip.Addr `json:"ips"`
+}
+
 // PodPhase mirrors corev1.PodPhase.
 type PodPhase string
 
@@ -111,8 +117,11 @@ type Pod struct {
 	Annotations map[string]string `json:"annotations,omitempty"`
 	IPs         []netip.Addr      `json:"ips"`
 	Ports       []ContainerPort   `json:"ports,omitempty"`
-	Phase       PodPhase          `json:"phase"`
-	HostNetwork bool              `json:"hostNetwork,omitempty"`
+	// ProbePorts are the TCP ports kubelet's HTTP, TCP and gRPC probes
+	// target (named ports resolved), for policy's probe exemption.
+	ProbePorts  []uint16 `json:"probePorts,omitempty"`
+	Phase       PodPhase `json:"phase"`
+	HostNetwork bool     `json:"hostNetwork,omitempty"`
 	// Terminating is set once the pod has a deletion timestamp.
 	Terminating bool `json:"terminating,omitempty"`
 

@@ -1,0 +1,254 @@
+package k8s
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/utils/ptr"
+
+	"github.com/nodemesh/nodemesh/agent/state"
+)
+
+func TestConvertEndpointSliceConditions(t *testing.T) {
+	tests := []struct {
+		name                          string
+		cond                          discoveryv1.EndpointConditions
+		ready, serving, terminating bool
+	}{
+		{"all unset", discoveryv1.EndpointConditions{}, true, true, false},
+		{"not ready", discoveryv1.EndpointConditions{Ready: ptr.To(false)}, false, false, false},
+		{"terminating serving", discoveryv1.EndpointConditions{Ready: ptr.To(false), Serving: ptr.To(true), Terminating: ptr.To(true)}, false, true, true},
+		{"ready explicit", discoveryv1.EndpointConditions{Ready: ptr.To(true), Serving: ptr.To(true)}, true, true, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			es := &discoveryv1.EndpointSlice{
+				ObjectMeta:  metav1.ObjectMeta{Namespace: "ns", Name: "s", Labels: map[string]string{state.LabelServiceName: "web"}},
+				AddressType: discoveryv1.AddressTypeIPv4,
+				Ports:       []discoveryv1.EndpointPort{{Name: ptr.To("http"), Port: ptr.To[int32](8080)}, {Name: ptr.To("all")}},
+				Endpoints: []discoveryv1.Endpoint{{Addresses: []string{"10.0.0.1"}, Conditions: tt.cond, NodeName: ptr.To("n1"),
+					TargetRef: &corev1.ObjectReference{Kind: "Pod", Name: "p"}}},
+			}
+			c, err := ConvertEndpointSlice(es)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e := c.Endpoints[0]
+			if e.Ready != tt.ready || e.Serving != tt.serving || e.Terminating != tt.terminating {
+				t.Fatalf("ready %t serving %t terminating %t", e.Ready, e.Serving, e.Terminating)
+			}
+			if c.Service != "web" || len(c.Ports) != 1 || c.Ports[0].Protocol != "TCP" || e.Node != "n1" || *e.Pod != (state.Key{Namespace: "ns", Name: "p"}) {
+				t.Fatalf("slice %+v endpoint %+v", c, e)
+			}
+		})
+	}
+}
+
+func TestConvertService(t *testing.T) {
+	tests := []struct {
+		name    string
+		spec    corev1.ServiceSpec
+		ips     []string
+		ports   []state.ServicePort
+		wantErr string
+	}{
+		{"numeric and named targets", corev1.ServiceSpec{ClusterIP: "10.96.0.1", ClusterIPs: []string{"10.96.0.1", "fd00::1"}, Ports: []corev1.ServicePort{
+			{Name: "a", Port: 80, TargetPort: intstr.FromInt32(8080)},
+			{Name: "b", Port: 81, TargetPort: intstr.FromString("web"), Protocol: corev1.ProtocolUDP},
+			{Name: "c", Port: 82},
+		}}, []string{"10.96.0.1", "fd00::1"}, []state.ServicePort{
+			{Name: "a", Protocol: "TCP", Port: 80, TargetPort: 8080},
+			{Name: "b", Protocol: "UDP", Port: 81, TargetPortName: "web"},
+			{Name: "c", Protocol: "TCP", Port: 82, TargetPort: 82},
+		}, ""},
+		{"headless", corev1.ServiceSpec{ClusterIP: "None", ClusterIPs: []string{"None"}}, nil, nil, ""},
+		{"bad ip", corev1.ServiceSpec{ClusterIP: "x"}, nil, nil, "parsing ClusterIP"},
+		{"bad port", corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 70000}}}, nil, nil, "out of range"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := ConvertService(&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "s"}, Spec: tt.spec})
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ips []string
+			for _, a := range c.ClusterIPs {
+				ips = append(ips, a.String())
+			}
+			if !slices.Equal(ips, tt.ips) || !slices.Equal(c.Ports, tt.ports) {
+				t.Fatalf("ips %v ports %+v", ips, c.Ports)
+			}
+		})
+	}
+}
+
+// fullPod is a pod as a typical API server returns it: managed fields,
+// last-applied configuration, env, volumes, resources and container
+// statuses. Built by decoding JSON, as the informer does, so no strings are
+// shared between pods.
+func fullPod(t testing.TB, i int) *corev1.Pod {
+	t.Helper()
+	js := fmt.Sprintf(`{
+ "metadata": {"name": "web-%[1]d", "namespace": "shop", "uid": "0c5b7f8e-2a4e-4b7f-9b8e-%012[1]d", "resourceVersion": "%[1]d",
+  "generateName": "web-7d9f8c6b5-", "creationTimestamp": "2026-01-01T00:00:00Z",
+  "labels": {"app": "web", "pod-template-hash": "7d9f8c6b5", "version": "v1"},
+  "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "%[2]s", "prometheus.io/scrape": "true", "lab.nodemesh.io/netns": "/run/netns/nm-%[1]d"},
+  "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d9f8c6b5", "uid": "1c5b7f8e-2a4e-4b7f-9b8e-000000000001", "controller": true}],
+  "managedFields": [{"manager": "kube-controller-manager", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": %[3]s},
+                    {"manager": "kubelet", "operation": "Update", "apiVersion": "v1", "subresource": "status", "fieldsType": "FieldsV1", "fieldsV1": %[3]s}]},
+ "spec": {"nodeName": "node-%[4]d", "serviceAccountName": "web", "restartPolicy": "Always", "dnsPolicy": "ClusterFirst", "schedulerName": "default-scheduler",
+  "terminationGracePeriodSeconds": 30, "enableServiceLinks": true, "priority": 0,
+  "tolerations": [{"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+                  {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}],
+  "volumes": [{"name": "kube-api-access-abcde", "projected": {"sources": [{"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+     {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+     {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}}]}}],
+  "containers": [{"name": "app", "image": "registry.example.com/shop/web:1.2.3", "imagePullPolicy": "IfNotPresent",
+    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}, {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}],
+    "env": [{"name": "LOG_LEVEL", "value": "info"}, {"name": "DB_HOST", "value": "db.shop.svc.cluster.local"}, {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+    "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}},
+    "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+    "volumeMounts": [{"name": "kube-api-access-abcde", "readOnly": true, "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
+    "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File"}]},
+ "status": {"phase": "Running", "podIP": "10.%[5]d.%[6]d.%[7]d", "podIPs": [{"ip": "10.%[5]d.%[6]d.%[7]d"}], "hostIP": "192.168.0.%[4]d", "qosClass": "Burstable",
+  "startTime": "2026-01-01T00:00:01Z",
+  "conditions": [{"type": "Initialized", "status": "True", "lastTransitionTime": "2026-01-01T00:00:01Z"}, {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:05Z"},
+                 {"type": "ContainersReady", "status": "True", "lastTransitionTime": "2026-01-01T00:00:05Z"}, {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+  "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "started": true, "image": "registry.example.com/shop/web:1.2.3",
+    "imageID": "registry.example.com/shop/web@sha256:%064[1]d", "containerID": "containerd://%064[1]d", "state": {"running": {"startedAt": "2026-01-01T00:00:02Z"}}}]}
+}`, i, strings.Repeat("x", 900), managedFieldsJSON, i%50, (i>>16)&255, (i>>8)&255, i&255)
+	var p corev1.Pod
+	if err := json.Unmarshal([]byte(js), &p); err != nil {
+		t.Fatal(err)
+	}
+	return &p
+}
+
+var managedFieldsJSON = func() string {
+	var b strings.Builder
+	b.WriteString(`{"f:metadata":{"f:labels":{".":{},"f:app":{},"f:pod-template-hash":{}}},"f:spec":{"f:containers":{`)
+	for i := range 8 {
+		fmt.Fprintf(&b, `"k:{\"name\":\"c%d\"}":{".":{},"f:image":{},"f:ports":{}},`, i)
+	}
+	b.WriteString(`"x":{}}}}`)
+	return b.String()
+}()
+
+func TestStripPodKeepsWhatConvertReads(t *testing.T) {
+	p := fullPod(t, 1)
+	p.DeletionTimestamp = &metav1.Time{}
+	full, err := ConvertPod(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := Transform(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stripped, err := ConvertPod(s.(*corev1.Pod))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _ := json.Marshal(full)
+	b, _ := json.Marshal(stripped)
+	if string(a) != string(b) {
+		t.Fatalf("stripping changed the converted pod:\nfull     %s\nstripped %s", a, b)
+	}
+	if !stripped.Terminating || !slices.Equal(stripped.ProbePorts, []uint16{8080}) || len(stripped.Ports) != 2 ||
+		stripped.IPs[0] != netip.MustParseAddr("10.0.0.1") || stripped.Annotations[state.AnnotationNetns] == "" {
+		t.Fatalf("converted pod lost fields: %+v", stripped)
+	}
+	sp := s.(*corev1.Pod)
+	if len(sp.ManagedFields) != 0 || len(sp.Spec.Volumes) != 0 || len(sp.Status.ContainerStatuses) != 0 || sp.Spec.Containers[0].Image != "" {
+		t.Fatal("stripped pod kept fields the agent does not read")
+	}
+}
+
+func TestTransformOtherObjects(t *testing.T) {
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Name: "s",
+		Annotations:   map[string]string{corev1.LastAppliedConfigAnnotation: "{}", "keep": "1"},
+		ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "x"}}}}
+	out, err := Transform(svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := out.(*corev1.Service)
+	if len(got.ManagedFields) != 0 || len(got.Annotations) != 1 || got.Annotations["keep"] != "1" {
+		t.Fatalf("transformed service %+v", got.ObjectMeta)
+	}
+}
+
+// TestMemoryPerPod measures what the informer cache plus the store hold per
+// pod, with and without the stripping transform, and reports the figures.
+// It fails only if stripping does not save at least half.
+func TestMemoryPerPod(t *testing.T) {
+	if testing.Short() {
+		t.Skip("allocates a few tens of MB")
+	}
+	const n = 2000
+	measure := func(strip bool) (cacheBytes, storeBytes uint64) {
+		st := newStore(t)
+		idx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{})
+		start := heap()
+		for i := range n {
+			p := fullPod(t, i)
+			if strip {
+				p = StripPod(p)
+			}
+			if err := idx.Add(p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cached := heap()
+		for _, obj := range idx.List() {
+			c, err := ConvertPod(obj.(*corev1.Pod))
+			if err != nil {
+				t.Fatal(err)
+			}
+			st.Update(func(tx *state.Tx) { tx.SetPod(c) })
+		}
+		st.Snapshot()
+		stored := heap()
+		runtime.KeepAlive(idx)
+		runtime.KeepAlive(st)
+		return delta(start, cached) / n, delta(cached, stored) / n
+	}
+	fullCache, fullStore := measure(false)
+	stripCache, store := measure(true)
+	t.Logf("memory per pod (%d pods): informer cache %d B with full objects, %d B stripped (%.1fx less); state store %d B (full run: %d B)",
+		n, fullCache, stripCache, float64(fullCache)/float64(max(stripCache, 1)), store, fullStore)
+	if stripCache == 0 || stripCache*2 > fullCache {
+		t.Fatalf("stripping saved too little: full %d B/pod, stripped %d B/pod", fullCache, stripCache)
+	}
+}
+
+func delta(a, b uint64) uint64 {
+	if b < a {
+		return 0
+	}
+	return b - a
+}
+
+func heap() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapAlloc
+}

@@ -1,0 +1,300 @@
+package k8s
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
+	"github.com/nodemesh/nodemesh/agent/state"
+)
+
+// DefaultCustomResources are the nodemesh CRDs the agent watches.
+var DefaultCustomResources = []schema.GroupVersionResource{
+	v1alpha1.AuthorizationPolicyResource,
+	v1alpha1.PeerAuthenticationResource,
+}
+
+// Informers feeds a store from the API server with client-go informers.
+type Informers struct {
+	Client kubernetes.Interface
+	// Dynamic watches CustomResources; nil watches none.
+	Dynamic dynamic.Interface
+	Store   *state.Store
+	Log     *slog.Logger
+	// CustomResources to watch; nil means DefaultCustomResources. A resource
+	// whose CRD is not installed is treated as empty and looked for again
+	// every CRDRecheck.
+	CustomResources []schema.GroupVersionResource
+	// CRDRecheck defaults to 30 s.
+	CRDRecheck time.Duration
+	// Resync is the informers' resync period; 0 (the default) disables it:
+	// the store is level-based already.
+	Resync time.Duration
+}
+
+// Run starts the informers, marks the store synced once every cache has
+// listed, and keeps the store current until ctx ends. It returns nil when
+// ctx ends after a successful sync, or an error if the initial sync could
+// not finish.
+func (in *Informers) Run(ctx context.Context) error {
+	if in.Client == nil || in.Store == nil {
+		return errors.New("starting informers: Client and Store are required")
+	}
+	log := in.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	f := informers.NewSharedInformerFactoryWithOptions(in.Client, in.Resync, informers.WithTransform(Transform))
+	var synced []cache.InformerSynced
+	add := func(kind string, inf cache.SharedIndexInformer, h cache.ResourceEventHandler) error {
+		if err := inf.SetWatchErrorHandlerWithContext(watchErrorLogger(log, kind)); err != nil {
+			return fmt.Errorf("setting %s watch error handler: %w", kind, err)
+		}
+		reg, err := inf.AddEventHandler(h)
+		if err != nil {
+			return fmt.Errorf("adding %s event handler: %w", kind, err)
+		}
+		synced = append(synced, reg.HasSynced)
+		return nil
+	}
+	st := in.Store
+	handlers := []struct {
+		kind string
+		inf  cache.SharedIndexInformer
+		h    cache.ResourceEventHandler
+	}{
+		{"namespaces", f.Core().V1().Namespaces().Informer(), handler(st, log, "namespace",
+			func(tx *state.Tx, n *corev1.Namespace) error { tx.SetNamespace(ConvertNamespace(n)); return nil },
+			func(tx *state.Tx, n *corev1.Namespace) { tx.DeleteNamespace(n.Name) })},
+		{"nodes", f.Core().V1().Nodes().Informer(), handler(st, log, "node",
+			func(tx *state.Tx, n *corev1.Node) error {
+				c, err := ConvertNode(n)
+				if err == nil {
+					tx.SetNode(c)
+				}
+				return err
+			},
+			func(tx *state.Tx, n *corev1.Node) { tx.DeleteNode(n.Name) })},
+		{"pods", f.Core().V1().Pods().Informer(), handler(st, log, "pod",
+			func(tx *state.Tx, p *corev1.Pod) error {
+				c, err := ConvertPod(p)
+				if err == nil {
+					tx.SetPod(c)
+				}
+				return err
+			},
+			func(tx *state.Tx, p *corev1.Pod) { tx.DeletePod(state.Key{Namespace: p.Namespace, Name: p.Name}) })},
+		{"services", f.Core().V1().Services().Informer(), handler(st, log, "service",
+			func(tx *state.Tx, s *corev1.Service) error {
+				c, err := ConvertService(s)
+				if err == nil {
+					tx.SetService(c)
+				}
+				return err
+			},
+			func(tx *state.Tx, s *corev1.Service) { tx.DeleteService(state.Key{Namespace: s.Namespace, Name: s.Name}) })},
+		{"endpointslices", f.Discovery().V1().EndpointSlices().Informer(), handler(st, log, "endpointslice",
+			func(tx *state.Tx, es *discoveryv1.EndpointSlice) error {
+				c, err := ConvertEndpointSlice(es)
+				if err == nil {
+					tx.SetEndpointSlice(c)
+				}
+				return err
+			},
+			func(tx *state.Tx, es *discoveryv1.EndpointSlice) {
+				tx.DeleteEndpointSlice(state.Key{Namespace: es.Namespace, Name: es.Name})
+			})},
+		{"networkpolicies", f.Networking().V1().NetworkPolicies().Informer(), handler(st, log, "networkpolicy",
+			func(tx *state.Tx, np *networkingv1.NetworkPolicy) error { tx.SetNetworkPolicy(np); return nil },
+			func(tx *state.Tx, np *networkingv1.NetworkPolicy) {
+				tx.DeleteNetworkPolicy(state.Key{Namespace: np.Namespace, Name: np.Name})
+			})},
+	}
+	for _, h := range handlers {
+		if err := add(h.kind, h.inf, h.h); err != nil {
+			return err
+		}
+	}
+
+	var df dynamicinformer.DynamicSharedInformerFactory
+	var missing []schema.GroupVersionResource
+	if in.Dynamic != nil {
+		df = dynamicinformer.NewDynamicSharedInformerFactory(in.Dynamic, in.Resync)
+		crs := in.CustomResources
+		if crs == nil {
+			crs = DefaultCustomResources
+		}
+		for _, gvr := range crs {
+			ok, err := in.served(gvr)
+			if err != nil {
+				return err
+			}
+			if !ok {
+				log.Warn("custom resource not served by the API server, treating it as empty until its CRD is installed", "resource", gvr.String())
+				missing = append(missing, gvr)
+				continue
+			}
+			if err := in.addCustom(df, gvr, log, func(s cache.InformerSynced) { synced = append(synced, s) }); err != nil {
+				return err
+			}
+		}
+	}
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer f.Shutdown()
+	f.Start(ctx.Done())
+	if df != nil {
+		defer df.Shutdown()
+		df.Start(ctx.Done())
+	}
+	start := time.Now()
+	log.Info("waiting for the informers' initial list")
+	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
+		return fmt.Errorf("syncing informers with the API server: %w (is the API server reachable and does the agent's service account may list pods, services, endpointslices, namespaces, nodes, networkpolicies?)", context.Cause(ctx))
+	}
+	st.MarkSynced()
+	log.Info("cluster state synced", "version", st.Version(), "took", time.Since(start).Round(time.Millisecond))
+
+	if len(missing) > 0 {
+		wg.Go(func() { in.recheckCRDs(ctx, df, missing, log) })
+	}
+	<-ctx.Done()
+	return nil
+}
+
+func (in *Informers) served(gvr schema.GroupVersionResource) (bool, error) {
+	list, err := in.Client.Discovery().ServerResourcesForGroupVersion(gvr.GroupVersion().String())
+	if apierrors.IsNotFound(err) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("discovering %s: %w", gvr.GroupVersion(), err)
+	}
+	for _, r := range list.APIResources {
+		if r.Name == gvr.Resource {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+func (in *Informers) addCustom(df dynamicinformer.DynamicSharedInformerFactory, gvr schema.GroupVersionResource, log *slog.Logger, onSynced func(cache.InformerSynced)) error {
+	inf := df.ForResource(gvr).Informer()
+	if err := inf.SetTransform(Transform); err != nil {
+		return fmt.Errorf("setting %s transform: %w", gvr.Resource, err)
+	}
+	if err := inf.SetWatchErrorHandlerWithContext(watchErrorLogger(log, gvr.Resource)); err != nil {
+		return fmt.Errorf("setting %s watch error handler: %w", gvr.Resource, err)
+	}
+	reg, err := inf.AddEventHandler(handler(in.Store, log, gvr.Resource,
+		func(tx *state.Tx, u *unstructured.Unstructured) error { tx.SetObject(ConvertObject(u)); return nil },
+		func(tx *state.Tx, u *unstructured.Unstructured) {
+			gvk := u.GroupVersionKind()
+			tx.DeleteObject(state.GroupKind{Group: gvk.Group, Kind: gvk.Kind}, state.Key{Namespace: u.GetNamespace(), Name: u.GetName()})
+		}))
+	if err != nil {
+		return fmt.Errorf("adding %s event handler: %w", gvr.Resource, err)
+	}
+	onSynced(reg.HasSynced)
+	return nil
+}
+
+// recheckCRDs starts informers for custom resources whose CRDs appear after
+// the agent started.
+func (in *Informers) recheckCRDs(ctx context.Context, df dynamicinformer.DynamicSharedInformerFactory, missing []schema.GroupVersionResource, log *slog.Logger) {
+	every := in.CRDRecheck
+	if every <= 0 {
+		every = 30 * time.Second
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for len(missing) > 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		var still []schema.GroupVersionResource
+		for _, gvr := range missing {
+			ok, err := in.served(gvr)
+			if err == nil && ok {
+				err = in.addCustom(df, gvr, log, func(cache.InformerSynced) {})
+			}
+			if err != nil || !ok {
+				if err != nil {
+					log.Warn("checking for a custom resource", "resource", gvr.String(), "err", err)
+				}
+				still = append(still, gvr)
+				continue
+			}
+			log.Info("custom resource appeared, watching it", "resource", gvr.String())
+		}
+		df.Start(ctx.Done())
+		missing = still
+	}
+}
+
+func watchErrorLogger(log *slog.Logger, kind string) cache.WatchErrorHandlerWithContext {
+	return func(_ context.Context, _ *cache.Reflector, err error) {
+		// The cache, and so the store, keep the last state: say so, so an
+		// operator knows decisions continue on possibly stale data.
+		log.Warn("watch of the API server failed, keeping the last known state", "kind", kind, "err", err)
+	}
+}
+
+// handler adapts typed set/delete functions to informer events. An object
+// that does not convert is removed from the store (its old version would be
+// wrong) and logged.
+func handler[T any](st *state.Store, log *slog.Logger, kind string, set func(*state.Tx, T) error, del func(*state.Tx, T)) cache.ResourceEventHandler {
+	apply := func(obj any) {
+		o, ok := obj.(T)
+		if !ok {
+			log.Error("informer delivered an unexpected type", "kind", kind, "type", fmt.Sprintf("%T", obj))
+			return
+		}
+		var err error
+		st.Update(func(tx *state.Tx) {
+			if err = set(tx, o); err != nil {
+				del(tx, o)
+			}
+		})
+		if err != nil {
+			log.Warn("ignoring an object the agent cannot use", "kind", kind, "err", err)
+		}
+	}
+	return cache.ResourceEventHandlerFuncs{
+		AddFunc:    apply,
+		UpdateFunc: func(_, obj any) { apply(obj) },
+		DeleteFunc: func(obj any) {
+			if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+				obj = t.Obj
+			}
+			o, ok := obj.(T)
+			if !ok {
+				log.Error("informer delivered an unexpected type on delete", "kind", kind, "type", fmt.Sprintf("%T", obj))
+				return
+			}
+			st.Update(func(tx *state.Tx) { del(tx, o) })
+		},
+	}
+}
