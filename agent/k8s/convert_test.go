@@ -21,8 +21,8 @@ import (
 
 func TestConvertEndpointSliceConditions(t *testing.T) {
 	tests := []struct {
-		name                          string
-		cond                          discoveryv1.EndpointConditions
+		name                        string
+		cond                        discoveryv1.EndpointConditions
 		ready, serving, terminating bool
 	}{
 		{"all unset", discoveryv1.EndpointConditions{}, true, true, false},

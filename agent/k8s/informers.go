@@ -111,7 +111,9 @@ func (in *Informers) Run(ctx context.Context) error {
 				}
 				return err
 			},
-			func(tx *state.Tx, s *corev1.Service) { tx.DeleteService(state.Key{Namespace: s.Namespace, Name: s.Name}) })},
+			func(tx *state.Tx, s *corev1.Service) {
+				tx.DeleteService(state.Key{Namespace: s.Namespace, Name: s.Name})
+			})},
 		{"endpointslices", f.Discovery().V1().EndpointSlices().Informer(), handler(st, log, "endpointslice",
 			func(tx *state.Tx, es *discoveryv1.EndpointSlice) error {
 				c, err := ConvertEndpointSlice(es)

@@ -23,7 +23,6 @@ import (
 	"github.com/nodemesh/nodemesh/lab/privtest"
 )
 
-
 // TestLabInformers runs the informers against the real kube-apiserver:
 // the store converges on created objects, follows label changes
 // (enrollment), picks up CRDs installed after the agent started, and keeps

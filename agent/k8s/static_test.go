@@ -161,7 +161,7 @@ func TestStaticReloadKeepsLastGoodState(t *testing.T) {
 	}
 	v := st.Version()
 	write("apiVersion: v1\nkind: Namespace\nmetadata: {name: c, labelz: {}}\n") // bad: unknown field
-	time.Sleep(200 * time.Millisecond)                                            // several poll intervals
+	time.Sleep(200 * time.Millisecond)                                          // several poll intervals
 	snap := st.Snapshot()
 	if snap.Version() != v || snap.Namespace("b") == nil || !snap.Namespace("b").Enrolled {
 		t.Fatalf("a bad reload changed the state: version %d -> %d", v, snap.Version())
