@@ -1,7 +1,8 @@
-// Package explain implements "nodemeshctl policy explain": it loads
+// Package explain implements "nodemeshctl policy explain": offline, it loads
 // Namespaces, Pods, Nodes, NetworkPolicies, AuthorizationPolicies and
 // PeerAuthentications from YAML files, builds a policy.Snapshot and asks the
-// same engine the agent uses why a connection would be allowed or denied.
+// same engine the agent uses why a connection would be allowed or denied;
+// live, it asks an agent's admin API, which serves Handler.
 //
 // The file handling lives here so that package policy stays free of I/O.
 package explain
@@ -31,10 +32,12 @@ const (
 	modeLabel = "nodemesh.io/mode"
 )
 
-const usage = `usage: nodemeshctl policy explain --from-files DIR --src SRC --dst DST --port PORT [flags]
+const usage = `usage: nodemeshctl policy explain (--from-files DIR | --agent URL) --src SRC --dst DST --port PORT [flags]
 
 Explains whether a connection is allowed by NetworkPolicy, AuthorizationPolicy
 and the mTLS mode, which direction decided, and which policy and rule.
+--from-files evaluates YAML files offline; --agent asks a running agent's admin
+API (GET /policy/explain), which answers from the snapshot it enforces.
 
 SRC and DST are namespace/pod or an IP address. DIR holds Kubernetes YAML or
 JSON (Namespaces, Pods, Nodes, NetworkPolicies, AuthorizationPolicies,
@@ -64,17 +67,18 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 }
 
 type options struct {
-	dir, src, dst, protocol, principal, output, trustDomain, rootNS, direction string
-	port                                                                       uint
-	plaintext                                                                  bool
+	dir, agent, src, dst, protocol, principal, output, trustDomain, rootNS, direction string
+	port                                                                              uint
+	plaintext                                                                         bool
 }
 
-func runExplain(_ context.Context, args []string, stdout, stderr io.Writer) error {
+func runExplain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var o options
 	fs := flag.NewFlagSet("policy explain", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
 	fs.StringVar(&o.dir, "from-files", "", "directory of Kubernetes YAML to evaluate (offline explain)")
+	fs.StringVar(&o.agent, "agent", "", "admin API of a running agent to ask (live explain), e.g. http://127.0.0.1:15000")
 	fs.StringVar(&o.src, "src", "", "source: namespace/pod or IP")
 	fs.StringVar(&o.dst, "dst", "", "destination: namespace/pod or IP (the real endpoint, not a ClusterIP)")
 	fs.UintVar(&o.port, "port", 0, "destination port the application connects to")
@@ -94,23 +98,19 @@ func runExplain(_ context.Context, args []string, stdout, stderr io.Writer) erro
 	if fs.NArg() > 0 {
 		return fmt.Errorf("explain: unexpected argument %q", fs.Arg(0))
 	}
-	if err := o.validate(); err != nil {
+	err := o.validate()
+	if err == nil && (o.dir == "") == (o.agent == "") {
+		err = errors.New("give either --from-files DIR (offline) or --agent URL (live)")
+	}
+	if err != nil {
 		return fmt.Errorf("explain: %w", err)
 	}
-	in, skipped, err := LoadDir(o.dir)
-	if err != nil {
-		return fmt.Errorf("explain: loading %s: %w", o.dir, err)
+	var d *policy.Decision
+	if o.agent != "" {
+		d, err = askAgent(ctx, &o)
+	} else {
+		d, err = explainFiles(&o, stderr)
 	}
-	if skipped > 0 {
-		fmt.Fprintf(stderr, "note: ignored %d object(s) of kinds policy explain does not use\n", skipped)
-	}
-	// Pods outside the mesh get NetworkPolicy only: no agent enforces mTLS
-	// mode or AuthorizationPolicy for them.
-	for i := range in.Pods {
-		in.Pods[i].Unmeshed = !enrolled(&in, in.Pods[i])
-	}
-	snap := policy.NewSnapshot(1, in, policy.Options{TrustDomain: o.trustDomain, RootNamespace: o.rootNS})
-	d, err := explain(snap, &o)
 	if err != nil {
 		return fmt.Errorf("explain: %w", err)
 	}
@@ -130,8 +130,6 @@ func runExplain(_ context.Context, args []string, stdout, stderr io.Writer) erro
 
 func (o *options) validate() error {
 	switch {
-	case o.dir == "":
-		return errors.New("--from-files DIR is required (live explain through an agent's admin API is not available yet)")
 	case o.src == "" || o.dst == "":
 		return errors.New("--src and --dst are required (namespace/pod or IP)")
 	case o.port == 0 || o.port > 65535:
@@ -167,6 +165,31 @@ func endpointArg(name, v string) (pod string, ip netip.Addr, err error) {
 	return v, netip.Addr{}, nil
 }
 
+func (o *options) source() string {
+	if o.dir != "" {
+		return o.dir
+	}
+	return "the agent's snapshot"
+}
+
+// explainFiles loads o.dir and explains the flow offline.
+func explainFiles(o *options, stderr io.Writer) (*policy.Decision, error) {
+	in, skipped, err := LoadDir(o.dir)
+	if err != nil {
+		return nil, fmt.Errorf("loading %s: %w", o.dir, err)
+	}
+	if skipped > 0 {
+		fmt.Fprintf(stderr, "note: ignored %d object(s) of kinds policy explain does not use\n", skipped)
+	}
+	// Pods outside the mesh get NetworkPolicy only: no agent enforces mTLS
+	// mode or AuthorizationPolicy for them.
+	for i := range in.Pods {
+		in.Pods[i].Unmeshed = !enrolled(&in, in.Pods[i])
+	}
+	snap := policy.NewSnapshot(1, in, policy.Options{TrustDomain: o.trustDomain, RootNamespace: o.rootNS})
+	return explain(snap, o)
+}
+
 func explain(snap *policy.Snapshot, o *options) (*policy.Decision, error) {
 	f := policy.Flow{Port: uint16(o.port), Protocol: corev1.Protocol(o.protocol)}
 	var err error
@@ -181,7 +204,7 @@ func explain(snap *policy.Snapshot, o *options) (*policy.Decision, error) {
 			continue
 		}
 		if _, ok := snap.Pod(k); !ok {
-			return nil, fmt.Errorf("pod %s not found in %s", k, o.dir)
+			return nil, fmt.Errorf("pod %s not found in %s", k, o.source())
 		}
 	}
 	switch {
