@@ -371,7 +371,7 @@ func (m *Manager) maintain(ctx context.Context, e *entry) {
 			backoff = min(backoff*2, m.cfg.BackoffMax)
 			held := "none"
 			if e.svid != nil {
-				held = "valid until " + e.svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339)
+				held = "valid until " + e.svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339Nano)
 				// Never sleep past expiry on backoff when a retry might still save it.
 				if left := e.svid.Certificates[0].NotAfter.Sub(now); left > 0 && wait > left/2 && left/2 > m.cfg.BackoffMin {
 					wait = left / 2
