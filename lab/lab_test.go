@@ -485,9 +485,10 @@ func snapshot(t *testing.T, id, stateDir string) []string {
 			out = append(out, "nft "+line)
 		}
 	}
-	for _, line := range strings.Split(run("ps", "-eo", "pid=,args="), "\n") {
-		if strings.Contains(line, stateDir+"/") && !strings.Contains(line, "ps -eo") {
-			out = append(out, "process "+strings.TrimSpace(line))
+	// Processes: in one of the lab's cgroups, or naming its state directory.
+	for _, line := range strings.Split(run("ps", "-eo", "pid=,cgroup:512=,args="), "\n") {
+		if (strings.Contains(line, stateDir+"/") || strings.Contains(line, "/"+name+"/")) && !strings.Contains(line, "ps -eo") {
+			out = append(out, "process "+strings.Join(strings.Fields(line), " "))
 		}
 	}
 	if _, err := os.Stat(stateDir); err == nil {
@@ -578,7 +579,7 @@ func TestLabDownAfterSIGKILL(t *testing.T) {
 				}
 			}
 			mid := snapshot(t, id, dir)
-			t.Logf("after SIGKILL %s: %d objects left, e.g. %v", when, len(mid), mid[:min(len(mid), 5)])
+			t.Logf("after SIGKILL %s, %d objects:\n%s", when, len(mid), strings.Join(mid, "\n"))
 			if len(mid) == 0 {
 				t.Fatal("nothing was created before the kill; the test proves nothing")
 			}
