@@ -1,0 +1,245 @@
+package admin
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+)
+
+func newServer(t *testing.T, reg *prometheus.Registry) (*Server, *slog.LevelVar) {
+	t.Helper()
+	lv := new(slog.LevelVar)
+	s, err := New(Config{Level: lv, Gatherer: reg, Info: map[string]string{"node": "n1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, lv
+}
+
+func get(t *testing.T, h http.Handler, method, path string) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(method, path, nil))
+	return rec.Code, rec.Body.String()
+}
+
+func TestReadiness(t *testing.T) {
+	s, _ := newServer(t, prometheus.NewRegistry())
+	h := s.ReadinessHandler()
+	if code, body := get(t, h, "GET", "/healthz/ready"); code != 503 || !strings.Contains(body, "no readiness checks") {
+		t.Fatalf("no checks: %d %q", code, body)
+	}
+	svids := errors.New("1 of 2 SVIDs missing")
+	s.AddReadiness("state", func(context.Context) error { return nil })
+	s.AddReadiness("svids", func(context.Context) error { return svids })
+	if code, body := get(t, h, "GET", "/healthz/ready"); code != 503 || !strings.Contains(body, "svids: not ready: 1 of 2 SVIDs missing") || !strings.Contains(body, "state: ready") {
+		t.Fatalf("one failing: %d %q", code, body)
+	}
+	svids = nil
+	if code, body := get(t, h, "GET", "/healthz/ready"); code != 200 {
+		t.Fatalf("all ready: %d %q", code, body)
+	}
+	// A check that hangs is cut by the timeout, and counts as not ready.
+	s.cfg.CheckTimeout = 50 * time.Millisecond
+	s.AddReadiness("capture", func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() })
+	if code, body := get(t, h, "GET", "/healthz/ready"); code != 503 || !strings.Contains(body, "deadline") {
+		t.Fatalf("hanging check: %d %q", code, body)
+	}
+}
+
+func TestConfigDumpAndStatus(t *testing.T) {
+	s, _ := newServer(t, prometheus.NewRegistry())
+	s.AddDump("workloads", func() any { return []string{"ns/a"} })
+	s.AddDump("certificates", func() any { return map[string]string{"spiffe://x/ns/a/sa/b": "2026-01-01T00:00:00Z"} })
+	s.SetConnections(func() any { return []int{1, 2} })
+	s.AddReadiness("state", func(context.Context) error { return nil })
+	h := s.AdminHandler()
+
+	code, body := get(t, h, "GET", "/config_dump")
+	var all map[string]json.RawMessage
+	if code != 200 || json.Unmarshal([]byte(body), &all) != nil || len(all) != 2 {
+		t.Fatalf("dump: %d %q", code, body)
+	}
+	if code, body := get(t, h, "GET", "/config_dump/workloads"); code != 200 || !strings.Contains(body, "ns/a") {
+		t.Fatalf("section: %d %q", code, body)
+	}
+	if code, body := get(t, h, "GET", "/config_dump/nope"); code != 404 || !strings.Contains(body, "sections: certificates, workloads") {
+		t.Fatalf("missing section: %d %q", code, body)
+	}
+	if code, body := get(t, h, "GET", "/connections"); code != 200 || strings.Join(strings.Fields(body), "") != "[1,2]" {
+		t.Fatalf("connections: %d %q", code, body)
+	}
+	code, body = get(t, h, "GET", "/status")
+	var st Status
+	if code != 200 || json.Unmarshal([]byte(body), &st) != nil || !st.Ready || st.Info["node"] != "n1" || st.LogLevel != "info" {
+		t.Fatalf("status: %d %q", code, body)
+	}
+	if code, _ := get(t, h, "GET", "/debug/pprof/goroutine?debug=1"); code != 200 {
+		t.Fatalf("pprof: %d", code)
+	}
+	if code, _ := get(t, h, "DELETE", "/config_dump"); code != http.StatusMethodNotAllowed {
+		t.Fatalf("DELETE: %d", code)
+	}
+}
+
+func TestLogLevel(t *testing.T) {
+	s, lv := newServer(t, prometheus.NewRegistry())
+	h := s.AdminHandler()
+	tests := []struct {
+		method, path string
+		code         int
+		want         slog.Level
+	}{
+		{"GET", "/logging", 200, slog.LevelInfo},
+		{"POST", "/logging?level=debug", 200, slog.LevelDebug},
+		{"POST", "/logging?level=WARNING", 200, slog.LevelWarn},
+		{"POST", "/logging?level=verbose", 400, slog.LevelWarn},
+		{"POST", "/logging?level=info+4", 400, slog.LevelWarn},
+		{"POST", "/logging", 400, slog.LevelWarn},
+		{"POST", "/logging?level=error", 200, slog.LevelError},
+	}
+	for _, tt := range tests {
+		code, body := get(t, h, tt.method, tt.path)
+		if code != tt.code || lv.Level() != tt.want {
+			t.Fatalf("%s %s: %d %q, level %v", tt.method, tt.path, code, body, lv.Level())
+		}
+	}
+}
+
+func TestMetricsAndAccessLog(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	var buf bytes.Buffer
+	m, err := NewMetrics(reg, NewAccessLog(&buf))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.SetPoolStats(func() PoolStats { return PoolStats{Hits: 5, Misses: 2, Handshakes: 2, HandshakeErrors: 1, Conns: 1, Streams: 3} })
+	c := &Conn{Reporter: ReporterSource, Src: netip.MustParseAddrPort("10.0.0.1:40000"), Dst: netip.MustParseAddrPort("10.0.0.2:8080"),
+		SrcWorkload: "client", SrcNamespace: "shop", SrcPrincipal: "spiffe://cluster.local/ns/shop/sa/client",
+		DstWorkload: "web", DstNamespace: "shop", DstPrincipal: "spiffe://cluster.local/ns/shop/sa/web",
+		SecurityPolicy: SecurityMutualTLS, Start: time.Now()}
+	m.Opened(c)
+	m.Opened(c)
+	m.Closed(c, 100, 2000, "eof")
+	m.Setup("outbound", "ok", 3*time.Millisecond)
+	m.Denied("inbound", "policy")
+	m.SetCaptureStatus("shop", "web-0", "enrolled")
+	m.SetCaptureStatus("shop", "web-0", "failed")
+	m.SetCaptureStatus("shop", "web-1", "enrolled")
+	m.SetCaptureStatus("shop", "web-1", "")
+
+	s, _ := newServer(t, reg)
+	code, body := get(t, s.MetricsHandler(), "GET", "/metrics")
+	if code != 200 {
+		t.Fatalf("metrics: %d", code)
+	}
+	for _, want := range []string{
+		`istio_tcp_connections_opened_total{connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/shop/sa/web",destination_service="unknown",destination_workload="web",destination_workload_namespace="shop",reporter="source",source_principal="spiffe://cluster.local/ns/shop/sa/client",source_workload="client",source_workload_namespace="shop"} 2`,
+		`istio_tcp_connections_closed_total{`,
+		`istio_tcp_sent_bytes_total{connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/shop/sa/web",destination_service="unknown",destination_workload="web",destination_workload_namespace="shop",reporter="source",source_principal="spiffe://cluster.local/ns/shop/sa/client",source_workload="client",source_workload_namespace="shop"} 100`,
+		`} 2000`,
+		`nodemesh_tunnel_handshakes_total{result="ok"} 2`,
+		`nodemesh_tunnel_handshakes_total{result="error"} 1`,
+		`nodemesh_pool_requests_total{result="hit"} 5`,
+		`nodemesh_pool_requests_total{result="miss"} 2`,
+		`nodemesh_connection_setup_seconds_count{direction="outbound",outcome="ok"} 1`,
+		`nodemesh_connections_denied_total{direction="inbound",reason="policy"} 1`,
+		`nodemesh_capture_status{namespace="shop",pod="web-0",status="failed"} 1`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %s", want)
+		}
+	}
+	if strings.Contains(body, `status="enrolled"`) {
+		t.Error("stale capture status still exported")
+	}
+	if n := testutil.CollectAndCount(reg, "istio_tcp_received_bytes_total"); n != 1 {
+		t.Errorf("%d received series", n)
+	}
+	if code, _ := get(t, s.MetricsHandler(), "GET", "/stats/prometheus"); code != 200 {
+		t.Error("Istio's metrics path missing")
+	}
+
+	var rec map[string]any
+	if err := json.Unmarshal(buf.Bytes(), &rec); err != nil {
+		t.Fatalf("access log is not one JSON object: %v: %q", err, buf.String())
+	}
+	for k, v := range map[string]any{"msg": "connection", "src_spiffe_id": "spiffe://cluster.local/ns/shop/sa/client",
+		"dst_spiffe_id": "spiffe://cluster.local/ns/shop/sa/web", "bytes_sent": 100.0, "bytes_received": 2000.0,
+		"close_reason": "eof", "src": "10.0.0.1:40000", "dst": "10.0.0.2:8080", "security": "mutual_tls"} {
+		if rec[k] != v {
+			t.Errorf("access log %s = %v, want %v", k, rec[k], v)
+		}
+	}
+	if _, ok := rec["duration_ms"]; !ok {
+		t.Error("access log lacks duration")
+	}
+	if _, err := NewMetrics(reg, nil); err == nil {
+		t.Error("registering twice succeeded")
+	}
+}
+
+func TestRun(t *testing.T) {
+	s, _ := newServer(t, prometheus.NewRegistry())
+	s.AddReadiness("x", func(context.Context) error { return nil })
+	// Find free ports, then hand them to Run.
+	addrs := make([]string, 3)
+	for i := range addrs {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addrs[i] = ln.Addr().String()
+		ln.Close()
+	}
+	s.cfg.AdminAddr, s.cfg.MetricsAddr, s.cfg.ReadinessAddr = addrs[0], addrs[1], addrs[2]
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for _, u := range []string{"http://" + addrs[0] + "/status", "http://" + addrs[1] + "/metrics", "http://" + addrs[2] + "/healthz/ready"} {
+		for {
+			resp, err := http.Get(u)
+			if err == nil {
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					t.Fatalf("%s: %s", u, resp.Status)
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %v", u, err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+
+	// A taken address is an error naming it.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	s.cfg.AdminAddr = ln.Addr().String()
+	if err := s.Run(context.Background()); err == nil || !strings.Contains(err.Error(), "listening for admin") {
+		t.Fatalf("Run on a taken port: %v", err)
+	}
+}
