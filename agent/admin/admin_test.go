@@ -126,7 +126,9 @@ func TestMetricsAndAccessLog(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.SetPoolStats(func() PoolStats { return PoolStats{Hits: 5, Misses: 2, Handshakes: 2, HandshakeErrors: 1, Conns: 1, Streams: 3} })
+	m.SetPoolStats(func() PoolStats {
+		return PoolStats{Hits: 5, Misses: 2, Handshakes: 2, HandshakeErrors: 1, Conns: 1, Streams: 3}
+	})
 	c := &Conn{Reporter: ReporterSource, Src: netip.MustParseAddrPort("10.0.0.1:40000"), Dst: netip.MustParseAddrPort("10.0.0.2:8080"),
 		SrcWorkload: "client", SrcNamespace: "shop", SrcPrincipal: "spiffe://cluster.local/ns/shop/sa/client",
 		DstWorkload: "web", DstNamespace: "shop", DstPrincipal: "spiffe://cluster.local/ns/shop/sa/web",
