@@ -415,3 +415,19 @@ func (r PolicyRef) IsZero() bool { return r == PolicyRef{} }
 func (r PolicyRef) compare(o PolicyRef) int {
 	return cmp.Or(strings.Compare(r.Kind, o.Kind), strings.Compare(r.Namespace, o.Namespace), strings.Compare(r.Name, o.Name))
 }
+
+// MTLSMode returns the mTLS mode of a pod's port ("namespace/name") as the
+// engine resolves it (narrowest setting wins, PERMISSIVE by default) and the
+// PeerAuthentication that set it (zero for the default). ok is false for an
+// unknown pod.
+func (s *Snapshot) MTLSMode(pod string, port uint16) (mode v1alpha1.MTLSMode, by PolicyRef, ok bool) {
+	p, ok := s.pods[pod]
+	if !ok {
+		return "", PolicyRef{}, false
+	}
+	m, pa, _ := mtlsMode(p, port)
+	if pa != nil {
+		by = pa.ref
+	}
+	return m, by, true
+}

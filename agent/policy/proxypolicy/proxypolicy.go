@@ -1,0 +1,142 @@
+// Package proxypolicy connects the policy engine to the L4 proxy: it
+// implements agent/proxy's Policy interface over the snapshot the agent
+// currently enforces. Outbound connections get the egress decision (the
+// source agent's share), inbound ones (HBONE or plaintext) the ingress
+// decision on the inner destination port and the peer's verified SPIFFE ID.
+// The proxy calls it again for every open connection after a change
+// (Reevaluate), which is how a policy, label or namespace change closes
+// connections that are now denied.
+package proxypolicy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/nodemesh/nodemesh/agent/policy"
+	"github.com/nodemesh/nodemesh/agent/proxy"
+)
+
+// Config wires a Policy.
+type Config struct {
+	// Snapshot returns the snapshot to enforce (nil until the first one
+	// exists, which denies everything). Must be safe for concurrent use and
+	// must not block.
+	Snapshot func() *policy.Snapshot
+	// Engine caches decisions; nil means a new Engine of the default size.
+	Engine *policy.Engine
+	// Log receives AUDIT matches (Info) and denials (Debug). Nil discards.
+	Log *slog.Logger
+	// OnDecision, if set, sees every decision (for metrics). It must not
+	// block or modify d.
+	OnDecision func(f *proxy.Flow, d *policy.Decision)
+}
+
+// Policy implements proxy.Policy.
+type Policy struct {
+	cfg Config
+}
+
+var _ proxy.Policy = (*Policy)(nil)
+
+// New checks cfg and returns a Policy.
+func New(cfg Config) (*Policy, error) {
+	if cfg.Snapshot == nil {
+		return nil, errors.New("proxypolicy: Config.Snapshot is required")
+	}
+	if cfg.Engine == nil {
+		e, err := policy.NewEngine(0)
+		if err != nil {
+			return nil, fmt.Errorf("proxypolicy: %w", err)
+		}
+		cfg.Engine = e
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Policy{cfg: cfg}, nil
+}
+
+// Flow maps a proxy flow to the engine's flow and says which direction this
+// agent enforces.
+func Flow(f *proxy.Flow) (policy.Flow, policy.Direction, error) {
+	if f.Workload == nil {
+		return policy.Flow{}, "", errors.New("flow without a local workload")
+	}
+	pf := policy.Flow{Port: f.Dst.Port(), Protocol: corev1.ProtocolTCP}
+	switch f.Direction {
+	case proxy.Outbound:
+		// The source is the local workload (its connection to the outbound
+		// listener comes from loopback, so name the pod, not the address);
+		// the destination is the endpoint actually reached, found by address.
+		pf.SrcPod = f.Workload.String()
+		pf.Dst = f.Dst.Addr().Unmap()
+		return pf, policy.Egress, nil
+	case proxy.Inbound:
+		pf.Src = f.Src.Addr().Unmap()
+		pf.DstPod = f.Workload.String()
+		pf.Dst = f.Dst.Addr().Unmap()
+		if f.Transport == proxy.TransportHBONE {
+			if f.SrcIdentity.IsZero() {
+				return policy.Flow{}, "", errors.New("HBONE flow without a verified source identity")
+			}
+			pf.Principal = f.SrcIdentity.String()
+		}
+		return pf, policy.Ingress, nil
+	}
+	return policy.Flow{}, "", fmt.Errorf("flow with unknown direction %d", f.Direction)
+}
+
+// Check implements proxy.Policy.
+func (p *Policy) Check(_ context.Context, f *proxy.Flow) proxy.Decision {
+	pf, dir, err := Flow(f)
+	if err != nil {
+		return proxy.Decision{Reason: "policy: " + err.Error()}
+	}
+	snap := p.cfg.Snapshot()
+	if snap == nil {
+		return proxy.Decision{Reason: "policy: no policy snapshot yet (waiting for the API server)"}
+	}
+	var d *policy.Decision
+	if dir == policy.Egress {
+		d = p.cfg.Engine.DecideEgress(snap, pf)
+	} else {
+		d = p.cfg.Engine.DecideIngress(snap, pf)
+	}
+	if p.cfg.OnDecision != nil {
+		p.cfg.OnDecision(f, d)
+	}
+	for _, a := range d.Audit {
+		p.cfg.Log.Info("policy audit", "policy", a.Namespace+"/"+a.Name, "src", f.Src.String(), "dst", f.Dst.String(),
+			"spiffe_id", pf.Principal, "verdict", string(d.Verdict))
+	}
+	reason := Reason(d)
+	if !d.Allowed() {
+		p.cfg.Log.Debug("policy denied", "direction", string(d.Direction), "src", f.Src.String(), "dst", f.Dst.String(),
+			"pod", f.Workload.String(), "policy", policyName(d.Policy), "rule", d.Rule, "reason", d.Reason)
+	}
+	return proxy.Decision{Allow: d.Allowed(), Reason: reason}
+}
+
+// Reason is a one-line summary of a decision for logs: verdict, direction,
+// deciding policy and rule, and the engine's reason.
+func Reason(d *policy.Decision) string {
+	s := string(d.Verdict) + " (" + string(d.Direction)
+	if !d.Policy.IsZero() {
+		s += ", " + d.Policy.String()
+		if d.Rule >= 0 {
+			s += fmt.Sprintf(" rule %d", d.Rule)
+		}
+	}
+	return s + "): " + d.Reason
+}
+
+func policyName(r policy.PolicyRef) string {
+	if r.IsZero() {
+		return ""
+	}
+	return r.Kind + ":" + r.Namespace + "/" + r.Name
+}
