@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -43,7 +44,9 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
+	agentk8s "github.com/nodemesh/nodemesh/agent/k8s"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
+	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/identity"
 	idk8s "github.com/nodemesh/nodemesh/identity/k8s"
 	"github.com/nodemesh/nodemesh/identity/svid"
@@ -132,7 +135,7 @@ func TestLabInstall(t *testing.T) {
 	admin := c.srv.Client
 
 	renders := map[string][]*unstructured.Unstructured{}
-	for _, dir := range installs {
+	for _, dir := range append(slices.Clone(installs), uninstall) {
 		objs, err := manifests.Render(dir)
 		if err != nil {
 			t.Fatal(err)
@@ -167,7 +170,7 @@ func TestLabInstall(t *testing.T) {
 		waitEstablished(ctx, t, c.dyn, name)
 	}
 	c.mapper.Reset()
-	for _, dir := range installs {
+	for _, dir := range append(slices.Clone(installs), uninstall) {
 		for _, o := range renders[dir] {
 			if !clusterScoped(o) {
 				if err := c.apply(ctx, o, true); err != nil {
@@ -192,6 +195,7 @@ func TestLabInstall(t *testing.T) {
 	agentToken := token(ctx, t, admin, "nodemesh-agent", nil, nil)
 	agentREST := c.srv.ClientFor(agentToken)
 	checkAgentAccess(ctx, t, agentREST)
+	runAgentInformers(ctx, t, agentREST)
 	bundleCh := runAgentWatchers(ctx, t, agentREST)
 
 	// 4. The CA.
@@ -418,6 +422,41 @@ func runAgentWatchers(ctx context.Context, t *testing.T, cfg *rest.Config) <-cha
 		}
 	}()
 	return bundles
+}
+
+// runAgentInformers runs the agent's own informers (agent/k8s), with the
+// agent's token, until its store reports the initial sync, and checks
+// that the CRDs were watched, not skipped.
+func runAgentInformers(ctx context.Context, t *testing.T, cfg *rest.Config) {
+	t.Helper()
+	store, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logBuf lockedBuffer
+	in := &agentk8s.Informers{
+		Client:  kubernetes.NewForConfigOrDie(cfg),
+		Dynamic: dynamic.NewForConfigOrDie(cfg),
+		Store:   store,
+		Log:     slog.New(slog.NewTextHandler(&logBuf, nil)),
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- in.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+			t.Errorf("agent informers: %v", err)
+		}
+	}()
+	wctx, wcancel := context.WithTimeout(ctx, time.Minute)
+	defer wcancel()
+	if _, err := store.WaitFor(wctx, func(s *state.Snapshot) bool { return s.Synced() }); err != nil {
+		t.Fatalf("the agent's informers did not sync with its own token: %v\n%s", err, logBuf.String())
+	}
+	if l := logBuf.String(); strings.Contains(l, "not served") || strings.Contains(l, "forbidden") {
+		t.Errorf("agent informers logged problems:\n%s", l)
+	}
 }
 
 type testWriter struct{ t *testing.T }

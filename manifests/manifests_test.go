@@ -2,6 +2,7 @@ package manifests_test
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -29,6 +30,9 @@ import (
 // The installs a user can apply: the default (kubectl apply -k manifests/)
 // and the overlays.
 var installs = []string{".", "overlays/lab", "overlays/production"}
+
+// uninstall is the node cleanup applied when uninstalling.
+const uninstall = "uninstall"
 
 const ns = "nodemesh-system"
 
@@ -631,5 +635,44 @@ func TestOverlays(t *testing.T) {
 	}
 	if !slices.Equal(dsProd.Args, dsDef.Args) {
 		t.Errorf("production changes the agent's arguments:\n%v\n%v", dsProd.Args, dsDef.Args)
+	}
+}
+
+// TestUninstallMatchesAgent: the node cleanup removes exactly the agent's
+// pin directory, from the host's bpffs, on every node the agent runs on.
+func TestUninstallMatchesAgent(t *testing.T) {
+	un := render(t, uninstall)
+	ds := get[*appsv1.DaemonSet](t, un, "DaemonSet", ns, "nodemesh-node-cleanup")
+	agent := get[*appsv1.DaemonSet](t, render(t, "."), "DaemonSet", ns, "nodemesh-agent")
+	pinDir, _ := flag(agent.Spec.Template.Spec.Containers[0].Args, "bpf-pin-dir")
+	c := ds.Spec.Template.Spec.Containers[0]
+	var env string
+	for _, e := range c.Env {
+		if e.Name == "PIN_DIR" {
+			env = e.Value
+		}
+	}
+	if env == "" || env != pinDir {
+		t.Errorf("cleanup PIN_DIR %q, want the agent's --bpf-pin-dir %q", env, pinDir)
+	}
+	hostBPF := false
+	for _, v := range ds.Spec.Template.Spec.Volumes {
+		if v.HostPath != nil && v.HostPath.Path == "/sys/fs/bpf" {
+			for _, m := range c.VolumeMounts {
+				if m.Name == v.Name && m.MountPath == "/sys/fs/bpf" && !m.ReadOnly {
+					hostBPF = true
+				}
+			}
+		}
+	}
+	if !hostBPF {
+		t.Error("cleanup does not mount the host's /sys/fs/bpf writable at the same path")
+	}
+	if !slices.Equal(ds.Spec.Template.Spec.Tolerations, agent.Spec.Template.Spec.Tolerations) ||
+		!maps.Equal(ds.Spec.Template.Spec.NodeSelector, agent.Spec.Template.Spec.NodeSelector) {
+		t.Error("cleanup does not reach every node the agent runs on (tolerations, nodeSelector)")
+	}
+	if c.ReadinessProbe == nil || c.ReadinessProbe.Exec == nil {
+		t.Error("cleanup has no readiness probe telling when a node is clean")
 	}
 }
