@@ -715,4 +715,3 @@ func mustConvert(t *testing.T, o *unstructured.Unstructured, into any) {
 		t.Fatalf("converting %s %s: %v", o.GetKind(), o.GetName(), err)
 	}
 }
-
