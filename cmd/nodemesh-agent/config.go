@@ -1,0 +1,167 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/identity"
+)
+
+// Config is everything the agent needs, from flags and (where Kubernetes
+// convention wants it) the environment. Validate checks it once.
+type Config struct {
+	NodeName string
+	// Exactly one source of cluster state: a kubeconfig file, the in-cluster
+	// configuration, or a directory of static manifests.
+	Kubeconfig string
+	InCluster  bool
+	StaticDir  string
+
+	TrustDomain string
+
+	// Dataplane: capture, SVIDs and proxying. Off runs only the cluster
+	// state, admin, metrics and readiness (an observer, for debugging).
+	Dataplane bool
+	// CA: the nodemesh CA's URL, SPIFFE ID and the agent's token for it,
+	// and where its trust bundle is published.
+	CAAddr          string
+	CAID            string
+	CATokenFile     string
+	BundleConfigMap string // namespace/name
+	CgroupRoot      string // "" = the cgroup2 mount point
+	BPFPinDir       string // "" = redirect's default
+
+	DrainDeadline time.Duration
+	AdminAddr     string
+	MetricsAddr   string
+	ReadinessAddr string
+	LogLevel      string
+	AccessLog     bool
+
+	// Derived by Validate.
+	td         spiffeid.TrustDomain
+	caID       spiffeid.ID
+	level      slog.Level
+	bundleNS   string
+	bundleName string
+}
+
+// parseConfig reads flags from args and defaults from getenv.
+func parseConfig(args []string, getenv func(string) string) (*Config, error) {
+	c := &Config{}
+	fs := flag.NewFlagSet("nodemesh-agent", flag.ContinueOnError)
+	envOr := func(key, def string) string {
+		if v := getenv(key); v != "" {
+			return v
+		}
+		return def
+	}
+	fs.StringVar(&c.NodeName, "node-name", envOr("NODE_NAME", getenv("NODEMESH_NODE_NAME")), "this node's name (default $NODE_NAME, the downward API)")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", getenv("KUBECONFIG"), "kubeconfig file (default $KUBECONFIG); empty with --static-dir empty = in-cluster configuration")
+	fs.StringVar(&c.StaticDir, "static-dir", "", "read cluster state from the Kubernetes YAML in this directory instead of an API server")
+	fs.StringVar(&c.TrustDomain, "trust-domain", envOr("TRUST_DOMAIN", identity.DefaultTrustDomain), "SPIFFE trust domain")
+	fs.BoolVar(&c.Dataplane, "dataplane", true, "capture, SVIDs and proxying; false runs only state, admin and metrics")
+	fs.StringVar(&c.CAAddr, "ca-addr", envOr("CA_ADDR", fmt.Sprintf("https://nodemesh-ca.nodemesh-system.svc:%d", identity.DefaultPort)), "nodemesh CA URL (default $CA_ADDR)")
+	fs.StringVar(&c.CAID, "ca-spiffe-id", "", "SPIFFE ID of the CA's serving certificate (default spiffe://<trust domain>/ns/nodemesh-system/sa/nodemesh-ca)")
+	fs.StringVar(&c.CATokenFile, "ca-token-file", "/var/run/secrets/tokens/nodemesh-ca", "projected service-account token with audience "+identity.Audience)
+	fs.StringVar(&c.BundleConfigMap, "bundle-configmap", "nodemesh-system/"+identity.BundleConfigMap, "namespace/name of the ConfigMap with the trust bundle")
+	fs.StringVar(&c.CgroupRoot, "cgroup-root", "", "cgroup v2 directory above every pod (default: the cgroup2 mount point from /proc/self/mountinfo)")
+	fs.StringVar(&c.BPFPinDir, "bpf-pin-dir", "", "bpffs directory for pinned capture maps and links (default: redirect's)")
+	fs.DurationVar(&c.DrainDeadline, "drain-deadline", 30*time.Second, "on SIGTERM, how long open connections may finish before they are reset")
+	fs.StringVar(&c.AdminAddr, "admin-addr", admin.DefaultAdminAddr, "admin API address (keep it on loopback)")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", admin.DefaultMetricsAddr, "Prometheus metrics address")
+	fs.StringVar(&c.ReadinessAddr, "readiness-addr", admin.DefaultReadinessAddr, "readiness probe address")
+	fs.StringVar(&c.LogLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn or error (changeable at run time through the admin API)")
+	fs.BoolVar(&c.AccessLog, "access-log", false, "write one JSON line per closed connection to stdout")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	c.InCluster = c.Kubeconfig == "" && c.StaticDir == ""
+	return c, nil
+}
+
+// Validate checks the config and fills the derived fields. Every problem is
+// reported at once.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.NodeName == "" {
+		errs = append(errs, errors.New("--node-name (or $NODE_NAME) is required: the agent serves the pods of one node"))
+	}
+	if c.StaticDir != "" && c.Kubeconfig != "" {
+		errs = append(errs, errors.New("--static-dir and --kubeconfig are alternatives; give one"))
+	}
+	if c.StaticDir != "" {
+		if fi, err := os.Stat(c.StaticDir); err != nil || !fi.IsDir() {
+			errs = append(errs, fmt.Errorf("--static-dir %q is not a readable directory", c.StaticDir))
+		}
+	}
+	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("--trust-domain %q: %w", c.TrustDomain, err))
+	}
+	c.td = td
+	if c.Dataplane {
+		u, err := url.Parse(c.CAAddr)
+		if err != nil || u.Scheme != "https" || u.Host == "" {
+			errs = append(errs, fmt.Errorf("--ca-addr %q: want https://host:port", c.CAAddr))
+		}
+		if c.CAID == "" && err == nil && !td.IsZero() {
+			c.CAID = "spiffe://" + td.Name() + "/ns/nodemesh-system/sa/nodemesh-ca"
+		}
+		if c.CAID != "" {
+			id, err := spiffeid.FromString(c.CAID)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("--ca-spiffe-id %q: %w", c.CAID, err))
+			}
+			c.caID = id
+		}
+		if c.CATokenFile == "" {
+			errs = append(errs, errors.New("--ca-token-file is required with the data plane on"))
+		}
+		if c.StaticDir != "" {
+			errs = append(errs, errors.New("--static-dir cannot provide the trust bundle ConfigMap; run with --dataplane=false or against an API server"))
+		}
+		ns, name, ok := strings.Cut(c.BundleConfigMap, "/")
+		if !ok || ns == "" || name == "" || strings.Contains(name, "/") {
+			errs = append(errs, fmt.Errorf("--bundle-configmap %q: want namespace/name", c.BundleConfigMap))
+		}
+		c.bundleNS, c.bundleName = ns, name
+	}
+	if c.DrainDeadline < 0 || c.DrainDeadline > time.Hour {
+		errs = append(errs, fmt.Errorf("--drain-deadline %s: must be between 0 and 1h", c.DrainDeadline))
+	}
+	for _, a := range []struct{ flag, addr string }{
+		{"--admin-addr", c.AdminAddr}, {"--metrics-addr", c.MetricsAddr}, {"--readiness-addr", c.ReadinessAddr},
+	} {
+		if a.addr == "" {
+			continue // disabled
+		}
+		if _, _, err := net.SplitHostPort(a.addr); err != nil {
+			errs = append(errs, fmt.Errorf("%s %q: %w", a.flag, a.addr, err))
+		}
+	}
+	if host, _, err := net.SplitHostPort(c.AdminAddr); err == nil {
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			errs = append(errs, fmt.Errorf("--admin-addr %q: the admin API (log level, pprof, config dump) must listen on loopback", c.AdminAddr))
+		}
+	}
+	lv, err := admin.ParseLevel(c.LogLevel)
+	if err != nil {
+		errs = append(errs, fmt.Errorf("--log-level: %w", err))
+	}
+	c.level = lv
+	return errors.Join(errs...)
+}

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/nodemesh/nodemesh/agent/state"
+)
+
+func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+
+func TestConfig(t *testing.T) {
+	dir := t.TempDir()
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		wantErr []string // substrings; nil = valid
+		check   func(t *testing.T, c *Config)
+	}{
+		{"defaults from env", nil, map[string]string{"NODE_NAME": "n1", "KUBECONFIG": "/k"}, nil, func(t *testing.T, c *Config) {
+			if c.NodeName != "n1" || c.Kubeconfig != "/k" || c.InCluster || c.DrainDeadline != 30*time.Second ||
+				c.caID.String() != "spiffe://cluster.local/ns/nodemesh-system/sa/nodemesh-ca" || c.bundleName != "nodemesh-trust-bundle" ||
+				c.AdminAddr != "127.0.0.1:15000" || c.MetricsAddr != ":15020" || c.ReadinessAddr != ":15021" || c.AccessLog {
+				t.Fatalf("%+v", c)
+			}
+		}},
+		{"in-cluster when nothing given", []string{"--node-name=n1"}, nil, nil, func(t *testing.T, c *Config) {
+			if !c.InCluster {
+				t.Fatal("not in-cluster")
+			}
+		}},
+		{"flags beat env", []string{"--node-name=n2", "--trust-domain=example.org", "--drain-deadline=5s", "--access-log", "--log-level=debug"},
+			map[string]string{"NODE_NAME": "n1"}, nil, func(t *testing.T, c *Config) {
+				if c.NodeName != "n2" || c.td.Name() != "example.org" || c.DrainDeadline != 5*time.Second || !c.AccessLog || c.level.String() != "DEBUG" ||
+					c.caID.String() != "spiffe://example.org/ns/nodemesh-system/sa/nodemesh-ca" {
+					t.Fatalf("%+v", c)
+				}
+			}},
+		{"static observer", []string{"--node-name=n1", "--static-dir=" + dir, "--dataplane=false"}, nil, nil, nil},
+		{"everything wrong", []string{"--static-dir=/nonexistent", "--kubeconfig=/k", "--trust-domain=Bad Domain", "--ca-addr=http://x",
+			"--drain-deadline=-1s", "--admin-addr=0.0.0.0:15000", "--metrics-addr=nope", "--log-level=loud", "--bundle-configmap=x"}, nil,
+			[]string{"--node-name", "alternatives", "not a readable directory", "--trust-domain", "--ca-addr", "--drain-deadline",
+				"must listen on loopback", "--metrics-addr", "--log-level", "--bundle-configmap", "--static-dir cannot provide"}, nil},
+		{"bad CA ID", []string{"--node-name=n1", "--ca-spiffe-id=https://x"}, nil, []string{"--ca-spiffe-id"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := parseConfig(tt.args, env(tt.env))
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = c.Validate()
+			if tt.wantErr == nil {
+				if err != nil {
+					t.Fatal(err)
+				}
+				if tt.check != nil {
+					tt.check(t, c)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range tt.wantErr {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error lacks %q:\n%v", w, err)
+				}
+			}
+		})
+	}
+	if _, err := parseConfig([]string{"extra"}, env(nil)); err == nil {
+		t.Error("stray argument accepted")
+	}
+}
+
+func TestResolve(t *testing.T) {
+	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip := netip.MustParseAddr
+	st.Update(func(tx *state.Tx) {
+		tx.SetNamespace(&state.Namespace{Name: "mesh", Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
+		tx.SetNamespace(&state.Namespace{Name: "plain"})
+		tx.SetPod(&state.Pod{Namespace: "mesh", Name: "web", ServiceAccount: "web", Phase: state.PodRunning, IPs: []netip.Addr{ip("10.0.0.1")},
+			Annotations: map[string]string{state.AnnotationExcludeInboundPorts: "9100"}})
+		tx.SetPod(&state.Pod{Namespace: "plain", Name: "old", Phase: state.PodRunning, IPs: []netip.Addr{ip("10.0.0.2")}})
+		tx.SetService(&state.Service{Namespace: "mesh", Name: "web", ClusterIPs: []netip.Addr{ip("10.96.0.1")},
+			Ports: []state.ServicePort{{Name: "http", Port: 80, TargetPort: 8080}}})
+		tx.SetService(&state.Service{Namespace: "mesh", Name: "empty", ClusterIPs: []netip.Addr{ip("10.96.0.2")},
+			Ports: []state.ServicePort{{Name: "http", Port: 80, TargetPort: 8080}}})
+		tx.SetEndpointSlice(&state.EndpointSlice{Namespace: "mesh", Name: "web-1", Service: "web",
+			Ports:     []state.EndpointPort{{Name: "http", Port: 8080}},
+			Endpoints: []state.Endpoint{{Addresses: []netip.Addr{ip("10.0.0.1")}, Ready: true}, {Addresses: []netip.Addr{ip("10.0.0.2")}, Ready: true}}})
+	})
+	dp := &dataplane{a: &agent{store: st}}
+	tests := []struct {
+		dst       string
+		service   string
+		endpoints []string // addr|enrolled|identity
+		err       bool
+	}{
+		{"10.96.0.1:80", "mesh/web", []string{"10.0.0.1:8080|true|spiffe://cluster.local/ns/mesh/sa/web", "10.0.0.2:8080|false|"}, false},
+		{"10.96.0.2:80", "", nil, true},
+		{"10.0.0.1:8080", "", []string{"10.0.0.1:8080|true|spiffe://cluster.local/ns/mesh/sa/web"}, false},
+		{"10.0.0.1:9100", "", []string{"10.0.0.1:9100|false|"}, false}, // excluded inbound port: plaintext
+		{"10.0.0.2:80", "", []string{"10.0.0.2:80|false|"}, false},
+		{"192.0.2.1:443", "", []string{"192.0.2.1:443|false|"}, false},
+	}
+	for _, tt := range tests {
+		d, err := dp.Resolve(nil, netip.MustParseAddrPort(tt.dst))
+		if tt.err {
+			if err == nil {
+				t.Errorf("%s: no error", tt.dst)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%s: %v", tt.dst, err)
+		}
+		var got []string
+		for _, e := range d.Endpoints {
+			id := ""
+			if !e.Identity.IsZero() {
+				id = e.Identity.String()
+			}
+			got = append(got, e.Addr.String()+"|"+map[bool]string{true: "true", false: "false"}[e.Enrolled]+"|"+id)
+		}
+		if d.Service != tt.service || strings.Join(got, ",") != strings.Join(tt.endpoints, ",") {
+			t.Errorf("%s: service %q endpoints %v, want %q %v", tt.dst, d.Service, got, tt.service, tt.endpoints)
+		}
+	}
+}

@@ -1,0 +1,724 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	corev1 "k8s.io/api/core/v1"
+
+	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/hbone"
+	"github.com/nodemesh/nodemesh/agent/inpod"
+	"github.com/nodemesh/nodemesh/agent/nodeinfo"
+	"github.com/nodemesh/nodemesh/agent/policy"
+	"github.com/nodemesh/nodemesh/agent/policy/fromstate"
+	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
+	"github.com/nodemesh/nodemesh/agent/proxy"
+	"github.com/nodemesh/nodemesh/agent/state"
+	identityk8s "github.com/nodemesh/nodemesh/identity/k8s"
+	"github.com/nodemesh/nodemesh/identity/svid"
+	"github.com/nodemesh/nodemesh/redirect"
+)
+
+// Capture statuses, as shown by the config dump and nodemesh_capture_status.
+const (
+	captureEnrolled = "enrolled" // captured, self-check not passed yet
+	captureVerified = "verified" // the self-check proved capture works
+	captureFailed   = "failed"
+)
+
+// dataplane wires the cluster state to capture, SVIDs, policy and the
+// proxy: it enrolls the enrolled pods of this node, serves their in-pod
+// listeners, and keeps policy current.
+type dataplane struct {
+	a       *agent
+	log     *slog.Logger
+	node    string
+	capture *redirect.Capture
+	svids   *svid.Manager
+	ca      *svid.Client
+	pool    *hbone.Pool
+	proxy   *proxy.Proxy
+	engine  *policy.Engine
+	pol     atomic.Pointer[policy.Snapshot]
+
+	ctx    context.Context // parent of the pods' serving contexts
+	cancel context.CancelFunc
+
+	mu   sync.Mutex
+	pods map[state.Key]*localPod
+	wg   sync.WaitGroup // pod serving goroutines
+}
+
+// localPod is an enrolled pod of this node.
+type localPod struct {
+	pod    *state.Pod
+	ep     *redirect.EnrolledPod
+	w      *proxy.Workload
+	cancel context.CancelFunc
+	done   sync.WaitGroup
+	dsts   sync.Map // *net.TCPConn -> netip.AddrPort, from AcceptOutbound to the proxy
+
+	status  string // guarded by dataplane.mu
+	problem string
+}
+
+func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
+	cfg := a.cfg
+	log := a.log.With("component", "dataplane")
+	root := cfg.CgroupRoot
+	if root == "" {
+		h, err := nodeinfo.DiscoverHierarchy("")
+		if err != nil {
+			return nil, fmt.Errorf("finding the cgroup root for capture (or pass --cgroup-root): %w", err)
+		}
+		root = h.Path
+	}
+	dp := &dataplane{a: a, log: log, node: cfg.NodeName, pods: make(map[state.Key]*localPod)}
+	var cleanup []func()
+	defer func() {
+		if err != nil {
+			for i := len(cleanup) - 1; i >= 0; i-- {
+				cleanup[i]()
+			}
+		}
+	}()
+	dp.capture, err = redirect.Load(ctx, redirect.Config{CgroupRoot: root, PinDir: cfg.BPFPinDir, Logger: log.With("component", "capture")})
+	if err != nil {
+		return nil, fmt.Errorf("loading capture at cgroup %s: %w", root, err)
+	}
+	cleanup = append(cleanup, func() { _ = dp.capture.Release() })
+	dp.svids, dp.ca, err = svid.NewWithCA(svid.Config{TrustDomain: cfg.td, Log: log.With("component", "svid")},
+		svid.ClientConfig{URL: cfg.CAAddr, CAID: cfg.caID, Token: svid.FileToken(cfg.CATokenFile)})
+	if err != nil {
+		return nil, fmt.Errorf("creating the SVID manager: %w", err)
+	}
+	cleanup = append(cleanup, dp.ca.Close)
+	tlsSrc := hbone.SPIFFETLS{
+		SVID:    func(id spiffeid.ID) (x509svid.Source, error) { return dp.svids.SVIDSource(id), nil },
+		Bundles: dp.svids,
+	}
+	mark := dp.capture.Mark()
+	dp.pool, err = hbone.NewPool(hbone.PoolConfig{TLS: tlsSrc, Logger: log.With("component", "pool"),
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			// The agent's own netns; marked so capture never takes it.
+			c, err := (&inpod.Dialer{Mark: mark}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		}})
+	if err != nil {
+		return nil, fmt.Errorf("creating the HBONE pool: %w", err)
+	}
+	cleanup = append(cleanup, func() { _ = dp.pool.Close() })
+	if dp.engine, err = policy.NewEngine(8192); err != nil {
+		return nil, fmt.Errorf("creating the policy engine: %w", err)
+	}
+	dp.proxy, err = proxy.New(proxy.Config{
+		Logger: log.With("component", "proxy"), Resolver: dp, Pool: dp.pool, ServerTLS: tlsSrc,
+		Dialer: podDialer{dp}, Policy: dp, Mode: dp.mode,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating the proxy: %w", err)
+	}
+	dp.ctx, dp.cancel = context.WithCancel(context.Background())
+
+	a.metrics.SetPoolStats(func() admin.PoolStats {
+		s := dp.pool.Stats()
+		return admin.PoolStats{Hits: s.Hits, Misses: s.Misses, Handshakes: s.Handshakes, HandshakeErrors: s.HandshakeErrors, Conns: s.Conns, Streams: s.Streams}
+	})
+	a.admin.AddDump("certificates", dp.certificates)
+	a.admin.AddDump("pools", func() any { return dp.pool.Stats() })
+	a.admin.AddDump("capture", dp.captureDump)
+	a.admin.SetConnections(dp.connections)
+	a.admin.AddReadiness("svids", dp.svidsReady)
+	a.admin.AddReadiness("capture", dp.captureReady)
+	return dp, nil
+}
+
+// run keeps the data plane in step with the cluster state until ctx ends.
+func (dp *dataplane) run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	errc := make(chan error, 2)
+	wg.Go(func() {
+		if err := dp.svids.Run(ctx); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("SVID manager: %w", err)
+		}
+	})
+	wg.Go(func() {
+		if err := identityk8s.RunBundleWatcher(ctx, dp.a.client, dp.a.cfg.bundleNS, dp.a.cfg.bundleName, dp.svids.SetBundle, dp.log); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("trust bundle watcher: %w", err)
+		}
+	})
+	wg.Go(func() { dp.observeConnections(ctx) })
+
+	ch, unsub := dp.a.store.Subscribe()
+	defer unsub()
+	var applied, policyVersion uint64
+	first := true
+	for {
+		snap := dp.a.store.Snapshot()
+		if snap.Synced() && snap.Version() != applied {
+			if snap.Version() != policyVersion {
+				dp.updatePolicy(ctx, snap, first)
+				policyVersion = snap.Version()
+			}
+			dp.reconcile(ctx, snap)
+			if first {
+				dp.dropAdopted()
+				first = false
+			}
+			applied = snap.Version()
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errc:
+			return err
+		case <-ch:
+		case <-time.After(10 * time.Second):
+			// Retry pods whose enrollment failed.
+			applied = 0
+		}
+	}
+}
+
+func (dp *dataplane) updatePolicy(ctx context.Context, snap *state.Snapshot, first bool) {
+	ps, errs := fromstate.Snapshot(snap, "")
+	for _, err := range errs {
+		dp.log.Warn("policy object unreadable; enforced fail closed for its namespace", "err", err)
+	}
+	old := dp.pol.Swap(ps)
+	if !first && old != nil {
+		if n := dp.proxy.Reevaluate(ctx); n > 0 {
+			dp.log.Info("closed connections denied by the new policy", "connections", n)
+		}
+	}
+}
+
+// wanted reports whether the agent should capture p.
+func (dp *dataplane) wanted(p *state.Pod) bool {
+	return p.Enrolled && p.Live() && len(p.IPs) > 0 && p.Netns != "" && !p.Identity.IsZero()
+}
+
+func (dp *dataplane) reconcile(ctx context.Context, snap *state.Snapshot) {
+	want := make(map[state.Key]*state.Pod)
+	for _, p := range snap.PodsOnNode(dp.node) {
+		if dp.wanted(p) {
+			want[p.Key()] = p
+		} else if p.Enrolled && p.Live() && p.Netns == "" {
+			dp.log.Debug("enrolled pod without a network namespace yet", "pod", p.Key().String())
+		}
+	}
+	dp.mu.Lock()
+	var stop []*localPod
+	for k, lp := range dp.pods {
+		if p, ok := want[k]; !ok || p.UID != lp.pod.UID || p.Netns != lp.pod.Netns || !slices.Equal(p.IPs, lp.pod.IPs) {
+			stop = append(stop, lp)
+			delete(dp.pods, k)
+		}
+	}
+	dp.mu.Unlock()
+	for _, lp := range stop {
+		dp.unenroll(lp)
+	}
+	for k, p := range want {
+		dp.mu.Lock()
+		lp := dp.pods[k]
+		failed := lp != nil && lp.status == captureFailed
+		dp.mu.Unlock()
+		switch {
+		case lp == nil:
+			dp.enroll(ctx, p)
+		case failed || !slices.Equal(lp.pod.ExcludeOutboundPorts, p.ExcludeOutboundPorts):
+			dp.unenroll(lp)
+			dp.mu.Lock()
+			delete(dp.pods, k)
+			dp.mu.Unlock()
+			dp.enroll(ctx, p)
+		}
+	}
+}
+
+func owner(p *state.Pod) string {
+	if p.UID != "" {
+		return p.UID
+	}
+	return p.Key().String()
+}
+
+func (dp *dataplane) setStatus(lp *localPod, status, problem string) {
+	dp.mu.Lock()
+	lp.status, lp.problem = status, problem
+	dp.mu.Unlock()
+	dp.a.metrics.SetCaptureStatus(lp.pod.Namespace, lp.pod.Name, status)
+}
+
+func (dp *dataplane) enroll(ctx context.Context, p *state.Pod) {
+	log := dp.log.With("pod", p.Key().String())
+	lp := &localPod{pod: p, w: &proxy.Workload{Namespace: p.Namespace, Name: p.Name, Identity: p.Identity, IPs: p.IPs}}
+	dp.mu.Lock()
+	dp.pods[p.Key()] = lp
+	dp.mu.Unlock()
+	if err := dp.svids.Add(owner(p), p.Identity); err != nil {
+		log.Error("requesting the pod's SVID", "spiffe_id", p.Identity.String(), "err", err)
+		dp.setStatus(lp, captureFailed, err.Error())
+		return
+	}
+	ep, err := dp.capture.Enroll(ctx, redirect.Pod{Name: p.Key().String(), Netns: p.Netns, Cgroup: p.Cgroup,
+		IPs: p.IPs, ExcludeOutboundPorts: p.ExcludeOutboundPorts})
+	if err != nil {
+		// Retried on the next change or after 10 s; the pod keeps
+		// whatever capture it had (none, or pinned and failing closed).
+		log.Error("enrolling the pod in capture", "err", err)
+		dp.setStatus(lp, captureFailed, err.Error())
+		return
+	}
+	lp.ep = ep
+	pctx, cancel := context.WithCancel(dp.ctx)
+	lp.cancel = cancel
+	serve := func(what string, f func() error) {
+		lp.done.Go(func() {
+			if err := f(); err != nil && pctx.Err() == nil && !errors.Is(err, proxy.ErrStopped) {
+				log.Warn("in-pod listener stopped", "listener", what, "err", err)
+			}
+		})
+	}
+	for _, ln := range ep.Listeners.Outbound {
+		serve("outbound", func() error {
+			return dp.proxy.ServeOutbound(pctx, &outboundListener{TCPListener: ln, lp: lp}, lp.w, lp.origDst)
+		})
+	}
+	for _, ln := range ep.Listeners.Inbound {
+		serve("inbound", func() error { return dp.proxy.ServeInboundPlaintext(pctx, ln, lp.w, nil) })
+	}
+	for _, ln := range ep.Listeners.HBONE {
+		serve("hbone", func() error { return dp.proxy.ServeInboundHBONE(pctx, ln, lp.w) })
+	}
+	dp.setStatus(lp, captureEnrolled, "")
+	lp.done.Go(func() { dp.selfCheck(pctx, lp, log) })
+	log.Info("pod enrolled", "spiffe_id", p.Identity.String(), "ips", fmt.Sprint(p.IPs))
+}
+
+// selfCheck proves capture works for the pod, retrying for a while (the
+// accept loops may not have started yet).
+func (dp *dataplane) selfCheck(ctx context.Context, lp *localPod, log *slog.Logger) {
+	var err error
+	for attempt := range 10 {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err = lp.ep.SelfCheck(cctx)
+		cancel()
+		if err == nil {
+			dp.setStatus(lp, captureVerified, "")
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Duration(attempt+1) * 200 * time.Millisecond):
+		}
+	}
+	log.Error("capture self-check failed", "err", err)
+	dp.setStatus(lp, captureFailed, err.Error())
+}
+
+func (dp *dataplane) unenroll(lp *localPod) {
+	if lp.cancel != nil {
+		lp.cancel()
+	}
+	lp.done.Wait()
+	if lp.ep != nil {
+		if err := dp.capture.Unenroll(lp.ep); err != nil {
+			dp.log.Warn("unenrolling a pod", "pod", lp.pod.Key().String(), "err", err)
+		}
+	}
+	dp.svids.Remove(owner(lp.pod))
+	dp.a.metrics.SetCaptureStatus(lp.pod.Namespace, lp.pod.Name, "")
+	dp.log.Info("pod unenrolled", "pod", lp.pod.Key().String())
+}
+
+// dropAdopted unenrolls pods a previous agent left captured that are no
+// longer enrolled pods of this node (after the first reconcile re-enrolled
+// the others).
+func (dp *dataplane) dropAdopted() {
+	for _, p := range dp.capture.AdoptedPods() {
+		if err := dp.capture.UnenrollCookie(p.Cookie); err != nil {
+			dp.log.Warn("releasing a pod left captured by a previous agent", "ips", fmt.Sprint(p.IPs), "err", err)
+			continue
+		}
+		dp.log.Info("released a pod left captured by a previous agent", "ips", fmt.Sprint(p.IPs))
+	}
+}
+
+func (dp *dataplane) drain(ctx context.Context) error { return dp.proxy.Drain(ctx) }
+
+// close stops serving, leaving capture pinned (Release) so enrolled pods
+// fail closed until the next agent adopts them.
+func (dp *dataplane) close() error {
+	dp.cancel()
+	dp.mu.Lock()
+	pods := make([]*localPod, 0, len(dp.pods))
+	for _, lp := range dp.pods {
+		pods = append(pods, lp)
+	}
+	dp.mu.Unlock()
+	errs := []error{dp.proxy.Close()}
+	for _, lp := range pods {
+		lp.done.Wait()
+	}
+	errs = append(errs, dp.pool.Close(), dp.capture.Release())
+	dp.ca.Close()
+	return errors.Join(errs...)
+}
+
+// outboundListener hands the proxy captured connections: AcceptOutbound
+// answers capture self-check probes and recovers each original
+// destination, which lp.origDst then returns. The connection itself stays a
+// *net.TCPConn so the proxy's splice path applies.
+type outboundListener struct {
+	*net.TCPListener
+	lp *localPod
+}
+
+func (l *outboundListener) Accept() (net.Conn, error) {
+	c, dst, err := l.lp.ep.AcceptOutbound(l.TCPListener)
+	if err != nil {
+		return nil, err
+	}
+	l.lp.dsts.Store(c, dst)
+	return c, nil
+}
+
+func (lp *localPod) origDst(c net.Conn) (netip.AddrPort, error) {
+	tc, ok := c.(*net.TCPConn)
+	if ok {
+		if v, ok := lp.dsts.LoadAndDelete(tc); ok {
+			return v.(netip.AddrPort), nil
+		}
+	}
+	return netip.AddrPort{}, fmt.Errorf("no original destination recorded for %s", c.RemoteAddr())
+}
+
+// Resolve implements proxy.Resolver from the current cluster state.
+func (dp *dataplane) Resolve(_ *proxy.Workload, dst netip.AddrPort) (proxy.Destination, error) {
+	snap := dp.a.store.Snapshot()
+	if svc, port, ok := snap.ServiceByVIP(dst); ok {
+		bs := snap.Backends(svc, port)
+		if len(bs) == 0 {
+			return proxy.Destination{}, fmt.Errorf("service %s port %d: %w", svc.Key(), port.Port, proxy.ErrNoEndpoints)
+		}
+		d := proxy.Destination{Service: svc.Key().String(), Endpoints: make([]proxy.Endpoint, 0, len(bs))}
+		for _, b := range bs {
+			d.Endpoints = append(d.Endpoints, endpointFor(b.Addr, b.Pod))
+		}
+		return d, nil
+	}
+	return proxy.Destination{Endpoints: []proxy.Endpoint{endpointFor(dst, snap.PodByIP(dst.Addr()))}}, nil
+}
+
+func endpointFor(addr netip.AddrPort, p *state.Pod) proxy.Endpoint {
+	ep := proxy.Endpoint{Addr: addr}
+	if p != nil {
+		ep.Workload = p.Key().String()
+		// Host-network pods are never in PodByIP; a pod that excluded
+		// the port from inbound capture is reached in plaintext.
+		if p.Enrolled && !p.Identity.IsZero() && !slices.Contains(p.ExcludeInboundPorts, addr.Port()) {
+			ep.Enrolled = true
+			ep.Identity = p.Identity
+		}
+	}
+	return ep
+}
+
+// Check implements proxy.Policy with the policy engine: egress at the
+// source agent, ingress at the destination agent.
+func (dp *dataplane) Check(_ context.Context, f *proxy.Flow) proxy.Decision {
+	ps := dp.pol.Load()
+	if ps == nil {
+		return proxy.Decision{Allow: false, Reason: "policy not loaded yet"}
+	}
+	pf := policy.Flow{Dst: f.Dst.Addr().Unmap(), Port: f.Dst.Port(), Protocol: corev1.ProtocolTCP, Src: f.Src.Addr().Unmap()}
+	var d *policy.Decision
+	switch f.Direction {
+	case proxy.Outbound:
+		pf.SrcPod = f.Workload.String()
+		if len(f.Workload.IPs) > 0 {
+			pf.Src = f.Workload.IPs[0] // the app's socket faces 127.0.0.1:15001
+		}
+		pf.DstPod = f.DstWorkload
+		d = dp.engine.DecideEgress(ps, pf)
+	case proxy.Inbound:
+		pf.DstPod = f.Workload.String()
+		if f.Transport == proxy.TransportHBONE && !f.SrcIdentity.IsZero() {
+			pf.Principal = f.SrcIdentity.String()
+		}
+		d = dp.engine.DecideIngress(ps, pf)
+	default:
+		return proxy.Decision{Allow: false, Reason: "unknown direction"}
+	}
+	if !d.Allowed() {
+		dp.a.metrics.Denied(f.Direction.String(), "policy")
+	}
+	return proxy.Decision{Allow: d.Allowed(), Reason: d.Reason}
+}
+
+// mode implements proxy.ModeFunc; an unknown pod or no policy yet is
+// STRICT (fail closed).
+func (dp *dataplane) mode(w *proxy.Workload, port uint16) proxy.MTLSMode {
+	ps := dp.pol.Load()
+	if ps == nil {
+		return proxy.Strict
+	}
+	m, _, ok := ps.MTLSMode(w.String(), port)
+	if !ok || m == v1alpha1.MTLSStrict {
+		return proxy.Strict
+	}
+	return proxy.Permissive
+}
+
+// podDialer dials for the proxy from inside the local pod's network
+// namespace (passthrough keeps the pod's source IP; inbound delivery
+// reaches the app as the pod itself), with the capture bypass mark.
+type podDialer struct{ dp *dataplane }
+
+func (d podDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	f, ok := proxy.FlowFromContext(ctx)
+	if !ok || f.Workload == nil {
+		return nil, errors.New("dialing without a flow: no pod network namespace to dial from")
+	}
+	k := state.Key{Namespace: f.Workload.Namespace, Name: f.Workload.Name}
+	d.dp.mu.Lock()
+	lp := d.dp.pods[k]
+	d.dp.mu.Unlock()
+	if lp == nil || lp.ep == nil {
+		return nil, fmt.Errorf("pod %s is no longer served by this agent", k)
+	}
+	c, err := (&inpod.Dialer{Netns: lp.pod.Netns, Mark: d.dp.capture.Mark()}).DialContext(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// certDump is one SVID in the config dump.
+type certDump struct {
+	SPIFFEID  string    `json:"spiffeId"`
+	NotBefore time.Time `json:"notBefore,omitzero"`
+	NotAfter  time.Time `json:"notAfter,omitzero"`
+	Serial    string    `json:"serial,omitempty"`
+	Error     string    `json:"error,omitempty"`
+}
+
+func (dp *dataplane) certificates() any {
+	out := []certDump{}
+	for _, id := range dp.svids.IDs() {
+		c := certDump{SPIFFEID: id.String()}
+		s, err := dp.svids.SVIDSource(id).GetX509SVID()
+		if err != nil {
+			c.Error = err.Error()
+		} else if len(s.Certificates) > 0 {
+			c.NotBefore, c.NotAfter = s.Certificates[0].NotBefore, s.Certificates[0].NotAfter
+			c.Serial = s.Certificates[0].SerialNumber.Text(16)
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+type capturePodDump struct {
+	Pod      string   `json:"pod"`
+	SPIFFEID string   `json:"spiffeId"`
+	IPs      []string `json:"ips"`
+	Netns    string   `json:"netns"`
+	Status   string   `json:"status"`
+	Problem  string   `json:"problem,omitempty"`
+}
+
+func (dp *dataplane) captureDump() any {
+	on, why := dp.capture.Accel()
+	dp.mu.Lock()
+	pods := []capturePodDump{}
+	for _, lp := range dp.pods {
+		d := capturePodDump{Pod: lp.pod.Key().String(), SPIFFEID: lp.pod.Identity.String(), Netns: lp.pod.Netns,
+			Status: lp.status, Problem: lp.problem}
+		for _, ip := range lp.pod.IPs {
+			d.IPs = append(d.IPs, ip.String())
+		}
+		pods = append(pods, d)
+	}
+	dp.mu.Unlock()
+	slices.SortFunc(pods, func(a, b capturePodDump) int { return strings.Compare(a.Pod, b.Pod) })
+	return map[string]any{"pods": pods, "adopted": dp.capture.Adopted(), "acceleration": on, "accelerationReason": why}
+}
+
+// connDump is one open connection in /connections.
+type connDump struct {
+	ID          uint64    `json:"id"`
+	Direction   string    `json:"direction"`
+	Transport   string    `json:"transport"`
+	Pod         string    `json:"pod"`
+	Src         string    `json:"src"`
+	SrcIdentity string    `json:"srcIdentity,omitempty"`
+	OrigDst     string    `json:"origDst,omitempty"`
+	Dst         string    `json:"dst"`
+	DstIdentity string    `json:"dstIdentity,omitempty"`
+	DstWorkload string    `json:"dstWorkload,omitempty"`
+	Service     string    `json:"service,omitempty"`
+	Start       time.Time `json:"start"`
+	Sent        int64     `json:"bytesSent"`
+	Received    int64     `json:"bytesReceived"`
+}
+
+func (dp *dataplane) connections() any {
+	infos := dp.proxy.Connections()
+	out := make([]connDump, 0, len(infos))
+	for _, c := range infos {
+		f := c.Flow
+		d := connDump{ID: c.ID, Direction: f.Direction.String(), Transport: f.Transport.String(), Src: f.Src.String(),
+			Dst: f.Dst.String(), DstWorkload: f.DstWorkload, Service: f.Service, Start: c.Start, Sent: c.Sent, Received: c.Received}
+		if f.Workload != nil {
+			d.Pod = f.Workload.String()
+		}
+		if f.OrigDst.IsValid() {
+			d.OrigDst = f.OrigDst.String()
+		}
+		if !f.SrcIdentity.IsZero() {
+			d.SrcIdentity = f.SrcIdentity.String()
+		}
+		if !f.DstIdentity.IsZero() {
+			d.DstIdentity = f.DstIdentity.String()
+		}
+		out = append(out, d)
+	}
+	slices.SortFunc(out, func(a, b connDump) int { return int(a.ID) - int(b.ID) })
+	return out
+}
+
+func (dp *dataplane) svidsReady(context.Context) error {
+	var missing []string
+	for _, id := range dp.svids.IDs() {
+		if _, err := dp.svids.SVIDSource(id).GetX509SVID(); err != nil {
+			missing = append(missing, id.String())
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("no SVID yet for %s (is the CA at %s reachable?)", strings.Join(missing, ", "), dp.a.cfg.CAAddr)
+	}
+	return nil
+}
+
+func (dp *dataplane) captureReady(context.Context) error {
+	if !dp.a.store.Snapshot().Synced() {
+		return errors.New("waiting for cluster state to enroll pods")
+	}
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	var bad []string
+	for _, lp := range dp.pods {
+		if lp.status != captureVerified {
+			s := lp.pod.Key().String() + " (" + lp.status
+			if lp.problem != "" {
+				s += ": " + lp.problem
+			}
+			bad = append(bad, s+")")
+		}
+	}
+	slices.Sort(bad)
+	if len(bad) > 0 {
+		return fmt.Errorf("capture not verified for %s", strings.Join(bad, ", "))
+	}
+	return nil
+}
+
+// observeConnections turns the proxy's connection list into metrics and
+// access log records. The proxy has no open/close callback yet, so this
+// polls: connections shorter than the interval are not seen at all, and
+// the byte counts of a closing one are those of the last poll. See the
+// report for the hook that replaces this.
+func (dp *dataplane) observeConnections(ctx context.Context) {
+	const every = 250 * time.Millisecond
+	type seen struct {
+		c    *admin.Conn
+		info proxy.ConnInfo
+	}
+	open := make(map[uint64]*seen)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		now := make(map[uint64]bool)
+		for _, info := range dp.proxy.Connections() {
+			now[info.ID] = true
+			if s, ok := open[info.ID]; ok {
+				s.info = info
+				continue
+			}
+			c := dp.metricsConn(info)
+			dp.a.metrics.Opened(c)
+			open[info.ID] = &seen{c: c, info: info}
+		}
+		for id, s := range open {
+			if !now[id] {
+				dp.a.metrics.Closed(s.c, s.info.Sent, s.info.Received, "closed")
+				delete(open, id)
+			}
+		}
+	}
+}
+
+func splitKey(s string) (ns, name string) {
+	ns, name, ok := strings.Cut(s, "/")
+	if !ok {
+		return "", s
+	}
+	return ns, name
+}
+
+func (dp *dataplane) metricsConn(info proxy.ConnInfo) *admin.Conn {
+	f := info.Flow
+	c := &admin.Conn{Src: f.Src, Dst: f.Dst, Start: info.Start, DstService: f.Service, SecurityPolicy: admin.SecurityNone}
+	if f.Transport == proxy.TransportHBONE {
+		c.SecurityPolicy = admin.SecurityMutualTLS
+	}
+	if !f.SrcIdentity.IsZero() {
+		c.SrcPrincipal = f.SrcIdentity.String()
+	}
+	if !f.DstIdentity.IsZero() {
+		c.DstPrincipal = f.DstIdentity.String()
+	}
+	switch f.Direction {
+	case proxy.Outbound:
+		c.Reporter = admin.ReporterSource
+		if f.Workload != nil {
+			c.SrcNamespace, c.SrcWorkload = f.Workload.Namespace, f.Workload.Name
+		}
+		c.DstNamespace, c.DstWorkload = splitKey(f.DstWorkload)
+	case proxy.Inbound:
+		c.Reporter = admin.ReporterDestination
+		if f.Workload != nil {
+			c.DstNamespace, c.DstWorkload = f.Workload.Namespace, f.Workload.Name
+			c.DstPrincipal = f.Workload.Identity.String()
+		}
+		if p := dp.a.store.Snapshot().PodByIP(f.Src.Addr()); p != nil {
+			c.SrcNamespace, c.SrcWorkload = p.Namespace, p.Name
+		}
+	}
+	return c
+}

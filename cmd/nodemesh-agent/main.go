@@ -1,0 +1,59 @@
+// Command nodemesh-agent is the node agent: it watches the cluster
+// (agent/k8s into agent/state), captures the enrolled pods of its node
+// (redirect), holds their SVIDs (identity/svid), proxies their connections
+// through HBONE tunnels (agent/proxy, agent/hbone) under policy
+// (agent/policy), and serves admin, metrics and readiness (agent/admin).
+//
+// SIGTERM or SIGINT: the agent turns unready, stops accepting, lets open
+// connections finish until --drain-deadline, resets the rest, and exits.
+// Capture stays pinned in the kernel, so enrolled pods fail closed until
+// the next agent adopts them.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+func main() {
+	cfg, err := parseConfig(os.Args[1:], os.Getenv)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
+	if err == nil {
+		err = cfg.Validate()
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "nodemesh-agent: invalid configuration:\n%v\n", err)
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := run(ctx, cfg, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintf(os.Stderr, "nodemesh-agent: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+// run runs the agent until ctx ends, then shuts it down in order.
+func run(ctx context.Context, cfg *Config, stdout, stderr io.Writer) error {
+	level := new(slog.LevelVar)
+	level.Set(cfg.level)
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})).With("node", cfg.NodeName)
+	var access *slog.Logger
+	if cfg.AccessLog {
+		access = newAccessLog(stdout)
+	}
+	a, err := newAgent(cfg, log, level, access)
+	if err != nil {
+		return err
+	}
+	return a.run(ctx)
+}
