@@ -42,6 +42,10 @@ const (
 	AccelAuto AccelMode = iota
 	// AccelOff never turns it on.
 	AccelOff
+	// AccelForce turns it on when the self-test passes except for the
+	// splice(2) check: only for nodes whose applications never read their
+	// sockets with splice, and an agent that does not either.
+	AccelForce
 )
 
 // Config configures Load.
@@ -82,6 +86,7 @@ type Capture struct {
 	slots     map[uint32]bool      // used inbound_socks slots
 	nextSlot  uint32
 	accel     bool
+	accelOK   bool // the start-up self-test passed
 	accelWhy  string
 	adopted   bool
 	closed    bool
@@ -195,7 +200,7 @@ func Load(ctx context.Context, cfg Config) (_ *Capture, err error) {
 	}
 
 	c.accelWhy = "disabled by configuration"
-	if cfg.Accel == AccelAuto {
+	if cfg.Accel == AccelAuto || cfg.Accel == AccelForce {
 		c.setupAccel(ctx)
 	}
 	if !c.accel {
@@ -296,7 +301,7 @@ func (c *Capture) SetAccel(on bool) error {
 	if c.closed {
 		return ErrClosed
 	}
-	if on && !c.skmsg {
+	if on && !c.accelOK {
 		return fmt.Errorf("enabling same-node acceleration: unavailable: %s", c.accelWhy)
 	}
 	if err := c.setAccelFlag(on); err != nil {

@@ -465,10 +465,29 @@ func TestPrivAccel(t *testing.T) {
 	privtest.Root(t)
 	tp := newTopo(t)
 	a := tp.pod("a")
-	capt := loadCaptureT(t, tp.config())
-	on, why := capt.Accel()
+
+	// Auto: on only if every self-test check passes, including splice(2).
+	auto := loadCaptureT(t, tp.config())
+	on, why := auto.Accel()
+	t.Logf("same-node acceleration (auto): on=%v reason=%q", on, why)
 	if !on {
-		t.Fatalf("same-node acceleration off on a kernel that supports it: %s", why)
+		if why == "" {
+			t.Error("acceleration off without a reason")
+		}
+		if err := auto.SetAccel(true); err == nil {
+			t.Error("SetAccel(true) accepted after the self-test failed")
+		}
+	}
+	if err := auto.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Force: the redirect itself must work on kernels with sockmap.
+	cfg := tp.config()
+	cfg.Accel = AccelForce
+	capt := loadCaptureT(t, cfg)
+	if on, why := capt.Accel(); !on {
+		t.Fatalf("acceleration (forced) off: %s", why)
 	}
 	agentServe(t, capt, enrollT(t, capt, a))
 	for _, accel := range []bool{true, false} {

@@ -24,7 +24,7 @@ import (
 // topo is a one-node test topology: a node namespace with a bridge, pod
 // namespaces with a veth each, and a cgroup per pod under a capture root.
 type topo struct {
-	t      *testing.T
+	t      testing.TB
 	id     string // nmtcap-<pid>-<n>
 	node   string // node netns name
 	root   string // capture root cgroup
@@ -56,7 +56,7 @@ func run(t testing.TB, name string, args ...string) {
 	}
 }
 
-func newTopo(t *testing.T) *topo {
+func newTopo(t testing.TB) *topo {
 	t.Helper()
 	topoSeq.Lock()
 	topoSeq.n++
@@ -120,6 +120,12 @@ func (tp *topo) destroy() {
 
 // killCgroup SIGKILLs whatever still runs in a pod cgroup (cgroup.kill).
 func killCgroup(dir string) {
+	b, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	for _, pid := range strings.Fields(string(b)) {
+		if pid == fmt.Sprint(os.Getpid()) {
+			return // never kill the test process itself (benchmarks move into pods)
+		}
+	}
 	os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0)
 	for range 50 {
 		b, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
