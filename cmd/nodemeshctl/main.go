@@ -24,6 +24,10 @@ type group struct {
 var groups = []group{
 	{"lab", "build and drive a multi-node cluster on this machine (up, down, status, exec, apply, demo)", runLab},
 	{"policy", "explain policy decisions from files", runPolicy},
+	{"status", "the node agent's readiness and configuration (admin API)", runStatus},
+	{"workloads", "the pods the node agent serves, their enrollment and capture status", runWorkloads},
+	{"certs", "the SVIDs the node agent holds and when they expire", runCerts},
+	{"connections", "the node agent's open proxied connections", runConnections},
 }
 
 // usageError makes main print usage hints and exit with status 2.
