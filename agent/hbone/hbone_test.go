@@ -555,7 +555,7 @@ func TestBadRequests(t *testing.T) {
 		{"CONNECT", "10.0.0.1:0", http.StatusBadRequest},
 		{"CONNECT", "0.0.0.0:80", http.StatusBadRequest},
 		{"CONNECT", "[::ffff:10.0.0.1]:80", http.StatusBadRequest},
-		{"GET", "10.0.0.1:80", http.StatusMethodNotAllowed},
+		{"GET", "10.0.0.1:80", http.StatusBadRequest},
 		{"CONNECT", "10.0.0.1:80", http.StatusUnauthorized}, // reaches the handler
 	}
 	for _, tc := range cases {

@@ -212,11 +212,15 @@ type ConnectRequest struct {
 
 // Connect opens a CONNECT stream for r on a pooled connection, dialing and
 // handshaking first if no connection to r.Key can take another stream.
+// r.Body is always closed, also when Connect fails.
 //
 // ctx bounds the whole stream, not only its setup: cancelling it resets the
 // stream. Close the returned Stream when done.
 func (p *Pool) Connect(ctx context.Context, r ConnectRequest) (*Stream, error) {
 	if !r.Target.IsValid() {
+		if r.Body != nil {
+			r.Body.Close()
+		}
 		return nil, errors.New("opening HBONE stream: invalid target address")
 	}
 	sctx, cancel := context.WithCancel(ctx)

@@ -101,6 +101,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		MaxUploadBufferPerConnection: fc.ConnWindow,
 		MaxUploadBufferPerStream:     fc.StreamWindow,
 		IdleTimeout:                  cfg.IdleTimeout,
+		// Find dead clients under idle streams, like the pool does.
+		ReadIdleTimeout: 30 * time.Second,
+		PingTimeout:     15 * time.Second,
 	}
 	if err := http2.ConfigureServer(s.hs, s.h2); err != nil {
 		return nil, fmt.Errorf("configuring HTTP/2 server: %w", err)
@@ -231,8 +234,8 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn) {
 
 func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, peer spiffeid.ID, remote netip.AddrPort) {
 	if r.Method != http.MethodConnect {
-		w.Header().Set("Allow", http.MethodConnect)
-		w.WriteHeader(http.StatusMethodNotAllowed)
+		// 400 like ztunnel, not 405: nothing but CONNECT exists here.
+		w.WriteHeader(http.StatusBadRequest)
 		return
 	}
 	target, err := ParseAuthority(r.Host)

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
 )
@@ -46,6 +48,7 @@ func BenchmarkEcho(b *testing.B) {
 			buf := make([]byte, 64)
 			b.ReportAllocs()
 			b.ResetTimer()
+			cpu0 := cpuTime()
 			for b.Loop() {
 				if _, err := c.Write(msg); err != nil {
 					b.Fatal(err)
@@ -54,6 +57,7 @@ func BenchmarkEcho(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+			b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
 		})
 	}
 }
@@ -79,13 +83,13 @@ func BenchmarkBulk(b *testing.B) {
 	vs := []variant{
 		{"direct", "direct", hbone.FlowControl{}},
 		{"passthrough", "passthrough", hbone.FlowControl{}},
-		{"hbone/default", "hbone", hbone.FlowControl{}},
+		{"hbone-default", "hbone", hbone.FlowControl{}},
 	}
 	for _, w := range []int32{64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20} {
-		vs = append(vs, variant{fmt.Sprintf("hbone/window=%dk", w>>10), "hbone", hbone.FlowControl{StreamWindow: w, ConnWindow: max(w, 1<<20) * 4, MaxFrameSize: 16 << 10}})
+		vs = append(vs, variant{fmt.Sprintf("hbone-window=%dk", w>>10), "hbone", hbone.FlowControl{StreamWindow: w, ConnWindow: max(w, 1<<20) * 4, MaxFrameSize: 16 << 10}})
 	}
 	for _, fs := range []uint32{16 << 10, 64 << 10, 256 << 10, 1 << 20} {
-		vs = append(vs, variant{fmt.Sprintf("hbone/frame=%dk", fs>>10), "hbone", hbone.FlowControl{MaxFrameSize: fs}})
+		vs = append(vs, variant{fmt.Sprintf("hbone-frame=%dk", fs>>10), "hbone", hbone.FlowControl{MaxFrameSize: fs}})
 	}
 	for _, v := range vs {
 		b.Run(v.name, func(b *testing.B) {
@@ -96,6 +100,7 @@ func BenchmarkBulk(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			var sent uint64
+			cpu0 := cpuTime()
 			for b.Loop() {
 				if _, err := c.Write(chunk); err != nil {
 					b.Fatal(err)
@@ -111,8 +116,20 @@ func BenchmarkBulk(b *testing.B) {
 			if n := binary.BigEndian.Uint64(got[:]); n != sent {
 				b.Fatalf("application received %d bytes, sent %d", n, sent)
 			}
+			// CPU time per MB of the whole process (client, both agents,
+			// application): steadier than MB/s on a shared machine.
+			b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Microsecond)/(float64(sent)/1e6), "cpu-us/MB")
 		})
 	}
+}
+
+// cpuTime returns the process's user+system CPU time.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // BenchmarkConnect opens a new application connection per op and does one
@@ -123,6 +140,7 @@ func BenchmarkConnect(b *testing.B) {
 			f := newFixture(b, fixtureOpts{})
 			msg := make([]byte, 64)
 			b.ReportAllocs()
+			cpu0 := cpuTime()
 			for b.Loop() {
 				var c net.Conn
 				switch kind {
@@ -144,6 +162,7 @@ func BenchmarkConnect(b *testing.B) {
 				}
 				c.Close()
 			}
+			b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
 			if kind == "hbone" {
 				if st := f.pool1.Stats(); st.Handshakes != 1 {
 					b.Fatalf("warm pool did %d handshakes", st.Handshakes)
@@ -169,7 +188,9 @@ func BenchmarkAESGCM(b *testing.B) {
 	out := make([]byte, 0, len(rec)+aead.Overhead())
 	b.SetBytes(int64(len(rec)))
 	b.ReportAllocs()
+	cpu0 := cpuTime()
 	for b.Loop() {
 		out = aead.Seal(out[:0], nonce, rec, nil)
 	}
+	b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Microsecond)/(float64(b.N)*float64(len(rec))/1e6), "cpu-us/MB")
 }

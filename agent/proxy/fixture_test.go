@@ -231,34 +231,50 @@ func (f *fixture) dial(dst netip.AddrPort) *net.TCPConn {
 }
 
 // dstTable plays the capture's original-destination lookup, keyed by the
-// client's address.
+// client's address. The client registers right after connect returns,
+// which may be after the accept, so lookups wait for it.
 type dstTable struct {
 	mu sync.Mutex
-	m  map[netip.AddrPort]netip.AddrPort
+	m  map[netip.AddrPort]*dstEntry
 }
 
-func (d *dstTable) set(src, dst netip.AddrPort) {
+type dstEntry struct {
+	ready chan struct{}
+	dst   netip.AddrPort
+}
+
+func (d *dstTable) entry(src netip.AddrPort) *dstEntry {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.m == nil {
-		d.m = make(map[netip.AddrPort]netip.AddrPort)
+		d.m = make(map[netip.AddrPort]*dstEntry)
 	}
-	d.m[src] = dst
+	e := d.m[src]
+	if e == nil {
+		e = &dstEntry{ready: make(chan struct{})}
+		d.m[src] = e
+	}
+	return e
+}
+
+func (d *dstTable) set(src, dst netip.AddrPort) {
+	e := d.entry(src)
+	e.dst = dst
+	close(e.ready)
 }
 
 func (d *dstTable) lookup(c net.Conn) (netip.AddrPort, error) {
 	src := addrOf2(c.RemoteAddr())
-	// The client registers right after connect returns, which may be
-	// after the accept.
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
-		d.mu.Lock()
-		dst, ok := d.m[src]
-		d.mu.Unlock()
-		if ok {
-			return dst, nil
-		}
+	e := d.entry(src)
+	select {
+	case <-e.ready:
+	case <-time.After(10 * time.Second):
+		return netip.AddrPort{}, errors.New("no original destination recorded")
 	}
-	return netip.AddrPort{}, errors.New("no original destination recorded")
+	d.mu.Lock()
+	delete(d.m, src) // the client port may be reused later
+	d.mu.Unlock()
+	return e.dst, nil
 }
 
 type dialerFunc func(ctx context.Context, network, addr string) (net.Conn, error)

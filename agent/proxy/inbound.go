@@ -5,7 +5,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"strings"
 	"sync/atomic"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
@@ -95,23 +94,11 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 	finish()
 }
 
-// sourceOf returns the original source address: the address in the
-// Forwarded header the peer agent sent (trusted because the peer is an
-// authenticated mesh workload), else the tunnel's TCP source.
+// sourceOf returns the flow's source: the tunnel's TCP peer, which is the
+// source pod's IP because the source agent dials from inside that pod's
+// network namespace (as ztunnel does). The Forwarded header is not trusted
+// for it: a peer could claim any address there.
 func sourceOf(req *hbone.Request) netip.AddrPort {
-	for _, v := range req.Header.Values("Forwarded") {
-		for part := range strings.SplitSeq(v, ";") {
-			part = strings.TrimSpace(part)
-			if len(part) < 4 || !strings.EqualFold(part[:4], "for=") {
-				continue
-			}
-			s := strings.Trim(part[4:], `"`)
-			s = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
-			if ip, err := netip.ParseAddr(s); err == nil && ip.Zone() == "" {
-				return netip.AddrPortFrom(ip.Unmap(), 0)
-			}
-		}
-	}
 	return req.RemoteAddr
 }
 
