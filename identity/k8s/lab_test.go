@@ -282,6 +282,10 @@ func TestLabIssuanceAndRefusals(t *testing.T) {
 	rsaCSR, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, rsaKey)
 	badSig := csr(t)
 	badSig[len(badSig)-3] ^= 0x55
+	// A token whose agent pod has been deleted (node compromised, pod gone).
+	gonePod := cl.pod(t, agentNS, "nmt1-agent-gone", agentSA, cl.nodeA, corev1.PodRunning)
+	goneTok := cl.token(t, agentSA, gonePod, identity.Audience)
+	cl.deletePod(t, agentNS, gonePod.Name)
 
 	for _, tc := range []struct {
 		name, token, id string
@@ -297,6 +301,7 @@ func TestLabIssuanceAndRefusals(t *testing.T) {
 		{"token bound to nothing", cl.token(t, agentSA, nil, identity.Audience), webID, csr(t), identity.CodeTokenNotBound, ""},
 		{"expired token", expired, webID, csr(t), identity.CodeTokenExpired, ""},
 		{"forged token", forged, webID, csr(t), identity.CodeTokenInvalid, ""},
+		{"token of a deleted pod", goneTok, webID, csr(t), identity.CodeTokenInvalid, ""},
 		{"no token", "", webID, csr(t), identity.CodeUnauthenticated, ""},
 		{"other trust domain", tokA, "spiffe://evil.example/ns/" + cl.app + "/sa/web", csr(t), identity.CodeWrongTrustDomain, cl.nodeA},
 		{"weak key", tokA, webID, rsaCSR, identity.CodeWeakKey, cl.nodeA},
