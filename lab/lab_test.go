@@ -485,10 +485,16 @@ func snapshot(t *testing.T, id, stateDir string) []string {
 			out = append(out, "nft "+line)
 		}
 	}
-	// Processes: in one of the lab's cgroups, or naming its state directory.
-	for _, line := range strings.Split(run("ps", "-eo", "pid=,cgroup:512=,args="), "\n") {
-		if (strings.Contains(line, stateDir+"/") || strings.Contains(line, "/"+name+"/")) && !strings.Contains(line, "ps -eo") {
-			out = append(out, "process "+strings.Join(strings.Fields(line), " "))
+	// Processes: in one of the lab's cgroups, or naming its state
+	// directory. Zombies are dead: killed processes whose parent (init,
+	// once their creator was SIGKILLed) has not yet collected them.
+	for _, line := range strings.Split(run("ps", "-eo", "pid=,stat=,cgroup:512=,args="), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || strings.HasPrefix(f[1], "Z") || strings.Contains(line, "ps -eo") {
+			continue
+		}
+		if strings.Contains(line, stateDir+"/") || strings.Contains(line, "/"+name+"/") {
+			out = append(out, "process "+strings.Join(f, " "))
 		}
 	}
 	if _, err := os.Stat(stateDir); err == nil {

@@ -200,12 +200,10 @@ func SweepAll(ctx context.Context) error {
 
 func sweepMatching(ctx context.Context, stateDir string, m matcher, log *slog.Logger) error {
 	var errs []error
-	// 1. Processes: the API server by its pid files, then everything in
-	// the lab's cgroups and namespaces (cgroup.kill, then SIGKILL by pid
-	// for anything that escaped its cgroup).
-	if stateDir != "" {
-		apiserver.Sweep(filepath.Join(stateDir, "apiserver"))
-	}
+	// 1. Processes: everything in the lab's cgroups (cgroup.kill; this
+	// includes etcd and kube-apiserver once adopted), the API server by
+	// its pid files (a creator killed before adopting them), then by pid
+	// anything left in the lab's namespaces or naming its state directory.
 	cg2, cgErr := cgroup.Mount()
 	var cgDirs []string
 	if cgErr == nil {
@@ -222,6 +220,11 @@ func sweepMatching(ctx context.Context, stateDir string, m matcher, log *slog.Lo
 		if err := cgroup.Kill(kctx, d); err != nil {
 			errs = append(errs, err)
 		}
+	}
+	if stateDir != "" {
+		// After the cgroup kill these are zombies or gone, which Sweep
+		// skips without waiting.
+		apiserver.Sweep(filepath.Join(stateDir, "apiserver"))
 	}
 	for try := 0; try < 3; try++ {
 		procs, err := labProcesses(m, stateDir)
