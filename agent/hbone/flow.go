@@ -1,9 +1,6 @@
 package hbone
 
-import (
-	"fmt"
-	"math"
-)
+import "fmt"
 
 // Flow-control defaults, chosen by BenchmarkTunnelBulk in agent/proxy (see
 // docs/hbone.md for the numbers). HTTP/2's 64 KiB default window limits a
@@ -39,8 +36,6 @@ func (f FlowControl) withDefaults() (FlowControl, error) {
 	switch {
 	case f.StreamWindow < 65535 || f.ConnWindow < 65535:
 		return f, fmt.Errorf("flow-control windows must be at least 65535 bytes (HTTP/2 minimum), got stream %d, connection %d", f.StreamWindow, f.ConnWindow)
-	case f.StreamWindow > math.MaxInt32 || f.ConnWindow > math.MaxInt32:
-		return f, fmt.Errorf("flow-control windows must be below 2^31")
 	case f.MaxFrameSize < 16384 || f.MaxFrameSize > 1<<24-1:
 		return f, fmt.Errorf("max frame size must be in [16384, 16777215], got %d", f.MaxFrameSize)
 	}

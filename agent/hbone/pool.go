@@ -1,3 +1,5 @@
+//lint:file-ignore SA1019 x/net/http2 v0.62 deprecates its API in favour of net/http (where HTTP/2 moves in Go 1.27); the design card requires x/net/http2, see docs/hbone.md.
+
 package hbone
 
 import (
