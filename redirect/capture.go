@@ -7,9 +7,13 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"net/netip"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -419,3 +423,49 @@ func (c *Capture) Stats() (map[string]uint64, error) {
 }
 
 func cookieName(cookie uint64) string { return strconv.FormatUint(cookie, 10) }
+
+// Status is what readiness, metrics and nodemeshctl report about capture.
+type Status struct {
+	Accel       bool        `json:"accel"`
+	AccelReason string      `json:"accelReason"`
+	Adopted     bool        `json:"adopted"`
+	Pods        []PodStatus `json:"pods"`
+}
+
+// PodStatus is one enrolled pod's capture state. Verified is true only
+// after a successful SelfCheck; anything else must be reported as not
+// captured.
+type PodStatus struct {
+	Name      string       `json:"name"`
+	Cookie    uint64       `json:"netnsCookie"`
+	IPs       []netip.Addr `json:"ips"`
+	Verified  bool         `json:"verified"`
+	CheckedAt time.Time    `json:"checkedAt,omitzero"`
+	Error     string       `json:"error,omitempty"`
+}
+
+// Status returns the current capture state.
+func (c *Capture) Status() Status {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	st := Status{Accel: c.accel, AccelReason: c.accelWhy, Adopted: c.adopted}
+	for cookie, p := range c.pods {
+		ps := PodStatus{Cookie: cookie, IPs: slices.Clone(p.ips)}
+		if p.ep == nil {
+			ps.Error = "left enrolled by a previous agent and not enrolled again: fail closed"
+		} else {
+			var err error
+			ps.Name = p.ep.Name
+			ps.Verified, ps.CheckedAt, err = p.ep.Verified()
+			switch {
+			case err != nil:
+				ps.Error = err.Error()
+			case ps.CheckedAt.IsZero():
+				ps.Error = "capture not verified yet"
+			}
+		}
+		st.Pods = append(st.Pods, ps)
+	}
+	slices.SortFunc(st.Pods, func(a, b PodStatus) int { return strings.Compare(a.Name, b.Name) })
+	return st
+}

@@ -164,8 +164,14 @@ func TestPrivEnrollAtRuntime(t *testing.T) {
 	ep := enrollT(t, capt, a)
 	agentServe(t, capt, ep)
 	wantPrefix(t, "enrolled", appDial(t, a, "tcp", dst, "x"), "AGENT dst="+dst)
+	if st := capt.Status(); len(st.Pods) != 1 || st.Pods[0].Verified || st.Pods[0].Error == "" {
+		t.Errorf("status before the self-check %+v: want one pod, not verified, with a reason", st)
+	}
 	if err := ep.SelfCheck(context.Background()); err != nil {
 		t.Errorf("self-check: %v", err)
+	}
+	if st := capt.Status(); len(st.Pods) != 1 || !st.Pods[0].Verified || st.Pods[0].Name != "a" {
+		t.Errorf("status after the self-check %+v: want pod a verified", st)
 	}
 	// Re-enrolling with a new exclusion replaces listeners and settings.
 	if ep2 := enrollT(t, capt, a, 8080); ep2 != ep {
@@ -201,6 +207,9 @@ func TestPrivSelfCheckDetectsUnservedCapture(t *testing.T) {
 	defer cancel()
 	if err := ep.SelfCheck(ctx); err == nil {
 		t.Fatal("self-check passed without an accept loop on 15001")
+	}
+	if ok, _, err := ep.Verified(); ok || err == nil {
+		t.Errorf("Verified() = %v, %v after a failed self-check", ok, err)
 	}
 }
 
@@ -379,6 +388,9 @@ func TestPrivFailClosedReadoptAndCleanup(t *testing.T) {
 	adopted := capt.AdoptedPods()
 	if len(adopted) != 1 || len(adopted[0].IPs) != 2 {
 		t.Fatalf("adopted pods %+v, want the one enrolled pod with 2 IPs", adopted)
+	}
+	if st := capt.Status(); !st.Adopted || len(st.Pods) != 1 || st.Pods[0].Verified {
+		t.Errorf("status after adoption %+v: want adopted, one unverified pod", st)
 	}
 	r := appDial(t, a, "tcp", dst, "x")
 	if !strings.Contains(r.Err, "refused") {

@@ -46,6 +46,7 @@ type EnrolledPod struct {
 
 	c *Capture
 	probes
+	checkState
 }
 
 type podState struct {

@@ -2,12 +2,15 @@ package redirect
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 )
 
 // testPrefix names every kernel object these tests create.
@@ -31,9 +34,52 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 	}
+	// Start the runtime's network poller (an epoll fd and an eventfd that
+	// live for the process) before taking the baseline.
+	if ln, err := net.Listen("tcp", "127.0.0.1:0"); err == nil {
+		ln.Close()
+	}
+	g0, f0 := runtime.NumGoroutine(), openFDs()
 	code := m.Run()
+	if code == 0 {
+		if err := checkLeaks(g0, f0); err != nil {
+			fmt.Fprintln(os.Stderr, "leak check:", err)
+			code = 1
+		}
+	}
 	restore()
 	os.Exit(code)
+}
+
+// fdSlack allows for descriptors that libraries open once and keep (the
+// cilium/ebpf kernel BTF handle and feature probes).
+const fdSlack = 4
+
+// checkLeaks fails when goroutines or file descriptors (sockets, BPF
+// objects) outlive the tests that created them.
+func checkLeaks(g0, f0 int) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		runtime.GC()
+		g, f := runtime.NumGoroutine(), openFDs()
+		if g <= g0 && f <= f0+fdSlack {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			buf = buf[:runtime.Stack(buf, true)]
+			return fmt.Errorf("%d goroutines (started with %d), %d open fds (started with %d, slack %d)\n%s", g, g0, f, f0, fdSlack, buf)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func openFDs() int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return 0
+	}
+	return len(ents)
 }
 
 // enterAgentCgroup moves the test process into its own cgroup.

@@ -136,13 +136,36 @@ func (p *probes) answer(conn *net.TCPConn) {
 // capture is not in effect, the probe stays inside the pod (it targets the
 // pod's own address) and fails. Callers report a pod as captured only after
 // SelfCheck returns nil.
-func (ep *EnrolledPod) SelfCheck(ctx context.Context) error {
+func (ep *EnrolledPod) SelfCheck(ctx context.Context) (err error) {
+	defer func() { ep.record(err) }()
 	for _, ip := range ep.IPs {
 		if err := ep.probe(ctx, ip); err != nil {
 			return fmt.Errorf("capture self-check of pod %s: %w", ep.Name, err)
 		}
 	}
 	return nil
+}
+
+// checkState is the outcome of the last SelfCheck.
+type checkState struct {
+	mu       sync.Mutex
+	verified bool
+	at       time.Time
+	err      error
+}
+
+func (s *checkState) record(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.verified, s.at, s.err = err == nil, time.Now(), err
+}
+
+// Verified reports whether the last SelfCheck proved capture, when it ran,
+// and its error. A pod never checked is not verified.
+func (s *checkState) Verified() (ok bool, at time.Time, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.verified, s.at, s.err
 }
 
 func (ep *EnrolledPod) probe(ctx context.Context, ip netip.Addr) error {
