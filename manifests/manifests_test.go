@@ -277,7 +277,7 @@ func checkAgent(t *testing.T, in install) {
 		added = append(added, string(c))
 	}
 	slices.Sort(added)
-	if want := []string{"BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"}; !slices.Equal(added, want) {
+	if want := []string{"BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"}; !slices.Equal(added, want) {
 		t.Errorf("agent: adds capabilities %v, want %v", added, want)
 	}
 	if sc.ReadOnlyRootFilesystem == nil || !*sc.ReadOnlyRootFilesystem {

@@ -31,7 +31,7 @@ func caps(bits ...int) uint64 {
 }
 
 func TestCheckCaps(t *testing.T) {
-	agent := caps(unix.CAP_BPF, unix.CAP_NET_ADMIN, unix.CAP_SYS_ADMIN, unix.CAP_SYS_PTRACE, unix.CAP_PERFMON)
+	agent := caps(unix.CAP_BPF, unix.CAP_NET_ADMIN, unix.CAP_SYS_ADMIN, unix.CAP_SYS_PTRACE)
 	tests := []struct {
 		name    string
 		eff     uint64
