@@ -21,8 +21,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	appsv1 "k8s.io/api/apps/v1"
 	"golang.org/x/sys/unix"
+	appsv1 "k8s.io/api/apps/v1"
 
 	"github.com/nodemesh/nodemesh/agent/nodeinfo"
 	"github.com/nodemesh/nodemesh/lab/privtest"
