@@ -84,8 +84,8 @@ func resetConn(c net.Conn) {
 // pipeConns copies both ways between two plain connections: the calling
 // goroutine moves a->b, one more moves b->a. EOF on one side half-closes
 // the other; an error resets both. It returns when both directions are
-// done and both connections are closed.
-func pipeConns(a, b net.Conn, aToB, bToA *atomic.Int64) {
+// done and both connections are closed, and reports whether it reset them.
+func pipeConns(a, b net.Conn, aToB, bToA *atomic.Int64) bool {
 	var failed atomic.Bool
 	fail := func() {
 		if failed.CompareAndSwap(false, true) {
@@ -110,16 +110,19 @@ func pipeConns(a, b net.Conn, aToB, bToA *atomic.Int64) {
 	<-done
 	a.Close()
 	b.Close()
+	return failed.Load()
 }
 
 // connBody is the request body of an outbound HBONE stream: the HTTP/2
 // transport's own goroutine reads the application's bytes from it, so the
 // outbound direction needs no goroutine of ours.
 type connBody struct {
-	c    net.Conn
-	n    *atomic.Int64
-	once sync.Once
-	done chan struct{} // closed when the transport is finished with the body
+	c       net.Conn
+	n       *atomic.Int64
+	once    sync.Once
+	done    chan struct{} // closed when the transport is finished with the body
+	readErr atomic.Bool   // a read failed with something other than EOF
+	closed  atomic.Bool   // Close was called; later read errors are its doing
 }
 
 func newConnBody(c net.Conn, n *atomic.Int64) *connBody {
@@ -129,10 +132,24 @@ func newConnBody(c net.Conn, n *atomic.Int64) *connBody {
 func (b *connBody) Read(p []byte) (int, error) {
 	n, err := b.c.Read(p)
 	b.n.Add(int64(n))
-	if errors.Is(err, net.ErrClosed) {
-		err = io.ErrUnexpectedEOF
+	if err != nil && err != io.EOF {
+		if !b.closed.Load() {
+			b.readErr.Store(true)
+		}
+		if errors.Is(err, net.ErrClosed) {
+			err = io.ErrUnexpectedEOF
+		}
 	}
 	return n, err
+}
+
+// err reports whether reading the application failed (a reset), once done
+// is closed. A read cut short by Close after the stream ended is not one.
+func (b *connBody) err() error {
+	if b.readErr.Load() {
+		return io.ErrUnexpectedEOF
+	}
+	return nil
 }
 
 // Close is called by the transport when the stream's request side ends,
@@ -140,6 +157,7 @@ func (b *connBody) Read(p []byte) (int, error) {
 // state: the response direction may still be writing to it.
 func (b *connBody) Close() error {
 	b.once.Do(func() {
+		b.closed.Store(true)
 		_ = b.c.SetReadDeadline(time.Unix(1, 0))
 		close(b.done)
 	})

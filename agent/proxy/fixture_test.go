@@ -53,6 +53,7 @@ type fixture struct {
 	mode         atomic.Int32 // proxy.MTLSMode for node 2
 	dials        atomic.Int32 // node 2 application dials
 	appLns       []net.Listener
+	obs1, obs2   *recorder
 	wg           sync.WaitGroup
 }
 
@@ -106,7 +107,8 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 	policy := proxy.PolicyFunc(func(ctx context.Context, fl *proxy.Flow) proxy.Decision {
 		return (*f.policy.Load()).Check(ctx, fl)
 	})
-	f.node1, err = proxy.New(proxy.Config{Resolver: proxy.ResolverFunc(f.resolve), Pool: f.pool1, ServerTLS: f.tls, Policy: policy})
+	f.obs1, f.obs2 = &recorder{}, &recorder{}
+	f.node1, err = proxy.New(proxy.Config{Resolver: proxy.ResolverFunc(f.resolve), Pool: f.pool1, ServerTLS: f.tls, Policy: policy, Observer: f.obs1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -124,6 +126,7 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 		ServerTLS: f.tls,
 		Policy:    policy,
 		Dialer:    countingDialer,
+		Observer:  f.obs2,
 		Mode:      func(*proxy.Workload, uint16) proxy.MTLSMode { return proxy.MTLSMode(f.mode.Load()) },
 		HBONE:     hbone.ServerConfig{Flow: o.flow},
 	})
@@ -306,3 +309,37 @@ func echoConn(c net.Conn) {
 }
 
 var _ = spiffeid.ID{}
+
+// recorder is an Observer that keeps every event.
+type recorder struct {
+	mu      sync.Mutex
+	opened  []proxy.ConnInfo
+	closed  []string // reasons
+	bytes   []int64  // Sent+Received of closed connections
+	refused []string
+}
+
+func (r *recorder) Opened(c *proxy.ConnInfo) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.opened = append(r.opened, *c)
+}
+
+func (r *recorder) Closed(c *proxy.ConnInfo, reason string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.closed = append(r.closed, reason)
+	r.bytes = append(r.bytes, c.Sent+c.Received)
+}
+
+func (r *recorder) Refused(f *proxy.Flow, reason string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.refused = append(r.refused, reason)
+}
+
+func (r *recorder) snapshot() (opened int, closed, refused []string, bytes []int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.opened), append([]string(nil), r.closed...), append([]string(nil), r.refused...), append([]int64(nil), r.bytes...)
+}

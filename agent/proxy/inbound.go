@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync/atomic"
+	"time"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
 )
@@ -18,24 +19,14 @@ type inboundHandler struct {
 
 func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t *hbone.Tunnel) {
 	p, w := h.p, h.w
+	start := time.Now()
 	if !p.enter() {
 		t.Refuse(http.StatusServiceUnavailable)
 		return
 	}
 	defer p.wg.Done()
 	log := p.log.With("pod", w.String(), "peer", req.Peer.String(), "dst", req.Target.String())
-	if !w.HasIP(req.Target.Addr()) {
-		// Never dial on a peer's say-so: the tunnel is for this pod only.
-		log.Debug("CONNECT refused: target is not this pod's IP")
-		t.Refuse(http.StatusBadRequest)
-		return
-	}
-	if p.isAgentPort(req.Target.Port()) {
-		log.Debug("CONNECT refused: target is an agent port")
-		t.Refuse(http.StatusBadRequest)
-		return
-	}
-	c := &conn{flow: Flow{
+	c := &conn{start: start, flow: Flow{
 		Direction:   Inbound,
 		Transport:   TransportHBONE,
 		Workload:    w,
@@ -46,9 +37,23 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 		DstIdentity: w.Identity,
 		DstWorkload: w.String(),
 	}}
+	if !w.HasIP(req.Target.Addr()) {
+		// Never dial on a peer's say-so: the tunnel is for this pod only.
+		log.Debug("CONNECT refused: target is not this pod's IP")
+		t.Refuse(http.StatusBadRequest)
+		p.cfg.Observer.Refused(&c.flow, "target is not this pod")
+		return
+	}
+	if p.isAgentPort(req.Target.Port()) {
+		log.Debug("CONNECT refused: target is an agent port")
+		t.Refuse(http.StatusBadRequest)
+		p.cfg.Observer.Refused(&c.flow, "target is an agent port")
+		return
+	}
 	if dec := p.cfg.Policy.Check(ctx, &c.flow); !dec.Allow {
 		log.Debug("CONNECT denied by policy", "reason", dec.Reason)
 		t.Refuse(http.StatusUnauthorized)
+		p.cfg.Observer.Refused(&c.flow, "denied: "+dec.Reason)
 		return
 	}
 	dctx, cancel := context.WithTimeout(context.WithValue(ctx, flowKey{}, &c.flow), p.cfg.ConnectTimeout)
@@ -57,6 +62,7 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 	if err != nil {
 		log.Debug("dialing the application failed", "error", err)
 		t.Refuse(http.StatusServiceUnavailable)
+		p.cfg.Observer.Refused(&c.flow, "dial failed")
 		return
 	}
 	if err := t.Accept(); err != nil {
@@ -80,6 +86,7 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 		defer p.wg.Done()
 		defer finish()
 		if err := copyCounted(app, t, &c.sent); err != nil {
+			c.failed.Store(true)
 			resetConn(app)
 			return
 		}
@@ -88,6 +95,7 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 	// app -> tunnel here; returning ends the stream (END_STREAM, or
 	// RST_STREAM after Reset).
 	if err := copyCounted(t, app, &c.recv); err != nil {
+		c.failed.Store(true)
 		t.Reset()
 		resetConn(app)
 	}
@@ -103,50 +111,49 @@ func sourceOf(req *hbone.Request) netip.AddrPort {
 }
 
 func (p *Proxy) handleInboundPlaintext(c net.Conn, w *Workload, origDst OrigDstFunc) {
-	src := addrPortOf(c.RemoteAddr())
-	var dst netip.AddrPort
-	if origDst != nil {
-		var err error
-		if dst, err = origDst(c); err != nil {
-			p.log.Warn("inbound plaintext connection without original destination; resetting it", "pod", w.String(), "src", src.String(), "error", err)
-			resetConn(c)
-			return
-		}
-	} else {
-		dst = addrPortOf(c.LocalAddr())
-	}
-	log := p.log.With("pod", w.String(), "src", src.String(), "dst", dst.String())
-	if p.isAgentPort(dst.Port()) {
-		log.Debug("plaintext to an agent port refused")
-		resetConn(c)
-		return
-	}
-	if p.cfg.Mode(w, dst.Port()) == Strict {
-		log.Debug("plaintext refused: mTLS mode is STRICT")
-		resetConn(c)
-		return
-	}
-	tc := &conn{flow: Flow{
+	tc := &conn{start: time.Now(), flow: Flow{
 		Direction:   Inbound,
 		Transport:   TransportPlaintext,
 		Workload:    w,
-		Src:         src,
-		OrigDst:     dst,
-		Dst:         dst,
+		Src:         addrPortOf(c.RemoteAddr()),
 		DstIdentity: w.Identity,
 		DstWorkload: w.String(),
 	}}
-	if dec := p.cfg.Policy.Check(p.ctx, &tc.flow); !dec.Allow {
-		log.Debug("plaintext connection denied by policy", "reason", dec.Reason)
-		resetConn(c)
+	f := &tc.flow
+	if origDst != nil {
+		dst, err := origDst(c)
+		if err != nil {
+			p.log.Warn("inbound plaintext connection without original destination; resetting it", "pod", w.String(), "src", f.Src.String(), "error", err)
+			p.refuse(c, f, "no original destination")
+			return
+		}
+		f.Dst = dst
+	} else {
+		f.Dst = addrPortOf(c.LocalAddr())
+	}
+	f.OrigDst = f.Dst
+	log := p.log.With("pod", w.String(), "src", f.Src.String(), "dst", f.Dst.String())
+	if p.isAgentPort(f.Dst.Port()) {
+		log.Debug("plaintext to an agent port refused")
+		p.refuse(c, f, "target is an agent port")
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithValue(p.ctx, flowKey{}, &tc.flow), p.cfg.ConnectTimeout)
-	app, err := p.cfg.Dialer.DialContext(ctx, "tcp", dst.String())
+	if p.cfg.Mode(w, f.Dst.Port()) == Strict {
+		log.Debug("plaintext refused: mTLS mode is STRICT")
+		p.refuse(c, f, "mTLS STRICT")
+		return
+	}
+	if dec := p.cfg.Policy.Check(p.ctx, f); !dec.Allow {
+		log.Debug("plaintext connection denied by policy", "reason", dec.Reason)
+		p.refuse(c, f, "denied: "+dec.Reason)
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithValue(p.ctx, flowKey{}, f), p.cfg.ConnectTimeout)
+	app, err := p.cfg.Dialer.DialContext(ctx, "tcp", f.Dst.String())
 	cancel()
 	if err != nil {
 		log.Debug("dialing the application failed; resetting", "error", err)
-		resetConn(c)
+		p.refuse(c, f, "dial failed")
 		return
 	}
 	tc.kill = func() {
@@ -155,5 +162,7 @@ func (p *Proxy) handleInboundPlaintext(c net.Conn, w *Workload, origDst OrigDstF
 	}
 	p.trk.add(tc)
 	defer p.trk.remove(tc)
-	pipeConns(c, app, &tc.sent, &tc.recv)
+	if pipeConns(c, app, &tc.sent, &tc.recv) {
+		tc.failed.Store(true)
+	}
 }

@@ -7,23 +7,26 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"time"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
 )
 
 func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
-	src := addrPortOf(app.RemoteAddr())
+	start := time.Now()
+	pre := &Flow{Direction: Outbound, Workload: w, Src: addrPortOf(app.RemoteAddr()), SrcIdentity: w.Identity}
 	dst, err := origDst(app)
 	if err != nil {
-		p.log.Warn("outbound connection without original destination; resetting it", "pod", w.String(), "src", src.String(), "error", err)
-		resetConn(app)
+		p.log.Warn("outbound connection without original destination; resetting it", "pod", w.String(), "src", pre.Src.String(), "error", err)
+		p.refuse(app, pre, "no original destination")
 		return
 	}
+	pre.OrigDst, pre.Dst = dst, dst
 	if p.isAgentPort(dst.Port()) && (dst.Addr().IsLoopback() || w.HasIP(dst.Addr())) {
 		// A connection to the agent's own listener was captured: a
 		// capture loop. Refuse rather than spin.
 		p.log.Warn("outbound connection to an agent port of the pod itself; resetting it", "pod", w.String(), "dst", dst.String())
-		resetConn(app)
+		p.refuse(app, pre, "capture loop")
 		return
 	}
 	d, err := p.cfg.Resolver.Resolve(w, dst)
@@ -32,17 +35,18 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 	}
 	if err != nil {
 		p.log.Debug("outbound destination did not resolve; resetting", "pod", w.String(), "dst", dst.String(), "error", err)
-		resetConn(app)
+		pre.Service = d.Service
+		p.refuse(app, pre, "no endpoint")
 		return
 	}
 	i, release := p.bal.pick(d.Endpoints)
 	defer release()
 	ep := d.Endpoints[i]
-	c := &conn{flow: Flow{
+	c := &conn{start: start, flow: Flow{
 		Direction:   Outbound,
 		Transport:   TransportPlaintext,
 		Workload:    w,
-		Src:         src,
+		Src:         pre.Src,
 		SrcIdentity: w.Identity,
 		OrigDst:     dst,
 		Dst:         ep.Addr,
@@ -55,7 +59,7 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 	}
 	if dec := p.cfg.Policy.Check(p.ctx, &c.flow); !dec.Allow {
 		p.log.Debug("outbound connection denied", "pod", w.String(), "dst", dst.String(), "reason", dec.Reason)
-		resetConn(app)
+		p.refuse(app, &c.flow, "denied: "+dec.Reason)
 		return
 	}
 	if ep.Enrolled {
@@ -74,7 +78,7 @@ func (p *Proxy) passthrough(app net.Conn, c *conn) {
 	cancel()
 	if err != nil {
 		p.log.Debug("passthrough dial failed; resetting", "pod", c.flow.Workload.String(), "dst", c.flow.Dst.String(), "error", err)
-		resetConn(app)
+		p.refuse(app, &c.flow, "dial failed")
 		return
 	}
 	c.kill = func() {
@@ -83,18 +87,14 @@ func (p *Proxy) passthrough(app net.Conn, c *conn) {
 	}
 	p.trk.add(c)
 	defer p.trk.remove(c)
-	pipeConns(app, up, &c.sent, &c.recv)
+	if pipeConns(app, up, &c.sent, &c.recv) {
+		c.failed.Store(true)
+	}
 }
 
 func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
 	ctx, cancel := context.WithCancel(p.ctx)
 	defer cancel()
-	c.kill = func() {
-		cancel()
-		resetConn(app)
-	}
-	p.trk.add(c)
-	defer p.trk.remove(c)
 	port := ep.TunnelPort
 	if port == 0 {
 		port = hbone.Port
@@ -108,13 +108,20 @@ func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
 	})
 	if err != nil {
 		p.log.Debug("HBONE connect failed; resetting", "pod", c.flow.Workload.String(), "dst", ep.Addr.String(), "spiffe_id", ep.Identity.String(), "error", err)
-		resetConn(app)
+		p.refuse(app, &c.flow, "tunnel failed")
 		<-body.done
 		return
 	}
+	c.kill = func() {
+		cancel()
+		resetConn(app)
+	}
+	p.trk.add(c)
+	defer p.trk.remove(c)
 	// The transport's goroutine copies app -> tunnel from body; this one
 	// copies tunnel -> app.
 	if err := copyCounted(app, s, &c.recv); err != nil {
+		c.failed.Store(true)
 		s.Close()
 		resetConn(app)
 		<-body.done
@@ -122,6 +129,9 @@ func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
 	}
 	closeWrite(app)
 	<-body.done // the application half-closed too, or the peer ended the stream
+	if body.err() != nil {
+		c.failed.Store(true)
+	}
 	s.Close()
 	app.Close()
 }

@@ -35,6 +35,9 @@ type Config struct {
 	// ConnectTimeout bounds dialing a passthrough destination or the
 	// application (default 5 s). HBONE setup is bounded by the pool's.
 	ConnectTimeout time.Duration
+	// Observer receives connection events for metrics and access logs
+	// (default: none).
+	Observer Observer
 	// HBONE tunes the inbound HBONE servers (MaxStreams, Flow, timeouts);
 	// Local, TLS, Handler and Logger are filled in per workload.
 	HBONE hbone.ServerConfig
@@ -82,12 +85,16 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.ConnectTimeout <= 0 {
 		cfg.ConnectTimeout = 5 * time.Second
 	}
+	if cfg.Observer == nil {
+		cfg.Observer = nopObserver{}
+	}
 	p := &Proxy{
 		cfg:     cfg,
 		log:     cfg.Logger,
 		lns:     make(map[net.Listener]struct{}),
 		servers: make(map[*hbone.Server]struct{}),
 	}
+	p.trk.obs = cfg.Observer
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	return p, nil
 }
@@ -233,7 +240,7 @@ func (p *Proxy) Connections() []ConnInfo { return p.trk.list() }
 // CloseConnections resets every open connection for which match returns
 // true and returns how many it closed.
 func (p *Proxy) CloseConnections(match func(ConnInfo) bool) int {
-	return p.trk.kill(func(c *conn) bool { return match(c.info()) })
+	return p.trk.kill(func(c *conn) bool { return match(c.info()) }, CloseAdmin)
 }
 
 // Reevaluate checks every open connection against the current Policy again
@@ -246,7 +253,7 @@ func (p *Proxy) Reevaluate(ctx context.Context) int {
 			p.log.Debug("closing connection denied by new policy", "src", c.flow.Src.String(), "dst", c.flow.Dst.String(), "reason", d.Reason)
 		}
 		return !d.Allow
-	})
+	}, ClosePolicy)
 }
 
 func (p *Proxy) stopAccepting() []*hbone.Server {
@@ -279,7 +286,7 @@ func (p *Proxy) Drain(ctx context.Context) error {
 	}
 	err := p.trk.wait(ctx)
 	if err != nil {
-		n := p.trk.kill(func(*conn) bool { return true })
+		n := p.trk.kill(func(*conn) bool { return true }, CloseDrain)
 		p.log.Info("drain deadline reached; reset open connections", "connections", n)
 		err = fmt.Errorf("draining proxy: %d connections still open: %w", n, err)
 	}
@@ -312,6 +319,12 @@ func (p *Proxy) Close() error {
 	}
 	p.wg.Wait()
 	return nil
+}
+
+// refuse resets c and reports the refusal.
+func (p *Proxy) refuse(c net.Conn, f *Flow, reason string) {
+	resetConn(c)
+	p.cfg.Observer.Refused(f, reason)
 }
 
 func (p *Proxy) isAgentPort(port uint16) bool {

@@ -404,3 +404,35 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+func TestObserverEvents(t *testing.T) {
+	f := newFixture(t, fixtureOpts{})
+	c := f.dial(f.b1.app)
+	echoRoundTrip(t, c, []byte("0123456789"))
+	waitFor(t, "both ends to report the close", func() bool {
+		_, c1, _, _ := f.obs1.snapshot()
+		_, c2, _, _ := f.obs2.snapshot()
+		return len(c1) == 1 && len(c2) == 1
+	})
+	for i, r := range []*recorder{f.obs1, f.obs2} {
+		opened, closed, refused, bytes := r.snapshot()
+		if opened != 1 || closed[0] != proxy.CloseEOF || len(refused) != 0 || bytes[0] != 20 {
+			t.Fatalf("node %d: opened %d, closed %v, refused %v, bytes %v; want 1 opened, eof, 20 bytes", i+1, opened, closed, refused, bytes)
+		}
+	}
+
+	victim := f.dial(f.b1.app)
+	ping(t, victim, "v")
+	f.setPolicy(proxy.PolicyFunc(func(context.Context, *proxy.Flow) proxy.Decision { return proxy.Decision{Reason: "locked down"} }))
+	f.node1.Reevaluate(context.Background())
+	expectReset(t, victim, "re-evaluated connection")
+	expectReset(t, f.dial(f.b1.app), "denied connection")
+	waitFor(t, "policy close and refusal", func() bool {
+		_, closed, refused, _ := f.obs1.snapshot()
+		return len(closed) == 2 && len(refused) == 1
+	})
+	_, closed, refused, _ := f.obs1.snapshot()
+	if closed[1] != proxy.ClosePolicy || refused[0] != "denied: locked down" {
+		t.Fatalf("closed %v, refused %v", closed, refused)
+	}
+}

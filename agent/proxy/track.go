@@ -7,29 +7,75 @@ import (
 	"time"
 )
 
-// ConnInfo is a snapshot of one open connection.
+// ConnInfo is a snapshot of one connection.
 type ConnInfo struct {
-	ID    uint64
-	Flow  Flow
+	ID   uint64
+	Flow Flow
+	// Start is when the agent accepted the connection; Setup how long it
+	// took until bytes could flow (resolution, policy, dial or tunnel).
 	Start time.Time
+	Setup time.Duration
 	// Sent counts bytes from the connection's source towards its
 	// destination, Received the other way, as far as copied so far.
 	Sent, Received int64
 }
 
+// Close reasons passed to Observer.Closed.
+const (
+	CloseEOF    = "eof"    // both sides closed cleanly
+	CloseReset  = "reset"  // a side reset, or a copy failed
+	ClosePolicy = "policy" // denied when policy was re-evaluated
+	CloseAdmin  = "closed" // closed by CloseConnections
+	CloseDrain  = "drain"  // still open at the drain deadline
+	CloseStop   = "stop"   // the proxy was closed
+)
+
+// Observer learns about every connection, for metrics and access logs.
+// Methods are called on connection goroutines: they must be fast, must not
+// block, and must not keep the pointers.
+type Observer interface {
+	// Opened: the connection is established and tracked.
+	Opened(c *ConnInfo)
+	// Closed: an opened connection ended, for reason (Close*).
+	Closed(c *ConnInfo, reason string)
+	// Refused: a connection was refused or failed before it opened (policy
+	// denial, no endpoint, dial or tunnel failure); f may be partly filled.
+	Refused(f *Flow, reason string)
+}
+
+type nopObserver struct{}
+
+func (nopObserver) Opened(*ConnInfo)         {}
+func (nopObserver) Closed(*ConnInfo, string) {}
+func (nopObserver) Refused(*Flow, string)    {}
+
 type conn struct {
 	id         uint64
 	flow       Flow
 	start      time.Time
+	setup      time.Duration
 	sent, recv atomic.Int64
-	kill       func() // resets both ends; safe to call more than once
+	failed     atomic.Bool            // a copy direction ended in error
+	cut        atomic.Pointer[string] // why the agent killed it, if it did
+	kill       func()                 // resets both ends; safe to call more than once
 }
 
 func (c *conn) info() ConnInfo {
-	return ConnInfo{ID: c.id, Flow: c.flow, Start: c.start, Sent: c.sent.Load(), Received: c.recv.Load()}
+	return ConnInfo{ID: c.id, Flow: c.flow, Start: c.start, Setup: c.setup, Sent: c.sent.Load(), Received: c.recv.Load()}
+}
+
+func (c *conn) closeReason() string {
+	if r := c.cut.Load(); r != nil {
+		return *r
+	}
+	if c.failed.Load() {
+		return CloseReset
+	}
+	return CloseEOF
 }
 
 type tracker struct {
+	obs    Observer
 	mu     sync.Mutex
 	conns  map[uint64]*conn
 	nextID uint64
@@ -40,11 +86,16 @@ type tracker struct {
 // add tracks c. After closeAll, c is killed at once (it was set up while
 // the proxy closed), so that Close never waits for a live connection.
 func (t *tracker) add(c *conn) {
+	c.setup = time.Since(c.start)
 	t.mu.Lock()
 	closed := t.closed
 	t.addLocked(c)
 	t.mu.Unlock()
+	info := c.info()
+	t.obs.Opened(&info)
 	if closed {
+		reason := CloseStop
+		c.cut.CompareAndSwap(nil, &reason)
 		c.kill()
 	}
 }
@@ -55,7 +106,6 @@ func (t *tracker) addLocked(c *conn) {
 	}
 	t.nextID++
 	c.id = t.nextID
-	c.start = time.Now()
 	t.conns[c.id] = c
 	if t.empty == nil {
 		t.empty = make(chan struct{})
@@ -64,12 +114,14 @@ func (t *tracker) addLocked(c *conn) {
 
 func (t *tracker) remove(c *conn) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	delete(t.conns, c.id)
 	if len(t.conns) == 0 && t.empty != nil {
 		close(t.empty)
 		t.empty = nil
 	}
+	t.mu.Unlock()
+	info := c.info()
+	t.obs.Closed(&info, c.closeReason())
 }
 
 func (t *tracker) list() []ConnInfo {
@@ -82,7 +134,7 @@ func (t *tracker) list() []ConnInfo {
 	return out
 }
 
-func (t *tracker) kill(match func(*conn) bool) int {
+func (t *tracker) kill(match func(*conn) bool, reason string) int {
 	t.mu.Lock()
 	var victims []*conn
 	for _, c := range t.conns {
@@ -92,6 +144,7 @@ func (t *tracker) kill(match func(*conn) bool) int {
 	}
 	t.mu.Unlock()
 	for _, c := range victims {
+		c.cut.CompareAndSwap(nil, &reason)
 		c.kill()
 	}
 	return len(victims)
@@ -102,7 +155,7 @@ func (t *tracker) closeAll() int {
 	t.mu.Lock()
 	t.closed = true
 	t.mu.Unlock()
-	return t.kill(func(*conn) bool { return true })
+	return t.kill(func(*conn) bool { return true }, CloseStop)
 }
 
 // wait returns when no connection is tracked or ctx is done.
