@@ -98,7 +98,6 @@ type Capture struct {
 	podsDir   string
 	linksDir  string
 	mapsDir   string
-	agentCgrp string
 }
 
 // ErrClosed is returned by methods of a closed or released Capture.

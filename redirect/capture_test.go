@@ -14,6 +14,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
 	"github.com/nodemesh/nodemesh/agent/inpod"
@@ -172,6 +173,26 @@ func TestPrivEnrollAtRuntime(t *testing.T) {
 	}
 	if st := capt.Status(); len(st.Pods) != 1 || !st.Pods[0].Verified || st.Pods[0].Name != "a" {
 		t.Errorf("status after the self-check %+v: want pod a verified", st)
+	}
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(capt.Collector())
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			key := mf.GetName()
+			for _, l := range m.GetLabel() {
+				key += "," + l.GetName() + "=" + l.GetValue()
+			}
+			got[key] = m.GetGauge().GetValue() + m.GetCounter().GetValue()
+		}
+	}
+	podKey := fmt.Sprintf("nodemesh_capture_pod_verified,netns_cookie=%d,pod=a", ep.Cookie)
+	if got[podKey] != 1 || got["nodemesh_capture_events_total,event=connect_captured"] < 1 {
+		t.Errorf("metrics %v: want %s = 1 and captured connects counted", got, podKey)
 	}
 	// Re-enrolling with a new exclusion replaces listeners and settings.
 	if ep2 := enrollT(t, capt, a, 8080); ep2 != ep {
