@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -83,21 +83,21 @@ type Capture struct {
 	log  *slog.Logger
 	objs captureObjects
 
-	mu        sync.Mutex
-	links     map[string]link.Link // cgroup links by pin name
-	skmsg     bool                 // sk_msg attached to sockhash
-	pods      map[uint64]*podState // by netns cookie
-	slots     map[uint32]bool      // used inbound_socks slots
-	nextSlot  uint32
-	accel     bool
-	accelOK   bool // the start-up self-test passed
-	accelWhy  string
-	adopted   bool
-	closed    bool
-	maxSlots  uint32
-	podsDir   string
-	linksDir  string
-	mapsDir   string
+	mu       sync.Mutex
+	links    map[string]link.Link // cgroup links by pin name
+	skmsg    bool                 // sk_msg attached to sockhash
+	pods     map[uint64]*podState // by netns cookie
+	slots    map[uint32]bool      // used inbound_socks slots
+	nextSlot uint32
+	accel    bool
+	accelOK  bool // the start-up self-test passed
+	accelWhy string
+	adopted  bool
+	closed   bool
+	maxSlots uint32
+	podsDir  string
+	linksDir string
+	mapsDir  string
 }
 
 // ErrClosed is returned by methods of a closed or released Capture.
