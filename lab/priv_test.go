@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/apimachinery/pkg/util/intstr"
+
 	"github.com/nodemesh/nodemesh/lab/cgroup"
 	"github.com/nodemesh/nodemesh/lab/examples"
 	"github.com/nodemesh/nodemesh/lab/privtest"
@@ -38,6 +40,14 @@ func TestPrivDataPath(t *testing.T) {
 	})
 	sp, err := examples.TwoNodesSpec()
 	if err != nil {
+		t.Fatal(err)
+	}
+	// A UDP service too (the example has none).
+	sp.Pods = append(sp.Pods, spec.Pod{Name: "dns-1", Namespace: "shop", Node: "node-2", ServiceAccount: "default",
+		Labels: map[string]string{"app": "dns"}, Command: []string{"nodemeshctl", "lab", "workload", "udp-echo", "--port", "5353"}})
+	sp.Services = append(sp.Services, spec.Service{Name: "dns", Namespace: "shop", Selector: map[string]string{"app": "dns"},
+		Ports: []spec.ServicePort{{Name: "dns", Port: 53, Protocol: "UDP", TargetPort: intstr.FromInt32(5353)}}})
+	if err := sp.Validate("test"); err != nil {
 		t.Fatal(err)
 	}
 	cg2, err := cgroup.Mount()
@@ -77,6 +87,7 @@ func TestPrivDataPath(t *testing.T) {
 	}
 	st.Services["shop/web"] = &Service{Namespace: "shop", Name: "web", ClusterIP: "10.96.7.7", Ports: sp.Services[0].Ports}
 	st.Services["shop/echo"] = &Service{Namespace: "shop", Name: "echo", ClusterIP: "10.96.7.8", Ports: sp.Services[1].Ports}
+	st.Services["shop/dns"] = &Service{Namespace: "shop", Name: "dns", ClusterIP: "10.96.7.9", Ports: sp.Services[2].Ports}
 	if err := l.programServices(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -108,6 +119,15 @@ func TestPrivDataPath(t *testing.T) {
 	out, err := l.Exec(ctx, "shop/web-1", []string{"nodemeshctl", "lab", "workload", "tcp", "10.96.7.8:9000", "hello"})
 	if err != nil || string(out) != "hello" {
 		t.Errorf("tcp echo via ClusterIP: %q %v", out, err)
+	}
+	var udpOut []byte
+	for i := 0; i < 20; i++ { // udp-echo may still be binding
+		if udpOut, err = l.Exec(ctx, "client/client-1", []string{"nodemeshctl", "lab", "workload", "udp", "--timeout", "500ms", "10.96.7.9:53", "hello udp"}); err == nil {
+			break
+		}
+	}
+	if err != nil || string(udpOut) != "hello udp" {
+		t.Errorf("udp echo via ClusterIP: %q %v", udpOut, err)
 	}
 	// Exec reports a failing command with its output.
 	if _, err := l.Exec(ctx, "shop/web-1", []string{"nodemeshctl", "lab", "workload", "get", "--timeout", "2s", "http://10.96.9.9/"}); err == nil {

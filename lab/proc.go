@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -36,7 +37,9 @@ func init() {
 func reexecMain(args []string) int {
 	switch {
 	case len(args) >= 2 && args[0] == "lab" && args[1] == "workload":
-		return workload.Main(args[2:], os.Stdout, os.Stderr)
+		ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+		defer stop()
+		return workload.Main(ctx, args[2:], os.Stdout, os.Stderr)
 	case len(args) >= 2 && args[0] == "lab" && args[1] == "apiproxy":
 		return apiProxyMain(args[2:])
 	}

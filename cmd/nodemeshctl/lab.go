@@ -46,7 +46,9 @@ func runLab(args []string) error {
 		"up": labUp, "down": labDown, "status": labStatus, "exec": labExec,
 		"apply": labApply, "demo": labDemo,
 		"workload": func(a []string) error {
-			if code := workload.Main(a, os.Stdout, os.Stderr); code != 0 {
+			ctx, stop := signalContext()
+			defer stop()
+			if code := workload.Main(ctx, a, os.Stdout, os.Stderr); code != 0 {
 				return exitError(code)
 			}
 			return nil

@@ -57,9 +57,13 @@ func run(args []string, stderr io.Writer) int {
 		}
 		err := g.run(args[1:])
 		var ue *usageError
+		var ee exitError
 		switch {
 		case err == nil:
 			return 0
+		case errors.As(err, &ee):
+			return int(ee) // the command said why already
+
 		case errors.Is(err, flag.ErrHelp):
 			return 0
 		case errors.As(err, &ue):

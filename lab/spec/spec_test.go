@@ -2,6 +2,7 @@ package spec
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -116,6 +117,7 @@ services:`, 1)
 		{name: "duplicate node", edit: func(s string) string { return strings.Replace(s, "name: node-2", "name: node-1", 1) }, field: "nodes[1].name", msg: "duplicate node name"},
 		{name: "bad node name", edit: func(s string) string { return strings.Replace(s, "name: node-2", "name: Node_2", 1) }, field: "nodes[1].name", msg: "not a valid node name"},
 		{name: "no nodes", yaml: "pods: []\n", field: "nodes", msg: "no nodes"},
+		{name: "node full", yaml: "nodes: [{name: a, podCIDR: 10.9.0.0/28}]\npods:\n" + manyPods(14), field: "pods[13].node", msg: "room for 13 pods"},
 		{name: "service selects nothing", edit: func(s string) string { return strings.Replace(s, "selector: {app: web}", "selector: {app: db}", 1) }, field: "services[0].selector", msg: "selects no pod"},
 		{name: "service without selector", edit: func(s string) string { return strings.Replace(s, "    selector: {app: web}\n", "", 1) }, field: "services[0].selector", msg: "no selector"},
 		{name: "bad service port", edit: func(s string) string { return strings.Replace(s, "port: 80,", "port: 70000,", 1) }, field: "services[0].ports[0].port", msg: "not a port number"},
@@ -233,4 +235,12 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+func manyPods(n int) string {
+	var b strings.Builder
+	for i := 0; i < n; i++ {
+		fmt.Fprintf(&b, "  - {name: p%d, node: a, command: [x]}\n", i)
+	}
+	return b.String()
 }

@@ -217,6 +217,14 @@ func (v *validator) run(s *Spec) {
 			}
 		}
 	}
+	// Room for the pods: .0 is the network, .1 the node's gateway, the
+	// last address the broadcast.
+	capacity := map[string]int{}
+	for _, n := range s.Nodes {
+		if p, err := netip.ParsePrefix(n.PodCIDR); err == nil && p.Addr().Is4() && p.Bits() <= 28 {
+			capacity[n.Name] = min((1<<(32-p.Bits()))-3, MaxPodsPerNode)
+		}
+	}
 	for i := 0; i < len(prefixes); i++ {
 		for j := i + 1; j < len(prefixes); j++ {
 			if prefixes[i].p.Overlaps(prefixes[j].p) {
@@ -282,8 +290,8 @@ func (v *validator) run(s *Spec) {
 			}
 		} else {
 			perNode[p.Node]++
-			if perNode[p.Node] == MaxPodsPerNode+1 {
-				v.add(f+".node", fmt.Sprintf("more than %d pods on node %q", MaxPodsPerNode, p.Node), "spread pods over more nodes")
+			if c, ok := capacity[p.Node]; ok && perNode[p.Node] == c+1 {
+				v.add(f+".node", fmt.Sprintf("node %q has room for %d pods and this is pod number %d", p.Node, c, c+1), "give the node a larger podCIDR or spread pods over more nodes")
 			}
 		}
 		if errs := validation.IsDNS1123Subdomain(p.ServiceAccount); len(errs) > 0 {

@@ -5,9 +5,11 @@
 //	                                with a JSON Reply saying who it is and
 //	                                what it saw (remote and local address)
 //	tcp-echo --port P               echoes every byte back
+//	udp-echo --port P               echoes every datagram back
 //	get URL                         prints the body of a GET (exit 1 on a
 //	                                non-2xx status or a network error)
 //	tcp ADDR MESSAGE                sends MESSAGE, half-closes, prints the reply
+//	udp ADDR MESSAGE                sends MESSAGE as a datagram, prints the reply
 //	sleep                           blocks until SIGTERM
 //
 // They run as `nodemeshctl lab workload <name> ...` and read the pod they
@@ -26,11 +28,9 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/signal"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 )
 
@@ -58,16 +58,15 @@ type Reply struct {
 }
 
 // Names lists the workloads Main accepts.
-var Names = []string{"http", "tcp-echo", "get", "tcp", "sleep"}
+var Names = []string{"http", "tcp-echo", "udp-echo", "get", "tcp", "udp", "sleep"}
 
-// Main runs the workload named by args[0] and returns the exit code.
-func Main(args []string, stdout, stderr io.Writer) int {
+// Main runs the workload named by args[0] until ctx ends (servers) or the
+// work is done (clients), and returns the exit code.
+func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprintf(stderr, "usage: nodemeshctl lab workload {%s} ...\n", strings.Join(Names, "|"))
 		return 2
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
 	log := slog.New(slog.NewTextHandler(stderr, nil)).With("pod", os.Getenv(EnvPodNamespace)+"/"+os.Getenv(EnvPodName))
 	var err error
 	switch args[0] {
@@ -75,8 +74,12 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = runHTTP(ctx, log, args[1:])
 	case "tcp-echo":
 		err = runTCPEcho(ctx, log, args[1:])
+	case "udp-echo":
+		err = runUDPEcho(ctx, log, args[1:])
 	case "get":
 		err = runGet(ctx, args[1:], stdout)
+	case "udp":
+		err = runUDP(ctx, args[1:], stdout)
 	case "tcp":
 		err = runTCP(ctx, args[1:], stdout)
 	case "sleep":
@@ -303,4 +306,61 @@ func runTCP(ctx context.Context, args []string, stdout io.Writer) error {
 		return fmt.Errorf("reading from %s: %w", fs.Arg(0), err)
 	}
 	return nil
+}
+
+func runUDPEcho(ctx context.Context, log *slog.Logger, args []string) error {
+	fs := flag.NewFlagSet("udp-echo", flag.ContinueOnError)
+	port := fs.Int("port", 9001, "port to echo on")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var lc net.ListenConfig
+	pc, err := lc.ListenPacket(ctx, "udp4", ":"+strconv.Itoa(*port))
+	if err != nil {
+		return fmt.Errorf("listening on udp port %d: %w", *port, err)
+	}
+	log.Info("serving udp-echo", "port", *port)
+	stop := context.AfterFunc(ctx, func() { pc.Close() })
+	defer stop()
+	buf := make([]byte, 64<<10)
+	for {
+		n, addr, err := pc.ReadFrom(buf)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("reading: %w", err)
+		}
+		if _, err := pc.WriteTo(buf[:n], addr); err != nil {
+			log.Warn("udp-echo reply failed", "peer", addr.String(), "err", err)
+		}
+	}
+}
+
+func runUDP(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("udp", flag.ContinueOnError)
+	timeout := fs.Duration("timeout", 5*time.Second, "how long to wait for the reply")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 2 {
+		return errors.New("usage: udp [--timeout D] HOST:PORT MESSAGE")
+	}
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "udp4", fs.Arg(0))
+	if err != nil {
+		return fmt.Errorf("dialing %s: %w", fs.Arg(0), err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(*timeout))
+	if _, err := io.WriteString(c, fs.Arg(1)); err != nil {
+		return fmt.Errorf("sending to %s: %w", fs.Arg(0), err)
+	}
+	buf := make([]byte, 64<<10)
+	n, err := c.Read(buf)
+	if err != nil {
+		return fmt.Errorf("waiting for the reply from %s: %w", fs.Arg(0), err)
+	}
+	_, err = stdout.Write(buf[:n])
+	return err
 }
