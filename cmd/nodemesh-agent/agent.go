@@ -40,6 +40,7 @@ type agent struct {
 
 	draining atomic.Bool
 	dp       *dataplane // nil with --dataplane=false
+	dpUp     atomic.Bool
 }
 
 func restConfig(cfg *Config) (*rest.Config, error) {
@@ -107,6 +108,16 @@ func newAgent(cfg *Config, log *slog.Logger, level *slog.LevelVar, access *slog.
 		}
 		return nil
 	})
+	if cfg.Dataplane {
+		// Until the data plane has registered its own checks (SVIDs,
+		// capture), the agent must not look ready.
+		a.admin.AddReadiness("dataplane", func(context.Context) error {
+			if !a.dpUp.Load() {
+				return errors.New("starting the data plane (loading capture, creating the proxy)")
+			}
+			return nil
+		})
+	}
 	addStateDumps(a.admin, a.store, cfg.NodeName)
 	return a, nil
 }
@@ -137,6 +148,7 @@ func (a *agent) run(ctx context.Context) error {
 			return err
 		}
 		a.dp = dp
+		a.dpUp.Store(true)
 		goRun("data plane", dp.run)
 	} else {
 		a.log.Warn("data plane off (--dataplane=false): no capture, no SVIDs, no proxying")

@@ -1,0 +1,385 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+
+	"github.com/nodemesh/nodemesh/agent/inpod"
+	"github.com/nodemesh/nodemesh/agent/state"
+	"github.com/nodemesh/nodemesh/identity"
+	"github.com/nodemesh/nodemesh/lab"
+	"github.com/nodemesh/nodemesh/lab/demo"
+	"github.com/nodemesh/nodemesh/lab/labtest"
+	"github.com/nodemesh/nodemesh/lab/workload"
+)
+
+// buildBinary builds a command of this module into dir.
+func buildBinary(t *testing.T, dir, pkg string) string {
+	t.Helper()
+	out := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+	}
+	return out
+}
+
+// nodeClient is an HTTP client whose sockets live in a node's network
+// namespace, to reach the agent's loopback admin API there.
+func nodeClient(n lab.Node) *http.Client {
+	d := &inpod.Dialer{Netns: n.Netns}
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := d.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		},
+		DisableKeepAlives: true,
+	}}
+}
+
+func httpGet(c *http.Client, url string) (int, string, error) {
+	resp, err := c.Get(url)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+func eventually(t *testing.T, d time.Duration, what string, f func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		err := f()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: still failing after %s: %v", what, d, err)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// TestLabAgentEndToEnd runs the real binaries in the two-node lab: the CA
+// as a process of node-1, an agent in each node's network namespace, with
+// the lab's real kube-apiserver. It checks readiness, traffic between
+// enrolled pods across nodes by pod IP and by ClusterIP (delivered by the
+// agents over mTLS, with SVIDs for the pods' identities), a non-enrolled
+// client reaching an enrolled pod (PERMISSIVE), SIGTERM, fail-closed while
+// an agent is down, and recovery after its restart.
+func TestLabAgentEndToEnd(t *testing.T) {
+	l := labtest.TwoNodes(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	bin := t.TempDir()
+	agentBin := buildBinary(t, bin, "github.com/nodemesh/nodemesh/cmd/nodemesh-agent")
+	caBin := buildBinary(t, bin, "github.com/nodemesh/nodemesh/cmd/nodemesh-ca")
+	c := l.Server.Client
+	must := func(_ any, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// What a DaemonSet and a Deployment would have created.
+	const sysNS = "nodemesh-system"
+	must(c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: sysNS}}, metav1.CreateOptions{}))
+	for _, sa := range []string{"nodemesh-agent", "nodemesh-ca"} {
+		must(c.CoreV1().ServiceAccounts(sysNS).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}))
+	}
+	node1, err := l.Node("node-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caProc, err := l.StartNodeProcess(ctx, "node-1", "nodemesh-ca", []string{caBin, "--kubeconfig", l.Kubeconfig(),
+		"--namespace", sysNS, "--listen", net.JoinHostPort(node1.IP, fmt.Sprint(identity.DefaultPort)), "--svid-ttl", "1h"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dumpLog(t, caProc.Log) })
+
+	tokDir := t.TempDir()
+	agents := map[string]lab.Process{}
+	startAgent := func(node string) {
+		t.Helper()
+		pod := "nodemesh-agent-" + node
+		p, err := c.CoreV1().Pods(sysNS).Get(ctx, pod, metav1.GetOptions{})
+		if err != nil {
+			p, err = c.CoreV1().Pods(sysNS).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: pod},
+				Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: "nodemesh-agent", HostNetwork: true,
+					Containers: []corev1.Container{{Name: "agent", Image: "nodemesh-agent"}}}}, metav1.CreateOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			p.Status.Phase = corev1.PodRunning
+			if p, err = c.CoreV1().Pods(sysNS).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		tr, err := c.CoreV1().ServiceAccounts(sysNS).CreateToken(ctx, "nodemesh-agent", &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+			Audiences: []string{identity.Audience}, ExpirationSeconds: ptr.To[int64](3600),
+			BoundObjectRef: &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: p.Name, UID: p.UID},
+		}}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok := filepath.Join(tokDir, node)
+		if err := os.WriteFile(tok, []byte(tr.Status.Token), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		n, err := l.Node(node)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pins := filepath.Join(l.BPFDir(), "agent-"+node)
+		proc, err := l.StartNodeProcess(ctx, node, "nodemesh-agent", []string{agentBin,
+			"--node-name", node, "--kubeconfig", l.Kubeconfig(),
+			"--ca-addr", fmt.Sprintf("https://%s:%d", node1.IP, identity.DefaultPort),
+			"--ca-token-file", tok, "--cgroup-root", n.Cgroup, "--bpf-pin-dir", pins,
+			"--drain-deadline", "5s", "--access-log", "--log-level", "debug"}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		agents[node] = proc
+	}
+	t.Cleanup(func() {
+		for node, p := range agents {
+			_ = l.StopNodeProcess(context.Background(), node, "nodemesh-agent", 10*time.Second)
+			dumpLog(t, p.Log)
+		}
+	})
+	// Enroll both namespaces, then start the agents.
+	for _, ns := range []string{"shop", "client"} {
+		setMode(t, ctx, l, ns, state.ModeEnabled)
+	}
+	startAgent("node-1")
+	startAgent("node-2")
+
+	ready := func(node string) error {
+		n, _ := l.Node(node)
+		code, body, err := httpGet(nodeClient(n), "http://127.0.0.1:15021/healthz/ready")
+		if err != nil {
+			return err
+		}
+		if code != 200 {
+			return fmt.Errorf("%d: %s", code, body)
+		}
+		return nil
+	}
+	for _, node := range []string{"node-1", "node-2"} {
+		eventually(t, 90*time.Second, "agent on "+node+" ready", func() error { return ready(node) })
+	}
+
+	web2 := mustLabPod(t, l, "shop/web-2")
+	client1 := mustLabPod(t, l, "client/client-1")
+	get := func(from, url string) (workload.Reply, error) {
+		r, out, err := demo.Get(ctx, l, from, url)
+		if err != nil {
+			return r, fmt.Errorf("%w: %s", err, out)
+		}
+		return r, nil
+	}
+
+	t.Run("EnrolledAcrossNodesByPodIP", func(t *testing.T) {
+		r, err := get(client1.Key(), "http://"+web2.IP+":8080/mesh")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The destination agent delivers from inside web-2's namespace:
+		// the server sees its own address as the peer, which a direct
+		// connection never shows.
+		if r.Pod != web2.Key() || hostOf(r.Remote) != web2.IP {
+			t.Fatalf("reply %+v: want %s, delivered by its agent (remote %s)", r, web2.Key(), web2.IP)
+		}
+		n1, _ := l.Node("node-1")
+		_, metrics, err := httpGet(nodeClient(n1), "http://127.0.0.1:15020/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(metrics, `nodemesh_tunnel_handshakes_total{result="ok"}`) || strings.Contains(metrics, `nodemesh_tunnel_handshakes_total{result="ok"} 0`) {
+			t.Errorf("node-1 reports no successful HBONE handshake:\n%s", grep(metrics, "nodemesh_"))
+		}
+	})
+
+	t.Run("ByClusterIP", func(t *testing.T) {
+		svc, err := l.Service("shop/web")
+		if err != nil {
+			t.Fatal(err)
+		}
+		seen := map[string]bool{}
+		for i := 0; i < 30 && len(seen) < 2; i++ {
+			r, err := get("client/client-2", fmt.Sprintf("http://%s:80/svc", svc.ClusterIP))
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen[r.Pod] = true
+			if p := mustLabPod(t, l, r.Pod); hostOf(r.Remote) != p.IP {
+				t.Errorf("reply %+v was not delivered by the agent", r)
+			}
+		}
+		if !seen["shop/web-1"] || !seen["shop/web-2"] {
+			t.Errorf("requests to the ClusterIP reached %v, want both web pods", seen)
+		}
+	})
+
+	t.Run("CertificatesAndWorkloads", func(t *testing.T) {
+		n2, _ := l.Node("node-2")
+		_, body, err := httpGet(nodeClient(n2), "http://127.0.0.1:15000/config_dump/certificates")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var certs []certDump
+		if err := json.Unmarshal([]byte(body), &certs); err != nil {
+			t.Fatalf("%v: %s", err, body)
+		}
+		have := map[string]bool{}
+		for _, c := range certs {
+			if c.Error == "" && time.Until(c.NotAfter) > 30*time.Minute {
+				have[c.SPIFFEID] = true
+			}
+		}
+		for _, id := range []string{"spiffe://cluster.local/ns/shop/sa/web", "spiffe://cluster.local/ns/shop/sa/echo", "spiffe://cluster.local/ns/client/sa/client"} {
+			if !have[id] {
+				t.Errorf("node-2 holds no valid SVID for %s: %s", id, body)
+			}
+		}
+		_, body, err = httpGet(nodeClient(n2), "http://127.0.0.1:15000/config_dump/capture")
+		if err != nil || strings.Count(body, `"status": "verified"`) != 3 {
+			t.Errorf("node-2 capture dump (want 3 verified pods): %v %s", err, body)
+		}
+	})
+
+	t.Run("PermissiveFromOutsideTheMesh", func(t *testing.T) {
+		setMode(t, ctx, l, "client", "off")
+		eventually(t, 30*time.Second, "client pods leave the mesh", func() error {
+			n1, _ := l.Node("node-1")
+			_, body, err := httpGet(nodeClient(n1), "http://127.0.0.1:15000/config_dump/capture")
+			if err != nil {
+				return err
+			}
+			if strings.Contains(body, "client/client-1") {
+				return fmt.Errorf("still captured: %s", body)
+			}
+			return nil
+		})
+		r, err := get(client1.Key(), "http://"+web2.IP+":8080/plain")
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Plain networking on the client side; web-2's agent still takes
+		// the connection on 15006 (PERMISSIVE) and delivers it.
+		if r.Pod != web2.Key() || hostOf(r.Remote) != web2.IP {
+			t.Fatalf("reply %+v", r)
+		}
+		setMode(t, ctx, l, "client", state.ModeEnabled)
+	})
+
+	t.Run("SIGTERMFailClosedRestart", func(t *testing.T) {
+		start := time.Now()
+		if err := l.StopNodeProcess(ctx, "node-2", "nodemesh-agent", 30*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("agent on node-2 stopped after SIGTERM in %s", time.Since(start).Round(time.Millisecond))
+		if b, err := os.ReadFile(agents["node-2"].Log); err == nil && !strings.Contains(string(b), "agent stopped") {
+			t.Errorf("node-2 agent did not stop cleanly:\n%s", tail(string(b), 3000))
+		}
+		// Enrolled web-2 stays captured with no agent: connections fail,
+		// nothing reaches the app around the mesh.
+		if r, err := get(client1.Key(), "http://"+web2.IP+":8080/down"); err == nil {
+			t.Fatalf("reached %s while its agent was down: %+v", web2.Key(), r)
+		}
+		startAgent("node-2")
+		begin := time.Now()
+		eventually(t, 60*time.Second, "traffic back after the restart", func() error {
+			_, err := get(client1.Key(), "http://"+web2.IP+":8080/back")
+			return err
+		})
+		t.Logf("traffic to %s back %s after the agent restarted", web2.Key(), time.Since(begin).Round(time.Millisecond))
+	})
+}
+
+func setMode(t *testing.T, ctx context.Context, l *lab.Lab, ns, mode string) {
+	t.Helper()
+	c := l.Server.Client.CoreV1().Namespaces()
+	for range 10 {
+		n, err := c.Get(ctx, ns, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n.Labels == nil {
+			n.Labels = map[string]string{}
+		}
+		n.Labels[state.LabelMode] = mode
+		if _, err = c.Update(ctx, n, metav1.UpdateOptions{}); err == nil {
+			return
+		}
+	}
+	t.Fatalf("labelling namespace %s", ns)
+}
+
+func mustLabPod(t *testing.T, l *lab.Lab, key string) lab.Pod {
+	t.Helper()
+	p, err := l.Pod(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func hostOf(addr string) string {
+	h, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	return h
+}
+
+func grep(s, sub string) string {
+	var out []string
+	sc := bufio.NewScanner(strings.NewReader(s))
+	for sc.Scan() {
+		if strings.Contains(sc.Text(), sub) {
+			out = append(out, sc.Text())
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+func dumpLog(t *testing.T, path string) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return
+	}
+	if t.Failed() || testing.Verbose() {
+		t.Logf("%s:\n%s", path, tail(string(b), 20000))
+	}
+}
