@@ -19,7 +19,10 @@ import (
 	"github.com/nodemesh/nodemesh/agent/proxy"
 )
 
-func TestMain(m *testing.M) { hbonetest.Main(m) }
+func TestMain(m *testing.M) {
+	sweepNetns()
+	hbonetest.Main(m)
+}
 
 func randomBytes(t testing.TB, n int) []byte {
 	b := make([]byte, n)
