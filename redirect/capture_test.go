@@ -95,6 +95,8 @@ func TestPrivOutboundCapture(t *testing.T) {
 			"AGENT dst=[fd00:211::3]:8080 | SERVER local=[fd00:211::3]:8080 remote=[fd00:211::2]:", "[::1]:15001"},
 		{"within the pod's namespace", "a", "tcp", "10.211.0.2:9090",
 			"AGENT dst=10.211.0.2:9090 | APPA local=10.211.0.2:9090 remote=10.211.0.2:", "127.0.0.1:15001"},
+		{"dual-stack socket to a v4-mapped address", "a", "mapped", "10.211.0.3:8080",
+			"AGENT dst=10.211.0.3:8080 | SERVER local=10.211.0.3:8080 remote=10.211.0.2:", "127.0.0.1:15001"},
 		{"excluded port", "a", "tcp", "10.211.0.3:5432",
 			"SERVER local=10.211.0.3:5432 remote=10.211.0.2:", "10.211.0.3:5432"},
 		{"loopback", "a", "tcp", "127.0.0.1:7070",
@@ -109,7 +111,12 @@ func TestPrivOutboundCapture(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r := appDial(t, tp.pods[tt.from], tt.network, tt.addr, tt.network)
+			var r dialResult
+			if tt.network == "mapped" {
+				r = helperRun(t, tp.pods[tt.from], "dialmapped", "NMTCAP_ADDR="+tt.addr, "NMTCAP_MSG=mapped")
+			} else {
+				r = appDial(t, tp.pods[tt.from], tt.network, tt.addr, tt.network)
+			}
 			wantPrefix(t, tt.name, r, tt.want)
 			if r.Remote != tt.wantPeer {
 				t.Errorf("app saw peer %s, want %s", r.Remote, tt.wantPeer)

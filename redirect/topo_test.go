@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nodemesh/nodemesh/agent/inpod"
 )
 
@@ -191,6 +193,8 @@ func TestHelperProcess(t *testing.T) {
 	switch mode {
 	case "dial":
 		helperDial()
+	case "dialmapped":
+		helperDialMapped()
 	case "owner":
 		helperOwner()
 	case "dialloop":
@@ -202,10 +206,35 @@ func TestHelperProcess(t *testing.T) {
 }
 
 func helperDial() {
-	var r dialResult
-	defer func() { json.NewEncoder(os.Stdout).Encode(r) }()
 	d := net.Dialer{Timeout: 5 * time.Second}
 	c, err := d.Dial(os.Getenv("NMTCAP_NET"), os.Getenv("NMTCAP_ADDR"))
+	helperTalk(c, err)
+}
+
+// helperDialMapped connects a dual-stack AF_INET6 socket to the
+// v4-mapped form of an IPv4 address, as Java and other runtimes do.
+func helperDialMapped() {
+	ap := netip.MustParseAddrPort(os.Getenv("NMTCAP_ADDR"))
+	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		helperTalk(nil, err)
+		return
+	}
+	sa := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: netip.AddrFrom16(ap.Addr().As16()).As16()}
+	if err := unix.Connect(fd, sa); err != nil {
+		unix.Close(fd)
+		helperTalk(nil, fmt.Errorf("connect [%s]:%d: %w", netip.AddrFrom16(sa.Addr), sa.Port, err))
+		return
+	}
+	f := os.NewFile(uintptr(fd), "mapped")
+	c, err := net.FileConn(f)
+	f.Close()
+	helperTalk(c, err)
+}
+
+func helperTalk(c net.Conn, err error) {
+	var r dialResult
+	defer func() { json.NewEncoder(os.Stdout).Encode(r) }()
 	if err != nil {
 		r.Err = err.Error()
 		return

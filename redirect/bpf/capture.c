@@ -347,6 +347,36 @@ int nm_connect6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+static __always_inline int v4mapped(const __u32 *a)
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+// A dual-stack IPv6 socket talking IPv4 (::ffff:a.b.c.d) is keyed as IPv4,
+// which is how the agent's IPv4 listener sees the same connection.
+static __always_inline void flow_key_norm(struct flow_key *k)
+{
+	if (k->family == AF_INET6 && v4mapped(k->addr)) {
+		k->family = AF_INET;
+		k->addr[0] = k->addr[3];
+		k->addr[2] = 0;
+		k->addr[3] = 0;
+	}
+}
+
+static __always_inline void sock_key_norm(struct sock_key *k)
+{
+	if (k->family == AF_INET6 && v4mapped(k->local_addr) && v4mapped(k->remote_addr)) {
+		k->family = AF_INET;
+		k->local_addr[0] = k->local_addr[3];
+		k->local_addr[2] = 0;
+		k->local_addr[3] = 0;
+		k->remote_addr[0] = k->remote_addr[3];
+		k->remote_addr[2] = 0;
+		k->remote_addr[3] = 0;
+	}
+}
+
 static __always_inline void sock_key_from_ops(struct sock_key *k, struct bpf_sock_ops *skops, __u64 ns)
 {
 	k->netns = ns;
@@ -365,6 +395,7 @@ static __always_inline void sock_key_from_ops(struct sock_key *k, struct bpf_soc
 		k->remote_addr[1] = skops->remote_ip6[1];
 		k->remote_addr[2] = skops->remote_ip6[2];
 		k->remote_addr[3] = skops->remote_ip6[3];
+		sock_key_norm(k);
 	}
 }
 
@@ -413,6 +444,7 @@ int nm_sockops(struct bpf_sock_ops *skops)
 				fk.addr[1] = skops->local_ip6[1];
 				fk.addr[2] = skops->local_ip6[2];
 				fk.addr[3] = skops->local_ip6[3];
+				flow_key_norm(&fk);
 			}
 			struct orig_dst copy = *o;
 			if (bpf_map_update_elem(&origdst, &fk, &copy, BPF_ANY) == 0)
@@ -471,6 +503,7 @@ int nm_skmsg(struct sk_msg_md *msg)
 		peer.remote_addr[1] = msg->local_ip6[1];
 		peer.remote_addr[2] = msg->local_ip6[2];
 		peer.remote_addr[3] = msg->local_ip6[3];
+		sock_key_norm(&peer);
 	}
 	if (bpf_msg_redirect_hash(msg, &sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
 		count(STAT_MSG_REDIRECTED);
