@@ -162,16 +162,18 @@ func (p *Proxy) ServeInboundHBONE(ctx context.Context, ln net.Listener, w *Workl
 	p.servers[srv] = struct{}{}
 	p.wg.Add(1)
 	p.mu.Unlock()
-	defer func() {
+	err = srv.Serve(ctx, ln)
+	// The listener is gone (ctx done: the pod left the node or the mesh;
+	// or the proxy stops). Tunnels already open continue until they end,
+	// GOAWAY tells peers to open no more here, and Close cuts them.
+	go func() {
+		defer p.wg.Done()
+		_ = srv.Drain(p.ctx)
 		p.mu.Lock()
 		delete(p.servers, srv)
 		p.mu.Unlock()
-		p.wg.Done()
 	}()
-	err = srv.Serve(ctx, ln)
 	if ctx.Err() != nil {
-		// The listener is gone (the pod left); its open tunnels stay
-		// until they end or the proxy stops.
 		return nil
 	}
 	return err

@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
 	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -437,5 +439,43 @@ func TestObserverEvents(t *testing.T) {
 	_, closed, refused, _ := f.obs1.snapshot()
 	if closed[1] != proxy.ClosePolicy || refused[0] != "denied: locked down" {
 		t.Fatalf("closed %v, refused %v", closed, refused)
+	}
+}
+
+func TestListenerGoneTunnelsContinue(t *testing.T) {
+	f := newFixture(t, fixtureOpts{})
+	// A separate HBONE listener for pod B1 whose context we cancel, as
+	// when the pod's listeners are torn down.
+	ln := listenOn(t, ipB1)
+	ctx, cancel := context.WithCancel(context.Background())
+	f.serve(func() error { return f.node2.ServeInboundHBONE(ctx, ln, f.b1.w) })
+	f.b1.tunnel = addrOf(ln).Port()
+	c := f.dial(f.b1.app)
+	ping(t, c, "before")
+	cancel()
+	waitFor(t, "listener closed", func() bool {
+		c, err := net.Dial("tcp", addrOf(ln).String())
+		if err != nil {
+			return true
+		}
+		c.Close()
+		return false
+	})
+	ping(t, c, "open tunnel survives its listener")
+	echoRoundTrip(t, c, []byte("bye"))
+}
+
+func TestConnInfoJSON(t *testing.T) {
+	f := newFixture(t, fixtureOpts{})
+	c := f.dial(f.b1.app)
+	ping(t, c, "x")
+	b, err := json.Marshal(f.node1.Connections())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"Direction":"outbound"`, `"Transport":"hbone"`, `"DstIdentity":"spiffe://cluster.local/ns/default/sa/b"`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("JSON listing lacks %s: %s", want, b)
+		}
 	}
 }

@@ -119,6 +119,9 @@ func (d Direction) String() string {
 	return "unknown"
 }
 
+// MarshalText implements encoding.TextMarshaler, for JSON listings.
+func (d Direction) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
 // Transport says how a flow's bytes travel.
 type Transport uint8
 
@@ -139,6 +142,9 @@ func (t Transport) String() string {
 	}
 	return "unknown"
 }
+
+// MarshalText implements encoding.TextMarshaler, for JSON listings.
+func (t Transport) MarshalText() ([]byte, error) { return []byte(t.String()), nil }
 
 // Flow describes one proxied connection, for policy, logs and listings.
 type Flow struct {
