@@ -82,3 +82,16 @@ func TestWorkloadHasIP(t *testing.T) {
 		}
 	}
 }
+
+func TestPodSource(t *testing.T) {
+	w := &Workload{IPs: []netip.Addr{netip.MustParseAddr("10.0.0.5"), netip.MustParseAddr("fd00::5")}}
+	for in, want := range map[string]string{
+		"127.0.0.1:4000": "10.0.0.5:4000",
+		"[::1]:4000":     "[fd00::5]:4000",
+		"10.0.0.5:4000":  "10.0.0.5:4000",
+	} {
+		if got := podSource(w, netip.MustParseAddrPort(in)); got.String() != want {
+			t.Errorf("podSource(%s) = %s, want %s", in, got, want)
+		}
+	}
+}

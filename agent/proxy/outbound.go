@@ -14,7 +14,7 @@ import (
 
 func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 	start := time.Now()
-	pre := &Flow{Direction: Outbound, Workload: w, Src: addrPortOf(app.RemoteAddr()), SrcIdentity: w.Identity}
+	pre := &Flow{Direction: Outbound, Workload: w, Src: podSource(w, addrPortOf(app.RemoteAddr())), SrcIdentity: w.Identity}
 	dst, err := origDst(app)
 	if err != nil {
 		p.log.Warn("outbound connection without original destination; resetting it", "pod", w.String(), "src", pre.Src.String(), "error", err)
@@ -175,6 +175,21 @@ func newTraceparent() string {
 	hex.Encode(b[36:52], ids[16:])
 	copy(b[52:], "-00")
 	return string(b[:])
+}
+
+// podSource maps the source of a captured connection to the pod's address:
+// redirected to 127.0.0.1:15001, the kernel gives it a loopback source, but
+// policy, logs and the Forwarded header want the pod IP.
+func podSource(w *Workload, src netip.AddrPort) netip.AddrPort {
+	if !src.Addr().IsLoopback() {
+		return src
+	}
+	for _, ip := range w.IPs {
+		if ip.Is4() == src.Addr().Is4() {
+			return netip.AddrPortFrom(ip, src.Port())
+		}
+	}
+	return netip.AddrPortFrom(w.IPs[0], src.Port())
 }
 
 func addrPortOf(a net.Addr) netip.AddrPort {
