@@ -9,8 +9,11 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
+	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
@@ -45,6 +48,7 @@ import (
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	agentk8s "github.com/nodemesh/nodemesh/agent/k8s"
+	"github.com/nodemesh/nodemesh/agent/nodeinfo"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/identity"
@@ -78,7 +82,10 @@ func startCluster(ctx context.Context, t *testing.T) *cluster {
 		t.Fatalf("starting the lab API server: %v", err)
 	}
 	t.Cleanup(func() { _ = srv.Stop() })
-	dyn, err := dynamic.NewForConfig(srv.REST)
+	// Quiet: the namespace warns about the "restricted" level on purpose.
+	quiet := rest.CopyConfig(srv.REST)
+	quiet.WarningHandler = rest.NoWarnings{}
+	dyn, err := dynamic.NewForConfig(quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -199,7 +206,10 @@ func TestLabInstall(t *testing.T) {
 	bundleCh := runAgentWatchers(ctx, t, agentREST)
 
 	// 4. The CA.
-	checkCARuns(ctx, t, c, def, bundleCh)
+	ca := checkCARuns(ctx, t, c, def, bundleCh)
+
+	// 5. The real agent binary with the DaemonSet's arguments.
+	runAgentBinary(ctx, t, c, def, ca)
 }
 
 var crdGVR = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
@@ -543,7 +553,13 @@ func (l *lockedBuffer) String() string {
 	return l.b.String()
 }
 
-func checkCARuns(ctx context.Context, t *testing.T, c *cluster, def []*unstructured.Unstructured, bundleCh <-chan []*x509.Certificate) {
+// runningCA is the CA started by checkCARuns.
+type runningCA struct {
+	port     int
+	agentPod *corev1.Pod // on nmtmanifests-node1
+}
+
+func checkCARuns(ctx context.Context, t *testing.T, c *cluster, def []*unstructured.Unstructured, bundleCh <-chan []*x509.Certificate) runningCA {
 	t.Helper()
 	admin := c.srv.Client
 	var d appsv1.Deployment
@@ -687,6 +703,143 @@ func checkCARuns(ctx context.Context, t *testing.T, c *cluster, def []*unstructu
 	if !errors.As(err, &ref) || ref.Code != identity.CodeNoWorkload {
 		t.Errorf("signing db (on node2) for node1's agent: %v, want %s", err, identity.CodeNoWorkload)
 	}
+	return runningCA{port: port, agentPod: agentPod}
+}
+
+// runAgentBinary runs the real nodemesh-agent with the DaemonSet's
+// arguments (env resolved as the kubelet would), a kubeconfig carrying the
+// agent service account's token, and a pod-bound CA token, and waits until
+// it reports ready: informers synced with its own RBAC, trust bundle
+// loaded, capture loaded. Only the node-specific paths and ports are
+// redirected to test-owned ones (cgroup, pins, loopback ports, the CA's
+// address), so several tests can run at once. Then SIGTERM must end it
+// within the DaemonSet's terminationGracePeriodSeconds.
+func runAgentBinary(ctx context.Context, t *testing.T, c *cluster, def []*unstructured.Unstructured, ca runningCA) {
+	t.Helper()
+	privtest.Root(t) // capture: BPF and cgroups
+	admin := c.srv.Client
+	var ds appsv1.DaemonSet
+	var cm corev1.ConfigMap
+	for _, o := range def {
+		switch {
+		case o.GetKind() == "DaemonSet" && o.GetName() == "nodemesh-agent":
+			mustConvert(t, o, &ds)
+		case o.GetKind() == "ConfigMap" && o.GetName() == "nodemesh-config":
+			mustConvert(t, o, &cm)
+		}
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "nodemesh-agent")
+	if out, err := exec.CommandContext(ctx, goTool(), "build", "-o", bin, "../cmd/nodemesh-agent").CombinedOutput(); err != nil {
+		t.Fatalf("building nodemesh-agent: %v\n%s", err, out)
+	}
+	kubeconfig := filepath.Join(dir, "agent.kubeconfig")
+	writeKubeconfig(t, c.srv, token(ctx, t, admin, "nodemesh-agent", nil, nil), kubeconfig)
+	tokenFile := filepath.Join(dir, "ca-token")
+	if err := os.WriteFile(tokenFile, []byte(token(ctx, t, admin, "nodemesh-agent", []string{identity.Audience}, ca.agentPod)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	h, err := nodeinfo.DiscoverHierarchy("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cgroup := filepath.Join(h.Path, fmt.Sprintf("%slab-%d", privPrefix, os.Getpid()))
+	if err := os.Mkdir(cgroup, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	pins := filepath.Join("/sys/fs/bpf", fmt.Sprintf("%slab-%d", privPrefix, os.Getpid()))
+	t.Cleanup(func() {
+		_ = os.RemoveAll(pins)
+		removeCgroups(t, cgroup)
+	})
+
+	ctr := ds.Spec.Template.Spec.Containers[0]
+	args := expandArgs(t, ctr, &cm, map[string]string{
+		"spec.nodeName": ca.agentPod.Spec.NodeName, "metadata.namespace": ns, "metadata.name": ca.agentPod.Name,
+	})
+	readiness := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	override := map[string]string{
+		"ca-addr":       fmt.Sprintf("https://127.0.0.1:%d", ca.port),
+		"ca-token-file": tokenFile,
+		"bpf-pin-dir":   pins,
+	}
+	for i, a := range args {
+		name, _, _ := strings.Cut(strings.TrimPrefix(a, "--"), "=")
+		if v, ok := override[name]; ok {
+			args[i] = "--" + name + "=" + v
+			delete(override, name)
+		}
+	}
+	if len(override) > 0 {
+		t.Fatalf("the DaemonSet lacks flags %v", override)
+	}
+	args = append(args, "--kubeconfig="+kubeconfig, "--cgroup-root="+cgroup,
+		fmt.Sprintf("--admin-addr=127.0.0.1:%d", freePort(t)), fmt.Sprintf("--metrics-addr=127.0.0.1:%d", freePort(t)),
+		"--readiness-addr="+readiness)
+	t.Logf("nodemesh-agent %s", strings.Join(args, " "))
+
+	var agentLog lockedBuffer
+	agent := exec.Command(bin, args...)
+	agent.Stdout, agent.Stderr = &agentLog, &agentLog
+	agent.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := agent.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- agent.Wait() }()
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			_ = agent.Process.Kill()
+			<-done
+		}
+	})
+
+	var body string
+	err = wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, 2*time.Minute, true, func(ctx context.Context) (bool, error) {
+		select {
+		case err := <-done:
+			stopped = true
+			return false, fmt.Errorf("nodemesh-agent exited: %v", err)
+		default:
+		}
+		code, b, err := httpGet(ctx, "http://"+readiness+"/healthz/ready")
+		body = b
+		return err == nil && code == 200, nil
+	})
+	if err != nil {
+		t.Fatalf("nodemesh-agent not ready with the DaemonSet's arguments and its own token: %v\nlast readiness: %s\nlog:\n%s", err, body, agentLog.String())
+	}
+	t.Logf("agent ready: %s", strings.TrimSpace(body))
+
+	grace := time.Duration(*ds.Spec.Template.Spec.TerminationGracePeriodSeconds) * time.Second
+	start := time.Now()
+	_ = agent.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-done:
+		stopped = true
+		if err != nil {
+			t.Errorf("nodemesh-agent exit after SIGTERM: %v\n%s", err, agentLog.String())
+		}
+		t.Logf("agent stopped %s after SIGTERM (grace %s)", time.Since(start).Round(time.Millisecond), grace)
+	case <-time.After(grace):
+		t.Errorf("nodemesh-agent still running %s after SIGTERM: the kubelet would SIGKILL it\n%s", grace, agentLog.String())
+	}
+}
+
+func httpGet(ctx context.Context, url string) (int, string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	return resp.StatusCode, string(b), nil
 }
 
 func mustCreatePod(ctx context.Context, t *testing.T, c kubernetes.Interface, namespace, name, sa, node string) *corev1.Pod {

@@ -337,9 +337,12 @@ func checkAgent(t *testing.T, in install) {
 	}
 
 	// Probes on 15021, metrics on 15020.
-	for name, p := range map[string]*corev1.Probe{"readiness": c.ReadinessProbe, "liveness": c.LivenessProbe, "startup": c.StartupProbe} {
-		if p == nil || p.HTTPGet == nil || p.HTTPGet.Port.IntValue() != 15021 {
-			t.Errorf("agent: %s probe %+v, want HTTP on 15021", name, p)
+	if p := c.ReadinessProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Port.IntValue() != 15021 || p.HTTPGet.Path != "/healthz/ready" {
+		t.Errorf("agent: readiness probe %+v, want HTTP /healthz/ready on 15021", p)
+	}
+	for name, p := range map[string]*corev1.Probe{"liveness": c.LivenessProbe, "startup": c.StartupProbe} {
+		if p == nil || (p.HTTPGet == nil || p.HTTPGet.Port.IntValue() != 15021) && (p.TCPSocket == nil || p.TCPSocket.Port.IntValue() != 15021) {
+			t.Errorf("agent: %s probe %+v, want 15021", name, p)
 		}
 	}
 	ports := map[int32]bool{}
@@ -356,13 +359,13 @@ func checkAgent(t *testing.T, in install) {
 	}
 
 	// The kubelet's SIGKILL must come after the drain deadline.
-	drain, ok := flag(c.Args, "drain-timeout")
+	drain, ok := flag(c.Args, "drain-deadline")
 	if !ok {
-		t.Fatal("agent: no --drain-timeout")
+		t.Fatal("agent: no --drain-deadline")
 	}
 	d, err := time.ParseDuration(drain)
 	if err != nil {
-		t.Fatalf("agent: --drain-timeout=%q: %v", drain, err)
+		t.Fatalf("agent: --drain-deadline=%q: %v", drain, err)
 	}
 	grace := spec.TerminationGracePeriodSeconds
 	if grace == nil || time.Duration(*grace)*time.Second < d+5*time.Second || time.Duration(*grace)*time.Second > d+15*time.Second {
@@ -434,8 +437,11 @@ func checkCA(t *testing.T, in install) {
 	// The agent reaches this Service and trusts this bundle.
 	ds := get[*appsv1.DaemonSet](t, in, "DaemonSet", ns, "nodemesh-agent")
 	agentArgs := ds.Spec.Template.Spec.Containers[0].Args
-	if addr, _ := flag(agentArgs, "ca-address"); addr != fmt.Sprintf("%s.$(POD_NAMESPACE).svc:%d", svc.Name, identity.DefaultPort) {
-		t.Errorf("agent: --ca-address=%q does not name the CA Service %s port %d", addr, svc.Name, identity.DefaultPort)
+	if addr, _ := flag(agentArgs, "ca-addr"); addr != fmt.Sprintf("https://%s.$(POD_NAMESPACE).svc:%d", svc.Name, identity.DefaultPort) {
+		t.Errorf("agent: --ca-addr=%q does not name the CA Service %s port %d", addr, svc.Name, identity.DefaultPort)
+	}
+	if id, _ := flag(agentArgs, "ca-spiffe-id"); id != "spiffe://$(TRUST_DOMAIN)/ns/$(POD_NAMESPACE)/sa/"+spec.ServiceAccountName {
+		t.Errorf("agent: --ca-spiffe-id=%q, want the CA's service account %s", id, spec.ServiceAccountName)
 	}
 	if b, _ := flag(c.Args, "bundle-configmap"); b != identity.BundleConfigMap {
 		t.Errorf("ca: --bundle-configmap=%q, want %s", b, identity.BundleConfigMap)
@@ -618,8 +624,8 @@ func TestOverlays(t *testing.T) {
 			t.Errorf("lab %s: image %s pull %s, want a local image never pulled", kind, c.Image, c.ImagePullPolicy)
 		}
 	}
-	if cm := get[*corev1.ConfigMap](t, lab, "ConfigMap", ns, "nodemesh-config"); cm.Data["access-log"] != "on" {
-		t.Errorf("lab: access-log %q, want on", cm.Data["access-log"])
+	if cm := get[*corev1.ConfigMap](t, lab, "ConfigMap", ns, "nodemesh-config"); cm.Data["access-log"] != "true" {
+		t.Errorf("lab: access-log %q, want true", cm.Data["access-log"])
 	}
 
 	prod := render(t, "overlays/production")
