@@ -184,6 +184,7 @@ func Up(ctx context.Context, sp *spec.Spec, opts Options) (_ *Lab, err error) {
 			if serr := sweep(cctx, dir, opts.ID, log); serr != nil {
 				err = errors.Join(err, fmt.Errorf("cleaning up after the failure: %w", serr))
 			}
+			_ = os.Remove(filepath.Clean(dir) + ".lock")
 			if l.Server != nil {
 				_ = l.Server.Stop() // reaps; the sweep killed it
 			}

@@ -497,8 +497,10 @@ func snapshot(t *testing.T, id, stateDir string) []string {
 			out = append(out, "process "+strings.Join(f, " "))
 		}
 	}
-	if _, err := os.Stat(stateDir); err == nil {
-		out = append(out, "dir "+stateDir)
+	for _, f := range []string{stateDir, stateDir + ".lock", "/sys/fs/bpf/" + name} {
+		if _, err := os.Stat(f); err == nil {
+			out = append(out, "file "+f)
+		}
 	}
 	sort.Strings(out)
 	return out
@@ -621,4 +623,37 @@ func TestLabHelperCreator(t *testing.T) {
 	}
 	fmt.Println("LAB-IS-UP", l.ID())
 	time.Sleep(10 * time.Minute)
+}
+
+// TestLabUpFailureLeavesNothing brings up a spec whose pod exits at once:
+// Up must fail, name the pod and its log, and remove everything it built.
+func TestLabUpFailureLeavesNothing(t *testing.T) {
+	privtest.Root(t)
+	labtest.SweepStale(t)
+	sp, err := spec.Parse("broken.yaml", []byte(`
+nodes: [{name: node-1}]
+pods:
+  - name: crasher
+    node: node-1
+    command: [sh, -c, "echo about to fail; exit 3"]
+    ports: [{containerPort: 8080}]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := labtest.NewID()
+	dir := labtest.Dir(id)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	l, err := lab.Up(ctx, sp, lab.Options{StateDir: dir, ID: id})
+	if err == nil {
+		_ = l.Down(ctx)
+		t.Fatal("Up succeeded with a pod that exits")
+	}
+	if !strings.Contains(err.Error(), "default/crasher") || !strings.Contains(err.Error(), "about to fail") {
+		t.Errorf("the error should name the pod and show its log: %v", err)
+	}
+	if left := snapshot(t, id, dir); len(left) != 0 {
+		t.Errorf("a failed Up left: %v", left)
+	}
 }
