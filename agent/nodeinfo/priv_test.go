@@ -345,3 +345,24 @@ func TestPrivDiscoverFromContainerCgroupNamespace(t *testing.T) {
 func nodeNSEnv() string {
 	return fmt.Sprintf("NODEINFO_TEST_NODENS=/proc/%d/ns/cgroup", os.Getpid())
 }
+
+func TestPrivDiscoverNode(t *testing.T) {
+	h, _, _, pod := setupNode(t)
+	n, rep, err := DiscoverNode(PreflightConfig{RequireHostPID: true, NodeCgroupNS: fmt.Sprintf("/proc/%d/ns/cgroup", os.Getpid())})
+	if err != nil {
+		t.Fatalf("DiscoverNode: %v (%+v)", err, rep)
+	}
+	if n.Hierarchy != h || n.PodsCgroup == "" {
+		t.Errorf("node %+v, want hierarchy %+v", n, h)
+	}
+	netns, cgroup, err := n.PodNetns(pod.uid)
+	if err != nil {
+		t.Fatalf("PodNetns: %v", err)
+	}
+	if want := fmt.Sprintf("/proc/%d/ns/net", pod.cmd.Process.Pid); netns != want || inode(t, cgroup) != inode(t, pod.podDir) {
+		t.Errorf("PodNetns = %q, %q; want %q, %q", netns, cgroup, want, pod.podDir)
+	}
+	if _, _, err := n.PodNetns(newUID(t)); !errors.Is(err, ErrPodNotFound) {
+		t.Errorf("PodNetns(unknown) = %v, want ErrPodNotFound", err)
+	}
+}
