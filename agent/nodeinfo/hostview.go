@@ -24,7 +24,9 @@ const NodeCgroupNS = "/proc/1/ns/cgroup"
 // thread is in it already (the lab, or a runtime without cgroup
 // namespaces). Joining needs CAP_SYS_ADMIN; the thread is discarded
 // afterwards, never reused. fn must not start goroutines that read cgroup
-// paths: they would run on other threads.
+// paths: they would run on other threads. Beware that an exiting thread
+// delivers Pdeathsig to the children forked from it: processes started with
+// SysProcAttr.Pdeathsig may be killed when a HostView thread ends.
 func HostView(nodeNS string, fn func() error) error {
 	hostPath := nodeNS
 	if hostPath == "" {

@@ -100,7 +100,10 @@ func startIn(t *testing.T, dir string, newNet bool, argv ...string) *exec.Cmd {
 	}
 	defer unix.Close(fd)
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd, Pdeathsig: syscall.SIGKILL}
+	// No Pdeathsig: it fires when the forking OS thread exits, and
+	// HostView ends the threads it locks. A killed test leaves these
+	// processes to the next run's sweep.
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
 	if newNet {
 		cmd.SysProcAttr.Cloneflags = syscall.CLONE_NEWNET
 	}
