@@ -666,3 +666,34 @@ func TestConfigValidation(t *testing.T) {
 		t.Error("ServerTLS for a workload without an SVID succeeded")
 	}
 }
+
+func TestDialSeesKeyAndNetnsSeparatesConnections(t *testing.T) {
+	e := newEnv(t)
+	_, addr := e.startServer(t, echo, nil)
+	var mu sync.Mutex
+	var seen []string
+	p := e.newPool(t, func(c *hbone.PoolConfig) {
+		c.Dial = func(ctx context.Context, network, address string) (net.Conn, error) {
+			key, ok := hbone.KeyFromContext(ctx)
+			if !ok {
+				return nil, errors.New("no key in dial context")
+			}
+			mu.Lock()
+			seen = append(seen, key.SrcNetns)
+			mu.Unlock()
+			var d net.Dialer
+			return d.DialContext(ctx, network, address)
+		}
+	})
+	for _, ns := range []string{"pod-1", "pod-2", "pod-1"} {
+		key := e.key(addr)
+		key.SrcNetns = ns
+		s := connect(t, p, key)
+		roundTrip(t, s, []byte(ns))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 2 || seen[0] != "pod-1" || seen[1] != "pod-2" {
+		t.Fatalf("dials for %v; want one per source namespace", seen)
+	}
+}

@@ -28,13 +28,34 @@ type Key struct {
 	Src  spiffeid.ID    // identity presented by the client (the source workload)
 	Dst  spiffeid.ID    // identity required of the server (the destination workload)
 	Addr netip.AddrPort // the destination pod's HBONE address, normally podIP:15008
+	// SrcNetns is opaque to the pool: where the connection is dialled
+	// from. The agent sets the source pod's network namespace, so that the
+	// tunnel leaves from the pod's own IP, and pods never share a
+	// connection even when they share an identity (as in ztunnel's in-pod
+	// mode).
+	SrcNetns string
 }
 
-func (k Key) String() string { return fmt.Sprintf("%s->%s@%s", k.Src, k.Dst, k.Addr) }
+func (k Key) String() string {
+	if k.SrcNetns == "" {
+		return fmt.Sprintf("%s->%s@%s", k.Src, k.Dst, k.Addr)
+	}
+	return fmt.Sprintf("%s->%s@%s via %s", k.Src, k.Dst, k.Addr, k.SrcNetns)
+}
 
-// DialFunc dials the TCP connection under a tunnel. The agent's dialer marks
-// its sockets so that capture does not redirect them again.
+// DialFunc dials the TCP connection under a tunnel; KeyFromContext(ctx)
+// tells it which key the connection is for (e.g. the namespace to dial
+// from). The agent's dialer also marks its sockets so that capture does not
+// redirect them again.
 type DialFunc func(ctx context.Context, network, address string) (net.Conn, error)
+
+type keyCtx struct{}
+
+// KeyFromContext returns the key a DialFunc call is for.
+func KeyFromContext(ctx context.Context) (Key, bool) {
+	k, ok := ctx.Value(keyCtx{}).(Key)
+	return k, ok
+}
 
 // PoolConfig configures a Pool.
 type PoolConfig struct {
@@ -370,7 +391,7 @@ func (p *Pool) handshake(ctx context.Context, key Key) (*http2.ClientConn, error
 	if err != nil {
 		return nil, fmt.Errorf("building TLS config for HBONE %s: %w", key, err)
 	}
-	raw, err := p.cfg.Dial(ctx, "tcp", key.Addr.String())
+	raw, err := p.cfg.Dial(context.WithValue(ctx, keyCtx{}, key), "tcp", key.Addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("dialing HBONE %s (is port %d open on the destination pod, or is a NetworkPolicy blocking it?): %w", key.Addr, key.Addr.Port(), err)
 	}

@@ -101,7 +101,7 @@ func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
 	}
 	body := newConnBody(app, &c.sent)
 	s, err := p.cfg.Pool.Connect(ctx, hbone.ConnectRequest{
-		Key:    hbone.Key{Src: c.flow.SrcIdentity, Dst: ep.Identity, Addr: netip.AddrPortFrom(ep.Addr.Addr(), port)},
+		Key:    hbone.Key{Src: c.flow.SrcIdentity, Dst: ep.Identity, Addr: netip.AddrPortFrom(ep.Addr.Addr(), port), SrcNetns: c.flow.Workload.Netns},
 		Target: ep.Addr,
 		Header: connectHeader(&c.flow),
 		Body:   body,

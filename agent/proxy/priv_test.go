@@ -103,8 +103,8 @@ func TestPrivTunnelBetweenPodNamespaces(t *testing.T) {
 		t.Fatal(err)
 	}
 	store := &hbonetest.Store{}
-	wa := &proxy.Workload{Namespace: "default", Name: "a", Identity: ca.ID("default", "a"), IPs: []netip.Addr{ipA}}
-	wb := &proxy.Workload{Namespace: "default", Name: "b", Identity: ca.ID("default", "b"), IPs: []netip.Addr{ipB}}
+	wa := &proxy.Workload{Namespace: "default", Name: "a", Identity: ca.ID("default", "a"), IPs: []netip.Addr{ipA}, Netns: nsA}
+	wb := &proxy.Workload{Namespace: "default", Name: "b", Identity: ca.ID("default", "b"), IPs: []netip.Addr{ipB}, Netns: nsB}
 	for _, w := range []*proxy.Workload{wa, wb} {
 		svid, err := ca.SVID(w.Identity)
 		if err != nil {
@@ -140,7 +140,23 @@ func TestPrivTunnelBetweenPodNamespaces(t *testing.T) {
 		}
 	}()
 
-	pool, err := hbone.NewPool(hbone.PoolConfig{TLS: tlsP, Dial: hbone.DialFunc(nsDialer(nsA))})
+	// One pool and one dialer per node, as the agent has: the namespace to
+	// dial from comes with each call.
+	poolDial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		key, ok := hbone.KeyFromContext(ctx)
+		if !ok || key.SrcNetns == "" {
+			return nil, fmt.Errorf("tunnel dial without a source namespace")
+		}
+		return nsDialer(key.SrcNetns)(ctx, network, addr)
+	}
+	appDial := dialerFunc(func(ctx context.Context, network, addr string) (net.Conn, error) {
+		f, ok := proxy.FlowFromContext(ctx)
+		if !ok || f.Workload.Netns == "" {
+			return nil, fmt.Errorf("dial without a flow")
+		}
+		return nsDialer(f.Workload.Netns)(ctx, network, addr)
+	})
+	pool, err := hbone.NewPool(hbone.PoolConfig{TLS: tlsP, Dial: poolDial})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +174,7 @@ func TestPrivTunnelBetweenPodNamespaces(t *testing.T) {
 		}
 		return p
 	}
-	node1, node2 := newProxy(nsDialer(nsA)), newProxy(nsDialer(nsB))
+	node1, node2 := newProxy(appDial), newProxy(appDial)
 	defer node2.Close()
 	defer node1.Close()
 
@@ -193,6 +209,9 @@ func TestPrivTunnelBetweenPodNamespaces(t *testing.T) {
 	dsts.set(netip.MustParseAddrPort(c.LocalAddr().String()), appAddr)
 	c.SetDeadline(time.Now().Add(60 * time.Second))
 	ping(t, c, "across namespaces")
+	if st := pool.Stats(); st.Conns != 1 || st.Handshakes != 1 {
+		t.Fatalf("pool: %+v", st)
+	}
 	in := node2.Connections()
 	if len(in) != 1 || in[0].Flow.Src.Addr() != ipA || in[0].Flow.SrcIdentity != wa.Identity || in[0].Flow.Dst != appAddr {
 		t.Fatalf("destination agent saw %+v; want source %s (%s) to %s", in, ipA, wa.Identity, appAddr)
@@ -207,7 +226,7 @@ func TestPrivTunnelBetweenPodNamespaces(t *testing.T) {
 	ctx2, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	_, err = pool.Connect(ctx2, hbone.ConnectRequest{
-		Key:    hbone.Key{Src: wa.Identity, Dst: wb.Identity, Addr: netip.AddrPortFrom(ipB, hbone.Port)},
+		Key:    hbone.Key{Src: wa.Identity, Dst: wb.Identity, Addr: netip.AddrPortFrom(ipB, hbone.Port), SrcNetns: nsA},
 		Target: netip.AddrPortFrom(ipA, 8080),
 	})
 	if err == nil || !strings.Contains(err.Error(), "400") {

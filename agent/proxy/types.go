@@ -30,6 +30,11 @@ type Workload struct {
 	Namespace, Name string
 	Identity        spiffeid.ID
 	IPs             []netip.Addr
+	// Netns is opaque to the proxy: the pod's network namespace (path),
+	// copied to hbone.Key.SrcNetns so that the pool dials each pod's
+	// tunnels from inside that pod. Dialers find it in
+	// FlowFromContext(ctx).Workload.
+	Netns string
 	// Baggage is sent in the baggage header of outbound CONNECTs, like
 	// ztunnel's ("k8s.namespace.name=...,k8s.deployment.name=...").
 	// Empty: built from Namespace and Name.
