@@ -10,9 +10,11 @@ import (
 	"crypto/rand"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -116,3 +118,53 @@ func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(b), "\n"))
 	return len(b), nil
 }
+
+// GoBuild builds the main package pkg (an import path or a path relative
+// to the module root, e.g. "./cmd/nodemesh-agent") once per test binary
+// and returns the executable, for StartNodeProcess and pod commands.
+func GoBuild(t testing.TB, pkg string) string {
+	t.Helper()
+	buildMu.Lock()
+	defer buildMu.Unlock()
+	if p, ok := built[pkg]; ok {
+		return p
+	}
+	root, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil || strings.TrimSpace(string(root)) == "" || strings.TrimSpace(string(root)) == os.DevNull {
+		t.Fatalf("finding the module root for building %s: %v", pkg, err)
+	}
+	// A cache directory, not t.TempDir: the binary may outlive this test
+	// (later tests of this binary reuse it) and must be executable by the
+	// processes the lab starts. Build to a temporary name and rename, so
+	// concurrent test binaries never run a half-written file.
+	cache, err := os.UserCacheDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(cache, "nodemesh", "labtest-bin")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, filepath.Base(pkg))
+	tmp, err := os.CreateTemp(dir, filepath.Base(pkg)+".tmp-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp.Close()
+	defer os.Remove(tmp.Name())
+	cmd := exec.Command("go", "build", "-o", tmp.Name(), pkg)
+	cmd.Dir = filepath.Dir(strings.TrimSpace(string(root)))
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
+	}
+	if err := os.Rename(tmp.Name(), out); err != nil {
+		t.Fatal(err)
+	}
+	built[pkg] = out
+	return out
+}
+
+var (
+	buildMu sync.Mutex
+	built   = map[string]string{}
+)
