@@ -445,10 +445,7 @@ func TestRefusals(t *testing.T) {
 	// not accept its workloads as peers.
 	fedTLS := e.tls
 	fedTLS.Bundles = bothBundles
-	fedStore := e.store
-	_ = fedStore
-	fedSrv, fedAddr := e.startServer(t, h, func(c *hbone.ServerConfig) { c.TLS = fedTLS })
-	_ = fedSrv
+	_, fedAddr := e.startServer(t, h, func(c *hbone.ServerConfig) { c.TLS = fedTLS })
 
 	cases := []struct {
 		name string
