@@ -132,12 +132,28 @@ func (m *Metrics) Closed(c *Conn, sent, received int64, reason string) {
 	if received > 0 {
 		m.received.With(l).Add(float64(received))
 	}
+	m.log("connection", c, sent, received, reason)
+}
+
+// Refused counts a connection refused before it opened (class is a small
+// fixed set: policy, strict_mtls, no_endpoints, connect_failed,
+// bad_request) and access-logs it with the full reason.
+func (m *Metrics) Refused(c *Conn, class, reason string) {
+	dir := "inbound"
+	if c.Reporter == ReporterSource {
+		dir = "outbound"
+	}
+	m.Denied(dir, class)
+	m.log("connection refused", c, 0, 0, reason)
+}
+
+func (m *Metrics) log(msg string, c *Conn, sent, received int64, reason string) {
 	if m.access != nil {
 		var dur time.Duration
 		if !c.Start.IsZero() {
 			dur = time.Since(c.Start)
 		}
-		m.access.LogAttrs(context.Background(), slog.LevelInfo, "connection",
+		m.access.LogAttrs(context.Background(), slog.LevelInfo, msg,
 			slog.String("reporter", c.Reporter),
 			slog.String("src", c.Src.String()),
 			slog.String("dst", c.Dst.String()),

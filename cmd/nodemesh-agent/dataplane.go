@@ -128,7 +128,7 @@ func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
 	}
 	dp.proxy, err = proxy.New(proxy.Config{
 		Logger: log.With("component", "proxy"), Resolver: dp, Pool: dp.pool, ServerTLS: tlsSrc,
-		Dialer: podDialer{dp}, Policy: dp, Mode: dp.mode,
+		Dialer: podDialer{dp}, Policy: dp, Mode: dp.mode, Observer: observer{dp},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("creating the proxy: %w", err)
@@ -163,7 +163,6 @@ func (dp *dataplane) run(ctx context.Context) error {
 			errc <- fmt.Errorf("trust bundle watcher: %w", err)
 		}
 	})
-	wg.Go(func() { dp.observeConnections(ctx) })
 
 	ch, unsub := dp.a.store.Subscribe()
 	defer unsub()
@@ -292,7 +291,7 @@ func (dp *dataplane) enroll(ctx context.Context, p *state.Pod) {
 	lp.cancel = cancel
 	serve := func(what string, f func() error) {
 		lp.done.Go(func() {
-			if err := f(); err != nil && pctx.Err() == nil && !errors.Is(err, proxy.ErrStopped) {
+			if err := f(); err != nil && pctx.Err() == nil && !errors.Is(err, proxy.ErrStopped) && !errors.Is(err, net.ErrClosed) {
 				log.Warn("in-pod listener stopped", "listener", what, "err", err)
 			}
 		})
@@ -336,15 +335,18 @@ func (dp *dataplane) selfCheck(ctx context.Context, lp *localPod, log *slog.Logg
 }
 
 func (dp *dataplane) unenroll(lp *localPod) {
-	if lp.cancel != nil {
-		lp.cancel()
-	}
-	lp.done.Wait()
+	// Capture first: it takes the listeners out of its maps before closing
+	// them (a listener closed earlier has already left the sockmap, and
+	// deleting its slot then fails with EINVAL).
 	if lp.ep != nil {
 		if err := dp.capture.Unenroll(lp.ep); err != nil {
 			dp.log.Warn("unenrolling a pod", "pod", lp.pod.Key().String(), "err", err)
 		}
 	}
+	if lp.cancel != nil {
+		lp.cancel()
+	}
+	lp.done.Wait()
 	dp.svids.Remove(owner(lp.pod))
 	dp.a.metrics.SetCaptureStatus(lp.pod.Namespace, lp.pod.Name, "")
 	dp.log.Info("pod unenrolled", "pod", lp.pod.Key().String())
@@ -468,9 +470,6 @@ func (dp *dataplane) Check(_ context.Context, f *proxy.Flow) proxy.Decision {
 		d = dp.engine.DecideIngress(ps, pf)
 	default:
 		return proxy.Decision{Allow: false, Reason: "unknown direction"}
-	}
-	if !d.Allowed() {
-		dp.a.metrics.Denied(f.Direction.String(), "policy")
 	}
 	return proxy.Decision{Allow: d.Allowed(), Reason: d.Reason}
 }
@@ -643,43 +642,37 @@ func (dp *dataplane) captureReady(context.Context) error {
 	return nil
 }
 
-// observeConnections turns the proxy's connection list into metrics and
-// access log records. The proxy has no open/close callback yet, so this
-// polls: connections shorter than the interval are not seen at all, and
-// the byte counts of a closing one are those of the last poll. See the
-// report for the hook that replaces this.
-func (dp *dataplane) observeConnections(ctx context.Context) {
-	const every = 250 * time.Millisecond
-	type seen struct {
-		c    *admin.Conn
-		info proxy.ConnInfo
-	}
-	open := make(map[uint64]*seen)
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		now := make(map[uint64]bool)
-		for _, info := range dp.proxy.Connections() {
-			now[info.ID] = true
-			if s, ok := open[info.ID]; ok {
-				s.info = info
-				continue
-			}
-			c := dp.metricsConn(info)
-			dp.a.metrics.Opened(c)
-			open[info.ID] = &seen{c: c, info: info}
-		}
-		for id, s := range open {
-			if !now[id] {
-				dp.a.metrics.Closed(s.c, s.info.Sent, s.info.Received, "closed")
-				delete(open, id)
-			}
-		}
+// observer feeds the proxy's connection events to metrics and the access
+// log.
+type observer struct{ dp *dataplane }
+
+func (o observer) Opened(c *proxy.ConnInfo) {
+	m := o.dp.metrics(c.Flow, c.Start)
+	o.dp.a.metrics.Opened(m)
+	o.dp.a.metrics.Setup(c.Flow.Direction.String(), "ok", c.Setup)
+}
+
+func (o observer) Closed(c *proxy.ConnInfo, reason string) {
+	o.dp.a.metrics.Closed(o.dp.metrics(c.Flow, c.Start), c.Sent, c.Received, reason)
+}
+
+func (o observer) Refused(f *proxy.Flow, reason string) {
+	o.dp.a.metrics.Refused(o.dp.metrics(*f, time.Time{}), refusalClass(reason), reason)
+}
+
+// refusalClass maps the proxy's refusal reasons to a few metric label values.
+func refusalClass(reason string) string {
+	switch {
+	case strings.HasPrefix(reason, "denied"):
+		return "policy"
+	case strings.Contains(reason, "STRICT"):
+		return "strict_mtls"
+	case strings.Contains(reason, "no endpoint"):
+		return "no_endpoints"
+	case strings.Contains(reason, "failed"):
+		return "connect_failed"
+	default:
+		return "bad_request"
 	}
 }
 
@@ -691,9 +684,8 @@ func splitKey(s string) (ns, name string) {
 	return ns, name
 }
 
-func (dp *dataplane) metricsConn(info proxy.ConnInfo) *admin.Conn {
-	f := info.Flow
-	c := &admin.Conn{Src: f.Src, Dst: f.Dst, Start: info.Start, DstService: f.Service, SecurityPolicy: admin.SecurityNone}
+func (dp *dataplane) metrics(f proxy.Flow, start time.Time) *admin.Conn {
+	c := &admin.Conn{Src: f.Src, Dst: f.Dst, Start: start, DstService: f.Service, SecurityPolicy: admin.SecurityNone}
 	if f.Transport == proxy.TransportHBONE {
 		c.SecurityPolicy = admin.SecurityMutualTLS
 	}

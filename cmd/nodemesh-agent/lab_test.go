@@ -221,6 +221,52 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		if !strings.Contains(metrics, `nodemesh_tunnel_handshakes_total{result="ok"}`) || strings.Contains(metrics, `nodemesh_tunnel_handshakes_total{result="ok"} 0`) {
 			t.Errorf("node-1 reports no successful HBONE handshake:\n%s", grep(metrics, "nodemesh_"))
 		}
+		// Both agents report the connection with both identities, as
+		// Istio's metrics would; the destination's access log has it.
+		n2, _ := l.Node("node-2")
+		for _, x := range []struct {
+			node     lab.Node
+			reporter string
+		}{{n1, "source"}, {n2, "destination"}} {
+			want := []string{`istio_tcp_connections_closed_total{connection_security_policy="mutual_tls"`,
+				`destination_principal="spiffe://cluster.local/ns/shop/sa/web"`, `destination_workload="web-2"`,
+				`reporter="` + x.reporter + `",source_principal="spiffe://cluster.local/ns/client/sa/client",source_workload="client-1"`}
+			eventually(t, 20*time.Second, x.reporter+" metrics", func() error {
+				_, m, err := httpGet(nodeClient(x.node), "http://127.0.0.1:15020/metrics")
+				if err != nil {
+					return err
+				}
+				lines := grep(m, "istio_tcp_connections_closed_total{")
+				for _, line := range strings.Split(lines, "\n") {
+					ok := true
+					for _, w := range want {
+						ok = ok && strings.Contains(line, w)
+					}
+					if ok {
+						return nil
+					}
+				}
+				return fmt.Errorf("no series with %q in:\n%s", want, lines)
+			})
+		}
+		eventually(t, 20*time.Second, "access log on node-2", func() error {
+			b, err := os.ReadFile(agents["node-2"].Log)
+			if err != nil {
+				return err
+			}
+			for _, line := range strings.Split(string(b), "\n") {
+				var rec map[string]any
+				if json.Unmarshal([]byte(line), &rec) != nil || rec["msg"] != "connection" {
+					continue
+				}
+				if rec["src_spiffe_id"] == "spiffe://cluster.local/ns/client/sa/client" && rec["dst_spiffe_id"] == "spiffe://cluster.local/ns/shop/sa/web" &&
+					rec["reporter"] == "destination" && rec["bytes_sent"].(float64) > 0 && rec["bytes_received"].(float64) > 0 {
+					t.Logf("access log: %s", line)
+					return nil
+				}
+			}
+			return fmt.Errorf("no access log record of the connection")
+		})
 	})
 
 	t.Run("ByClusterIP", func(t *testing.T) {
