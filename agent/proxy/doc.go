@@ -5,7 +5,8 @@
 //     ClusterIP to one ready endpoint, chosen by power of two choices over
 //     in-flight connections), egress policy is checked, and the bytes go
 //     through an HBONE tunnel when the endpoint is an enrolled pod, or in
-//     plaintext to the address the application dialled otherwise.
+//     plaintext to that endpoint otherwise (for an address outside the
+//     cluster, the address the application dialled).
 //   - Inbound HBONE (15008): the hbone package authenticates the peer; this
 //     package checks the CONNECT target (the pod's own IP, not an agent
 //     port), ingress policy, then dials the application and copies.
