@@ -1,7 +1,6 @@
 package ca
 
 import (
-	"bytes"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -307,9 +306,4 @@ func newSerial() (*big.Int, error) {
 		return nil, fmt.Errorf("generating serial number: %w", err)
 	}
 	return n.Add(n, big.NewInt(1)), nil
-}
-
-// sameRoots reports whether a and b hold the same certificates in order.
-func sameRoots(a, b []*x509.Certificate) bool {
-	return slices.EqualFunc(a, b, func(x, y *x509.Certificate) bool { return bytes.Equal(x.Raw, y.Raw) })
 }
