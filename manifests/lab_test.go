@@ -16,7 +16,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -507,11 +506,13 @@ func expandArgs(t *testing.T, c corev1.Container, cm *corev1.ConfigMap, fields m
 	return out
 }
 
+// goTool finds the go command: on PATH (the Makefile puts it there), else
+// where the official installer puts it.
 func goTool() string {
 	if p, err := exec.LookPath("go"); err == nil {
 		return p
 	}
-	return filepath.Join(runtime.GOROOT(), "bin", "go")
+	return "/usr/local/go/bin/go"
 }
 
 func freePort(t *testing.T) int {
