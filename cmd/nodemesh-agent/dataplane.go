@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -48,24 +49,32 @@ type dataplane struct {
 	capture *redirect.Capture
 	svids   *svid.Manager
 	ca      *svid.Client
-	pool    *hbone.Pool
-	proxy   *proxy.Proxy
+	tls     hbone.SPIFFETLS
 	engine  *policy.Engine
 	pol     atomic.Pointer[policy.Snapshot]
 
 	ctx    context.Context // parent of the pods' serving contexts
 	cancel context.CancelFunc
 
-	mu   sync.Mutex
-	pods map[state.Key]*localPod
-	wg   sync.WaitGroup // pod serving goroutines
+	mu      sync.Mutex
+	pods    map[state.Key]*localPod
+	retired hbone.PoolStats // counters of the pools of pods gone, so totals stay monotonic
+	wg      sync.WaitGroup  // retiring pods' drains
 }
 
 // localPod is an enrolled pod of this node.
+//
+// Each pod has its own proxy and HBONE pool: tunnels are dialled from
+// inside the pod's network namespace (as ztunnel does in-pod), so the
+// destination sees the source pod's IP as the TCP peer, and NetworkPolicy
+// at the destination matches the real source. Pooling is therefore per
+// (source pod, destination identity, destination IP).
 type localPod struct {
 	pod    *state.Pod
 	ep     *redirect.EnrolledPod
 	w      *proxy.Workload
+	pool   *hbone.Pool
+	proxy  *proxy.Proxy
 	cancel context.CancelFunc
 	done   sync.WaitGroup
 	dsts   sync.Map // *net.TCPConn -> netip.AddrPort, from AcceptOutbound to the proxy
@@ -105,42 +114,21 @@ func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
 		return nil, fmt.Errorf("creating the SVID manager: %w", err)
 	}
 	cleanup = append(cleanup, dp.ca.Close)
-	tlsSrc := hbone.SPIFFETLS{
+	dp.tls = hbone.SPIFFETLS{
 		SVID:    func(id spiffeid.ID) (x509svid.Source, error) { return dp.svids.SVIDSource(id), nil },
 		Bundles: dp.svids,
 	}
-	mark := dp.capture.Mark()
-	dp.pool, err = hbone.NewPool(hbone.PoolConfig{TLS: tlsSrc, Logger: log.With("component", "pool"),
-		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			// The agent's own netns; marked so capture never takes it.
-			c, err := (&inpod.Dialer{Mark: mark}).DialContext(ctx, network, addr)
-			if err != nil {
-				return nil, err
-			}
-			return c, nil
-		}})
-	if err != nil {
-		return nil, fmt.Errorf("creating the HBONE pool: %w", err)
-	}
-	cleanup = append(cleanup, func() { _ = dp.pool.Close() })
 	if dp.engine, err = policy.NewEngine(8192); err != nil {
 		return nil, fmt.Errorf("creating the policy engine: %w", err)
-	}
-	dp.proxy, err = proxy.New(proxy.Config{
-		Logger: log.With("component", "proxy"), Resolver: dp, Pool: dp.pool, ServerTLS: tlsSrc,
-		Dialer: podDialer{dp}, Policy: dp, Mode: dp.mode, Observer: observer{dp},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("creating the proxy: %w", err)
 	}
 	dp.ctx, dp.cancel = context.WithCancel(context.Background())
 
 	a.metrics.SetPoolStats(func() admin.PoolStats {
-		s := dp.pool.Stats()
+		s := dp.poolStats()
 		return admin.PoolStats{Hits: s.Hits, Misses: s.Misses, Handshakes: s.Handshakes, HandshakeErrors: s.HandshakeErrors, Conns: s.Conns, Streams: s.Streams}
 	})
 	a.admin.AddDump("certificates", dp.certificates)
-	a.admin.AddDump("pools", func() any { return dp.pool.Stats() })
+	a.admin.AddDump("pools", dp.poolsDump)
 	a.admin.AddDump("capture", dp.captureDump)
 	a.admin.SetConnections(dp.connections)
 	a.admin.AddReadiness("svids", dp.svidsReady)
@@ -202,7 +190,11 @@ func (dp *dataplane) updatePolicy(ctx context.Context, snap *state.Snapshot, fir
 	}
 	old := dp.pol.Swap(ps)
 	if !first && old != nil {
-		if n := dp.proxy.Reevaluate(ctx); n > 0 {
+		n := 0
+		for _, lp := range dp.served() {
+			n += lp.proxy.Reevaluate(ctx)
+		}
+		if n > 0 {
 			dp.log.Info("closed connections denied by the new policy", "connections", n)
 		}
 	}
@@ -287,6 +279,33 @@ func (dp *dataplane) enroll(ctx context.Context, p *state.Pod) {
 		return
 	}
 	lp.ep = ep
+	mark := dp.capture.Mark()
+	dial := &inpod.Dialer{Netns: p.Netns, Mark: mark}
+	lp.pool, err = hbone.NewPool(hbone.PoolConfig{TLS: dp.tls, Logger: log.With("component", "pool"),
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dial.DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		}})
+	if err == nil {
+		lp.proxy, err = proxy.New(proxy.Config{
+			Logger: log.With("component", "proxy"), Resolver: dp, Pool: lp.pool, ServerTLS: dp.tls,
+			Dialer: podDialer{dial}, Policy: dp, Mode: dp.mode, Observer: observer{dp},
+		})
+	}
+	if err != nil {
+		log.Error("creating the pod's proxy", "err", err)
+		if lp.pool != nil {
+			_ = lp.pool.Close()
+			lp.pool = nil
+		}
+		_ = dp.capture.Unenroll(ep)
+		lp.ep = nil
+		dp.setStatus(lp, captureFailed, err.Error())
+		return
+	}
 	pctx, cancel := context.WithCancel(dp.ctx)
 	lp.cancel = cancel
 	serve := func(what string, f func() error) {
@@ -298,14 +317,14 @@ func (dp *dataplane) enroll(ctx context.Context, p *state.Pod) {
 	}
 	for _, ln := range ep.Listeners.Outbound {
 		serve("outbound", func() error {
-			return dp.proxy.ServeOutbound(pctx, &outboundListener{TCPListener: ln, lp: lp}, lp.w, lp.origDst)
+			return lp.proxy.ServeOutbound(pctx, &outboundListener{TCPListener: ln, lp: lp}, lp.w, lp.origDst)
 		})
 	}
 	for _, ln := range ep.Listeners.Inbound {
-		serve("inbound", func() error { return dp.proxy.ServeInboundPlaintext(pctx, ln, lp.w, nil) })
+		serve("inbound", func() error { return lp.proxy.ServeInboundPlaintext(pctx, ln, lp.w, nil) })
 	}
 	for _, ln := range ep.Listeners.HBONE {
-		serve("hbone", func() error { return dp.proxy.ServeInboundHBONE(pctx, ln, lp.w) })
+		serve("hbone", func() error { return lp.proxy.ServeInboundHBONE(pctx, ln, lp.w) })
 	}
 	dp.setStatus(lp, captureEnrolled, "")
 	lp.done.Go(func() { dp.selfCheck(pctx, lp, log) })
@@ -347,7 +366,19 @@ func (dp *dataplane) unenroll(lp *localPod) {
 		lp.cancel()
 	}
 	lp.done.Wait()
-	dp.svids.Remove(owner(lp.pod))
+	if lp.proxy != nil {
+		// Connections already open may finish (up to the drain deadline);
+		// the SVID stays until then, since they still present it.
+		dp.wg.Go(func() {
+			ctx, cancel := context.WithTimeout(dp.ctx, dp.a.cfg.DrainDeadline)
+			_ = lp.proxy.Drain(ctx)
+			cancel()
+			dp.retire(lp)
+			dp.svids.Remove(owner(lp.pod))
+		})
+	} else {
+		dp.svids.Remove(owner(lp.pod))
+	}
 	dp.a.metrics.SetCaptureStatus(lp.pod.Namespace, lp.pod.Name, "")
 	dp.log.Info("pod unenrolled", "pod", lp.pod.Key().String())
 }
@@ -365,7 +396,78 @@ func (dp *dataplane) dropAdopted() {
 	}
 }
 
-func (dp *dataplane) drain(ctx context.Context) error { return dp.proxy.Drain(ctx) }
+// served returns the pods with a running proxy.
+func (dp *dataplane) served() []*localPod {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	out := make([]*localPod, 0, len(dp.pods))
+	for _, lp := range dp.pods {
+		if lp.proxy != nil {
+			out = append(out, lp)
+		}
+	}
+	return out
+}
+
+// retire closes a pod's proxy and pool and keeps its pool counters.
+func (dp *dataplane) retire(lp *localPod) {
+	_ = lp.proxy.Close()
+	st := lp.pool.Stats()
+	_ = lp.pool.Close()
+	dp.mu.Lock()
+	dp.retired.Hits += st.Hits
+	dp.retired.Misses += st.Misses
+	dp.retired.Handshakes += st.Handshakes
+	dp.retired.HandshakeErrors += st.HandshakeErrors
+	dp.mu.Unlock()
+}
+
+func (dp *dataplane) poolStats() hbone.PoolStats {
+	dp.mu.Lock()
+	total := dp.retired
+	dp.mu.Unlock()
+	for _, lp := range dp.served() {
+		s := lp.pool.Stats()
+		total.Hits += s.Hits
+		total.Misses += s.Misses
+		total.Handshakes += s.Handshakes
+		total.HandshakeErrors += s.HandshakeErrors
+		total.Conns += s.Conns
+		total.Streams += s.Streams
+	}
+	return total
+}
+
+func (dp *dataplane) poolsDump() any {
+	out := map[string]any{"total": dp.poolStats()}
+	pods := map[string]hbone.PoolStats{}
+	for _, lp := range dp.served() {
+		pods[lp.pod.Key().String()] = lp.pool.Stats()
+	}
+	out["pods"] = pods
+	return out
+}
+
+// drain drains every pod's proxy in parallel until ctx ends.
+func (dp *dataplane) drain(ctx context.Context) error {
+	var wg sync.WaitGroup
+	pods := dp.served()
+	errs := make(chan error, len(pods))
+	for _, lp := range pods {
+		wg.Go(func() {
+			if err := lp.proxy.Drain(ctx); err != nil {
+				errs <- fmt.Errorf("pod %s: %w", lp.pod.Key(), err)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	var all []error
+	for err := range errs {
+		all = append(all, err)
+	}
+	return errors.Join(all...)
+}
 
 // close stops serving, leaving capture pinned (Release) so enrolled pods
 // fail closed until the next agent adopts them.
@@ -377,11 +479,18 @@ func (dp *dataplane) close() error {
 		pods = append(pods, lp)
 	}
 	dp.mu.Unlock()
-	errs := []error{dp.proxy.Close()}
+	var errs []error
 	for _, lp := range pods {
+		if lp.proxy != nil {
+			errs = append(errs, lp.proxy.Close())
+		}
 		lp.done.Wait()
+		if lp.pool != nil {
+			errs = append(errs, lp.pool.Close())
+		}
 	}
-	errs = append(errs, dp.pool.Close(), dp.capture.Release())
+	dp.wg.Wait() // pods being retired: their proxies close at once now
+	errs = append(errs, dp.capture.Release())
 	dp.ca.Close()
 	return errors.Join(errs...)
 }
@@ -488,24 +597,13 @@ func (dp *dataplane) mode(w *proxy.Workload, port uint16) proxy.MTLSMode {
 	return proxy.Permissive
 }
 
-// podDialer dials for the proxy from inside the local pod's network
+// podDialer dials for a pod's proxy from inside the pod's network
 // namespace (passthrough keeps the pod's source IP; inbound delivery
 // reaches the app as the pod itself), with the capture bypass mark.
-type podDialer struct{ dp *dataplane }
+type podDialer struct{ d *inpod.Dialer }
 
-func (d podDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
-	f, ok := proxy.FlowFromContext(ctx)
-	if !ok || f.Workload == nil {
-		return nil, errors.New("dialing without a flow: no pod network namespace to dial from")
-	}
-	k := state.Key{Namespace: f.Workload.Namespace, Name: f.Workload.Name}
-	d.dp.mu.Lock()
-	lp := d.dp.pods[k]
-	d.dp.mu.Unlock()
-	if lp == nil || lp.ep == nil {
-		return nil, fmt.Errorf("pod %s is no longer served by this agent", k)
-	}
-	c, err := (&inpod.Dialer{Netns: lp.pod.Netns, Mark: d.dp.capture.Mark()}).DialContext(ctx, network, addr)
+func (p podDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := p.d.DialContext(ctx, network, addr)
 	if err != nil {
 		return nil, err
 	}
@@ -582,7 +680,10 @@ type connDump struct {
 }
 
 func (dp *dataplane) connections() any {
-	infos := dp.proxy.Connections()
+	var infos []proxy.ConnInfo
+	for _, lp := range dp.served() {
+		infos = append(infos, lp.proxy.Connections()...)
+	}
 	out := make([]connDump, 0, len(infos))
 	for _, c := range infos {
 		f := c.Flow
@@ -602,7 +703,7 @@ func (dp *dataplane) connections() any {
 		}
 		out = append(out, d)
 	}
-	slices.SortFunc(out, func(a, b connDump) int { return int(a.ID) - int(b.ID) })
+	slices.SortFunc(out, func(a, b connDump) int { return cmp.Or(strings.Compare(a.Pod, b.Pod), cmp.Compare(a.ID, b.ID)) })
 	return out
 }
 
