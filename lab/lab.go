@@ -35,6 +35,7 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
@@ -262,8 +263,10 @@ func (l *Lab) buildNodes(ctx context.Context, sp *spec.Spec) error {
 	if err := cgroup.Create(st.CgroupRoot); err != nil {
 		return err
 	}
-	if err := os.MkdirAll(l.names.bpfDir(), 0o700); err != nil {
-		l.log.Debug("no BPF pin directory (is bpffs mounted?)", "err", err)
+	if err := ensureBPFFS(); err != nil {
+		l.log.Warn("no BPF filesystem; programs in the lab cannot pin objects", "err", err)
+	} else if err := os.MkdirAll(l.names.bpfDir(), 0o700); err != nil {
+		return fmt.Errorf("creating the BPF pin directory: %w", err)
 	}
 	if err := l.setupBridge(ctx); err != nil {
 		return err
@@ -817,4 +820,17 @@ type slogWriter struct{ log *slog.Logger }
 func (w slogWriter) Write(b []byte) (int, error) {
 	w.log.Info(strings.TrimSpace(string(b)))
 	return len(b), nil
+}
+
+// ensureBPFFS mounts the BPF filesystem at /sys/fs/bpf unless it is there
+// already (it is shared with the host and stays mounted).
+func ensureBPFFS() error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(bpfFS, &st); err == nil && st.Type == unix.BPF_FS_MAGIC {
+		return nil
+	}
+	if err := unix.Mount("bpf", bpfFS, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mounting bpffs at %s: %w", bpfFS, err)
+	}
+	return nil
 }
