@@ -342,12 +342,53 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		setMode(t, ctx, l, "client", state.ModeEnabled)
 	})
 
-	t.Run("SIGTERMFailClosedRestart", func(t *testing.T) {
-		start := time.Now()
-		if err := l.StopNodeProcess(ctx, "node-2", "nodemesh-agent", 30*time.Second); err != nil {
+	t.Run("SIGTERMDrainFailClosedRestart", func(t *testing.T) {
+		// A long connection through node-2's agent: from the unenrolled
+		// root-namespace test process, placed in client-1's namespace
+		// (not in a pod cgroup, so not captured), to enrolled echo-1,
+		// whose agent takes it on 15006 (PERMISSIVE).
+		echo := mustLabPod(t, l, "shop/echo-1")
+		c, err := (&inpod.Dialer{Netns: client1.Netns}).DialContext(ctx, "tcp", echo.IP+":9000")
+		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("agent on node-2 stopped after SIGTERM in %s", time.Since(start).Round(time.Millisecond))
+		defer c.Close()
+		roundTrip := func(msg string) error {
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := c.Write([]byte(msg)); err != nil {
+				return err
+			}
+			buf := make([]byte, len(msg))
+			if _, err := io.ReadFull(c, buf); err != nil {
+				return err
+			}
+			if string(buf) != msg {
+				return fmt.Errorf("echo %q, want %q", buf, msg)
+			}
+			return nil
+		}
+		if err := roundTrip("before"); err != nil {
+			t.Fatal(err)
+		}
+		start := time.Now()
+		stopped := make(chan error, 1)
+		go func() { stopped <- l.StopNodeProcess(ctx, "node-2", "nodemesh-agent", 30*time.Second) }()
+		time.Sleep(time.Second)
+		// Draining: open connections keep working.
+		if err := roundTrip("during drain"); err != nil {
+			t.Fatalf("open connection broke during the drain: %v", err)
+		}
+		if err := <-stopped; err != nil {
+			t.Fatal(err)
+		}
+		took := time.Since(start)
+		t.Logf("agent on node-2 stopped after SIGTERM in %s (drain deadline 5s, one connection left open)", took.Round(time.Millisecond))
+		if took < 4*time.Second {
+			t.Errorf("agent exited after %s, before the 5s drain deadline, with a connection open", took)
+		}
+		if err := roundTrip("after"); err == nil {
+			t.Error("the connection outlived the agent's drain deadline")
+		}
 		if b, err := os.ReadFile(agents["node-2"].Log); err == nil && !strings.Contains(string(b), "agent stopped") {
 			t.Errorf("node-2 agent did not stop cleanly:\n%s", tail(string(b), 3000))
 		}
