@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"strconv"
@@ -115,13 +116,17 @@ type probes struct {
 func (p *probes) init(c *Capture, ep *EnrolledPod) { p.c, p.ep = c, ep }
 func (p *probes) wait()                            { p.wg.Wait() }
 
-const probeHello, probeReply = "NODEMESH-PROBE ", "NODEMESH-CAPTURED "
+const (
+	probeHello, probeReply = "NODEMESH-PROBE ", "NODEMESH-CAPTURED "
+	probeMaxLine           = 128
+)
 
 func (p *probes) answer(conn *net.TCPConn) {
 	p.wg.Go(func() {
 		defer conn.Close()
 		conn.SetDeadline(time.Now().Add(5 * time.Second))
-		line, err := bufio.NewReader(conn).ReadString('\n')
+		// Anything in the pod can connect here; read a bounded line only.
+		line, err := bufio.NewReader(io.LimitReader(conn, probeMaxLine)).ReadString('\n')
 		if err != nil || len(line) <= len(probeHello) || line[:len(probeHello)] != probeHello {
 			return
 		}

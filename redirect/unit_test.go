@@ -90,3 +90,17 @@ func TestLoadRejectsBadConfig(t *testing.T) {
 		})
 	}
 }
+
+func FuzzParseMountinfo(f *testing.F) {
+	f.Add("32 31 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
+	f.Add("1 2 3 4 /a\\040b x - bpf bpf rw\n - \n")
+	f.Add("")
+	f.Fuzz(func(t *testing.T, s string) {
+		for _, fs := range []string{"cgroup2", "bpf"} {
+			got, err := parseMountinfo(strings.NewReader(s), fs)
+			if err == nil && got == "" {
+				t.Errorf("%s: empty mount point without error", fs)
+			}
+		}
+	})
+}
