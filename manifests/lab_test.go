@@ -141,7 +141,7 @@ func TestLabInstall(t *testing.T) {
 	admin := c.srv.Client
 
 	renders := map[string][]*unstructured.Unstructured{}
-	for _, dir := range append(slices.Clone(installs), uninstall) {
+	for _, dir := range append(slices.Clone(installs), uninstall, meshPolicy) {
 		objs, err := manifests.Render(dir)
 		if err != nil {
 			t.Fatal(err)
@@ -176,7 +176,7 @@ func TestLabInstall(t *testing.T) {
 		waitEstablished(ctx, t, c.dyn, name)
 	}
 	c.mapper.Reset()
-	for _, dir := range append(slices.Clone(installs), uninstall) {
+	for _, dir := range append(slices.Clone(installs), uninstall, meshPolicy) {
 		for _, o := range renders[dir] {
 			if !clusterScoped(o) {
 				if err := c.apply(ctx, o, true); err != nil {

@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/yaml"
 
+	"github.com/nodemesh/nodemesh/agent/policy"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/manifests"
@@ -33,6 +34,9 @@ var installs = []string{".", "overlays/lab", "overlays/production"}
 
 // uninstall is the node cleanup applied when uninstalling.
 const uninstall = "uninstall"
+
+// meshPolicy holds the mesh-wide policy defaults, applied after the CRDs.
+const meshPolicy = "mesh-policy"
 
 const ns = "nodemesh-system"
 
@@ -680,5 +684,26 @@ func TestUninstallMatchesAgent(t *testing.T) {
 	}
 	if c.ReadinessProbe == nil || c.ReadinessProbe.Exec == nil {
 		t.Error("cleanup has no readiness probe telling when a node is clean")
+	}
+}
+
+// TestMeshPolicy: the mesh-wide default sits in the root namespace the
+// policy engine reads, without a selector, and the install itself holds no
+// custom resource (one kubectl apply -k must work on a fresh cluster).
+func TestMeshPolicy(t *testing.T) {
+	mp := render(t, meshPolicy)
+	pa := get[*unstructured.Unstructured](t, mp, "PeerAuthentication", policy.DefaultRootNamespace, "default")
+	if _, found, _ := unstructured.NestedFieldNoCopy(pa.Object, "spec", "selector"); found {
+		t.Error("the mesh-wide PeerAuthentication has a selector")
+	}
+	if mode, _, _ := unstructured.NestedString(pa.Object, "spec", "mtls", "mode"); mode != "PERMISSIVE" {
+		t.Errorf("mesh-wide mode %q, want PERMISSIVE (the engine's default, written down)", mode)
+	}
+	for _, dir := range installs {
+		for _, o := range render(t, dir).objs {
+			if o.GroupVersionKind().Group == v1alpha1.SchemeGroupVersion.Group {
+				t.Errorf("%s holds custom resource %s %s: a single apply on a fresh cluster would fail", dir, o.GetKind(), o.GetName())
+			}
+		}
 	}
 }
