@@ -405,6 +405,32 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		})
 		t.Logf("traffic to %s back %s after the agent restarted", web2.Key(), time.Since(begin).Round(time.Millisecond))
 	})
+
+	t.Run("APIServerDown", func(t *testing.T) {
+		eventually(t, 60*time.Second, "node-2 agent ready again", func() error { return ready("node-2") })
+		if err := l.Server.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Second) // the watches notice
+		svc, err := l.Service("shop/web")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, url := range []string{"http://" + web2.IP + ":8080/no-apiserver", fmt.Sprintf("http://%s:80/no-apiserver", svc.ClusterIP)} {
+			r, err := get(client1.Key(), url)
+			if err != nil {
+				t.Fatalf("%s with the API server down: %v", url, err)
+			}
+			if p := mustLabPod(t, l, r.Pod); hostOf(r.Remote) != p.IP {
+				t.Errorf("reply %+v was not delivered by the agent", r)
+			}
+		}
+		for _, node := range []string{"node-1", "node-2"} {
+			if err := ready(node); err != nil {
+				t.Errorf("agent on %s not ready with the API server down (it has its last state): %v", node, err)
+			}
+		}
+	})
 }
 
 func setMode(t *testing.T, ctx context.Context, l *lab.Lab, ns, mode string) {
