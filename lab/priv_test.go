@@ -14,6 +14,7 @@ import (
 
 	"github.com/nodemesh/nodemesh/lab/cgroup"
 	"github.com/nodemesh/nodemesh/lab/examples"
+	"github.com/nodemesh/nodemesh/lab/netns"
 	"github.com/nodemesh/nodemesh/lab/privtest"
 	"github.com/nodemesh/nodemesh/lab/spec"
 	"github.com/nodemesh/nodemesh/lab/workload"
@@ -38,6 +39,12 @@ func TestPrivDataPath(t *testing.T) {
 			t.Errorf("cleanup: %v", err)
 		}
 	})
+	// Warm up the runtime's poller (it keeps an epoll fd and a pipe), then
+	// count descriptors: building and removing a lab must not leak any.
+	if _, err := netns.Run(ctx, "", nil, "true"); err != nil {
+		t.Fatal(err)
+	}
+	fdsBefore := countFDs(t)
 	sp, err := examples.TwoNodesSpec()
 	if err != nil {
 		t.Fatal(err)
@@ -157,4 +164,17 @@ func TestPrivDataPath(t *testing.T) {
 	if left, err := inventory(m); err != nil || len(left) != 0 {
 		t.Errorf("after the sweep: %v %v", left, err)
 	}
+	l.wg.Wait() // every pod process reaped
+	if after := countFDs(t); after > fdsBefore {
+		t.Errorf("%d file descriptors before the lab, %d after it", fdsBefore, after)
+	}
+}
+
+func countFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
 }
