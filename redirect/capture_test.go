@@ -566,3 +566,75 @@ func helperRun(t *testing.T, p *testPod, mode string, env ...string) dialResult 
 	}
 	return r
 }
+
+// TestPrivEnrollFailureLeavesPodUntouched: a failed Enroll must not leave
+// the pod half captured (for example inbound steered to a listener that
+// is gone, which would drop its traffic).
+func TestPrivEnrollFailureLeavesPodUntouched(t *testing.T) {
+	privtest.Root(t)
+	tp := newTopo(t)
+	a, b, c := tp.pod("a"), tp.pod("b"), tp.pod("c")
+	capt := loadCaptureT(t, tp.config())
+	serveLines(t, listenIn(t, a, "tcp", ":8080"), "APPA")
+	serveLines(t, listenIn(t, b, "tcp", ":8080"), "SERVER")
+	untouched := func(when string) {
+		t.Helper()
+		wantPrefix(t, when+": inbound", appDial(t, c, "tcp", "10.211.0.2:8080", "x"), "APPA local=10.211.0.2:8080")
+		wantPrefix(t, when+": outbound", appDial(t, a, "tcp", "10.211.0.3:8080", "x"), "SERVER local=10.211.0.3:8080")
+	}
+
+	// 1. Something in the pod already listens on 15001.
+	squat := listenIn(t, a, "tcp4", "127.0.0.1:15001")
+	_, err := capt.Enroll(context.Background(), Pod{Name: "a", Netns: a.netns, Cgroup: a.cgroup, IPs: a.ips()})
+	if err == nil || !strings.Contains(err.Error(), "address already in use") {
+		t.Errorf("Enroll with 15001 taken: %v, want address already in use", err)
+	}
+	squat.Close()
+	untouched("15001 taken")
+
+	// 2. A failure late in Enroll (the sk_lookup pin path is occupied),
+	// after the inbound map was written: everything must be rolled back.
+	cookie, err := inpod.Cookie(a.netns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocker, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer blocker.Close()
+	pin := tp.pinDir + "/pods/" + cookieName(cookie)
+	if err := blocker.Pin(pin); err != nil {
+		t.Fatal(err)
+	}
+	_, err = capt.Enroll(context.Background(), Pod{Name: "a", Netns: a.netns, Cgroup: a.cgroup, IPs: a.ips()})
+	if err == nil {
+		t.Fatal("Enroll succeeded with its pin path occupied")
+	}
+	t.Logf("late Enroll failure (expected): %v", err)
+	untouched("late failure")
+	if st := capt.Status(); len(st.Pods) != 0 {
+		t.Errorf("a failed Enroll left pods in the status: %+v", st.Pods)
+	}
+	// Nothing may remain in the maps either: a restarted agent would adopt it.
+	for name, m := range map[string]*ebpf.Map{"inbound": capt.objs.Inbound, "enrolled": capt.objs.Enrolled} {
+		var k, v []byte
+		n, it := 0, m.Iterate()
+		for it.Next(&k, &v) {
+			n++
+		}
+		if n != 0 {
+			t.Errorf("a failed Enroll left %d entries in %s", n, name)
+		}
+	}
+	blocker.Unpin()
+
+	// 3. Cgroup outside the capture root is refused up front.
+	if _, err := capt.Enroll(context.Background(), Pod{Name: "a", Netns: a.netns, Cgroup: agentCgroup, IPs: a.ips()}); err == nil {
+		t.Error("Enroll accepted a pod cgroup outside the capture root")
+	}
+	// Finally it works.
+	ep := enrollT(t, capt, a)
+	agentServe(t, capt, ep)
+	wantPrefix(t, "enrolled", appDial(t, a, "tcp", "10.211.0.3:8080", "x"), "AGENT")
+}

@@ -236,8 +236,16 @@ func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 	}
 	old := c.pods[ls.Cookie]
 	st := &podState{cookie: ls.Cookie, ep: ep, ports: ports}
+	prevInbound := map[captureIpKey]*captureInboundVal{} // to restore on error
 	defer func() {
 		if err != nil {
+			for k, v := range prevInbound {
+				if v != nil {
+					c.objs.Inbound.Put(k, *v)
+				} else {
+					c.objs.Inbound.Delete(k)
+				}
+			}
 			// Undo what this call added; the previous state (if any) stays.
 			for _, s := range st.slots {
 				if old == nil || !slices.Contains(old.slots, s) {
@@ -277,7 +285,16 @@ func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 			return nil, fmt.Errorf("enrolling pod %s: no inbound listener for %v", pod.Name, ip)
 		}
 		fam, a := keyFromIP(ip)
-		if err := c.objs.Inbound.Update(captureIpKey{Family: fam, Addr: a}, captureInboundVal{Slot: s, Netns: ls.Cookie}, ebpf.UpdateAny); err != nil {
+		k := captureIpKey{Family: fam, Addr: a}
+		if _, seen := prevInbound[k]; !seen {
+			var v captureInboundVal
+			if err := c.objs.Inbound.Lookup(k, &v); err == nil {
+				prevInbound[k] = &v
+			} else {
+				prevInbound[k] = nil
+			}
+		}
+		if err := c.objs.Inbound.Update(k, captureInboundVal{Slot: s, Netns: ls.Cookie}, ebpf.UpdateAny); err != nil {
 			return nil, fmt.Errorf("enrolling pod %s: steering inbound for %v: %w", pod.Name, ip, err)
 		}
 		st.ips = append(st.ips, ip.Unmap())
