@@ -8,9 +8,12 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/lab/privtest"
@@ -19,11 +22,13 @@ import (
 // Benchmarks compare captured and uncaptured connections in one run,
 // interleaved operation by operation so that machine noise hits both
 // alike. The benchmark process itself plays the app: it moves into the
-// enrolled pod's cgroup and creates its sockets in the pod's namespace
-// (captured) or in a non-enrolled pod's namespace (direct). The agent side
-// is a plain Go proxy (accept on 15001, dial the original destination with
-// the bypass mark, copy both ways) -- no TLS, so the figures isolate
-// capture itself.
+// enrolled pod's cgroup, and the benchmark goroutine stays on an OS thread
+// inside the pod's namespace for the whole loop (so no setns per dial).
+// "captured" connects to the other pod's port 8080; "direct" to its port
+// 8081, which is excluded from capture for the pod -- the same path an
+// unenrolled pod takes. The agent side is a plain Go proxy (accept on
+// 15001, dial the original destination with the bypass mark, copy both
+// ways) -- no TLS, so the figures isolate capture itself.
 
 const (
 	benchEcho = 7001 // agent-terminated echo (same-node leg only)
@@ -31,16 +36,15 @@ const (
 )
 
 type benchEnv struct {
-	tp     *topo
-	c      *Capture
-	a, b   *testPod // a enrolled, b server
-	direct *testPod // not enrolled
+	tp   *topo
+	c    *Capture
+	a, b *testPod // a enrolled (port 8081 excluded), b the server
 }
 
 func newBenchEnv(b *testing.B) *benchEnv {
 	privtest.Root(b)
 	tp := newTopo(b)
-	e := &benchEnv{tp: tp, a: tp.pod("a"), b: tp.pod("b"), direct: tp.pod("c")}
+	e := &benchEnv{tp: tp, a: tp.pod("a"), b: tp.pod("b")}
 	cfg := tp.config()
 	cfg.Accel = AccelForce // benchProxy never splices; see docs/capture.md
 	c, err := Load(context.Background(), cfg)
@@ -50,7 +54,8 @@ func newBenchEnv(b *testing.B) *benchEnv {
 	b.Cleanup(func() { c.Close() })
 	e.c = c
 	echoServe(b, listenIn(b, e.b, "tcp", ":8080"))
-	ep, err := c.Enroll(context.Background(), Pod{Name: "a", Netns: e.a.netns, Cgroup: e.a.cgroup, IPs: e.a.ips()})
+	echoServe(b, listenIn(b, e.b, "tcp", ":8081"))
+	ep, err := c.Enroll(context.Background(), Pod{Name: "a", Netns: e.a.netns, Cgroup: e.a.cgroup, IPs: e.a.ips(), ExcludeOutboundPorts: []uint16{8081}})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -146,14 +151,46 @@ func benchProxy(tb testing.TB, c *Capture, ep *EnrolledPod) {
 	}
 }
 
-func (e *benchEnv) dial(b *testing.B, p *testPod, addr string) *net.TCPConn {
-	d := inpod.Dialer{Netns: p.netns}
-	c, err := d.DialContext(context.Background(), "tcp", addr)
+// enterPod moves the calling goroutine, locked to its OS thread, into the
+// pod's network namespace until the returned function is called.
+func enterPod(b *testing.B, p *testPod) func() {
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		b.Fatal(err)
+	}
+	target, err := os.Open(p.netns)
+	if err != nil {
+		orig.Close()
+		runtime.UnlockOSThread()
+		b.Fatal(err)
+	}
+	defer target.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		orig.Close()
+		runtime.UnlockOSThread()
+		b.Fatal(err)
+	}
+	return func() {
+		defer orig.Close()
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			b.Errorf("leaving the pod namespace: %v (thread stays locked and dies)", err)
+			return
+		}
+		runtime.UnlockOSThread()
+	}
+}
+
+// dial connects from the current thread's namespace (see enterPod).
+func dial(b *testing.B, addr string) *net.TCPConn {
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
 	if err != nil {
 		b.Fatal(err)
 	}
-	c.SetNoDelay(true)
-	return c
+	tc := c.(*net.TCPConn)
+	tc.SetNoDelay(true)
+	return tc
 }
 
 func rr(b *testing.B, c *net.TCPConn, msg, buf []byte) time.Duration {
@@ -175,17 +212,19 @@ func report(b *testing.B, unit string, nA, nB string, a, bb time.Duration) {
 }
 
 // BenchmarkConnect: time for connect() to return, captured (redirected to
-// the agent's 15001 listener in the pod) vs direct (to the other pod).
+// the agent's 15001 listener in the pod; the agent's own connect upstream
+// happens after) vs direct (to the other pod).
 func BenchmarkConnect(b *testing.B) {
 	e := newBenchEnv(b)
-	dst := netip.AddrPortFrom(e.b.ip4, 8080).String()
+	dst, direct8081 := netip.AddrPortFrom(e.b.ip4, 8080).String(), netip.AddrPortFrom(e.b.ip4, 8081).String()
+	defer enterPod(b, e.a)()
 	var capt, direct time.Duration
 	b.ReportAllocs()
 	for b.Loop() {
 		t0 := time.Now()
-		c1 := e.dial(b, e.a, dst)
+		c1 := dial(b, dst)
 		t1 := time.Now()
-		c2 := e.dial(b, e.direct, dst)
+		c2 := dial(b, direct8081)
 		t2 := time.Now()
 		capt += t1.Sub(t0)
 		direct += t2.Sub(t1)
@@ -199,8 +238,9 @@ func BenchmarkConnect(b *testing.B) {
 // echo server in another pod, through the agent vs direct.
 func BenchmarkRequestResponse(b *testing.B) {
 	e := newBenchEnv(b)
-	dst := netip.AddrPortFrom(e.b.ip4, 8080).String()
-	c1, c2 := e.dial(b, e.a, dst), e.dial(b, e.direct, dst)
+	defer enterPod(b, e.a)()
+	c1 := dial(b, netip.AddrPortFrom(e.b.ip4, 8080).String())
+	c2 := dial(b, netip.AddrPortFrom(e.b.ip4, 8081).String())
 	defer c1.Close()
 	defer c2.Close()
 	msg, buf := make([]byte, 64), make([]byte, 64)
@@ -260,11 +300,13 @@ func (e *benchEnv) accelPair(b *testing.B, port uint16) (on, off *net.TCPConn) {
 	}
 	dst := netip.AddrPortFrom(e.b.ip4, port).String()
 	before, _ := e.c.Stats()
-	on = e.dial(b, e.a, dst)
+	leave := enterPod(b, e.a)
+	on = dial(b, dst)
 	if err := e.c.SetAccel(false); err != nil {
 		b.Fatal(err)
 	}
-	off = e.dial(b, e.a, dst)
+	off = dial(b, dst)
+	leave()
 	if err := e.c.SetAccel(true); err != nil {
 		b.Fatal(err)
 	}
