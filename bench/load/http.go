@@ -20,6 +20,7 @@ import (
 type httpConn struct {
 	d    Dialer
 	addr string
+	req  []byte
 	c    net.Conn
 	br   *bufio.Reader
 }
@@ -76,7 +77,12 @@ func httpRequest(addr string, size int) []byte {
 }
 
 func runHTTP(ctx context.Context, d Dialer, cfg Config) (*Result, error) {
-	req := httpRequest(cfg.Addr, cfg.Size)
+	addrOf := func(i int) string {
+		if len(cfg.Addrs) > 0 {
+			return cfg.Addrs[i%len(cfg.Addrs)]
+		}
+		return cfg.Addr
+	}
 	type part struct {
 		lat, lag hist.Hist
 		n        uint64
@@ -89,13 +95,13 @@ func runHTTP(ctx context.Context, d Dialer, cfg Config) (*Result, error) {
 	// part of a request's latency in this workload (CRR measures it).
 	conns := make([]*httpConn, cfg.Conns)
 	for i := range conns {
-		conns[i] = &httpConn{d: d, addr: cfg.Addr}
-		c, err := d.DialContext(ctx, "tcp", cfg.Addr)
+		conns[i] = &httpConn{d: d, addr: addrOf(i), req: httpRequest(addrOf(i), cfg.Size)}
+		c, err := d.DialContext(ctx, "tcp", conns[i].addr)
 		if err != nil {
 			for _, h := range conns[:i] {
 				h.close()
 			}
-			return nil, fmt.Errorf("opening connection %d of %d to %s: %w", i+1, cfg.Conns, cfg.Addr, err)
+			return nil, fmt.Errorf("opening connection %d of %d to %s: %w", i+1, cfg.Conns, conns[i].addr, err)
 		}
 		conns[i].c, conns[i].br = c, bufio.NewReaderSize(c, 16<<10)
 	}
@@ -130,7 +136,7 @@ func runHTTP(ctx context.Context, d Dialer, cfg Config) (*Result, error) {
 					return
 				}
 				sentAt := time.Now()
-				err := h.do(ctx, req, cfg.Size)
+				err := h.do(ctx, h.req, cfg.Size)
 				doneAt := time.Now()
 				charged := corr.Charge(due, sentAt.Sub(w.start), doneAt.Sub(w.start))
 				if !w.in(dueAt) {

@@ -38,6 +38,9 @@ type Config struct {
 	Kind string `json:"kind"`
 	// Addr is host:port of the server.
 	Addr string `json:"addr"`
+	// Addrs, when set (HTTP only), spreads the connections over several
+	// servers: connection i goes to Addrs[i%len(Addrs)]; Addr is unused.
+	Addrs []string `json:"addrs,omitempty"`
 	// Conns is the number of connections (HTTP; RR and CRR use 1 stream,
 	// Bulk 1).
 	Conns int `json:"conns,omitempty"`
@@ -67,8 +70,16 @@ func (c *Config) Validate() error {
 	default:
 		return fmt.Errorf("unknown workload kind %q (use %s, %s, %s or %s)", c.Kind, KindHTTP, KindRR, KindCRR, KindBulk)
 	}
-	if _, _, err := net.SplitHostPort(c.Addr); err != nil {
-		return fmt.Errorf("workload address %q: %w", c.Addr, err)
+	addrs := c.Addrs
+	if len(addrs) == 0 {
+		addrs = []string{c.Addr}
+	} else if c.Kind != KindHTTP {
+		return fmt.Errorf("%s workload: several addresses are only for http", c.Kind)
+	}
+	for _, a := range addrs {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return fmt.Errorf("workload address %q: %w", a, err)
+		}
 	}
 	if c.Duration <= 0 || c.Warmup < 0 {
 		return fmt.Errorf("workload duration %v, warm-up %v: the duration must be positive", c.Duration, c.Warmup)

@@ -40,8 +40,13 @@ type Server struct {
 func (s *Server) Listen(ctx context.Context, host string, httpPort, echoPort, sinkPort int) error {
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
+	network := "tcp"
+	if ip := net.ParseIP(host); ip != nil && ip.To4() != nil {
+		// Go makes "tcp" on 0.0.0.0 a dual-stack socket; IPv4 means IPv4.
+		network = "tcp4"
+	}
 	for _, p := range []int{httpPort, echoPort, sinkPort} {
-		ln, err := lc.Listen(ctx, "tcp", net.JoinHostPort(host, strconv.Itoa(p)))
+		ln, err := lc.Listen(ctx, network, net.JoinHostPort(host, strconv.Itoa(p)))
 		if err != nil {
 			for _, l := range s.lns {
 				_ = l.Close()

@@ -1,0 +1,358 @@
+package bench
+
+import (
+	"fmt"
+	"math"
+	"sort"
+	"time"
+
+	"github.com/nodemesh/nodemesh/bench/hist"
+	"github.com/nodemesh/nodemesh/bench/load"
+)
+
+// Results is everything one benchmark run measured; results.json holds it.
+type Results struct {
+	Profile  Profile       `json:"profile"`
+	Started  time.Time     `json:"started"`
+	Elapsed  time.Duration `json:"elapsed"`
+	Machine  Machine       `json:"machine"`
+	Method   []string      `json:"method"`
+	Scenario []Scenario    `json:"scenarios"`
+	// Runs are the raw measurements, in the order they ran.
+	Runs    []RunRecord  `json:"runs"`
+	Summary []Summary    `json:"summary"`
+	Scaling []ScalePoint `json:"scaling"`
+	Targets []Target     `json:"targets"`
+}
+
+// Machine holds the machine's own limits, measured in the same run.
+type Machine struct {
+	CPUs int `json:"cpus"`
+	// AESGCMBytesPerCPUSecond is single-core AES-128-GCM sealing
+	// throughput of Go's crypto over 16 kB records, per second of thread
+	// CPU time.
+	AESGCMBytesPerCPUSecond float64 `json:"aesGcmBytesPerCpuSecond"`
+	Kernel                  string  `json:"kernel"`
+	GoVersion               string  `json:"goVersion"`
+	// Load at the start and the end of the run: /proc/loadavg and the
+	// "some" line of /proc/pressure/cpu. On a shared machine they explain
+	// noisy tails.
+	LoadStart     string `json:"loadStart"`
+	LoadEnd       string `json:"loadEnd"`
+	PressureStart string `json:"cpuPressureStart,omitempty"`
+	PressureEnd   string `json:"cpuPressureEnd,omitempty"`
+}
+
+// Scenario is one way of connecting client and server.
+type Scenario struct {
+	Name  string `json:"name"`
+	Title string `json:"title"`
+	// Baseline is the scenario this one's added latency is measured
+	// against ("" for baselines).
+	Baseline string `json:"baseline,omitempty"`
+	// NotAvailable says why the scenario did not run ("" when it ran).
+	NotAvailable string `json:"notAvailable,omitempty"`
+}
+
+// RunRecord is one workload run of one scenario.
+type RunRecord struct {
+	Scenario string `json:"scenario"`
+	Workload string `json:"workload"`
+	Round    int    `json:"round"`
+	// Error is set when the run failed as a whole; Result is then nil.
+	Error  string       `json:"error,omitempty"`
+	Result *load.Result `json:"result,omitempty"`
+	// Proxies are the proxy processes of the scenario during the run.
+	Proxies []ProxyUsage `json:"proxies,omitempty"`
+}
+
+// ProxyUsage is one proxy process's CPU during a run and memory after it.
+type ProxyUsage struct {
+	Name     string `json:"name"`
+	Pid      int    `json:"pid"`
+	CPUNanos int64  `json:"cpuNanos"`
+	RSS      int64  `json:"rss"`
+	HWM      int64  `json:"hwm"`
+}
+
+// Summary aggregates the rounds of one scenario and workload: each figure
+// is the median over rounds, P99Min/P99Max the spread of p99.
+type Summary struct {
+	Scenario string `json:"scenario"`
+	Workload string `json:"workload"`
+	Rounds   int    `json:"rounds"`
+	Failed   int    `json:"failed"`
+	Errors   uint64 `json:"errors"`
+	// Latency percentiles in microseconds.
+	P50    float64 `json:"p50us"`
+	P90    float64 `json:"p90us"`
+	P99    float64 `json:"p99us"`
+	P999   float64 `json:"p999us"`
+	P99Min float64 `json:"p99MinUs"`
+	P99Max float64 `json:"p99MaxUs"`
+	RPS    float64 `json:"rps"`
+	// BytesPerSec is payload throughput.
+	BytesPerSec float64 `json:"bytesPerSec"`
+	// AddedP50/AddedP99 (µs) and RatioP99 compare with the baseline's
+	// median on the same workload; zero when there is no baseline.
+	AddedP50 float64 `json:"addedP50us,omitempty"`
+	AddedP99 float64 `json:"addedP99us,omitempty"`
+	RatioP99 float64 `json:"ratioP99,omitempty"`
+	// ProxyCPUPer1000 is CPU seconds of all the scenario's proxies per
+	// 1000 requests (transactions); ProxyPeakRSS the sum of their VmHWM.
+	ProxyCPUPer1000 float64 `json:"proxyCpuSecondsPer1000,omitempty"`
+	ProxyPeakRSS    int64   `json:"proxyPeakRssBytes,omitempty"`
+	Proxies         int     `json:"proxies"`
+	// GeneratorLagP99 (µs) is the load generator's own lateness (HTTP),
+	// not charged to the scenario.
+	GeneratorLagP99 float64 `json:"generatorLagP99us,omitempty"`
+}
+
+// ScalePoint is the proxies' cost with a number of pods per node.
+type ScalePoint struct {
+	Scenario     string `json:"scenario"`
+	PodsPerNode  int    `json:"podsPerNode"`
+	NotAvailable string `json:"notAvailable,omitempty"`
+	Error        string `json:"error,omitempty"`
+	// Proxies counts proxy processes on the server node; RSS sums their
+	// resident memory after the load, HWM their peaks.
+	Proxies int   `json:"proxies"`
+	RSS     int64 `json:"rssBytes"`
+	HWM     int64 `json:"hwmBytes"`
+	// CPUPer1000 is CPU seconds of every proxy of the path (both nodes)
+	// per 1000 requests of the load spread over all pods.
+	CPUPer1000 float64 `json:"cpuSecondsPer1000"`
+	Requests   uint64  `json:"requests"`
+	P99        float64 `json:"p99us"`
+}
+
+// Target is one of the issue's targets, judged on this run's ratios.
+type Target struct {
+	Name     string `json:"name"`
+	Goal     string `json:"goal"`
+	Measured string `json:"measured"`
+	// Status is "pass", "miss" or "not available".
+	Status string `json:"status"`
+	Note   string `json:"note,omitempty"`
+}
+
+func us(ns int64) float64 { return float64(ns) / 1e3 }
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// summarize aggregates runs per scenario and workload, in the order of
+// scenarios and of workloads' first appearance.
+func summarize(scenarios []Scenario, runs []RunRecord) ([]Summary, error) {
+	type key struct{ s, w string }
+	byKey := map[key][]RunRecord{}
+	var workloads []string
+	seenW := map[string]bool{}
+	for _, r := range runs {
+		byKey[key{r.Scenario, r.Workload}] = append(byKey[key{r.Scenario, r.Workload}], r)
+		if !seenW[r.Workload] {
+			seenW[r.Workload] = true
+			workloads = append(workloads, r.Workload)
+		}
+	}
+	var out []Summary
+	idx := map[key]int{}
+	for _, sc := range scenarios {
+		for _, w := range workloads {
+			rs := byKey[key{sc.Name, w}]
+			if len(rs) == 0 {
+				continue
+			}
+			s := Summary{Scenario: sc.Name, Workload: w}
+			var p50, p90, p99, p999, rps, bps, lag, cpu []float64
+			for _, r := range rs {
+				if r.Result == nil {
+					s.Failed++
+					continue
+				}
+				s.Rounds++
+				s.Errors += r.Result.Errors
+				rps = append(rps, r.Result.RPS)
+				bps = append(bps, r.Result.BytesPerSec)
+				h, err := hist.FromSnapshot(r.Result.Latency)
+				if err != nil {
+					return nil, fmt.Errorf("%s/%s round %d: %w", sc.Name, w, r.Round, err)
+				}
+				if h.Count() > 0 {
+					p50 = append(p50, us(h.Quantile(0.5)))
+					p90 = append(p90, us(h.Quantile(0.9)))
+					p99 = append(p99, us(h.Quantile(0.99)))
+					p999 = append(p999, us(h.Quantile(0.999)))
+				}
+				if lh, err := hist.FromSnapshot(r.Result.SendLag); err == nil && lh.Count() > 0 {
+					lag = append(lag, us(lh.Quantile(0.99)))
+				}
+				var c int64
+				var hwm int64
+				for _, p := range r.Proxies {
+					c += p.CPUNanos
+					hwm += p.HWM
+				}
+				if len(r.Proxies) > 0 {
+					s.Proxies = len(r.Proxies)
+					s.ProxyPeakRSS = max(s.ProxyPeakRSS, hwm)
+					if r.Result.Requests > 0 {
+						cpu = append(cpu, float64(c)/1e9/float64(r.Result.Requests)*1000)
+					}
+				}
+			}
+			s.P50, s.P90, s.P99, s.P999 = median(p50), median(p90), median(p99), median(p999)
+			if len(p99) > 0 {
+				s.P99Min, s.P99Max = math.Inf(1), math.Inf(-1)
+				for _, v := range p99 {
+					s.P99Min, s.P99Max = min(s.P99Min, v), max(s.P99Max, v)
+				}
+			}
+			s.RPS, s.BytesPerSec, s.GeneratorLagP99, s.ProxyCPUPer1000 = median(rps), median(bps), median(lag), median(cpu)
+			idx[key{sc.Name, w}] = len(out)
+			out = append(out, s)
+		}
+	}
+	for _, sc := range scenarios {
+		if sc.Baseline == "" {
+			continue
+		}
+		for _, w := range workloads {
+			i, ok := idx[key{sc.Name, w}]
+			j, okb := idx[key{sc.Baseline, w}]
+			if !ok || !okb || out[j].P99 == 0 || out[i].P99 == 0 {
+				continue
+			}
+			out[i].AddedP50 = out[i].P50 - out[j].P50
+			out[i].AddedP99 = out[i].P99 - out[j].P99
+			out[i].RatioP99 = out[i].P99 / out[j].P99
+		}
+	}
+	return out, nil
+}
+
+// find returns the summary of a scenario and workload.
+func find(sum []Summary, scenario, workload string) (Summary, bool) {
+	for _, s := range sum {
+		if s.Scenario == scenario && s.Workload == workload {
+			return s, true
+		}
+	}
+	return Summary{}, false
+}
+
+func scenarioByName(scs []Scenario, name string) (Scenario, bool) {
+	for _, s := range scs {
+		if s.Name == name {
+			return s, true
+		}
+	}
+	return Scenario{}, false
+}
+
+// judgeTargets reports the issue's targets as ratios of this run.
+func judgeTargets(r *Results) []Target {
+	headline := httpWorkload(r.Profile.HTTPRate, 16)
+	var out []Target
+
+	// 1. nodemesh L4 p99 added at 1000 rps.
+	t := Target{Name: "L4 latency", Goal: "nodemesh L4 adds at most 100 µs p99 over no mesh at 1000 rps, 1 kB HTTP/1.1 (" + headline + ")"}
+	if sc, _ := scenarioByName(r.Scenario, scenarioMeshCross); sc.NotAvailable != "" {
+		t.Status, t.Measured = "not available", sc.NotAvailable
+	} else if s, ok := find(r.Summary, scenarioMeshCross, headline); ok && s.Rounds > 0 {
+		t.Measured = fmt.Sprintf("+%.0f µs p99 (%.2fx of no mesh)", s.AddedP99, s.RatioP99)
+		t.Status = passMiss(s.AddedP99 <= 100)
+		if s.AddedP99 > 100 {
+			t.Note = fmt.Sprintf("missed by %.0f µs", s.AddedP99-100)
+		}
+	} else {
+		t.Status, t.Measured = "not available", "no successful run"
+	}
+	if s, ok := find(r.Summary, scenarioHAProxy, headline); ok && s.Rounds > 0 {
+		t.Note = joinNote(t.Note, fmt.Sprintf("HAProxy mTLS sidecars in the same run: +%.0f µs p99 (%.2fx)", s.AddedP99, s.RatioP99))
+	}
+	out = append(out, t)
+
+	// 2. Agent memory under 1/10 of sidecars' at 50 pods per node.
+	t = Target{Name: "memory at 50 pods per node", Goal: "agent memory < 1/10 of the sidecars' total with 50 pods per node"}
+	var side, agent *ScalePoint
+	for i := range r.Scaling {
+		p := &r.Scaling[i]
+		if p.PodsPerNode != 50 {
+			continue
+		}
+		switch p.Scenario {
+		case scenarioHAProxy:
+			side = p
+		case scenarioMeshCross:
+			agent = p
+		}
+	}
+	switch {
+	case agent == nil || agent.NotAvailable != "":
+		t.Status = "not available"
+		t.Measured = "nodemesh agent did not run"
+		if agent != nil {
+			t.Measured = agent.NotAvailable
+		}
+		if side != nil && side.Error == "" && side.NotAvailable == "" {
+			t.Note = fmt.Sprintf("sidecars at 50 pods: %d proxies, %.1f MiB RSS in total", side.Proxies, float64(side.RSS)/(1<<20))
+		} else if side == nil {
+			t.Note = "this profile has no 50-pod point (use --profile full)"
+		}
+	case side == nil || side.Error != "" || agent.Error != "":
+		t.Status, t.Measured = "not available", "no 50-pod measurement of both"
+	default:
+		ratio := float64(agent.RSS) / float64(side.RSS)
+		t.Measured = fmt.Sprintf("agent %.1f MiB vs sidecars %.1f MiB: %.3f", float64(agent.RSS)/(1<<20), float64(side.RSS)/(1<<20), ratio)
+		t.Status = passMiss(ratio < 0.1)
+		if ratio >= 0.1 {
+			t.Note = fmt.Sprintf("missed by %.1fx", ratio/0.1)
+		}
+	}
+	out = append(out, t)
+
+	// 3. Tunnel throughput >= half of single-core AES-GCM.
+	t = Target{Name: "tunnel throughput", Goal: "single-stream tunnel throughput at least 1/2 of single-core AES-128-GCM"}
+	aes := r.Machine.AESGCMBytesPerCPUSecond
+	if sc, _ := scenarioByName(r.Scenario, scenarioMeshCross); sc.NotAvailable != "" {
+		t.Status, t.Measured = "not available", sc.NotAvailable
+	} else if s, ok := find(r.Summary, scenarioMeshCross, workloadBulk); ok && s.Rounds > 0 && aes > 0 {
+		f := s.BytesPerSec / aes
+		t.Measured = fmt.Sprintf("%.0f MB/s = %.2f of AES-GCM %.0f MB/s", s.BytesPerSec/1e6, f, aes/1e6)
+		t.Status = passMiss(f >= 0.5)
+		if f < 0.5 {
+			t.Note = fmt.Sprintf("missed by %.0f MB/s", (0.5*aes-s.BytesPerSec)/1e6)
+		}
+	} else {
+		t.Status, t.Measured = "not available", "no successful bulk run"
+	}
+	if s, ok := find(r.Summary, scenarioHAProxy, workloadBulk); ok && s.Rounds > 0 && aes > 0 {
+		t.Note = joinNote(t.Note, fmt.Sprintf("HAProxy mTLS sidecars: %.0f MB/s = %.2f of AES-GCM", s.BytesPerSec/1e6, s.BytesPerSec/aes))
+	}
+	out = append(out, t)
+	return out
+}
+
+func passMiss(ok bool) string {
+	if ok {
+		return "pass"
+	}
+	return "miss"
+}
+
+func joinNote(a, b string) string {
+	if a == "" {
+		return b
+	}
+	return a + "; " + b
+}

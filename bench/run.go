@@ -1,0 +1,617 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/nodemesh/nodemesh/bench/load"
+	"github.com/nodemesh/nodemesh/lab"
+	"github.com/nodemesh/nodemesh/lab/spec"
+)
+
+// Scenario names.
+const (
+	scenarioLoopback  = "loopback"
+	scenarioNoMesh    = "a-nomesh"
+	scenarioNoMeshLoc = "a-nomesh-same-node"
+	scenarioMeshCross = "b-nodemesh-l4"
+	scenarioMeshLocal = "b-nodemesh-l4-same-node"
+	scenarioSkMsgOn   = "c-skmsg-on"
+	scenarioSkMsgOff  = "c-skmsg-off"
+	scenarioHAProxy   = "d-haproxy-sidecar"
+	scenarioMeshSide  = "d-nodemesh-sidecar"
+	scenarioL7        = "e-nodemesh-l7"
+)
+
+// Workload names.
+const (
+	workloadRR   = "tcp-rr"
+	workloadCRR  = "tcp-crr"
+	workloadBulk = "bulk"
+)
+
+func httpWorkload(rate float64, conns int) string {
+	return fmt.Sprintf("http-%grps-%dc", rate, conns)
+}
+
+// Lab layout.
+const (
+	benchNS     = "bench"
+	node1       = "node-1"
+	node2       = "node-2"
+	trustDomain = "cluster.local"
+)
+
+// meshUnavailable is why the nodemesh scenarios cannot run yet. The agent
+// binary exists, but nothing starts it in the lab (a CA, its token, the
+// trust bundle ConfigMap and the agent per node); the benchmark reports
+// these scenarios as not available rather than guessing numbers.
+const meshUnavailable = "the lab cannot start nodemesh agents yet (no lab helper runs cmd/nodemesh-agent with a CA, token and bundle); no numbers were measured"
+
+// scenarios lists every scenario of issue 8 in the order of the report.
+func scenarios() []Scenario {
+	return []Scenario{
+		{Name: scenarioLoopback, Title: "machine limit: loopback inside one pod, no proxy"},
+		{Name: scenarioNoMesh, Title: "(a) no mesh, pod to pod across nodes"},
+		{Name: scenarioNoMeshLoc, Title: "(a) no mesh, pod to pod on one node"},
+		{Name: scenarioMeshCross, Title: "(b) nodemesh L4 across nodes", Baseline: scenarioNoMesh, NotAvailable: meshUnavailable},
+		{Name: scenarioMeshLocal, Title: "(b) nodemesh L4 on one node", Baseline: scenarioNoMeshLoc, NotAvailable: meshUnavailable},
+		{Name: scenarioSkMsgOn, Title: "(c) nodemesh on one node, sk_msg on", Baseline: scenarioNoMeshLoc, NotAvailable: meshUnavailable},
+		{Name: scenarioSkMsgOff, Title: "(c) nodemesh on one node, sk_msg off", Baseline: scenarioNoMeshLoc, NotAvailable: meshUnavailable},
+		{Name: scenarioHAProxy, Title: "(d) HAProxy mTLS sidecars across nodes", Baseline: scenarioNoMesh},
+		{Name: scenarioMeshSide, Title: "(d) nodemesh proxy as per-pod sidecars across nodes", Baseline: scenarioNoMesh, NotAvailable: meshUnavailable},
+		{Name: scenarioL7, Title: "(e) nodemesh with L7", Baseline: scenarioNoMesh, NotAvailable: "nodemesh has no L7 proxy yet (no agent/l7 package)"},
+	}
+}
+
+// Pods of the bench lab.
+const (
+	podClient   = benchNS + "/client"
+	podServer   = benchNS + "/server"
+	podServerL  = benchNS + "/server-local"
+	podSCClient = benchNS + "/sc-client"
+	podSCServer = benchNS + "/sc-server"
+)
+
+// Spec returns the lab the benchmark runs on: two nodes; a client on
+// node-1 with servers on node-2 (across nodes) and node-1 (same node);
+// a client and extraServers+1 servers for the sidecar scenario. worker is
+// the path of the WorkerName symlink that runs the benchmark server.
+func Spec(worker string, sidecarServers int) (*spec.Spec, error) {
+	sidecarServers = max(sidecarServers, 1)
+	server := func(name, node, sa string) spec.Pod {
+		return spec.Pod{
+			Name: name, Namespace: benchNS, Node: node, ServiceAccount: sa,
+			Labels:  map[string]string{"app": "bench-server"},
+			Command: []string{worker, "serve"},
+			Ports: []spec.ContainerPort{
+				{Name: "http", ContainerPort: load.DefaultHTTPPort},
+				{Name: "echo", ContainerPort: load.DefaultEchoPort},
+				{Name: "sink", ContainerPort: load.DefaultSinkPort},
+			},
+		}
+	}
+	client := func(name, node string) spec.Pod {
+		return spec.Pod{
+			Name: name, Namespace: benchNS, Node: node, ServiceAccount: "bench-client",
+			Labels:  map[string]string{"app": "bench-client"},
+			Command: []string{"nodemeshctl", "lab", "workload", "sleep"},
+		}
+	}
+	sp := &spec.Spec{
+		APIVersion: spec.APIVersion, Kind: spec.Kind,
+		Nodes:      []spec.Node{{Name: node1}, {Name: node2}},
+		Namespaces: []spec.Namespace{{Name: benchNS}},
+		Pods: []spec.Pod{
+			client("client", node1),
+			server("server", node2, "bench-server"),
+			server("server-local", node1, "bench-server"),
+			client("sc-client", node1),
+			server("sc-server", node2, "bench-server"),
+		},
+	}
+	for i := 2; i <= sidecarServers; i++ {
+		sp.Pods = append(sp.Pods, server(fmt.Sprintf("sc-server-%d", i), node2, "bench-server"))
+	}
+	sp.Default()
+	if err := sp.Validate("bench"); err != nil {
+		return nil, fmt.Errorf("bench lab spec: %w", err)
+	}
+	return sp, nil
+}
+
+// sidecarServerPods returns the sidecar scenario's server pod keys for n
+// pods per node.
+func sidecarServerPods(n int) []string {
+	out := []string{podSCServer}
+	for i := 2; i <= n; i++ {
+		out = append(out, fmt.Sprintf("%s/sc-server-%d", benchNS, i))
+	}
+	return out
+}
+
+// Options configure Run.
+type Options struct {
+	Profile Profile
+	// Lab to run on. Nil: Run brings one up in StateDir (with ID) and takes
+	// it down at the end.
+	Lab      *lab.Lab
+	StateDir string
+	ID       string
+	// WorkDir holds the worker symlink, certificates and proxy configs;
+	// "" = a fresh temporary directory, removed at the end.
+	WorkDir string
+	Log     *slog.Logger
+}
+
+// runner holds one benchmark run's state.
+type runner struct {
+	o       Options
+	log     *slog.Logger
+	lab     *lab.Lab
+	work    string
+	worker  string
+	haproxy string
+	ca      *sidecarCA
+	// sidecars: pod key -> haproxy pid.
+	sidecars map[string]int
+	serial   int64
+}
+
+// Run runs the benchmark and returns its results. A scenario that cannot
+// run is reported with the reason; Run fails only when nothing useful can
+// be measured (no lab, no baseline).
+func Run(ctx context.Context, o Options) (res *Results, err error) {
+	if o.Profile.Rounds < 1 || o.Profile.Duration <= 0 || len(o.Profile.HTTPConns) == 0 || !(o.Profile.HTTPRate > 0) {
+		return nil, fmt.Errorf("profile %q: needs rounds >= 1, a positive duration and rate, and HTTP connection counts", o.Profile.Name)
+	}
+	r := &runner{o: o, log: o.Log, sidecars: map[string]int{}}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
+	}
+	res = &Results{Profile: o.Profile, Started: time.Now().UTC(), Scenario: scenarios()}
+	res.Method = methodNotes()
+
+	r.work = o.WorkDir
+	if r.work == "" {
+		d, err := os.MkdirTemp("", "nmbench-")
+		if err != nil {
+			return nil, fmt.Errorf("creating a work directory: %w", err)
+		}
+		r.work = d
+		defer os.RemoveAll(d)
+	}
+	if err := r.linkWorker(); err != nil {
+		return nil, err
+	}
+	maxPods := 1
+	for _, n := range o.Profile.PodsPerNode {
+		maxPods = max(maxPods, n)
+	}
+	r.lab = o.Lab
+	if r.lab == nil {
+		sp, err := Spec(r.worker, 1)
+		if err != nil {
+			return nil, err
+		}
+		r.log.Info("bringing up the bench lab", "dir", o.StateDir)
+		l, err := lab.Up(ctx, sp, lab.Options{StateDir: o.StateDir, ID: o.ID, Log: r.log})
+		if err != nil {
+			return nil, fmt.Errorf("bringing up the bench lab: %w", err)
+		}
+		r.lab = l
+		defer func() {
+			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+			defer cancel()
+			if derr := l.Down(dctx); derr != nil {
+				err = errors.Join(err, fmt.Errorf("taking the bench lab down: %w", derr))
+			}
+		}()
+	}
+	defer r.stopSidecars()
+
+	res.Machine = machineLimits()
+
+	// The sidecar baseline: certificates and HAProxy in client and server.
+	sidecarErr := r.setupSidecars(ctx)
+	if sidecarErr != nil {
+		r.log.Warn("HAProxy sidecar scenario not available", "err", sidecarErr)
+		for i := range res.Scenario {
+			if res.Scenario[i].Name == scenarioHAProxy {
+				res.Scenario[i].NotAvailable = sidecarErr.Error()
+			}
+		}
+	}
+
+	type target struct {
+		client string
+		addrs  map[string]string // workload kind -> address
+		procs  func() map[string]int
+	}
+	podIP := func(key string) (string, error) {
+		p, err := r.lab.Pod(key)
+		if err != nil {
+			return "", err
+		}
+		return p.IP, nil
+	}
+	direct := func(ip string) map[string]string {
+		return map[string]string{
+			load.KindHTTP: net.JoinHostPort(ip, strconv.Itoa(load.DefaultHTTPPort)),
+			load.KindRR:   net.JoinHostPort(ip, strconv.Itoa(load.DefaultEchoPort)),
+			load.KindCRR:  net.JoinHostPort(ip, strconv.Itoa(load.DefaultEchoPort)),
+			load.KindBulk: net.JoinHostPort(ip, strconv.Itoa(load.DefaultSinkPort)),
+		}
+	}
+	targets := map[string]target{}
+	serverIP, err := podIP(podServer)
+	if err != nil {
+		return nil, fmt.Errorf("bench lab: %w", err)
+	}
+	localIP, err := podIP(podServerL)
+	if err != nil {
+		return nil, fmt.Errorf("bench lab: %w", err)
+	}
+	noProcs := func() map[string]int { return nil }
+	targets[scenarioLoopback] = target{client: podServer, addrs: direct("127.0.0.1"), procs: noProcs}
+	targets[scenarioNoMesh] = target{client: podClient, addrs: direct(serverIP), procs: noProcs}
+	targets[scenarioNoMeshLoc] = target{client: podClient, addrs: direct(localIP), procs: noProcs}
+	if sidecarErr == nil {
+		lo := "127.0.0.1"
+		targets[scenarioHAProxy] = target{
+			client: podSCClient,
+			addrs: map[string]string{
+				load.KindHTTP: net.JoinHostPort(lo, strconv.Itoa(outPort(0, 0))),
+				load.KindRR:   net.JoinHostPort(lo, strconv.Itoa(outPort(0, 1))),
+				load.KindCRR:  net.JoinHostPort(lo, strconv.Itoa(outPort(0, 1))),
+				load.KindBulk: net.JoinHostPort(lo, strconv.Itoa(outPort(0, 2))),
+			},
+			procs: func() map[string]int {
+				return map[string]int{"haproxy " + podSCClient: r.sidecars[podSCClient], "haproxy " + podSCServer: r.sidecars[podSCServer]}
+			},
+		}
+	}
+
+	p := o.Profile
+	type wl struct {
+		name string
+		cfg  load.Config
+	}
+	var wls []wl
+	for _, c := range p.HTTPConns {
+		wls = append(wls, wl{httpWorkload(p.HTTPRate, c), load.Config{Kind: load.KindHTTP, Conns: c, Rate: p.HTTPRate, Size: p.Size, Warmup: p.Warmup, Duration: p.Duration}})
+	}
+	wls = append(wls,
+		wl{workloadRR, load.Config{Kind: load.KindRR, Warmup: p.Warmup, Duration: p.Duration}},
+		wl{workloadCRR, load.Config{Kind: load.KindCRR, Warmup: p.Warmup, Duration: p.Duration}},
+		wl{workloadBulk, load.Config{Kind: load.KindBulk, Warmup: p.Warmup, Duration: p.Duration}},
+	)
+
+	// Interleave: round r runs every workload of every scenario, scenarios
+	// in turn per workload, so slow drift of the machine spreads evenly.
+	for round := 1; round <= p.Rounds; round++ {
+		for _, w := range wls {
+			for _, sc := range res.Scenario {
+				t, ok := targets[sc.Name]
+				if !ok || sc.NotAvailable != "" {
+					continue
+				}
+				if err := ctx.Err(); err != nil {
+					return nil, err
+				}
+				cfg := w.cfg
+				cfg.Addr = t.addrs[cfg.Kind]
+				run := r.runOne(ctx, t.client, cfg, t.procs())
+				run.Scenario, run.Workload, run.Round = sc.Name, w.name, round
+				r.log.Info("bench run", "scenario", sc.Name, "workload", w.name, "round", round, "err", run.Error)
+				res.Runs = append(res.Runs, run)
+			}
+		}
+	}
+
+	res.Scaling = r.scaling(ctx, sidecarErr)
+	res.Summary, err = summarize(res.Scenario, res.Runs)
+	if err != nil {
+		return nil, err
+	}
+	if s, ok := find(res.Summary, scenarioNoMesh, httpWorkload(p.HTTPRate, p.HTTPConns[0])); !ok || s.Rounds == 0 {
+		return res, fmt.Errorf("the no-mesh baseline produced no results: see the runs in results.json")
+	}
+	res.Targets = judgeTargets(res)
+	res.Machine.LoadEnd, res.Machine.PressureEnd = machineLoad()
+	res.Elapsed = time.Since(res.Started)
+	return res, nil
+}
+
+// linkWorker makes the WorkerName symlink to this executable.
+func (r *runner) linkWorker() error {
+	exe, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("finding this executable for the in-pod workers: %w", err)
+	}
+	r.worker = filepath.Join(r.work, WorkerName)
+	_ = os.Remove(r.worker)
+	if err := os.Symlink(exe, r.worker); err != nil {
+		return fmt.Errorf("linking the in-pod worker: %w", err)
+	}
+	return nil
+}
+
+// runOne runs one workload in a pod and samples the proxies around it.
+func (r *runner) runOne(ctx context.Context, pod string, cfg load.Config, procs map[string]int) RunRecord {
+	var run RunRecord
+	before := map[string]procSample{}
+	for name, pid := range procs {
+		if s, err := readProc(pid); err == nil {
+			before[name] = s
+		}
+	}
+	res, err := r.work1(ctx, pod, cfg)
+	if err != nil {
+		run.Error = err.Error()
+		return run
+	}
+	run.Result = res
+	for name, pid := range procs {
+		s, err := readProc(pid)
+		b, ok := before[name]
+		if err != nil || !ok {
+			run.Error = fmt.Sprintf("proxy %s (pid %d) is gone: %v", name, pid, err)
+			continue
+		}
+		run.Proxies = append(run.Proxies, ProxyUsage{Name: name, Pid: pid, CPUNanos: s.CPUNanos - b.CPUNanos, RSS: s.RSS, HWM: s.HWM})
+	}
+	return run
+}
+
+// work1 runs the worker in the pod and decodes its result.
+func (r *runner) work1(ctx context.Context, pod string, cfg load.Config) (*load.Result, error) {
+	js, err := json.Marshal(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("encoding the workload: %w", err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, cfg.Warmup+cfg.Duration+2*time.Minute)
+	defer cancel()
+	out, err := r.lab.Exec(rctx, pod, []string{r.worker, "run", string(js)})
+	if err != nil {
+		return nil, err
+	}
+	// The result is the last JSON line; anything else is diagnostics.
+	lines := bytes.Split(bytes.TrimSpace(out), []byte("\n"))
+	last := lines[len(lines)-1]
+	var res load.Result
+	if err := json.Unmarshal(last, &res); err != nil {
+		return nil, fmt.Errorf("decoding the worker's result in %s: %w (output %q)", pod, err, truncate(string(out), 300))
+	}
+	return &res, nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
+}
+
+// setupSidecars issues SVIDs and starts HAProxy in the sidecar client and
+// server pod.
+func (r *runner) setupSidecars(ctx context.Context) error {
+	bin, err := haproxyBinary()
+	if err != nil {
+		return err
+	}
+	r.haproxy = bin
+	if r.ca, err = newSidecarCA(trustDomain); err != nil {
+		return err
+	}
+	if err := r.startServerSidecar(ctx, podSCServer); err != nil {
+		return err
+	}
+	return r.startClientSidecar(ctx, []string{podSCServer})
+}
+
+func (r *runner) svid(pod string) (svidFiles, string, error) {
+	p, err := r.lab.Pod(pod)
+	if err != nil {
+		return svidFiles{}, "", err
+	}
+	dir := filepath.Join(r.work, "sidecars", p.Namespace+"-"+p.Name)
+	r.serial++
+	f, err := r.ca.issue(dir, fmt.Sprintf("spiffe://%s/ns/%s/sa/%s", trustDomain, p.Namespace, p.ServiceAccount), r.serial+1)
+	return f, dir, err
+}
+
+func (r *runner) startServerSidecar(ctx context.Context, pod string) error {
+	f, dir, err := r.svid(pod)
+	if err != nil {
+		return err
+	}
+	pid, err := startHAProxy(ctx, r.lab, pod, r.haproxy, dir, haproxyConf{Cert: f.Cert, Bundle: f.Bundle, Server: true})
+	if err != nil {
+		return err
+	}
+	r.sidecars[pod] = pid
+	return nil
+}
+
+func (r *runner) startClientSidecar(ctx context.Context, servers []string) error {
+	if pid, ok := r.sidecars[podSCClient]; ok {
+		stopPid(pid)
+		delete(r.sidecars, podSCClient)
+	}
+	f, dir, err := r.svid(podSCClient)
+	if err != nil {
+		return err
+	}
+	c := haproxyConf{Cert: f.Cert, Bundle: f.Bundle}
+	for i, s := range servers {
+		p, err := r.lab.Pod(s)
+		if err != nil {
+			return err
+		}
+		c.Upstreams = append(c.Upstreams, haproxyUpstream{Index: i, IP: p.IP})
+	}
+	pid, err := startHAProxy(ctx, r.lab, podSCClient, r.haproxy, dir, c)
+	if err != nil {
+		return err
+	}
+	r.sidecars[podSCClient] = pid
+	return nil
+}
+
+// stopPid ends a sidecar this run started and waits briefly for it.
+func stopPid(pid int) {
+	if pid <= 0 {
+		return
+	}
+	_ = syscall.Kill(pid, syscall.SIGTERM)
+	for i := 0; i < 100; i++ {
+		if err := syscall.Kill(pid, 0); err != nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+}
+
+func (r *runner) stopSidecars() {
+	for pod, pid := range r.sidecars {
+		stopPid(pid)
+		delete(r.sidecars, pod)
+	}
+}
+
+// scaling measures the proxies' cost with 1, 10, 50 ... pods per node:
+// the sidecar scenario gets that many server pods on node-2, each with its
+// sidecar, and 1000 requests/s spread over all of them.
+func (r *runner) scaling(ctx context.Context, sidecarErr error) []ScalePoint {
+	var out []ScalePoint
+	p := r.o.Profile
+	for _, n := range p.PodsPerNode {
+		out = append(out, ScalePoint{Scenario: scenarioMeshCross, PodsPerNode: n, NotAvailable: meshUnavailable})
+		pt := ScalePoint{Scenario: scenarioHAProxy, PodsPerNode: n}
+		if sidecarErr != nil {
+			pt.NotAvailable = sidecarErr.Error()
+			out = append(out, pt)
+			continue
+		}
+		if err := r.scaleSidecars(ctx, n, &pt); err != nil {
+			pt.Error = err.Error()
+			r.log.Warn("sidecar scale point failed", "pods", n, "err", err)
+		}
+		out = append(out, pt)
+	}
+	return out
+}
+
+func (r *runner) scaleSidecars(ctx context.Context, n int, pt *ScalePoint) error {
+	p := r.o.Profile
+	sp, err := Spec(r.worker, n)
+	if err != nil {
+		return err
+	}
+	// Keep whatever else the lab runs (a caller's lab may hold more).
+	cur := r.lab.Spec()
+	have := map[string]bool{}
+	for _, q := range cur.Pods {
+		have[q.Key()] = true
+	}
+	for _, q := range sp.Pods {
+		if !have[q.Key()] {
+			cur.Pods = append(cur.Pods, q)
+		}
+	}
+	if err := r.lab.Apply(ctx, cur); err != nil {
+		return fmt.Errorf("adding server pods: %w", err)
+	}
+	servers := sidecarServerPods(n)
+	for _, s := range servers {
+		if _, ok := r.sidecars[s]; ok {
+			continue
+		}
+		if err := r.startServerSidecar(ctx, s); err != nil {
+			return err
+		}
+	}
+	if err := r.startClientSidecar(ctx, servers); err != nil {
+		return err
+	}
+	var addrs []string
+	for i := range servers {
+		addrs = append(addrs, net.JoinHostPort("127.0.0.1", strconv.Itoa(outPort(i, 0))))
+	}
+	procs := map[string]int{}
+	for pod, pid := range r.sidecars {
+		procs[pod] = pid
+	}
+	cfg := load.Config{Kind: load.KindHTTP, Addrs: addrs, Conns: max(16, n), Rate: p.HTTPRate, Size: p.Size, Warmup: p.Warmup, Duration: p.Duration}
+	cfg.Addr = addrs[0]
+	run := r.runOne(ctx, podSCClient, cfg, procs)
+	if run.Result == nil {
+		return errors.New(run.Error)
+	}
+	var cpu int64
+	for _, u := range run.Proxies {
+		cpu += u.CPUNanos
+		if u.Name == podSCClient {
+			continue
+		}
+		if pod, err := r.lab.Pod(u.Name); err == nil && pod.Node == node2 {
+			pt.Proxies++
+			pt.RSS += u.RSS
+			pt.HWM += u.HWM
+		}
+	}
+	pt.Requests = run.Result.Requests
+	if pt.Requests > 0 {
+		pt.CPUPer1000 = float64(cpu) / 1e9 / float64(pt.Requests) * 1000
+	}
+	if h, err := histOf(run.Result); err == nil {
+		pt.P99 = us(h.Quantile(0.99))
+	}
+	if run.Result.Errors > 0 {
+		return fmt.Errorf("%d of %d requests failed, first: %s", run.Result.Errors, run.Result.Errors+run.Result.Requests, run.Result.FirstError)
+	}
+	return nil
+}
+
+func kernelRelease() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func machineLimits() Machine {
+	m := Machine{CPUs: runtime.NumCPU(), Kernel: kernelRelease(), GoVersion: runtime.Version()}
+	m.LoadStart, m.PressureStart = machineLoad()
+	m.AESGCMBytesPerCPUSecond = aesGCMThroughput()
+	return m
+}
+
+// machineLoad returns the load averages and the CPU pressure line.
+func machineLoad() (load, pressure string) {
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		f := strings.Fields(string(b))
+		if len(f) >= 3 {
+			load = strings.Join(f[:3], " ")
+		}
+	}
+	if b, err := os.ReadFile("/proc/pressure/cpu"); err == nil {
+		pressure = strings.TrimSpace(strings.SplitN(string(b), "\n", 2)[0])
+	}
+	return load, pressure
+}

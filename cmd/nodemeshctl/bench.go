@@ -1,0 +1,67 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/nodemesh/nodemesh/bench"
+)
+
+const benchUsage = `usage: nodemeshctl bench [--profile quick|full] [--out DIR] [--dir STATEDIR]
+
+Brings up a benchmark lab (needs root), runs every scenario - no mesh,
+HAProxy mTLS sidecars, nodemesh - over the same workloads in interleaved
+rounds, takes the lab down and writes report.md, results.json and SVG
+charts to DIR. Methodology: bench/README.md.
+
+  nodemeshctl bench worker ...   runs an in-pod benchmark program (internal)
+`
+
+func runBench(args []string) error {
+	if len(args) > 0 && args[0] == "worker" {
+		if code := bench.WorkerMain(args[1:], os.Stdout, os.Stderr); code != 0 {
+			return exitError(code)
+		}
+		return nil
+	}
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.Usage = func() { fmt.Fprint(os.Stderr, benchUsage) }
+	profile := fs.String("profile", "quick", "quick (under 3 minutes) or full")
+	out := fs.String("out", "bench-results", "directory for report.md, results.json and charts")
+	dir := fs.String("dir", "/run/nodemesh-bench", "state directory of the benchmark's own lab")
+	verbose := fs.Bool("v", false, "log every run")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return usagef("unexpected argument %q", fs.Arg(0))
+	}
+	p, err := bench.ProfileByName(*profile)
+	if err != nil {
+		return usagef("%s", err)
+	}
+	if os.Geteuid() != 0 {
+		return fmt.Errorf("the benchmark builds a lab (network namespaces, cgroups): run it as root")
+	}
+	level := slog.LevelWarn
+	if *verbose {
+		level = slog.LevelInfo
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	res, err := bench.Run(ctx, bench.Options{Profile: p, StateDir: *dir, ID: "bench", Log: log})
+	if res != nil {
+		if werr := bench.WriteOutput(*out, res); werr != nil {
+			return werr
+		}
+		fmt.Fprintf(os.Stderr, "wrote %s\n", filepath.Join(*out, "report.md"))
+	}
+	return err
+}
