@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -182,50 +183,60 @@ func alive(pid int) bool {
 //
 //	l.Exec(ctx, "client/client-1", []string{"nodemeshctl", "lab", "workload", "get", "http://10.96.0.10/"})
 func (l *Lab) Exec(ctx context.Context, pod string, argv []string) ([]byte, error) {
-	p, err := l.Pod(pod)
-	if err != nil {
-		return nil, err
-	}
-	cmd, err := l.command(ctx, argv)
-	if err != nil {
-		return nil, fmt.Errorf("exec in pod %s: %w", p.Key(), err)
-	}
-	cmd.Env = append(cmd.Env, l.podEnv(&p)...)
 	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.WaitDelay = 5 * time.Second
-	if err := spawn(cmd, p.Netns, p.Cgroup, false); err != nil {
-		return nil, fmt.Errorf("exec in pod %s: %w", p.Key(), err)
-	}
-	if err := cmd.Wait(); err != nil {
-		return out.Bytes(), fmt.Errorf("exec in pod %s: %s: %w: %s", p.Key(), strings.Join(argv, " "), err, strings.TrimSpace(out.String()))
+	err := l.ExecStream(ctx, pod, argv, nil, &out, &out)
+	if err != nil {
+		return out.Bytes(), fmt.Errorf("%w: %s", err, strings.TrimSpace(out.String()))
 	}
 	return out.Bytes(), nil
+}
+
+// ExecStream is Exec with the caller's streams. The error wraps an
+// *exec.ExitError when the command ran and failed.
+func (l *Lab) ExecStream(ctx context.Context, pod string, argv []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	p, err := l.Pod(pod)
+	if err != nil {
+		return err
+	}
+	return l.execIn(ctx, "pod "+p.Key(), p.Netns, p.Cgroup, l.podEnv(&p), argv, stdin, stdout, stderr)
 }
 
 // ExecNode runs argv inside the node's network namespace (in the node's
 // process cgroup) and returns its combined output.
 func (l *Lab) ExecNode(ctx context.Context, node string, argv []string) ([]byte, error) {
-	n, err := l.Node(node)
-	if err != nil {
-		return nil, err
-	}
-	cmd, err := l.command(ctx, argv)
-	if err != nil {
-		return nil, fmt.Errorf("exec on node %s: %w", node, err)
-	}
-	cmd.Env = append(cmd.Env, baseEnv()...)
-	cmd.Env = append(cmd.Env, workload.EnvNodeName+"="+n.Name)
 	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	cmd.WaitDelay = 5 * time.Second
-	if err := spawn(cmd, n.Netns, n.ProcessCgroup, false); err != nil {
-		return nil, fmt.Errorf("exec on node %s: %w", node, err)
-	}
-	if err := cmd.Wait(); err != nil {
-		return out.Bytes(), fmt.Errorf("exec on node %s: %s: %w: %s", node, strings.Join(argv, " "), err, strings.TrimSpace(out.String()))
+	err := l.ExecNodeStream(ctx, node, argv, nil, &out, &out)
+	if err != nil {
+		return out.Bytes(), fmt.Errorf("%w: %s", err, strings.TrimSpace(out.String()))
 	}
 	return out.Bytes(), nil
+}
+
+// ExecNodeStream is ExecNode with the caller's streams.
+func (l *Lab) ExecNodeStream(ctx context.Context, node string, argv []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	n, err := l.Node(node)
+	if err != nil {
+		return err
+	}
+	env := append(baseEnv(), workload.EnvNodeName+"="+n.Name)
+	return l.execIn(ctx, "node "+n.Name, n.Netns, n.ProcessCgroup, env, argv, stdin, stdout, stderr)
+}
+
+func (l *Lab) execIn(ctx context.Context, where, netnsPath, cgroupDir string, env, argv []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	cmd, err := l.command(ctx, argv)
+	if err != nil {
+		return fmt.Errorf("exec in %s: %w", where, err)
+	}
+	cmd.Env = append(cmd.Env, env...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = stdin, stdout, stderr
+	cmd.WaitDelay = 5 * time.Second
+	if err := spawn(cmd, netnsPath, cgroupDir, false); err != nil {
+		return fmt.Errorf("exec in %s: %w", where, err)
+	}
+	if err := cmd.Wait(); err != nil {
+		return fmt.Errorf("exec in %s: %s: %w", where, strings.Join(argv, " "), err)
+	}
+	return nil
 }
 
 // logTail returns the last n bytes of a log file, for error messages.

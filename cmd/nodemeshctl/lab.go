@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"os/signal"
 	"syscall"
 	"time"
@@ -235,18 +236,16 @@ func labExec(args []string) error {
 	}
 	ctx, stop := signalContext()
 	defer stop()
-	var out []byte
 	if *node != "" {
-		out, err = l.ExecNode(ctx, *node, rest)
+		err = l.ExecNodeStream(ctx, *node, rest, os.Stdin, os.Stdout, os.Stderr)
 	} else {
-		out, err = l.Exec(ctx, target, rest)
+		err = l.ExecStream(ctx, target, rest, os.Stdin, os.Stdout, os.Stderr)
 	}
-	if err != nil {
-		// The error already carries the output.
-		return err
+	var ee *exec.ExitError
+	if errors.As(err, &ee) && ee.ExitCode() > 0 {
+		return exitError(ee.ExitCode()) // the command's own status, as kubectl exec does
 	}
-	_, _ = os.Stdout.Write(out)
-	return nil
+	return err
 }
 
 func labApply(args []string) error {
