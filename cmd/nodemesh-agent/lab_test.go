@@ -17,6 +17,7 @@ import (
 
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
@@ -340,6 +341,45 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			t.Fatalf("reply %+v", r)
 		}
 		setMode(t, ctx, l, "client", state.ModeEnabled)
+	})
+
+	t.Run("NetworkPolicyEnforced", func(t *testing.T) {
+		// web accepts only from its own namespace: client-1 is refused at
+		// web-2's agent (ingress), then let in again when the policy goes.
+		np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "web-from-shop", Namespace: "shop"},
+			Spec: networkingv1.NetworkPolicySpec{
+				PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
+				PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{From: []networkingv1.NetworkPolicyPeer{{
+					NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"team": "shop"}}}}}},
+			}}
+		nps := c.NetworkingV1().NetworkPolicies("shop")
+		must(nps.Create(ctx, np, metav1.CreateOptions{}))
+		eventually(t, 30*time.Second, "client-1 refused by the NetworkPolicy", func() error {
+			if r, err := get(client1.Key(), "http://"+web2.IP+":8080/denied"); err == nil {
+				return fmt.Errorf("still allowed: %+v", r)
+			}
+			return nil
+		})
+		n2, _ := l.Node("node-2")
+		eventually(t, 10*time.Second, "node-2 counts the policy denial", func() error {
+			_, m, err := httpGet(nodeClient(n2), "http://127.0.0.1:15020/metrics")
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(m, `nodemesh_connections_denied_total{direction="inbound",reason="policy"}`) {
+				b, _ := os.ReadFile(agents["node-2"].Log)
+				return fmt.Errorf("no denial counted:\n%s\nnode-2 log:\n%s", grep(m, "denied"), tail(grep(string(b), "refused"), 3000))
+			}
+			return nil
+		})
+		if err := nps.Delete(ctx, np.Name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 30*time.Second, "client-1 allowed again", func() error {
+			_, err := get(client1.Key(), "http://"+web2.IP+":8080/allowed")
+			return err
+		})
 	})
 
 	t.Run("SIGTERMDrainFailClosedRestart", func(t *testing.T) {
