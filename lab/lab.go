@@ -139,6 +139,24 @@ func Up(ctx context.Context, sp *spec.Spec, opts Options) (_ *Lab, err error) {
 		return nil, err
 	}
 	defer unlock()
+	var l *Lab
+	defer func() {
+		if err != nil {
+			log.Info("lab up failed, removing what was built", "err", err)
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+			defer cancel()
+			if serr := sweep(cctx, dir, opts.ID, log); serr != nil {
+				err = errors.Join(err, fmt.Errorf("cleaning up after the failure: %w", serr))
+			}
+			_ = os.Remove(filepath.Clean(dir) + ".lock")
+			if l != nil {
+				if l.Server != nil {
+					_ = l.Server.Stop() // reaps; the sweep killed it
+				}
+				l.wg.Wait()
+			}
+		}
+	}()
 
 	// Leftovers: whatever lab last used this directory, and this ID.
 	if old := IDFor(dir); old != opts.ID {
@@ -169,29 +187,13 @@ func Up(ctx context.Context, sp *spec.Spec, opts Options) (_ *Lab, err error) {
 		Nodes: map[string]*Node{}, Pods: map[string]*Pod{}, Services: map[string]*Service{},
 	}
 	st.APIServer.ServiceCIDR = sp.Network.ServiceCIDR
-	l, err := newLab(st, log)
-	if err != nil {
+	if l, err = newLab(st, log); err != nil {
 		return nil, err
 	}
 	l.workloadBin = opts.WorkloadBinary
 	if opts.ReadyTimeout > 0 {
 		l.readyTimeout = opts.ReadyTimeout
 	}
-	defer func() {
-		if err != nil {
-			log.Info("lab up failed, removing what was built", "err", err)
-			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
-			defer cancel()
-			if serr := sweep(cctx, dir, opts.ID, log); serr != nil {
-				err = errors.Join(err, fmt.Errorf("cleaning up after the failure: %w", serr))
-			}
-			_ = os.Remove(filepath.Clean(dir) + ".lock")
-			if l.Server != nil {
-				_ = l.Server.Stop() // reaps; the sweep killed it
-			}
-			l.wg.Wait()
-		}
-	}()
 	if err := st.save(); err != nil {
 		return nil, err
 	}

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -109,6 +110,21 @@ func SweepStale(t testing.TB) {
 			t.Logf("sweeping stale test lab %s: %v", d, err)
 		}
 		cancel()
+	}
+	// Lock files of labs that are gone, unless someone holds them.
+	locks, _ := filepath.Glob(dirPrefix + "*.lock")
+	for _, f := range locks {
+		if _, err := os.Stat(strings.TrimSuffix(f, ".lock")); err == nil {
+			continue
+		}
+		fh, err := os.OpenFile(f, os.O_RDWR, 0)
+		if err != nil {
+			continue
+		}
+		if syscall.Flock(int(fh.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) == nil {
+			_ = os.Remove(f)
+		}
+		fh.Close()
 	}
 }
 
