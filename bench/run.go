@@ -193,12 +193,8 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		r.work = d
 		defer os.RemoveAll(d)
 	}
-	if err := r.linkWorker(); err != nil {
+	if r.worker, err = LinkWorker(r.work); err != nil {
 		return nil, err
-	}
-	maxPods := 1
-	for _, n := range o.Profile.PodsPerNode {
-		maxPods = max(maxPods, n)
 	}
 	r.lab = o.Lab
 	if r.lab == nil {
@@ -335,18 +331,24 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 	return res, nil
 }
 
-// linkWorker makes the WorkerName symlink to this executable.
-func (r *runner) linkWorker() error {
+// LinkWorker makes (or replaces) the WorkerName symlink to this
+// executable in dir and returns its path: the program that pod commands
+// and Exec calls name to run the benchmark's server and load generator.
+// Callers that bring up their own lab (Options.Lab) need it for Spec.
+func LinkWorker(dir string) (string, error) {
 	exe, err := os.Executable()
 	if err != nil {
-		return fmt.Errorf("finding this executable for the in-pod workers: %w", err)
+		return "", fmt.Errorf("finding this executable for the in-pod workers: %w", err)
 	}
-	r.worker = filepath.Join(r.work, WorkerName)
-	_ = os.Remove(r.worker)
-	if err := os.Symlink(exe, r.worker); err != nil {
-		return fmt.Errorf("linking the in-pod worker: %w", err)
+	p := filepath.Join(dir, WorkerName)
+	if cur, err := os.Readlink(p); err == nil && cur == exe {
+		return p, nil
 	}
-	return nil
+	_ = os.Remove(p)
+	if err := os.Symlink(exe, p); err != nil {
+		return "", fmt.Errorf("linking the in-pod worker: %w", err)
+	}
+	return p, nil
 }
 
 // runOne runs one workload in a pod and samples the proxies around it.

@@ -1,0 +1,85 @@
+package bench
+
+import (
+	"context"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/nodemesh/nodemesh/lab/labtest"
+)
+
+type testLog struct{ t *testing.T }
+
+func (w testLog) Write(p []byte) (int, error) {
+	w.t.Helper()
+	w.t.Log(string(p))
+	return len(p), nil
+}
+
+// TestLabBenchQuick runs the quick profile on a real lab (real
+// kube-apiserver, network namespaces, HAProxy sidecars when installed) and
+// checks that the report is produced and sane. It never asserts a time.
+func TestLabBenchQuick(t *testing.T) {
+	work := t.TempDir()
+	worker, err := LinkWorker(work)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp, err := Spec(worker, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := labtest.Up(t, sp)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	log := slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	res, err := Run(ctx, Options{Profile: Profiles["quick"], Lab: l, WorkDir: work, Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := t.TempDir()
+	if err := WriteOutput(out, res); err != nil {
+		t.Fatal(err)
+	}
+	got := checkOutput(t, out)
+	// The baselines must have run cleanly on every workload.
+	for _, s := range got.Summary {
+		if (s.Scenario == scenarioNoMesh || s.Scenario == scenarioNoMeshLoc || s.Scenario == scenarioLoopback) && (s.Rounds == 0 || s.Errors > 0) {
+			t.Errorf("baseline %s/%s: %d rounds, %d errors", s.Scenario, s.Workload, s.Rounds, s.Errors)
+		}
+	}
+	// With HAProxy installed the sidecar baseline must really run, carry
+	// every workload, and show proxy cost.
+	if _, err := haproxyBinary(); err == nil {
+		sc, _ := scenarioByName(got.Scenario, scenarioHAProxy)
+		if sc.NotAvailable != "" {
+			t.Fatalf("HAProxy is installed but the sidecar scenario did not run: %s", sc.NotAvailable)
+		}
+		for _, w := range workloads(got) {
+			s, ok := find(got.Summary, scenarioHAProxy, w)
+			if !ok || s.Rounds == 0 {
+				t.Errorf("sidecars: no result for %s: %s", w, firstRunError(got, scenarioHAProxy, w))
+				continue
+			}
+			if s.Proxies != 2 || s.ProxyPeakRSS <= 0 {
+				t.Errorf("sidecars %s: %d proxies sampled, peak RSS %d", w, s.Proxies, s.ProxyPeakRSS)
+			}
+		}
+		var points int
+		for _, p := range got.Scaling {
+			if p.Scenario != scenarioHAProxy {
+				continue
+			}
+			points++
+			if p.Error != "" || p.Proxies != p.PodsPerNode || p.RSS <= 0 {
+				t.Errorf("sidecar cost at %d pods: %+v", p.PodsPerNode, p)
+			}
+		}
+		if points != len(got.Profile.PodsPerNode) {
+			t.Errorf("%d sidecar scale points, want %d", points, len(got.Profile.PodsPerNode))
+		}
+	} else {
+		t.Logf("HAProxy not installed: %v", err)
+	}
+}

@@ -1,0 +1,415 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"encoding/xml"
+	"io"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nodemesh/nodemesh/bench/hist"
+	"github.com/nodemesh/nodemesh/bench/load"
+)
+
+func snap(vals ...int64) hist.Snapshot {
+	var h hist.Hist
+	for _, v := range vals {
+		h.Record(v)
+	}
+	return h.Snapshot()
+}
+
+func result(p50 int64, n uint64, bps float64) *load.Result {
+	vals := make([]int64, 0, 100)
+	for i := 0; i < 100; i++ {
+		vals = append(vals, p50+int64(i)*p50/50)
+	}
+	return &load.Result{Requests: n, RPS: float64(n), BytesPerSec: bps, Latency: snap(vals...), Elapsed: time.Second}
+}
+
+// synthetic builds results where the sidecar doubles the baseline.
+func synthetic() *Results {
+	p := Profiles["quick"]
+	res := &Results{Profile: p, Scenario: scenarios(), Machine: Machine{CPUs: 2, AESGCMBytesPerCPUSecond: 2e9, LoadStart: "0.5 0.4 0.3", LoadEnd: "3.5 1 1"}}
+	for i := range res.Scenario {
+		if n := res.Scenario[i].Name; n == scenarioLoopback || n == scenarioNoMeshLoc {
+			res.Scenario[i].NotAvailable = "not part of this synthetic run"
+		}
+	}
+	hw := httpWorkload(p.HTTPRate, 16)
+	for round := 1; round <= 3; round++ {
+		res.Runs = append(res.Runs,
+			RunRecord{Scenario: scenarioNoMesh, Workload: hw, Round: round, Result: result(100_000+int64(round)*1000, 1000, 2e6)},
+			RunRecord{Scenario: scenarioHAProxy, Workload: hw, Round: round, Result: result(200_000, 1000, 2e6),
+				Proxies: []ProxyUsage{{Name: "c", CPUNanos: 100e6, HWM: 10 << 20}, {Name: "s", CPUNanos: 100e6, HWM: 12 << 20}}},
+			RunRecord{Scenario: scenarioNoMesh, Workload: workloadBulk, Round: round, Result: &load.Result{BytesPerSec: 1e9, Elapsed: time.Second}},
+			RunRecord{Scenario: scenarioHAProxy, Workload: workloadBulk, Round: round, Result: &load.Result{BytesPerSec: 2.5e8, Elapsed: time.Second},
+				Proxies: []ProxyUsage{{Name: "c", CPUNanos: 500e6}}},
+		)
+	}
+	res.Runs = append(res.Runs, RunRecord{Scenario: scenarioHAProxy, Workload: hw, Round: 4, Error: "boom"})
+	res.Scaling = []ScalePoint{
+		{Scenario: scenarioMeshCross, PodsPerNode: 1, NotAvailable: "no agent"},
+		{Scenario: scenarioHAProxy, PodsPerNode: 1, Proxies: 1, RSS: 10 << 20, CPUPer1000: 0.2},
+		{Scenario: scenarioHAProxy, PodsPerNode: 10, Proxies: 10, RSS: 100 << 20, CPUPer1000: 0.25},
+	}
+	var err error
+	if res.Summary, err = summarize(res.Scenario, res.Runs); err != nil {
+		panic(err)
+	}
+	res.Targets = judgeTargets(res)
+	res.Method = methodNotes()
+	return res
+}
+
+func TestSummarize(t *testing.T) {
+	res := synthetic()
+	hw := httpWorkload(1000, 16)
+	base, ok := find(res.Summary, scenarioNoMesh, hw)
+	if !ok || base.Rounds != 3 {
+		t.Fatalf("baseline summary: %+v", base)
+	}
+	sc, ok := find(res.Summary, scenarioHAProxy, hw)
+	if !ok || sc.Rounds != 3 || sc.Failed != 1 {
+		t.Fatalf("sidecar summary: %+v", sc)
+	}
+	if !(sc.P50 <= sc.P90 && sc.P90 <= sc.P99 && sc.P99 <= sc.P999) {
+		t.Errorf("percentiles not monotonic: %+v", sc)
+	}
+	if sc.RatioP99 < 1.5 || sc.RatioP99 > 2.5 || math.Abs(sc.AddedP99-(sc.P99-base.P99)) > 1e-9 {
+		t.Errorf("ratio %.2f added %.1f (p99 %.1f vs %.1f)", sc.RatioP99, sc.AddedP99, sc.P99, base.P99)
+	}
+	// Baseline p99 is the median of three rounds: round 2's.
+	if base.P99Min >= base.P99Max || base.P99 < base.P99Min || base.P99 > base.P99Max {
+		t.Errorf("spread %v..%v around %v", base.P99Min, base.P99Max, base.P99)
+	}
+	// 200 ms of proxy CPU per 1000 requests.
+	if math.Abs(sc.ProxyCPUPer1000-0.2) > 1e-9 || sc.ProxyPeakRSS != 22<<20 || sc.Proxies != 2 {
+		t.Errorf("proxy cost %v s/1000, %d bytes, %d proxies", sc.ProxyCPUPer1000, sc.ProxyPeakRSS, sc.Proxies)
+	}
+}
+
+func TestTargetsNeverPassWithoutNodemesh(t *testing.T) {
+	res := synthetic()
+	if len(res.Targets) != 3 {
+		t.Fatalf("%d targets", len(res.Targets))
+	}
+	for _, tg := range res.Targets {
+		if tg.Status != "not available" || tg.Measured == "" {
+			t.Errorf("%s: status %q measured %q without any nodemesh run", tg.Name, tg.Status, tg.Measured)
+		}
+	}
+	if !strings.Contains(res.Targets[0].Note, "HAProxy") {
+		t.Errorf("latency target should mention the sidecar figure: %q", res.Targets[0].Note)
+	}
+}
+
+func TestTargetsJudgeRatios(t *testing.T) {
+	res := synthetic()
+	for i := range res.Scenario {
+		if res.Scenario[i].Name == scenarioMeshCross {
+			res.Scenario[i].NotAvailable = ""
+		}
+	}
+	hw := httpWorkload(1000, 16)
+	res.Summary = append(res.Summary,
+		Summary{Scenario: scenarioMeshCross, Workload: hw, Rounds: 1, P99: 500, AddedP99: 150, RatioP99: 1.4},
+		Summary{Scenario: scenarioMeshCross, Workload: workloadBulk, Rounds: 1, BytesPerSec: 1.2e9})
+	res.Scaling = append(res.Scaling,
+		ScalePoint{Scenario: scenarioHAProxy, PodsPerNode: 50, RSS: 1000 << 20},
+		ScalePoint{Scenario: scenarioMeshCross, PodsPerNode: 50, RSS: 50 << 20})
+	// Drop the not-available 50-pod mesh point if any.
+	tg := judgeTargets(res)
+	if tg[0].Status != "miss" || !strings.Contains(tg[0].Note, "missed by 50 µs") {
+		t.Errorf("latency: %+v", tg[0])
+	}
+	if tg[1].Status != "pass" {
+		t.Errorf("memory: %+v", tg[1])
+	}
+	if tg[2].Status != "pass" {
+		t.Errorf("throughput 1.2 GB/s of 2 GB/s: %+v", tg[2])
+	}
+}
+
+func TestWriteOutput(t *testing.T) {
+	res := synthetic()
+	dir := t.TempDir()
+	if err := WriteOutput(dir, res); err != nil {
+		t.Fatal(err)
+	}
+	checkOutput(t, dir)
+	md, _ := os.ReadFile(filepath.Join(dir, "report.md"))
+	for _, want := range []string{"oversubscribed", "| d-haproxy-sidecar | 3 (+1 failed) |", "not available: no agent", "0.2000"} {
+		if !bytes.Contains(md, []byte(want)) {
+			t.Errorf("report.md lacks %q", want)
+		}
+	}
+}
+
+// checkOutput is the sanity check the lab smoke test applies too: the
+// files exist, JSON parses, SVGs are well-formed XML, every scenario ran or
+// says why not, and percentiles are monotonic. It asserts no timings.
+func checkOutput(t *testing.T, dir string) *Results {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, "results.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res Results
+	if err := json.Unmarshal(b, &res); err != nil {
+		t.Fatalf("results.json: %v", err)
+	}
+	md, err := os.ReadFile(filepath.Join(dir, "report.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	svgs, _ := filepath.Glob(filepath.Join(dir, "*.svg"))
+	if len(svgs) < 3 {
+		t.Errorf("only %d charts", len(svgs))
+	}
+	for _, f := range svgs {
+		sb, _ := os.ReadFile(f)
+		dec := xml.NewDecoder(bytes.NewReader(sb))
+		for {
+			_, err := dec.Token()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Errorf("%s: not well-formed: %v", f, err)
+				break
+			}
+		}
+		if !bytes.Contains(md, []byte(filepath.Base(f))) {
+			t.Errorf("report.md does not show %s", filepath.Base(f))
+		}
+	}
+	if len(res.Scenario) == 0 {
+		t.Fatal("no scenarios")
+	}
+	for _, sc := range res.Scenario {
+		if !bytes.Contains(md, []byte("| "+sc.Name+" |")) {
+			t.Errorf("report.md lacks scenario %s", sc.Name)
+		}
+		if sc.NotAvailable != "" {
+			continue
+		}
+		if _, ok := findAny(res.Summary, sc.Name); !ok {
+			t.Errorf("scenario %s neither has results nor says why not", sc.Name)
+		}
+	}
+	for _, s := range res.Summary {
+		if s.Rounds == 0 || s.Workload == workloadBulk {
+			continue
+		}
+		if !(s.P50 > 0 && s.P50 <= s.P90 && s.P90 <= s.P99 && s.P99 <= s.P999) {
+			t.Errorf("%s/%s: percentiles not positive and monotonic: %v %v %v %v", s.Scenario, s.Workload, s.P50, s.P90, s.P99, s.P999)
+		}
+		if s.RPS <= 0 {
+			t.Errorf("%s/%s: no throughput", s.Scenario, s.Workload)
+		}
+	}
+	for _, r := range res.Runs {
+		if r.Result == nil {
+			continue
+		}
+		if _, err := hist.FromSnapshot(r.Result.Latency); err != nil {
+			t.Errorf("%s/%s: %v", r.Scenario, r.Workload, err)
+		}
+	}
+	for _, tg := range res.Targets {
+		switch tg.Status {
+		case "pass", "miss", "not available":
+		default:
+			t.Errorf("target %s: status %q", tg.Name, tg.Status)
+		}
+	}
+	return &res
+}
+
+func TestLineChartHandlesMissingData(t *testing.T) {
+	for name, ss := range map[string][]series{
+		"empty":   nil,
+		"nan":     {{Name: "x", Values: []float64{math.NaN(), math.NaN()}}},
+		"partial": {{Name: "a<b>&", Values: []float64{1, math.NaN(), 1000}}, {Name: "z", Values: []float64{0, 5}}},
+	} {
+		for _, logY := range []bool{false, true} {
+			svg := lineChart("t & <t>", "y", []string{"1", "10", "50"}, ss, logY)
+			dec := xml.NewDecoder(bytes.NewReader(svg))
+			for {
+				_, err := dec.Token()
+				if err == io.EOF {
+					break
+				}
+				if err != nil {
+					t.Fatalf("%s log=%v: %v\n%s", name, logY, err, svg)
+				}
+			}
+			if bytes.Contains(svg, []byte("NaN")) || bytes.Contains(svg, []byte("Inf")) {
+				t.Errorf("%s log=%v: NaN or Inf in the SVG", name, logY)
+			}
+		}
+	}
+}
+
+func TestHAProxyConfig(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := newSidecarCA(trustDomain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := ca.issue(dir, "spiffe://cluster.local/ns/bench/sa/client", 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string]haproxyConf{
+		"client": {PidFile: filepath.Join(dir, "c.pid"), Cert: f.Cert, Bundle: f.Bundle, Upstreams: []haproxyUpstream{{0, "10.244.2.2"}, {1, "10.244.2.3"}}},
+		"server": {PidFile: filepath.Join(dir, "s.pid"), Cert: f.Cert, Bundle: f.Bundle, Server: true},
+	} {
+		cfg, err := renderHAProxy(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := string(cfg)
+		for _, want := range []string{"ssl-min-ver TLSv1.3", "verify required", "nbthread 1"} {
+			if !strings.Contains(s, want) {
+				t.Errorf("%s config lacks %q", name, want)
+			}
+		}
+		if c.Server && !strings.Contains(s, "server app 127.0.0.1:8080") {
+			t.Errorf("server sidecar does not forward to the app:\n%s", s)
+		}
+		if !c.Server && !strings.Contains(s, "bind 127.0.0.1:15004") || !c.Server && !strings.Contains(s, "10.244.2.3:15444") {
+			t.Errorf("client sidecar ports:\n%s", s)
+		}
+		// HAProxy itself must accept the config, certificates included.
+		if bin, err := haproxyBinary(); err == nil {
+			p := filepath.Join(dir, name+".cfg")
+			if err := os.WriteFile(p, cfg, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := exec.Command(bin, "-c", "-q", "-f", p).CombinedOutput(); err != nil {
+				t.Errorf("haproxy -c refuses the %s config: %v\n%s\n%s", name, err, out, s)
+			}
+		} else {
+			t.Logf("haproxy not installed, config not checked by it: %v", err)
+		}
+	}
+	if _, err := renderHAProxy(haproxyConf{PidFile: "/a b", Cert: "x", Bundle: "y"}); err == nil {
+		t.Error("a path with a space was accepted")
+	}
+}
+
+func TestSVIDs(t *testing.T) {
+	ca, err := newSidecarCA(trustDomain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.issue(t.TempDir(), "https://example.com/x", 2); err == nil {
+		t.Error("a non-spiffe ID was accepted")
+	}
+	f, err := ca.issue(t.TempDir(), "spiffe://cluster.local/ns/bench/sa/server", 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pb, _ := os.ReadFile(f.Cert)
+	blk, rest := pem.Decode(pb)
+	if blk == nil || blk.Type != "CERTIFICATE" {
+		t.Fatal("no certificate first in the SVID file")
+	}
+	if k, _ := pem.Decode(rest); k == nil || k.Type != "EC PRIVATE KEY" {
+		t.Fatal("no key after the certificate")
+	}
+	leaf, err := x509.ParseCertificate(blk.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(leaf.URIs) != 1 || leaf.URIs[0].String() != "spiffe://cluster.local/ns/bench/sa/server" || leaf.IsCA {
+		t.Errorf("leaf URIs %v, CA %v", leaf.URIs, leaf.IsCA)
+	}
+	bb, _ := os.ReadFile(f.Bundle)
+	rb, _ := pem.Decode(bb)
+	root, err := x509.ParseCertificate(rb.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(root)
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Errorf("SVID does not verify against the bundle: %v", err)
+	}
+}
+
+func TestProcStat(t *testing.T) {
+	rss, hwm := parseStatusMem([]byte("Name:\tx\nVmHWM:\t   2048 kB\nVmRSS:\t    1024 kB\n"))
+	if rss != 1<<20 || hwm != 2<<20 {
+		t.Errorf("rss %d hwm %d", rss, hwm)
+	}
+	s, err := readProc(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.CPUNanos <= 0 || s.RSS <= 0 || s.HWM < s.RSS {
+		t.Errorf("own process: %+v", s)
+	}
+	if c, err := statCPU("/proc/self/stat"); err != nil || c < 0 {
+		t.Errorf("stat cpu %d: %v", c, err)
+	}
+	if _, err := readProc(1 << 30); err == nil {
+		t.Error("a missing process was read")
+	}
+}
+
+func TestSpecAndProfiles(t *testing.T) {
+	sp, err := Spec("/tmp/x/"+WorkerName, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := len(sp.Pods); got != 14 {
+		t.Errorf("%d pods for 10 sidecar servers, want 14", got)
+	}
+	if len(sidecarServerPods(10)) != 10 {
+		t.Error("sidecar server pod list")
+	}
+	for _, name := range []string{"quick", "full"} {
+		p, err := ProfileByName(name)
+		if err != nil || p.Rounds < 1 || p.HTTPRate != 1000 || len(p.HTTPConns) != 3 {
+			t.Errorf("profile %s: %+v %v", name, p, err)
+		}
+	}
+	if _, err := ProfileByName("fast"); err == nil {
+		t.Error("unknown profile accepted")
+	}
+	if _, err := Run(context.Background(), Options{}); err == nil {
+		t.Error("empty profile accepted")
+	}
+}
+
+func TestWorkerMainUsage(t *testing.T) {
+	var out, errb bytes.Buffer
+	for _, args := range [][]string{nil, {"nope"}, {"run"}, {"run", "{bad"}, {"run", `{"kind":"udp"}`}} {
+		out.Reset()
+		errb.Reset()
+		if code := WorkerMain(args, &out, &errb); code == 0 {
+			t.Errorf("%v: exit 0", args)
+		}
+		if errb.Len() == 0 {
+			t.Errorf("%v: no message", args)
+		}
+	}
+}
+
+func TestAESGCMThroughput(t *testing.T) {
+	if v := aesGCMThroughput(); !(v > 0) {
+		t.Errorf("AES-GCM throughput %v", v)
+	}
+}
