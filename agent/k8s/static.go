@@ -139,7 +139,7 @@ func (m *Manifests) add(js []byte, depth int) error {
 		}
 		for i, item := range tm.Items {
 			if err := m.add(item, depth+1); err != nil {
-				return fmt.Errorf("List item %d: %w", i, err)
+				return fmt.Errorf("item %d of a v1 List: %w", i, err)
 			}
 		}
 		return nil

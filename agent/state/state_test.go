@@ -448,7 +448,8 @@ func TestSubscribeAndWaitFor(t *testing.T) {
 func TestSnapshotCached(t *testing.T) {
 	s := newStore(t)
 	s.Update(func(tx *Tx) { tx.SetPod(pod("ns", "a", "10.0.0.1")) })
-	if s.Snapshot() != s.Snapshot() {
+	first := s.Snapshot()
+	if second := s.Snapshot(); first != second {
 		t.Fatal("unchanged store rebuilt its snapshot")
 	}
 }
