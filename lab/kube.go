@@ -371,3 +371,38 @@ func mapsEqual(a, b map[string]string) bool {
 	}
 	return true
 }
+
+// deleteNamespace removes a namespace the way the namespace controller
+// would: its remaining content (the service accounts the lab made), then
+// the namespace, then its "kubernetes" finalizer, which only that
+// controller removes and this cluster does not run. Without that last step
+// the namespace would stay Terminating and could never be used again.
+func (l *Lab) deleteNamespace(ctx context.Context, name string) error {
+	cs := l.Server.Client
+	zero := int64(0)
+	if err := cs.CoreV1().Pods(name).DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &zero}, metav1.ListOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("deleting the pods of namespace %s: %w", name, err)
+	}
+	if err := cs.CoreV1().ServiceAccounts(name).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("deleting the service accounts of namespace %s: %w", name, err)
+	}
+	err := cs.CoreV1().Namespaces().Delete(ctx, name, metav1.DeleteOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("deleting namespace %s: %w", name, err)
+	}
+	ns, err := cs.CoreV1().Namespaces().Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading namespace %s: %w", name, err)
+	}
+	ns.Spec.Finalizers = nil
+	if _, err := cs.CoreV1().Namespaces().Finalize(ctx, ns, metav1.UpdateOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		return fmt.Errorf("finalizing namespace %s: %w", name, err)
+	}
+	return nil
+}

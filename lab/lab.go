@@ -36,8 +36,6 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/nodemesh/nodemesh/lab/apiserver"
 	"github.com/nodemesh/nodemesh/lab/cgroup"
@@ -500,9 +498,8 @@ func (l *Lab) reconcile(ctx context.Context, sp *spec.Spec) error {
 		if _, ok := sp.Namespace(ons.Name); ok || ons.Name == spec.DefaultNamespace {
 			continue
 		}
-		err := l.Server.Client.CoreV1().Namespaces().Delete(ctx, ons.Name, metav1.DeleteOptions{})
-		if err != nil && !apierrors.IsNotFound(err) {
-			return fmt.Errorf("deleting namespace %s: %w", ons.Name, err)
+		if err := l.deleteNamespace(ctx, ons.Name); err != nil {
+			return err
 		}
 	}
 	l.st.Spec = sp

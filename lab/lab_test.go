@@ -434,6 +434,27 @@ func checkApply(t *testing.T, l *lab.Lab) {
 		t.Errorf("relabel not in the API: %v %v", obj.Labels, err)
 	}
 
+	// A namespace comes, goes (really: no Terminating leftover) and comes back.
+	base := l.Spec()
+	withNS := l.Spec()
+	withNS.Namespaces = append(withNS.Namespaces, spec.Namespace{Name: "extra", Labels: map[string]string{"x": "1"}})
+	withNS.Pods = append(withNS.Pods, spec.Pod{Name: "e1", Namespace: "extra", Node: "node-2", ServiceAccount: "default",
+		Command: []string{"nodemeshctl", "lab", "workload", "sleep"}})
+	for round := 0; round < 2; round++ {
+		if err := l.Apply(ctx, withNS); err != nil {
+			t.Fatalf("round %d, adding namespace extra: %v", round, err)
+		}
+		if _, err := l.Pod("extra/e1"); err != nil {
+			t.Fatal(err)
+		}
+		if err := l.Apply(ctx, base); err != nil {
+			t.Fatalf("round %d, removing namespace extra: %v", round, err)
+		}
+		if _, err := l.Server.Client.CoreV1().Namespaces().Get(ctx, "extra", metav1.GetOptions{}); err == nil {
+			t.Errorf("round %d: namespace extra still exists after its removal", round)
+		}
+	}
+
 	// A spec that changes nodes is refused.
 	sp = l.Spec()
 	sp.Nodes = append(sp.Nodes, spec.Node{Name: "node-3"})
