@@ -81,6 +81,12 @@ func startCluster(ctx context.Context, t *testing.T) *cluster {
 		t.Fatalf("starting the lab API server: %v", err)
 	}
 	t.Cleanup(func() { _ = srv.Stop() })
+	return clusterOf(t, srv)
+}
+
+// clusterOf wraps a running API server.
+func clusterOf(t *testing.T, srv *apiserver.Server) *cluster {
+	t.Helper()
 	// Quiet: the namespace warns about the "restricted" level on purpose.
 	quiet := rest.CopyConfig(srv.REST)
 	quiet.WarningHandler = rest.NoWarnings{}
