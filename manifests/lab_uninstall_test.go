@@ -369,4 +369,3 @@ func logTail(t *testing.T, what, path string) {
 	}
 	t.Logf("%s log (tail):\n%s", what, b)
 }
-
