@@ -303,6 +303,7 @@ func computePod(p *Pod, ns *Namespace, td spiffeid.TrustDomain) *Pod {
 	if err != nil {
 		c.Problems = append(c.Problems, fmt.Sprintf("annotation %s ignored (nothing excluded): %v", AnnotationExcludeOutboundPorts, err))
 	}
+	c.Ref = p.Namespace + "/" + p.Name
 	c.Netns = p.Annotations[AnnotationNetns]
 	c.Cgroup = p.Annotations[AnnotationCgroup]
 	return &c

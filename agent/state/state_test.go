@@ -115,6 +115,9 @@ func TestIdentity(t *testing.T) {
 		if got := snap.Pod("ns1", name).Identity.String(); got != want {
 			t.Errorf("pod %s identity %q, want %q", name, got, want)
 		}
+		if ref := snap.Pod("ns1", name).Ref; ref != "ns1/"+name {
+			t.Errorf("pod %s Ref %q", name, ref)
+		}
 	}
 }
 
@@ -482,5 +485,26 @@ func BenchmarkRebuild5000Pods(b *testing.B) {
 	for b.Loop() {
 		s.Update(func(tx *Tx) { tx.SetPod(pod("ns", "p1", "10.1.0.1")) })
 		s.Snapshot()
+	}
+}
+
+func TestNodes(t *testing.T) {
+	s := newStore(t)
+	s.Update(func(tx *Tx) {
+		tx.SetNode(&Node{Name: "n2", IPs: []netip.Addr{addr("192.168.0.2")}})
+		tx.SetNode(&Node{Name: "n1", IPs: []netip.Addr{addr("192.168.0.1")}})
+	})
+	snap := s.Snapshot()
+	if ns := snap.Nodes(); len(ns) != 2 || ns[0].Name != "n1" || snap.Node("n2") == nil {
+		t.Fatalf("nodes %+v", ns)
+	}
+	v := s.Version()
+	s.Update(func(tx *Tx) { tx.DeleteNode("n3") })
+	if s.Version() != v {
+		t.Fatal("deleting a missing node bumped the version")
+	}
+	s.Update(func(tx *Tx) { tx.DeleteNode("n2") })
+	if s.Snapshot().Node("n2") != nil || snap.Node("n2") == nil {
+		t.Fatal("node delete wrong")
 	}
 }

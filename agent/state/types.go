@@ -142,6 +142,9 @@ type Pod struct {
 	Cgroup string `json:"cgroup,omitempty"`
 	// Problems lists input the snapshot could not use, for the config dump.
 	Problems []string `json:"problems,omitempty"`
+	// Ref is "namespace/name", computed once so the connection path does
+	// not build it per lookup.
+	Ref string `json:"-"`
 }
 
 // Key returns the pod's namespace/name.

@@ -73,7 +73,7 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.BoolVar(&c.Dataplane, "dataplane", true, "capture, SVIDs and proxying; false runs only state, admin and metrics")
 	fs.StringVar(&c.CAAddr, "ca-addr", envOr("CA_ADDR", fmt.Sprintf("https://nodemesh-ca.nodemesh-system.svc:%d", identity.DefaultPort)), "nodemesh CA URL (default $CA_ADDR)")
 	fs.StringVar(&c.CAID, "ca-spiffe-id", "", "SPIFFE ID of the CA's serving certificate (default spiffe://<trust domain>/ns/nodemesh-system/sa/nodemesh-ca)")
-	fs.StringVar(&c.CATokenFile, "ca-token-file", "/var/run/secrets/tokens/nodemesh-ca", "projected service-account token with audience "+identity.Audience)
+	fs.StringVar(&c.CATokenFile, "ca-token-file", "/var/run/secrets/nodemesh-ca/token", "projected service-account token with audience "+identity.Audience+" (bound to this agent's pod)")
 	fs.StringVar(&c.BundleConfigMap, "bundle-configmap", "nodemesh-system/"+identity.BundleConfigMap, "namespace/name of the ConfigMap with the trust bundle")
 	fs.StringVar(&c.CgroupRoot, "cgroup-root", "", "cgroup v2 directory above every pod (default: the cgroup2 mount point from /proc/self/mountinfo)")
 	fs.StringVar(&c.BPFPinDir, "bpf-pin-dir", "", "bpffs directory for pinned capture maps and links (default: redirect's)")

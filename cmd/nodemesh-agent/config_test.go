@@ -2,6 +2,7 @@ package main
 
 import (
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -137,3 +138,35 @@ func TestResolve(t *testing.T) {
 		}
 	}
 }
+
+func BenchmarkResolveClusterIP(b *testing.B) {
+	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	st.Update(func(tx *state.Tx) {
+		tx.SetNamespace(&state.Namespace{Name: "mesh", Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
+		var eps []state.Endpoint
+		for i := range 3000 {
+			ip := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
+			tx.SetPod(&state.Pod{Namespace: "mesh", Name: "p" + strings.Repeat("x", i%3) + string(rune('a'+i%26)) + itoa(i), ServiceAccount: "web", Phase: state.PodRunning, IPs: []netip.Addr{ip}})
+			if i < 10 {
+				eps = append(eps, state.Endpoint{Addresses: []netip.Addr{ip}, Ready: true})
+			}
+		}
+		tx.SetService(&state.Service{Namespace: "mesh", Name: "web", ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.1")},
+			Ports: []state.ServicePort{{Name: "http", Port: 80, TargetPort: 8080}}})
+		tx.SetEndpointSlice(&state.EndpointSlice{Namespace: "mesh", Name: "web-1", Service: "web",
+			Ports: []state.EndpointPort{{Name: "http", Port: 8080}}, Endpoints: eps})
+	})
+	dp := &dataplane{a: &agent{store: st}}
+	dst := netip.MustParseAddrPort("10.96.0.1:80")
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := dp.Resolve(nil, dst); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func itoa(i int) string { return strconv.Itoa(i) }

@@ -543,7 +543,7 @@ func (dp *dataplane) Resolve(_ *proxy.Workload, dst netip.AddrPort) (proxy.Desti
 func endpointFor(addr netip.AddrPort, p *state.Pod) proxy.Endpoint {
 	ep := proxy.Endpoint{Addr: addr}
 	if p != nil {
-		ep.Workload = p.Key().String()
+		ep.Workload = p.Ref
 		// Host-network pods are never in PodByIP; a pod that excluded
 		// the port from inbound capture is reached in plaintext.
 		if p.Enrolled && !p.Identity.IsZero() && !slices.Contains(p.ExcludeInboundPorts, addr.Port()) {
