@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -509,13 +510,24 @@ func snapshot(t *testing.T, id, stateDir string) []string {
 	// Processes: in one of the lab's cgroups, or naming its state
 	// directory. Zombies are dead: killed processes whose parent (init,
 	// once their creator was SIGKILLed) has not yet collected them.
-	for _, line := range strings.Split(run("ps", "-eo", "pid=,stat=,cgroup:512=,args="), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 || strings.HasPrefix(f[1], "Z") || strings.Contains(line, "ps -eo") {
+	procs, _ := os.ReadDir("/proc")
+	for _, e := range procs {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
 			continue
 		}
-		if strings.Contains(line, stateDir+"/") || strings.Contains(line, "/"+name+"/") {
-			out = append(out, "process "+strings.Join(f, " "))
+		stat, err1 := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		cg, err2 := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+		cmdline, err3 := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err1 != nil || err2 != nil || err3 != nil {
+			continue // gone meanwhile
+		}
+		if i := strings.LastIndexByte(string(stat), ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
+			continue
+		}
+		args := strings.ReplaceAll(string(cmdline), "\x00", " ")
+		if strings.Contains(args, stateDir+"/") || strings.Contains(string(cg), "/"+name+"/") || strings.HasSuffix(strings.TrimSpace(string(cg)), "/"+name) {
+			out = append(out, fmt.Sprintf("process %d %s", pid, args))
 		}
 	}
 	for _, f := range []string{stateDir, stateDir + ".lock", "/sys/fs/bpf/" + name} {
