@@ -495,7 +495,7 @@ func (l *Lab) reconcile(ctx context.Context, sp *spec.Spec) error {
 		return err
 	}
 	for _, ons := range old.Namespaces {
-		if _, ok := sp.Namespace(ons.Name); ok || ons.Name == spec.DefaultNamespace {
+		if _, ok := sp.Namespace(ons.Name); ok || systemNamespaces[ons.Name] {
 			continue
 		}
 		if err := l.deleteNamespace(ctx, ons.Name); err != nil {
@@ -505,6 +505,10 @@ func (l *Lab) reconcile(ctx context.Context, sp *spec.Spec) error {
 	l.st.Spec = sp
 	return l.st.save()
 }
+
+// systemNamespaces exist in every cluster; dropping one from the spec
+// leaves it alone.
+var systemNamespaces = map[string]bool{"default": true, "kube-system": true, "kube-public": true, "kube-node-lease": true}
 
 func findService(sp *spec.Spec, key string) (*spec.Service, bool) {
 	for i := range sp.Services {
