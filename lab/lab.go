@@ -441,22 +441,8 @@ func (l *Lab) reconcile(ctx context.Context, sp *spec.Spec) error {
 			return err
 		}
 	}
-	started := make([]*Pod, 0, len(added))
-	for _, np := range added {
-		p, err := l.startPod(ctx, np)
-		if err != nil {
-			return err
-		}
-		started = append(started, p)
-	}
-	if err := l.waitReady(ctx, added, started); err != nil {
+	if err := l.startPods(ctx, added); err != nil {
 		return err
-	}
-	now := time.Now()
-	for i, np := range added {
-		if err := l.createPod(ctx, started[i], np, l.st.Nodes[np.Node], now); err != nil {
-			return err
-		}
 	}
 	for _, np := range relabeled {
 		p := l.st.Pods[np.Key()]
@@ -517,6 +503,45 @@ func findService(sp *spec.Spec, key string) (*spec.Service, bool) {
 		}
 	}
 	return nil, false
+}
+
+// startPods starts the pods, waits until they are ready and publishes
+// them. If any fails, the ones started here are removed again and the
+// state saved, so that the lab stays as it was and a corrected spec can be
+// applied.
+func (l *Lab) startPods(ctx context.Context, sps []*spec.Pod) (err error) {
+	started := make([]*Pod, 0, len(sps))
+	defer func() {
+		if err == nil {
+			return
+		}
+		cctx := context.WithoutCancel(ctx)
+		for _, p := range started {
+			if serr := l.stopPod(cctx, p); serr != nil {
+				err = errors.Join(err, fmt.Errorf("removing pod %s again: %w", p.Key(), serr))
+			}
+		}
+		if serr := l.st.save(); serr != nil {
+			err = errors.Join(err, serr)
+		}
+	}()
+	for _, np := range sps {
+		p, err := l.startPod(ctx, np)
+		if err != nil {
+			return err
+		}
+		started = append(started, p)
+	}
+	if err := l.waitReady(ctx, sps, started); err != nil {
+		return err
+	}
+	now := time.Now()
+	for i, np := range sps {
+		if err := l.createPod(ctx, started[i], np, l.st.Nodes[np.Node], now); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // startPod builds a pod's namespace and cgroup and starts its command.

@@ -456,6 +456,28 @@ func checkApply(t *testing.T, l *lab.Lab) {
 		}
 	}
 
+	// A pod that cannot start fails Apply and leaves the lab as it was; the
+	// corrected spec then applies.
+	before := l.Pods()
+	bad := l.Spec()
+	bad.Pods = append(bad.Pods, spec.Pod{Name: "bad", Namespace: "shop", Node: "node-1", ServiceAccount: "default",
+		Command: []string{"sh", "-c", "exit 1"}, Ports: []spec.ContainerPort{{ContainerPort: 7000, Protocol: "TCP"}}})
+	if err := l.Apply(ctx, bad); err == nil || !strings.Contains(err.Error(), "shop/bad") {
+		t.Errorf("Apply of a crashing pod: %v", err)
+	}
+	if after := l.Pods(); len(after) != len(before) {
+		t.Errorf("a failed Apply changed the pods: %d before, %d after", len(before), len(after))
+	}
+	if _, err := os.Stat("/run/netns/nm-" + l.ID() + "-pod-shop_bad"); !os.IsNotExist(err) {
+		t.Errorf("the failed pod's namespace is left: %v", err)
+	}
+	good := l.Spec()
+	good.Pods = append(good.Pods, spec.Pod{Name: "bad", Namespace: "shop", Node: "node-1", ServiceAccount: "default",
+		Command: []string{"nodemeshctl", "lab", "workload", "sleep"}})
+	if err := l.Apply(ctx, good); err != nil {
+		t.Errorf("Apply after a failed one: %v", err)
+	}
+
 	// A spec that changes nodes is refused.
 	sp = l.Spec()
 	sp.Nodes = append(sp.Nodes, spec.Node{Name: "node-3"})
