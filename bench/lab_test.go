@@ -34,7 +34,8 @@ func TestLabBenchQuick(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	log := slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	res, err := Run(ctx, Options{Profile: Profiles["quick"], Lab: l, WorkDir: work, Log: log})
+	res, err := Run(ctx, Options{Profile: Profiles["quick"], Lab: l, WorkDir: work, Log: log,
+		AgentBinary: labtest.GoBuild(t, "./cmd/nodemesh-agent"), CABinary: labtest.GoBuild(t, "./cmd/nodemesh-ca")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,6 +48,29 @@ func TestLabBenchQuick(t *testing.T) {
 	for _, s := range got.Summary {
 		if (s.Scenario == scenarioNoMesh || s.Scenario == scenarioNoMeshLoc || s.Scenario == scenarioLoopback) && (s.Rounds == 0 || s.Errors > 0) {
 			t.Errorf("baseline %s/%s: %d rounds, %d errors", s.Scenario, s.Workload, s.Rounds, s.Errors)
+		}
+	}
+	// nodemesh itself: both L4 scenarios ran every workload through the
+	// agents (their CPU was sampled), and the agent stays one per node.
+	for _, name := range []string{scenarioMeshCross, scenarioMeshLocal} {
+		sc, _ := scenarioByName(got.Scenario, name)
+		if sc.NotAvailable != "" {
+			t.Fatalf("%s did not run: %s", name, sc.NotAvailable)
+		}
+		for _, w := range workloads(got) {
+			s, ok := find(got.Summary, name, w)
+			if !ok || s.Rounds == 0 || s.Errors > 0 {
+				t.Errorf("%s %s: %+v %s", name, w, s, firstRunError(got, name, w))
+				continue
+			}
+			if s.Proxies == 0 || s.ProxyPeakRSS <= 0 {
+				t.Errorf("%s %s: agents not sampled", name, w)
+			}
+		}
+	}
+	for _, p := range got.Scaling {
+		if p.Scenario == scenarioMeshCross && (p.Error != "" || p.NotAvailable != "" || p.Proxies != 1 || p.RSS <= 0) {
+			t.Errorf("agent cost at %d pods: %+v", p.PodsPerNode, p)
 		}
 	}
 	// With HAProxy installed the sidecar baseline must really run, carry

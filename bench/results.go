@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/nodemesh/nodemesh/bench/hist"
@@ -131,7 +132,8 @@ type Target struct {
 	Name     string `json:"name"`
 	Goal     string `json:"goal"`
 	Measured string `json:"measured"`
-	// Status is "pass", "miss" or "not available".
+	// Status is "pass", "miss", "inconclusive" (measured, but too few
+	// rounds or an oversubscribed machine to judge) or "not available".
 	Status string `json:"status"`
 	Note   string `json:"note,omitempty"`
 }
@@ -269,10 +271,13 @@ func judgeTargets(r *Results) []Target {
 	if sc, _ := scenarioByName(r.Scenario, scenarioMeshCross); sc.NotAvailable != "" {
 		t.Status, t.Measured = "not available", sc.NotAvailable
 	} else if s, ok := find(r.Summary, scenarioMeshCross, headline); ok && s.Rounds > 0 {
-		t.Measured = fmt.Sprintf("+%.0f µs p99 (%.2fx of no mesh)", s.AddedP99, s.RatioP99)
+		t.Measured = fmt.Sprintf("%+.0f µs p99 (%.2fx of no mesh; p50 %+.0f µs)", s.AddedP99, s.RatioP99, s.AddedP50)
 		t.Status = passMiss(s.AddedP99 <= 100)
 		if s.AddedP99 > 100 {
 			t.Note = fmt.Sprintf("missed by %.0f µs", s.AddedP99-100)
+		}
+		if why := unjudgeable(r, s.Rounds); why != "" {
+			t.Status, t.Note = "inconclusive", joinNote(why, t.Note)
 		}
 	} else {
 		t.Status, t.Measured = "not available", "no successful run"
@@ -332,6 +337,11 @@ func judgeTargets(r *Results) []Target {
 		t.Status = passMiss(f >= 0.5)
 		if f < 0.5 {
 			t.Note = fmt.Sprintf("missed by %.0f MB/s", (0.5*aes-s.BytesPerSec)/1e6)
+			// Contention only lowers throughput: a pass stands, a miss on
+			// an oversubscribed machine does not.
+			if oversubscribed(r.Machine) {
+				t.Status, t.Note = "inconclusive", joinNote("machine oversubscribed", t.Note)
+			}
 		}
 	} else {
 		t.Status, t.Measured = "not available", "no successful bulk run"
@@ -341,6 +351,23 @@ func judgeTargets(r *Results) []Target {
 	}
 	out = append(out, t)
 	return out
+}
+
+// unjudgeable says why a latency comparison cannot be judged: fewer than
+// three rounds, or a machine busier than its CPUs.
+func unjudgeable(r *Results, rounds int) string {
+	var why []string
+	if rounds < 3 {
+		why = append(why, fmt.Sprintf("only %d round(s): p99 differences need repeats (use --profile full)", rounds))
+	}
+	if oversubscribed(r.Machine) {
+		why = append(why, fmt.Sprintf("machine oversubscribed (load %s on %d CPUs)", r.Machine.LoadStart, r.Machine.CPUs))
+	}
+	return strings.Join(why, "; ")
+}
+
+func oversubscribed(m Machine) bool {
+	return loadAbove(m.LoadStart, m.CPUs) || loadAbove(m.LoadEnd, m.CPUs)
 }
 
 func passMiss(ok bool) string {

@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/bench/load"
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/spec"
@@ -58,7 +59,13 @@ const (
 // binary exists, but nothing starts it in the lab (a CA, its token, the
 // trust bundle ConfigMap and the agent per node); the benchmark reports
 // these scenarios as not available rather than guessing numbers.
-const meshUnavailable = "the lab cannot start nodemesh agents yet (no lab helper runs cmd/nodemesh-agent with a CA, token and bundle); no numbers were measured"
+const meshUnavailable = "nodemesh did not start in the lab (see results.json for why); no numbers were measured"
+
+// Reasons for the scenarios nodemesh cannot offer yet.
+const (
+	noSidecarMode = "the agent has no per-pod sidecar mode yet (one agent per pod needs per-pod capture roots and ports in cmd/nodemesh-agent)"
+	noAccelSwitch = "the agent has no switch to force sk_msg acceleration; its automatic probe decides"
+)
 
 // scenarios lists every scenario of issue 8 in the order of the report.
 func scenarios() []Scenario {
@@ -71,7 +78,7 @@ func scenarios() []Scenario {
 		{Name: scenarioSkMsgOn, Title: "(c) nodemesh on one node, sk_msg on", Baseline: scenarioNoMeshLoc, NotAvailable: meshUnavailable},
 		{Name: scenarioSkMsgOff, Title: "(c) nodemesh on one node, sk_msg off", Baseline: scenarioNoMeshLoc, NotAvailable: meshUnavailable},
 		{Name: scenarioHAProxy, Title: "(d) HAProxy mTLS sidecars across nodes", Baseline: scenarioNoMesh},
-		{Name: scenarioMeshSide, Title: "(d) nodemesh proxy as per-pod sidecars across nodes", Baseline: scenarioNoMesh, NotAvailable: meshUnavailable},
+		{Name: scenarioMeshSide, Title: "(d) nodemesh proxy as per-pod sidecars across nodes", Baseline: scenarioNoMesh, NotAvailable: noSidecarMode},
 		{Name: scenarioL7, Title: "(e) nodemesh with L7", Baseline: scenarioNoMesh, NotAvailable: "nodemesh has no L7 proxy yet (no agent/l7 package)"},
 	}
 }
@@ -83,6 +90,10 @@ const (
 	podServerL  = benchNS + "/server-local"
 	podSCClient = benchNS + "/sc-client"
 	podSCServer = benchNS + "/sc-server"
+
+	podMeshClient  = meshNS + "/mesh-client"
+	podMeshServer  = meshNS + "/mesh-server"
+	podMeshServerL = meshNS + "/mesh-server-local"
 )
 
 // Spec returns the lab the benchmark runs on: two nodes; a client on
@@ -125,11 +136,41 @@ func Spec(worker string, sidecarServers int) (*spec.Spec, error) {
 	for i := 2; i <= sidecarServers; i++ {
 		sp.Pods = append(sp.Pods, server(fmt.Sprintf("sc-server-%d", i), node2, "bench-server"))
 	}
+	// The same client and servers once more in a namespace enrolled in
+	// nodemesh (inert while no agent runs).
+	sp.Namespaces = append(sp.Namespaces, spec.Namespace{Name: meshNS, Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
+	inMesh := func(p spec.Pod) spec.Pod {
+		p.Namespace = meshNS
+		return p
+	}
+	sp.Pods = append(sp.Pods,
+		inMesh(client("mesh-client", node1)),
+		inMesh(server("mesh-server", node2, "bench-server")),
+		inMesh(server("mesh-server-local", node1, "bench-server")),
+	)
+	for i := 2; i <= sidecarServers; i++ {
+		sp.Pods = append(sp.Pods, inMesh(server(fmt.Sprintf("mesh-server-%d", i), node2, "bench-server")))
+	}
 	sp.Default()
 	if err := sp.Validate("bench"); err != nil {
 		return nil, fmt.Errorf("bench lab spec: %w", err)
 	}
 	return sp, nil
+}
+
+// meshPods returns the mesh scenario's pods for n server pods per node.
+func meshPods(n int) []string {
+	out := []string{podMeshClient, podMeshServerL}
+	return append(out, meshServerPods(n)...)
+}
+
+// meshServerPods returns the mesh scenario's server pods on node-2.
+func meshServerPods(n int) []string {
+	out := []string{podMeshServer}
+	for i := 2; i <= n; i++ {
+		out = append(out, fmt.Sprintf("%s/mesh-server-%d", meshNS, i))
+	}
+	return out
 }
 
 // sidecarServerPods returns the sidecar scenario's server pod keys for n
@@ -153,7 +194,11 @@ type Options struct {
 	// WorkDir holds the worker symlink, certificates and proxy configs;
 	// "" = a fresh temporary directory, removed at the end.
 	WorkDir string
-	Log     *slog.Logger
+	// AgentBinary and CABinary are cmd/nodemesh-agent and cmd/nodemesh-ca;
+	// without them the nodemesh scenarios report why they did not run.
+	AgentBinary string
+	CABinary    string
+	Log         *slog.Logger
 }
 
 // runner holds one benchmark run's state.
@@ -168,6 +213,7 @@ type runner struct {
 	// sidecars: pod key -> haproxy pid.
 	sidecars map[string]int
 	serial   int64
+	mesh     *mesh
 }
 
 // Run runs the benchmark and returns its results. A scenario that cannot
@@ -231,6 +277,33 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		}
 	}
 
+	// nodemesh: the CA and an agent per node.
+	m, meshErr := r.startMesh(ctx)
+	r.mesh = m
+	defer r.stopMesh(m)
+	if meshErr != nil {
+		r.log.Warn("nodemesh scenarios not available", "err", meshErr)
+	}
+	for i := range res.Scenario {
+		sc := &res.Scenario[i]
+		switch sc.Name {
+		case scenarioMeshCross, scenarioMeshLocal:
+			sc.NotAvailable = ""
+			if meshErr != nil {
+				sc.NotAvailable = "nodemesh did not start: " + meshErr.Error()
+			}
+		case scenarioSkMsgOn, scenarioSkMsgOff:
+			switch {
+			case meshErr != nil:
+				sc.NotAvailable = "nodemesh did not start: " + meshErr.Error()
+			case m.accel == (sc.Name == scenarioSkMsgOn):
+				sc.NotAvailable = fmt.Sprintf("measured as %s: the agent runs with sk_msg acceleration %s here (%s)", scenarioMeshLocal, onOff(m.accel), m.accelReason)
+			default:
+				sc.NotAvailable = fmt.Sprintf("%s; it chose %s here (%s)", noAccelSwitch, onOff(m.accel), m.accelReason)
+			}
+		}
+	}
+
 	type target struct {
 		client string
 		addrs  map[string]string // workload kind -> address
@@ -280,6 +353,23 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		}
 	}
 
+	if meshErr == nil {
+		meshIP, err := podIP(podMeshServer)
+		if err != nil {
+			return nil, fmt.Errorf("bench lab: %w", err)
+		}
+		meshLocalIP, err := podIP(podMeshServerL)
+		if err != nil {
+			return nil, fmt.Errorf("bench lab: %w", err)
+		}
+		targets[scenarioMeshCross] = target{client: podMeshClient, addrs: direct(meshIP), procs: func() map[string]int {
+			return map[string]int{"agent " + node1: m.agents[node1], "agent " + node2: m.agents[node2]}
+		}}
+		targets[scenarioMeshLocal] = target{client: podMeshClient, addrs: direct(meshLocalIP), procs: func() map[string]int {
+			return map[string]int{"agent " + node1: m.agents[node1]}
+		}}
+	}
+
 	p := o.Profile
 	type wl struct {
 		name string
@@ -317,7 +407,7 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		}
 	}
 
-	res.Scaling = r.scaling(ctx, sidecarErr)
+	res.Scaling = r.scaling(ctx, sidecarErr, meshErr)
 	res.Summary, err = summarize(res.Scenario, res.Runs)
 	if err != nil {
 		return nil, err
@@ -498,11 +588,23 @@ func (r *runner) stopSidecars() {
 // scaling measures the proxies' cost with 1, 10, 50 ... pods per node:
 // the sidecar scenario gets that many server pods on node-2, each with its
 // sidecar, and 1000 requests/s spread over all of them.
-func (r *runner) scaling(ctx context.Context, sidecarErr error) []ScalePoint {
+func (r *runner) scaling(ctx context.Context, sidecarErr, meshErr error) []ScalePoint {
 	var out []ScalePoint
 	p := r.o.Profile
 	for _, n := range p.PodsPerNode {
-		out = append(out, ScalePoint{Scenario: scenarioMeshCross, PodsPerNode: n, NotAvailable: meshUnavailable})
+		if err := r.growLab(ctx, n); err != nil {
+			out = append(out, ScalePoint{Scenario: scenarioMeshCross, PodsPerNode: n, Error: err.Error()},
+				ScalePoint{Scenario: scenarioHAProxy, PodsPerNode: n, Error: err.Error()})
+			continue
+		}
+		mp := ScalePoint{Scenario: scenarioMeshCross, PodsPerNode: n}
+		if meshErr != nil {
+			mp.NotAvailable = "nodemesh did not start: " + meshErr.Error()
+		} else if err := r.scaleMesh(ctx, n, &mp); err != nil {
+			mp.Error = err.Error()
+			r.log.Warn("nodemesh scale point failed", "pods", n, "err", err)
+		}
+		out = append(out, mp)
 		pt := ScalePoint{Scenario: scenarioHAProxy, PodsPerNode: n}
 		if sidecarErr != nil {
 			pt.NotAvailable = sidecarErr.Error()
@@ -518,8 +620,8 @@ func (r *runner) scaling(ctx context.Context, sidecarErr error) []ScalePoint {
 	return out
 }
 
-func (r *runner) scaleSidecars(ctx context.Context, n int, pt *ScalePoint) error {
-	p := r.o.Profile
+// growLab adds the server pods for n pods per node to the lab.
+func (r *runner) growLab(ctx context.Context, n int) error {
 	sp, err := Spec(r.worker, n)
 	if err != nil {
 		return err
@@ -538,6 +640,66 @@ func (r *runner) scaleSidecars(ctx context.Context, n int, pt *ScalePoint) error
 	if err := r.lab.Apply(ctx, cur); err != nil {
 		return fmt.Errorf("adding server pods: %w", err)
 	}
+	return nil
+}
+
+// scaleMesh measures the agents with n server pods on node-2.
+func (r *runner) scaleMesh(ctx context.Context, n int, pt *ScalePoint) error {
+	p := r.o.Profile
+	if err := r.waitCaptured(ctx, r.mesh, meshPods(n)); err != nil {
+		return err
+	}
+	var addrs []string
+	for _, key := range meshServerPods(n) {
+		pod, err := r.lab.Pod(key)
+		if err != nil {
+			return err
+		}
+		addrs = append(addrs, net.JoinHostPort(pod.IP, strconv.Itoa(load.DefaultHTTPPort)))
+	}
+	procs := map[string]int{"agent " + node1: r.mesh.agents[node1], "agent " + node2: r.mesh.agents[node2]}
+	cfg := load.Config{Kind: load.KindHTTP, Addr: addrs[0], Addrs: addrs, Conns: max(16, n), Rate: p.HTTPRate, Size: p.Size, Warmup: p.Warmup, Duration: p.Duration}
+	run := r.runOne(ctx, podMeshClient, cfg, procs)
+	if run.Result == nil {
+		return errors.New(run.Error)
+	}
+	return fillScalePoint(pt, run, func(u ProxyUsage) bool { return u.Name == "agent "+node2 })
+}
+
+// fillScalePoint sums a scale run: CPU of every proxy, memory of those
+// onServerNode says are on node-2.
+func fillScalePoint(pt *ScalePoint, run RunRecord, onServerNode func(ProxyUsage) bool) error {
+	var cpu int64
+	for _, u := range run.Proxies {
+		cpu += u.CPUNanos
+		if onServerNode(u) {
+			pt.Proxies++
+			pt.RSS += u.RSS
+			pt.HWM += u.HWM
+		}
+	}
+	pt.Requests = run.Result.Requests
+	if pt.Requests > 0 {
+		pt.CPUPer1000 = float64(cpu) / 1e9 / float64(pt.Requests) * 1000
+	}
+	if h, err := histOf(run.Result); err == nil {
+		pt.P99 = us(h.Quantile(0.99))
+	}
+	if run.Result.Errors > 0 {
+		return fmt.Errorf("%d of %d requests failed, first: %s", run.Result.Errors, run.Result.Errors+run.Result.Requests, run.Result.FirstError)
+	}
+	return nil
+}
+
+func onOff(b bool) string {
+	if b {
+		return "on"
+	}
+	return "off"
+}
+
+func (r *runner) scaleSidecars(ctx context.Context, n int, pt *ScalePoint) error {
+	p := r.o.Profile
 	servers := sidecarServerPods(n)
 	for _, s := range servers {
 		if _, ok := r.sidecars[s]; ok {
@@ -564,29 +726,10 @@ func (r *runner) scaleSidecars(ctx context.Context, n int, pt *ScalePoint) error
 	if run.Result == nil {
 		return errors.New(run.Error)
 	}
-	var cpu int64
-	for _, u := range run.Proxies {
-		cpu += u.CPUNanos
-		if u.Name == podSCClient {
-			continue
-		}
-		if pod, err := r.lab.Pod(u.Name); err == nil && pod.Node == node2 {
-			pt.Proxies++
-			pt.RSS += u.RSS
-			pt.HWM += u.HWM
-		}
-	}
-	pt.Requests = run.Result.Requests
-	if pt.Requests > 0 {
-		pt.CPUPer1000 = float64(cpu) / 1e9 / float64(pt.Requests) * 1000
-	}
-	if h, err := histOf(run.Result); err == nil {
-		pt.P99 = us(h.Quantile(0.99))
-	}
-	if run.Result.Errors > 0 {
-		return fmt.Errorf("%d of %d requests failed, first: %s", run.Result.Errors, run.Result.Errors+run.Result.Requests, run.Result.FirstError)
-	}
-	return nil
+	return fillScalePoint(pt, run, func(u ProxyUsage) bool {
+		pod, err := r.lab.Pod(u.Name)
+		return u.Name != podSCClient && err == nil && pod.Node == node2
+	})
 }
 
 func kernelRelease() string {

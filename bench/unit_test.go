@@ -127,7 +127,8 @@ func TestTargetsJudgeRatios(t *testing.T) {
 	res.Scaling = append(res.Scaling,
 		ScalePoint{Scenario: scenarioHAProxy, PodsPerNode: 50, RSS: 1000 << 20},
 		ScalePoint{Scenario: scenarioMeshCross, PodsPerNode: 50, RSS: 50 << 20})
-	// Drop the not-available 50-pod mesh point if any.
+	res.Machine.LoadStart, res.Machine.LoadEnd = "0.5 0.5 0.5", "1.0 0.5 0.5"
+	res.Summary[len(res.Summary)-2].Rounds = 3
 	tg := judgeTargets(res)
 	if tg[0].Status != "miss" || !strings.Contains(tg[0].Note, "missed by 50 µs") {
 		t.Errorf("latency: %+v", tg[0])
@@ -137,6 +138,21 @@ func TestTargetsJudgeRatios(t *testing.T) {
 	}
 	if tg[2].Status != "pass" {
 		t.Errorf("throughput 1.2 GB/s of 2 GB/s: %+v", tg[2])
+	}
+	// One round, or a busy machine: the latency target cannot be judged.
+	res.Summary[len(res.Summary)-2].Rounds = 1
+	if tg := judgeTargets(res); tg[0].Status != "inconclusive" || !strings.Contains(tg[0].Note, "only 1 round") {
+		t.Errorf("one round: %+v", tg[0])
+	}
+	res.Summary[len(res.Summary)-2].Rounds = 3
+	res.Machine.LoadEnd = "7 1 1"
+	res.Summary[len(res.Summary)-1].BytesPerSec = 0.2e9
+	tg = judgeTargets(res)
+	if tg[0].Status != "inconclusive" || !strings.Contains(tg[0].Note, "oversubscribed") {
+		t.Errorf("busy machine, latency: %+v", tg[0])
+	}
+	if tg[2].Status != "inconclusive" {
+		t.Errorf("busy machine, throughput miss: %+v", tg[2])
 	}
 }
 
@@ -228,7 +244,7 @@ func checkOutput(t *testing.T, dir string) *Results {
 	}
 	for _, tg := range res.Targets {
 		switch tg.Status {
-		case "pass", "miss", "not available":
+		case "pass", "miss", "inconclusive", "not available":
 		default:
 			t.Errorf("target %s: status %q", tg.Name, tg.Status)
 		}
@@ -374,8 +390,12 @@ func TestSpecAndProfiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := len(sp.Pods); got != 14 {
-		t.Errorf("%d pods for 10 sidecar servers, want 14", got)
+	// 5 base pods + 9 more sidecar servers, 3 mesh pods + 9 more servers.
+	if got := len(sp.Pods); got != 26 {
+		t.Errorf("%d pods for 10 servers per node, want 26", got)
+	}
+	if len(meshPods(10)) != 12 {
+		t.Error("mesh pod list")
 	}
 	if len(sidecarServerPods(10)) != 10 {
 		t.Error("sidecar server pod list")

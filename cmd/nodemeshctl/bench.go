@@ -14,6 +14,7 @@ import (
 )
 
 const benchUsage = `usage: nodemeshctl bench [--profile quick|full] [--out DIR] [--dir STATEDIR]
+                        [--agent-bin PATH] [--ca-bin PATH] [-v]
 
 Brings up a benchmark lab (needs root), runs every scenario - no mesh,
 HAProxy mTLS sidecars, nodemesh - over the same workloads in interleaved
@@ -36,6 +37,9 @@ func runBench(args []string) error {
 	out := fs.String("out", "bench-results", "directory for report.md, results.json and charts")
 	dir := fs.String("dir", "/run/nodemesh-bench", "state directory of the benchmark's own lab")
 	verbose := fs.Bool("v", false, "log every run")
+	exe, _ := os.Executable()
+	agentBin := fs.String("agent-bin", filepath.Join(filepath.Dir(exe), "nodemesh-agent"), "the nodemesh-agent binary (default: next to nodemeshctl)")
+	caBin := fs.String("ca-bin", filepath.Join(filepath.Dir(exe), "nodemesh-ca"), "the nodemesh-ca binary (default: next to nodemeshctl)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -56,7 +60,7 @@ func runBench(args []string) error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	res, err := bench.Run(ctx, bench.Options{Profile: p, StateDir: *dir, ID: "bench", Log: log})
+	res, err := bench.Run(ctx, bench.Options{Profile: p, StateDir: *dir, ID: "bench", AgentBinary: *agentBin, CABinary: *caBin, Log: log})
 	if res != nil {
 		if werr := bench.WriteOutput(*out, res); werr != nil {
 			return werr
