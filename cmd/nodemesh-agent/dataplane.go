@@ -86,13 +86,20 @@ type localPod struct {
 func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
 	cfg := a.cfg
 	log := a.log.With("component", "dataplane")
+	// Refuse a node that cannot capture, listing everything to fix at once.
+	report := nodeinfo.Preflight(nodeinfo.PreflightConfig{PinDir: cfg.BPFPinDir})
+	for _, r := range report.Results {
+		log.Debug("preflight", "check", r.Name, "ok", r.Err == nil)
+	}
+	if err := report.Err(); err != nil {
+		return nil, err
+	}
 	root := cfg.CgroupRoot
 	if root == "" {
-		h, err := nodeinfo.DiscoverHierarchy("")
-		if err != nil {
-			return nil, fmt.Errorf("finding the cgroup root for capture (or pass --cgroup-root): %w", err)
+		if report.Hierarchy.Path == "" {
+			return nil, errors.New("finding the cgroup root for capture: no cgroup v2 hierarchy (pass --cgroup-root)")
 		}
-		root = h.Path
+		root = report.Hierarchy.Path
 	}
 	dp := &dataplane{a: a, log: log, node: cfg.NodeName, pods: make(map[state.Key]*localPod)}
 	var cleanup []func()
