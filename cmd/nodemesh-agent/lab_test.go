@@ -19,15 +19,20 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 	"k8s.io/utils/ptr"
 
 	"github.com/nodemesh/nodemesh/agent/inpod"
+	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/demo"
 	"github.com/nodemesh/nodemesh/lab/labtest"
 	"github.com/nodemesh/nodemesh/lab/workload"
+	"github.com/nodemesh/nodemesh/manifests"
 )
 
 // buildBinary builds a command of this module into dir.
@@ -395,6 +400,63 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		deleted = true
 		eventually(t, 30*time.Second, "client-1 allowed again", func() error {
 			_, err := get(client1.Key(), "http://"+web2.IP+":8080/allowed")
+			return err
+		})
+	})
+
+	t.Run("StrictMTLSFromCRD", func(t *testing.T) {
+		// The CRDs arrive after the agents started: the informers pick
+		// them up, and a STRICT PeerAuthentication turns plaintext to shop
+		// away at web-2's agent while mTLS from the mesh still works.
+		dyn, err := dynamic.NewForConfig(l.Server.REST)
+		if err != nil {
+			t.Fatal(err)
+		}
+		crds, err := manifests.Render("../../manifests/crds")
+		if err != nil {
+			t.Fatal(err)
+		}
+		crdGVR := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+		for _, crd := range crds {
+			must(dyn.Resource(crdGVR).Create(ctx, crd, metav1.CreateOptions{}))
+		}
+		pa := &unstructured.Unstructured{Object: map[string]any{
+			"apiVersion": "security.nodemesh.io/v1alpha1", "kind": "PeerAuthentication",
+			"metadata": map[string]any{"name": "strict", "namespace": "shop"},
+			"spec":     map[string]any{"mtls": map[string]any{"mode": "STRICT"}},
+		}}
+		paRes := dyn.Resource(v1alpha1.PeerAuthenticationResource).Namespace("shop")
+		eventually(t, 60*time.Second, "PeerAuthentication created", func() error {
+			_, err := paRes.Create(ctx, pa, metav1.CreateOptions{})
+			return err
+		})
+		defer func() { _ = paRes.Delete(ctx, "strict", metav1.DeleteOptions{}) }()
+		setMode(t, ctx, l, "client", "off")
+		defer setMode(t, ctx, l, "client", state.ModeEnabled)
+		n2, _ := l.Node("node-2")
+		eventually(t, 90*time.Second, "plaintext from client-1 refused by STRICT at node-2", func() error {
+			if r, err := get(client1.Key(), "http://"+web2.IP+":8080/strict"); err == nil {
+				return fmt.Errorf("plaintext still allowed: %+v", r)
+			}
+			_, m, err := httpGet(nodeClient(n2), "http://127.0.0.1:15020/metrics")
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(m, `nodemesh_connections_denied_total{direction="inbound",reason="strict_mtls"}`) {
+				return fmt.Errorf("refused, but not counted as STRICT:\n%s", grep(m, "denied"))
+			}
+			return nil
+		})
+		// From inside the mesh (shop/web-1 on node-1), mTLS passes STRICT.
+		if r, err := get("shop/web-1", "http://"+web2.IP+":8080/strict-mtls"); err != nil || r.Pod != web2.Key() {
+			t.Fatalf("mTLS to a STRICT pod: %+v %v", r, err)
+		}
+		// Back to PERMISSIVE: plaintext from outside the mesh works again.
+		if err := paRes.Delete(ctx, "strict", metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 30*time.Second, "plaintext allowed again", func() error {
+			_, err := get(client1.Key(), "http://"+web2.IP+":8080/permissive")
 			return err
 		})
 	})
