@@ -32,6 +32,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -311,10 +312,7 @@ func Sweep(dir string) {
 		if err == nil && pid > 1 {
 			if cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); err == nil && bytes.Contains(cmdline, []byte(name)) {
 				_ = syscall.Kill(pid, syscall.SIGKILL)
-				for i := 0; i < 100; i++ {
-					if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
-						break
-					}
+				for i := 0; i < 100 && !pidGone(pid); i++ {
 					time.Sleep(20 * time.Millisecond)
 				}
 			}
@@ -325,7 +323,7 @@ func Sweep(dir string) {
 
 func (s *Server) path(name string) string { return filepath.Join(s.Dir, name) }
 
-func (s *Server) spawn(cfg Config, name, bin string, args ...string) error {
+func (s *Server) spawn(cfg Config, name, bin string, args ...string) (err error) {
 	logf, err := os.OpenFile(s.path(name+".log"), os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
 		return fmt.Errorf("opening %s log: %w", name, err)
@@ -333,11 +331,16 @@ func (s *Server) spawn(cfg Config, name, bin string, args ...string) error {
 	defer logf.Close()
 	cmd := exec.Command(bin, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if !cfg.Detach {
-		cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
+	if cfg.Detach {
+		// A session of its own: the lab CLI's terminal going away must not
+		// take the API server with it.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		err = cmd.Start()
+	} else {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+		err = startFromParkedThread(cmd)
 	}
-	if err := cmd.Start(); err != nil {
+	if err != nil {
 		return fmt.Errorf("starting %s: %w", name, err)
 	}
 	s.procs = append(s.procs, cmd)
@@ -385,10 +388,12 @@ func (s *Server) waitReady(ctx context.Context, token string) error {
 	return fmt.Errorf("kube-apiserver not ready after 90s (last: %s); log %s ends with:\n%s", last, s.path("kube-apiserver.log"), s.logTail("kube-apiserver"))
 }
 
-func processGone(c *exec.Cmd) bool {
-	// Signal 0 fails once the child is a zombie we have not reaped only if
-	// it is gone entirely; check /proc state for Z instead.
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.Process.Pid))
+func processGone(c *exec.Cmd) bool { return pidGone(c.Process.Pid) }
+
+// pidGone reports whether pid has exited: no longer in /proc, or a zombie
+// waiting to be reaped (which signal 0 would still report as alive).
+func pidGone(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return true
 	}
@@ -396,6 +401,36 @@ func processGone(c *exec.Cmd) bool {
 		return b[i+2] == 'Z'
 	}
 	return false
+}
+
+// Pdeathsig fires when the *thread* that forked the child exits, not the
+// process, and the Go runtime ends threads whose goroutine exits while
+// locked (which is how setns-based code returns a thread it cannot clean).
+// Children that must die with us are therefore forked from one thread that
+// is locked for the life of the process and never exits.
+var (
+	spawnOnce sync.Once
+	spawnReqs chan spawnReq
+)
+
+type spawnReq struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+func startFromParkedThread(cmd *exec.Cmd) error {
+	spawnOnce.Do(func() {
+		spawnReqs = make(chan spawnReq)
+		go func() {
+			runtime.LockOSThread() // never unlocked: this thread lives as long as the process
+			for r := range spawnReqs {
+				r.done <- r.cmd.Start()
+			}
+		}()
+	})
+	r := spawnReq{cmd: cmd, done: make(chan error, 1)}
+	spawnReqs <- r
+	return <-r.done
 }
 
 func (s *Server) logTail(name string) string {
