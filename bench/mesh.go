@@ -10,7 +10,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
@@ -143,33 +145,80 @@ type captureDump struct {
 	AccelerationReason string `json:"accelerationReason"`
 }
 
-func (r *runner) agentCapture(ctx context.Context, node string) (*captureDump, error) {
+// agentGet fetches a path of the agent's admin API, which listens on the
+// node's loopback, from inside the node's network namespace.
+func (r *runner) agentGet(ctx context.Context, node, path string, timeout time.Duration, limit int64) ([]byte, error) {
 	n, err := r.lab.Node(node)
 	if err != nil {
 		return nil, err
 	}
 	d := &inpod.Dialer{Netns: n.Netns}
-	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+	hc := &http.Client{Timeout: timeout, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return d.DialContext(ctx, network, addr)
 		},
 		DisableKeepAlives: true,
 	}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, agentAdmin+"/config_dump/capture", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, agentAdmin+path, nil)
 	if err != nil {
 		return nil, err
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("asking the agent on %s for its capture status: %w", node, err)
+		return nil, fmt.Errorf("agent admin API on %s, %s: %w", node, path, err)
 	}
 	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	b, err := io.ReadAll(io.LimitReader(resp.Body, limit))
 	if err != nil {
-		return nil, fmt.Errorf("reading the agent's capture status on %s: %w", node, err)
+		return nil, fmt.Errorf("agent admin API on %s, reading %s: %w", node, path, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("agent on %s: capture status: %s: %s", node, resp.Status, truncate(string(b), 200))
+		return nil, fmt.Errorf("agent admin API on %s, %s: %s: %s", node, path, resp.Status, truncate(string(b), 200))
+	}
+	return b, nil
+}
+
+// profileAgents records a CPU profile of every agent for d while the
+// caller runs a workload; wait returns the files written.
+func (r *runner) profileAgents(ctx context.Context, d time.Duration, dir, label string) (wait func() []string) {
+	secs := max(1, int(d/time.Second))
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var files []string
+	for node := range r.mesh.agents {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			b, err := r.agentGet(ctx, node, fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs), d+time.Minute, 64<<20)
+			if err != nil {
+				r.log.Warn("profiling the agent failed", "node", node, "err", err)
+				return
+			}
+			name := fmt.Sprintf("agent-%s-%s.pprof", node, label)
+			if err := os.MkdirAll(dir, 0o755); err != nil {
+				r.log.Warn("creating the profile directory", "err", err)
+				return
+			}
+			if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+				r.log.Warn("writing a profile", "err", err)
+				return
+			}
+			mu.Lock()
+			files = append(files, name)
+			mu.Unlock()
+		}()
+	}
+	return func() []string {
+		wg.Wait()
+		sort.Strings(files)
+		return files
+	}
+}
+
+func (r *runner) agentCapture(ctx context.Context, node string) (*captureDump, error) {
+	b, err := r.agentGet(ctx, node, "/config_dump/capture", 5*time.Second, 4<<20)
+	if err != nil {
+		return nil, err
 	}
 	var cd captureDump
 	if err := json.Unmarshal(b, &cd); err != nil {

@@ -243,6 +243,12 @@ func markdown(res *Results, charts map[string][]byte) string {
 	}
 	b.WriteString("\n![proxy memory vs pods per node](cost-memory.svg)\n\n![proxy CPU vs pods per node](cost-cpu.svg)\n")
 
+	if len(res.Profiles) > 0 {
+		b.WriteString("\n## Agent CPU profiles\n\nTaken during round 1 of the nodemesh runs (cross-node), in profiles/: read them with `go tool pprof -top <file>`.\n\n")
+		for _, f := range res.Profiles {
+			fmt.Fprintf(&b, "- [%s](profiles/%s)\n", f, f)
+		}
+	}
 	b.WriteString("\n## Method\n\n")
 	for _, m := range res.Method {
 		fmt.Fprintf(&b, "- %s\n", m)

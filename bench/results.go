@@ -24,6 +24,8 @@ type Results struct {
 	Summary []Summary    `json:"summary"`
 	Scaling []ScalePoint `json:"scaling"`
 	Targets []Target     `json:"targets"`
+	// Profiles are agent CPU profiles written to Options.ProfileDir.
+	Profiles []string `json:"profiles,omitempty"`
 }
 
 // Machine holds the machine's own limits, measured in the same run.

@@ -198,7 +198,11 @@ type Options struct {
 	// without them the nodemesh scenarios report why they did not run.
 	AgentBinary string
 	CABinary    string
-	Log         *slog.Logger
+	// ProfileDir, when set, receives CPU profiles of the agents taken
+	// during the first round of the nodemesh runs of the headline HTTP
+	// workload and of bulk (pprof format; `go tool pprof -top FILE`).
+	ProfileDir string
+	Log        *slog.Logger
 }
 
 // runner holds one benchmark run's state.
@@ -399,7 +403,14 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 				}
 				cfg := w.cfg
 				cfg.Addr = t.addrs[cfg.Kind]
+				var wait func() []string
+				if o.ProfileDir != "" && round == 1 && sc.Name == scenarioMeshCross && (w.name == workloadBulk || w.name == httpWorkload(p.HTTPRate, 16)) {
+					wait = r.profileAgents(ctx, cfg.Warmup+cfg.Duration, o.ProfileDir, w.name)
+				}
 				run := r.runOne(ctx, t.client, cfg, t.procs())
+				if wait != nil {
+					res.Profiles = append(res.Profiles, wait()...)
+				}
 				run.Scenario, run.Workload, run.Round = sc.Name, w.name, round
 				r.log.Info("bench run", "scenario", sc.Name, "workload", w.name, "round", round, "err", run.Error)
 				res.Runs = append(res.Runs, run)

@@ -60,7 +60,7 @@ func runBench(args []string) error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	res, err := bench.Run(ctx, bench.Options{Profile: p, StateDir: *dir, ID: "bench", AgentBinary: *agentBin, CABinary: *caBin, Log: log})
+	res, err := bench.Run(ctx, bench.Options{Profile: p, StateDir: *dir, ID: "bench", AgentBinary: *agentBin, CABinary: *caBin, ProfileDir: filepath.Join(*out, "profiles"), Log: log})
 	if res != nil {
 		if werr := bench.WriteOutput(*out, res); werr != nil {
 			return werr
