@@ -19,6 +19,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/bench/load"
 	"github.com/nodemesh/nodemesh/lab"
+	"github.com/nodemesh/nodemesh/lab/netns"
 	"github.com/nodemesh/nodemesh/lab/spec"
 )
 
@@ -267,6 +268,9 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		}()
 	}
 	defer r.stopSidecars()
+	if err := r.tunePods(); err != nil {
+		return nil, err
+	}
 
 	res.Machine = machineLimits()
 
@@ -650,6 +654,23 @@ func (r *runner) growLab(ctx context.Context, n int) error {
 	}
 	if err := r.lab.Apply(ctx, cur); err != nil {
 		return fmt.Errorf("adding server pods: %w", err)
+	}
+	return r.tunePods()
+}
+
+// tunePods lets the benchmark's pods reuse TIME_WAIT ports for new
+// connections (tcp_tw_reuse=1, per network namespace): tcp-crr opens
+// thousands of connections a second to one destination, which would
+// otherwise exhaust the ephemeral ports within seconds and measure that
+// instead. Every scenario's pods get the same setting.
+func (r *runner) tunePods() error {
+	for _, p := range r.lab.Pods() {
+		if p.Namespace != benchNS && p.Namespace != meshNS {
+			continue
+		}
+		if err := netns.WriteSysctl(p.Netns, "net/ipv4/tcp_tw_reuse", "1"); err != nil {
+			return fmt.Errorf("tuning pod %s: %w", p.Key(), err)
+		}
 	}
 	return nil
 }
