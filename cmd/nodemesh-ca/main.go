@@ -252,19 +252,54 @@ func run(ctx context.Context, cfg *Config, rc *rest.Config, ready chan<- string,
 			}
 		}
 	}()
-	if cfg.CASecret == "" {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if cfg.CASecret == "" {
 			autoRotate(ctx, cfg, auth, rot, log)
-		}()
-	}
+		} else {
+			followProvided(ctx, cfg, kc, auth, rot, time.Minute, log)
+		}
+	}()
 	log.Info("nodemesh-ca serving", "addr", ln.Addr().String(), "trust_domain", cfg.td.String(), "spiffe_id", cfg.servingID.String(),
 		"root", signer.Root.Subject.String(), "root_expires", signer.Root.NotAfter, "svid_ttl", cfg.SVIDTTL)
 	if ready != nil {
 		ready <- ln.Addr().String()
 	}
 	return srv.Serve(ctx, ln)
+}
+
+// followProvided picks up a renewed user-provided CA (cert-manager renews
+// the Secret in place): it checks the Secret every interval and rotates to
+// a changed signer, with the overlap window when the root changes too.
+func followProvided(ctx context.Context, cfg *Config, kc kubernetes.Interface, a *ca.Authority, rot ca.RotationConfig, interval time.Duration, log *slog.Logger) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := checkProvided(ctx, cfg, kc, a, rot); err != nil && ctx.Err() == nil {
+			log.Error("following the provided CA Secret", "secret", cfg.Namespace+"/"+cfg.CASecret, "error", err)
+		}
+	}
+}
+
+func checkProvided(ctx context.Context, cfg *Config, kc kubernetes.Interface, a *ca.Authority, rot ca.RotationConfig) error {
+	next, extra, err := ca.LoadProvidedSigner(ctx, kc, cfg.Namespace, cfg.CASecret, time.Now())
+	if err != nil {
+		return fmt.Errorf("%w (still signing with the previous CA)", err)
+	}
+	if cur := a.ActiveSigner(); cur.Cert.Equal(next.Cert) {
+		return nil
+	}
+	for _, r := range extra {
+		a.TrustRoot(r)
+	}
+	rot.Log.Info("provided CA changed; rotating", "new_ca", next.Cert.Subject.String(), "new_root", next.Root.Subject.String())
+	return a.Rotate(ctx, next, rot)
 }
 
 // autoRotate rotates a generated root once it is RotateAt through its life.

@@ -7,7 +7,10 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"log/slog"
+	"math/big"
 	"os"
 	"strings"
 	"sync"
@@ -18,8 +21,10 @@ import (
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/nodemesh/nodemesh/identity"
+	"github.com/nodemesh/nodemesh/identity/ca"
 	"github.com/nodemesh/nodemesh/identity/k8s"
 	"github.com/nodemesh/nodemesh/identity/svid"
 	"github.com/nodemesh/nodemesh/lab/apiserver"
@@ -205,4 +210,80 @@ func (w lockedWriter) Write(p []byte) (int, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	return w.b.Write(p)
+}
+
+// TestFollowProvided: a renewed cert-manager Secret (new intermediate, same
+// root) is picked up without a restart.
+func TestFollowProvided(t *testing.T) {
+	ctx := context.Background()
+	now := time.Now()
+	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	root, err := ca.NewRootSigner(td, 48*time.Hour, now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret := func(name string) *corev1.Secret {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+			SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: name},
+			NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+		}, root.Cert, key.Public(), root.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, _ := x509.ParseCertificate(der)
+		k, _ := x509.MarshalPKCS8PrivateKey(key)
+		return &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "issuer", Namespace: "nodemesh-system"}, Data: map[string][]byte{
+			"tls.crt": ca.EncodeCerts([]*x509.Certificate{c}),
+			"tls.key": pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: k}),
+			"ca.crt":  ca.EncodeCerts([]*x509.Certificate{root.Cert}),
+		}}
+	}
+	kc := fake.NewClientset(secret("first"))
+	cfg, err := parseFlags([]string{"--ca-secret", "issuer", "--namespace", "nodemesh-system"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	s, extra, err := ca.LoadProvidedSigner(ctx, kc, "nodemesh-system", "issuer", now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := ca.NewAuthority(ca.AuthorityConfig{TrustDomain: td, Signer: s, ExtraRoots: extra})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var published int
+	rot := ca.RotationConfig{Propagation: time.Millisecond, Log: slog.New(slog.DiscardHandler),
+		Persist: func(context.Context, *ca.Signer, []*x509.Certificate) error { published++; return nil }}
+	if err := checkProvided(ctx, cfg, kc, a, rot); err != nil || published != 0 {
+		t.Fatalf("unchanged Secret: %v, %d publications", err, published)
+	}
+	if _, err := kc.CoreV1().Secrets("nodemesh-system").Update(ctx, secret("second"), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := checkProvided(ctx, cfg, kc, a, rot); err != nil {
+		t.Fatal(err)
+	}
+	if got := a.ActiveSigner().Cert.Subject.CommonName; got != "second" {
+		t.Fatalf("signing with %q after the Secret was renewed", got)
+	}
+	if len(a.Bundle()) != 1 || !a.Bundle()[0].Equal(root.Cert) {
+		t.Fatalf("bundle changed although the root did not")
+	}
+	// A broken Secret keeps the current signer.
+	bad := secret("third")
+	bad.Data["tls.key"] = []byte("junk")
+	if _, err := kc.CoreV1().Secrets("nodemesh-system").Update(ctx, bad, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := checkProvided(ctx, cfg, kc, a, rot); err == nil || !strings.Contains(err.Error(), "still signing") {
+		t.Fatalf("broken Secret: %v", err)
+	}
+	if a.ActiveSigner().Cert.Subject.CommonName != "second" {
+		t.Fatal("signer replaced by a broken Secret")
+	}
 }
