@@ -106,6 +106,10 @@ func runHTTP(ctx context.Context, d Dialer, cfg Config) (*Result, error) {
 		conns[i].c, conns[i].br = c, bufio.NewReaderSize(c, 16<<10)
 	}
 	w := newWindow(cfg)
+	// A connection that falls behind keeps sending back to back; past
+	// hardStop it gives up on the rest of its timetable.
+	overrun := max(2*time.Second, cfg.Duration/2)
+	hardStop := w.to.Add(overrun)
 	var wg sync.WaitGroup
 	for i := range conns {
 		sched, ok := NewSchedule(cfg.Rate, cfg.Conns, i)
@@ -123,6 +127,22 @@ func runHTTP(ctx context.Context, d Dialer, cfg Config) (*Result, error) {
 				due := sched.Due(i)
 				dueAt := w.start.Add(due)
 				if !dueAt.Before(w.to) {
+					return
+				}
+				if time.Now().After(hardStop) {
+					// The path cannot sustain the rate: what is still due
+					// in the window was never sent. Count it, or the
+					// slowest scenario would look as good as the rest.
+					var n uint64
+					for j := i; w.start.Add(sched.Due(j)).Before(w.to); j++ {
+						if w.in(w.start.Add(sched.Due(j))) {
+							n++
+						}
+					}
+					if n > 0 {
+						p.errs.add(fmt.Errorf("%d requests due in the window were not sent by %s after its end: the path could not sustain %v requests/s", n, overrun, cfg.Rate))
+						p.errs.n += n - 1
+					}
 					return
 				}
 				if wait := time.Until(dueAt); wait > 0 {

@@ -2,6 +2,9 @@ package load
 
 import (
 	"context"
+	"io"
+	"net"
+	"net/http"
 	"strings"
 	"sync"
 	"testing"
@@ -123,5 +126,40 @@ func BenchmarkHTTPLoopback(b *testing.B) {
 		if err := c.do(context.Background(), req, 1024); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// slowServer answers HTTP after a fixed delay, far slower than the rate.
+func TestHTTPCountsRequestsAPathCannotCarry(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		time.Sleep(200 * time.Millisecond)
+		w.Header().Set("Content-Length", "4")
+		_, _ = w.Write([]byte("abcd"))
+	})}
+	go func() { _ = srv.Serve(ln) }()
+	defer srv.Close()
+	// 200 requests/s on one connection for 0.5 s against a 5/s server:
+	// most are never sent before the hard stop (2 s after the window).
+	cfg := Config{Kind: KindHTTP, Addr: ln.Addr().String(), Conns: 1, Rate: 200, Size: 4, Duration: 500 * time.Millisecond}
+	r, err := Run(context.Background(), nil, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Requests+r.Errors != 100 {
+		t.Errorf("%d requests + %d errors, the window holds 100", r.Requests, r.Errors)
+	}
+	if r.Errors == 0 || !strings.Contains(r.FirstError, "could not sustain") {
+		t.Errorf("unsent requests not reported: %+v", r)
+	}
+	// Queued requests are charged their wait: the slowest is far beyond
+	// the 200 ms service time.
+	h := mustHist(t, r.Latency)
+	if h.Max() < int64(500*time.Millisecond) {
+		t.Errorf("max latency %v: queueing behind slow responses not charged", time.Duration(h.Max()))
 	}
 }
