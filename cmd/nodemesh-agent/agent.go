@@ -86,7 +86,7 @@ func newAgent(cfg *Config, log *slog.Logger, level *slog.LevelVar, access *slog.
 		if a.dynamic, err = dynamic.NewForConfig(rc); err != nil {
 			return nil, fmt.Errorf("creating Kubernetes dynamic client: %w", err)
 		}
-		a.source = &k8s.Informers{Client: a.client, Dynamic: a.dynamic, Store: a.store, Log: log.With("component", "state")}
+		a.source = &k8s.Informers{Client: a.client, Dynamic: a.dynamic, Store: a.store, Log: log.With("component", "state"), CRDRecheck: cfg.CRDRecheck}
 	}
 	if a.admin, err = admin.New(admin.Config{
 		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadinessAddr: cfg.ReadinessAddr,

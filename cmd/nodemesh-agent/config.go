@@ -47,6 +47,7 @@ type Config struct {
 	ReadinessAddr string
 	LogLevel      string
 	AccessLog     bool
+	CRDRecheck    time.Duration
 
 	// Derived by Validate.
 	td         spiffeid.TrustDomain
@@ -83,6 +84,7 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVar(&c.ReadinessAddr, "readiness-addr", admin.DefaultReadinessAddr, "readiness probe address")
 	fs.StringVar(&c.LogLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn or error (changeable at run time through the admin API)")
 	fs.BoolVar(&c.AccessLog, "access-log", false, "write one JSON line per closed connection to stdout")
+	fs.DurationVar(&c.CRDRecheck, "crd-recheck", 30*time.Second, "how often to look for nodemesh CRDs that were not installed when the agent started")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -139,6 +141,9 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--bundle-configmap %q: want namespace/name", c.BundleConfigMap))
 		}
 		c.bundleNS, c.bundleName = ns, name
+	}
+	if c.CRDRecheck < time.Second {
+		errs = append(errs, fmt.Errorf("--crd-recheck %s: at least 1s", c.CRDRecheck))
 	}
 	if c.DrainDeadline < 0 || c.DrainDeadline > time.Hour {
 		errs = append(errs, fmt.Errorf("--drain-deadline %s: must be between 0 and 1h", c.DrainDeadline))

@@ -164,7 +164,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			"--node-name", node, "--kubeconfig", l.Kubeconfig(),
 			"--ca-addr", fmt.Sprintf("https://%s:%d", node1.IP, identity.DefaultPort),
 			"--ca-token-file", tok, "--cgroup-root", n.Cgroup, "--bpf-pin-dir", pins,
-			"--drain-deadline", "5s", "--access-log", "--log-level", "debug"}, nil)
+			"--drain-deadline", "5s", "--access-log", "--log-level", "debug", "--crd-recheck", "1s"}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
