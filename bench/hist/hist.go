@@ -193,6 +193,9 @@ func FromSnapshot(s Snapshot) (*Hist, error) {
 		if h.counts[b[0]] != 0 {
 			return nil, fmt.Errorf("histogram snapshot: bucket %d listed twice", b[0])
 		}
+		if h.n+b[1] < h.n {
+			return nil, errors.New("histogram snapshot: counts overflow")
+		}
 		h.counts[b[0]] = b[1]
 		h.n += b[1]
 		idx = append(idx, int(b[0]))
