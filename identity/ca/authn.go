@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hashicorp/golang-lru/v2/expirable"
+	lru "github.com/hashicorp/golang-lru/v2"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -68,12 +68,14 @@ type KubeAuthenticatorConfig struct {
 type KubeAuthenticator struct {
 	cfg   KubeAuthenticatorConfig
 	user  string
-	cache *expirable.LRU[[sha256.Size]byte, cachedCaller]
+	// cache is a plain LRU with expiry checked on read: golang-lru's
+	// expirable LRU runs a goroutine that can never be stopped.
+	cache *lru.Cache[[sha256.Size]byte, cachedCaller]
 }
 
 type cachedCaller struct {
 	c   Caller
-	exp time.Time
+	exp time.Time // min(review time + CacheTTL, token exp)
 }
 
 // NewKubeAuthenticator validates cfg.
@@ -96,10 +98,14 @@ func NewKubeAuthenticator(cfg KubeAuthenticatorConfig) (*KubeAuthenticator, erro
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	cache, err := lru.New[[sha256.Size]byte, cachedCaller](cfg.CacheSize)
+	if err != nil {
+		return nil, fmt.Errorf("creating TokenReview cache: %w", err)
+	}
 	return &KubeAuthenticator{
 		cfg:   cfg,
 		user:  "system:serviceaccount:" + cfg.AgentNamespace + ":" + cfg.AgentServiceAccount,
-		cache: expirable.NewLRU[[sha256.Size]byte, cachedCaller](cfg.CacheSize, nil, cfg.CacheTTL),
+		cache: cache,
 	}, nil
 }
 
@@ -110,8 +116,11 @@ func (k *KubeAuthenticator) Authenticate(ctx context.Context, token string) (Cal
 	}
 	now := k.cfg.Now()
 	key := sha256.Sum256([]byte(token))
-	if c, ok := k.cache.Get(key); ok && (c.exp.IsZero() || now.Before(c.exp)) {
-		return c.c, nil
+	if c, ok := k.cache.Get(key); ok {
+		if now.Before(c.exp) {
+			return c.c, nil
+		}
+		k.cache.Remove(key)
 	}
 	claims := peekClaims(token)
 	tr, err := k.cfg.Client.AuthenticationV1().TokenReviews().Create(ctx, &authnv1.TokenReview{
@@ -159,8 +168,8 @@ func (k *KubeAuthenticator) Authenticate(ctx context.Context, token string) (Cal
 	if c.Node == "" {
 		return c, refuse(identity.CodeTokenNotBound, "token is bound to no node or scheduled pod; use a projected service-account token (bound to the agent pod) rather than a long-lived secret token")
 	}
-	exp := time.Time{}
-	if claims.exp > 0 {
+	exp := now.Add(k.cfg.CacheTTL)
+	if claims.exp > 0 && time.Unix(claims.exp, 0).Before(exp) {
 		exp = time.Unix(claims.exp, 0)
 	}
 	k.cache.Add(key, cachedCaller{c: c, exp: exp})
