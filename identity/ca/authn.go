@@ -66,8 +66,8 @@ type KubeAuthenticatorConfig struct {
 
 // KubeAuthenticator authenticates agents with the TokenReview API.
 type KubeAuthenticator struct {
-	cfg   KubeAuthenticatorConfig
-	user  string
+	cfg  KubeAuthenticatorConfig
+	user string
 	// cache is a plain LRU with expiry checked on read: golang-lru's
 	// expirable LRU runs a goroutine that can never be stopped.
 	cache *lru.Cache[[sha256.Size]byte, cachedCaller]
