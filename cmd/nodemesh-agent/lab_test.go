@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -34,17 +33,6 @@ import (
 	"github.com/nodemesh/nodemesh/lab/workload"
 	"github.com/nodemesh/nodemesh/manifests"
 )
-
-// buildBinary builds a command of this module into dir.
-func buildBinary(t *testing.T, dir, pkg string) string {
-	t.Helper()
-	out := filepath.Join(dir, filepath.Base(pkg))
-	cmd := exec.Command("go", "build", "-o", out, pkg)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build %s: %v\n%s", pkg, err, b)
-	}
-	return out
-}
 
 // nodeClient is an HTTP client whose sockets live in a node's network
 // namespace, to reach the agent's loopback admin API there.
@@ -98,9 +86,8 @@ func TestLabAgentEndToEnd(t *testing.T) {
 	l := labtest.TwoNodes(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	bin := t.TempDir()
-	agentBin := buildBinary(t, bin, "github.com/nodemesh/nodemesh/cmd/nodemesh-agent")
-	caBin := buildBinary(t, bin, "github.com/nodemesh/nodemesh/cmd/nodemesh-ca")
+	agentBin := labtest.GoBuild(t, "./cmd/nodemesh-agent")
+	caBin := labtest.GoBuild(t, "./cmd/nodemesh-ca")
 	c := l.Server.Client
 	must := func(_ any, err error) {
 		t.Helper()
