@@ -54,14 +54,14 @@ var shared struct {
 }
 
 func TestMain(m *testing.M) {
-	code := m.Run()
-	if shared.s != nil {
-		_ = shared.s.Stop()
-	}
-	if shared.dir != "" {
-		_ = os.RemoveAll(shared.dir)
-	}
-	os.Exit(code)
+	identitytest.MainWithCleanup(m, func() {
+		if shared.s != nil {
+			_ = shared.s.Stop()
+		}
+		if shared.dir != "" {
+			_ = os.RemoveAll(shared.dir)
+		}
+	})
 }
 
 func labServer(t *testing.T) *apiserver.Server {
