@@ -389,7 +389,9 @@ func (m *Manager) maintain(ctx context.Context, e *entry) {
 			leaf := svid.Certificates[0]
 			life := leaf.NotAfter.Sub(now)
 			frac := m.cfg.RefreshFraction - m.cfg.Jitter*mrand.Float64()
-			wait = time.Duration(float64(life) * frac)
+			// Never renew in a tight loop, even if the CA hands out SVIDs
+			// that are about to expire (e.g. its own CA certificate is).
+			wait = max(time.Duration(float64(life)*frac), m.cfg.BackoffMin)
 			m.log.Debug("SVID issued", "spiffe_id", e.id.String(), "expires", leaf.NotAfter, "renew_in", wait)
 		}
 		t := time.NewTimer(wait)
