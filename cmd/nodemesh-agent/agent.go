@@ -127,10 +127,12 @@ func newAgent(cfg *Config, log *slog.Logger, level *slog.LevelVar, access *slog.
 // the data plane (leaving capture pinned), stop the state source and the
 // admin servers.
 func (a *agent) run(ctx context.Context) error {
-	bg, stopBG := context.WithCancel(context.Background())
-	defer stopBG()
+	// Deferred in this order so that on every return the background
+	// context is cancelled first, then its goroutines are waited for.
 	var wg sync.WaitGroup
 	defer wg.Wait()
+	bg, stopBG := context.WithCancel(context.Background())
+	defer stopBG()
 	errc := make(chan error, 4)
 	goRun := func(name string, f func(context.Context) error) {
 		wg.Go(func() {

@@ -121,3 +121,41 @@ type statusErr struct {
 }
 
 func (e *statusErr) Error() string { return e.body }
+
+// TestAgentExitsWhenDataplaneFails: a data plane that cannot start (no
+// such cgroup; or, without root, the preflight checks) ends the agent with
+// an error instead of leaving it running unready or hung.
+func TestAgentExitsWhenDataplaneFails(t *testing.T) {
+	dir := t.TempDir()
+	kc := filepath.Join(dir, "kubeconfig")
+	if err := os.WriteFile(kc, []byte(`apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: u, user: {token: x}}]
+contexts: [{name: c, context: {cluster: c, user: u}}]
+current-context: c
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseConfig([]string{"--node-name=n1", "--kubeconfig=" + kc, "--cgroup-root=/nonexistent/nmtagent",
+		"--bpf-pin-dir=" + filepath.Join(dir, "pins"),
+		"--admin-addr=" + freeAddr(t), "--metrics-addr=" + freeAddr(t), "--readiness-addr=" + freeAddr(t)}, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuffer
+	done := make(chan error, 1)
+	go func() { done <- run(context.Background(), cfg, &logs, &logs) }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("agent returned nil with a broken data plane")
+		}
+		t.Logf("agent refused to run: %v", err)
+	case <-time.After(60 * time.Second):
+		t.Fatalf("agent hung with a broken data plane; log:\n%s", logs.String())
+	}
+}
