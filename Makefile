@@ -28,7 +28,7 @@ FUZZTIME ?= 10s
 BENCH_PROFILE ?= quick
 
 .PHONY: build generate generate-check test test-unit test-priv test-lab demo bench lint fuzz \
-        kube-apiserver deps deps-generate deps-bench clean lab-down
+        kube-apiserver deps deps-generate deps-bench clean lab-down manifests-check image
 
 build:
 	@mkdir -p bin
@@ -66,14 +66,17 @@ kube-apiserver:
 	  mv "$(KUBE_APISERVER).tmp" "$(KUBE_APISERVER)"; \
 	fi
 
-generate: deps-generate
-	$(GO) generate ./redirect/...
+GENERATED_DIRS := redirect agent/policy/v1alpha1
 
-# Regenerating the eBPF objects must leave the committed ones unchanged.
+# bpf2go for the eBPF objects (needs clang), deepcopy-gen for the CRD types.
+generate: deps-generate
+	$(GO) generate $(addprefix ./,$(addsuffix /...,$(GENERATED_DIRS)))
+
+# Regenerating must leave the committed output unchanged.
 generate-check: generate
-	@if [ -n "$$(git status --porcelain -- redirect)" ]; then \
+	@if [ -n "$$(git status --porcelain -- $(GENERATED_DIRS))" ]; then \
 	  echo "make generate changed committed files; commit the regenerated output:"; \
-	  git status --porcelain -- redirect; git --no-pager diff --stat -- redirect; exit 1; \
+	  git status --porcelain -- $(GENERATED_DIRS); git --no-pager diff --stat -- $(GENERATED_DIRS); exit 1; \
 	fi
 
 lint:
@@ -112,6 +115,17 @@ demo: deps kube-apiserver build
 bench: deps-bench kube-apiserver build
 	@mkdir -p results
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./... | tee results/go-bench.txt
+
+# Install proof on the lab's real API server: CRDs, server-side dry-run of
+# every manifest, agents and CA running on their own service-account tokens.
+manifests-check: deps kube-apiserver
+	$(GO) test -count=1 -p 1 -timeout 20m -run '^TestLabInstall' -v ./manifests/
+
+# Container images (needs a Docker engine with BuildKit; not built in CI).
+IMAGE_TAG ?= dev
+image:
+	docker build -f manifests/Dockerfile --target agent -t localhost/nodemesh-agent:$(IMAGE_TAG) .
+	docker build -f manifests/Dockerfile --target ca -t localhost/nodemesh-ca:$(IMAGE_TAG) .
 
 lab-down: build
 	./bin/nodemeshctl lab down
