@@ -144,6 +144,11 @@ func (a *agent) run(ctx context.Context) error {
 	goRun("admin", a.admin.Run)
 	goRun("cluster state", a.source.Run)
 
+	// The data plane's loop has its own context: it stops (no more
+	// enrollments) before the data plane is closed.
+	var dpWG sync.WaitGroup
+	dpCtx, stopDP := context.WithCancel(bg)
+	defer stopDP()
 	if a.cfg.Dataplane {
 		dp, err := newDataplane(ctx, a)
 		if err != nil {
@@ -151,7 +156,11 @@ func (a *agent) run(ctx context.Context) error {
 		}
 		a.dp = dp
 		a.dpUp.Store(true)
-		goRun("data plane", dp.run)
+		dpWG.Go(func() {
+			if err := dp.run(dpCtx); err != nil && dpCtx.Err() == nil {
+				errc <- fmt.Errorf("data plane: %w", err)
+			}
+		})
 	} else {
 		a.log.Warn("data plane off (--dataplane=false): no capture, no SVIDs, no proxying")
 	}
@@ -165,6 +174,10 @@ func (a *agent) run(ctx context.Context) error {
 		a.log.Error("a component failed; shutting down", "err", runErr)
 	}
 	a.draining.Store(true)
+	// No enrollments from here on: nothing new starts accepting while the
+	// rest drains.
+	stopDP()
+	dpWG.Wait()
 	if a.dp != nil {
 		dctx, cancel := context.WithTimeout(context.Background(), a.cfg.DrainDeadline)
 		start := time.Now()
