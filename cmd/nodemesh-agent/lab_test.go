@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -546,6 +547,52 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			return err
 		})
 		t.Logf("traffic to %s back %s after the agent restarted", web2.Key(), time.Since(begin).Round(time.Millisecond))
+	})
+
+	t.Run("PlaintextTo15008Refused", func(t *testing.T) {
+		// Bytes that are not TLS to web-2's HBONE port get no HTTP answer
+		// and no delivery to the app.
+		c, err := (&inpod.Dialer{Netns: client1.Netns}).DialContext(ctx, "tcp", web2.IP+":15008")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write([]byte("CONNECT " + web2.IP + ":8080 HTTP/1.1\r\nHost: " + web2.IP + ":8080\r\n\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		reply, _ := io.ReadAll(c)
+		if strings.Contains(string(reply), "HTTP/1.1 200") || strings.Contains(string(reply), "podIP") {
+			t.Fatalf("plaintext on 15008 was served: %q", reply)
+		}
+		t.Logf("plaintext to 15008 answered with %d bytes (a TLS alert at most) and closed", len(reply))
+	})
+
+	t.Run("SIGKILLFailClosedRestart", func(t *testing.T) {
+		eventually(t, 60*time.Second, "node-2 agent ready", func() error { return ready("node-2") })
+		if err := syscall.Kill(agents["node-2"].Pid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 10*time.Second, "agent gone", func() error {
+			if l.Running(agents["node-2"]) {
+				return fmt.Errorf("still running")
+			}
+			return nil
+		})
+		// Capture stays pinned: the pods fail closed, nothing leaks.
+		if r, err := get(client1.Key(), "http://"+web2.IP+":8080/killed"); err == nil {
+			t.Fatalf("reached %s with its agent killed: %+v", web2.Key(), r)
+		}
+		if err := l.StopNodeProcess(ctx, "node-2", "nodemesh-agent", time.Second); err != nil {
+			t.Fatal(err)
+		}
+		startAgent("node-2")
+		begin := time.Now()
+		eventually(t, 60*time.Second, "traffic back after the restart", func() error {
+			_, err := get(client1.Key(), "http://"+web2.IP+":8080/readopted")
+			return err
+		})
+		t.Logf("after SIGKILL, traffic to %s back %s after the agent restarted", web2.Key(), time.Since(begin).Round(time.Millisecond))
 	})
 
 	t.Run("APIServerDown", func(t *testing.T) {
