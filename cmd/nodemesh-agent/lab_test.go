@@ -263,6 +263,20 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		})
 	})
 
+	t.Run("EnrolledSameNode", func(t *testing.T) {
+		web1 := mustLabPod(t, l, "shop/web-1")
+		if web1.Node != client1.Node {
+			t.Fatalf("example changed: %s on %s, %s on %s", web1.Key(), web1.Node, client1.Key(), client1.Node)
+		}
+		r, err := get(client1.Key(), "http://"+web1.IP+":8080/same-node")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Pod != web1.Key() || hostOf(r.Remote) != web1.IP {
+			t.Fatalf("reply %+v: want %s, delivered by the agent", r, web1.Key())
+		}
+	})
+
 	t.Run("UnderlayCarriesOnlyTLS", func(t *testing.T) {
 		// Everything node-1 sends to or receives from the underlay, while
 		// enrolled client-1 sends a marker to enrolled web-2, by pod IP
