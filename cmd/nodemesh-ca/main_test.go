@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/ecdsa"
@@ -12,8 +13,10 @@ import (
 	"log/slog"
 	"math/big"
 	"os"
+	"os/exec"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -195,10 +198,49 @@ func TestLabCABinary(t *testing.T) {
 	}
 	mk(stop())
 	logMu.Lock()
-	defer logMu.Unlock()
 	if !strings.Contains(logs.String(), `"decision":"issued"`) {
 		t.Errorf("no audit line in the CA log:\n%s", logs.String())
 	}
+	logMu.Unlock()
+
+	// The real main as a process: serves, and exits 0 on SIGTERM.
+	cmd := exec.CommandContext(ctx, os.Args[0], "--listen", "127.0.0.1:0", "--namespace", "nodemesh-system", "--kubeconfig", s.Kubeconfig)
+	cmd.Env = append(os.Environ(), runMainEnv+"=1")
+	stderr, err := cmd.StderrPipe()
+	mk(err)
+	mk(cmd.Start())
+	sc := bufio.NewScanner(stderr)
+	var out strings.Builder
+	serving := false
+	for !serving && sc.Scan() {
+		out.WriteString(sc.Text() + "\n")
+		serving = strings.Contains(sc.Text(), "nodemesh-ca serving")
+	}
+	if !serving {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		t.Fatalf("nodemesh-ca process did not start serving:\n%s", out.String())
+	}
+	mk(cmd.Process.Signal(syscall.SIGTERM))
+	for sc.Scan() {
+		out.WriteString(sc.Text() + "\n")
+	}
+	if err := cmd.Wait(); err != nil || !strings.Contains(out.String(), "nodemesh-ca stopped") {
+		t.Fatalf("after SIGTERM: %v\n%s", err, out.String())
+	}
+}
+
+// runMainEnv makes the test binary run main(), so the lab test can run the
+// real binary as a process without building it.
+const runMainEnv = "NODEMESH_CA_TEST_RUN_MAIN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(runMainEnv) == "1" {
+		os.Args = append([]string{"nodemesh-ca"}, os.Args[1:]...)
+		main()
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
 }
 
 type lockedWriter struct {
