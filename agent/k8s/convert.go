@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -86,6 +87,7 @@ func ConvertPod(p *corev1.Pod) (*state.Pod, error) {
 		Phase:          state.PodPhase(p.Status.Phase),
 		HostNetwork:    p.Spec.HostNetwork,
 		Terminating:    p.DeletionTimestamp != nil,
+		Workload:       workloadName(p),
 	}
 	named := make(map[string]uint16)
 	for _, c := range p.Spec.Containers {
@@ -113,6 +115,51 @@ func ConvertPod(p *corev1.Pod) (*state.Pod, error) {
 	}
 	slices.Sort(out.ProbePorts)
 	return out, nil
+}
+
+// workloadName derives the controller name the way Istio does for its
+// workload labels: a ReplicaSet's pod belongs to the Deployment whose name
+// is the ReplicaSet's minus its "-<pod-template-hash>" suffix.
+func workloadName(p *corev1.Pod) string {
+	for _, o := range p.OwnerReferences {
+		if o.Controller == nil || !*o.Controller {
+			continue
+		}
+		switch o.Kind {
+		case "ReplicaSet":
+			if h := p.Labels["pod-template-hash"]; h != "" && strings.HasSuffix(o.Name, "-"+h) {
+				return strings.TrimSuffix(o.Name, "-"+h)
+			}
+			return o.Name
+		case "Job":
+			if cj, ok := strings.CutSuffix(o.Name, "-"+lastDash(o.Name)); ok && isDigits(lastDash(o.Name)) {
+				return cj // a CronJob's Job: <cronjob>-<scheduled time>
+			}
+			return o.Name
+		default:
+			return o.Name
+		}
+	}
+	return ""
+}
+
+func lastDash(s string) string {
+	if i := strings.LastIndexByte(s, '-'); i >= 0 {
+		return s[i+1:]
+	}
+	return ""
+}
+
+func isDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, r := range s {
+		if r < '0' || r > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 func probePort(pr *corev1.Probe, named map[string]uint16) (uint16, bool) {

@@ -252,3 +252,38 @@ func heap() uint64 {
 	runtime.ReadMemStats(&m)
 	return m.HeapAlloc
 }
+
+func TestWorkloadName(t *testing.T) {
+	ctrl := func(kind, name string) []metav1.OwnerReference {
+		return []metav1.OwnerReference{{Kind: kind, Name: name, Controller: ptr.To(true)}}
+	}
+	tests := []struct {
+		name   string
+		owners []metav1.OwnerReference
+		labels map[string]string
+		want   string
+	}{
+		{"deployment", ctrl("ReplicaSet", "web-7d9f8c6b5"), map[string]string{"pod-template-hash": "7d9f8c6b5"}, "web"},
+		{"bare replicaset", ctrl("ReplicaSet", "web-abc"), nil, "web-abc"},
+		{"statefulset", ctrl("StatefulSet", "db"), nil, "db"},
+		{"daemonset", ctrl("DaemonSet", "agent"), nil, "agent"},
+		{"cronjob's job", ctrl("Job", "backup-29000000"), nil, "backup"},
+		{"job", ctrl("Job", "migrate"), nil, "migrate"},
+		{"no controller", []metav1.OwnerReference{{Kind: "ReplicaSet", Name: "x"}}, nil, "pod-0"},
+		{"bare pod", nil, nil, "pod-0"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "pod-0", OwnerReferences: tt.owners, Labels: tt.labels}}
+			for _, pod := range []*corev1.Pod{p, StripPod(p)} {
+				c, err := ConvertPod(pod)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := c.WorkloadName(); got != tt.want {
+					t.Fatalf("workload %q, want %q", got, tt.want)
+				}
+			}
+		})
+	}
+}

@@ -3,6 +3,7 @@ package k8s
 import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/tools/cache"
 )
@@ -70,6 +71,12 @@ func StripPod(p *corev1.Pod) *corev1.Pod {
 	out.Labels = p.Labels
 	out.Annotations = keepAnnotations(p.Annotations)
 	out.DeletionTimestamp = p.DeletionTimestamp
+	for _, o := range p.OwnerReferences {
+		if o.Controller != nil && *o.Controller {
+			out.OwnerReferences = []metav1.OwnerReference{{Kind: o.Kind, Name: o.Name, Controller: o.Controller}}
+			break
+		}
+	}
 	for _, c := range p.Spec.Containers {
 		if len(c.Ports) == 0 && c.LivenessProbe == nil && c.ReadinessProbe == nil && c.StartupProbe == nil {
 			continue

@@ -124,6 +124,11 @@ type Pod struct {
 	HostNetwork bool     `json:"hostNetwork,omitempty"`
 	// Terminating is set once the pod has a deletion timestamp.
 	Terminating bool `json:"terminating,omitempty"`
+	// Workload is the name of the pod's controller as Istio reports it in
+	// source_workload/destination_workload: the Deployment for a pod of a
+	// ReplicaSet, the StatefulSet, DaemonSet or Job, else the pod's name.
+	// Empty means the pod's name.
+	Workload string `json:"workload,omitempty"`
 
 	// Computed by the snapshot.
 
@@ -149,6 +154,14 @@ type Pod struct {
 
 // Key returns the pod's namespace/name.
 func (p *Pod) Key() Key { return Key{p.Namespace, p.Name} }
+
+// WorkloadName returns Workload, or the pod's name when it is empty.
+func (p *Pod) WorkloadName() string {
+	if p.Workload != "" {
+		return p.Workload
+	}
+	return p.Name
+}
 
 // Live reports whether the pod can still own its IPs: it has not finished.
 func (p *Pod) Live() bool { return p.Phase != PodSucceeded && p.Phase != PodFailed }

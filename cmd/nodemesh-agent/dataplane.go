@@ -803,21 +803,33 @@ func (dp *dataplane) metrics(f proxy.Flow, start time.Time) *admin.Conn {
 	if !f.DstIdentity.IsZero() {
 		c.DstPrincipal = f.DstIdentity.String()
 	}
+	// Workload labels are controller names (Deployment, StatefulSet...),
+	// as in Istio's metrics; the pod's name when it has no controller.
+	snap := dp.a.store.Snapshot()
+	workload := func(ns, name string) string {
+		if p := snap.Pod(ns, name); p != nil {
+			return p.WorkloadName()
+		}
+		return name
+	}
 	switch f.Direction {
 	case proxy.Outbound:
 		c.Reporter = admin.ReporterSource
 		if f.Workload != nil {
-			c.SrcNamespace, c.SrcWorkload = f.Workload.Namespace, f.Workload.Name
+			c.SrcNamespace, c.SrcWorkload = f.Workload.Namespace, workload(f.Workload.Namespace, f.Workload.Name)
 		}
-		c.DstNamespace, c.DstWorkload = splitKey(f.DstWorkload)
+		if f.DstWorkload != "" {
+			ns, name := splitKey(f.DstWorkload)
+			c.DstNamespace, c.DstWorkload = ns, workload(ns, name)
+		}
 	case proxy.Inbound:
 		c.Reporter = admin.ReporterDestination
 		if f.Workload != nil {
-			c.DstNamespace, c.DstWorkload = f.Workload.Namespace, f.Workload.Name
+			c.DstNamespace, c.DstWorkload = f.Workload.Namespace, workload(f.Workload.Namespace, f.Workload.Name)
 			c.DstPrincipal = f.Workload.Identity.String()
 		}
-		if p := dp.a.store.Snapshot().PodByIP(f.Src.Addr()); p != nil {
-			c.SrcNamespace, c.SrcWorkload = p.Namespace, p.Name
+		if p := snap.PodByIP(f.Src.Addr()); p != nil {
+			c.SrcNamespace, c.SrcWorkload = p.Namespace, p.WorkloadName()
 		}
 	}
 	return c
