@@ -71,6 +71,7 @@ type Server struct {
 	dumps  map[string]DumpFunc
 	checks map[string]CheckFunc
 	conns  DumpFunc
+	extra  map[string]http.Handler // by exact path
 }
 
 // New returns a Server; register sections and checks, then Run it.
@@ -88,7 +89,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.CheckTimeout = 2 * time.Second
 	}
 	return &Server{cfg: cfg, log: cfg.Logger, start: time.Now(),
-		dumps: make(map[string]DumpFunc), checks: make(map[string]CheckFunc)}, nil
+		dumps: make(map[string]DumpFunc), checks: make(map[string]CheckFunc), extra: make(map[string]http.Handler)}, nil
 }
 
 // AddDump registers a config dump section. Registering a name twice
@@ -97,6 +98,14 @@ func (s *Server) AddDump(name string, fn DumpFunc) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.dumps[name] = fn
+}
+
+// Handle serves h at the exact admin path (for example the policy
+// engine's /policy/explain). It may be called while the server runs.
+func (s *Server) Handle(path string, h http.Handler) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.extra[path] = h
 }
 
 // SetConnections registers the source of /connections.
@@ -166,6 +175,21 @@ func (s *Server) AdminHandler() http.Handler {
 	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprint(w, "nodemesh agent admin\n\n/config_dump[/<section>]\n/connections\n/status\n/logging[?level=debug|info|warn|error] (POST to set)\n/debug/pprof/\n")
+		s.mu.Lock()
+		for p := range s.extra {
+			fmt.Fprintln(w, p)
+		}
+		s.mu.Unlock()
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		h := s.extra[r.URL.Path]
+		s.mu.Unlock()
+		if h == nil {
+			http.NotFound(w, r)
+			return
+		}
+		h.ServeHTTP(w, r)
 	})
 	return mux
 }

@@ -90,8 +90,18 @@ func TestConfigDumpAndStatus(t *testing.T) {
 	if code, _ := get(t, h, "GET", "/debug/pprof/goroutine?debug=1"); code != 200 {
 		t.Fatalf("pprof: %d", code)
 	}
-	if code, _ := get(t, h, "DELETE", "/config_dump"); code != http.StatusMethodNotAllowed {
-		t.Fatalf("DELETE: %d", code)
+	if code, _ := get(t, h, "DELETE", "/config_dump"); code < 400 {
+		t.Fatalf("DELETE served: %d", code)
+	}
+	// Handlers added later (while serving) are found; others are 404.
+	s.Handle("/policy/explain", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "explained "+r.URL.Query().Get("src"))
+	}))
+	if code, body := get(t, h, "GET", "/policy/explain?src=a"); code != 200 || body != "explained a" {
+		t.Fatalf("added handler: %d %q", code, body)
+	}
+	if code, _ := get(t, h, "GET", "/nope"); code != 404 {
+		t.Fatalf("unknown path: %d", code)
 	}
 }
 

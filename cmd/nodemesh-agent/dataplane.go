@@ -23,6 +23,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/agent/nodeinfo"
 	"github.com/nodemesh/nodemesh/agent/policy"
+	"github.com/nodemesh/nodemesh/agent/policy/explain"
 	"github.com/nodemesh/nodemesh/agent/policy/fromstate"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/proxy"
@@ -138,6 +139,14 @@ func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
 	a.admin.AddDump("pools", dp.poolsDump)
 	a.admin.AddDump("capture", dp.captureDump)
 	a.admin.SetConnections(dp.connections)
+	// Live `nodemeshctl policy explain --agent`: decisions on the snapshot
+	// this agent enforces.
+	a.admin.Handle(explain.Path, explain.Handler(func() *policy.Snapshot {
+		if ps := dp.pol.Load(); ps != nil {
+			return ps
+		}
+		return policy.NewSnapshot(0, policy.Input{}, policy.Options{TrustDomain: cfg.td.Name()})
+	}))
 	a.admin.AddReadiness("svids", dp.svidsReady)
 	a.admin.AddReadiness("capture", dp.captureReady)
 	return dp, nil

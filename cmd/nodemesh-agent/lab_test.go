@@ -432,6 +432,11 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			}
 			return nil
 		})
+		// The agent explains its own decision (nodemeshctl policy explain --agent).
+		code, body, err := httpGet(nodeClient(n2), "http://127.0.0.1:15000/policy/explain?src="+client1.Key()+"&dst="+web2.Key()+"&port=8080&principal=spiffe://cluster.local/ns/client/sa/client&direction=ingress")
+		if err != nil || code != 200 || !strings.Contains(body, `"verdict": "DENY"`) && !strings.Contains(body, `"verdict":"DENY"`) || !strings.Contains(body, "web-from-shop") {
+			t.Errorf("live explain on node-2: %d %v %s", code, err, body)
+		}
 		if err := nps.Delete(ctx, np.Name, metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
