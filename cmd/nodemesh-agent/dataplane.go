@@ -71,14 +71,18 @@ type dataplane struct {
 // at the destination matches the real source. Pooling is therefore per
 // (source pod, destination identity, destination IP).
 type localPod struct {
-	pod    *state.Pod
-	ep     *redirect.EnrolledPod
-	w      *proxy.Workload
-	pool   *hbone.Pool
-	proxy  *proxy.Proxy
-	cancel context.CancelFunc
-	done   sync.WaitGroup
-	dsts   sync.Map // *net.TCPConn -> netip.AddrPort, from AcceptOutbound to the proxy
+	pod   *state.Pod
+	ep    *redirect.EnrolledPod
+	w     *proxy.Workload
+	pool  *hbone.Pool
+	proxy *proxy.Proxy
+	ctx   context.Context // serving context, ended by cancel
+	// excluded are the outbound ports capture currently leaves alone (pod
+	// keeps the values at enrollment; capture updates these in place).
+	excluded []uint16
+	cancel   context.CancelFunc
+	done     sync.WaitGroup
+	dsts     sync.Map // *net.TCPConn -> netip.AddrPort, from AcceptOutbound to the proxy
 
 	status  string // guarded by dataplane.mu
 	problem string
@@ -250,12 +254,26 @@ func (dp *dataplane) reconcile(ctx context.Context, snap *state.Snapshot) {
 		switch {
 		case lp == nil:
 			dp.enroll(ctx, p)
-		case failed || !slices.Equal(lp.pod.ExcludeOutboundPorts, p.ExcludeOutboundPorts):
+		case failed && lp.ep == nil:
+			// Enrollment itself failed: nothing of ours to keep; try again.
 			dp.unenroll(lp)
 			dp.mu.Lock()
 			delete(dp.pods, k)
 			dp.mu.Unlock()
 			dp.enroll(ctx, p)
+		case failed:
+			// Captured, but the self-check failed: check again. The pod
+			// stays captured meanwhile (never a window of plain networking).
+			dp.setStatus(lp, captureEnrolled, "")
+			lp.done.Go(func() { dp.selfCheck(lp.ctx, lp, dp.log.With("pod", k.String())) })
+		case !slices.Equal(lp.excluded, p.ExcludeOutboundPorts):
+			// Updated in place by capture, without uncapturing the pod.
+			if _, err := dp.capture.Enroll(ctx, redirect.Pod{Name: k.String(), Netns: p.Netns, Cgroup: p.Cgroup,
+				IPs: p.IPs, ExcludeOutboundPorts: p.ExcludeOutboundPorts}); err != nil {
+				dp.log.Error("updating the pod's excluded outbound ports", "pod", k.String(), "err", err)
+				continue
+			}
+			lp.excluded = p.ExcludeOutboundPorts // only the reconcile loop reads it
 		}
 	}
 }
@@ -276,7 +294,7 @@ func (dp *dataplane) setStatus(lp *localPod, status, problem string) {
 
 func (dp *dataplane) enroll(ctx context.Context, p *state.Pod) {
 	log := dp.log.With("pod", p.Key().String())
-	lp := &localPod{pod: p, w: &proxy.Workload{Namespace: p.Namespace, Name: p.Name, Identity: p.Identity, IPs: p.IPs}}
+	lp := &localPod{pod: p, excluded: p.ExcludeOutboundPorts, w: &proxy.Workload{Namespace: p.Namespace, Name: p.Name, Identity: p.Identity, IPs: p.IPs}}
 	dp.mu.Lock()
 	dp.pods[p.Key()] = lp
 	dp.mu.Unlock()
@@ -323,7 +341,7 @@ func (dp *dataplane) enroll(ctx context.Context, p *state.Pod) {
 		return
 	}
 	pctx, cancel := context.WithCancel(dp.ctx)
-	lp.cancel = cancel
+	lp.ctx, lp.cancel = pctx, cancel
 	serve := func(what string, f func() error) {
 		lp.done.Go(func() {
 			if err := f(); err != nil && pctx.Err() == nil && !errors.Is(err, proxy.ErrStopped) && !errors.Is(err, net.ErrClosed) {

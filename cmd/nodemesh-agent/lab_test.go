@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -88,6 +89,13 @@ func TestLabAgentEndToEnd(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	agentBin := labtest.GoBuild(t, "./cmd/nodemesh-agent")
+	if os.Getenv("NODEMESH_AGENT_RACE") == "1" {
+		// The agent under the race detector, for a run by hand.
+		agentBin = filepath.Join(t.TempDir(), "nodemesh-agent-race")
+		if out, err := exec.Command("go", "build", "-race", "-o", agentBin, "github.com/nodemesh/nodemesh/cmd/nodemesh-agent").CombinedOutput(); err != nil {
+			t.Fatalf("building the agent with -race: %v\n%s", err, out)
+		}
+	}
 	caBin := labtest.GoBuild(t, "./cmd/nodemesh-ca")
 	c := l.Server.Client
 	must := func(_ any, err error) {
