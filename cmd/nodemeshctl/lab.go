@@ -17,6 +17,7 @@ import (
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/demo"
 	"github.com/nodemesh/nodemesh/lab/examples"
+	"github.com/nodemesh/nodemesh/lab/mesh"
 	"github.com/nodemesh/nodemesh/lab/spec"
 	"github.com/nodemesh/nodemesh/lab/workload"
 )
@@ -283,16 +284,27 @@ func labDemo(args []string) error {
 	fs := flag.NewFlagSet("lab demo", flag.ContinueOnError)
 	// The demo has its own lab, so it never sweeps one a user keeps up.
 	dir := fs.String("dir", "/run/nodemesh-demo", "lab state directory of the demo")
-	file := fs.String("f", "", "lab spec file (default: the two-node example)")
+	file := fs.String("f", "", "lab spec file (default: the mesh demo's, "+demo.MeshSpecFile+")")
 	keep := fs.Bool("keep", false, "leave the lab up at the end")
 	verbose := fs.Bool("v", false, "log progress")
+	agentBin := fs.String("agent-bin", "", "nodemesh-agent binary (default: next to this executable, where `make build` puts it)")
+	caBin := fs.String("ca-bin", "", "nodemesh-ca binary (default: next to this executable)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if err := needRoot(); err != nil {
 		return err
 	}
-	sp, err := loadSpec(*file)
+	agent, ca, err := mesh.FindBinaries(*agentBin, *caBin)
+	if err != nil {
+		return err
+	}
+	var sp *spec.Spec
+	if *file == "" {
+		sp, err = demo.MeshSpec()
+	} else {
+		sp, err = loadSpec(*file)
+	}
 	if err != nil {
 		return err
 	}
@@ -301,14 +313,15 @@ func labDemo(args []string) error {
 	err = demo.Run(ctx, demo.Options{
 		Spec: sp, Keep: *keep, Out: os.Stdout, Log: logger(*verbose),
 		Lab: lab.Options{StateDir: *dir, SpecFile: *file},
-	}, demoSteps())
+	}, demoSteps(demo.MeshOptions{AgentBinary: agent, CABinary: ca}))
 	if errors.Is(err, context.Canceled) {
 		return errors.New("interrupted")
 	}
 	return err
 }
 
-// demoSteps lists the demo. Later features append their steps here.
-func demoSteps() []demo.Step {
-	return demo.DefaultSteps()
+// demoSteps lists the demo: the lab, then the mesh in it (see
+// demo.MeshSteps), then the mesh stopping; the lab goes down after.
+func demoSteps(o demo.MeshOptions) []demo.Step {
+	return demo.MeshSteps(o)
 }

@@ -1,0 +1,529 @@
+// Package mesh installs nodemesh into a running lab the way the DaemonSet
+// and the CA Deployment would: the real nodemesh-ca binary as a process of
+// the first node and the real nodemesh-agent binary as a process of every
+// node, against the lab's kube-apiserver. Start waits until every agent is
+// ready and has verified capture of every enrolled pod of its node (read
+// from the agents' admin API); the Mesh then exposes each agent's admin
+// API, log and access log, and Stop stops everything it started.
+package mesh
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/nodemesh/nodemesh/agent/inpod"
+	"github.com/nodemesh/nodemesh/agent/policy"
+	"github.com/nodemesh/nodemesh/agent/state"
+	"github.com/nodemesh/nodemesh/identity"
+	"github.com/nodemesh/nodemesh/lab"
+)
+
+// Names of what Start creates.
+const (
+	SystemNamespace = "nodemesh-system"
+	AgentProcess    = "nodemesh-agent"
+	CAProcess       = "nodemesh-ca"
+	// AdminURL is where each agent serves its admin API, on its node's
+	// loopback (reach it with Mesh.Get, which dials from inside the node).
+	AdminURL = "http://127.0.0.1:15000"
+	// ReadyURL is the agent's readiness probe, also inside the node.
+	ReadyURL = "http://127.0.0.1:15021/healthz/ready"
+)
+
+// Options configure Start.
+type Options struct {
+	AgentBinary, CABinary string // required: built nodemesh-agent and nodemesh-ca
+	// LogLevel of the agents and the CA; default "info".
+	LogLevel string
+	// Wait bounds how long Start waits for readiness and capture; default 2m.
+	Wait time.Duration
+	Log  *slog.Logger // progress; nil discards
+}
+
+// Agent is one node's running agent.
+type Agent struct {
+	Node string
+	Pid  int
+	// Log is the agent's stdout and stderr; with the access log on (Start
+	// always turns it on) it is also the access log: one JSON line per
+	// connection, msg "connection" or "connection refused".
+	Log string
+	// Pins is the agent's bpffs pin directory.
+	Pins string
+}
+
+// Mesh is nodemesh running in a lab.
+type Mesh struct {
+	lab    *lab.Lab
+	log    *slog.Logger
+	CANode string
+	CAAddr string // https://node-ip:port
+	CALog  string
+	Agents map[string]*Agent // by node
+	// Enrolled lists the enrolled pods (namespace/name) by node, as found
+	// when Start waited for capture.
+	Enrolled map[string][]string
+}
+
+// FindBinaries returns agent and ca if set, else nodemesh-agent and
+// nodemesh-ca next to this executable (where `make build` puts them), and
+// checks that they exist.
+func FindBinaries(agent, ca string) (string, string, error) {
+	if agent == "" || ca == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return "", "", fmt.Errorf("finding this executable to locate the nodemesh binaries: %w", err)
+		}
+		dir := filepath.Dir(exe)
+		if agent == "" {
+			agent = filepath.Join(dir, "nodemesh-agent")
+		}
+		if ca == "" {
+			ca = filepath.Join(dir, "nodemesh-ca")
+		}
+	}
+	for _, b := range []string{agent, ca} {
+		fi, err := os.Stat(b)
+		if err != nil {
+			return "", "", fmt.Errorf("nodemesh binary %s: %w (run `make build`, or pass its path)", b, err)
+		}
+		if fi.IsDir() || fi.Mode()&0o111 == 0 {
+			return "", "", fmt.Errorf("nodemesh binary %s is not an executable file", b)
+		}
+	}
+	return agent, ca, nil
+}
+
+// Start installs the mesh into l and waits until it works. On error,
+// everything already started is stopped again.
+func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
+	if o.AgentBinary == "" || o.CABinary == "" {
+		return nil, errors.New("starting the mesh: the nodemesh-agent and nodemesh-ca binaries are required (see FindBinaries)")
+	}
+	if o.LogLevel == "" {
+		o.LogLevel = "info"
+	}
+	if o.Wait == 0 {
+		o.Wait = 2 * time.Minute
+	}
+	if o.Log == nil {
+		o.Log = slog.New(slog.DiscardHandler)
+	}
+	nodes := l.Nodes()
+	if len(nodes) == 0 {
+		return nil, errors.New("starting the mesh: the lab has no nodes")
+	}
+	m := &Mesh{lab: l, log: o.Log, CANode: nodes[0].Name, Agents: map[string]*Agent{}}
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("%w%s", err, m.logTails())
+			_ = m.Stop(context.WithoutCancel(ctx))
+		}
+	}()
+	c := l.Server.Client
+	if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: SystemNamespace}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return nil, fmt.Errorf("creating namespace %s: %w", SystemNamespace, err)
+	}
+	for _, sa := range []string{"nodemesh-agent", "nodemesh-ca"} {
+		if _, err := c.CoreV1().ServiceAccounts(SystemNamespace).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			return nil, fmt.Errorf("creating service account %s/%s: %w", SystemNamespace, sa, err)
+		}
+	}
+	caHost := net.JoinHostPort(nodes[0].IP, fmt.Sprint(identity.DefaultPort))
+	m.CAAddr = "https://" + caHost
+	ca, err := l.StartNodeProcess(ctx, m.CANode, CAProcess, []string{o.CABinary, "--kubeconfig", l.Kubeconfig(),
+		"--namespace", SystemNamespace, "--listen", caHost, "--svid-ttl", "1h", "--log-level", o.LogLevel}, nil)
+	if err != nil {
+		return nil, fmt.Errorf("starting the nodemesh CA on %s: %w", m.CANode, err)
+	}
+	m.CALog = ca.Log
+	o.Log.Info("CA started", "node", m.CANode, "addr", m.CAAddr, "pid", ca.Pid)
+	tokDir := filepath.Join(l.StateDir(), "mesh")
+	if err := os.MkdirAll(tokDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating %s: %w", tokDir, err)
+	}
+	for _, n := range nodes {
+		a, err := m.startAgent(ctx, n, o, tokDir)
+		if err != nil {
+			return nil, err
+		}
+		m.Agents[n.Name] = a
+		o.Log.Info("agent started", "node", n.Name, "pid", a.Pid)
+	}
+	wctx, cancel := context.WithTimeout(ctx, o.Wait)
+	defer cancel()
+	if err := m.WaitReady(wctx); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// startAgent registers the agent's pod (hostNetwork, as the DaemonSet's
+// would be), mints its CA token bound to that pod, and starts the agent in
+// the node's namespace with the node's pod cgroup as its capture root.
+func (m *Mesh) startAgent(ctx context.Context, n lab.Node, o Options, tokDir string) (*Agent, error) {
+	c := m.lab.Server.Client
+	name := "nodemesh-agent-" + n.Name
+	p, err := c.CoreV1().Pods(SystemNamespace).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		p, err = c.CoreV1().Pods(SystemNamespace).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name},
+			Spec: corev1.PodSpec{NodeName: n.Name, ServiceAccountName: "nodemesh-agent", HostNetwork: true,
+				Containers: []corev1.Container{{Name: "agent", Image: "nodemesh-agent"}}}}, metav1.CreateOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("creating the agent pod object for %s: %w", n.Name, err)
+		}
+		p.Status.Phase = corev1.PodRunning
+		if p, err = c.CoreV1().Pods(SystemNamespace).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+			return nil, fmt.Errorf("marking the agent pod on %s running: %w", n.Name, err)
+		}
+	}
+	exp := int64(3600)
+	tr, err := c.CoreV1().ServiceAccounts(SystemNamespace).CreateToken(ctx, "nodemesh-agent", &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+		Audiences: []string{identity.Audience}, ExpirationSeconds: &exp,
+		BoundObjectRef: &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: p.Name, UID: p.UID},
+	}}, metav1.CreateOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("requesting the agent's CA token on %s: %w", n.Name, err)
+	}
+	tok := filepath.Join(tokDir, "token-"+n.Name)
+	if err := os.WriteFile(tok, []byte(tr.Status.Token), 0o600); err != nil {
+		return nil, fmt.Errorf("writing the agent token: %w", err)
+	}
+	pins := filepath.Join(m.lab.BPFDir(), "mesh-agent-"+n.Name)
+	proc, err := m.lab.StartNodeProcess(ctx, n.Name, AgentProcess, []string{o.AgentBinary,
+		"--node-name", n.Name, "--kubeconfig", m.lab.Kubeconfig(), "--ca-addr", m.CAAddr,
+		"--ca-token-file", tok, "--cgroup-root", n.Cgroup, "--bpf-pin-dir", pins,
+		"--drain-deadline", "2s", "--access-log", "--log-level", o.LogLevel, "--crd-recheck", "2s"}, nil)
+	if err != nil {
+		return nil, fmt.Errorf("starting the agent on %s: %w", n.Name, err)
+	}
+	return &Agent{Node: n.Name, Pid: proc.Pid, Log: proc.Log, Pins: pins}, nil
+}
+
+// Get fetches path from node's agent admin API (dialling from inside the
+// node's network namespace) and returns the body of a 200 answer.
+func (m *Mesh) Get(ctx context.Context, node, path string) ([]byte, error) {
+	return m.get(ctx, node, AdminURL+path)
+}
+
+func (m *Mesh) get(ctx context.Context, node, u string) ([]byte, error) {
+	n, err := m.lab.Node(node)
+	if err != nil {
+		return nil, err
+	}
+	d := &inpod.Dialer{Netns: n.Netns}
+	hc := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return d.DialContext(ctx, network, addr)
+		},
+		DisableKeepAlives: true,
+	}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, fmt.Errorf("building the request for %s: %w", u, err)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("agent on %s, GET %s: %w", node, u, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if err != nil {
+		return nil, fmt.Errorf("agent on %s, reading %s: %w", node, u, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return b, fmt.Errorf("agent on %s, GET %s: %s: %s", node, u, resp.Status, strings.TrimSpace(truncate(string(b), 300)))
+	}
+	return b, nil
+}
+
+// CapturedPod is one pod of an agent's /config_dump/capture.
+type CapturedPod struct {
+	Pod     string `json:"pod"`
+	Status  string `json:"status"` // enrolled, verified or failed
+	Problem string `json:"problem"`
+}
+
+// CaptureStatus is an agent's /config_dump/capture.
+type CaptureStatus struct {
+	Pods               []CapturedPod `json:"pods"`
+	Acceleration       bool          `json:"acceleration"`
+	AccelerationReason string        `json:"accelerationReason"`
+}
+
+// Capture returns node's agent capture status.
+func (m *Mesh) Capture(ctx context.Context, node string) (*CaptureStatus, error) {
+	b, err := m.Get(ctx, node, "/config_dump/capture")
+	if err != nil {
+		return nil, err
+	}
+	var cs CaptureStatus
+	if err := json.Unmarshal(b, &cs); err != nil {
+		return nil, fmt.Errorf("decoding the capture status of the agent on %s: %w", node, err)
+	}
+	return &cs, nil
+}
+
+// Ready checks node's agent readiness probe.
+func (m *Mesh) Ready(ctx context.Context, node string) error {
+	_, err := m.get(ctx, node, ReadyURL)
+	return err
+}
+
+// EnrolledPods lists, by node, the lab pods the API server says are in
+// the mesh: their namespace is labelled nodemesh.io/mode=enabled and the
+// pod does not opt out with nodemesh.io/mode=disabled.
+func (m *Mesh) EnrolledPods(ctx context.Context) (map[string][]string, error) {
+	c := m.lab.Server.Client
+	nss, err := c.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("listing namespaces: %w", err)
+	}
+	enrolled := map[string]bool{}
+	for _, ns := range nss.Items {
+		enrolled[ns.Name] = ns.Labels[state.LabelMode] == state.ModeEnabled
+	}
+	out := map[string][]string{}
+	for _, p := range m.lab.Pods() {
+		if !enrolled[p.Namespace] {
+			continue
+		}
+		kp, err := c.CoreV1().Pods(p.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("reading pod %s: %w", p.Key(), err)
+		}
+		if kp.Labels[state.LabelMode] == state.ModeDisabled {
+			continue
+		}
+		out[p.Node] = append(out[p.Node], p.Key())
+	}
+	for _, keys := range out {
+		sort.Strings(keys)
+	}
+	return out, nil
+}
+
+// WaitReady waits until every agent is ready and reports every enrolled
+// pod of its node as verified (and no other pod as captured).
+func (m *Mesh) WaitReady(ctx context.Context) error {
+	var last error
+	for {
+		last = m.checkReady(ctx)
+		if last == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the mesh to be ready: %w (last: %w)", ctx.Err(), last)
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+}
+
+func (m *Mesh) checkReady(ctx context.Context) error {
+	for node, a := range m.Agents {
+		if !m.lab.Running(lab.Process{Pid: a.Pid}) {
+			return fmt.Errorf("the agent on %s (pid %d) exited; see %s", node, a.Pid, a.Log)
+		}
+	}
+	want, err := m.EnrolledPods(ctx)
+	if err != nil {
+		return err
+	}
+	for node := range m.Agents {
+		if err := m.Ready(ctx, node); err != nil {
+			return err
+		}
+		cs, err := m.Capture(ctx, node)
+		if err != nil {
+			return err
+		}
+		got := map[string]CapturedPod{}
+		for _, p := range cs.Pods {
+			got[p.Pod] = p
+		}
+		for _, k := range want[node] {
+			p, ok := got[k]
+			if !ok {
+				return fmt.Errorf("agent on %s: enrolled pod %s is not captured yet", node, k)
+			}
+			if p.Status != "verified" {
+				return fmt.Errorf("agent on %s: pod %s is %q, not verified %s", node, k, p.Status, p.Problem)
+			}
+			delete(got, k)
+		}
+		for k := range got {
+			return fmt.Errorf("agent on %s captures %s, which is not enrolled", node, k)
+		}
+	}
+	m.Enrolled = want
+	return nil
+}
+
+// AccessRecord is one line of an agent's access log.
+type AccessRecord struct {
+	Msg           string  `json:"msg"`
+	Reporter      string  `json:"reporter"` // source or destination
+	Src           string  `json:"src"`
+	Dst           string  `json:"dst"`
+	SrcWorkload   string  `json:"src_workload"`
+	SrcNamespace  string  `json:"src_namespace"`
+	SrcSPIFFEID   string  `json:"src_spiffe_id"`
+	DstWorkload   string  `json:"dst_workload"`
+	DstNamespace  string  `json:"dst_namespace"`
+	DstSPIFFEID   string  `json:"dst_spiffe_id"`
+	DstService    string  `json:"dst_service"`
+	Security      string  `json:"security"`
+	BytesSent     int64   `json:"bytes_sent"`
+	BytesReceived int64   `json:"bytes_received"`
+	DurationMS    float64 `json:"duration_ms"`
+	CloseReason   string  `json:"close_reason"`
+	// Line is the record as written.
+	Line string `json:"-"`
+}
+
+// AccessLog returns the access-log records in node's agent log (lines
+// with msg "connection" or "connection refused"), oldest first.
+func (m *Mesh) AccessLog(node string) ([]AccessRecord, error) {
+	a, ok := m.Agents[node]
+	if !ok {
+		return nil, fmt.Errorf("no agent on node %q", node)
+	}
+	b, err := os.ReadFile(a.Log)
+	if err != nil {
+		return nil, fmt.Errorf("reading the agent log on %s: %w", node, err)
+	}
+	var out []AccessRecord
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if !strings.HasPrefix(line, "{") {
+			continue
+		}
+		var r AccessRecord
+		if json.Unmarshal([]byte(line), &r) != nil || !strings.HasPrefix(r.Msg, "connection") {
+			continue
+		}
+		r.Line = line
+		out = append(out, r)
+	}
+	return out, nil
+}
+
+// ExplainQuery is a live policy explain question (the flags of
+// `nodemeshctl policy explain --agent`).
+type ExplainQuery struct {
+	Src, Dst  string // namespace/pod or IP
+	Port      int
+	Principal string // source SPIFFE ID; "" = derived
+	Plaintext bool
+	Direction string // both, ingress or egress; "" = both
+}
+
+// Explain asks node's agent (GET /policy/explain) why q would be allowed
+// or denied, on the policy snapshot the agent enforces.
+func (m *Mesh) Explain(ctx context.Context, node string, q ExplainQuery) (*policy.Decision, error) {
+	v := url.Values{}
+	v.Set("src", q.Src)
+	v.Set("dst", q.Dst)
+	v.Set("port", fmt.Sprint(q.Port))
+	v.Set("protocol", "TCP")
+	dir := q.Direction
+	if dir == "" {
+		dir = "both"
+	}
+	v.Set("direction", dir)
+	if q.Principal != "" {
+		v.Set("principal", q.Principal)
+	}
+	if q.Plaintext {
+		v.Set("plaintext", "true")
+	}
+	b, err := m.Get(ctx, node, "/policy/explain?"+v.Encode())
+	if err != nil {
+		return nil, err
+	}
+	var d policy.Decision
+	if err := json.Unmarshal(b, &d); err != nil {
+		return nil, fmt.Errorf("decoding the explain answer of the agent on %s: %w", node, err)
+	}
+	if d.Verdict != policy.Allow && d.Verdict != policy.Deny {
+		return nil, fmt.Errorf("the agent on %s answered an unknown verdict %q", node, d.Verdict)
+	}
+	return &d, nil
+}
+
+// Stop stops the agents (SIGTERM, then their cgroups are killed) and the
+// CA. It is safe to call more than once.
+func (m *Mesh) Stop(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	var errs []error
+	nodes := make([]string, 0, len(m.Agents))
+	for node := range m.Agents {
+		nodes = append(nodes, node)
+	}
+	sort.Strings(nodes)
+	for _, node := range nodes {
+		if err := m.lab.StopNodeProcess(ctx, node, AgentProcess, 10*time.Second); err != nil {
+			errs = append(errs, fmt.Errorf("stopping the agent on %s: %w", node, err))
+		}
+		delete(m.Agents, node)
+	}
+	if m.CALog != "" {
+		if err := m.lab.StopNodeProcess(ctx, m.CANode, CAProcess, 5*time.Second); err != nil {
+			errs = append(errs, fmt.Errorf("stopping the CA: %w", err))
+		}
+		m.CALog = ""
+	}
+	return errors.Join(errs...)
+}
+
+// logTails returns the ends of the agent and CA logs, for errors.
+func (m *Mesh) logTails() string {
+	var b strings.Builder
+	logs := map[string]string{}
+	if m.CALog != "" {
+		logs["CA"] = m.CALog
+	}
+	for node, a := range m.Agents {
+		logs["agent on "+node] = a.Log
+	}
+	for who, path := range logs {
+		data, err := os.ReadFile(path)
+		if err != nil || len(data) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "\n--- %s (%s) ---\n%s", who, path, truncateHead(string(data), 1500))
+	}
+	return b.String()
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
+}
+
+func truncateHead(s string, n int) string {
+	if len(s) > n {
+		return "..." + s[len(s)-n:]
+	}
+	return s
+}
