@@ -184,10 +184,8 @@ func (dp *dataplane) run(ctx context.Context) error {
 				policyVersion = snap.Version()
 			}
 			dp.reconcile(ctx, snap)
-			if first {
-				dp.dropAdopted()
-				first = false
-			}
+			dp.dropAdopted(snap)
+			first = false
 			applied = snap.Version()
 		}
 		select {
@@ -418,10 +416,23 @@ func (dp *dataplane) unenroll(lp *localPod) {
 }
 
 // dropAdopted unenrolls pods a previous agent left captured that are no
-// longer enrolled pods of this node (after the first reconcile re-enrolled
-// the others).
-func (dp *dataplane) dropAdopted() {
+// longer enrolled pods of this node (after reconcile re-enrolled the
+// others); it runs after every reconcile. A pod that should be enrolled but failed to re-enroll stays
+// captured (failing closed) for the retry, never released to plaintext.
+func (dp *dataplane) dropAdopted(snap *state.Snapshot) {
+	wanted := make(map[netip.Addr]bool)
+	for _, p := range snap.PodsOnNode(dp.node) {
+		if dp.wanted(p) {
+			for _, ip := range p.IPs {
+				wanted[ip] = true
+			}
+		}
+	}
 	for _, p := range dp.capture.AdoptedPods() {
+		if slices.ContainsFunc(p.IPs, func(ip netip.Addr) bool { return wanted[ip.Unmap()] }) {
+			dp.log.Warn("a pod left captured by the previous agent is not re-enrolled yet; it stays captured (failing closed) until it is", "ips", fmt.Sprint(p.IPs))
+			continue
+		}
 		if err := dp.capture.UnenrollCookie(p.Cookie); err != nil {
 			dp.log.Warn("releasing a pod left captured by a previous agent", "ips", fmt.Sprint(p.IPs), "err", err)
 			continue
