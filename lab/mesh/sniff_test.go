@@ -33,7 +33,7 @@ func TestSummarise(t *testing.T) {
 	frames := []Frame{
 		{Data: frame(40000, 15008, tls)},
 		{Data: frame(15008, 40000, tls)},
-		{Data: frame(40000, 15008, nil)},                           // bare ACK
+		{Data: frame(40000, 15008, nil)},                          // bare ACK
 		{Data: frame(40000, 15008, []byte("CONNECT x HTTP/1.1"))}, // HBONE but not TLS
 		{Data: frame(40001, 8080, append([]byte("GET /"), marker...))},
 		{Data: []byte{1, 2, 3}}, // runt
