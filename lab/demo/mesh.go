@@ -444,12 +444,13 @@ func (d *meshDemo) policy(ctx context.Context, env *Env) error {
 		}
 		for i := len(recs) - 1; i >= before; i-- {
 			x := recs[i]
-			if x.Msg == "connection refused" && x.Reporter == "destination" && hostOf(x.Dst) == dst.IP && x.SrcSPIFFEID == td+"/ns/client/sa/client" {
+			if x.Msg == "connection refused" && x.Reporter == "destination" && hostOf(x.Dst) == dst.IP && x.SrcSPIFFEID == td+"/ns/client/sa/client" &&
+				strings.Contains(x.CloseReason, np.Name) {
 				env.Printf("   destination agent (%s) access log: %s %s -> %s from %s: %s\n", dst.Node, x.Msg, x.Src, x.Dst, x.SrcSPIFFEID, x.CloseReason)
 				return nil
 			}
 		}
-		return fmt.Errorf("no %q record on %s for the denied connection", "connection refused", dst.Node)
+		return fmt.Errorf("no %q record on %s naming %s for the denied connection: the request failed for another reason", "connection refused", dst.Node, np.Name)
 	})
 	if err != nil {
 		return err
