@@ -770,6 +770,8 @@ func runAgentBinary(ctx context.Context, t *testing.T, c *cluster, def []*unstru
 		"ca-addr":       fmt.Sprintf("https://127.0.0.1:%d", ca.port),
 		"ca-token-file": tokenFile,
 		"bpf-pin-dir":   pins,
+		// The lab plays kubelet through pod annotations; real nodes use proc.
+		"pod-netns": "annotations",
 	}
 	for i, a := range args {
 		name, _, _ := strings.Cut(strings.TrimPrefix(a, "--"), "=")

@@ -134,6 +134,8 @@ func TestLabInstallUninstall(t *testing.T) {
 			"ca-addr":       "https://" + caAddr,
 			"ca-token-file": tokenFile,
 			"bpf-pin-dir":   pinDir(l, n),
+			// The lab plays kubelet through pod annotations; real nodes use proc.
+			"pod-netns": "annotations",
 		})
 		args = append(args, "--cgroup-root="+n.Cgroup,
 			"--kubeconfig="+labKubeconfig(t, l, token(ctx, t, admin, pod.Spec.ServiceAccountName, nil, nil), filepath.Join(dir, "agent-"+n.Name+".kubeconfig")))

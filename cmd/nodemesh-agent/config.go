@@ -39,7 +39,12 @@ type Config struct {
 	CATokenFile     string
 	BundleConfigMap string // namespace/name
 	CgroupRoot      string // "" = the cgroup2 mount point
-	BPFPinDir       string // "" = redirect's default
+	// PodNetns says how a local pod's network namespace is found: "proc"
+	// (real nodes: the pod UID in /proc/<pid>/cgroup, never annotations),
+	// "annotations" (the lab, which writes them as kubelet would), or
+	// "auto" (annotations where present, else /proc).
+	PodNetns  string
+	BPFPinDir string // "" = redirect's default
 
 	DrainDeadline time.Duration
 	AdminAddr     string
@@ -56,6 +61,13 @@ type Config struct {
 	bundleNS   string
 	bundleName string
 }
+
+// Values of --pod-netns.
+const (
+	podNetnsAuto        = "auto"
+	podNetnsProc        = "proc"
+	podNetnsAnnotations = "annotations"
+)
 
 // parseConfig reads flags from args and defaults from getenv.
 func parseConfig(args []string, getenv func(string) string) (*Config, error) {
@@ -77,6 +89,7 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVar(&c.CATokenFile, "ca-token-file", "/var/run/secrets/nodemesh-ca/token", "projected service-account token with audience "+identity.Audience+" (bound to this agent's pod)")
 	fs.StringVar(&c.BundleConfigMap, "bundle-configmap", "nodemesh-system/"+identity.BundleConfigMap, "namespace/name of the ConfigMap with the trust bundle")
 	fs.StringVar(&c.CgroupRoot, "cgroup-root", "", "cgroup v2 directory above every pod (default: the cgroup2 mount point from /proc/self/mountinfo)")
+	fs.StringVar(&c.PodNetns, "pod-netns", podNetnsAuto, "how pods' network namespaces are found: proc (real nodes; needs hostPID), annotations (the lab), or auto (annotations where present, else proc)")
 	fs.StringVar(&c.BPFPinDir, "bpf-pin-dir", "", "bpffs directory for pinned capture maps and links (default: redirect's)")
 	fs.DurationVar(&c.DrainDeadline, "drain-deadline", 30*time.Second, "on SIGTERM, how long open connections may finish before they are reset")
 	fs.StringVar(&c.AdminAddr, "admin-addr", admin.DefaultAdminAddr, "admin API address (keep it on loopback)")
@@ -141,6 +154,11 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--bundle-configmap %q: want namespace/name", c.BundleConfigMap))
 		}
 		c.bundleNS, c.bundleName = ns, name
+		switch c.PodNetns {
+		case podNetnsAuto, podNetnsProc, podNetnsAnnotations:
+		default:
+			errs = append(errs, fmt.Errorf("--pod-netns %q: want proc, annotations or auto", c.PodNetns))
+		}
 	}
 	if c.CRDRecheck < time.Second {
 		errs = append(errs, fmt.Errorf("--crd-recheck %s: at least 1s", c.CRDRecheck))

@@ -48,6 +48,12 @@ func TestConfig(t *testing.T) {
 			[]string{"--node-name", "alternatives", "not a readable directory", "--trust-domain", "--ca-addr", "--drain-deadline",
 				"must listen on loopback", "--metrics-addr", "--log-level", "--bundle-configmap", "--static-dir cannot provide"}, nil},
 		{"bad CA ID", []string{"--node-name=n1", "--ca-spiffe-id=https://x"}, nil, []string{"--ca-spiffe-id"}, nil},
+		{"bad pod-netns", []string{"--node-name=n1", "--pod-netns=cni"}, nil, []string{"--pod-netns"}, nil},
+		{"pod-netns proc", []string{"--node-name=n1", "--pod-netns=proc"}, nil, nil, func(t *testing.T, c *Config) {
+			if c.PodNetns != podNetnsProc {
+				t.Errorf("PodNetns %q", c.PodNetns)
+			}
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -57,6 +57,11 @@ type dataplane struct {
 	ctx    context.Context // parent of the pods' serving contexts
 	cancel context.CancelFunc
 
+	// podNetns is Config.PodNetns; sandboxes finds pods' namespaces in
+	// /proc (nil with --pod-netns=annotations).
+	podNetns  string
+	sandboxes sandboxScanner
+
 	mu      sync.Mutex
 	pods    map[state.Key]*localPod
 	retired hbone.PoolStats // counters of the pools of pods gone, so totals stay monotonic
@@ -92,11 +97,17 @@ func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
 	cfg := a.cfg
 	log := a.log.With("component", "dataplane")
 	// Refuse a node that cannot capture, listing everything to fix at once.
-	report := nodeinfo.Preflight(nodeinfo.PreflightConfig{PinDir: cfg.BPFPinDir})
+	// Finding pods through /proc needs the host's PID namespace, and pins
+	// on a bpffs that outlives the agent's container.
+	pcfg := nodeinfo.PreflightConfig{PinDir: cfg.BPFPinDir}
+	if cfg.PodNetns == podNetnsProc {
+		pcfg.RequireBPFFS, pcfg.RequireHostPID = true, true
+	}
+	node, report, err := nodeinfo.DiscoverNode(pcfg)
 	for _, r := range report.Results {
 		log.Debug("preflight", "check", r.Name, "ok", r.Err == nil)
 	}
-	if err := report.Err(); err != nil {
+	if err != nil {
 		return nil, err
 	}
 	root := cfg.CgroupRoot
@@ -106,7 +117,10 @@ func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
 		}
 		root = report.Hierarchy.Path
 	}
-	dp := &dataplane{a: a, log: log, node: cfg.NodeName, pods: make(map[state.Key]*localPod)}
+	dp := &dataplane{a: a, log: log, node: cfg.NodeName, pods: make(map[state.Key]*localPod), podNetns: cfg.PodNetns}
+	if cfg.PodNetns != podNetnsAnnotations {
+		dp.sandboxes = node.Scanner
+	}
 	var cleanup []func()
 	defer func() {
 		if err != nil {
@@ -225,7 +239,9 @@ func (dp *dataplane) wanted(p *state.Pod) bool {
 
 func (dp *dataplane) reconcile(ctx context.Context, snap *state.Snapshot) {
 	want := make(map[state.Key]*state.Pod)
+	scan := dp.scanOnce()
 	for _, p := range snap.PodsOnNode(dp.node) {
+		p = dp.locate(p, scan)
 		if dp.wanted(p) {
 			want[p.Key()] = p
 		} else if p.Enrolled && p.Live() && p.Netns == "" {
