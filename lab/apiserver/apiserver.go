@@ -203,15 +203,44 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	// Free ports are picked by binding and closing, so another process can
+	// take one before etcd or kube-apiserver binds it: retry with new ports
+	// when that is why start-up failed.
+	start := time.Now()
+	for attempt := 1; ; attempt++ {
+		err = s.startProcs(ctx, cfg, etcdPath, token)
+		if err == nil {
+			break
+		}
+		if attempt == 3 || !strings.Contains(err.Error(), "address already in use") {
+			return nil, err
+		}
+		fmt.Fprintf(logw, "a loopback port was taken during start-up, retrying with new ports: %v\n", err)
+		if serr := s.Stop(); serr != nil {
+			return nil, errors.Join(err, serr)
+		}
+		if err := os.RemoveAll(filepath.Join(cfg.Dir, "etcd")); err != nil {
+			return nil, fmt.Errorf("removing etcd data before retrying: %w", err)
+		}
+	}
+	if s.Client, err = kubernetes.NewForConfig(s.REST); err != nil {
+		return nil, fmt.Errorf("building the admin client: %w", err)
+	}
+	fmt.Fprintf(logw, "kube-apiserver ready at %s in %s\n", s.URL, time.Since(start).Round(time.Millisecond))
+	return s, nil
+}
+
+// startProcs starts etcd and kube-apiserver on newly picked free ports and
+// waits for the API server to be ready.
+func (s *Server) startProcs(ctx context.Context, cfg Config, etcdPath, token string) error {
 	ports, err := freePorts(3)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	etcdClient, etcdPeer, securePort := ports[0], ports[1], ports[2]
 	etcdURL := "http://127.0.0.1:" + strconv.Itoa(etcdClient)
 	peerURL := "http://127.0.0.1:" + strconv.Itoa(etcdPeer)
 
-	start := time.Now()
 	if err := s.spawn(cfg, "etcd", etcdPath,
 		"--name", "nodemesh-lab",
 		"--data-dir", filepath.Join(cfg.Dir, "etcd"),
@@ -220,7 +249,7 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		"--initial-cluster", "nodemesh-lab="+peerURL,
 		"--log-level", "error",
 	); err != nil {
-		return nil, err
+		return err
 	}
 	if err := s.spawn(cfg, "kube-apiserver", cfg.Binary,
 		"--etcd-servers", etcdURL,
@@ -242,21 +271,14 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		"--profiling=false",
 		"--v", "0",
 	); err != nil {
-		return nil, err
+		return err
 	}
 	s.URL = "https://127.0.0.1:" + strconv.Itoa(securePort)
 	s.REST = s.ClientFor(token)
 	if err := s.writeKubeconfig(token); err != nil {
-		return nil, err
+		return err
 	}
-	if err := s.waitReady(ctx, token); err != nil {
-		return nil, err
-	}
-	if s.Client, err = kubernetes.NewForConfig(s.REST); err != nil {
-		return nil, fmt.Errorf("building the admin client: %w", err)
-	}
-	fmt.Fprintf(logw, "kube-apiserver ready at %s in %s\n", s.URL, time.Since(start).Round(time.Millisecond))
-	return s, nil
+	return s.waitReady(ctx, token)
 }
 
 // ClientFor returns a REST config that authenticates with a bearer token,
