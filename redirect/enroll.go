@@ -452,7 +452,11 @@ func (c *Capture) dropPod(cookie uint64, p *podState) error {
 		errs = append(errs, ignore(os.Remove(filepath.Join(c.podsDir, cookieName(cookie)))))
 	}
 	for _, s := range p.slots {
-		errs = append(errs, ignore(c.objs.InboundSocks.Delete(s)))
+		// The kernel empties a SOCKMAP slot itself when its socket closes,
+		// and deleting an empty slot fails with EINVAL: nothing to undo.
+		if err := ignore(c.objs.InboundSocks.Delete(s)); err != nil && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, err)
+		}
 		delete(c.slots, s)
 	}
 	p.closeListeners()
