@@ -538,12 +538,14 @@ func checkRBAC(t *testing.T, in install) {
 	}
 
 	agent := rulesFor(t, in, "nodemesh-agent")
-	// Read-only, everywhere.
+	// Read-only, everywhere, except its node mark (agent/rollout): Leases
+	// in its own namespace.
 	for scope, rules := range agent {
 		for _, r := range rules {
+			mark := scope == ns && slices.Equal(r.APIGroups, []string{"coordination.k8s.io"}) && slices.Equal(r.Resources, []string{"leases"})
 			for _, v := range r.Verbs {
-				if !slices.Contains([]string{"get", "list", "watch"}, v) {
-					t.Errorf("agent may %s %v in %q; it only reads", v, r.Resources, scope)
+				if !slices.Contains([]string{"get", "list", "watch"}, v) && !(mark && slices.Contains([]string{"create", "update", "delete"}, v)) {
+					t.Errorf("agent may %s %v in %q; it only reads, and writes its node mark (leases in %s)", v, r.Resources, scope, ns)
 				}
 			}
 			if slices.Contains(r.Resources, "secrets") {
@@ -568,6 +570,14 @@ func checkRBAC(t *testing.T, in install) {
 	for _, v := range []string{"get", "list", "watch"} {
 		if !allows(agent[ns], v, "", "configmaps", identity.BundleConfigMap) {
 			t.Errorf("agent may not %s the trust bundle ConfigMap", v)
+		}
+	}
+	for _, v := range []string{"get", "list", "watch", "create", "update", "delete"} {
+		if !allows(agent[ns], v, "coordination.k8s.io", "leases", "") {
+			t.Errorf("agent may not %s leases in %s (its node mark)", v, ns)
+		}
+		if v != "get" && v != "list" && v != "watch" && allows(agent[""], v, "coordination.k8s.io", "leases", "") {
+			t.Errorf("agent may %s leases cluster-wide; only its mark in %s is needed", v, ns)
 		}
 	}
 	if allows(agent[ns], "list", "", "configmaps", "") || allows(agent[""], "list", "", "configmaps", "") {

@@ -81,16 +81,24 @@ func NewMark(cfg MarkConfig) (*Mark, error) {
 // are logged and retried: a mark that cannot be renewed expires, which is
 // the safe direction.
 func (m *Mark) Run(ctx context.Context) error {
-	t := time.NewTicker(m.cfg.Renew)
+	// While the mark is not held, readiness is polled often, so peers
+	// see a newly ready agent within a fraction of a second.
+	const notHeldPoll = 200 * time.Millisecond
+	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
-		m.step(ctx)
 		select {
 		case <-ctx.Done():
 			wctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			return m.withdraw(wctx)
 		case <-t.C:
+		}
+		m.step(ctx)
+		if m.held {
+			t.Reset(m.cfg.Renew)
+		} else {
+			t.Reset(min(notHeldPoll, m.cfg.Renew))
 		}
 	}
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/nodemesh/nodemesh/agent/admin"
 	"github.com/nodemesh/nodemesh/agent/k8s"
+	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
 
@@ -37,6 +38,11 @@ type agent struct {
 	client  kubernetes.Interface // nil with --static-dir
 	dynamic dynamic.Interface
 	source  interface{ Run(context.Context) error }
+
+	// Partial rollouts (agent/rollout): nil without an API server; mark
+	// also nil without a data plane.
+	peers *rollout.Peers
+	mark  *rollout.Mark
 
 	draining atomic.Bool
 	dp       *dataplane // nil with --dataplane=false
@@ -119,6 +125,9 @@ func newAgent(cfg *Config, log *slog.Logger, level *slog.LevelVar, access *slog.
 		})
 	}
 	addStateDumps(a.admin, a.store, cfg.NodeName)
+	if err := a.setupRollout(); err != nil {
+		return nil, err
+	}
 	return a, nil
 }
 
@@ -143,6 +152,21 @@ func (a *agent) run(ctx context.Context) error {
 	}
 	goRun("admin", a.admin.Run)
 	goRun("cluster state", a.source.Run)
+	if a.peers != nil {
+		goRun("node marks", a.peers.Run)
+	}
+	// The mark has its own context: it is withdrawn as the drain starts,
+	// so peers stop opening tunnels to this node.
+	var markWG sync.WaitGroup
+	markCtx, withdraw := context.WithCancel(bg)
+	defer withdraw()
+	if a.mark != nil {
+		markWG.Go(func() {
+			if err := a.mark.Run(markCtx); err != nil {
+				a.log.Warn("node mark", "err", err)
+			}
+		})
+	}
 
 	// The data plane's loop has its own context: it stops (no more
 	// enrollments) before the data plane is closed.
@@ -174,6 +198,8 @@ func (a *agent) run(ctx context.Context) error {
 		a.log.Error("a component failed; shutting down", "err", runErr)
 	}
 	a.draining.Store(true)
+	withdraw()
+	markWG.Wait()
 	// No enrollments from here on: nothing new starts accepting while the
 	// rest drains.
 	stopDP()

@@ -584,8 +584,11 @@ func (lp *localPod) origDst(c net.Conn) (netip.AddrPort, error) {
 	return netip.AddrPort{}, fmt.Errorf("no original destination recorded for %s", c.RemoteAddr())
 }
 
-// Resolve implements proxy.Resolver from the current cluster state.
-func (dp *dataplane) Resolve(_ *proxy.Workload, dst netip.AddrPort) (proxy.Destination, error) {
+// Resolve implements proxy.Resolver from the current cluster state. An
+// enrolled destination is reached over HBONE only while its node's agent
+// is mesh-capable (agent/rollout); a STRICT one whose node has none is
+// refused, with the reason logged.
+func (dp *dataplane) Resolve(src *proxy.Workload, dst netip.AddrPort) (proxy.Destination, error) {
 	snap := dp.a.store.Snapshot()
 	if svc, port, ok := snap.ServiceByVIP(dst); ok {
 		bs := snap.Backends(svc, port)
@@ -593,26 +596,38 @@ func (dp *dataplane) Resolve(_ *proxy.Workload, dst netip.AddrPort) (proxy.Desti
 			return proxy.Destination{}, fmt.Errorf("service %s port %d: %w", svc.Key(), port.Port, proxy.ErrNoEndpoints)
 		}
 		d := proxy.Destination{Service: svc.Key().String(), Endpoints: make([]proxy.Endpoint, 0, len(bs))}
+		var refused error
 		for _, b := range bs {
-			d.Endpoints = append(d.Endpoints, endpointFor(b.Addr, b.Pod))
+			ep, err := meshEndpoint(b.Addr, b.Pod, dp.a.meshCapable, dp.strictDst)
+			if err != nil {
+				refused = err
+				continue
+			}
+			d.Endpoints = append(d.Endpoints, ep)
+		}
+		if len(d.Endpoints) == 0 {
+			dp.log.Warn("refusing outbound connection", "pod", src.String(), "dst", dst.String(), "service", d.Service, "reason", refused)
+			return proxy.Destination{Service: d.Service}, fmt.Errorf("service %s port %d: %w", svc.Key(), port.Port, refused)
 		}
 		return d, nil
 	}
-	return proxy.Destination{Endpoints: []proxy.Endpoint{endpointFor(dst, snap.PodByIP(dst.Addr()))}}, nil
+	ep, err := meshEndpoint(dst, snap.PodByIP(dst.Addr()), dp.a.meshCapable, dp.strictDst)
+	if err != nil {
+		dp.log.Warn("refusing outbound connection", "pod", src.String(), "dst", dst.String(), "reason", err)
+		return proxy.Destination{}, err
+	}
+	return proxy.Destination{Endpoints: []proxy.Endpoint{ep}}, nil
 }
 
-func endpointFor(addr netip.AddrPort, p *state.Pod) proxy.Endpoint {
-	ep := proxy.Endpoint{Addr: addr}
-	if p != nil {
-		ep.Workload = p.Ref
-		// Host-network pods are never in PodByIP; a pod that excluded
-		// the port from inbound capture is reached in plaintext.
-		if p.Enrolled && !p.Identity.IsZero() && !slices.Contains(p.ExcludeInboundPorts, addr.Port()) {
-			ep.Enrolled = true
-			ep.Identity = p.Identity
-		}
+// strictDst reports whether pod ("namespace/name") requires mTLS on port;
+// unknown, or no policy yet, is STRICT (fail closed).
+func (dp *dataplane) strictDst(pod string, port uint16) bool {
+	ps := dp.pol.Load()
+	if ps == nil {
+		return true
 	}
-	return ep
+	m, _, ok := ps.MTLSMode(pod, port)
+	return !ok || m == v1alpha1.MTLSStrict
 }
 
 // Check implements proxy.Policy with the policy engine: egress at the

@@ -123,7 +123,10 @@ func runStatus(args []string) error {
 	for _, c := range st.Checks {
 		fmt.Fprintf(tw, "%s\t%t\t%s\n", c.Name, c.Ready, c.Error)
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	return printRollout(f, stdout)
 }
 
 func runWorkloads(args []string) error {
