@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/exposure"
 	"github.com/nodemesh/nodemesh/agent/k8s"
 	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/agent/state"
@@ -43,6 +44,8 @@ type agent struct {
 	// also nil without a data plane.
 	peers *rollout.Peers
 	mark  *rollout.Mark
+	// ledger: plaintext exposure (agent/exposure); nil without a data plane.
+	ledger *exposure.Ledger
 
 	draining atomic.Bool
 	dp       *dataplane // nil with --dataplane=false
@@ -126,6 +129,9 @@ func newAgent(cfg *Config, log *slog.Logger, level *slog.LevelVar, access *slog.
 	}
 	addStateDumps(a.admin, a.store, cfg.NodeName)
 	if err := a.setupRollout(); err != nil {
+		return nil, err
+	}
+	if err := a.setupExposure(); err != nil {
 		return nil, err
 	}
 	return a, nil

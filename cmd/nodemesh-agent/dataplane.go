@@ -831,6 +831,7 @@ func (o observer) Opened(c *proxy.ConnInfo) {
 
 func (o observer) Closed(c *proxy.ConnInfo, reason string) {
 	o.dp.a.metrics.Closed(o.dp.metrics(c.Flow, c.Start), c.Sent, c.Received, reason)
+	o.dp.recordExposure(c)
 }
 
 func (o observer) Refused(f *proxy.Flow, reason string) {

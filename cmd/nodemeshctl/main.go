@@ -28,6 +28,7 @@ var groups = []group{
 	{"workloads", "the pods the node agent serves, their enrollment and capture status", runWorkloads},
 	{"certs", "the SVIDs the node agent holds and when they expire", runCerts},
 	{"connections", "the node agent's open proxied connections", runConnections},
+	{"exposure", "plaintext that left or reached enrolled pods over a window (--window 10m, --if-strict NAMESPACE: STRICT dry run)", runExposure},
 	{"bench", "benchmark the mesh against no mesh and sidecars on a lab (--profile quick|full --out DIR)", runBench},
 }
 

@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -52,6 +53,10 @@ type Options struct {
 	AgentBinary, CABinary string // required: built nodemesh-agent and nodemesh-ca
 	// LogLevel of the agents and the CA; default "info".
 	LogLevel string
+	// AgentNodes limits the agents to these nodes (a partial rollout, as
+	// with the DaemonSet's nodemesh.io/agent=enabled node selector); nil
+	// runs one on every node. The CA runs on the first agent node.
+	AgentNodes []string
 	// Wait bounds how long Start waits for readiness and capture; default 2m.
 	Wait time.Duration
 	Log  *slog.Logger // progress; nil discards
@@ -126,9 +131,9 @@ func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
-	nodes := l.Nodes()
-	if len(nodes) == 0 {
-		return nil, errors.New("starting the mesh: the lab has no nodes")
+	nodes, err := agentNodes(l.Nodes(), o.AgentNodes)
+	if err != nil {
+		return nil, err
 	}
 	m := &Mesh{lab: l, log: o.Log, CANode: nodes[0].Name, Agents: map[string]*Agent{}}
 	defer func() {
@@ -173,6 +178,31 @@ func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
 		return nil, err
 	}
 	return m, nil
+}
+
+// agentNodes picks the nodes that get an agent: all, or the named subset
+// (each must exist, at least one).
+func agentNodes(all []lab.Node, subset []string) ([]lab.Node, error) {
+	if len(all) == 0 {
+		return nil, errors.New("starting the mesh: the lab has no nodes")
+	}
+	if subset == nil {
+		return all, nil
+	}
+	var out []lab.Node
+	for _, name := range subset {
+		i := slices.IndexFunc(all, func(n lab.Node) bool { return n.Name == name })
+		if i < 0 {
+			return nil, fmt.Errorf("starting the mesh: agent node %q is not a node of the lab", name)
+		}
+		if !slices.ContainsFunc(out, func(n lab.Node) bool { return n.Name == name }) {
+			out = append(out, all[i])
+		}
+	}
+	if len(out) == 0 {
+		return nil, errors.New("starting the mesh: AgentNodes is empty; give at least one node (nil means every node)")
+	}
+	return out, nil
 }
 
 // startAgent registers the agent's pod (hostNetwork, as the DaemonSet's
