@@ -201,6 +201,21 @@ func TestLabPartialRollout(t *testing.T) {
 	if err := seenFrom(r, web2, web2.IP); err != nil {
 		t.Fatalf("plaintext inbound to web-2: %v", err)
 	}
+	// An enrolled pod on the node without an agent is not captured: its
+	// connection reaches web-2 in plaintext (PERMISSIVE).
+	if r, err = get(web3, web2, "unprotected-source"); err != nil {
+		t.Fatalf("enrolled pod without an agent to a PERMISSIVE enrolled pod: %v", err)
+	}
+	if err := seenFrom(r, web2, web2.IP); err != nil {
+		t.Fatalf("plaintext inbound from web-3 to web-2: %v", err)
+	}
+	// Enrolled to unenrolled: plaintext passthrough.
+	if r, err = get(client1, outsider3, "to-unenrolled"); err != nil {
+		t.Fatalf("enrolled pod to an unenrolled pod: %v", err)
+	}
+	if err := seenFrom(r, outsider3, client1.IP); err != nil {
+		t.Fatal(err)
+	}
 	if r, err = get(outsider3, web3, "no-mesh"); err != nil {
 		t.Fatalf("outside the mesh entirely: %v", err)
 	}
@@ -252,30 +267,52 @@ func TestLabPartialRollout(t *testing.T) {
 		}
 		return n, nil
 	}
-	for _, want := range []struct {
-		node, reporter string
-		p              pair
-		srcIP, dstIP   string
-	}{
-		{"node-1", "source", pair{Direction: "outbound", Src: client1.Key(), Dst: web3.Key(), DstEnrolled: true, Connections: 1}, client1.IP, web3.IP},
-		{"node-2", "destination", pair{Direction: "inbound", Src: outsider3.Key(), Dst: web2.Key(), DstEnrolled: true, Connections: 1}, outsider3.IP, web2.IP},
+	type flow struct {
+		reporter     string
+		p            pair
+		srcIP, dstIP string
+	}
+	for node, want := range map[string][]flow{
+		"node-1": {
+			{"source", pair{Direction: "outbound", Src: client1.Key(), Dst: web3.Key(), DstEnrolled: true, Connections: 1}, client1.IP, web3.IP},
+			{"source", pair{Direction: "outbound", Src: client1.Key(), Dst: outsider3.Key(), Connections: 1}, client1.IP, outsider3.IP},
+		},
+		"node-2": {
+			{"destination", pair{Direction: "inbound", Src: outsider3.Key(), Dst: web2.Key(), DstEnrolled: true, Connections: 1}, outsider3.IP, web2.IP},
+			{"destination", pair{Direction: "inbound", Src: web3.Key(), Dst: web2.Key(), DstEnrolled: true, Connections: 1}, web3.IP, web2.IP},
+		},
 	} {
-		eventually("ledger on "+want.node, 30*time.Second, func() error {
-			bytes, err := loggedBytes(want.node, want.reporter, want.srcIP, want.dstIP)
+		eventually("ledger on "+node, 30*time.Second, func() error {
+			var wantAll, wantStrict []pair
+			for _, f := range want {
+				bytes, err := loggedBytes(node, f.reporter, f.srcIP, f.dstIP)
+				if err != nil {
+					return err
+				}
+				if bytes == 0 {
+					return fmt.Errorf("no bytes logged for %+v", f.p)
+				}
+				w := f.p
+				w.Bytes = bytes
+				wantAll = append(wantAll, w)
+				if w.DstEnrolled {
+					wantStrict = append(wantStrict, w)
+				}
+			}
+			got, strict, err := ledger(node)
 			if err != nil {
 				return err
 			}
-			w := want.p
-			w.Bytes = bytes
-			got, strict, err := ledger(want.node)
-			if err != nil {
-				return err
+			cmpPairs := func(a, b pair) int { return strings.Compare(a.Src+a.Dst, b.Src+b.Dst) }
+			slices.SortFunc(got, cmpPairs)
+			slices.SortFunc(strict, cmpPairs)
+			slices.SortFunc(wantAll, cmpPairs)
+			slices.SortFunc(wantStrict, cmpPairs)
+			if !slices.Equal(got, wantAll) {
+				return fmt.Errorf("ledger on %s: %+v, want exactly %+v", node, got, wantAll)
 			}
-			if len(got) != 1 || got[0] != w || bytes == 0 {
-				return fmt.Errorf("ledger on %s: %+v, want exactly %+v", want.node, got, w)
-			}
-			if len(strict) != 1 || strict[0] != w {
-				return fmt.Errorf("STRICT dry run on %s: %+v, want exactly %+v", want.node, strict, w)
+			if !slices.Equal(strict, wantStrict) {
+				return fmt.Errorf("STRICT dry run on %s: %+v, want exactly %+v", node, strict, wantStrict)
 			}
 			return nil
 		})
@@ -331,8 +368,15 @@ func TestLabPartialRollout(t *testing.T) {
 	} else if err := seenFrom(r, web2, web2.IP); err != nil {
 		t.Fatal(err)
 	}
-	if r, err := get(outsider3, web2, "strict-plaintext"); err == nil {
-		t.Fatalf("plaintext reached a STRICT pod: %+v", r)
+	// The rest of the dry run's prediction: plaintext into web-2 is refused.
+	for _, from := range []lab.Pod{outsider3, web3} {
+		if r, err := get(from, web2, "strict-plaintext"); err == nil {
+			t.Fatalf("plaintext from %s reached a STRICT pod: %+v", from.Key(), r)
+		}
+	}
+	// Not predicted, not refused: enrolled to unenrolled.
+	if _, err := get(client1, outsider3, "strict-to-unenrolled"); err != nil {
+		t.Fatalf("STRICT in shop refused client-1 -> outsider-3: %v", err)
 	}
 
 	// SIGKILL node-2's agent: its mark is not withdrawn and must expire.
