@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	admissionv1 "k8s.io/api/admissionregistration/v1"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
@@ -168,7 +169,8 @@ func TestInstallsRender(t *testing.T) {
 		t.Run(dir, func(t *testing.T) {
 			in := render(t, dir)
 			for _, o := range in.objs {
-				namespaced := !slices.Contains([]string{"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}, o.GetKind())
+				namespaced := !slices.Contains([]string{"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+					"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"}, o.GetKind())
 				if namespaced && o.GetNamespace() != ns {
 					t.Errorf("%s %s in namespace %q, want %s", o.GetKind(), o.GetName(), o.GetNamespace(), ns)
 				}
@@ -183,6 +185,7 @@ func TestInstallsRender(t *testing.T) {
 			checkAgent(t, in)
 			checkCA(t, in)
 			checkRBAC(t, in)
+			checkLeaseAdmission(t, in)
 		})
 	}
 }
@@ -715,5 +718,25 @@ func TestMeshPolicy(t *testing.T) {
 				t.Errorf("%s holds custom resource %s %s: a single apply on a fresh cluster would fail", dir, o.GetKind(), o.GetName())
 			}
 		}
+	}
+}
+
+// checkLeaseAdmission: the policy that restricts each agent to its own
+// node's Lease is installed, bound with Deny, fails closed, and matches the
+// agent's real service account (TestLabAgentLeaseAdmission shows it works).
+func checkLeaseAdmission(t *testing.T, in install) {
+	t.Helper()
+	vap := get[*admissionv1.ValidatingAdmissionPolicy](t, in, "ValidatingAdmissionPolicy", "", agentLeasePolicy)
+	if vap.Spec.FailurePolicy == nil || *vap.Spec.FailurePolicy != admissionv1.Fail {
+		t.Errorf("policy %s: failurePolicy %v, want Fail", vap.Name, vap.Spec.FailurePolicy)
+	}
+	sa := get[*corev1.ServiceAccount](t, in, "ServiceAccount", ns, "nodemesh-agent")
+	user := "'system:serviceaccount:" + sa.Namespace + ":" + sa.Name + "'"
+	if len(vap.Spec.MatchConditions) != 1 || !strings.Contains(vap.Spec.MatchConditions[0].Expression, user) {
+		t.Errorf("policy %s: match conditions %+v, want the one that selects %s", vap.Name, vap.Spec.MatchConditions, user)
+	}
+	b := get[*admissionv1.ValidatingAdmissionPolicyBinding](t, in, "ValidatingAdmissionPolicyBinding", "", agentLeasePolicy)
+	if b.Spec.PolicyName != vap.Name || !slices.Equal(b.Spec.ValidationActions, []admissionv1.ValidationAction{admissionv1.Deny}) {
+		t.Errorf("binding %s: policy %q actions %v, want %s with [Deny]", b.Name, b.Spec.PolicyName, b.Spec.ValidationActions, vap.Name)
 	}
 }
