@@ -21,14 +21,15 @@ export NODEMESH_KUBE_APISERVER := $(KUBE_APISERVER)
 # Debian packages each group of targets needs.
 APT_RUNTIME  := etcd-server iproute2 nftables tcpdump
 APT_GENERATE := clang llvm libbpf-dev bpftool
-APT_BENCH    := haproxy iperf3
+# haproxy is the sidecar baseline of the benchmark; the lab tier's quick
+# benchmark smoke test checks that scenario too.
+APT_BENCH    := haproxy
 
 BINARIES := nodemesh-agent nodemesh-ca nodemeshctl
 FUZZTIME ?= 10s
-BENCH_PROFILE ?= quick
 
 .PHONY: build generate generate-check test test-unit test-priv test-lab demo bench lint fuzz \
-        kube-apiserver deps deps-generate deps-bench clean lab-down manifests-check image
+        kube-apiserver deps deps-generate deps-bench clean lab-down manifests-check image bench-go
 
 build:
 	@mkdir -p bin
@@ -86,7 +87,7 @@ lint:
 
 # Test tiers, chosen by test name: TestPriv* need root (netns, BPF, cgroups),
 # TestLab* need the lab's real API server; everything else is a unit test.
-test: deps kube-apiserver lint generate-check test-unit test-priv test-lab
+test: deps deps-bench kube-apiserver lint generate-check test-unit test-priv test-lab
 
 test-unit:
 	@echo "== tier 1: unit tests"
@@ -96,7 +97,7 @@ test-priv: deps
 	@echo "== tier 2: privileged tests (root: network namespaces, BPF, cgroups)"
 	$(GO) test -count=1 -run '^TestPriv' ./...
 
-test-lab: deps kube-apiserver
+test-lab: deps deps-bench kube-apiserver
 	@echo "== tier 3: lab end-to-end tests (real kube-apiserver)"
 	$(GO) test -count=1 -p 1 -timeout 20m -run '^TestLab' ./...
 
@@ -112,9 +113,16 @@ fuzz:
 demo: deps kube-apiserver build
 	./bin/nodemeshctl lab demo
 
+# The benchmark: no mesh, nodemesh L4 and HAProxy mTLS sidecars on the lab,
+# interleaved; report, JSON and charts in results/ (bench/README.md).
+BENCH_OUT ?= results
 bench: deps-bench kube-apiserver build
-	@mkdir -p results
-	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./... | tee results/go-bench.txt
+	./bin/nodemeshctl bench --profile $(or $(BENCH_PROFILE),full) --out $(BENCH_OUT)
+
+# Go micro-benchmarks of the hot paths (tunnel, capture, policy, histogram).
+bench-go: deps kube-apiserver
+	@mkdir -p $(BENCH_OUT)
+	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./... | tee $(BENCH_OUT)/go-bench.txt
 
 # Install proof on the lab's real API server: CRDs, server-side dry-run of
 # every manifest, agents and CA running on their own service-account tokens.
