@@ -234,7 +234,7 @@ func (dp *dataplane) updatePolicy(ctx context.Context, snap *state.Snapshot, fir
 
 // wanted reports whether the agent should capture p.
 func (dp *dataplane) wanted(p *state.Pod) bool {
-	return p.Enrolled && p.Live() && len(p.IPs) > 0 && p.Netns != "" && !p.Identity.IsZero()
+	return p.Enrolled && p.Live() && len(p.IPs) > 0 && p.Netns != "" && !p.Identity.IsZero() && dp.servesPod(p)
 }
 
 func (dp *dataplane) reconcile(ctx context.Context, snap *state.Snapshot) {
