@@ -45,6 +45,9 @@ type Config struct {
 	// "auto" (annotations where present, else /proc).
 	PodNetns  string
 	BPFPinDir string // "" = redirect's default
+	// OnlyPods (--only-pod NAMESPACE/NAME, repeatable) restricts the agent
+	// to these pods of its node: per-pod (sidecar) mode, see onlypod.go.
+	OnlyPods []string
 
 	DrainDeadline time.Duration
 	AdminAddr     string
@@ -60,6 +63,7 @@ type Config struct {
 	level      slog.Level
 	bundleNS   string
 	bundleName string
+	onlyPods   map[string]bool
 }
 
 // Values of --pod-netns.
@@ -91,6 +95,7 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVar(&c.CgroupRoot, "cgroup-root", "", "cgroup v2 directory above every pod (default: the cgroup2 mount point from /proc/self/mountinfo)")
 	fs.StringVar(&c.PodNetns, "pod-netns", podNetnsAuto, "how pods' network namespaces are found: proc (real nodes; needs hostPID), annotations (the lab), or auto (annotations where present, else proc)")
 	fs.StringVar(&c.BPFPinDir, "bpf-pin-dir", "", "bpffs directory for pinned capture maps and links (default: redirect's)")
+	fs.Var(onlyPodFlag{c}, "only-pod", "serve only this pod of the node, NAMESPACE/NAME (repeatable): per-pod sidecar mode; give each such agent its own --cgroup-root, --bpf-pin-dir and addresses")
 	fs.DurationVar(&c.DrainDeadline, "drain-deadline", 30*time.Second, "on SIGTERM, how long open connections may finish before they are reset")
 	fs.StringVar(&c.AdminAddr, "admin-addr", admin.DefaultAdminAddr, "admin API address (keep it on loopback)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", admin.DefaultMetricsAddr, "Prometheus metrics address")
@@ -160,6 +165,7 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--pod-netns %q: want proc, annotations or auto", c.PodNetns))
 		}
 	}
+	errs = append(errs, c.validateOnlyPods()...)
 	if c.CRDRecheck < time.Second {
 		errs = append(errs, fmt.Errorf("--crd-recheck %s: at least 1s", c.CRDRecheck))
 	}

@@ -23,8 +23,8 @@ func (a *agent) setupRollout() error {
 	}
 	a.peers = rollout.NewPeers(a.client, rollout.DefaultNamespace)
 	a.admin.AddDump("rollout", a.rolloutDump)
-	if !a.cfg.Dataplane {
-		return nil
+	if !a.cfg.Dataplane || a.cfg.perPod() {
+		return nil // per-pod agents leave the node mark alone (onlypod.go)
 	}
 	holder := a.cfg.NodeName
 	if h, err := os.Hostname(); err == nil && h != "" {
