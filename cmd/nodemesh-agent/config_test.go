@@ -49,6 +49,8 @@ func TestConfig(t *testing.T) {
 				"must listen on loopback", "--metrics-addr", "--log-level", "--bundle-configmap", "--static-dir cannot provide"}, nil},
 		{"bad CA ID", []string{"--node-name=n1", "--ca-spiffe-id=https://x"}, nil, []string{"--ca-spiffe-id"}, nil},
 		{"bad pod-netns", []string{"--node-name=n1", "--pod-netns=cni"}, nil, []string{"--pod-netns"}, nil},
+		{"only-pod", []string{"--node-name=n1", "--only-pod=mesh/web-0", "--only-pod=mesh/a.b", "--only-pod=web", "--only-pod=Bad_NS/x", "--only-pod=ns/x/y"}, nil,
+			[]string{`--only-pod "web": want NAMESPACE/NAME`, `--only-pod "Bad_NS/x": namespace`, `--only-pod "ns/x/y"`}, nil},
 		{"pod-netns proc", []string{"--node-name=n1", "--pod-netns=proc"}, nil, nil, func(t *testing.T, c *Config) {
 			if c.PodNetns != podNetnsProc {
 				t.Errorf("PodNetns %q", c.PodNetns)
