@@ -26,6 +26,9 @@ import (
 // manifests/base/agent/admission.yaml.
 const agentLeasePolicy = "nodemesh-agent-lease"
 
+// agentLeaseHolderPolicy warns when the agent names a foreign holder.
+const agentLeaseHolderPolicy = "nodemesh-agent-lease-holder"
+
 // nodeNameExtra is the user-info extra the API server sets from a
 // pod-bound service-account token (Kubernetes >= 1.32).
 const nodeNameExtra = "authentication.kubernetes.io/node-name"
@@ -50,15 +53,15 @@ func TestLabAgentLeaseAdmission(t *testing.T) {
 	}
 	found := 0
 	for _, o := range objs {
-		if o.GetName() == agentLeasePolicy && strings.HasPrefix(o.GetKind(), "ValidatingAdmissionPolicy") {
+		if (o.GetName() == agentLeasePolicy || o.GetName() == agentLeaseHolderPolicy) && strings.HasPrefix(o.GetKind(), "ValidatingAdmissionPolicy") {
 			found++
 		}
 		if err := c.apply(ctx, o, false); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if found != 2 {
-		t.Fatalf("the base install renders %d of the policy %s and its binding, want both", found, agentLeasePolicy)
+	if found != 4 {
+		t.Fatalf("the base install renders %d of the policies %s, %s and their bindings, want 4", found, agentLeasePolicy, agentLeaseHolderPolicy)
 	}
 
 	pods := map[string]*corev1.Pod{}
@@ -68,7 +71,13 @@ func TestLabAgentLeaseAdmission(t *testing.T) {
 		}
 		pods[node] = mustCreatePod(ctx, t, admin, ns, "nodemesh-agent-"+node, "nodemesh-agent", node)
 	}
-	agent1 := clientFor(t, c, token(ctx, t, admin, "nodemesh-agent", nil, pods["node-1"]))
+	var warnings warningLog
+	agent1Cfg := c.srv.ClientFor(token(ctx, t, admin, "nodemesh-agent", nil, pods["node-1"]))
+	agent1Cfg.WarningHandler = &warnings
+	agent1, err := kubernetes.NewForConfig(agent1Cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
 	agent2 := clientFor(t, c, token(ctx, t, admin, "nodemesh-agent", nil, pods["node-2"]))
 	unbound := clientFor(t, c, token(ctx, t, admin, "nodemesh-agent", nil, nil))
 
@@ -116,11 +125,21 @@ func TestLabAgentLeaseAdmission(t *testing.T) {
 	leases(agent2).update(ctx, other, "node-2", "")
 	leases(agent2).remove(ctx, other, "")
 
-	// Allowed: its own mark, with its node or its pod as holder, or none;
-	// any other holder is refused.
+	// Allowed: its own mark, with its node or its pod as holder, or none.
 	leases(agent1).create(ctx, own, "node-1", "")
 	leases(agent1).update(ctx, own, pods["node-1"].Name, "")
-	leases(agent1).update(ctx, own, "node-2", "may only name its node")
+	// A foreign holder is only warned about (the agent names its
+	// hostname, which need not be its node's name).
+	warnings.reset()
+	leases(agent1).update(ctx, own, "node-2", "")
+	if w := warnings.String(); !strings.Contains(w, "names node-2 as holder of Lease "+own) {
+		t.Errorf("naming node-2 as holder of %s: warnings %q, want the holder policy's", own, w)
+	}
+	warnings.reset()
+	leases(agent1).update(ctx, own, "node-1", "")
+	if w := warnings.String(); w != "" {
+		t.Errorf("naming its node as holder of %s: warnings %q, want none", own, w)
+	}
 	leases(agent1).update(ctx, own, "", "")
 	leases(agent1).remove(ctx, own, "")
 
@@ -257,4 +276,28 @@ func (o leaseOps) remove(ctx context.Context, name, denied string) {
 	o.t.Helper()
 	err := o.c.CoordinationV1().Leases(ns).Delete(ctx, name, metav1.DeleteOptions{})
 	o.check("delete", name, err, denied)
+}
+
+// warningLog collects the API server's warnings (rest.WarningHandler).
+type warningLog struct {
+	mu sync.Mutex
+	w  []string
+}
+
+func (l *warningLog) HandleWarningHeader(code int, agent, text string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.w = append(l.w, text)
+}
+
+func (l *warningLog) reset() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.w = nil
+}
+
+func (l *warningLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.w, "; ")
 }

@@ -741,7 +741,9 @@ func runAgentBinary(ctx context.Context, t *testing.T, c *cluster, def []*unstru
 		t.Fatalf("building nodemesh-agent: %v\n%s", err, out)
 	}
 	kubeconfig := filepath.Join(dir, "agent.kubeconfig")
-	writeKubeconfig(t, c.srv, token(ctx, t, admin, "nodemesh-agent", nil, nil), kubeconfig)
+	// Bound to the agent's pod, as the kubelet's projected token is: the
+	// Lease admission policy (base/agent/admission.yaml) needs its node.
+	writeKubeconfig(t, c.srv, token(ctx, t, admin, "nodemesh-agent", nil, ca.agentPod), kubeconfig)
 	tokenFile := filepath.Join(dir, "ca-token")
 	if err := os.WriteFile(tokenFile, []byte(token(ctx, t, admin, "nodemesh-agent", []string{identity.Audience}, ca.agentPod)), 0o600); err != nil {
 		t.Fatal(err)
@@ -821,6 +823,15 @@ func runAgentBinary(ctx context.Context, t *testing.T, c *cluster, def []*unstru
 		t.Fatalf("nodemesh-agent not ready with the DaemonSet's arguments and its own token: %v\nlast readiness: %s\nlog:\n%s", err, body, agentLog.String())
 	}
 	t.Logf("agent ready: %s", strings.TrimSpace(body))
+	// Ready, it marks its node (the Lease admission policy lets its
+	// pod-bound token write its own node's mark).
+	mark := "nodemesh-agent-" + ca.agentPod.Spec.NodeName
+	if err := wait.PollUntilContextTimeout(ctx, 250*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
+		_, err := admin.CoordinationV1().Leases(ns).Get(ctx, mark, metav1.GetOptions{})
+		return err == nil, nil
+	}); err != nil {
+		t.Fatalf("the ready agent never marked its node (Lease %s): %v\nlog:\n%s", mark, err, agentLog.String())
+	}
 
 	grace := time.Duration(*ds.Spec.Template.Spec.TerminationGracePeriodSeconds) * time.Second
 	start := time.Now()

@@ -721,22 +721,28 @@ func TestMeshPolicy(t *testing.T) {
 	}
 }
 
-// checkLeaseAdmission: the policy that restricts each agent to its own
-// node's Lease is installed, bound with Deny, fails closed, and matches the
-// agent's real service account (TestLabAgentLeaseAdmission shows it works).
+// checkLeaseAdmission: the policies that restrict each agent to its own
+// node's Lease are installed, fail closed, match the agent's real service
+// account, and the name policy denies while the holder policy warns
+// (TestLabAgentLeaseAdmission shows both work).
 func checkLeaseAdmission(t *testing.T, in install) {
 	t.Helper()
-	vap := get[*admissionv1.ValidatingAdmissionPolicy](t, in, "ValidatingAdmissionPolicy", "", agentLeasePolicy)
-	if vap.Spec.FailurePolicy == nil || *vap.Spec.FailurePolicy != admissionv1.Fail {
-		t.Errorf("policy %s: failurePolicy %v, want Fail", vap.Name, vap.Spec.FailurePolicy)
-	}
 	sa := get[*corev1.ServiceAccount](t, in, "ServiceAccount", ns, "nodemesh-agent")
 	user := "'system:serviceaccount:" + sa.Namespace + ":" + sa.Name + "'"
-	if len(vap.Spec.MatchConditions) != 1 || !strings.Contains(vap.Spec.MatchConditions[0].Expression, user) {
-		t.Errorf("policy %s: match conditions %+v, want the one that selects %s", vap.Name, vap.Spec.MatchConditions, user)
-	}
-	b := get[*admissionv1.ValidatingAdmissionPolicyBinding](t, in, "ValidatingAdmissionPolicyBinding", "", agentLeasePolicy)
-	if b.Spec.PolicyName != vap.Name || !slices.Equal(b.Spec.ValidationActions, []admissionv1.ValidationAction{admissionv1.Deny}) {
-		t.Errorf("binding %s: policy %q actions %v, want %s with [Deny]", b.Name, b.Spec.PolicyName, b.Spec.ValidationActions, vap.Name)
+	for name, actions := range map[string][]admissionv1.ValidationAction{
+		agentLeasePolicy:       {admissionv1.Deny},
+		agentLeaseHolderPolicy: {admissionv1.Warn, admissionv1.Audit},
+	} {
+		vap := get[*admissionv1.ValidatingAdmissionPolicy](t, in, "ValidatingAdmissionPolicy", "", name)
+		if vap.Spec.FailurePolicy == nil || *vap.Spec.FailurePolicy != admissionv1.Fail {
+			t.Errorf("policy %s: failurePolicy %v, want Fail", vap.Name, vap.Spec.FailurePolicy)
+		}
+		if len(vap.Spec.MatchConditions) != 1 || !strings.Contains(vap.Spec.MatchConditions[0].Expression, user) {
+			t.Errorf("policy %s: match conditions %+v, want the one that selects %s", vap.Name, vap.Spec.MatchConditions, user)
+		}
+		b := get[*admissionv1.ValidatingAdmissionPolicyBinding](t, in, "ValidatingAdmissionPolicyBinding", "", name)
+		if b.Spec.PolicyName != vap.Name || !slices.Equal(b.Spec.ValidationActions, actions) {
+			t.Errorf("binding %s: policy %q actions %v, want %s with %v", b.Name, b.Spec.PolicyName, b.Spec.ValidationActions, vap.Name, actions)
+		}
 	}
 }
