@@ -1,5 +1,5 @@
 // Package bench is nodemesh's benchmark harness: it brings up a lab
-// (two nodes, client and server pods), runs every scenario - no mesh, the
+// (four nodes, client and server pods), runs every scenario - no mesh, the
 // sidecar baselines, nodemesh - over the same workloads in interleaved
 // rounds so that drift of the machine hits all of them alike, samples the
 // CPU time and memory of every proxy process, and writes a report

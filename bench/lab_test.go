@@ -73,6 +73,34 @@ func TestLabBenchQuick(t *testing.T) {
 			t.Errorf("agent cost at %d pods: %+v", p.PodsPerNode, p)
 		}
 	}
+	// nodemesh in per-pod sidecar mode: both per-pod agents carried every
+	// workload, and the cost grows with one agent per server pod.
+	if sc, _ := scenarioByName(got.Scenario, scenarioMeshSide); sc.NotAvailable != "" {
+		t.Fatalf("%s did not run: %s", scenarioMeshSide, sc.NotAvailable)
+	}
+	for _, w := range workloads(got) {
+		s, ok := find(got.Summary, scenarioMeshSide, w)
+		if !ok || s.Rounds == 0 || s.Errors > 0 {
+			t.Errorf("%s %s: %+v %s", scenarioMeshSide, w, s, firstRunError(got, scenarioMeshSide, w))
+			continue
+		}
+		if s.Proxies != 2 || s.ProxyPeakRSS <= 0 {
+			t.Errorf("%s %s: %d per-pod agents sampled, peak RSS %d", scenarioMeshSide, w, s.Proxies, s.ProxyPeakRSS)
+		}
+	}
+	var podPoints int
+	for _, p := range got.Scaling {
+		if p.Scenario != scenarioMeshSide {
+			continue
+		}
+		podPoints++
+		if p.Error != "" || p.NotAvailable != "" || p.Proxies != p.PodsPerNode || p.RSS <= 0 {
+			t.Errorf("per-pod agents' cost at %d pods: %+v", p.PodsPerNode, p)
+		}
+	}
+	if podPoints != len(got.Profile.PodsPerNode) {
+		t.Errorf("%d per-pod agent scale points, want %d", podPoints, len(got.Profile.PodsPerNode))
+	}
 	// With HAProxy installed the sidecar baseline must really run, carry
 	// every workload, and show proxy cost.
 	if _, err := haproxyBinary(); err == nil {

@@ -42,6 +42,10 @@ type mesh struct {
 	// accel is the agent's sk_msg acceleration status on node-1.
 	accel       bool
 	accelReason string
+	// caURL is the CA's address for agents started later.
+	caURL string
+	// pods are the per-pod (sidecar mode) agents: pod key -> agent.
+	pods map[string]*podAgent
 }
 
 // startMesh starts the CA on node-1 and an agent on each node, and waits
@@ -69,7 +73,7 @@ func (r *runner) startMesh(ctx context.Context) (*mesh, error) {
 		return nil, err
 	}
 	caAddr := net.JoinHostPort(n1.IP, fmt.Sprint(identity.DefaultPort))
-	m := &mesh{agents: map[string]int{}, logs: map[string]string{}}
+	m := &mesh{agents: map[string]int{}, logs: map[string]string{}, caURL: "https://" + caAddr, pods: map[string]*podAgent{}}
 	ca, err := r.lab.StartNodeProcess(ctx, node1, caProc, []string{r.o.CABinary, "--kubeconfig", r.lab.Kubeconfig(),
 		"--namespace", meshSystemNS, "--listen", caAddr, "--svid-ttl", "1h", "--log-level", "warn"}, nil)
 	if err != nil {
@@ -77,7 +81,8 @@ func (r *runner) startMesh(ctx context.Context) (*mesh, error) {
 	}
 	m.logs["ca"] = ca.Log
 	for _, node := range []string{node1, node2} {
-		pid, log, err := r.startAgent(ctx, node, "https://"+caAddr)
+		pid, log, err := r.startAgent(ctx, node, node, agentProc, m.caURL, []string{
+			"--cgroup-root", "", "--bpf-pin-dir", filepath.Join(r.lab.BPFDir(), "bench-agent-"+node)})
 		if err != nil {
 			return m, err
 		}
@@ -89,12 +94,14 @@ func (r *runner) startMesh(ctx context.Context) (*mesh, error) {
 	return m, nil
 }
 
-// startAgent registers the agent's pod (hostNetwork, as the DaemonSet's
-// would be), mints its CA token bound to that pod, and starts the agent in
-// the node's namespace with the node's pod cgroup as its capture root.
-func (r *runner) startAgent(ctx context.Context, node, caURL string) (int, string, error) {
+// startAgent registers the agent's pod nodemesh-agent-<id> (hostNetwork,
+// as the DaemonSet's would be), mints its CA token bound to that pod, and
+// starts the agent as node process proc in the node's namespace with
+// extra flags. A "--cgroup-root" of "" in extra is the node's pod cgroup
+// (the node agent's capture root).
+func (r *runner) startAgent(ctx context.Context, node, id, proc, caURL string, extra []string) (int, string, error) {
 	c := r.lab.Server.Client
-	name := "nodemesh-agent-" + node
+	name := "nodemesh-agent-" + id
 	p, err := c.CoreV1().Pods(meshSystemNS).Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
 		p, err = c.CoreV1().Pods(meshSystemNS).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name},
@@ -116,7 +123,7 @@ func (r *runner) startAgent(ctx context.Context, node, caURL string) (int, strin
 	if err != nil {
 		return 0, "", fmt.Errorf("requesting the agent's CA token on %s: %w", node, err)
 	}
-	tok := filepath.Join(r.work, "token-"+node)
+	tok := filepath.Join(r.work, "token-"+id)
 	if err := os.WriteFile(tok, []byte(tr.Status.Token), 0o600); err != nil {
 		return 0, "", fmt.Errorf("writing the agent token: %w", err)
 	}
@@ -124,14 +131,22 @@ func (r *runner) startAgent(ctx context.Context, node, caURL string) (int, strin
 	if err != nil {
 		return 0, "", err
 	}
-	proc, err := r.lab.StartNodeProcess(ctx, node, agentProc, []string{r.o.AgentBinary,
+	args := []string{r.o.AgentBinary,
 		"--node-name", node, "--kubeconfig", r.lab.Kubeconfig(), "--ca-addr", caURL,
-		"--ca-token-file", tok, "--cgroup-root", n.Cgroup, "--bpf-pin-dir", filepath.Join(r.lab.BPFDir(), "bench-agent-"+node),
-		"--drain-deadline", "2s", "--log-level", "warn"}, nil)
-	if err != nil {
-		return 0, "", fmt.Errorf("starting the agent on %s: %w", node, err)
+		"--ca-token-file", tok, "--drain-deadline", "2s", "--log-level", "warn"}
+	for i := 0; i < len(extra); i++ {
+		if extra[i] == "--cgroup-root" && i+1 < len(extra) && extra[i+1] == "" {
+			args = append(args, extra[i], n.Cgroup)
+			i++
+			continue
+		}
+		args = append(args, extra[i])
 	}
-	return proc.Pid, proc.Log, nil
+	p2, err := r.lab.StartNodeProcess(ctx, node, proc, args, nil)
+	if err != nil {
+		return 0, "", fmt.Errorf("starting agent %s on %s: %w", id, node, err)
+	}
+	return p2.Pid, p2.Log, nil
 }
 
 // captureDump is the agent's /config_dump/capture section.
@@ -148,6 +163,11 @@ type captureDump struct {
 // agentGet fetches a path of the agent's admin API, which listens on the
 // node's loopback, from inside the node's network namespace.
 func (r *runner) agentGet(ctx context.Context, node, path string, timeout time.Duration, limit int64) ([]byte, error) {
+	return r.agentGetAt(ctx, node, agentAdmin, path, timeout, limit)
+}
+
+// agentGetAt is agentGet for an agent whose admin API is at base.
+func (r *runner) agentGetAt(ctx context.Context, node, base, path string, timeout time.Duration, limit int64) ([]byte, error) {
 	n, err := r.lab.Node(node)
 	if err != nil {
 		return nil, err
@@ -159,21 +179,21 @@ func (r *runner) agentGet(ctx context.Context, node, path string, timeout time.D
 		},
 		DisableKeepAlives: true,
 	}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, agentAdmin+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+path, nil)
 	if err != nil {
 		return nil, err
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("agent admin API on %s, %s: %w", node, path, err)
+		return nil, fmt.Errorf("agent admin API %s on %s, %s: %w", base, node, path, err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, limit))
 	if err != nil {
-		return nil, fmt.Errorf("agent admin API on %s, reading %s: %w", node, path, err)
+		return nil, fmt.Errorf("agent admin API %s on %s, reading %s: %w", base, node, path, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("agent admin API on %s, %s: %s: %s", node, path, resp.Status, truncate(string(b), 200))
+		return nil, fmt.Errorf("agent admin API %s on %s, %s: %s: %s", base, node, path, resp.Status, truncate(string(b), 200))
 	}
 	return b, nil
 }
@@ -306,6 +326,7 @@ func (r *runner) stopMesh(m *mesh) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	r.stopPodAgents(ctx, m)
 	for node := range m.agents {
 		_ = r.lab.StopNodeProcess(ctx, node, agentProc, 5*time.Second)
 	}

@@ -226,7 +226,7 @@ func markdown(res *Results, charts map[string][]byte) string {
 		}
 	}
 
-	b.WriteString("\n## Cost vs pods per node\n\nEach point: that many server pods on node-2 and 1000 requests/s spread over all of them (max(16, pods) connections). Sidecars add one proxy per pod; the nodemesh agent stays one per node.\n\n| scenario | pods per node | proxies on node-2 | RSS MiB (sum) | peak RSS MiB (sum) | CPU s/1000 req (all proxies) | p99 µs | status |\n|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("\n## Cost vs pods per node\n\nEach point: that many server pods on the server node (node-2; node-4 for nodemesh sidecars) and 1000 requests/s spread over all of them (max(16, pods) connections). Sidecars (HAProxy, or nodemesh agents with --only-pod) add one proxy per pod; the nodemesh node agent stays one per node.\n\n| scenario | pods per node | proxies on the server node | RSS MiB (sum) | peak RSS MiB (sum) | CPU s/1000 req (all proxies) | p99 µs | status |\n|---|---|---|---|---|---|---|---|\n")
 	for _, pt := range res.Scaling {
 		st := "ok"
 		switch {

@@ -287,6 +287,9 @@ func judgeTargets(r *Results) []Target {
 	if s, ok := find(r.Summary, scenarioHAProxy, headline); ok && s.Rounds > 0 {
 		t.Note = joinNote(t.Note, fmt.Sprintf("HAProxy mTLS sidecars in the same run: +%.0f µs p99 (%.2fx)", s.AddedP99, s.RatioP99))
 	}
+	if s, ok := find(r.Summary, scenarioMeshSide, headline); ok && s.Rounds > 0 {
+		t.Note = joinNote(t.Note, fmt.Sprintf("nodemesh per-pod sidecars in the same run: +%.0f µs p99 (%.2fx)", s.AddedP99, s.RatioP99))
+	}
 	out = append(out, t)
 
 	// 2. Agent memory under 1/10 of sidecars' at 50 pods per node.

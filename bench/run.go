@@ -64,7 +64,6 @@ const meshUnavailable = "nodemesh did not start in the lab (see results.json for
 
 // Reasons for the scenarios nodemesh cannot offer yet.
 const (
-	noSidecarMode = "the agent has no per-pod sidecar mode yet (one agent per pod needs per-pod capture roots and ports in cmd/nodemesh-agent)"
 	noAccelSwitch = "the agent has no switch to force sk_msg acceleration; its automatic probe decides"
 )
 
@@ -79,7 +78,7 @@ func scenarios() []Scenario {
 		{Name: scenarioSkMsgOn, Title: "(c) nodemesh on one node, sk_msg on", Baseline: scenarioNoMeshLoc, NotAvailable: meshUnavailable},
 		{Name: scenarioSkMsgOff, Title: "(c) nodemesh on one node, sk_msg off", Baseline: scenarioNoMeshLoc, NotAvailable: meshUnavailable},
 		{Name: scenarioHAProxy, Title: "(d) HAProxy mTLS sidecars across nodes", Baseline: scenarioNoMesh},
-		{Name: scenarioMeshSide, Title: "(d) nodemesh proxy as per-pod sidecars across nodes", Baseline: scenarioNoMesh, NotAvailable: noSidecarMode},
+		{Name: scenarioMeshSide, Title: "(d) nodemesh proxy as per-pod sidecars across nodes (one agent per pod, --only-pod)", Baseline: scenarioNoMesh, NotAvailable: meshUnavailable},
 		{Name: scenarioL7, Title: "(e) nodemesh with L7", Baseline: scenarioNoMesh, NotAvailable: "nodemesh has no L7 proxy yet (no agent/l7 package)"},
 	}
 }
@@ -97,9 +96,10 @@ const (
 	podMeshServerL = meshNS + "/mesh-server-local"
 )
 
-// Spec returns the lab the benchmark runs on: two nodes; a client on
+// Spec returns the lab the benchmark runs on: four nodes; a client on
 // node-1 with servers on node-2 (across nodes) and node-1 (same node);
-// a client and extraServers+1 servers for the sidecar scenario. worker is
+// a client and sidecarServers servers for each sidecar scenario (HAProxy
+// on node-1/node-2, per-pod nodemesh agents on node-3/node-4). worker is
 // the path of the WorkerName symlink that runs the benchmark server.
 func Spec(worker string, sidecarServers int) (*spec.Spec, error) {
 	sidecarServers = max(sidecarServers, 1)
@@ -124,7 +124,7 @@ func Spec(worker string, sidecarServers int) (*spec.Spec, error) {
 	}
 	sp := &spec.Spec{
 		APIVersion: spec.APIVersion, Kind: spec.Kind,
-		Nodes:      []spec.Node{{Name: node1}, {Name: node2}},
+		Nodes:      []spec.Node{{Name: node1}, {Name: node2}, {Name: node3}, {Name: node4}},
 		Namespaces: []spec.Namespace{{Name: benchNS}},
 		Pods: []spec.Pod{
 			client("client", node1),
@@ -151,6 +151,14 @@ func Spec(worker string, sidecarServers int) (*spec.Spec, error) {
 	)
 	for i := 2; i <= sidecarServers; i++ {
 		sp.Pods = append(sp.Pods, inMesh(server(fmt.Sprintf("mesh-server-%d", i), node2, "bench-server")))
+	}
+	// nodemesh in per-pod sidecar mode, on nodes of its own (podmesh.go).
+	sp.Pods = append(sp.Pods,
+		inMesh(client("ps-client", node3)),
+		inMesh(server("ps-server", node4, "bench-server")),
+	)
+	for i := 2; i <= sidecarServers; i++ {
+		sp.Pods = append(sp.Pods, inMesh(server(fmt.Sprintf("ps-server-%d", i), node4, "bench-server")))
 	}
 	sp.Default()
 	if err := sp.Validate("bench"); err != nil {
@@ -292,6 +300,13 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 	if meshErr != nil {
 		r.log.Warn("nodemesh scenarios not available", "err", meshErr)
 	}
+	// nodemesh in per-pod sidecar mode: one agent per pod.
+	podErr := meshErr
+	if meshErr == nil {
+		if podErr = r.startPodSidecars(ctx, m); podErr != nil {
+			r.log.Warn("nodemesh sidecar scenario not available", "err", podErr)
+		}
+	}
 	for i := range res.Scenario {
 		sc := &res.Scenario[i]
 		switch sc.Name {
@@ -299,6 +314,14 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 			sc.NotAvailable = ""
 			if meshErr != nil {
 				sc.NotAvailable = "nodemesh did not start: " + meshErr.Error()
+			}
+		case scenarioMeshSide:
+			sc.NotAvailable = ""
+			switch {
+			case meshErr != nil:
+				sc.NotAvailable = "nodemesh did not start: " + meshErr.Error()
+			case podErr != nil:
+				sc.NotAvailable = "the per-pod agents did not start: " + podErr.Error()
 			}
 		case scenarioSkMsgOn, scenarioSkMsgOff:
 			switch {
@@ -377,6 +400,15 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 			return map[string]int{"agent " + node1: m.agents[node1]}
 		}}
 	}
+	if podErr == nil {
+		psIP, err := podIP(podPSServer)
+		if err != nil {
+			return nil, fmt.Errorf("bench lab: %w", err)
+		}
+		targets[scenarioMeshSide] = target{client: podPSClient, addrs: direct(psIP), procs: func() map[string]int {
+			return map[string]int{"agent " + podPSClient: m.pods[podPSClient].Pid, "agent " + podPSServer: m.pods[podPSServer].Pid}
+		}}
+	}
 
 	p := o.Profile
 	type wl struct {
@@ -422,7 +454,7 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		}
 	}
 
-	res.Scaling = r.scaling(ctx, sidecarErr, meshErr)
+	res.Scaling = r.scaling(ctx, sidecarErr, meshErr, podErr)
 	res.Summary, err = summarize(res.Scenario, res.Runs)
 	if err != nil {
 		return nil, err
@@ -603,12 +635,13 @@ func (r *runner) stopSidecars() {
 // scaling measures the proxies' cost with 1, 10, 50 ... pods per node:
 // the sidecar scenario gets that many server pods on node-2, each with its
 // sidecar, and 1000 requests/s spread over all of them.
-func (r *runner) scaling(ctx context.Context, sidecarErr, meshErr error) []ScalePoint {
+func (r *runner) scaling(ctx context.Context, sidecarErr, meshErr, podErr error) []ScalePoint {
 	var out []ScalePoint
 	p := r.o.Profile
 	for _, n := range p.PodsPerNode {
 		if err := r.growLab(ctx, n); err != nil {
 			out = append(out, ScalePoint{Scenario: scenarioMeshCross, PodsPerNode: n, Error: err.Error()},
+				ScalePoint{Scenario: scenarioMeshSide, PodsPerNode: n, Error: err.Error()},
 				ScalePoint{Scenario: scenarioHAProxy, PodsPerNode: n, Error: err.Error()})
 			continue
 		}
@@ -620,6 +653,14 @@ func (r *runner) scaling(ctx context.Context, sidecarErr, meshErr error) []Scale
 			r.log.Warn("nodemesh scale point failed", "pods", n, "err", err)
 		}
 		out = append(out, mp)
+		pp := ScalePoint{Scenario: scenarioMeshSide, PodsPerNode: n}
+		if podErr != nil {
+			pp.NotAvailable = "the per-pod agents did not start: " + podErr.Error()
+		} else if err := r.scalePodSidecars(ctx, n, &pp); err != nil {
+			pp.Error = err.Error()
+			r.log.Warn("nodemesh sidecar scale point failed", "pods", n, "err", err)
+		}
+		out = append(out, pp)
 		pt := ScalePoint{Scenario: scenarioHAProxy, PodsPerNode: n}
 		if sidecarErr != nil {
 			pt.NotAvailable = sidecarErr.Error()

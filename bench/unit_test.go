@@ -390,9 +390,16 @@ func TestSpecAndProfiles(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// 5 base pods + 9 more sidecar servers, 3 mesh pods + 9 more servers.
-	if got := len(sp.Pods); got != 26 {
-		t.Errorf("%d pods for 10 servers per node, want 26", got)
+	// 5 base pods + 9 more sidecar servers, 3 mesh pods + 9 more servers,
+	// 2 per-pod-agent pods + 9 more servers.
+	if got := len(sp.Pods); got != 37 {
+		t.Errorf("%d pods for 10 servers per node, want 37", got)
+	}
+	if len(sp.Nodes) != 4 {
+		t.Errorf("%d nodes, want 4 (node-3 and node-4 host the per-pod agents' pods)", len(sp.Nodes))
+	}
+	if ps := podSidecarServerPods(10); len(ps) != 10 || ps[0] != podPSServer || ps[9] != meshNS+"/ps-server-10" {
+		t.Errorf("per-pod sidecar server pod list %q", ps)
 	}
 	if len(meshPods(10)) != 12 {
 		t.Error("mesh pod list")
