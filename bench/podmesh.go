@@ -228,9 +228,35 @@ func (r *runner) scalePodSidecars(ctx context.Context, n int, pt *ScalePoint) er
 		addrs = append(addrs, net.JoinHostPort(pod.IP, strconv.Itoa(load.DefaultHTTPPort)))
 	}
 	cfg := load.Config{Kind: load.KindHTTP, Addr: addrs[0], Addrs: addrs, Conns: max(16, n), Rate: p.HTTPRate, Size: p.Size, Warmup: p.Warmup, Duration: p.Duration}
+	// The agents just started: settle them with an unmeasured run through
+	// every server (up to 3 tries) before the measured one.
+	warm := cfg
+	warm.Warmup, warm.Duration = 0, time.Second
+	for try := 1; try <= 3; try++ {
+		res, err := r.work1(ctx, podPSClient, warm)
+		if err == nil && res.Errors == 0 {
+			break
+		}
+		if err == nil {
+			err = fmt.Errorf("%d of %d requests failed, first: %s", res.Errors, res.Errors+res.Requests, res.FirstError)
+		}
+		r.log.Warn("per-pod agents' warm-up run had errors", "pods", n, "try", try, "err", err)
+	}
 	run := r.runOne(ctx, podPSClient, cfg, m.podAgentProcs())
 	if run.Result == nil {
-		return fmt.Errorf("%s", run.Error)
+		return fmt.Errorf("%s%s", run.Error, r.podAgentLogTails(m))
 	}
-	return fillScalePoint(pt, run, func(u ProxyUsage) bool { return u.Name != "agent "+podPSClient })
+	if err := fillScalePoint(pt, run, func(u ProxyUsage) bool { return u.Name != "agent "+podPSClient }); err != nil {
+		return fmt.Errorf("%w%s", err, r.podAgentLogTails(m))
+	}
+	return nil
+}
+
+// podAgentLogTails are the ends of the per-pod agents' logs, for errors.
+func (r *runner) podAgentLogTails(m *mesh) string {
+	sub := &mesh{logs: map[string]string{}}
+	for k := range m.pods {
+		sub.logs["agent "+k] = m.logs["agent "+k]
+	}
+	return r.agentLogTails(sub)
 }

@@ -126,7 +126,9 @@ type ScalePoint struct {
 	// per 1000 requests of the load spread over all pods.
 	CPUPer1000 float64 `json:"cpuSecondsPer1000"`
 	Requests   uint64  `json:"requests"`
-	P99        float64 `json:"p99us"`
+	// Errors are failed requests of the run (Error says the first).
+	Errors uint64  `json:"errors,omitempty"`
+	P99    float64 `json:"p99us"`
 }
 
 // Target is one of the issue's targets, judged on this run's ratios.

@@ -751,7 +751,7 @@ func fillScalePoint(pt *ScalePoint, run RunRecord, onServerNode func(ProxyUsage)
 			pt.HWM += u.HWM
 		}
 	}
-	pt.Requests = run.Result.Requests
+	pt.Requests, pt.Errors = run.Result.Requests, run.Result.Errors
 	if pt.Requests > 0 {
 		pt.CPUPer1000 = float64(cpu) / 1e9 / float64(pt.Requests) * 1000
 	}
