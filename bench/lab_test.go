@@ -106,13 +106,6 @@ func TestLabBenchQuick(t *testing.T) {
 			continue
 		}
 		podPoints++
-		// Known issue (reported): with several per-pod agents on one node
-		// a few per cent of requests are reset; tolerated beyond one pod
-		// below 10%, and shown as the point's error in the report.
-		if p.Error != "" && p.PodsPerNode > 1 && p.Errors > 0 && p.Errors*10 < p.Requests+p.Errors {
-			t.Logf("KNOWN ISSUE: per-pod agents at %d pods: %d of %d requests failed: %s", p.PodsPerNode, p.Errors, p.Requests+p.Errors, truncate(p.Error, 300))
-			p.Error = ""
-		}
 		if p.Error != "" || p.NotAvailable != "" || p.Proxies != p.PodsPerNode || p.RSS <= 0 || p.Requests == 0 {
 			t.Errorf("per-pod agents' cost at %d pods: %+v", p.PodsPerNode, p)
 		}

@@ -174,6 +174,22 @@ func (r *runner) podAgentVerified(ctx context.Context, m *mesh, key string) erro
 	if status != "verified" {
 		return fmt.Errorf("per-pod agent: pod %s is %q, not verified", key, status)
 	}
+	// Verified capture is not yet an SVID: wait for the agent's readiness
+	// (state, SVIDs, capture) too, or the first tunnels are refused.
+	b, err = r.agentGetAt(ctx, a.Node, "http://"+a.Admin, "/status", 5*time.Second, 1<<20)
+	if err != nil {
+		return err
+	}
+	var st struct {
+		Ready  bool `json:"ready"`
+		Checks any  `json:"checks"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil {
+		return fmt.Errorf("decoding the status of %s's agent: %w", key, err)
+	}
+	if !st.Ready {
+		return fmt.Errorf("per-pod agent of %s is not ready: %v", key, st.Checks)
+	}
 	return nil
 }
 
