@@ -4,7 +4,6 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
-	"os/exec"
 	"testing"
 	"time"
 
@@ -19,8 +18,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/nodemesh/nodemesh/agent/state"
-	"github.com/nodemesh/nodemesh/lab/apiserver"
-	"github.com/nodemesh/nodemesh/lab/privtest"
+	"github.com/nodemesh/nodemesh/lab/labtest"
 )
 
 // TestLabInformers runs the informers against the real kube-apiserver:
@@ -30,17 +28,7 @@ import (
 func TestLabInformers(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	bin, err := apiserver.Binary(ctx)
-	if err != nil {
-		privtest.Skip(t, "kube-apiserver unavailable: "+err.Error())
-	}
-	if _, err := exec.LookPath("etcd"); err != nil {
-		privtest.Skip(t, "etcd not installed (apt-get install etcd-server)")
-	}
-	srv, err := apiserver.Start(ctx, apiserver.Config{Dir: t.TempDir(), Binary: bin})
-	if err != nil {
-		t.Fatal(err)
-	}
+	srv := labtest.APIServer(ctx, t)
 	stopped := false
 	defer func() {
 		if !stopped {

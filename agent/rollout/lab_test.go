@@ -3,7 +3,6 @@ package rollout
 import (
 	"context"
 	"log/slog"
-	"os/exec"
 	"testing"
 	"time"
 
@@ -12,8 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
-	"github.com/nodemesh/nodemesh/lab/apiserver"
-	"github.com/nodemesh/nodemesh/lab/privtest"
+	"github.com/nodemesh/nodemesh/lab/labtest"
 )
 
 // TestLabMark runs the mark and the peers' view against the real
@@ -23,18 +21,7 @@ import (
 func TestLabMark(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	bin, err := apiserver.Binary(ctx)
-	if err != nil {
-		privtest.Skip(t, "kube-apiserver unavailable: "+err.Error())
-	}
-	if _, err := exec.LookPath("etcd"); err != nil {
-		privtest.Skip(t, "etcd not installed (apt-get install etcd-server)")
-	}
-	srv, err := apiserver.Start(ctx, apiserver.Config{Dir: t.TempDir(), Binary: bin})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Stop()
+	srv := labtest.APIServer(ctx, t)
 	c := srv.Client
 	if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: DefaultNamespace}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/nodemesh/nodemesh/lab"
+	"github.com/nodemesh/nodemesh/lab/apiserver"
 	"github.com/nodemesh/nodemesh/lab/examples"
 	"github.com/nodemesh/nodemesh/lab/privtest"
 	"github.com/nodemesh/nodemesh/lab/spec"
@@ -184,3 +185,24 @@ var (
 	buildMu sync.Mutex
 	built   = map[string]string{}
 )
+
+// APIServer starts a real etcd + kube-apiserver (no lab network) for a test
+// that only needs the Kubernetes API, and stops it when the test ends.
+// Without the kube-apiserver build or etcd it skips, or fails when
+// privileged tests are required (privtest).
+func APIServer(ctx context.Context, t testing.TB) *apiserver.Server {
+	t.Helper()
+	bin, err := apiserver.Binary(ctx)
+	if err != nil {
+		privtest.Skip(t, "kube-apiserver unavailable: "+err.Error())
+	}
+	if _, err := exec.LookPath("etcd"); err != nil {
+		privtest.Skip(t, "etcd not installed (apt-get install etcd-server)")
+	}
+	srv, err := apiserver.Start(ctx, apiserver.Config{Dir: t.TempDir(), Binary: bin})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Stop() })
+	return srv
+}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"os/exec"
 	"sync"
 	"testing"
 	"time"
@@ -21,8 +20,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/policy"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
-	"github.com/nodemesh/nodemesh/lab/apiserver"
-	"github.com/nodemesh/nodemesh/lab/privtest"
+	"github.com/nodemesh/nodemesh/lab/labtest"
 	"github.com/nodemesh/nodemesh/manifests"
 )
 
@@ -36,18 +34,7 @@ import (
 func TestLabPolicyFollowsTheAPIServer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
-	bin, err := apiserver.Binary(ctx)
-	if err != nil {
-		privtest.Skip(t, "kube-apiserver unavailable: "+err.Error())
-	}
-	if _, err := exec.LookPath("etcd"); err != nil {
-		privtest.Skip(t, "etcd not installed (apt-get install etcd-server)")
-	}
-	srv, err := apiserver.Start(ctx, apiserver.Config{Dir: t.TempDir(), Binary: bin})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Stop()
+	srv := labtest.APIServer(ctx, t)
 	c := srv.Client
 	dyn, err := dynamic.NewForConfig(srv.REST)
 	if err != nil {
