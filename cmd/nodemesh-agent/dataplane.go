@@ -61,6 +61,11 @@ type dataplane struct {
 	// /proc (nil with --pod-netns=annotations).
 	podNetns  string
 	sandboxes sandboxScanner
+	// located caches the sandboxes found in /proc by pod UID, so /proc is
+	// walked only for new pods or changed sandboxes; alive checks an entry
+	// (stillThere; tests replace it). Both are used by the reconcile loop only.
+	located map[string]nodeinfo.Sandbox
+	alive   func(nodeinfo.Sandbox) bool
 
 	mu      sync.Mutex
 	pods    map[state.Key]*localPod
@@ -117,7 +122,7 @@ func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
 		}
 		root = report.Hierarchy.Path
 	}
-	dp := &dataplane{a: a, log: log, node: cfg.NodeName, pods: make(map[state.Key]*localPod), podNetns: cfg.PodNetns}
+	dp := &dataplane{a: a, log: log, node: cfg.NodeName, pods: make(map[state.Key]*localPod), podNetns: cfg.PodNetns, alive: stillThere}
 	if cfg.PodNetns != podNetnsAnnotations {
 		dp.sandboxes = node.Scanner
 	}
@@ -240,7 +245,9 @@ func (dp *dataplane) wanted(p *state.Pod) bool {
 func (dp *dataplane) reconcile(ctx context.Context, snap *state.Snapshot) {
 	want := make(map[state.Key]*state.Pod)
 	scan := dp.scanOnce()
+	seen := make(map[string]bool)
 	for _, p := range snap.PodsOnNode(dp.node) {
+		seen[p.UID] = true
 		p = dp.locate(p, scan)
 		if dp.wanted(p) {
 			want[p.Key()] = p
@@ -248,6 +255,7 @@ func (dp *dataplane) reconcile(ctx context.Context, snap *state.Snapshot) {
 			dp.log.Debug("enrolled pod without a network namespace yet", "pod", p.Key().String())
 		}
 	}
+	dp.forgetLocated(seen)
 	dp.mu.Lock()
 	var stop []*localPod
 	for k, lp := range dp.pods {

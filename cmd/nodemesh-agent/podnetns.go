@@ -1,6 +1,8 @@
 package main
 
 import (
+	"golang.org/x/sys/unix"
+
 	"github.com/nodemesh/nodemesh/agent/nodeinfo"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
@@ -12,8 +14,8 @@ type sandboxScanner interface {
 }
 
 // scanOnce returns a function that scans /proc at most once per reconcile,
-// and only if some pod needs it: a node with only annotated (lab) pods
-// never walks /proc.
+// and only if some pod needs it: a node with only annotated (lab) pods, or
+// whose pods were all found before and still live, never walks /proc.
 func (dp *dataplane) scanOnce() func() map[string]nodeinfo.Sandbox {
 	var (
 		done   bool
@@ -38,6 +40,14 @@ func (dp *dataplane) scanOnce() func() map[string]nodeinfo.Sandbox {
 	}
 }
 
+// stillThere reports whether a sandbox found earlier still lives: its
+// /proc/<pid>/ns/net link resolves to the same namespace (a recycled pid in
+// another namespace has another inode).
+func stillThere(sb nodeinfo.Sandbox) bool {
+	var st unix.Stat_t
+	return unix.Stat(sb.Netns, &st) == nil && st.Ino == sb.NetnsInode
+}
+
 // locate fills in where an enrolled local pod lives. The lab's annotations
 // are used only with --pod-netns=annotations or auto; with proc they are
 // ignored, because anyone who can create a pod can write an annotation.
@@ -53,10 +63,28 @@ func (dp *dataplane) locate(p *state.Pod, scan func() map[string]nodeinfo.Sandbo
 	}
 	cp := *p // snapshots are immutable: change a copy
 	cp.Netns, cp.Cgroup = "", ""
-	if p.UID != "" {
-		if sb, ok := scan()[p.UID]; ok {
-			cp.Netns, cp.Cgroup = sb.Netns, sb.Cgroup
+	if p.UID == "" {
+		return &cp
+	}
+	sb, ok := dp.located[p.UID]
+	if !ok || !dp.alive(sb) {
+		sb, ok = scan()[p.UID]
+	}
+	if ok {
+		if dp.located == nil {
+			dp.located = make(map[string]nodeinfo.Sandbox)
 		}
+		dp.located[p.UID] = sb
+		cp.Netns, cp.Cgroup = sb.Netns, sb.Cgroup
 	}
 	return &cp
+}
+
+// forgetLocated drops cached sandboxes of pods no longer on this node.
+func (dp *dataplane) forgetLocated(seen map[string]bool) {
+	for uid := range dp.located {
+		if !seen[uid] {
+			delete(dp.located, uid)
+		}
+	}
 }

@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nodemesh/nodemesh/agent/nodeinfo"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
@@ -84,10 +86,46 @@ func TestLocatePodNetns(t *testing.T) {
 		}
 	})
 
+	t.Run("later reconciles reuse a live sandbox and rescan a gone one", func(t *testing.T) {
+		fs := &fakeScanner{found: found}
+		live := map[string]bool{"u2": true}
+		dp := &dataplane{log: slog.New(slog.NewTextHandler(io.Discard, nil)), podNetns: podNetnsProc, sandboxes: fs,
+			alive: func(sb nodeinfo.Sandbox) bool { return live[sb.UID] }}
+		dp.locate(bare, dp.scanOnce())
+		if got := dp.locate(bare, dp.scanOnce()); got.Netns != "/proc/20/ns/net" || fs.calls != 1 {
+			t.Errorf("second reconcile: netns %q after %d scans, want the cached sandbox and 1 scan", got.Netns, fs.calls)
+		}
+		live["u2"] = false // the sandbox process exited: its pid may be reused
+		fs.found = map[string]nodeinfo.Sandbox{"u2": {UID: "u2", Netns: "/proc/30/ns/net"}}
+		if got := dp.locate(bare, dp.scanOnce()); got.Netns != "/proc/30/ns/net" || fs.calls != 2 {
+			t.Errorf("after the sandbox went: netns %q after %d scans, want a rescan", got.Netns, fs.calls)
+		}
+		dp.forgetLocated(map[string]bool{})
+		if len(dp.located) != 0 {
+			t.Errorf("forgetLocated kept %d entries for pods gone from the node", len(dp.located))
+		}
+	})
+
 	t.Run("annotations mode never scans", func(t *testing.T) {
 		dp := &dataplane{log: slog.New(slog.NewTextHandler(io.Discard, nil)), podNetns: podNetnsAnnotations}
 		if got := dp.locate(bare, dp.scanOnce()); got.Netns != "" {
 			t.Errorf("located %q with no scanner", got.Netns)
 		}
 	})
+}
+
+func TestStillThere(t *testing.T) {
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
+		t.Skipf("no /proc/self/ns/net: %v", err)
+	}
+	if !stillThere(nodeinfo.Sandbox{Netns: "/proc/self/ns/net", NetnsInode: st.Ino}) {
+		t.Error("a live namespace with its own inode is not there")
+	}
+	if stillThere(nodeinfo.Sandbox{Netns: "/proc/self/ns/net", NetnsInode: st.Ino + 1}) {
+		t.Error("a different namespace behind the same path (recycled pid) counts as there")
+	}
+	if stillThere(nodeinfo.Sandbox{Netns: "/proc/999999999/ns/net", NetnsInode: st.Ino}) {
+		t.Error("a gone process counts as there")
+	}
 }
