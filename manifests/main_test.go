@@ -1,10 +1,10 @@
 package manifests_test
 
 import (
-	"encoding/json"
-	"fmt"
 	"os"
 	"testing"
+
+	"github.com/nodemesh/nodemesh/lab/privtest"
 )
 
 // helperEnv makes the test binary act as a helper process instead of
@@ -17,22 +17,6 @@ var helpers = map[string]func() (any, error){
 }
 
 func TestMain(m *testing.M) {
-	if name := os.Getenv(helperEnv); name != "" {
-		fn, ok := helpers[name]
-		if !ok {
-			fmt.Fprintf(os.Stderr, "unknown helper %q\n", name)
-			os.Exit(2)
-		}
-		v, err := fn()
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "helper %s: %v\n", name, err)
-			os.Exit(1)
-		}
-		if err := json.NewEncoder(os.Stdout).Encode(v); err != nil {
-			fmt.Fprintf(os.Stderr, "helper %s: %v\n", name, err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
+	privtest.RunHelper(helperEnv, helpers)
 	os.Exit(m.Run())
 }

@@ -7,6 +7,8 @@
 package privtest
 
 import (
+	"encoding/json"
+	"fmt"
 	"os"
 	"testing"
 )
@@ -32,4 +34,31 @@ func Root(t testing.TB) {
 	if os.Geteuid() != 0 {
 		Skip(t, "needs root (network namespaces, BPF, cgroups); run with sudo")
 	}
+}
+
+// RunHelper makes a test binary act as a helper process when the variable
+// env names one of helpers: privileged tests re-execute their own binary
+// with fewer capabilities or in other namespaces, as a container runtime
+// would start the agent. The helper's result is written to stdout as JSON
+// and the process exits (0 on success, 1 on error, 2 for an unknown name).
+// Without env set it returns, and TestMain goes on to run the tests.
+func RunHelper(env string, helpers map[string]func() (any, error)) {
+	name := os.Getenv(env)
+	if name == "" {
+		return
+	}
+	fn, ok := helpers[name]
+	if !ok {
+		fmt.Fprintf(os.Stderr, "unknown helper %q\n", name)
+		os.Exit(2)
+	}
+	v, err := fn()
+	if err == nil {
+		err = json.NewEncoder(os.Stdout).Encode(v)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "helper %s: %v\n", name, err)
+		os.Exit(1)
+	}
+	os.Exit(0)
 }
