@@ -108,12 +108,17 @@ func (l *Lab) setupPodNet(ctx context.Context, p *Pod, n *Node) error {
 	return nil
 }
 
-// teardownPodNet removes a pod's namespace; the kernel deletes the veth
-// pair and the node's route to it with it.
+// teardownPodNet removes a pod's veth pair and namespace. The veth is
+// deleted first and explicitly: a namespace is destroyed asynchronously
+// after `ip netns del`, so the node's end of the pair (and its name, which
+// the next pod on that index reuses) could otherwise outlive the call.
 func teardownPodNet(ctx context.Context, p *Pod) error {
 	if _, err := os.Stat(p.Netns); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
+	// Deleting one end deletes the pair and the node's route, at once. It
+	// fails only when the veth was never made or is gone already.
+	_ = netns.IP(ctx, filepath.Base(p.Netns), []string{"link del dev eth0"})
 	if err := netns.IP(ctx, "", []string{"netns del " + filepath.Base(p.Netns)}); err != nil {
 		return fmt.Errorf("removing the network namespace of pod %s: %w", p.Key(), err)
 	}
