@@ -101,9 +101,9 @@ func NewMetrics(reg prometheus.Registerer, access *slog.Logger) (*Metrics, error
 			Help:    "Time from accepting a captured connection to the destination being connected (tunnel stream or passthrough dial).",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 12)}, []string{"direction", "outcome"}),
 		denied: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nodemesh_connections_denied_total",
-			Help: "Connections refused, by direction and reason class (policy, strict_mtls, no_endpoints, error)."}, []string{"direction", "reason"}),
+			Help: "Connections refused by the agent, by direction and reason (policy, strict_mtls, no_endpoints, error)."}, []string{"direction", "reason"}),
 		capture: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "nodemesh_capture_status",
-			Help: "1 for each local pod's current capture status (enrolled, failed, disabled)."}, []string{"namespace", "pod", "status"}),
+			Help: "1 for each local pod's current capture status (enrolled, verified, failed)."}, []string{"namespace", "pod", "status"}),
 		access:    access,
 		captureOf: make(map[string]string),
 	}
@@ -135,16 +135,27 @@ func (m *Metrics) Closed(c *Conn, sent, received int64, reason string) {
 	m.log("connection", c, sent, received, reason)
 }
 
-// Refused counts a connection refused before it opened (class is a small
-// fixed set: policy, strict_mtls, no_endpoints, connect_failed,
-// bad_request) and access-logs it with the full reason.
-func (m *Metrics) Refused(c *Conn, class, reason string) {
-	dir := "inbound"
+// Refused counts a connection the agent refused before it opened (reason
+// is a label value of nodemesh_connections_denied_total, from a small fixed
+// set) and access-logs it with the full detail.
+func (m *Metrics) Refused(c *Conn, reason, detail string) {
+	m.Denied(c.direction(), reason)
+	m.log("connection refused", c, 0, 0, detail)
+}
+
+// Failed records a connection whose setup failed (the destination or the
+// tunnel did not answer): outcome is the setup histogram's outcome label,
+// setup the time until the failure. It is not a denial.
+func (m *Metrics) Failed(c *Conn, outcome string, setup time.Duration, detail string) {
+	m.Setup(c.direction(), outcome, setup)
+	m.log("connection failed", c, 0, 0, detail)
+}
+
+func (c *Conn) direction() string {
 	if c.Reporter == ReporterSource {
-		dir = "outbound"
+		return "outbound"
 	}
-	m.Denied(dir, class)
-	m.log("connection refused", c, 0, 0, reason)
+	return "inbound"
 }
 
 func (m *Metrics) log(msg string, c *Conn, sent, received int64, reason string) {
@@ -174,7 +185,7 @@ func (m *Metrics) log(msg string, c *Conn, sent, received int64, reason string) 
 }
 
 // Setup observes how long a connection took to set up. direction is
-// "outbound" or "inbound", outcome "ok" or a failure class.
+// "outbound" or "inbound", outcome "ok" or a failure (Failed).
 func (m *Metrics) Setup(direction, outcome string, d time.Duration) {
 	m.setup.WithLabelValues(direction, outcome).Observe(d.Seconds())
 }

@@ -10,8 +10,12 @@
 //   - Inbound HBONE (15008): the hbone package authenticates the peer; this
 //     package checks the CONNECT target (the pod's own IP, not an agent
 //     port), ingress policy, then dials the application and copies.
-//   - Inbound plaintext (15006): follows the workload's mTLS mode: STRICT
-//     refuses, PERMISSIVE checks ingress policy and forwards.
+//   - Inbound plaintext (15006): checks ingress policy, which also owns the
+//     workload's mTLS mode (STRICT refuses plaintext except what the
+//     policy exempts, such as kubelet probes), and forwards.
+//
+// Every refusal and setup failure is reported to the Observer with a typed
+// RefusalReason; metrics map it to their label values.
 //
 // Every connection is tracked so that it can be listed, closed when policy
 // changes, and drained on shutdown. Copying uses pooled buffers (or splice
@@ -21,5 +25,5 @@
 // The package takes plain values and small interfaces (Resolver, Policy,
 // Dialer, OrigDstFunc, the hbone TLS providers), so it runs and benchmarks
 // in-process without root; cmd/nodemesh-agent wires it to capture, state
-// and identity.
+// and identity (agent/enforce is its Policy).
 package proxy

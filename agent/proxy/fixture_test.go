@@ -50,7 +50,7 @@ type fixture struct {
 	outbound     netip.AddrPort // pod A's outbound listener
 	dsts         dstTable
 	policy       atomic.Pointer[proxy.Policy]
-	mode         atomic.Int32 // proxy.MTLSMode for node 2
+	strict       atomic.Bool  // node 2's policy refuses inbound plaintext as STRICT
 	dials        atomic.Int32 // node 2 application dials
 	appLns       []net.Listener
 	obs1, obs2   *recorder
@@ -71,8 +71,7 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 	}
 	f := &fixture{t: t, ca: ca, store: &hbonetest.Store{}}
 	f.tls = hbone.SPIFFETLS{SVID: f.store.Source, Bundles: ca.Bundle()}
-	allow := proxy.AllowAll
-	f.policy.Store(&allow)
+	f.setPolicy(allowAll)
 	if o.app == nil {
 		o.app = echoConn
 	}
@@ -107,6 +106,14 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 	policy := proxy.PolicyFunc(func(ctx context.Context, fl *proxy.Flow) proxy.Decision {
 		return (*f.policy.Load()).Check(ctx, fl)
 	})
+	// Node 2 plays the policy engine's mTLS step: with strict set, inbound
+	// plaintext is refused as STRICT before the rest of the policy.
+	policy2 := proxy.PolicyFunc(func(ctx context.Context, fl *proxy.Flow) proxy.Decision {
+		if f.strict.Load() && fl.Direction == proxy.Inbound && fl.Transport == proxy.TransportPlaintext {
+			return proxy.Decision{Refusal: proxy.RefusedStrictMTLS, Reason: "mTLS mode is STRICT"}
+		}
+		return policy.Check(ctx, fl)
+	})
 	f.obs1, f.obs2 = &recorder{}, &recorder{}
 	f.node1, err = proxy.New(proxy.Config{Resolver: proxy.ResolverFunc(f.resolve), Pool: f.pool1, ServerTLS: f.tls, Policy: policy, Observer: f.obs1})
 	if err != nil {
@@ -124,10 +131,9 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 		Resolver:  proxy.ResolverFunc(f.resolve),
 		Pool:      f.pool2,
 		ServerTLS: f.tls,
-		Policy:    policy,
+		Policy:    policy2,
 		Dialer:    countingDialer,
 		Observer:  f.obs2,
-		Mode:      func(*proxy.Workload, uint16) proxy.MTLSMode { return proxy.MTLSMode(f.mode.Load()) },
 		HBONE:     hbone.ServerConfig{Flow: o.flow},
 	})
 	if err != nil {
@@ -174,6 +180,11 @@ func (f *fixture) close() {
 }
 
 func (f *fixture) setPolicy(p proxy.Policy) { f.policy.Store(&p) }
+
+// allowAll allows every flow (a proxy has no default policy).
+var allowAll = proxy.PolicyFunc(func(context.Context, *proxy.Flow) proxy.Decision {
+	return proxy.Decision{Allow: true, Reason: "test allows all"}
+})
 
 // resolve knows the VIP and the pods; anything else is outside the mesh.
 func (f *fixture) resolve(_ *proxy.Workload, dst netip.AddrPort) (proxy.Destination, error) {
@@ -316,7 +327,8 @@ type recorder struct {
 	opened  []proxy.ConnInfo
 	closed  []string // reasons
 	bytes   []int64  // Sent+Received of closed connections
-	refused []string
+	refused []string // details
+	reasons []proxy.RefusalReason
 }
 
 func (r *recorder) Opened(c *proxy.ConnInfo) {
@@ -332,10 +344,17 @@ func (r *recorder) Closed(c *proxy.ConnInfo, reason string) {
 	r.bytes = append(r.bytes, c.Sent+c.Received)
 }
 
-func (r *recorder) Refused(f *proxy.Flow, reason string) {
+func (r *recorder) Refused(f *proxy.Flow, why *proxy.Refusal) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.refused = append(r.refused, reason)
+	r.refused = append(r.refused, why.Detail)
+	r.reasons = append(r.reasons, why.Reason)
+}
+
+func (r *recorder) refusals() []proxy.RefusalReason {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]proxy.RefusalReason(nil), r.reasons...)
 }
 
 func (r *recorder) snapshot() (opened int, closed, refused []string, bytes []int64) {

@@ -41,19 +41,19 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 		// Never dial on a peer's say-so: the tunnel is for this pod only.
 		log.Debug("CONNECT refused: target is not this pod's IP")
 		t.Refuse(http.StatusBadRequest)
-		p.cfg.Observer.Refused(&c.flow, "target is not this pod")
+		p.report(&c.flow, start, RefusedInvalid, "target is not this pod")
 		return
 	}
 	if p.isAgentPort(req.Target.Port()) {
 		log.Debug("CONNECT refused: target is an agent port")
 		t.Refuse(http.StatusBadRequest)
-		p.cfg.Observer.Refused(&c.flow, "target is an agent port")
+		p.report(&c.flow, start, RefusedInvalid, "target is an agent port")
 		return
 	}
 	if dec := p.cfg.Policy.Check(ctx, &c.flow); !dec.Allow {
 		log.Debug("CONNECT denied by policy", "reason", dec.Reason)
 		t.Refuse(http.StatusUnauthorized)
-		p.cfg.Observer.Refused(&c.flow, "denied: "+dec.Reason)
+		p.report(&c.flow, start, denied(dec), "denied: "+dec.Reason)
 		return
 	}
 	dctx, cancel := context.WithTimeout(context.WithValue(ctx, flowKey{}, &c.flow), p.cfg.ConnectTimeout)
@@ -62,7 +62,7 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 	if err != nil {
 		log.Debug("dialing the application failed", "error", err)
 		t.Refuse(http.StatusServiceUnavailable)
-		p.cfg.Observer.Refused(&c.flow, "dial failed")
+		p.report(&c.flow, start, FailedDial, "dialing the application: "+err.Error())
 		return
 	}
 	if err := t.Accept(); err != nil {
@@ -124,7 +124,7 @@ func (p *Proxy) handleInboundPlaintext(c net.Conn, w *Workload, origDst OrigDstF
 		dst, err := origDst(c)
 		if err != nil {
 			p.log.Warn("inbound plaintext connection without original destination; resetting it", "pod", w.String(), "src", f.Src.String(), "error", err)
-			p.refuse(c, f, "no original destination")
+			p.refuse(c, f, tc.start, RefusedInvalid, "no original destination")
 			return
 		}
 		f.Dst = dst
@@ -135,17 +135,14 @@ func (p *Proxy) handleInboundPlaintext(c net.Conn, w *Workload, origDst OrigDstF
 	log := p.log.With("pod", w.String(), "src", f.Src.String(), "dst", f.Dst.String())
 	if p.isAgentPort(f.Dst.Port()) {
 		log.Debug("plaintext to an agent port refused")
-		p.refuse(c, f, "target is an agent port")
+		p.refuse(c, f, tc.start, RefusedInvalid, "target is an agent port")
 		return
 	}
-	if p.cfg.Mode(w, f.Dst.Port()) == Strict {
-		log.Debug("plaintext refused: mTLS mode is STRICT")
-		p.refuse(c, f, "mTLS STRICT")
-		return
-	}
+	// The Policy decides the mTLS mode too (STRICT refuses plaintext, with
+	// its exemptions such as kubelet probes from the pod's node).
 	if dec := p.cfg.Policy.Check(p.ctx, f); !dec.Allow {
 		log.Debug("plaintext connection denied by policy", "reason", dec.Reason)
-		p.refuse(c, f, "denied: "+dec.Reason)
+		p.refuse(c, f, tc.start, denied(dec), "denied: "+dec.Reason)
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithValue(p.ctx, flowKey{}, f), p.cfg.ConnectTimeout)
@@ -153,7 +150,7 @@ func (p *Proxy) handleInboundPlaintext(c net.Conn, w *Workload, origDst OrigDstF
 	cancel()
 	if err != nil {
 		log.Debug("dialing the application failed; resetting", "error", err)
-		p.refuse(c, f, "dial failed")
+		p.refuse(c, f, tc.start, FailedDial, "dialing the application: "+err.Error())
 		return
 	}
 	tc.kill = func() {

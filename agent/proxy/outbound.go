@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -18,7 +19,7 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 	dst, err := origDst(app)
 	if err != nil {
 		p.log.Warn("outbound connection without original destination; resetting it", "pod", w.String(), "src", pre.Src.String(), "error", err)
-		p.refuse(app, pre, "no original destination")
+		p.refuse(app, pre, start, RefusedInvalid, "no original destination")
 		return
 	}
 	pre.OrigDst, pre.Dst = dst, dst
@@ -26,7 +27,7 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 		// A connection to the agent's own listener was captured: a
 		// capture loop. Refuse rather than spin.
 		p.log.Warn("outbound connection to an agent port of the pod itself; resetting it", "pod", w.String(), "dst", dst.String())
-		p.refuse(app, pre, "capture loop")
+		p.refuse(app, pre, start, RefusedInvalid, "capture loop")
 		return
 	}
 	d, err := p.cfg.Resolver.Resolve(w, dst)
@@ -36,7 +37,7 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 	if err != nil {
 		p.log.Debug("outbound destination did not resolve; resetting", "pod", w.String(), "dst", dst.String(), "error", err)
 		pre.Service = d.Service
-		p.refuse(app, pre, "no endpoint")
+		p.refuse(app, pre, start, resolveRefusal(err), err.Error())
 		return
 	}
 	i, release := p.bal.pick(d.Endpoints)
@@ -59,7 +60,7 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 	}
 	if dec := p.cfg.Policy.Check(p.ctx, &c.flow); !dec.Allow {
 		p.log.Debug("outbound connection denied", "pod", w.String(), "dst", dst.String(), "reason", dec.Reason)
-		p.refuse(app, &c.flow, "denied: "+dec.Reason)
+		p.refuse(app, &c.flow, start, denied(dec), "denied: "+dec.Reason)
 		return
 	}
 	if ep.Enrolled {
@@ -67,6 +68,17 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 	} else {
 		p.passthrough(app, c)
 	}
+}
+
+// resolveRefusal classifies a Resolver error.
+func resolveRefusal(err error) RefusalReason {
+	switch {
+	case errors.Is(err, ErrNoEndpoints):
+		return RefusedNoEndpoints
+	case errors.Is(err, ErrStrictMTLS):
+		return RefusedStrictMTLS
+	}
+	return RefusedInvalid
 }
 
 // passthrough copies to the chosen endpoint in plaintext. The endpoint,
@@ -78,7 +90,7 @@ func (p *Proxy) passthrough(app net.Conn, c *conn) {
 	cancel()
 	if err != nil {
 		p.log.Debug("passthrough dial failed; resetting", "pod", c.flow.Workload.String(), "dst", c.flow.Dst.String(), "error", err)
-		p.refuse(app, &c.flow, "dial failed")
+		p.refuse(app, &c.flow, c.start, FailedDial, "dialing the destination: "+err.Error())
 		return
 	}
 	c.kill = func() {
@@ -108,7 +120,7 @@ func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
 	})
 	if err != nil {
 		p.log.Debug("HBONE connect failed; resetting", "pod", c.flow.Workload.String(), "dst", ep.Addr.String(), "spiffe_id", ep.Identity.String(), "error", err)
-		p.refuse(app, &c.flow, "tunnel failed")
+		p.refuse(app, &c.flow, c.start, FailedTunnel, "opening the tunnel: "+err.Error())
 		<-body.done
 		return
 	}

@@ -168,7 +168,7 @@ func TestPrivTunnelBetweenPodNamespaces(t *testing.T) {
 		return proxy.Destination{Endpoints: []proxy.Endpoint{{Addr: dst}}}, nil
 	})
 	newProxy := func(d proxy.Dialer) *proxy.Proxy {
-		p, err := proxy.New(proxy.Config{Resolver: resolve, Pool: pool, ServerTLS: tlsP, Dialer: d})
+		p, err := proxy.New(proxy.Config{Resolver: resolve, Pool: pool, ServerTLS: tlsP, Dialer: d, Policy: allowAll})
 		if err != nil {
 			t.Fatal(err)
 		}

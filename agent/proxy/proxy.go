@@ -12,7 +12,8 @@ import (
 	"github.com/nodemesh/nodemesh/agent/hbone"
 )
 
-// Config configures a Proxy. Resolver, Pool and ServerTLS are required.
+// Config configures a Proxy. Resolver, Pool, ServerTLS and Policy are
+// required.
 type Config struct {
 	Logger   *slog.Logger
 	Resolver Resolver
@@ -24,12 +25,10 @@ type Config struct {
 	// Dialer opens passthrough and application connections (default: a
 	// net.Dialer).
 	Dialer Dialer
-	// Policy is consulted for every new connection and by Reevaluate
-	// (default AllowAll).
+	// Policy is consulted for every new connection (inbound plaintext
+	// included: it owns the mTLS mode) and by Reevaluate. There is no
+	// default: a proxy without a policy is a construction error.
 	Policy Policy
-	// Mode gives the inbound plaintext mTLS mode (default: PERMISSIVE
-	// everywhere).
-	Mode ModeFunc
 	// AgentPorts may not be targeted by a tunnel (default DefaultAgentPorts).
 	AgentPorts []uint16
 	// ConnectTimeout bounds dialing a passthrough destination or the
@@ -64,20 +63,14 @@ type Proxy struct {
 
 // New validates cfg and returns a Proxy.
 func New(cfg Config) (*Proxy, error) {
-	if cfg.Resolver == nil || cfg.Pool == nil || cfg.ServerTLS == nil {
-		return nil, errors.New("creating proxy: Config.Resolver, Pool and ServerTLS are required")
+	if cfg.Resolver == nil || cfg.Pool == nil || cfg.ServerTLS == nil || cfg.Policy == nil {
+		return nil, errors.New("creating proxy: Config.Resolver, Pool, ServerTLS and Policy are required")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Dialer == nil {
 		cfg.Dialer = &net.Dialer{}
-	}
-	if cfg.Policy == nil {
-		cfg.Policy = AllowAll
-	}
-	if cfg.Mode == nil {
-		cfg.Mode = func(*Workload, uint16) MTLSMode { return Permissive }
 	}
 	if cfg.AgentPorts == nil {
 		cfg.AgentPorts = DefaultAgentPorts
@@ -324,9 +317,22 @@ func (p *Proxy) Close() error {
 }
 
 // refuse resets c and reports the refusal.
-func (p *Proxy) refuse(c net.Conn, f *Flow, reason string) {
+func (p *Proxy) refuse(c net.Conn, f *Flow, start time.Time, why RefusalReason, detail string) {
 	resetConn(c)
-	p.cfg.Observer.Refused(f, reason)
+	p.report(f, start, why, detail)
+}
+
+// report tells the Observer about a refused or failed connection.
+func (p *Proxy) report(f *Flow, start time.Time, why RefusalReason, detail string) {
+	p.cfg.Observer.Refused(f, &Refusal{Reason: why, Detail: detail, Setup: time.Since(start)})
+}
+
+// denied returns the refusal reason of a policy denial.
+func denied(d Decision) RefusalReason {
+	if d.Refusal == RefusedStrictMTLS {
+		return RefusedStrictMTLS
+	}
+	return RefusedPolicy
 }
 
 func (p *Proxy) isAgentPort(port uint16) bool {

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -228,6 +229,18 @@ func TestOutboundFailuresResetQuickly(t *testing.T) {
 		return proxy.Decision{Allow: fl.Direction != proxy.Inbound, Reason: "test denies ingress"}
 	}))
 	expectReset(t, f.dial(f.b1.app), "ingress denied")
+
+	// Each failure is reported with its typed reason (the report follows
+	// the reset, so wait for all of them; their order may vary).
+	waitFor(t, "six refusals on node 1", func() bool { return len(f.obs1.refusals()) == 6 })
+	got := f.obs1.refusals()
+	slices.Sort(got)
+	want := []proxy.RefusalReason{proxy.RefusedPolicy, proxy.RefusedNoEndpoints, proxy.RefusedInvalid,
+		proxy.FailedDial, proxy.FailedTunnel, proxy.FailedTunnel}
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("refusal reasons %v, want %v", got, want)
+	}
 }
 
 func TestInboundRefusals(t *testing.T) {
@@ -282,7 +295,7 @@ func TestInboundPlaintextModes(t *testing.T) {
 		return c
 	}
 	echoRoundTrip(t, dialPlain(), []byte("permissive"))
-	f.mode.Store(int32(proxy.Strict))
+	f.strict.Store(true)
 	before := f.b1.accepts.Load()
 	// The reset may come before connect(2) returns on loopback.
 	if c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(f.b1.plain)); err != nil {
@@ -295,6 +308,10 @@ func TestInboundPlaintextModes(t *testing.T) {
 	}
 	if f.b1.accepts.Load() != before {
 		t.Fatal("STRICT mode let plaintext reach the application")
+	}
+	waitFor(t, "the STRICT refusal to be reported", func() bool { return len(f.obs2.refusals()) == 1 })
+	if got := f.obs2.refusals(); got[0] != proxy.RefusedStrictMTLS {
+		t.Fatalf("refusal reason %v, want %v", got, proxy.RefusedStrictMTLS)
 	}
 }
 
@@ -393,6 +410,10 @@ func TestConfigValidation(t *testing.T) {
 		t.Fatal("New with an empty config succeeded")
 	}
 	f := newFixture(t, fixtureOpts{})
+	// A proxy without a policy must not default to allowing everything.
+	if _, err := proxy.New(proxy.Config{Resolver: proxy.ResolverFunc(f.resolve), Pool: f.pool1, ServerTLS: f.tls}); err == nil {
+		t.Fatal("New without a Policy succeeded")
+	}
 	ln := listenOn(t, ipA)
 	if err := f.node1.ServeOutbound(context.Background(), ln, &proxy.Workload{Name: "x"}, f.dsts.lookup); err == nil {
 		t.Fatal("ServeOutbound for a workload without identity succeeded")
@@ -439,6 +460,9 @@ func TestObserverEvents(t *testing.T) {
 	_, closed, refused, _ := f.obs1.snapshot()
 	if closed[1] != proxy.ClosePolicy || refused[0] != "denied: locked down" {
 		t.Fatalf("closed %v, refused %v", closed, refused)
+	}
+	if got := f.obs1.refusals(); got[0] != proxy.RefusedPolicy {
+		t.Fatalf("refusal reason %v, want %v", got, proxy.RefusedPolicy)
 	}
 }
 

@@ -40,14 +40,14 @@ type Observer interface {
 	Closed(c *ConnInfo, reason string)
 	// Refused: a connection was refused or failed before it opened (policy
 	// denial, no endpoint, dial or tunnel failure); f may be partly filled.
-	Refused(f *Flow, reason string)
+	Refused(f *Flow, r *Refusal)
 }
 
 type nopObserver struct{}
 
 func (nopObserver) Opened(*ConnInfo)         {}
 func (nopObserver) Closed(*ConnInfo, string) {}
-func (nopObserver) Refused(*Flow, string)    {}
+func (nopObserver) Refused(*Flow, *Refusal)  {}
 
 type conn struct {
 	id         uint64

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -183,13 +184,18 @@ func FlowFromContext(ctx context.Context) (*Flow, bool) {
 
 // Decision is a policy verdict with a reason for logs.
 type Decision struct {
-	Allow  bool
-	Reason string
+	Allow bool
+	// Refusal classifies a denial: RefusedPolicy (also when zero) or
+	// RefusedStrictMTLS (plaintext to a port that requires mTLS).
+	Refusal RefusalReason
+	Reason  string
 }
 
 // Policy decides whether a flow may proceed. It is called before a
 // connection is set up and again by Reevaluate for open connections. It
-// must be fast and must not block.
+// must be fast and must not block. It is the only place that decides
+// inbound plaintext against the mTLS mode (STRICT and its exemptions): the
+// proxy has no mode of its own that could contradict it.
 type Policy interface {
 	Check(ctx context.Context, f *Flow) Decision
 }
@@ -200,19 +206,67 @@ type PolicyFunc func(ctx context.Context, f *Flow) Decision
 // Check implements Policy.
 func (p PolicyFunc) Check(ctx context.Context, f *Flow) Decision { return p(ctx, f) }
 
-// AllowAll is the default Policy until the policy engine is wired in.
-var AllowAll Policy = PolicyFunc(func(context.Context, *Flow) Decision {
-	return Decision{Allow: true, Reason: "no policy configured"}
-})
+// ErrStrictMTLS is returned (wrapped) by a Resolver for a destination that
+// requires mTLS but cannot be reached through a tunnel; the connection is
+// refused with RefusedStrictMTLS, never sent in plaintext.
+var ErrStrictMTLS = errors.New("destination requires mTLS but cannot be reached through a tunnel")
 
-// MTLSMode is a workload port's inbound plaintext mode.
-type MTLSMode uint8
+// RefusalReason says why a connection was refused or failed before it
+// opened. Each value has a stable label (String) for metrics.
+type RefusalReason uint8
 
-// Modes. The zero value is PERMISSIVE, the default.
+// Refusal reasons. The first four are refusals (the agent decided); the
+// Failed ones are connection failures (the destination or the tunnel did
+// not answer).
 const (
-	Permissive MTLSMode = iota
-	Strict
+	// RefusedPolicy: the Policy denied the flow.
+	RefusedPolicy RefusalReason = iota + 1
+	// RefusedStrictMTLS: plaintext to, or without a tunnel towards, a port
+	// whose mTLS mode is STRICT.
+	RefusedStrictMTLS
+	// RefusedNoEndpoints: the destination resolved to nothing reachable.
+	RefusedNoEndpoints
+	// RefusedInvalid: the request itself is wrong (no original
+	// destination, a capture loop, a tunnel target that is not the pod or
+	// is an agent port, a Resolver error of another kind).
+	RefusedInvalid
+	// FailedDial: dialling the passthrough destination or the local
+	// application failed.
+	FailedDial
+	// FailedTunnel: the HBONE tunnel or its CONNECT stream could not be
+	// opened.
+	FailedTunnel
 )
 
-// ModeFunc returns the mTLS mode for plaintext arriving at w's port.
-type ModeFunc func(w *Workload, port uint16) MTLSMode
+// RefusalReasons lists every reason, for tests and documentation.
+var RefusalReasons = []RefusalReason{RefusedPolicy, RefusedStrictMTLS, RefusedNoEndpoints, RefusedInvalid, FailedDial, FailedTunnel}
+
+func (r RefusalReason) String() string {
+	switch r {
+	case RefusedPolicy:
+		return "policy"
+	case RefusedStrictMTLS:
+		return "strict_mtls"
+	case RefusedNoEndpoints:
+		return "no_endpoints"
+	case RefusedInvalid:
+		return "invalid"
+	case FailedDial:
+		return "dial_failed"
+	case FailedTunnel:
+		return "tunnel_failed"
+	}
+	return "unknown"
+}
+
+// Failure reports whether r is a connection failure rather than a refusal.
+func (r RefusalReason) Failure() bool { return r == FailedDial || r == FailedTunnel }
+
+// Refusal describes a connection refused or failed before it opened.
+type Refusal struct {
+	Reason RefusalReason
+	// Detail is the human-readable cause, for logs.
+	Detail string
+	// Setup is the time from accepting the connection to the refusal.
+	Setup time.Duration
+}

@@ -16,9 +16,9 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	corev1 "k8s.io/api/core/v1"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/enforce"
 	"github.com/nodemesh/nodemesh/agent/hbone"
 	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/agent/nodeinfo"
@@ -44,15 +44,15 @@ const (
 // proxy: it enrolls the enrolled pods of this node, serves their in-pod
 // listeners, and keeps policy current.
 type dataplane struct {
-	a       *agent
-	log     *slog.Logger
-	node    string
-	capture *redirect.Capture
-	svids   *svid.Manager
-	ca      *svid.Client
-	tls     hbone.SPIFFETLS
-	engine  *policy.Engine
-	pol     atomic.Pointer[policy.Snapshot]
+	a        *agent
+	log      *slog.Logger
+	node     string
+	capture  *redirect.Capture
+	svids    *svid.Manager
+	ca       *svid.Client
+	tls      hbone.SPIFFETLS
+	pol      atomic.Pointer[policy.Snapshot]
+	enforcer *enforce.Policy // the proxies' Policy, over pol
 
 	ctx    context.Context // parent of the pods' serving contexts
 	cancel context.CancelFunc
@@ -149,8 +149,12 @@ func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
 		SVID:    func(id spiffeid.ID) (x509svid.Source, error) { return dp.svids.SVIDSource(id), nil },
 		Bundles: dp.svids,
 	}
-	if dp.engine, err = policy.NewEngine(8192); err != nil {
+	engine, err := policy.NewEngine(8192)
+	if err != nil {
 		return nil, fmt.Errorf("creating the policy engine: %w", err)
+	}
+	if dp.enforcer, err = enforce.New(enforce.Config{Snapshot: dp.pol.Load, Engine: engine, Log: log.With("component", "policy")}); err != nil {
+		return nil, err
 	}
 	dp.ctx, dp.cancel = context.WithCancel(context.Background())
 
@@ -348,7 +352,7 @@ func (dp *dataplane) enroll(ctx context.Context, p *state.Pod) {
 	if err == nil {
 		lp.proxy, err = proxy.New(proxy.Config{
 			Logger: log.With("component", "proxy"), Resolver: dp, Pool: lp.pool, ServerTLS: dp.tls,
-			Dialer: podDialer{dial}, Policy: dp, Mode: dp.mode, Observer: observer{dp},
+			Dialer: podDialer{dial}, Policy: dp.enforcer, Observer: observer{dp},
 		})
 	}
 	if err != nil {
@@ -638,49 +642,6 @@ func (dp *dataplane) strictDst(pod string, port uint16) bool {
 	return !ok || m == v1alpha1.MTLSStrict
 }
 
-// Check implements proxy.Policy with the policy engine: egress at the
-// source agent, ingress at the destination agent.
-func (dp *dataplane) Check(_ context.Context, f *proxy.Flow) proxy.Decision {
-	ps := dp.pol.Load()
-	if ps == nil {
-		return proxy.Decision{Allow: false, Reason: "policy not loaded yet"}
-	}
-	pf := policy.Flow{Dst: f.Dst.Addr().Unmap(), Port: f.Dst.Port(), Protocol: corev1.ProtocolTCP, Src: f.Src.Addr().Unmap()}
-	var d *policy.Decision
-	switch f.Direction {
-	case proxy.Outbound:
-		pf.SrcPod = f.Workload.String()
-		if len(f.Workload.IPs) > 0 {
-			pf.Src = f.Workload.IPs[0] // the app's socket faces 127.0.0.1:15001
-		}
-		pf.DstPod = f.DstWorkload
-		d = dp.engine.DecideEgress(ps, pf)
-	case proxy.Inbound:
-		pf.DstPod = f.Workload.String()
-		if f.Transport == proxy.TransportHBONE && !f.SrcIdentity.IsZero() {
-			pf.Principal = f.SrcIdentity.String()
-		}
-		d = dp.engine.DecideIngress(ps, pf)
-	default:
-		return proxy.Decision{Allow: false, Reason: "unknown direction"}
-	}
-	return proxy.Decision{Allow: d.Allowed(), Reason: d.Reason}
-}
-
-// mode implements proxy.ModeFunc; an unknown pod or no policy yet is
-// STRICT (fail closed).
-func (dp *dataplane) mode(w *proxy.Workload, port uint16) proxy.MTLSMode {
-	ps := dp.pol.Load()
-	if ps == nil {
-		return proxy.Strict
-	}
-	m, _, ok := ps.MTLSMode(w.String(), port)
-	if !ok || m == v1alpha1.MTLSStrict {
-		return proxy.Strict
-	}
-	return proxy.Permissive
-}
-
 // podDialer dials for a pod's proxy from inside the pod's network
 // namespace (passthrough keeps the pod's source IP; inbound delivery
 // reaches the app as the pod itself), with the capture bypass mark.
@@ -842,24 +803,22 @@ func (o observer) Closed(c *proxy.ConnInfo, reason string) {
 	o.dp.recordExposure(c)
 }
 
-func (o observer) Refused(f *proxy.Flow, reason string) {
-	o.dp.a.metrics.Refused(o.dp.metrics(*f, time.Time{}), refusalClass(reason), reason)
+func (o observer) Refused(f *proxy.Flow, r *proxy.Refusal) {
+	c := o.dp.metrics(*f, time.Time{})
+	if r.Reason.Failure() {
+		o.dp.a.metrics.Failed(c, r.Reason.String(), r.Setup, r.Detail)
+		return
+	}
+	o.dp.a.metrics.Refused(c, deniedLabel(r.Reason), r.Detail)
 }
 
-// refusalClass maps the proxy's refusal reasons to a few metric label values.
-func refusalClass(reason string) string {
-	switch {
-	case strings.HasPrefix(reason, "denied"):
-		return "policy"
-	case strings.Contains(reason, "STRICT"):
-		return "strict_mtls"
-	case strings.Contains(reason, "no endpoint"):
-		return "no_endpoints"
-	case strings.Contains(reason, "failed"):
-		return "connect_failed"
-	default:
-		return "bad_request"
+// deniedLabel is the nodemesh_connections_denied_total reason of a
+// refusal (docs/operations.md).
+func deniedLabel(r proxy.RefusalReason) string {
+	if r == proxy.RefusedInvalid {
+		return "error"
 	}
+	return r.String()
 }
 
 func splitKey(s string) (ns, name string) {

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -82,10 +81,6 @@ func (a *agent) meshCapable(node string) bool {
 	return a.peers.Capable(node)
 }
 
-// errStrictUnprotected: the destination requires mTLS but its node has no
-// ready agent to terminate the tunnel.
-var errStrictUnprotected = errors.New("destination is STRICT but its node has no ready nodemesh agent")
-
 // meshEndpoint decides how addr (pod p, nil if not a known pod) is
 // reached: over HBONE when p is enrolled, serves the port through capture
 // and its node is mesh-capable; otherwise in plaintext, unless p is STRICT
@@ -107,7 +102,7 @@ func meshEndpoint(addr netip.AddrPort, p *state.Pod, capable func(node string) b
 		return ep, nil
 	}
 	if strict(p.Ref, addr.Port()) {
-		return ep, fmt.Errorf("%s (%s on node %s): %w", p.Ref, addr, p.Node, errStrictUnprotected)
+		return ep, fmt.Errorf("%s (%s on node %s) has no ready nodemesh agent: %w", p.Ref, addr, p.Node, proxy.ErrStrictMTLS)
 	}
 	return ep, nil
 }

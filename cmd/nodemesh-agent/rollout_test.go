@@ -7,6 +7,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
 
@@ -46,7 +47,7 @@ func TestMeshEndpoint(t *testing.T) {
 			return tc.strict
 		})
 		if tc.wantRefused {
-			if !errors.Is(err, errStrictUnprotected) {
+			if !errors.Is(err, proxy.ErrStrictMTLS) {
 				t.Errorf("%s: err = %v, want refusal", tc.name, err)
 			}
 			continue

@@ -1,12 +1,18 @@
-// Package proxypolicy connects the policy engine to the L4 proxy: it
-// implements agent/proxy's Policy interface over the snapshot the agent
-// currently enforces. Outbound connections get the egress decision (the
-// source agent's share), inbound ones (HBONE or plaintext) the ingress
-// decision on the inner destination port and the peer's verified SPIFFE ID.
+// Package enforce is the agent's only proxy.Policy: it connects the policy
+// engine to the L4 proxy over the snapshot the agent currently enforces.
+// Outbound connections get the egress decision (the source agent's share),
+// inbound ones (HBONE or plaintext) the ingress decision on the inner
+// destination port and the peer's verified SPIFFE ID.
+//
+// The engine owns the mTLS mode: STRICT, its kubelet-probe exemption and
+// AUDIT logging are decided here and nowhere else, so the proxy cannot
+// refuse what `nodemeshctl policy explain` allows. A plaintext flow the
+// engine refuses at its mTLS step is reported as proxy.RefusedStrictMTLS.
+//
 // The proxy calls it again for every open connection after a change
 // (Reevaluate), which is how a policy, label or namespace change closes
 // connections that are now denied.
-package proxypolicy
+package enforce
 
 import (
 	"context"
@@ -30,9 +36,6 @@ type Config struct {
 	Engine *policy.Engine
 	// Log receives AUDIT matches (Info) and denials (Debug). Nil discards.
 	Log *slog.Logger
-	// OnDecision, if set, sees every decision (for metrics). It must not
-	// block or modify d.
-	OnDecision func(f *proxy.Flow, d *policy.Decision)
 }
 
 // Policy implements proxy.Policy.
@@ -45,12 +48,12 @@ var _ proxy.Policy = (*Policy)(nil)
 // New checks cfg and returns a Policy.
 func New(cfg Config) (*Policy, error) {
 	if cfg.Snapshot == nil {
-		return nil, errors.New("proxypolicy: Config.Snapshot is required")
+		return nil, errors.New("creating the policy enforcer: Config.Snapshot is required")
 	}
 	if cfg.Engine == nil {
 		e, err := policy.NewEngine(0)
 		if err != nil {
-			return nil, fmt.Errorf("proxypolicy: %w", err)
+			return nil, fmt.Errorf("creating the policy enforcer: %w", err)
 		}
 		cfg.Engine = e
 	}
@@ -106,19 +109,28 @@ func (p *Policy) Check(_ context.Context, f *proxy.Flow) proxy.Decision {
 	} else {
 		d = p.cfg.Engine.DecideIngress(snap, pf)
 	}
-	if p.cfg.OnDecision != nil {
-		p.cfg.OnDecision(f, d)
-	}
 	for _, a := range d.Audit {
 		p.cfg.Log.Info("policy audit", "policy", a.Namespace+"/"+a.Name, "src", f.Src.String(), "dst", f.Dst.String(),
 			"spiffe_id", pf.Principal, "verdict", string(d.Verdict))
 	}
-	reason := Reason(d)
-	if !d.Allowed() {
-		p.cfg.Log.Debug("policy denied", "direction", string(d.Direction), "src", f.Src.String(), "dst", f.Dst.String(),
-			"pod", f.Workload.String(), "policy", policyName(d.Policy), "rule", d.Rule, "reason", d.Reason)
+	if d.Allowed() {
+		return proxy.Decision{Allow: true, Reason: Reason(d)}
 	}
-	return proxy.Decision{Allow: d.Allowed(), Reason: reason}
+	p.cfg.Log.Debug("policy denied", "direction", string(d.Direction), "src", f.Src.String(), "dst", f.Dst.String(),
+		"pod", f.Workload.String(), "policy", policyName(d.Policy), "rule", d.Rule, "reason", d.Reason)
+	return proxy.Decision{Refusal: refusal(d, pf), Reason: Reason(d)}
+}
+
+// refusal classifies a denial: plaintext stopped at the mTLS step is
+// STRICT; everything else (including a certificate that does not match the
+// source pod, also an mTLS step) is policy.
+func refusal(d *policy.Decision, pf policy.Flow) proxy.RefusalReason {
+	if pf.Principal == "" && len(d.Steps) > 0 {
+		if last := d.Steps[len(d.Steps)-1]; last.Verdict == policy.Deny && last.Check == policy.CheckMTLS {
+			return proxy.RefusedStrictMTLS
+		}
+	}
+	return proxy.RefusedPolicy
 }
 
 // Reason is a one-line summary of a decision for logs: verdict, direction,
