@@ -3,6 +3,8 @@ package bench
 import (
 	"context"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -145,5 +147,64 @@ func TestLabBenchQuick(t *testing.T) {
 		}
 	} else {
 		t.Logf("HAProxy not installed: %v", err)
+	}
+}
+
+// TestLabBenchScaleSmoke runs the scale profile's smoke point (a few
+// hundred synthetic pods) with a real agent and checks that every phase
+// produced figures. It never asserts a time.
+func TestLabBenchScaleSmoke(t *testing.T) {
+	work := t.TempDir()
+	worker, err := LinkWorker(work)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp, err := ScaleSpec(worker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := labtest.Up(t, sp)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	log := slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	res, err := RunScale(ctx, ScaleOptions{Profile: ScaleProfiles["scale-smoke"], Lab: l, WorkDir: work, Log: log,
+		AgentBinary: labtest.GoBuild(t, "./cmd/nodemesh-agent"), CABinary: labtest.GoBuild(t, "./cmd/nodemesh-ca")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := t.TempDir()
+	if err := WriteScaleOutput(out, res); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"report.md", "results.json", chartScaleMemory, chartScaleCPU, chartScaleLatency} {
+		if _, err := os.Stat(filepath.Join(out, f)); err != nil {
+			t.Error(err)
+		}
+	}
+	if len(res.Points) != 1 {
+		t.Fatalf("%d points, want 1", len(res.Points))
+	}
+	pt := res.Points[0]
+	if pt.Load.Objects == 0 || pt.Restart <= 0 {
+		t.Errorf("point not loaded or no restart: %+v", pt)
+	}
+	for name, c := range map[string]ScaleCond{"rest": pt.Rest, "churn": pt.Churn} {
+		t.Logf("%s: RSS %.1f MiB heap %.1f MiB cpu %.3f netpol p99 %s label p99 %s crr p99 %s api %+v",
+			name, float64(c.RSS)/(1<<20), float64(c.HeapInuse)/(1<<20), c.CPU, c.Netpol.P99, c.Label.P99, c.CRR.P99, c.API)
+		if c.RSS <= 0 || c.HeapInuse <= 0 {
+			t.Errorf("%s: agent memory not sampled: %+v", name, c)
+		}
+		if c.Netpol.N == 0 || c.Label.N == 0 || c.Netpol.Timeouts > 0 {
+			t.Errorf("%s: probes: %+v %+v", name, c.Netpol, c.Label)
+		}
+		if c.CRR.N == 0 || c.CRRError != "" {
+			t.Errorf("%s: tcp-crr through the agent: %+v %s", name, c.CRR, c.CRRError)
+		}
+		if c.API.Requests() == 0 {
+			t.Errorf("%s: no API traffic counted", name)
+		}
+	}
+	if pt.Churn.Changes == 0 || pt.Churn.API.WatchBytes == 0 {
+		t.Errorf("churn: %d changes, %d watch bytes", pt.Churn.Changes, pt.Churn.API.WatchBytes)
 	}
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -13,13 +14,17 @@ import (
 	"github.com/nodemesh/nodemesh/bench"
 )
 
-const benchUsage = `usage: nodemeshctl bench [--profile quick|full] [--out DIR] [--dir STATEDIR]
+const benchUsage = `usage: nodemeshctl bench [--profile quick|full|scale|scale-smoke] [--out DIR] [--dir STATEDIR]
                         [--agent-bin PATH] [--ca-bin PATH] [-v]
 
 Brings up a benchmark lab (needs root), runs every scenario - no mesh,
 HAProxy mTLS sidecars, nodemesh - over the same workloads in interleaved
 rounds, takes the lab down and writes report.md, results.json and SVG
 charts to DIR. Methodology: bench/README.md.
+
+--profile scale measures one agent against an API server loaded with a
+synthetic cluster (1k, 10k, 100k pods; scale:1k,20k picks other points);
+scale-smoke is its tiny CI point.
 
   nodemeshctl bench worker ...   runs an in-pod benchmark program (internal)
 `
@@ -33,7 +38,7 @@ func runBench(args []string) error {
 	}
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.Usage = func() { fmt.Fprint(os.Stderr, benchUsage) }
-	profile := fs.String("profile", "quick", "quick (under 3 minutes) or full")
+	profile := fs.String("profile", "quick", "quick (under 3 minutes), full, scale[:POINTS] or scale-smoke")
 	out := fs.String("out", "bench-results", "directory for report.md, results.json and charts")
 	dir := fs.String("dir", "/run/nodemesh-bench", "state directory of the benchmark's own lab")
 	verbose := fs.Bool("v", false, "log every run")
@@ -46,7 +51,14 @@ func runBench(args []string) error {
 	if fs.NArg() > 0 {
 		return usagef("unexpected argument %q", fs.Arg(0))
 	}
-	p, err := bench.ProfileByName(*profile)
+	var p bench.Profile
+	var sp bench.ScaleProfile
+	var err error
+	if bench.IsScaleProfile(*profile) {
+		sp, err = bench.ScaleProfileByName(*profile)
+	} else {
+		p, err = bench.ProfileByName(*profile)
+	}
 	if err != nil {
 		return usagef("%s", err)
 	}
@@ -60,6 +72,16 @@ func runBench(args []string) error {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if sp.Name != "" {
+		res, err := bench.RunScale(ctx, bench.ScaleOptions{Profile: sp, StateDir: *dir, ID: "scale", AgentBinary: *agentBin, CABinary: *caBin, Log: log})
+		if res != nil {
+			if werr := bench.WriteScaleOutput(*out, res); werr != nil {
+				return errors.Join(err, werr)
+			}
+			fmt.Fprintf(os.Stderr, "wrote %s\n", filepath.Join(*out, "report.md"))
+		}
+		return err
+	}
 	res, err := bench.Run(ctx, bench.Options{Profile: p, StateDir: *dir, ID: "bench", AgentBinary: *agentBin, CABinary: *caBin, ProfileDir: filepath.Join(*out, "profiles"), Log: log})
 	if res != nil {
 		if werr := bench.WriteOutput(*out, res); werr != nil {

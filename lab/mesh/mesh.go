@@ -46,6 +46,8 @@ const (
 	AdminURL = "http://127.0.0.1:15000"
 	// ReadyURL is the agent's readiness probe, also inside the node.
 	ReadyURL = "http://127.0.0.1:15021/healthz/ready"
+	// MetricsURL is the agent's Prometheus endpoint, also inside the node.
+	MetricsURL = "http://127.0.0.1:15020/metrics"
 )
 
 // Options configure Start.
@@ -59,7 +61,11 @@ type Options struct {
 	AgentNodes []string
 	// Wait bounds how long Start waits for readiness and capture; default 2m.
 	Wait time.Duration
-	Log  *slog.Logger // progress; nil discards
+	// Kubeconfig gives an agent another kubeconfig than the lab's, by node
+	// (the scale benchmark points one at a proxy that counts its API
+	// traffic).
+	Kubeconfig map[string]string
+	Log        *slog.Logger // progress; nil discards
 }
 
 // Agent is one node's running agent.
@@ -85,6 +91,9 @@ type Mesh struct {
 	// Enrolled lists the enrolled pods (namespace/name) by node, as found
 	// when Start waited for capture.
 	Enrolled map[string][]string
+
+	opts   Options
+	tokDir string
 }
 
 // FindBinaries returns agent and ca if set, else nodemesh-agent and
@@ -135,7 +144,7 @@ func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &Mesh{lab: l, log: o.Log, CANode: nodes[0].Name, Agents: map[string]*Agent{}}
+	m := &Mesh{lab: l, log: o.Log, CANode: nodes[0].Name, Agents: map[string]*Agent{}, opts: o}
 	defer func() {
 		if err != nil {
 			err = fmt.Errorf("%w%s", err, m.logTails())
@@ -161,6 +170,7 @@ func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
 	m.CALog = ca.Log
 	o.Log.Info("CA started", "node", m.CANode, "addr", m.CAAddr, "pid", ca.Pid)
 	tokDir := filepath.Join(l.StateDir(), "mesh")
+	m.tokDir = tokDir
 	if err := os.MkdirAll(tokDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating %s: %w", tokDir, err)
 	}
@@ -237,8 +247,12 @@ func (m *Mesh) startAgent(ctx context.Context, n lab.Node, o Options, tokDir str
 		return nil, fmt.Errorf("writing the agent token: %w", err)
 	}
 	pins := filepath.Join(m.lab.BPFDir(), "mesh-agent-"+n.Name)
+	kc := m.lab.Kubeconfig()
+	if k := o.Kubeconfig[n.Name]; k != "" {
+		kc = k
+	}
 	proc, err := m.lab.StartNodeProcess(ctx, n.Name, AgentProcess, []string{o.AgentBinary,
-		"--node-name", n.Name, "--kubeconfig", m.lab.Kubeconfig(), "--ca-addr", m.CAAddr,
+		"--node-name", n.Name, "--kubeconfig", kc, "--ca-addr", m.CAAddr,
 		"--ca-token-file", tok, "--cgroup-root", n.Cgroup, "--bpf-pin-dir", pins,
 		"--drain-deadline", "2s", "--access-log", "--log-level", o.LogLevel, "--crd-recheck", "2s"}, nil)
 	if err != nil {
@@ -247,10 +261,38 @@ func (m *Mesh) startAgent(ctx context.Context, n lab.Node, o Options, tokDir str
 	return &Agent{Node: n.Name, Pid: proc.Pid, Log: proc.Log, Pins: pins}, nil
 }
 
+// RestartAgent stops node's agent and starts it again, as a rolling
+// DaemonSet update would. It does not wait for the new agent: callers
+// time how long it takes to become ready (Ready).
+func (m *Mesh) RestartAgent(ctx context.Context, node string) error {
+	if _, ok := m.Agents[node]; !ok {
+		return fmt.Errorf("restarting the agent on %s: no agent runs there", node)
+	}
+	n, err := m.lab.Node(node)
+	if err != nil {
+		return err
+	}
+	if err := m.lab.StopNodeProcess(ctx, node, AgentProcess, 10*time.Second); err != nil {
+		return fmt.Errorf("stopping the agent on %s: %w", node, err)
+	}
+	delete(m.Agents, node)
+	a, err := m.startAgent(ctx, n, m.opts, m.tokDir)
+	if err != nil {
+		return err
+	}
+	m.Agents[node] = a
+	return nil
+}
+
 // Get fetches path from node's agent admin API (dialling from inside the
 // node's network namespace) and returns the body of a 200 answer.
 func (m *Mesh) Get(ctx context.Context, node, path string) ([]byte, error) {
 	return m.get(ctx, node, AdminURL+path)
+}
+
+// Metrics fetches node's agent's Prometheus metrics (text format).
+func (m *Mesh) Metrics(ctx context.Context, node string) ([]byte, error) {
+	return m.get(ctx, node, MetricsURL)
 }
 
 func (m *Mesh) get(ctx context.Context, node, u string) ([]byte, error) {
