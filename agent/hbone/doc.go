@@ -6,7 +6,11 @@
 // The client side is a [Pool] of HTTP/2 connections keyed by (source
 // identity, destination identity, destination address); the server side is a
 // [Server] that authenticates the peer, validates each CONNECT and hands the
-// stream to a [Handler]. Both use golang.org/x/net/http2. Decisions about what
+// stream to a [Handler]. Both run on this package's own HTTP/2 connection
+// engine (conn.go, write.go, stream.go, relay.go), built on the frame and
+// HPACK codecs of golang.org/x/net/http2 and tuned for tunnels: few
+// goroutine hand-offs, coalesced TLS writes, DATA delivered straight to the
+// application socket. Decisions about what
 // a tunnel may reach (target IP, agent ports, policy) belong to the handler,
 // which the proxy package provides.
 //

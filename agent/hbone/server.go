@@ -1,5 +1,3 @@
-//lint:file-ignore SA1019 x/net/http2 v0.62 deprecates its API in favour of net/http (where HTTP/2 moves in Go 1.27); the design card requires x/net/http2, see docs/hbone.md.
-
 package hbone
 
 import (
@@ -12,6 +10,7 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -26,10 +25,13 @@ type Request struct {
 	RemoteAddr netip.AddrPort // TCP peer of the tunnel (the source node or pod)
 }
 
-// Handler serves tunnels. ServeTunnel must call exactly one of t.Refuse or
-// t.Accept; after Accept it owns the stream until it returns, and returning
-// ends the stream. Per HTTP/2 server semantics in golang.org/x/net/http2, the
-// response half of the stream is closed only when ServeTunnel returns.
+// Handler serves tunnels. ServeTunnel runs in a goroutine of its own per
+// stream and must call exactly one of t.Refuse or t.Accept; after Accept
+// it owns the stream until it returns. Returning ends the stream: with
+// END_STREAM if the handler has not sent it (or RST_STREAM after
+// t.Reset), and with RST_STREAM NO_ERROR if the client is still sending.
+// A handler that wants both half-closes to travel independently uses
+// t.Relay, which returns only when both directions are over.
 type Handler interface {
 	ServeTunnel(ctx context.Context, req *Request, t *Tunnel)
 }
@@ -41,28 +43,59 @@ type ServerConfig struct {
 	Handler Handler     // required
 	Logger  *slog.Logger
 	// MaxStreams caps concurrent streams per connection (default
-	// DefaultMaxStreams), advertised in SETTINGS_MAX_CONCURRENT_STREAMS.
+	// DefaultMaxStreams), advertised in SETTINGS_MAX_CONCURRENT_STREAMS. A
+	// stream counts until its handler returns, also after the client
+	// reset it, so rapid resets cannot pile up handlers.
 	MaxStreams int
-	// HandshakeTimeout bounds the TLS handshake (default 10 s).
+	// HandshakeTimeout bounds the TLS handshake, then the HTTP/2 preface
+	// with the client's first SETTINGS, and the rest of any header block
+	// split into CONTINUATION frames (default 10 s).
 	HandshakeTimeout time.Duration
 	// IdleTimeout closes a connection without streams after this long
 	// (default 10 minutes; the client pool normally closes first).
 	IdleTimeout time.Duration
-	Flow        FlowControl
+	// MaxHeaderBytes bounds a request's header block, encoded and decoded
+	// (default DefaultMaxHeaderBytes). A larger block closes the
+	// connection.
+	MaxHeaderBytes int
+	// MaxHandshakes bounds the connections in their TLS handshake at once
+	// (unauthenticated); more are closed at once (default 128).
+	MaxHandshakes int
+	// MaxConnsPerPeer bounds the connections from one IP address,
+	// handshaking or established (default 64).
+	MaxConnsPerPeer int
+	// PingInterval and PingTimeout find dead clients under idle streams
+	// (defaults 30 s and 15 s), as in PoolConfig.
+	PingInterval, PingTimeout time.Duration
+	Flow                      FlowControl
+}
+
+// ServerStats are a Server's counters and gauges, for metrics.
+type ServerStats struct {
+	Conns              int    // established connections
+	Streams            int    // open streams (running handlers)
+	HandshakesInFlight int    // connections in their TLS handshake
+	Handshakes         uint64 // successful TLS handshakes
+	HandshakeErrors    uint64 // failed TLS handshakes and refused identities
+	LimitStats
 }
 
 // Server is the inbound side of HBONE for one workload.
 type Server struct {
-	cfg ServerConfig
-	log *slog.Logger
-	hs  *http.Server // carries x/net/http2's graceful-shutdown hook only
-	h2  *http2.Server
+	cfg  ServerConfig
+	log  *slog.Logger
+	ccfg *connConfig
+	ctr  counters
 
-	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
-	lns    map[net.Listener]struct{}
-	closed bool
-	wg     sync.WaitGroup
+	inHandshake atomic.Int32
+
+	mu       sync.Mutex
+	conns    map[net.Conn]*conn // nil while handshaking
+	perPeer  map[netip.Addr]int
+	lns      map[net.Listener]struct{}
+	closed   bool
+	draining bool
+	wg       sync.WaitGroup
 }
 
 // NewServer validates cfg.
@@ -85,32 +118,69 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 10 * time.Minute
 	}
+	if cfg.MaxHeaderBytes <= 0 {
+		cfg.MaxHeaderBytes = DefaultMaxHeaderBytes
+	}
+	if cfg.MaxHandshakes <= 0 {
+		cfg.MaxHandshakes = 128
+	}
+	if cfg.MaxConnsPerPeer <= 0 {
+		cfg.MaxConnsPerPeer = 64
+	}
+	if cfg.PingInterval <= 0 {
+		cfg.PingInterval = 30 * time.Second
+	}
+	if cfg.PingTimeout <= 0 {
+		cfg.PingTimeout = 15 * time.Second
+	}
 	fc, err := cfg.Flow.withDefaults()
 	if err != nil {
 		return nil, fmt.Errorf("creating HBONE server: %w", err)
 	}
 	cfg.Flow = fc
 	s := &Server{
-		cfg:   cfg,
-		log:   cfg.Logger.With("spiffe_id", cfg.Local.String()),
-		hs:    &http.Server{},
-		conns: make(map[net.Conn]struct{}),
-		lns:   make(map[net.Listener]struct{}),
+		cfg:     cfg,
+		log:     cfg.Logger.With("spiffe_id", cfg.Local.String()),
+		conns:   make(map[net.Conn]*conn),
+		perPeer: make(map[netip.Addr]int),
+		lns:     make(map[net.Listener]struct{}),
 	}
-	s.h2 = &http2.Server{
-		MaxConcurrentStreams:         uint32(cfg.MaxStreams),
-		MaxReadFrameSize:             fc.MaxFrameSize,
-		MaxUploadBufferPerConnection: fc.ConnWindow,
-		MaxUploadBufferPerStream:     fc.StreamWindow,
-		IdleTimeout:                  cfg.IdleTimeout,
-		// Find dead clients under idle streams, like the pool does.
-		ReadIdleTimeout: 30 * time.Second,
-		PingTimeout:     15 * time.Second,
-	}
-	if err := http2.ConfigureServer(s.hs, s.h2); err != nil {
-		return nil, fmt.Errorf("configuring HTTP/2 server: %w", err)
+	s.ccfg = &connConfig{
+		server:         true,
+		flow:           fc,
+		maxStreams:     cfg.MaxStreams,
+		maxHeaderBytes: cfg.MaxHeaderBytes,
+		pingInterval:   cfg.PingInterval,
+		pingTimeout:    cfg.PingTimeout,
+		idleTimeout:    cfg.IdleTimeout,
+		prefaceTimeout: cfg.HandshakeTimeout,
+		log:            s.log,
+		ctr:            &s.ctr,
+		serve:          s.serveStream,
 	}
 	return s, nil
+}
+
+// Stats returns the server's counters.
+func (s *Server) Stats() ServerStats {
+	st := ServerStats{
+		HandshakesInFlight: int(s.inHandshake.Load()),
+		Handshakes:         s.ctr.handshakes.Load(),
+		HandshakeErrors:    s.ctr.handshakeErrors.Load(),
+		LimitStats:         s.ctr.limits(),
+	}
+	s.mu.Lock()
+	for _, c := range s.conns {
+		if c == nil {
+			continue
+		}
+		st.Conns++
+		c.mu.Lock()
+		st.Streams += c.handlers
+		c.mu.Unlock()
+	}
+	s.mu.Unlock()
+	return st
 }
 
 // Serve accepts HBONE connections on ln until ctx is done, ln fails, or the
@@ -184,7 +254,7 @@ func (s *Server) track(c net.Conn) bool {
 	if s.closed {
 		return false
 	}
-	s.conns[c] = struct{}{}
+	s.conns[c] = nil
 	s.wg.Add(1)
 	return true
 }
@@ -196,67 +266,117 @@ func (s *Server) untrack(c net.Conn) {
 	s.wg.Done()
 }
 
+// admit applies the per-peer and handshake limits to a new connection.
+func (s *Server) admit(addr netip.Addr) bool {
+	s.mu.Lock()
+	if s.perPeer[addr] >= s.cfg.MaxConnsPerPeer {
+		s.mu.Unlock()
+		s.ctr.peerLimit.Add(1)
+		s.ctr.logOnce(&s.ctr.loggedPeer, s.log, "too many HBONE connections from one peer address; closing new ones (logged once)",
+			"src", addr.String(), "limit", s.cfg.MaxConnsPerPeer)
+		return false
+	}
+	s.perPeer[addr]++
+	s.mu.Unlock()
+	if int(s.inHandshake.Add(1)) > s.cfg.MaxHandshakes {
+		s.inHandshake.Add(-1)
+		s.release(addr)
+		s.ctr.handshakeLimit.Add(1)
+		s.ctr.logOnce(&s.ctr.loggedHandshake, s.log, "too many HBONE TLS handshakes in flight; closing new connections (logged once)",
+			"src", addr.String(), "limit", s.cfg.MaxHandshakes)
+		return false
+	}
+	return true
+}
+
+func (s *Server) release(addr netip.Addr) {
+	s.mu.Lock()
+	if s.perPeer[addr]--; s.perPeer[addr] <= 0 {
+		delete(s.perPeer, addr)
+	}
+	s.mu.Unlock()
+}
+
 func (s *Server) serveConn(ctx context.Context, c net.Conn) {
-	remote, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-	log := s.log.With("src", remote.String())
-	cfg, err := s.cfg.TLS.ServerTLS(s.cfg.Local)
-	if err != nil {
-		log.Error("no TLS config for HBONE listener; refusing connection", "error", err)
+	remote := addrPort(c.RemoteAddr())
+	if !s.admit(remote.Addr()) {
 		resetConn(c)
 		return
 	}
-	tc := tls.Server(c, cfg)
-	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
-	err = tc.HandshakeContext(hctx)
-	cancel()
+	defer s.release(remote.Addr())
+	tc, bc, peer, err := s.handshake(ctx, c, remote)
+	s.inHandshake.Add(-1)
 	if err != nil {
+		s.ctr.handshakeErrors.Add(1)
 		// Plaintext, a foreign trust domain or a wrong identity all end
 		// here; the TLS alert has told the client why.
-		log.Debug("HBONE TLS handshake failed", "error", err)
+		s.log.Debug("HBONE connection refused", "src", remote.String(), "error", err)
 		resetConn(c)
 		return
+	}
+	s.ctr.handshakes.Add(1)
+	hc := newConn(ctx, tc, bc, s.ccfg, peer, remote)
+	if err := hc.preface(); err != nil {
+		return
+	}
+	s.mu.Lock()
+	if _, ok := s.conns[c]; ok {
+		s.conns[c] = hc
+	}
+	draining, closed := s.draining, s.closed
+	s.mu.Unlock()
+	switch {
+	case closed && !draining:
+		hc.fail(errors.New("server closed"))
+	case draining:
+		hc.goAway(http2.ErrCodeNo, "draining")
+	}
+	hc.serve()
+}
+
+func (s *Server) handshake(ctx context.Context, c net.Conn, remote netip.AddrPort) (*tls.Conn, *batchConn, spiffeid.ID, error) {
+	cfg, err := s.cfg.TLS.ServerTLS(s.cfg.Local)
+	if err != nil {
+		s.log.Error("no TLS config for HBONE listener; refusing connection", "error", err)
+		return nil, nil, spiffeid.ID{}, err
+	}
+	cfg = cfg.Clone()
+	cfg.DynamicRecordSizingDisabled = true
+	bc := &batchConn{Conn: c}
+	tc := tls.Server(bc, cfg)
+	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
+	err = tc.HandshakeContext(hctx)
+	timedOut := hctx.Err() == context.DeadlineExceeded
+	cancel()
+	if err != nil {
+		if timedOut {
+			s.ctr.timeouts.Add(1)
+			s.ctr.logOnce(&s.ctr.loggedTimeout, s.log, "HBONE peer too slow; closing its connection (logged once)", "phase", "TLS handshake", "src", remote.String())
+		}
+		return nil, nil, spiffeid.ID{}, fmt.Errorf("TLS handshake: %w", err)
 	}
 	cs := tc.ConnectionState()
 	if err := checkConnState(cs); err != nil {
-		log.Debug("HBONE connection refused", "error", err)
-		resetConn(c)
-		return
+		return nil, nil, spiffeid.ID{}, err
 	}
 	peer, err := PeerID(cs)
 	if err != nil {
-		log.Debug("HBONE connection refused", "error", err)
-		resetConn(c)
-		return
+		return nil, nil, spiffeid.ID{}, err
 	}
-	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		s.serveStream(w, r, peer, remote)
-	})
-	s.h2.ServeConn(tc, &http2.ServeConnOpts{Context: ctx, BaseConfig: s.hs, Handler: h})
+	return tc, bc, peer, nil
 }
 
-func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, peer spiffeid.ID, remote netip.AddrPort) {
-	if r.Method != http.MethodConnect {
-		// 400 like ztunnel, not 405: nothing but CONNECT exists here.
-		w.WriteHeader(http.StatusBadRequest)
-		return
-	}
-	target, err := ParseAuthority(r.Host)
-	if err != nil {
-		s.log.Debug("HBONE CONNECT refused", "peer", peer.String(), "error", err)
-		w.WriteHeader(http.StatusBadRequest)
-		return
-	}
-	t := &Tunnel{w: w, r: r, rc: http.NewResponseController(w)}
-	req := &Request{Peer: peer, Target: target, Header: r.Header, RemoteAddr: remote}
-	s.cfg.Handler.ServeTunnel(r.Context(), req, t)
-	switch {
-	case t.state == tunnelNew:
-		s.log.Error("HBONE handler neither accepted nor refused a tunnel", "dst", target.String())
-		w.WriteHeader(http.StatusInternalServerError)
-	case t.state == tunnelAccepted && t.reset:
-		// x/net/http2 answers this panic with RST_STREAM and no log.
-		panic(http.ErrAbortHandler)
-	}
+// serveStream runs the handler of a validated CONNECT in its own
+// goroutine, owned by the connection.
+func (s *Server) serveStream(c *conn, st *stream, req *Request) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer c.handlerDone()
+		t := &Tunnel{s: st}
+		s.cfg.Handler.ServeTunnel(st.ctx, req, t)
+		t.finish(s.log, req)
+	}()
 }
 
 // Drain stops accepting, sends GOAWAY on every connection so that peers
@@ -266,14 +386,20 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request, peer spiffe
 func (s *Server) Drain(ctx context.Context) error {
 	s.mu.Lock()
 	s.closed = true
+	s.draining = true
 	for ln := range s.lns {
 		ln.Close()
 	}
+	var conns []*conn
+	for _, c := range s.conns {
+		if c != nil {
+			conns = append(conns, c)
+		}
+	}
 	s.mu.Unlock()
-	// http.Server.Shutdown runs x/net/http2's graceful shutdown (GOAWAY,
-	// then close each connection when its last stream ends). It tracks no
-	// listeners or HTTP/1 connections of ours, so it returns at once.
-	_ = s.hs.Shutdown(ctx)
+	for _, c := range conns {
+		c.goAway(http2.ErrCodeNo, "draining")
+	}
 	done := make(chan struct{})
 	go func() {
 		s.wg.Wait()
@@ -294,13 +420,22 @@ func (s *Server) Drain(ctx context.Context) error {
 func (s *Server) Close() error {
 	s.mu.Lock()
 	s.closed = true
+	s.draining = false
 	for ln := range s.lns {
 		ln.Close()
 	}
-	for c := range s.conns {
-		c.Close()
+	var conns []*conn
+	for raw, c := range s.conns {
+		if c != nil {
+			conns = append(conns, c)
+		} else {
+			raw.Close()
+		}
 	}
 	s.mu.Unlock()
+	for _, c := range conns {
+		c.fail(errors.New("HBONE server closed"))
+	}
 	s.wg.Wait()
 	return nil
 }
@@ -314,11 +449,10 @@ const (
 )
 
 // Tunnel is the server end of one CONNECT stream, handed to a Handler.
-// Read and Write may be used concurrently by one reader and one writer.
+// Read and Write may be used concurrently by one reader and one writer;
+// Relay replaces both.
 type Tunnel struct {
-	w     http.ResponseWriter
-	r     *http.Request
-	rc    *http.ResponseController
+	s     *stream
 	state tunnelState
 	reset bool
 }
@@ -330,7 +464,7 @@ func (t *Tunnel) Refuse(status int) {
 		return
 	}
 	t.state = tunnelRefused
-	t.w.WriteHeader(status)
+	_ = t.s.respond(status, true)
 }
 
 // Accept answers 200 and sends the response headers at once.
@@ -339,32 +473,58 @@ func (t *Tunnel) Accept() error {
 		return errors.New("hbone: tunnel already answered")
 	}
 	t.state = tunnelAccepted
-	t.w.WriteHeader(http.StatusOK)
-	if err := t.rc.Flush(); err != nil {
+	if err := t.s.respond(http.StatusOK, false); err != nil {
 		return fmt.Errorf("sending CONNECT response: %w", err)
 	}
 	return nil
 }
 
 // Read reads bytes the client sent; io.EOF means the client half-closed.
-func (t *Tunnel) Read(p []byte) (int, error) { return t.r.Body.Read(p) }
+func (t *Tunnel) Read(p []byte) (int, error) { return t.s.read(p) }
 
-// Write sends p to the client and flushes it.
-func (t *Tunnel) Write(p []byte) (int, error) {
-	n, err := t.w.Write(p)
-	if err != nil {
-		return n, err
-	}
-	if err := t.rc.Flush(); err != nil {
-		return n, err
-	}
-	return n, nil
-}
+// Write sends p to the client.
+func (t *Tunnel) Write(p []byte) (int, error) { return t.s.write(p) }
+
+// CloseWrite half-closes the stream towards the client (END_STREAM); the
+// client can go on sending.
+func (t *Tunnel) CloseWrite() error { return t.s.closeSend() }
 
 // Reset makes the stream end with RST_STREAM instead of END_STREAM when the
 // handler returns, so that the client sees an error rather than a clean
 // close (the application reset its connection).
 func (t *Tunnel) Reset() { t.reset = true }
+
+// Relay copies between app and the tunnel until both directions are over,
+// after Accept: the client's END_STREAM becomes a FIN on app
+// (CloseWrite), app's EOF becomes END_STREAM, in either order, and a
+// reset on either side resets the other. sent counts bytes delivered to
+// app, recv bytes read from app. It returns nil when both directions ended
+// cleanly, else the error; it does not close app (close it with a reset
+// after an error). See Stream.Relay for how the copy works.
+func (t *Tunnel) Relay(app net.Conn, sent, recv *atomic.Int64) error {
+	if t.state != tunnelAccepted {
+		return errors.New("hbone: Relay before Accept")
+	}
+	return t.s.relay(app, recv, sent)
+}
+
+// finish ends the stream when the handler returns.
+func (t *Tunnel) finish(log *slog.Logger, req *Request) {
+	s := t.s
+	switch t.state {
+	case tunnelNew:
+		log.Error("HBONE handler neither accepted nor refused a tunnel", "dst", req.Target.String())
+		_ = s.respond(http.StatusInternalServerError, true)
+	case tunnelAccepted:
+		if t.reset {
+			s.abort(errors.New("hbone: tunnel reset by its handler"), http2.ErrCodeConnect)
+		} else {
+			_ = s.closeSend()
+		}
+	}
+	s.stopPeer()
+	s.cancel()
+}
 
 // resetConn closes c with an RST rather than a FIN where possible.
 func resetConn(c net.Conn) {
@@ -372,4 +532,14 @@ func resetConn(c net.Conn) {
 		_ = l.SetLinger(0)
 	}
 	c.Close()
+}
+
+// addrPort returns a's address and port, IPv4 unmapped.
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
 }

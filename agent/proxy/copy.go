@@ -1,12 +1,10 @@
 package proxy
 
 import (
-	"errors"
 	"io"
 	"net"
 	"sync"
 	"sync/atomic"
-	"time"
 )
 
 // copyBufSize is the size of pooled copy buffers: four full TLS records.
@@ -111,55 +109,4 @@ func pipeConns(a, b net.Conn, aToB, bToA *atomic.Int64) bool {
 	a.Close()
 	b.Close()
 	return failed.Load()
-}
-
-// connBody is the request body of an outbound HBONE stream: the HTTP/2
-// transport's own goroutine reads the application's bytes from it, so the
-// outbound direction needs no goroutine of ours.
-type connBody struct {
-	c       net.Conn
-	n       *atomic.Int64
-	once    sync.Once
-	done    chan struct{} // closed when the transport is finished with the body
-	readErr atomic.Bool   // a read failed with something other than EOF
-	closed  atomic.Bool   // Close was called; later read errors are its doing
-}
-
-func newConnBody(c net.Conn, n *atomic.Int64) *connBody {
-	return &connBody{c: c, n: n, done: make(chan struct{})}
-}
-
-func (b *connBody) Read(p []byte) (int, error) {
-	n, err := b.c.Read(p)
-	b.n.Add(int64(n))
-	if err != nil && err != io.EOF {
-		if !b.closed.Load() {
-			b.readErr.Store(true)
-		}
-		if errors.Is(err, net.ErrClosed) {
-			err = io.ErrUnexpectedEOF
-		}
-	}
-	return n, err
-}
-
-// err reports whether reading the application failed (a reset), once done
-// is closed. A read cut short by Close after the stream ended is not one.
-func (b *connBody) err() error {
-	if b.readErr.Load() {
-		return io.ErrUnexpectedEOF
-	}
-	return nil
-}
-
-// Close is called by the transport when the stream's request side ends,
-// normally or not. It unblocks a pending Read without touching the socket's
-// state: the response direction may still be writing to it.
-func (b *connBody) Close() error {
-	b.once.Do(func() {
-		b.closed.Store(true)
-		_ = b.c.SetReadDeadline(time.Unix(1, 0))
-		close(b.done)
-	})
-	return nil
 }

@@ -18,9 +18,11 @@
 // RefusalReason; metrics map it to their label values.
 //
 // Every connection is tracked so that it can be listed, closed when policy
-// changes, and drained on shutdown. Copying uses pooled buffers (or splice
-// between two TCP sockets), one goroutine per direction, and preserves
-// half-close where the transport allows it (see docs/hbone.md).
+// changes, and drained on shutdown. Plaintext connections are copied with
+// splice between the two TCP sockets, one goroutine per direction; HBONE
+// tunnels are relayed by the hbone package (hbone.Stream.Relay,
+// hbone.Tunnel.Relay) with one goroutine per connection. Half-close is
+// preserved both ways on every path (see docs/hbone.md).
 //
 // The package takes plain values and small interfaces (Resolver, Policy,
 // Dialer, OrigDstFunc, the hbone TLS providers), so it runs and benchmarks

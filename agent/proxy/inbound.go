@@ -5,7 +5,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"sync/atomic"
 	"time"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
@@ -71,35 +70,17 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 	}
 	c.kill = func() { resetConn(app) }
 	p.trk.add(c)
-	var left atomic.Int32
-	left.Store(2)
-	finish := func() {
-		if left.Add(-1) == 0 {
-			app.Close()
-			p.trk.remove(c)
-		}
-	}
-	// tunnel -> app runs in a goroutine of ours; it may outlive this
-	// handler by the moment x/net/http2 needs to close the request body.
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		defer finish()
-		if err := copyCounted(app, t, &c.sent); err != nil {
-			c.failed.Store(true)
-			resetConn(app)
-			return
-		}
-		closeWrite(app)
-	}()
-	// app -> tunnel here; returning ends the stream (END_STREAM, or
-	// RST_STREAM after Reset).
-	if err := copyCounted(t, app, &c.recv); err != nil {
+	defer p.trk.remove(c)
+	// This goroutine copies app -> tunnel; the connection's read loop
+	// delivers tunnel -> app (hbone.Tunnel.Relay). Half-closes travel
+	// independently both ways.
+	if err := t.Relay(app, &c.sent, &c.recv); err != nil {
 		c.failed.Store(true)
 		t.Reset()
 		resetConn(app)
+		return
 	}
-	finish()
+	app.Close()
 }
 
 // sourceOf returns the flow's source: the tunnel's TCP peer, which is the

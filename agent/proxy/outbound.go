@@ -111,17 +111,14 @@ func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
 	if port == 0 {
 		port = hbone.Port
 	}
-	body := newConnBody(app, &c.sent)
 	s, err := p.cfg.Pool.Connect(ctx, hbone.ConnectRequest{
 		Key:    hbone.Key{Src: c.flow.SrcIdentity, Dst: ep.Identity, Addr: netip.AddrPortFrom(ep.Addr.Addr(), port), SrcNetns: c.flow.Workload.Netns},
 		Target: ep.Addr,
 		Header: connectHeader(&c.flow),
-		Body:   body,
 	})
 	if err != nil {
 		p.log.Debug("HBONE connect failed; resetting", "pod", c.flow.Workload.String(), "dst", ep.Addr.String(), "spiffe_id", ep.Identity.String(), "error", err)
 		p.refuse(app, &c.flow, c.start, FailedTunnel, "opening the tunnel: "+err.Error())
-		<-body.done
 		return
 	}
 	c.kill = func() {
@@ -130,19 +127,13 @@ func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
 	}
 	p.trk.add(c)
 	defer p.trk.remove(c)
-	// The transport's goroutine copies app -> tunnel from body; this one
-	// copies tunnel -> app.
-	if err := copyCounted(app, s, &c.recv); err != nil {
+	// This goroutine copies app -> tunnel; the connection's read loop
+	// delivers tunnel -> app (hbone.Stream.Relay).
+	if err := s.Relay(app, &c.sent, &c.recv); err != nil {
 		c.failed.Store(true)
 		s.Close()
 		resetConn(app)
-		<-body.done
 		return
-	}
-	closeWrite(app)
-	<-body.done // the application half-closed too, or the peer ended the stream
-	if body.err() != nil {
-		c.failed.Store(true)
 	}
 	s.Close()
 	app.Close()

@@ -1,0 +1,175 @@
+package hbone_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/nodemesh/nodemesh/agent/hbone"
+)
+
+// rawConn is an authenticated TLS connection with the HTTP/2 preface sent,
+// for tests that write frames the pool never would.
+type rawConn struct {
+	tc *tls.Conn
+	fr *http2.Framer
+}
+
+func dialRaw(t *testing.T, e *env, addr netip.AddrPort) *rawConn {
+	t.Helper()
+	cfg, err := e.tls.ClientTLS(e.client, e.server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc, err := tls.Dial("tcp", addr.String(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tc.Close() })
+	tc.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := io.WriteString(tc, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	fr := http2.NewFramer(tc, tc)
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	return &rawConn{tc: tc, fr: fr}
+}
+
+// goAwayCode reads frames until GOAWAY and returns its code.
+func (r *rawConn) goAwayCode(t *testing.T) http2.ErrCode {
+	t.Helper()
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("connection ended without GOAWAY: %v", err)
+		}
+		if ga, ok := f.(*http2.GoAwayFrame); ok {
+			return ga.ErrCode
+		}
+	}
+}
+
+func connectBlock(t *testing.T, extra ...hpack.HeaderField) []byte {
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	enc.WriteField(hpack.HeaderField{Name: ":method", Value: "CONNECT"})
+	enc.WriteField(hpack.HeaderField{Name: ":authority", Value: target.String()})
+	for _, f := range extra {
+		enc.WriteField(f)
+	}
+	return buf.Bytes()
+}
+
+func TestHeaderBlockLimit(t *testing.T) {
+	e := newEnv(t)
+	srv, addr := e.startServer(t, echo, nil)
+	r := dialRaw(t, e, addr)
+	big := connectBlock(t, hpack.HeaderField{Name: "baggage", Value: strings.Repeat("x", 20000)})
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: big[:16000], EndHeaders: false}); err != nil {
+		t.Fatal(err)
+	}
+	r.fr.WriteContinuation(1, true, big[16000:])
+	if code := r.goAwayCode(t); code != http2.ErrCodeEnhanceYourCalm {
+		t.Fatalf("GOAWAY %v, want ENHANCE_YOUR_CALM", code)
+	}
+	if st := srv.Stats(); st.HeaderTooLarge != 1 || st.Streams != 0 {
+		t.Fatalf("%+v: want 1 header-too-large, no stream", st)
+	}
+}
+
+func TestContinuationFloodLimit(t *testing.T) {
+	e := newEnv(t)
+	srv, addr := e.startServer(t, echo, nil)
+	r := dialRaw(t, e, addr)
+	block := connectBlock(t)
+	r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block[:1], EndHeaders: false})
+	for range 100 {
+		if r.fr.WriteContinuation(1, false, nil) != nil {
+			break
+		}
+	}
+	if code := r.goAwayCode(t); code != http2.ErrCodeEnhanceYourCalm {
+		t.Fatalf("GOAWAY %v, want ENHANCE_YOUR_CALM", code)
+	}
+	if st := srv.Stats(); st.HeaderTooLarge != 1 {
+		t.Fatalf("%+v: want the CONTINUATION flood counted", st)
+	}
+}
+
+func TestPingFloodLimit(t *testing.T) {
+	e := newEnv(t)
+	srv, addr := e.startServer(t, echo, nil)
+	r := dialRaw(t, e, addr)
+	go func() {
+		for range 5000 {
+			if r.fr.WritePing(false, [8]byte{}) != nil {
+				return
+			}
+		}
+	}()
+	if code := r.goAwayCode(t); code != http2.ErrCodeEnhanceYourCalm {
+		t.Fatalf("GOAWAY %v, want ENHANCE_YOUR_CALM", code)
+	}
+	if st := srv.Stats(); st.Floods != 1 {
+		t.Fatalf("%+v: want 1 flood", st)
+	}
+}
+
+func TestPerPeerConnectionLimit(t *testing.T) {
+	e := newEnv(t)
+	srv, addr := e.startServer(t, echo, func(c *hbone.ServerConfig) { c.MaxConnsPerPeer = 2 })
+	for range 2 {
+		c, err := net.Dial("tcp", addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	waitFor(t, "two handshakes in flight", func() bool { return srv.Stats().HandshakesInFlight == 2 })
+	c, err := net.Dial("tcp", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("third connection from one peer: read %v, want closed", err)
+	}
+	if st := srv.Stats(); st.PeerConnLimit != 1 {
+		t.Fatalf("%+v: want 1 per-peer refusal", st)
+	}
+}
+
+func TestResponseHeaderTimeout(t *testing.T) {
+	e := newEnv(t)
+	// The handler never answers until the client gives up (its reset
+	// cancels the handler's context).
+	h := handlerFunc(func(ctx context.Context, req *hbone.Request, tun *hbone.Tunnel) {
+		<-ctx.Done()
+		tun.Refuse(http.StatusServiceUnavailable)
+	})
+	_, addr := e.startServer(t, h, nil)
+	p := e.newPool(t, func(c *hbone.PoolConfig) { c.ResponseHeaderTimeout = 200 * time.Millisecond })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := p.Connect(ctx, hbone.ConnectRequest{Key: e.key(addr), Target: target}); err == nil {
+		t.Fatal("Connect without a response succeeded")
+	}
+	if st := p.Stats(); st.ResponseTimeouts != 1 || st.Streams != 0 {
+		t.Fatalf("%+v: want 1 response timeout, no stream", st)
+	}
+}
