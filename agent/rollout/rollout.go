@@ -31,8 +31,12 @@ import (
 const (
 	DefaultNamespace     = "nodemesh-system"
 	LeasePrefix          = "nodemesh-agent-"
-	DefaultLeaseDuration = 10 * time.Second
-	DefaultRenewInterval = 3 * time.Second
+	// DefaultLeaseDuration and DefaultRenewInterval are kubelet's node
+	// lease defaults: every agent watches every node's mark, so at 5,000
+	// nodes each renewal round is 5,000 writes and 5,000 watch events per
+	// agent; renewing every 3 s cost 1,700 writes/s.
+	DefaultLeaseDuration = 40 * time.Second
+	DefaultRenewInterval = 10 * time.Second
 	// LabelNode marks the Lease with its node, for humans and selectors.
 	LabelNode = "nodemesh.io/node"
 )

@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/identity"
 )
 
@@ -56,6 +57,10 @@ type Config struct {
 	LogLevel      string
 	AccessLog     bool
 	CRDRecheck    time.Duration
+	// Node mark (agent/rollout): how long peers honour it and how often
+	// it is renewed.
+	MarkDuration time.Duration
+	MarkRenew    time.Duration
 
 	// Derived by Validate.
 	td         spiffeid.TrustDomain
@@ -103,6 +108,8 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVar(&c.LogLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn or error (changeable at run time through the admin API)")
 	fs.BoolVar(&c.AccessLog, "access-log", false, "write one JSON line per closed connection to stdout")
 	fs.DurationVar(&c.CRDRecheck, "crd-recheck", 30*time.Second, "how often to look for nodemesh CRDs that were not installed when the agent started")
+	fs.DurationVar(&c.MarkDuration, "node-mark-duration", rollout.DefaultLeaseDuration, "how long peers honour this node's mark (its Lease) without a renewal: how long a crashed agent's node still counts as mesh-capable")
+	fs.DurationVar(&c.MarkRenew, "node-mark-renew", rollout.DefaultRenewInterval, "how often the node mark is renewed: one Lease write per node, and one watch event for every agent, each time")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -168,6 +175,12 @@ func (c *Config) Validate() error {
 	errs = append(errs, c.validateOnlyPods()...)
 	if c.CRDRecheck < time.Second {
 		errs = append(errs, fmt.Errorf("--crd-recheck %s: at least 1s", c.CRDRecheck))
+	}
+	if c.MarkDuration < time.Second || c.MarkDuration > time.Hour {
+		errs = append(errs, fmt.Errorf("--node-mark-duration %s: must be between 1s and 1h", c.MarkDuration))
+	}
+	if c.MarkRenew <= 0 || 2*c.MarkRenew > c.MarkDuration {
+		errs = append(errs, fmt.Errorf("--node-mark-renew %s: must be positive and at most half of --node-mark-duration (%s), so one lost renewal does not unmark the node", c.MarkRenew, c.MarkDuration))
 	}
 	if c.DrainDeadline < 0 || c.DrainDeadline > time.Hour {
 		errs = append(errs, fmt.Errorf("--drain-deadline %s: must be between 0 and 1h", c.DrainDeadline))

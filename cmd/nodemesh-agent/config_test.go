@@ -51,6 +51,15 @@ func TestConfig(t *testing.T) {
 		{"bad pod-netns", []string{"--node-name=n1", "--pod-netns=cni"}, nil, []string{"--pod-netns"}, nil},
 		{"only-pod", []string{"--node-name=n1", "--only-pod=mesh/web-0", "--only-pod=mesh/a.b", "--only-pod=web", "--only-pod=Bad_NS/x", "--only-pod=ns/x/y"}, nil,
 			[]string{`--only-pod "web": want NAMESPACE/NAME`, `--only-pod "Bad_NS/x": namespace`, `--only-pod "ns/x/y"`}, nil},
+		{"node mark: kubelet's lease defaults", []string{"--node-name=n1"}, nil, nil, func(t *testing.T, c *Config) {
+			if c.MarkDuration != 40*time.Second || c.MarkRenew != 10*time.Second {
+				t.Errorf("mark %s/%s, want 40s/10s", c.MarkDuration, c.MarkRenew)
+			}
+		}},
+		{"node mark renew too slow", []string{"--node-name=n1", "--node-mark-duration=20s", "--node-mark-renew=15s"}, nil,
+			[]string{"--node-mark-renew 15s: must be positive and at most half"}, nil},
+		{"node mark duration out of range", []string{"--node-name=n1", "--node-mark-duration=500ms", "--node-mark-renew=100ms"}, nil,
+			[]string{"--node-mark-duration 500ms"}, nil},
 		{"pod-netns proc", []string{"--node-name=n1", "--pod-netns=proc"}, nil, nil, func(t *testing.T, c *Config) {
 			if c.PodNetns != podNetnsProc {
 				t.Errorf("PodNetns %q", c.PodNetns)

@@ -30,7 +30,7 @@ func (a *agent) setupRollout() error {
 		holder = h // the pod's name in a DaemonSet
 	}
 	m, err := rollout.NewMark(rollout.MarkConfig{Client: a.client, Node: a.cfg.NodeName, Holder: holder,
-		Ready: a.terminatesTunnels, Log: a.log.With("component", "rollout")})
+		Duration: a.cfg.MarkDuration, Renew: a.cfg.MarkRenew, Ready: a.terminatesTunnels, Log: a.log.With("component", "rollout")})
 	if err != nil {
 		return err
 	}
