@@ -29,8 +29,8 @@ import (
 
 // Defaults.
 const (
-	DefaultNamespace     = "nodemesh-system"
-	LeasePrefix          = "nodemesh-agent-"
+	DefaultNamespace = "nodemesh-system"
+	LeasePrefix      = "nodemesh-agent-"
 	// DefaultLeaseDuration and DefaultRenewInterval are kubelet's node
 	// lease defaults: every agent watches every node's mark, so at 5,000
 	// nodes each renewal round is 5,000 writes and 5,000 watch events per
