@@ -26,6 +26,10 @@ APT_GENERATE := clang llvm libbpf-dev bpftool
 APT_BENCH    := haproxy
 
 BINARIES := nodemesh-agent nodemesh-ca nodemeshctl
+# The build version stamped into every binary (cmd/internal/version): the
+# git tag, or the commit when untagged; override with make VERSION=v1.2.3.
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+LDFLAGS  := -X github.com/nodemesh/nodemesh/agent/version.version=$(VERSION)
 FUZZTIME ?= 10s
 
 .PHONY: build generate generate-check test test-unit test-priv test-lab demo bench lint fuzz \
@@ -34,7 +38,7 @@ FUZZTIME ?= 10s
 build:
 	@mkdir -p bin
 	@for b in $(BINARIES); do \
-	  if [ -d cmd/$$b ]; then $(GO) build -o bin/$$b ./cmd/$$b || exit 1; fi; \
+	  if [ -d cmd/$$b ]; then $(GO) build -ldflags "$(LDFLAGS)" -o bin/$$b ./cmd/$$b || exit 1; fi; \
 	done
 
 # apt-install helper: installs the listed packages that are missing.
@@ -132,8 +136,8 @@ manifests-check: deps kube-apiserver
 # Container images (needs a Docker engine with BuildKit; not built in CI).
 IMAGE_TAG ?= dev
 image:
-	docker build -f manifests/Dockerfile --target agent -t localhost/nodemesh-agent:$(IMAGE_TAG) .
-	docker build -f manifests/Dockerfile --target ca -t localhost/nodemesh-ca:$(IMAGE_TAG) .
+	docker build -f manifests/Dockerfile --build-arg VERSION=$(VERSION) --target agent -t localhost/nodemesh-agent:$(IMAGE_TAG) .
+	docker build -f manifests/Dockerfile --build-arg VERSION=$(VERSION) --target ca -t localhost/nodemesh-ca:$(IMAGE_TAG) .
 
 lab-down: build
 	./bin/nodemeshctl lab down

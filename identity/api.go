@@ -18,6 +18,8 @@ const (
 	SignPath   = "/v1/sign"
 	BundlePath = "/v1/bundle"
 	HealthPath = "/healthz"
+	// VersionPath answers {"version": "<build version>"}.
+	VersionPath = "/version"
 	// BundleConfigMap is the ConfigMap (in the CA's namespace) the CA
 	// publishes the trust bundle in, under BundleKey as PEM certificates.
 	BundleConfigMap = "nodemesh-trust-bundle"

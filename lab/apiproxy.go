@@ -35,8 +35,12 @@ func (s *stringsFlag) Set(v string) error { *s = append(*s, v); return nil }
 func apiProxyMain(args []string) int {
 	fs := flag.NewFlagSet("apiproxy", flag.ContinueOnError)
 	target := fs.String("target", "", "host:port of the API server")
-	var nss stringsFlag
+	var nss, nodes stringsFlag
 	fs.Var(&nss, "netns", "network namespace path to listen in (repeatable)")
+	kubeletSock := fs.String("kubelet-socket", "", "serve the kubelet stand-in on this Unix socket (the API server's cluster egress)")
+	kubeletCA := fs.String("kubelet-client-ca", "", "CA of the API server's kubelet client certificate")
+	podPrefix := fs.String("pod-netns-prefix", "", "path prefix of pod network namespaces (then NAMESPACE_NAME)")
+	fs.Var(&nodes, "node", "NAME=IP=NETNS of a node, for the kubelet stand-in (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -63,6 +67,30 @@ func apiProxyMain(args []string) int {
 		}
 		lns = append(lns, ln)
 	}
+	var kubelet *kubeletStandIn
+	var kubeletLn net.Listener
+	if *kubeletSock != "" {
+		byName := map[string]string{}
+		for _, n := range nodes {
+			parts := strings.SplitN(n, "=", 3)
+			if len(parts) != 3 {
+				fmt.Fprintf(os.Stderr, "apiproxy: --node %q: want NAME=IP=NETNS\n", n)
+				return 2
+			}
+			byName[parts[0]], byName[parts[1]] = parts[2], parts[2]
+		}
+		var err error
+		if kubelet, err = newKubeletStandIn(byName, *podPrefix, *kubeletCA); err != nil {
+			fmt.Fprintf(os.Stderr, "apiproxy: %v\n", err)
+			return 1
+		}
+		_ = os.Remove(*kubeletSock)
+		if kubeletLn, err = net.Listen("unix", *kubeletSock); err != nil {
+			fmt.Fprintf(os.Stderr, "apiproxy: listening on %s: %v\n", *kubeletSock, err)
+			return 1
+		}
+		defer os.Remove(*kubeletSock)
+	}
 	// Tell the lab we are ready (fd 3), then serve.
 	if ready := os.NewFile(3, "ready"); ready != nil {
 		_, _ = ready.WriteString("ready\n")
@@ -76,9 +104,15 @@ func apiProxyMain(args []string) int {
 			serveProxy(ctx, ln, *target)
 		}()
 	}
+	if kubelet != nil {
+		wg.Go(func() { kubelet.serve(ctx, kubeletLn) })
+	}
 	<-ctx.Done()
 	for _, ln := range lns {
 		ln.Close()
+	}
+	if kubeletLn != nil {
+		kubeletLn.Close()
 	}
 	wg.Wait()
 	return 0
@@ -130,8 +164,12 @@ func (l *Lab) startAPIProxy(ctx context.Context) error {
 		return fmt.Errorf("parsing the API server URL: %w", err)
 	}
 	argv := []string{"nodemeshctl", "lab", "apiproxy", "--target", u.Host}
+	if sock := l.kubeletSocket(); sock != "" {
+		argv = append(argv, "--kubelet-socket", sock, "--kubelet-client-ca", l.Server.CAFile,
+			"--pod-netns-prefix", netnsPath(l.names.prefix()+"-pod-"))
+	}
 	for _, n := range sortedNodes(l.st.Nodes) {
-		argv = append(argv, "--netns", n.Netns)
+		argv = append(argv, "--netns", n.Netns, "--node", n.Name+"="+n.IP+"="+n.Netns)
 	}
 	cmd, err := l.command(context.Background(), argv)
 	if err != nil {

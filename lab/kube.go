@@ -16,6 +16,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
+	"github.com/nodemesh/nodemesh/lab/apiserver"
 	"github.com/nodemesh/nodemesh/lab/spec"
 )
 
@@ -102,6 +103,8 @@ func (l *Lab) createNode(ctx context.Context, n *Node, sn *spec.Node) error {
 		}},
 		Phase:    corev1.NodeRunning,
 		NodeInfo: corev1.NodeSystemInfo{OperatingSystem: "linux", Architecture: "amd64", KubeletVersion: "nodemesh-lab"},
+		// The API proxy stands in for the kubelet's API (kubelet.go).
+		DaemonEndpoints: corev1.NodeDaemonEndpoints{KubeletEndpoint: corev1.DaemonEndpoint{Port: apiserver.KubeletPort}},
 	}
 	if _, err := c.UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
 		return fmt.Errorf("setting the status of node %s: %w", n.Name, err)

@@ -211,7 +211,8 @@ func Up(ctx context.Context, sp *spec.Spec, opts Options) (_ *Lab, err error) {
 			// forked exits, and netns.Do ends locked threads on purpose,
 			// which would kill the API server at random. Down sweeps it.
 			ServiceCIDR: sp.Network.ServiceCIDR, Detach: true,
-			Log: slogWriter{log},
+			Log:           slogWriter{log},
+			KubeletEgress: kubeletSocket(dir),
 		})
 		srvc <- srvResult{s, err}
 	}()

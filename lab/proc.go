@@ -252,19 +252,40 @@ func logTail(path string, n int) string {
 }
 
 // listening reports whether pid's network namespace has a TCP socket
-// listening on port (read from /proc/<pid>/net/tcp, which is per netns).
+// listening on port, IPv4 or IPv6 (a Go server on ":8080" with network
+// "tcp" is one dual-stack IPv6 socket, seen only in /proc/<pid>/net/tcp6).
+// Both files are per network namespace; tcp6 is absent without IPv6.
 func listening(pid int, port int32) (bool, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/net/tcp")
-	if err != nil {
-		return false, err
-	}
-	want := fmt.Sprintf(":%04X", port)
-	for _, line := range strings.Split(string(b), "\n")[1:] {
-		f := strings.Fields(line)
-		// sl local_address rem_address st ...; st 0A is LISTEN.
-		if len(f) > 3 && f[3] == "0A" && strings.HasSuffix(f[1], want) {
+	var firstErr error
+	for _, f := range []string{"tcp", "tcp6"} {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/net/" + f)
+		if err != nil {
+			if firstErr == nil && f == "tcp" {
+				firstErr = err
+			}
+			continue
+		}
+		if listensOn(b, port) {
 			return true, nil
 		}
 	}
-	return false, nil
+	return false, firstErr
+}
+
+// listensOn reports whether a /proc/net/tcp or tcp6 table has a socket in
+// LISTEN state on port.
+func listensOn(table []byte, port int32) bool {
+	want := fmt.Sprintf(":%04X", port)
+	lines := strings.Split(string(table), "\n")
+	if len(lines) < 2 {
+		return false
+	}
+	for _, line := range lines[1:] {
+		f := strings.Fields(line)
+		// sl local_address rem_address st ...; st 0A is LISTEN.
+		if len(f) > 3 && f[3] == "0A" && strings.HasSuffix(f[1], want) {
+			return true
+		}
+	}
+	return false
 }

@@ -30,6 +30,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/nodemesh/nodemesh/agent/version"
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/identity/ca"
 )
@@ -211,7 +212,7 @@ func run(ctx context.Context, cfg *Config, rc *rest.Config, ready chan<- string,
 	}
 	srv, err := ca.NewServer(ca.ServerConfig{
 		Authority: auth, Authn: authn, Pods: ca.KubePods{Client: kc}, Log: log,
-		ServingID: cfg.servingID, DNSNames: cfg.DNSNames, MaxInFlight: cfg.MaxInFlight,
+		ServingID: cfg.servingID, DNSNames: cfg.DNSNames, MaxInFlight: cfg.MaxInFlight, Version: version.String(),
 	})
 	if err != nil {
 		return err
@@ -261,7 +262,7 @@ func run(ctx context.Context, cfg *Config, rc *rest.Config, ready chan<- string,
 			followProvided(ctx, cfg, kc, auth, rot, time.Minute, log)
 		}
 	}()
-	log.Info("nodemesh-ca serving", "addr", ln.Addr().String(), "trust_domain", cfg.td.String(), "spiffe_id", cfg.servingID.String(),
+	log.Info("nodemesh-ca serving", "version", version.String(), "addr", ln.Addr().String(), "trust_domain", cfg.td.String(), "spiffe_id", cfg.servingID.String(),
 		"root", signer.Root.Subject.String(), "root_expires", signer.Root.NotAfter, "svid_ttl", cfg.SVIDTTL)
 	if ready != nil {
 		ready <- ln.Addr().String()

@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"github.com/spf13/cobra"
+
 	"github.com/nodemesh/nodemesh/bench"
 )
 
@@ -28,6 +30,10 @@ scale-smoke is its tiny CI point.
 
   nodemeshctl bench worker ...   runs an in-pod benchmark program (internal)
 `
+
+func newBenchCmd() *cobra.Command {
+	return passthrough("bench", "Benchmark the mesh against no mesh and sidecars on a lab (--profile quick|full --out DIR)", runBench)
+}
 
 func runBench(args []string) error {
 	if len(args) > 0 && args[0] == "worker" {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"log/slog"
 	"net/http/httptest"
 	"strings"
@@ -28,28 +27,25 @@ func TestExposureCommand(t *testing.T) {
 	srv.Handle(exposure.Path, exposure.Handler(l))
 	hs := httptest.NewServer(srv.AdminHandler())
 	defer hs.Close()
-	var buf bytes.Buffer
-	stdout = &buf
-	if err := runExposure([]string{"--admin", hs.URL, "--if-strict", "shop"}); err != nil {
-		t.Fatal(err)
+	out, errOut, code := ctl(t, "exposure", "--admin", hs.URL, "--if-strict", "shop")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
 	}
-	out := buf.String()
 	for _, want := range []string{"node node-1", "outbound   client     2            43", "inbound    shop       1            8", "shop/web-3 (enrolled)", "10.9.9.9",
 		"if namespace shop were STRICT: 2 connections (50 bytes)"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("output lacks %q:\n%s", want, out)
 		}
 	}
-	buf.Reset()
-	if err := runExposure([]string{"--admin", hs.URL, "-o", "json", "--window", "5m"}); err != nil || !strings.Contains(buf.String(), `"window": "5m0s"`) {
-		t.Errorf("json: %v %s", err, buf.String())
+	if out, errOut, code := ctl(t, "exposure", "--admin", hs.URL, "-o", "json", "--window", "5m"); code != 0 || !strings.Contains(out, `"window": "5m0s"`) {
+		t.Errorf("json: exit %d %s %s", code, errOut, out)
 	}
-	for _, bad := range [][]string{{"--window", "-1m"}, {"--top", "0"}, {"-o", "yaml"}, {"extra"}} {
-		if err := runExposure(append([]string{"--admin", hs.URL}, bad...)); err == nil {
-			t.Errorf("%v: want an error", bad)
+	for _, bad := range [][]string{{"--window", "-1m"}, {"--top", "0"}, {"-o", "xml"}, {"extra"}} {
+		if _, _, code := ctl(t, append([]string{"exposure", "--admin", hs.URL}, bad...)...); code != 2 {
+			t.Errorf("%v: exit %d, want 2", bad, code)
 		}
 	}
-	if err := runExposure([]string{"--admin", hs.URL, "--window", "2h"}); err == nil || !strings.Contains(err.Error(), "longer than the ledger keeps") {
-		t.Errorf("2h window: %v", err)
+	if _, errOut, code := ctl(t, "exposure", "--admin", hs.URL, "--window", "2h"); code != 1 || !strings.Contains(errOut, "longer than the ledger keeps") {
+		t.Errorf("2h window: exit %d %s", code, errOut)
 	}
 }

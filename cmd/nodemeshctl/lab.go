@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spf13/cobra"
+
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/demo"
 	"github.com/nodemesh/nodemesh/lab/examples"
@@ -35,6 +37,10 @@ commands:
 
 Every command takes --dir (the state directory; default $` + lab.StateDirEnv + ` or ` + lab.DefaultStateDir + `).
 `
+
+func newLabCmd() *cobra.Command {
+	return passthrough("lab", "Build and drive a multi-node cluster on this machine (up, down, status, exec, apply, demo, workload)", runLab)
+}
 
 func runLab(args []string) error {
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
@@ -63,11 +69,6 @@ func runLab(args []string) error {
 	}
 	return c(args[1:])
 }
-
-// exitError carries a child's exit status without another message.
-type exitError int
-
-func (e exitError) Error() string { return fmt.Sprintf("exit status %d", int(e)) }
 
 func defaultDir() string {
 	if d := os.Getenv(lab.StateDirEnv); d != "" {
@@ -287,7 +288,7 @@ func labDemo(args []string) error {
 	file := fs.String("f", "", "lab spec file (default: the mesh demo's, "+demo.MeshSpecFile+")")
 	keep := fs.Bool("keep", false, "leave the lab up at the end")
 	verbose := fs.Bool("v", false, "log progress")
-	agentBin := fs.String("agent-bin", "", "nodemesh-agent binary (default: next to this executable, where `make build` puts it)")
+	agentBin := fs.String("agent-bin", "", "nodemesh-agent binary (default: next to this executable, where 'make build' puts it)")
 	caBin := fs.String("ca-bin", "", "nodemesh-ca binary (default: next to this executable)")
 	if err := fs.Parse(args); err != nil {
 		return err

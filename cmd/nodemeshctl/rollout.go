@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"text/tabwriter"
@@ -25,14 +24,10 @@ type rolloutStatus struct {
 // printRollout adds the partial-rollout section to `nodemeshctl status`:
 // node marks (agents not ready or gone) and enrolled pods that are
 // unprotected because their node has no ready agent. Agents without an API
-// server do not serve it; that is not an error.
-func printRollout(f *adminFlags, w io.Writer) error {
-	var rs rolloutStatus
-	if _, err := getAdmin(f, "/config_dump/rollout", &rs); err != nil {
-		if errors.Is(err, errNotServed) {
-			return nil
-		}
-		return err
+// server do not serve it (rs is nil then); that is not an error.
+func printRollout(w io.Writer, rs *rolloutStatus) error {
+	if rs == nil {
+		return nil
 	}
 	if !rs.Synced {
 		fmt.Fprintln(w, "\nnode marks: not synced yet (the agent has not listed the Leases in nodemesh-system)")

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"log/slog"
 	"net/http/httptest"
 	"strings"
@@ -28,12 +27,10 @@ func TestStatusRolloutSection(t *testing.T) {
 	})
 	hs := httptest.NewServer(srv.AdminHandler())
 	defer hs.Close()
-	var buf bytes.Buffer
-	stdout = &buf
-	if err := runStatus([]string{"--admin", hs.URL}); err != nil {
-		t.Fatal(err)
+	out, errOut, code := ctl(t, "status", "--admin", hs.URL)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
 	}
-	out := buf.String()
 	for _, want := range []string{"node marks", "node-1", "agent-a", "node-2", "NO (stale", "shop/db-0 (node node-3)", "(1;"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
@@ -47,11 +44,11 @@ func TestStatusRolloutSection(t *testing.T) {
 	}
 	hb := httptest.NewServer(bare.AdminHandler())
 	defer hb.Close()
-	buf.Reset()
-	if err := runStatus([]string{"--admin", hb.URL}); err != nil {
-		t.Fatal(err)
+	out, errOut, code = ctl(t, "status", "--admin", hb.URL)
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut)
 	}
-	if strings.Contains(buf.String(), "node marks") {
-		t.Errorf("rollout section without a rollout dump:\n%s", buf.String())
+	if strings.Contains(out, "node marks") {
+		t.Errorf("rollout section without a rollout dump:\n%s", out)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -41,30 +42,34 @@ func TestAdminCommands(t *testing.T) {
 	defer hs.Close()
 
 	tests := []struct {
-		cmd  func([]string) error
+		cmd  string
 		args []string
 		want []string
+		code int
 	}{
-		{runStatus, nil, []string{"node node-7: NOT READY", "svids", "no SVID yet"}},
-		{runWorkloads, nil, []string{"shop", "web-0", "10.0.0.1", "verified", "spiffe://cluster.local/ns/shop/sa/web"}},
-		{runCerts, nil, []string{"spiffe://cluster.local/ns/shop/sa/web", "T", "ab"}},
-		{runConnections, nil, []string{"outbound", "hbone", "10.96.0.10:80->10.0.0.2:8080", "spiffe://cluster.local/ns/shop/sa/db", "12"}},
-		{runStatus, []string{"-o", "json"}, []string{`"ready": false`}},
-		{runWorkloads, []string{"-o", "json"}, []string{`"workloads"`, `"capture"`}},
+		// Not ready: the agent's answer is shown and the exit status is 0
+		// (status reports; check judges).
+		{"status", nil, []string{"node node-7: NOT READY", "svids", "no SVID yet"}, 0},
+		{"workloads", nil, []string{"shop", "web-0", "10.0.0.1", "verified", "spiffe://cluster.local/ns/shop/sa/web"}, 0},
+		{"certs", nil, []string{"spiffe://cluster.local/ns/shop/sa/web", "T", "ab"}, 0},
+		{"connections", nil, []string{"outbound", "hbone", "10.96.0.10:80->10.0.0.2:8080", "spiffe://cluster.local/ns/shop/sa/db", "12"}, 0},
+		{"status", []string{"-o", "json"}, []string{`"ready": false`}, 0},
+		{"status", []string{"-o", "yaml"}, []string{`ready: false`, "node: node-7"}, 0},
+		{"workloads", []string{"-o", "json"}, []string{`"workloads"`, `"capture"`}, 0},
+		{"certs", []string{"--output", "yaml"}, []string{"spiffeId: spiffe://cluster.local/ns/shop/sa/web"}, 0},
 	}
 	for _, tt := range tests {
-		var buf bytes.Buffer
-		stdout = &buf
-		if err := tt.cmd(append([]string{"--admin", strings.TrimPrefix(hs.URL, "http://")}, tt.args...)); err != nil {
-			t.Fatal(err)
+		out, errOut, code := ctl(t, append([]string{tt.cmd, "--admin", strings.TrimPrefix(hs.URL, "http://")}, tt.args...)...)
+		if code != tt.code {
+			t.Errorf("%s %v: exit %d, want %d (stderr %q)", tt.cmd, tt.args, code, tt.code, errOut)
 		}
 		for _, w := range tt.want {
-			if !strings.Contains(buf.String(), w) {
-				t.Errorf("output lacks %q:\n%s", w, buf.String())
+			if !strings.Contains(out, w) {
+				t.Errorf("%s %v: output lacks %q:\n%s", tt.cmd, tt.args, w, out)
 			}
 		}
-		if len(tt.args) > 0 && tt.args[1] == "json" && !json.Valid(buf.Bytes()) {
-			t.Errorf("-o json output is not JSON: %s", buf.String())
+		if len(tt.args) > 0 && tt.args[1] == "json" && !json.Valid([]byte(out)) {
+			t.Errorf("-o json output is not JSON: %s", out)
 		}
 	}
 
@@ -74,18 +79,31 @@ func TestAdminCommands(t *testing.T) {
 	srv2.AddDump("workloads", func() any { return []any{} })
 	hs2 := httptest.NewServer(srv2.AdminHandler())
 	defer hs2.Close()
-	stdout = &bytes.Buffer{}
-	if err := runWorkloads([]string{"--admin", hs2.URL}); err != nil {
-		t.Fatal(err)
+	if _, errOut, code := ctl(t, "workloads", "--admin", hs2.URL); code != 0 {
+		t.Fatalf("workloads without a data plane: exit %d: %s", code, errOut)
 	}
-	if err := runCerts([]string{"--admin", hs2.URL}); err == nil || !strings.Contains(err.Error(), "data plane") {
-		t.Fatalf("certs without a data plane: %v", err)
+	if _, errOut, code := ctl(t, "certs", "--admin", hs2.URL); code != 1 || !strings.Contains(errOut, "data plane") {
+		t.Fatalf("certs without a data plane: exit %d: %s", code, errOut)
 	}
 	hs2.Close()
-	if err := runStatus([]string{"--admin", hs2.URL}); err == nil || !strings.Contains(err.Error(), "is nodemesh-agent running") {
-		t.Fatalf("status with no agent: %v", err)
+	if _, errOut, code := ctl(t, "status", "--admin", hs2.URL); code != 1 || !strings.Contains(errOut, "is nodemesh-agent running") {
+		t.Fatalf("status with no agent: exit %d: %s", code, errOut)
 	}
-	if err := runStatus([]string{"-o", "yaml"}); err == nil {
-		t.Fatal("bad -o accepted")
+	// Usage errors exit 2 before anything is asked.
+	for _, args := range [][]string{{"status", "-o", "xml"}, {"status", "extra"}, {"status", "--admin", "x", "--node", "n"}, {"certs", "--bogus"}} {
+		if _, errOut, code := ctl(t, args...); code != 2 {
+			t.Errorf("%v: exit %d, want 2 (stderr %q)", args, code, errOut)
+		}
 	}
+}
+
+// ctl runs nodemeshctl with args and returns its stdout, stderr and exit
+// status.
+func ctl(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	stdout = &out
+	defer func() { stdout = os.Stdout }()
+	code := run(args, &errOut)
+	return out.String(), errOut.String(), code
 }

@@ -37,6 +37,9 @@ type ServerConfig struct {
 	// MaxInFlight bounds concurrent sign requests; default 64. Excess
 	// requests get CodeUnavailable at once rather than queueing.
 	MaxInFlight int
+	// Version is the build version served at identity.VersionPath (for
+	// `nodemeshctl version` and `check`).
+	Version string
 }
 
 // Server is the CA's HTTPS front end.
@@ -82,6 +85,10 @@ func (s *Server) Handler() http.Handler {
 	})
 	mux.HandleFunc("GET "+identity.HealthPath, func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET "+identity.VersionPath, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]string{"version": s.cfg.Version})
 	})
 	return mux
 }

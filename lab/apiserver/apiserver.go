@@ -72,7 +72,16 @@ type Config struct {
 	Detach bool
 	// Log receives progress lines; nil discards them.
 	Log io.Writer
+	// KubeletEgress, when set, is a Unix socket through which the API server
+	// reaches kubelets (its "cluster" egress, HTTP CONNECT, as with
+	// konnectivity): the lab serves the kubelet API there, so that
+	// pods/portforward works. The socket may appear after Start.
+	KubeletEgress string
 }
+
+// KubeletPort is the port the API server expects kubelets on (it is put
+// in each lab Node's status).
+const KubeletPort = 10250
 
 // Server is a running etcd + kube-apiserver pair.
 type Server struct {
@@ -251,7 +260,7 @@ func (s *Server) startProcs(ctx context.Context, cfg Config, etcdPath, token str
 	); err != nil {
 		return err
 	}
-	if err := s.spawn(cfg, "kube-apiserver", cfg.Binary,
+	args := []string{
 		"--etcd-servers", etcdURL,
 		"--bind-address", "127.0.0.1",
 		"--advertise-address", "127.0.0.1",
@@ -269,8 +278,23 @@ func (s *Server) startProcs(ctx context.Context, cfg Config, etcdPath, token str
 		"--enable-priority-and-fairness=false",
 		"--endpoint-reconciler-type", "none",
 		"--profiling=false",
+		"--kubelet-client-certificate", s.path("kubelet-client.crt"),
+		"--kubelet-client-key", s.path("kubelet-client.key"),
+		"--kubelet-preferred-address-types", "InternalIP,Hostname",
 		"--v", "0",
-	); err != nil {
+	}
+	if cfg.KubeletEgress != "" {
+		conf := s.path("egress-selector.yaml")
+		// HTTP CONNECT over a Unix socket for the "cluster" network
+		// (kubelets, pods); the control plane and etcd stay direct.
+		y := "apiVersion: apiserver.k8s.io/v1beta1\nkind: EgressSelectorConfiguration\negressSelections:\n" +
+			"- name: cluster\n  connection:\n    proxyProtocol: HTTPConnect\n    transport:\n      uds:\n        udsName: " + strconv.Quote(cfg.KubeletEgress) + "\n"
+		if err := os.WriteFile(conf, []byte(y), 0o600); err != nil {
+			return fmt.Errorf("writing the egress selector configuration: %w", err)
+		}
+		args = append(args, "--egress-selector-config-file", conf)
+	}
+	if err := s.spawn(cfg, "kube-apiserver", cfg.Binary, args...); err != nil {
 		return err
 	}
 	s.URL = "https://127.0.0.1:" + strconv.Itoa(securePort)
@@ -507,6 +531,24 @@ func (s *Server) writeCredentials() (token string, err error) {
 	if err != nil {
 		return "", fmt.Errorf("signing the serving certificate: %w", err)
 	}
+	// The API server's client certificate towards kubelets (the lab's
+	// kubelet stand-in requires it, signed by the lab CA).
+	kcKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return "", fmt.Errorf("generating the kubelet client key: %w", err)
+	}
+	kcTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(3),
+		Subject:      pkix.Name{CommonName: "kube-apiserver-kubelet-client", Organization: []string{"system:masters"}},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(10 * 365 * 24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	kcDER, err := x509.CreateCertificate(rand.Reader, kcTmpl, caCert, &kcKey.PublicKey, caKey)
+	if err != nil {
+		return "", fmt.Errorf("signing the kubelet client certificate: %w", err)
+	}
 	saKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return "", fmt.Errorf("generating the service-account signing key: %w", err)
@@ -520,11 +562,12 @@ func (s *Server) writeCredentials() (token string, err error) {
 	s.caPEM = pemBlock("CERTIFICATE", caDER)
 	s.CAFile = s.path("ca.crt")
 	files := map[string][]byte{
-		"ca.crt":      s.caPEM,
-		"serving.crt": append(pemBlock("CERTIFICATE", srvDER), s.caPEM...),
-		"tokens.csv":  []byte(token + ",nodemesh-lab-admin,nodemesh-lab-admin,system:masters\n"),
+		"ca.crt":             s.caPEM,
+		"serving.crt":        append(pemBlock("CERTIFICATE", srvDER), s.caPEM...),
+		"kubelet-client.crt": pemBlock("CERTIFICATE", kcDER),
+		"tokens.csv":         []byte(token + ",nodemesh-lab-admin,nodemesh-lab-admin,system:masters\n"),
 	}
-	for name, key := range map[string]*ecdsa.PrivateKey{"serving.key": srvKey, "sa.key": saKey} {
+	for name, key := range map[string]*ecdsa.PrivateKey{"serving.key": srvKey, "sa.key": saKey, "kubelet-client.key": kcKey} {
 		der, err := x509.MarshalECPrivateKey(key)
 		if err != nil {
 			return "", fmt.Errorf("encoding %s: %w", name, err)

@@ -162,8 +162,14 @@ func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
 	}
 	caHost := net.JoinHostPort(nodes[0].IP, fmt.Sprint(identity.DefaultPort))
 	m.CAAddr = "https://" + caHost
+	// The CA's pod object, as the Deployment's would be (host network
+	// here), so that nodemeshctl finds it; it listens on every address of
+	// its node, as a pod would on its own, so a port-forward reaches it.
+	if err := m.registerPod(ctx, "nodemesh-ca-"+nodes[0].Name, nodes[0], "nodemesh-ca", "nodemesh-ca", "ca"); err != nil {
+		return nil, err
+	}
 	ca, err := l.StartNodeProcess(ctx, m.CANode, CAProcess, []string{o.CABinary, "--kubeconfig", l.Kubeconfig(),
-		"--namespace", SystemNamespace, "--listen", caHost, "--svid-ttl", "1h", "--log-level", o.LogLevel}, nil)
+		"--namespace", SystemNamespace, "--listen", net.JoinHostPort("", fmt.Sprint(identity.DefaultPort)), "--svid-ttl", "1h", "--log-level", o.LogLevel}, nil)
 	if err != nil {
 		return nil, fmt.Errorf("starting the nodemesh CA on %s: %w", m.CANode, err)
 	}
@@ -221,18 +227,12 @@ func agentNodes(all []lab.Node, subset []string) ([]lab.Node, error) {
 func (m *Mesh) startAgent(ctx context.Context, n lab.Node, o Options, tokDir string) (*Agent, error) {
 	c := m.lab.Server.Client
 	name := "nodemesh-agent-" + n.Name
+	if err := m.registerPod(ctx, name, n, "nodemesh-agent", "nodemesh-agent", "agent"); err != nil {
+		return nil, err
+	}
 	p, err := c.CoreV1().Pods(SystemNamespace).Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
-		p, err = c.CoreV1().Pods(SystemNamespace).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name},
-			Spec: corev1.PodSpec{NodeName: n.Name, ServiceAccountName: "nodemesh-agent", HostNetwork: true,
-				Containers: []corev1.Container{{Name: "agent", Image: "nodemesh-agent"}}}}, metav1.CreateOptions{})
-		if err != nil {
-			return nil, fmt.Errorf("creating the agent pod object for %s: %w", n.Name, err)
-		}
-		p.Status.Phase = corev1.PodRunning
-		if p, err = c.CoreV1().Pods(SystemNamespace).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
-			return nil, fmt.Errorf("marking the agent pod on %s running: %w", n.Name, err)
-		}
+		return nil, fmt.Errorf("reading the agent pod object for %s: %w", n.Name, err)
 	}
 	exp := int64(3600)
 	tr, err := c.CoreV1().ServiceAccounts(SystemNamespace).CreateToken(ctx, "nodemesh-agent", &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
@@ -281,6 +281,30 @@ func (m *Mesh) RestartAgent(ctx context.Context, node string) error {
 		return err
 	}
 	m.Agents[node] = a
+	return nil
+}
+
+// registerPod creates the Running host-network pod object of a mesh
+// process on node n (unless it exists), labelled as the manifests label
+// theirs (app.kubernetes.io/name=app), as kubelet would publish it.
+func (m *Mesh) registerPod(ctx context.Context, name string, n lab.Node, app, sa, component string) error {
+	pods := m.lab.Server.Client.CoreV1().Pods(SystemNamespace)
+	if _, err := pods.Get(ctx, name, metav1.GetOptions{}); err == nil {
+		return nil
+	}
+	p, err := pods.Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name,
+		Labels: map[string]string{"app.kubernetes.io/name": app, "app.kubernetes.io/component": component}},
+		Spec: corev1.PodSpec{NodeName: n.Name, ServiceAccountName: sa, HostNetwork: true,
+			Containers: []corev1.Container{{Name: component, Image: app}}}}, metav1.CreateOptions{})
+	if err != nil {
+		return fmt.Errorf("creating the pod object %s on %s: %w", name, n.Name, err)
+	}
+	p.Status.Phase = corev1.PodRunning
+	p.Status.HostIP, p.Status.PodIP = n.IP, n.IP
+	p.Status.PodIPs = []corev1.PodIP{{IP: n.IP}}
+	if _, err = pods.UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("marking the pod %s on %s running: %w", name, n.Name, err)
+	}
 	return nil
 }
 

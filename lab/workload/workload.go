@@ -63,9 +63,13 @@ var Names = []string{"http", "tcp-echo", "udp-echo", "get", "tcp", "udp", "sleep
 // Main runs the workload named by args[0] until ctx ends (servers) or the
 // work is done (clients), and returns the exit code.
 func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprintf(stderr, "usage: nodemeshctl lab workload {%s} ...\n", strings.Join(Names, "|"))
-		return 2
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		fmt.Fprintf(stderr, "usage: nodemeshctl lab workload {%s} [flags]\n\n"+
+			"The lab's built-in pod programs; each takes -h for its flags.\n", strings.Join(Names, "|"))
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
 	}
 	log := slog.New(slog.NewTextHandler(stderr, nil)).With("pod", os.Getenv(EnvPodNamespace)+"/"+os.Getenv(EnvPodName))
 	var err error
@@ -90,7 +94,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return 2
+			return 0 // -h: the flags were printed
 		}
 		fmt.Fprintf(stderr, "workload %s: %v\n", args[0], err)
 		return 1

@@ -21,6 +21,7 @@ import (
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/nodemesh/nodemesh/agent/policy"
 )
@@ -72,11 +73,16 @@ type options struct {
 	plaintext                                                                         bool
 }
 
-func runExplain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	var o options
-	fs := flag.NewFlagSet("policy explain", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
+// Options are the flags of "policy explain", for a command line built
+// elsewhere (nodemeshctl registers them with Register and may set the
+// agent to ask with SetAgent).
+type Options struct{ o options }
+
+// Register adds the flags of policy explain to fs and returns the options
+// they fill.
+func Register(fs *flag.FlagSet) *Options {
+	opts := &Options{}
+	o := &opts.o
 	fs.StringVar(&o.dir, "from-files", "", "directory of Kubernetes YAML to evaluate (offline explain)")
 	fs.StringVar(&o.agent, "agent", "", "admin API of a running agent to ask (live explain), e.g. http://127.0.0.1:15000")
 	fs.StringVar(&o.src, "src", "", "source: namespace/pod or IP")
@@ -85,40 +91,60 @@ func runExplain(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	fs.StringVar(&o.protocol, "protocol", "TCP", "TCP, UDP or SCTP")
 	fs.StringVar(&o.principal, "principal", "", "source SPIFFE ID presented over mTLS (default: derived from the source pod when both ends are enrolled)")
 	fs.BoolVar(&o.plaintext, "plaintext", false, "evaluate as a plaintext connection (no source identity)")
-	fs.StringVar(&o.output, "o", "text", "output format: text or json")
+	fs.StringVar(&o.output, "o", "text", "output format: text, json or yaml")
 	fs.StringVar(&o.trustDomain, "trust-domain", policy.DefaultTrustDomain, "SPIFFE trust domain of the mesh")
 	fs.StringVar(&o.rootNS, "root-namespace", policy.DefaultRootNamespace, "namespace whose selector-less policies apply mesh-wide")
 	fs.StringVar(&o.direction, "direction", "both", "evaluate both, egress (source agent) or ingress (destination agent)")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
+	return opts
+}
+
+// FromFiles is --from-files; Agent is --agent; Src is --src.
+func (o *Options) FromFiles() string { return o.o.dir }
+func (o *Options) Agent() string     { return o.o.agent }
+func (o *Options) Src() string       { return o.o.src }
+
+// SetAgent sets the admin API to ask (live explain).
+func (o *Options) SetAgent(url string) { o.o.agent = url }
+
+// Validate checks the flags without running anything.
+func (o *Options) Validate() error {
+	if err := o.o.validate(); err != nil {
+		return fmt.Errorf("explain: %w", err)
+	}
+	return nil
+}
+
+// Run explains the connection the options describe and prints the answer
+// to stdout (notes to stderr).
+func (o *Options) Run(ctx context.Context, stdout, stderr io.Writer) error {
+	if err := o.Validate(); err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("explain: unexpected argument %q", fs.Arg(0))
-	}
-	err := o.validate()
-	if err == nil && (o.dir == "") == (o.agent == "") {
-		err = errors.New("give either --from-files DIR (offline) or --agent URL (live)")
-	}
-	if err != nil {
-		return fmt.Errorf("explain: %w", err)
+	if (o.o.dir == "") == (o.o.agent == "") {
+		return errors.New("explain: give either --from-files DIR (offline) or --agent URL (live)")
 	}
 	var d *policy.Decision
-	if o.agent != "" {
-		d, err = askAgent(ctx, &o)
+	var err error
+	if o.o.agent != "" {
+		d, err = askAgent(ctx, &o.o)
 	} else {
-		d, err = explainFiles(&o, stderr)
+		d, err = explainFiles(&o.o, stderr)
 	}
 	if err != nil {
 		return fmt.Errorf("explain: %w", err)
 	}
-	switch o.output {
-	case "json":
+	switch o.o.output {
+	case "json", "yaml":
 		b, err := json.MarshalIndent(d, "", "  ")
 		if err != nil {
 			return fmt.Errorf("explain: encoding JSON: %w", err)
+		}
+		if o.o.output == "yaml" {
+			if b, err = yaml.JSONToYAML(b); err != nil {
+				return fmt.Errorf("explain: encoding YAML: %w", err)
+			}
+			_, err = stdout.Write(b)
+			return err
 		}
 		_, err = fmt.Fprintf(stdout, "%s\n", b)
 		return err
@@ -128,14 +154,31 @@ func runExplain(ctx context.Context, args []string, stdout, stderr io.Writer) er
 	}
 }
 
+func runExplain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("policy explain", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, usage); fs.PrintDefaults() }
+	o := Register(fs)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("explain: unexpected argument %q", fs.Arg(0))
+	}
+	return o.Run(ctx, stdout, stderr)
+}
+
 func (o *options) validate() error {
 	switch {
 	case o.src == "" || o.dst == "":
 		return errors.New("--src and --dst are required (namespace/pod or IP)")
 	case o.port == 0 || o.port > 65535:
 		return fmt.Errorf("--port %d: want 1-65535", o.port)
-	case o.output != "text" && o.output != "json":
-		return fmt.Errorf("-o %q: want text or json", o.output)
+	case o.output != "text" && o.output != "table" && o.output != "json" && o.output != "yaml":
+		return fmt.Errorf("-o %q: want text, json or yaml", o.output)
 	case o.plaintext && o.principal != "":
 		return errors.New("--plaintext and --principal are mutually exclusive")
 	case o.direction != "both" && o.direction != "egress" && o.direction != "ingress":
