@@ -46,10 +46,12 @@ const ns = "nodemesh-system"
 // API server. (CRDs are checked by the API server in the lab test.)
 var strictDecoder = serializer.NewCodecFactory(scheme.Scheme, serializer.EnableStrict).UniversalDeserializer()
 
-// unstructuredKind reports whether kind stays unstructured: CRDs and
-// nodemesh's custom resources, which client-go's scheme does not know.
+// unstructuredKind reports whether kind stays unstructured: CRDs,
+// nodemesh's custom resources and the Prometheus Operator's (checked by
+// TestObservability), which client-go's scheme does not know.
 func unstructuredKind(o *unstructured.Unstructured) bool {
-	return o.GetKind() == "CustomResourceDefinition" || o.GroupVersionKind().Group == v1alpha1.SchemeGroupVersion.Group
+	g := o.GroupVersionKind().Group
+	return o.GetKind() == "CustomResourceDefinition" || g == v1alpha1.SchemeGroupVersion.Group || g == monitoringGroup
 }
 
 // TestEveryFileParses decodes every YAML document under manifests/ (the

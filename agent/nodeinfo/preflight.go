@@ -16,9 +16,10 @@ import (
 )
 
 // MinKernel is the oldest kernel with everything capture uses (sk_lookup
-// with bpf_sk_assign, netns cookies in cgroup sock_addr programs, socket
-// storage): the first LTS that has it all.
-const MinKernel = "5.10"
+// with bpf_sk_assign, netns cookies in cgroup sock_addr programs and in
+// sockops, socket storage): the first LTS that has it all (docs/capture.md
+// lists each feature's version).
+const MinKernel = "5.15"
 
 // PreflightConfig says what the start-up checks must find.
 type PreflightConfig struct {
