@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"golang.org/x/sys/unix"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -22,6 +23,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/k8s"
 	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/agent/state"
+	"github.com/nodemesh/nodemesh/agent/version"
 )
 
 func newAccessLog(w io.Writer) *slog.Logger { return admin.NewAccessLog(w) }
@@ -73,7 +75,8 @@ func newAgent(cfg *Config, log *slog.Logger, level *slog.LevelVar, access *slog.
 	if a.store, err = state.NewStore(cfg.td); err != nil {
 		return nil, err
 	}
-	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		version.Collector("agent"))
 	if a.metrics, err = admin.NewMetrics(a.reg, access); err != nil {
 		return nil, fmt.Errorf("registering metrics: %w", err)
 	}
@@ -101,7 +104,7 @@ func newAgent(cfg *Config, log *slog.Logger, level *slog.LevelVar, access *slog.
 		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadinessAddr: cfg.ReadinessAddr,
 		Logger: log.With("component", "admin"), Level: level, Gatherer: a.reg,
 		Info: map[string]string{"node": cfg.NodeName, "trustDomain": cfg.TrustDomain, "stateSource": srcName,
-			"dataplane": fmt.Sprint(cfg.Dataplane)},
+			"dataplane": fmt.Sprint(cfg.Dataplane), "version": version.String(), "kernel": kernelRelease()},
 	}); err != nil {
 		return nil, err
 	}
@@ -195,7 +198,7 @@ func (a *agent) run(ctx context.Context) error {
 		a.log.Warn("data plane off (--dataplane=false): no capture, no SVIDs, no proxying")
 	}
 
-	a.log.Info("agent started", "trust_domain", a.cfg.TrustDomain, "dataplane", a.cfg.Dataplane)
+	a.log.Info("agent started", "version", version.String(), "trust_domain", a.cfg.TrustDomain, "dataplane", a.cfg.Dataplane)
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -227,4 +230,14 @@ func (a *agent) run(ctx context.Context) error {
 	wg.Wait()
 	a.log.Info("agent stopped")
 	return runErr
+}
+
+// kernelRelease is the node's kernel release (uname -r), shown in /status
+// for `nodemeshctl check`.
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return ""
+	}
+	return unix.ByteSliceToString(u.Release[:])
 }

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
@@ -145,6 +146,13 @@ func newDataplane(ctx context.Context, a *agent) (_ *dataplane, err error) {
 		return nil, fmt.Errorf("creating the SVID manager: %w", err)
 	}
 	cleanup = append(cleanup, dp.ca.Close)
+	// Capture state (acceleration, per-pod verification, program counters)
+	// and SVID/root expiry, for the shipped dashboard and alerts.
+	for _, c := range []prometheus.Collector{dp.capture.Collector(), dp.svids.Collector()} {
+		if err := a.reg.Register(c); err != nil {
+			return nil, fmt.Errorf("registering capture and SVID metrics: %w", err)
+		}
+	}
 	dp.tls = hbone.SPIFFETLS{
 		SVID:    func(id spiffeid.ID) (x509svid.Source, error) { return dp.svids.SVIDSource(id), nil },
 		Bundles: dp.svids,
