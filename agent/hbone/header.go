@@ -408,6 +408,7 @@ func (c *conn) onRequest(id uint32, end bool, fields []hpack.HeaderField) error 
 func (c *conn) answerBadRequest(s *stream, body string) {
 	defer c.wg.Done()
 	defer c.handlerDone()
+	defer s.cancel()
 	if body == "" {
 		_ = s.respond(http.StatusBadRequest, true)
 	} else if s.respond(http.StatusBadRequest, false) == nil {
