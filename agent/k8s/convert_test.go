@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"unsafe"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -177,6 +178,33 @@ func TestStripPodKeepsWhatConvertReads(t *testing.T) {
 	sp := s.(*corev1.Pod)
 	if len(sp.ManagedFields) != 0 || len(sp.Spec.Volumes) != 0 || len(sp.Status.ContainerStatuses) != 0 || sp.Spec.Containers[0].Image != "" {
 		t.Fatal("stripped pod kept fields the agent does not read")
+	}
+}
+
+// Pods decoded separately share one copy of the strings they repeat once
+// stripped: label keys and values, namespace, node, service account.
+func TestStripPodInternsRepeatedStrings(t *testing.T) {
+	a, b := StripPod(fullPod(t, 50)), StripPod(fullPod(t, 100)) // same node: i%50
+	same := func(what, x, y string) {
+		t.Helper()
+		if x != y || unsafe.StringData(x) != unsafe.StringData(y) {
+			t.Errorf("%s: %q and %q are separate copies", what, x, y)
+		}
+	}
+	same("namespace", a.Namespace, b.Namespace)
+	same("node", a.Spec.NodeName, b.Spec.NodeName)
+	same("service account", a.Spec.ServiceAccountName, b.Spec.ServiceAccountName)
+	same("owner", a.OwnerReferences[0].Name, b.OwnerReferences[0].Name)
+	same("label value", a.Labels["app"], b.Labels["app"])
+	for k := range a.Labels {
+		for k2 := range b.Labels {
+			if k == k2 {
+				same("label key", k, k2)
+			}
+		}
+	}
+	if StripPod(&corev1.Pod{}).Labels != nil {
+		t.Error("a pod without labels got a label map")
 	}
 }
 

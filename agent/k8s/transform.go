@@ -1,6 +1,8 @@
 package k8s
 
 import (
+	"unique"
+
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -50,12 +52,17 @@ func dropLastApplied(u *unstructured.Unstructured) {
 // service account, host networking, container ports and probe ports, phase
 // and IPs. The informer calls it before caching, so the full object is
 // garbage as soon as the event is handled.
+//
+// The strings many pods repeat - label keys and values, namespace, node,
+// service account, owner - are interned (package unique), so the pods of
+// a large cluster share one copy of each; an interned string is freed when
+// no pod uses it any more, so churn cannot grow the table.
 func StripPod(p *corev1.Pod) *corev1.Pod {
 	out := &corev1.Pod{
 		TypeMeta: p.TypeMeta,
 		Spec: corev1.PodSpec{
-			NodeName:           p.Spec.NodeName,
-			ServiceAccountName: p.Spec.ServiceAccountName,
+			NodeName:           intern(p.Spec.NodeName),
+			ServiceAccountName: intern(p.Spec.ServiceAccountName),
 			HostNetwork:        p.Spec.HostNetwork,
 		},
 		Status: corev1.PodStatus{
@@ -65,15 +72,15 @@ func StripPod(p *corev1.Pod) *corev1.Pod {
 		},
 	}
 	out.Name = p.Name
-	out.Namespace = p.Namespace
+	out.Namespace = intern(p.Namespace)
 	out.UID = p.UID
 	out.ResourceVersion = p.ResourceVersion
-	out.Labels = p.Labels
+	out.Labels = internLabels(p.Labels)
 	out.Annotations = keepAnnotations(p.Annotations)
 	out.DeletionTimestamp = p.DeletionTimestamp
 	for _, o := range p.OwnerReferences {
 		if o.Controller != nil && *o.Controller {
-			out.OwnerReferences = []metav1.OwnerReference{{Kind: o.Kind, Name: o.Name, Controller: o.Controller}}
+			out.OwnerReferences = []metav1.OwnerReference{{Kind: intern(o.Kind), Name: intern(o.Name), Controller: o.Controller}}
 			break
 		}
 	}
@@ -109,6 +116,26 @@ func stripProbe(pr *corev1.Probe) *corev1.Probe {
 		out.GRPC = &corev1.GRPCAction{Port: pr.GRPC.Port}
 	default:
 		return nil
+	}
+	return out
+}
+
+// intern returns s backed by the one shared copy of its contents.
+func intern(s string) string {
+	if s == "" {
+		return ""
+	}
+	return unique.Make(s).Value()
+}
+
+// internLabels copies labels with interned keys and values.
+func internLabels(labels map[string]string) map[string]string {
+	if labels == nil {
+		return nil
+	}
+	out := make(map[string]string, len(labels))
+	for k, v := range labels {
+		out[intern(k)] = intern(v)
 	}
 	return out
 }
