@@ -70,9 +70,10 @@ type PoolStats struct {
 }
 
 // Metrics are the agent's Prometheus metrics. The istio_tcp_* metrics
-// have Istio's names and labels, so Istio's dashboards work; bytes are
-// counted when a connection closes (Istio also reports long connections
-// periodically; /connections shows bytes of open ones).
+// have Istio's names and some of its labels (not yet enough for Istio's
+// dashboards: see docs/operations.md); bytes are counted when a connection
+// closes (Istio also reports long connections periodically; /connections
+// shows bytes of open ones).
 type Metrics struct {
 	opened, closed, sent, received *prometheus.CounterVec
 	setup                          *prometheus.HistogramVec
