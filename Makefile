@@ -17,6 +17,14 @@ K8S_VERSION    := v1.34.2
 CACHE_HOME     := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)
 KUBE_APISERVER := $(CACHE_HOME)/nodemesh/kube-apiserver-$(K8S_VERSION)/kube-apiserver
 export NODEMESH_KUBE_APISERVER := $(KUBE_APISERVER)
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy and kubectl for
+# real nodes on this machine, built like the API server from their own
+# module (lab/kube-node) into the user cache, keyed by version.
+KUBE_NODE_DIR  := $(CACHE_HOME)/nodemesh/kube-node-$(K8S_VERSION)
+export NODEMESH_KUBE_NODE_DIR := $(KUBE_NODE_DIR)
+K8S_LDFLAGS    := -s -w $(foreach p,k8s.io/component-base/version k8s.io/client-go/pkg/version,\
+                  -X $(p).gitVersion=$(K8S_VERSION) -X $(p).gitMajor=1 \
+                  -X $(p).gitMinor=$(word 2,$(subst ., ,$(K8S_VERSION))) -X $(p).gitTreeState=clean)
 
 # Debian packages each group of targets needs.
 APT_RUNTIME  := etcd-server iproute2 nftables tcpdump
@@ -24,6 +32,9 @@ APT_GENERATE := clang llvm libbpf-dev bpftool
 # haproxy is the sidecar baseline of the benchmark; the lab tier's quick
 # benchmark smoke test checks that scenario too.
 APT_BENCH    := haproxy
+# Real nodes: containerd, runc, the reference CNI plugins;
+# busybox-static for the uninstall cleanup image (docker.io cannot be pulled).
+APT_CLUSTER  := containerd runc containernetworking-plugins busybox-static
 
 BINARIES := nodemesh-agent nodemesh-ca nodemeshctl
 # The build version stamped into every binary (cmd/internal/version): the
@@ -32,8 +43,8 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -X github.com/nodemesh/nodemesh/agent/version.version=$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: build generate generate-check test test-unit test-priv test-lab demo bench lint fuzz \
-        kube-apiserver deps deps-generate deps-bench clean lab-down manifests-check image bench-go
+.PHONY: build generate generate-check test test-unit test-priv test-lab deps-cluster image-docker demo bench lint fuzz \
+        kube-apiserver kube-node deps deps-generate deps-bench clean lab-down manifests-check image bench-go
 
 build:
 	@mkdir -p bin
@@ -60,6 +71,9 @@ deps-generate:
 deps-bench:
 	$(call apt_install,$(APT_RUNTIME) $(APT_BENCH))
 
+deps-cluster:
+	$(call apt_install,$(APT_RUNTIME) $(APT_CLUSTER))
+
 # The real API server, built from the Go module in a separate module under
 # lab/ so the main go.mod never requires k8s.io/kubernetes. No file
 # prerequisites on purpose: a fresh clone must reuse the cached build.
@@ -69,6 +83,16 @@ kube-apiserver:
 	  mkdir -p "$(dir $(KUBE_APISERVER))" && \
 	  (cd lab/kube-apiserver && GOFLAGS=-mod=mod $(GO) build -o "$(KUBE_APISERVER).tmp" .) && \
 	  mv "$(KUBE_APISERVER).tmp" "$(KUBE_APISERVER)"; \
+	fi
+
+# Same pattern for the node binaries: one `go build` of the five commands,
+# into a temporary directory renamed into place only when all of them built.
+kube-node:
+	@if [ ! -x "$(KUBE_NODE_DIR)/kubectl" ]; then \
+	  echo "building kubelet, kube-controller-manager, kube-scheduler, kube-proxy, kubectl $(K8S_VERSION) into $(KUBE_NODE_DIR) (several minutes, once)"; \
+	  rm -rf "$(KUBE_NODE_DIR).tmp" && mkdir -p "$(KUBE_NODE_DIR).tmp" && \
+	  (cd lab/kube-node && GOFLAGS=-mod=mod $(GO) build -ldflags '$(K8S_LDFLAGS)' -o "$(KUBE_NODE_DIR).tmp/" ./...) && \
+	  rm -rf "$(KUBE_NODE_DIR)" && mv "$(KUBE_NODE_DIR).tmp" "$(KUBE_NODE_DIR)"; \
 	fi
 
 GENERATED_DIRS := redirect agent/policy/v1alpha1
@@ -133,9 +157,15 @@ bench-go: deps kube-apiserver
 manifests-check: deps kube-apiserver
 	$(GO) test -count=1 -p 1 -timeout 20m -run '^TestLabInstall' -v ./manifests/
 
-# Container images (needs a Docker engine with BuildKit; not built in CI).
+# Container images without a Docker engine: static binaries on an empty base,
+# one archive for `ctr -n k8s.io images import bin/images.tar` (lab/cluster/image).
+# With Docker/BuildKit, manifests/Dockerfile builds the same two images on distroless.
 IMAGE_TAG ?= dev
 image:
+	$(GO) run ./lab/cluster/mkimage -tag $(IMAGE_TAG) -ldflags "$(LDFLAGS)" -o bin/images.tar
+
+# The same two images on distroless, with a Docker engine (BuildKit).
+image-docker:
 	docker build -f manifests/Dockerfile --build-arg VERSION=$(VERSION) --target agent -t localhost/nodemesh-agent:$(IMAGE_TAG) .
 	docker build -f manifests/Dockerfile --build-arg VERSION=$(VERSION) --target ca -t localhost/nodemesh-ca:$(IMAGE_TAG) .
 
