@@ -56,9 +56,8 @@ func main() {
 
 // globals are the flags every cluster command takes.
 type globals struct {
-	kube   cluster.Options
-	admin  string
-	output string
+	kube  cluster.Options
+	admin string
 }
 
 // run runs nodemeshctl with args and returns its exit status: 0 success,
