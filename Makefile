@@ -4,8 +4,8 @@
 #   sudo make demo   the lab cluster with the mesh
 #
 # Both install what they need on a fresh Debian machine with Go: missing apt
-# packages, and the kube-apiserver (built once from the k8s.io/kubernetes Go
-# module into the user cache, keyed by version).
+# packages, the kube-apiserver (built once from the k8s.io/kubernetes Go
+# module into the user cache, keyed by version) and h2spec (likewise).
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := build
@@ -26,6 +26,12 @@ K8S_LDFLAGS    := -s -w $(foreach p,k8s.io/component-base/version k8s.io/client-
                   -X $(p).gitVersion=$(K8S_VERSION) -X $(p).gitMajor=1 \
                   -X $(p).gitMinor=$(word 2,$(subst ., ,$(K8S_VERSION))) -X $(p).gitTreeState=clean)
 
+# h2spec, the HTTP/2 conformance suite that agent/hbone's TestH2Spec runs
+# against the HBONE server; keep the version equal to h2specVersion there.
+H2SPEC_VERSION := v2.2.1
+H2SPEC         := $(CACHE_HOME)/nodemesh/h2spec-$(H2SPEC_VERSION)/h2spec
+export NODEMESH_H2SPEC := $(H2SPEC)
+
 # Debian packages each group of targets needs.
 APT_RUNTIME  := etcd-server iproute2 nftables tcpdump
 APT_GENERATE := clang llvm libbpf-dev bpftool
@@ -44,7 +50,7 @@ LDFLAGS  := -X github.com/nodemesh/nodemesh/agent/version.version=$(VERSION)
 FUZZTIME ?= 10s
 
 .PHONY: build generate generate-check test test-unit test-priv test-lab deps-cluster image-docker demo bench lint fuzz \
-        kube-apiserver kube-node deps deps-generate deps-bench clean lab-down manifests-check image bench-go
+        kube-apiserver kube-node h2spec deps deps-generate deps-bench clean lab-down manifests-check image bench-go
 
 build:
 	@mkdir -p bin
@@ -95,6 +101,24 @@ kube-node:
 	  rm -rf "$(KUBE_NODE_DIR)" && mv "$(KUBE_NODE_DIR).tmp" "$(KUBE_NODE_DIR)"; \
 	fi
 
+# h2spec from the Go module proxy, built in a throw-away module with its
+# dependencies pinned (it predates Go modules), cached by version like the
+# kube-apiserver.
+h2spec:
+	@if [ ! -x "$(H2SPEC)" ]; then \
+	  echo "building h2spec $(H2SPEC_VERSION) into $(H2SPEC)"; \
+	  tmp=$$(mktemp -d) && \
+	  printf '%s\n' 'module nodemesh.local/h2spec-build' 'go 1.26' \
+	    'require github.com/summerwind/h2spec $(H2SPEC_VERSION)+incompatible' \
+	    'require github.com/spf13/cobra v1.10.2' 'require github.com/fatih/color v1.19.0' \
+	    'require golang.org/x/net v0.62.0' > "$$tmp/go.mod" && \
+	  mkdir -p "$(dir $(H2SPEC))" && \
+	  (cd "$$tmp" && GOFLAGS=-mod=mod $(GO) build -trimpath -ldflags '-X main.VERSION=$(H2SPEC_VERSION)' \
+	    -o "$(H2SPEC).tmp" github.com/summerwind/h2spec/cmd/h2spec); \
+	  rc=$$?; rm -rf "$$tmp"; [ $$rc = 0 ] || exit $$rc; \
+	  mv "$(H2SPEC).tmp" "$(H2SPEC)"; \
+	fi
+
 GENERATED_DIRS := redirect agent/policy/v1alpha1
 
 # bpf2go for the eBPF objects (needs clang), deepcopy-gen for the CRD types.
@@ -115,9 +139,9 @@ lint:
 
 # Test tiers, chosen by test name: TestPriv* need root (netns, BPF, cgroups),
 # TestLab* need the lab's real API server; everything else is a unit test.
-test: deps deps-bench kube-apiserver lint generate-check test-unit test-priv test-lab
+test: deps deps-bench kube-apiserver h2spec lint generate-check test-unit test-priv test-lab
 
-test-unit:
+test-unit: h2spec
 	@echo "== tier 1: unit tests"
 	$(GO) test -count=1 -skip '^Test(Priv|Lab)' ./...
 
