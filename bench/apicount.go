@@ -25,7 +25,8 @@ import (
 // namespace) and forwards with the lab's admin credentials, so the agent
 // behaves as with its usual kubeconfig while every request and every byte
 // of every watch is seen. Byte counts are response bodies as the API
-// server sent them (JSON, the agent's client-go default), without TLS or
+// server sent them (JSON, the agent's client-go default; large lists
+// gzip-compressed, since the agent's requests accept gzip), without TLS or
 // HTTP framing.
 type apiCounter struct {
 	srv  *http.Server
@@ -91,6 +92,14 @@ func startAPICounter(nsPath string, rc *rest.Config) (*apiCounter, error) {
 		},
 		Transport:     rt,
 		FlushInterval: -1, // watches stream
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			// The agent hanging up (a watch it ends, a restart) is not
+			// an error of the proxy.
+			if !errors.Is(err, context.Canceled) {
+				fmt.Fprintf(os.Stderr, "bench: API counter: %s %s: %v\n", r.Method, r.URL.Path, err)
+			}
+			w.WriteHeader(http.StatusBadGateway)
+		},
 		ModifyResponse: func(resp *http.Response) error {
 			watch := isWatch(resp.Request)
 			resp.Body = &countingBody{ReadCloser: resp.Body, total: &a.bytes, watch: watch, watchBytes: &a.watchBytes}
