@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"strings"
@@ -25,6 +26,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -53,7 +57,10 @@ type Config struct {
 	DNSNames            []string
 	Kubeconfig          string
 	LogLevel            string
+	MetricsAddr         string
 	MaxInFlight         int
+	MaxPerCaller        int
+	MaxConnsPerCaller   int
 
 	// Derived by Validate.
 	td               spiffeid.TrustDomain
@@ -85,7 +92,10 @@ func parseFlags(args []string) (*Config, error) {
 	fs.StringVar(&dns, "dns-names", "", "comma-separated DNS names for the serving certificate; default nodemesh-ca.<namespace>.svc[.cluster.local]")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file; empty = in-cluster config")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
-	fs.IntVar(&c.MaxInFlight, "max-in-flight", 64, "concurrent sign requests before new ones get 503")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "plain-HTTP address for Prometheus /metrics (e.g. :15014); empty = off")
+	fs.IntVar(&c.MaxInFlight, "max-in-flight", 64, "concurrent authenticated sign requests before new ones get 503")
+	fs.IntVar(&c.MaxPerCaller, "max-requests-per-caller", 64, "concurrent requests from one source address before new ones get 503 (per-pod agents on one node share its address)")
+	fs.IntVar(&c.MaxConnsPerCaller, "max-conns-per-caller", 128, "open connections from one source address before new ones are closed")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -138,6 +148,14 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxInFlight <= 0 {
 		errs = append(errs, fmt.Errorf("--max-in-flight %d: must be positive", c.MaxInFlight))
+	}
+	if c.MaxPerCaller <= 0 || c.MaxConnsPerCaller <= 0 {
+		errs = append(errs, fmt.Errorf("--max-requests-per-caller %d and --max-conns-per-caller %d: must be positive", c.MaxPerCaller, c.MaxConnsPerCaller))
+	}
+	if c.MetricsAddr != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsAddr); err != nil {
+			errs = append(errs, fmt.Errorf("--metrics-addr %q: %w", c.MetricsAddr, err))
+		}
 	}
 	if err := c.level.UnmarshalText([]byte(c.LogLevel)); err != nil {
 		errs = append(errs, fmt.Errorf("--log-level %q: %w", c.LogLevel, err))
@@ -206,13 +224,17 @@ func run(ctx context.Context, cfg *Config, rc *rest.Config, ready chan<- string,
 	if err != nil {
 		return err
 	}
-	authn, err := ca.NewKubeAuthenticator(ca.KubeAuthenticatorConfig{Client: kc, AgentNamespace: cfg.agentNS, AgentServiceAccount: cfg.agentSA})
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := ca.NewMetrics(reg)
+	authn, err := ca.NewKubeAuthenticator(ca.KubeAuthenticatorConfig{Client: kc, AgentNamespace: cfg.agentNS, AgentServiceAccount: cfg.agentSA, Metrics: metrics})
 	if err != nil {
 		return err
 	}
 	srv, err := ca.NewServer(ca.ServerConfig{
-		Authority: auth, Authn: authn, Pods: ca.KubePods{Client: kc}, Log: log,
-		ServingID: cfg.servingID, DNSNames: cfg.DNSNames, MaxInFlight: cfg.MaxInFlight, Version: version.String(),
+		Authority: auth, Authn: authn, Pods: ca.KubePods{Client: kc}, Log: log, Metrics: metrics,
+		ServingID: cfg.servingID, DNSNames: cfg.DNSNames, Version: version.String(),
+		MaxInFlight: cfg.MaxInFlight, MaxPerCaller: cfg.MaxPerCaller, MaxConnsPerCaller: cfg.MaxConnsPerCaller,
 	})
 	if err != nil {
 		return err
@@ -236,6 +258,18 @@ func run(ctx context.Context, cfg *Config, rc *rest.Config, ready chan<- string,
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	if cfg.MetricsAddr != "" {
+		mln, err := lc.Listen(ctx, "tcp", cfg.MetricsAddr)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("listening for metrics on %s: %w", cfg.MetricsAddr, err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			serveMetrics(ctx, mln, reg, log)
+		}()
+	}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -268,6 +302,26 @@ func run(ctx context.Context, cfg *Config, rc *rest.Config, ready chan<- string,
 		ready <- ln.Addr().String()
 	}
 	return srv.Serve(ctx, ln)
+}
+
+// serveMetrics serves /metrics on ln until ctx ends. It carries no
+// secrets (counts and refusal codes, no identities), is plain HTTP like
+// istiod's 15014, and has its own small limits.
+func serveMetrics(ctx context.Context, ln net.Listener, g prometheus.Gatherer, log *slog.Logger) {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{MaxRequestsInFlight: 4, ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}))
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 30 * time.Second, IdleTimeout: time.Minute, MaxHeaderBytes: 8 << 10}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	select {
+	case err := <-errc:
+		log.Error("serving metrics stopped", "error", err)
+		return
+	case <-ctx.Done():
+	}
+	_ = hs.Close()
+	<-errc
 }
 
 // followProvided picks up a renewed user-provided CA (cert-manager renews

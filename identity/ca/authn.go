@@ -61,7 +61,20 @@ type KubeAuthenticatorConfig struct {
 	// and 30s. A cached entry never outlives the token's exp.
 	CacheSize int
 	CacheTTL  time.Duration
-	Now       func() time.Time
+	// NegativeCacheSize and NegativeCacheTTL bound the cache of refused
+	// tokens, so that repeating a bad token costs no TokenReview; defaults
+	// 4096 and 30s. Only refusals that no retry can change are cached
+	// (never CodeUnavailable).
+	NegativeCacheSize int
+	NegativeCacheTTL  time.Duration
+	// MaxReviews bounds concurrent TokenReviews; default 16. Beyond it a
+	// request is refused with CodeUnavailable (LimitTokenReviews) at once.
+	// Cached tokens need no review, so agents that already authenticated
+	// are not held up by callers flooding the CA with fresh bad tokens.
+	MaxReviews int
+	// Metrics receives review and cache counters; nil: none.
+	Metrics *Metrics
+	Now     func() time.Time
 }
 
 // KubeAuthenticator authenticates agents with the TokenReview API.
@@ -71,7 +84,20 @@ type KubeAuthenticator struct {
 	// cache is a plain LRU with expiry checked on read: golang-lru's
 	// expirable LRU runs a goroutine that can never be stopped.
 	cache *lru.Cache[[sha256.Size]byte, cachedCaller]
+	// refused caches refusals the same way.
+	refused *lru.Cache[[sha256.Size]byte, cachedRefusal]
+	reviews chan struct{}
 }
+
+type cachedRefusal struct {
+	c   Caller // who the token belongs to, if the review said (for the audit log)
+	ref *Refusal
+	exp time.Time
+}
+
+// clockSkew is how far the CA's clock may be behind the API server's
+// before a token it reads as expired is refused without a review.
+const clockSkew = 5 * time.Minute
 
 type cachedCaller struct {
 	c   Caller
@@ -95,6 +121,18 @@ func NewKubeAuthenticator(cfg KubeAuthenticatorConfig) (*KubeAuthenticator, erro
 	if cfg.CacheTTL <= 0 {
 		cfg.CacheTTL = 30 * time.Second
 	}
+	if cfg.NegativeCacheSize <= 0 {
+		cfg.NegativeCacheSize = 4096
+	}
+	if cfg.NegativeCacheTTL <= 0 {
+		cfg.NegativeCacheTTL = 30 * time.Second
+	}
+	if cfg.MaxReviews <= 0 {
+		cfg.MaxReviews = 16
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -102,10 +140,16 @@ func NewKubeAuthenticator(cfg KubeAuthenticatorConfig) (*KubeAuthenticator, erro
 	if err != nil {
 		return nil, fmt.Errorf("creating TokenReview cache: %w", err)
 	}
+	refused, err := lru.New[[sha256.Size]byte, cachedRefusal](cfg.NegativeCacheSize)
+	if err != nil {
+		return nil, fmt.Errorf("creating TokenReview negative cache: %w", err)
+	}
 	return &KubeAuthenticator{
-		cfg:   cfg,
-		user:  "system:serviceaccount:" + cfg.AgentNamespace + ":" + cfg.AgentServiceAccount,
-		cache: cache,
+		cfg:     cfg,
+		user:    "system:serviceaccount:" + cfg.AgentNamespace + ":" + cfg.AgentServiceAccount,
+		cache:   cache,
+		refused: refused,
+		reviews: make(chan struct{}, cfg.MaxReviews),
 	}, nil
 }
 
@@ -122,7 +166,63 @@ func (k *KubeAuthenticator) Authenticate(ctx context.Context, token string) (Cal
 		}
 		k.cache.Remove(key)
 	}
+	if r, ok := k.refused.Get(key); ok {
+		if now.Before(r.exp) {
+			k.cfg.Metrics.cache.WithLabelValues("negative_hit").Inc()
+			return r.c, r.ref
+		}
+		k.refused.Remove(key)
+	}
 	claims := peekClaims(token)
+	// Refuse what cannot be a usable agent token on its face without a
+	// TokenReview: agents always send a projected token, a JWT.
+	if ref := precheck(claims, now, k.cfg.Audience); ref != nil {
+		k.cfg.Metrics.cache.WithLabelValues("precheck").Inc()
+		return Caller{}, ref
+	}
+	select {
+	case k.reviews <- struct{}{}:
+	default:
+		return Caller{}, &Refusal{Code: identity.CodeUnavailable, Limit: LimitTokenReviews,
+			Msg: fmt.Sprintf("the CA is reviewing %d tokens already; retry with backoff", cap(k.reviews))}
+	}
+	c, ref := k.review(ctx, token, claims, now)
+	<-k.reviews
+	if ref != nil {
+		if ref.Code == identity.CodeUnavailable {
+			k.cfg.Metrics.reviews.WithLabelValues("error").Inc()
+		} else {
+			k.cfg.Metrics.reviews.WithLabelValues("rejected").Inc()
+			k.refused.Add(key, cachedRefusal{c: c, ref: ref, exp: now.Add(k.cfg.NegativeCacheTTL)})
+		}
+		return c, ref
+	}
+	k.cfg.Metrics.reviews.WithLabelValues("authenticated").Inc()
+	exp := now.Add(k.cfg.CacheTTL)
+	if claims.exp > 0 && time.Unix(claims.exp, 0).Before(exp) {
+		exp = time.Unix(claims.exp, 0)
+	}
+	k.cache.Add(key, cachedCaller{c: c, exp: exp})
+	return c, nil
+}
+
+// precheck refuses a token whose unverified claims already rule it out:
+// not a JWT, expired (by more than clockSkew), or minted for another
+// audience. It returns nil when only a TokenReview can tell.
+func precheck(claims tokenClaims, now time.Time, audience string) *Refusal {
+	switch {
+	case !claims.ok:
+		return refuse(identity.CodeTokenInvalid, "the bearer token is not a JWT; send the agent's projected service-account token (audience %s)", audience)
+	case claims.exp > 0 && now.Unix() >= claims.exp+int64(clockSkew/time.Second):
+		return refuse(identity.CodeTokenExpired, "token expired at %s; re-read the projected token file before each request (the kubelet refreshes it)", time.Unix(claims.exp, 0).UTC().Format(time.RFC3339))
+	case claims.aud != nil && !slices.Contains(claims.aud, audience):
+		return refuse(identity.CodeTokenAudience, "token audiences %q do not include %q; project the token with audience %q", claims.aud, audience, audience)
+	}
+	return nil
+}
+
+// review asks the API server about token and checks the answer.
+func (k *KubeAuthenticator) review(ctx context.Context, token string, claims tokenClaims, now time.Time) (Caller, *Refusal) {
 	tr, err := k.cfg.Client.AuthenticationV1().TokenReviews().Create(ctx, &authnv1.TokenReview{
 		Spec: authnv1.TokenReviewSpec{Token: token, Audiences: []string{k.cfg.Audience}},
 	}, metav1.CreateOptions{})
@@ -168,11 +268,6 @@ func (k *KubeAuthenticator) Authenticate(ctx context.Context, token string) (Cal
 	if c.Node == "" {
 		return c, refuse(identity.CodeTokenNotBound, "token is bound to no node or scheduled pod; use a projected service-account token (bound to the agent pod) rather than a long-lived secret token")
 	}
-	exp := now.Add(k.cfg.CacheTTL)
-	if claims.exp > 0 && time.Unix(claims.exp, 0).Before(exp) {
-		exp = time.Unix(claims.exp, 0)
-	}
-	k.cache.Add(key, cachedCaller{c: c, exp: exp})
 	return c, nil
 }
 

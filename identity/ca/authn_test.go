@@ -2,6 +2,8 @@ package ca_test
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"sync/atomic"
 	"testing"
@@ -35,6 +37,19 @@ func reviewer(c *fake.Clientset, calls *atomic.Int32, status func(token string) 
 
 const agentUser = "system:serviceaccount:nodemesh-system:nodemesh-agent"
 
+// jwt is a JWT-shaped token named name (the CA reads its claims without
+// verifying them; TokenReview decides). exp 0: no exp claim.
+func jwt(name string, exp int64, aud ...string) string {
+	if aud == nil {
+		aud = []string{identity.Audience}
+	}
+	claims, _ := json.Marshal(map[string]any{"jti": name, "exp": exp, "aud": aud})
+	if exp == 0 {
+		claims, _ = json.Marshal(map[string]any{"jti": name, "aud": aud})
+	}
+	return "e30." + base64.RawURLEncoding.EncodeToString(claims) + ".sig"
+}
+
 // TestKubeAuthenticatorFallbacks covers what the real 1.34 API server in the
 // lab tests does not: tokens without the node-name claim (older servers),
 // where the CA looks the bound agent pod up; the review cache; an API
@@ -46,11 +61,11 @@ func TestKubeAuthenticatorFallbacks(t *testing.T) {
 	reviewer(c, &calls, func(tok string) (authnv1.TokenReviewStatus, error) {
 		extra := map[string]authnv1.ExtraValue{ca.ExtraPodName: {"agent-x"}, ca.ExtraPodUID: {"uid-1"}}
 		switch tok {
-		case "stale-uid":
+		case jwt("stale-uid", 0):
 			extra[ca.ExtraPodUID] = authnv1.ExtraValue{"uid-0"}
-		case "down":
+		case jwt("down", 0):
 			return authnv1.TokenReviewStatus{}, errors.New("connection refused")
-		case "wrong-aud":
+		case jwt("wrong-aud", 0):
 			return authnv1.TokenReviewStatus{Authenticated: true, Audiences: []string{"other"}, User: authnv1.UserInfo{Username: agentUser}}, nil
 		}
 		return authnv1.TokenReviewStatus{Authenticated: true, Audiences: []string{identity.Audience}, User: authnv1.UserInfo{Username: agentUser, Extra: extra}}, nil
@@ -62,22 +77,23 @@ func TestKubeAuthenticatorFallbacks(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	got, err := a.Authenticate(ctx, "good")
+	good := jwt("good", 0)
+	got, err := a.Authenticate(ctx, good)
 	if err != nil || got.Node != "node-x" || got.Pod != "nodemesh-system/agent-x" {
 		t.Fatalf("pod fallback: %+v %v", got, err)
 	}
-	if _, err := a.Authenticate(ctx, "good"); err != nil || calls.Load() != 1 {
+	if _, err := a.Authenticate(ctx, good); err != nil || calls.Load() != 1 {
 		t.Fatalf("second use of a token: %v, %d reviews (want 1, cached)", err, calls.Load())
 	}
 	now = now.Add(31 * time.Second)
-	if _, err := a.Authenticate(ctx, "good"); err != nil || calls.Load() != 2 {
+	if _, err := a.Authenticate(ctx, good); err != nil || calls.Load() != 2 {
 		t.Fatalf("after the cache TTL: %v, %d reviews (want 2)", err, calls.Load())
 	}
 	for tok, code := range map[string]identity.Code{
-		"stale-uid": identity.CodeTokenInvalid,
-		"down":      identity.CodeUnavailable,
-		"wrong-aud": identity.CodeTokenAudience,
-		"":          identity.CodeUnauthenticated,
+		jwt("stale-uid", 0): identity.CodeTokenInvalid,
+		jwt("down", 0):      identity.CodeUnavailable,
+		jwt("wrong-aud", 0): identity.CodeTokenAudience,
+		"":                  identity.CodeUnauthenticated,
 	} {
 		_, err := a.Authenticate(ctx, tok)
 		var ref *ca.Refusal
@@ -87,5 +103,81 @@ func TestKubeAuthenticatorFallbacks(t *testing.T) {
 	}
 	if _, err := ca.NewKubeAuthenticator(ca.KubeAuthenticatorConfig{Client: c}); err == nil {
 		t.Error("authenticator without an agent service account")
+	}
+}
+
+// TestKubeAuthenticatorBoundsReviews checks what keeps bad tokens from
+// costing the API server: tokens refused on their face (not a JWT,
+// expired, another audience) cost no TokenReview; a rejected token is
+// cached for NegativeCacheTTL; concurrent reviews are bounded.
+func TestKubeAuthenticatorBoundsReviews(t *testing.T) {
+	c := fake.NewClientset()
+	var calls atomic.Int32
+	block := make(chan struct{})
+	entered := make(chan struct{}, 1)
+	reviewer(c, &calls, func(tok string) (authnv1.TokenReviewStatus, error) {
+		if tok == jwt("slow", 0) {
+			entered <- struct{}{}
+			<-block
+		}
+		return authnv1.TokenReviewStatus{Authenticated: false, Error: "invalid signature"}, nil
+	})
+	now := time.Now()
+	m := ca.NewMetrics(nil)
+	a, err := ca.NewKubeAuthenticator(ca.KubeAuthenticatorConfig{Client: c, AgentNamespace: "nodemesh-system", AgentServiceAccount: "nodemesh-agent",
+		NegativeCacheTTL: 30 * time.Second, MaxReviews: 1, Metrics: m, Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	code := func(tok string) identity.Code {
+		_, err := a.Authenticate(ctx, tok)
+		var ref *ca.Refusal
+		if !errors.As(err, &ref) {
+			t.Fatalf("token %.20q: %v, want a refusal", tok, err)
+		}
+		return ref.Code
+	}
+	for tok, want := range map[string]identity.Code{
+		"not-a-jwt":                            identity.CodeTokenInvalid,
+		jwt("old", now.Add(-time.Hour).Unix()): identity.CodeTokenExpired,
+		jwt("aud", 0, "kubernetes"):            identity.CodeTokenAudience,
+	} {
+		if got := code(tok); got != want {
+			t.Errorf("token %.20q: %s, want %s", tok, got, want)
+		}
+	}
+	if calls.Load() != 0 {
+		t.Fatalf("%d TokenReviews for tokens refused on their face, want 0", calls.Load())
+	}
+	forged := jwt("forged", 0)
+	for range 5 {
+		if got := code(forged); got != identity.CodeTokenInvalid {
+			t.Fatalf("forged token: %s", got)
+		}
+	}
+	if calls.Load() != 1 {
+		t.Fatalf("%d TokenReviews for one forged token sent 5 times, want 1 (negative cache)", calls.Load())
+	}
+	now = now.Add(31 * time.Second)
+	code(forged)
+	if calls.Load() != 2 {
+		t.Fatalf("%d TokenReviews after the negative cache TTL, want 2", calls.Load())
+	}
+
+	done := make(chan identity.Code)
+	go func() { done <- code(jwt("slow", 0)) }()
+	<-entered
+	_, err = a.Authenticate(ctx, jwt("other", 0))
+	var ref *ca.Refusal
+	if !errors.As(err, &ref) || ref.Code != identity.CodeUnavailable || ref.Limit != ca.LimitTokenReviews {
+		t.Errorf("second concurrent review with MaxReviews 1: %v, want unavailable (limit %s)", err, ca.LimitTokenReviews)
+	}
+	close(block)
+	if got := <-done; got != identity.CodeTokenInvalid {
+		t.Errorf("slow review: %s", got)
+	}
+	if m.Reviews("rejected") != 3 {
+		t.Errorf("rejected reviews %v, want 3", m.Reviews("rejected"))
 	}
 }

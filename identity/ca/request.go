@@ -23,6 +23,9 @@ type Refusal struct {
 	Msg  string
 	// Err is an underlying cause for logs (not sent to the caller).
 	Err error
+	// Limit names the limit (Limit* constants) that caused the refusal, if
+	// any. The server counts and logs those instead of auditing each one.
+	Limit string
 }
 
 func (r *Refusal) Error() string {

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -34,21 +35,57 @@ type ServerConfig struct {
 	ServingID spiffeid.ID
 	// DNSNames go into the serving certificate too (for curl and friends).
 	DNSNames []string
-	// MaxInFlight bounds concurrent sign requests; default 64. Excess
-	// requests get CodeUnavailable at once rather than queueing.
+	// Metrics receives the CA's counters; nil: private, unregistered ones.
+	Metrics *Metrics
+
+	// Limits (docs/security.md). Zero values take the defaults. Every pod
+	// can reach the CA, so nothing an unauthenticated caller sends may hold
+	// a slot that agents need: a request is read in full and authenticated
+	// before it takes one of MaxInFlight, and a caller (a source address)
+	// holds at most MaxConnsPerCaller connections and MaxPerCaller requests.
+	//
+	// MaxInFlight bounds authenticated sign decisions (pod check and
+	// signing) at once; default 64. Excess requests get CodeUnavailable at
+	// once rather than queueing.
 	MaxInFlight int
 	// Version is the build version served at identity.VersionPath (for
 	// `nodemeshctl version` and `check`).
 	Version string
+	// MaxRequests and MaxPerCaller bound requests at once, from headers to
+	// response, in total and per caller; defaults 512 and 64 (per-pod
+	// agents on one node share its address). With bodies of at most
+	// identity.MaxRequestBytes they bound body memory (512 × 64 KiB).
+	MaxRequests, MaxPerCaller int
+	// MaxConns and MaxConnsPerCaller bound open connections (and so TLS
+	// handshakes) in total and per caller; defaults 1024 and 128. Excess
+	// connections are closed as soon as they are accepted.
+	MaxConns, MaxConnsPerCaller int
+	// HeaderTimeout bounds the TLS handshake and the request headers;
+	// BodyTimeout the body once the headers are in. Defaults 5s each.
+	HeaderTimeout, BodyTimeout time.Duration
+	// AuthFailureBurst failed authentications per caller are allowed at
+	// once, refilled at AuthFailureRate per second; beyond that the
+	// caller's requests are refused unread until the budget refills.
+	// Defaults 20 and 1.
+	AuthFailureBurst int
+	AuthFailureRate  float64
 }
 
 // Server is the CA's HTTPS front end.
 type Server struct {
-	cfg  ServerConfig
-	log  *slog.Logger
-	sem  chan struct{}
-	cert *servingSource
+	cfg      ServerConfig
+	log      *slog.Logger
+	sem      chan struct{}
+	cert     *servingSource
+	metrics  *Metrics
+	limitLog *limitLog
+	requests counts    // per-caller requests in progress
+	failed   *failures // per-caller authentication failures
 }
+
+// maxHeaderBytes bounds request headers: an agent sends a bearer token of
+// about 1 KiB and a few short headers.
+const maxHeaderBytes = 16 << 10
 
 // NewServer validates cfg.
 func NewServer(cfg ServerConfig) (*Server, error) {
@@ -64,14 +101,41 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.ServingID.TrustDomain() != cfg.Authority.TrustDomain() {
 		return nil, fmt.Errorf("creating CA server: serving ID %s is outside trust domain %s", cfg.ServingID, cfg.Authority.TrustDomain())
 	}
-	if cfg.MaxInFlight <= 0 {
-		cfg.MaxInFlight = 64
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&cfg.MaxInFlight, 64)
+	def(&cfg.MaxRequests, 512)
+	def(&cfg.MaxPerCaller, 64)
+	def(&cfg.MaxConns, 1024)
+	def(&cfg.MaxConnsPerCaller, 128)
+	def(&cfg.AuthFailureBurst, 20)
+	if cfg.AuthFailureRate <= 0 {
+		cfg.AuthFailureRate = 1
+	}
+	if cfg.HeaderTimeout <= 0 {
+		cfg.HeaderTimeout = 5 * time.Second
+	}
+	if cfg.BodyTimeout <= 0 {
+		cfg.BodyTimeout = 5 * time.Second
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	failed, err := newFailures(cfg.AuthFailureRate, cfg.AuthFailureBurst, 4096)
+	if err != nil {
+		return nil, err
 	}
 	return &Server{
-		cfg:  cfg,
-		log:  cfg.Log,
-		sem:  make(chan struct{}, cfg.MaxInFlight),
-		cert: &servingSource{a: cfg.Authority, id: cfg.ServingID, dns: cfg.DNSNames},
+		cfg:      cfg,
+		log:      cfg.Log,
+		sem:      make(chan struct{}, cfg.MaxInFlight),
+		cert:     &servingSource{a: cfg.Authority, id: cfg.ServingID, dns: cfg.DNSNames},
+		metrics:  cfg.Metrics,
+		limitLog: newLimitLog(cfg.Log, time.Minute),
+		failed:   failed,
 	}, nil
 }
 
@@ -105,17 +169,33 @@ func (s *Server) TLSConfig() *tls.Config {
 // Serve serves HTTPS on ln until ctx ends, then shuts down gracefully
 // (in-flight requests get up to 10 s).
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	ll := &limitListener{Listener: ln, perCaller: s.cfg.MaxConnsPerCaller, total: s.cfg.MaxConns,
+		onLimit: func(limit, remote string) {
+			s.limitHit(ctx, limit, remote, fmt.Sprintf("connection closed at accept (at most %d per caller, %d in total)", s.cfg.MaxConnsPerCaller, s.cfg.MaxConns))
+		}}
 	hs := &http.Server{
-		Handler:           s.Handler(),
-		TLSConfig:         s.TLSConfig(),
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
+		Handler:   s.Handler(),
+		TLSConfig: s.TLSConfig(),
+		// net/http bounds the TLS handshake by the smallest of these
+		// timeouts, so HeaderTimeout bounds it too.
+		ReadHeaderTimeout: s.cfg.HeaderTimeout,
+		ReadTimeout:       s.cfg.HeaderTimeout + s.cfg.BodyTimeout,
 		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		IdleTimeout:       90 * time.Second,
+		MaxHeaderBytes:    maxHeaderBytes,
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams: min(s.cfg.MaxPerCaller, 16),
+			// A stream carries at most one request body of MaxRequestBytes.
+			MaxReceiveBufferPerStream:     identity.MaxRequestBytes,
+			MaxReceiveBufferPerConnection: 2 * identity.MaxRequestBytes,
+			CountError: func(string) {
+				s.metrics.limits.WithLabelValues(LimitHTTP2Violations).Inc()
+			},
+		},
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- hs.ServeTLS(ln, "", "") }()
+	go func() { errc <- hs.ServeTLS(ll, "", "") }()
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serving CA API: %w", err)
@@ -131,25 +211,56 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	return nil
 }
 
+// handleSign admits a request in this order, so that what an
+// unauthenticated caller can hold is bounded per caller and never
+// includes an in-flight slot: the caller's failure and request budgets;
+// the whole body, within BodyTimeout and MaxRequestBytes; the token; then
+// an in-flight slot for the pod check and signing.
 func (s *Server) handleSign(w http.ResponseWriter, r *http.Request) {
-	select {
-	case s.sem <- struct{}{}:
-		defer func() { <-s.sem }()
-	default:
-		writeRefusal(w, refuse(identity.CodeUnavailable, "CA is at its limit of %d concurrent requests; retry with backoff", cap(s.sem)))
+	ctx, remote := r.Context(), r.RemoteAddr
+	caller := callerOf(remote)
+	// Refusals before the body is read close an HTTP/1 connection:
+	// otherwise net/http would wait for the unread body to discard it.
+	if s.failed.exhausted(caller) {
+		closeHTTP1(w, r)
+		s.refuse(ctx, w, Caller{}, nil, limited(LimitAuthFailures, "too many failed authentications from %s; retry later with a valid token", caller), remote)
 		return
 	}
+	switch s.requests.acquire(caller, s.cfg.MaxPerCaller, s.cfg.MaxRequests, LimitPerCaller, LimitRequests) {
+	case LimitPerCaller:
+		closeHTTP1(w, r)
+		s.refuse(ctx, w, Caller{}, nil, limited(LimitPerCaller, "%s has %d requests in progress, the most one caller may have; retry with backoff", caller, s.cfg.MaxPerCaller), remote)
+		return
+	case LimitRequests:
+		closeHTTP1(w, r)
+		s.refuse(ctx, w, Caller{}, nil, limited(LimitRequests, "CA has %d requests in progress, its limit; retry with backoff", s.cfg.MaxRequests), remote)
+		return
+	}
+	defer s.requests.release(caller)
+
 	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok {
 		token = ""
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, identity.MaxRequestBytes))
-	if err != nil {
-		s.audit(r.Context(), Caller{}, "", refuse(identity.CodeBadRequest, "reading request body (at most %d bytes): %v", identity.MaxRequestBytes, err), r.RemoteAddr)
-		writeRefusal(w, refuse(identity.CodeBadRequest, "reading request body (at most %d bytes): %v", identity.MaxRequestBytes, err))
+	body, ref := s.readBody(w, r)
+	if ref != nil {
+		closeHTTP1(w, r)
+		s.refuse(ctx, w, Caller{}, nil, ref, remote)
 		return
 	}
-	resp, ref := s.sign(r.Context(), strings.TrimSpace(token), body, r.RemoteAddr)
+	c, ref := s.authenticate(ctx, strings.TrimSpace(token), remote)
+	if ref != nil {
+		s.refuse(ctx, w, c, body, ref, remote)
+		return
+	}
+	select {
+	case s.sem <- struct{}{}:
+		defer func() { <-s.sem }()
+	default:
+		s.refuse(ctx, w, c, body, limited(LimitInFlight, "CA is at its limit of %d concurrent requests; retry with backoff", cap(s.sem)), remote)
+		return
+	}
+	resp, ref := s.decide(ctx, c, body, remote)
 	if ref != nil {
 		writeRefusal(w, ref)
 		return
@@ -158,6 +269,81 @@ func (s *Server) handleSign(w http.ResponseWriter, r *http.Request) {
 	_ = json.NewEncoder(w).Encode(resp)
 }
 
+// closeHTTP1 makes net/http close an HTTP/1 connection after the answer
+// instead of waiting for a body the handler did not read. (On HTTP/2 the
+// stream is reset; the connection and its other streams stay.)
+func closeHTTP1(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor == 1 {
+		w.Header().Set("Connection", "close")
+	}
+}
+
+// limited is the refusal of a request that hit a limit: the CA is not
+// deciding now, so agents retry with backoff.
+func limited(limit, format string, args ...any) *Refusal {
+	ref := refuse(identity.CodeUnavailable, format, args...)
+	ref.Limit = limit
+	return ref
+}
+
+// refuse answers a refused request. A refusal caused by a limit is
+// counted and logged by limitHit (rate-limited) rather than audited line
+// by line: under attack that would be one log line per attacking request.
+func (s *Server) refuse(ctx context.Context, w http.ResponseWriter, c Caller, body []byte, ref *Refusal, remote string) {
+	if ref.Limit != "" {
+		s.limitHit(ctx, ref.Limit, remote, ref.Msg)
+		s.metrics.requests.WithLabelValues(string(ref.Code)).Inc()
+	} else {
+		s.audit(ctx, c, requestedID(body), ref, remote)
+	}
+	writeRefusal(w, ref)
+}
+
+// readBody reads the request body within BodyTimeout and MaxRequestBytes.
+func (s *Server) readBody(w http.ResponseWriter, r *http.Request) ([]byte, *Refusal) {
+	if r.ContentLength > identity.MaxRequestBytes {
+		ref := refuse(identity.CodeBadRequest, "request body is %d bytes, more than %d", r.ContentLength, identity.MaxRequestBytes)
+		ref.Limit = LimitBodySize
+		return nil, ref
+	}
+	s.metrics.reading.Inc()
+	defer s.metrics.reading.Dec()
+	rc := http.NewResponseController(w)
+	// The body deadline is what frees a caller's budget from a client that
+	// sends headers and then trickles or stalls (the slow-body attack).
+	_ = rc.SetReadDeadline(time.Now().Add(s.cfg.BodyTimeout))
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, identity.MaxRequestBytes))
+	var tooBig *http.MaxBytesError
+	switch {
+	case errors.As(err, &tooBig):
+		ref := refuse(identity.CodeBadRequest, "request body is more than %d bytes", identity.MaxRequestBytes)
+		ref.Limit = LimitBodySize
+		return nil, ref
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		ref := refuse(identity.CodeBadRequest, "request body not received within %s", s.cfg.BodyTimeout)
+		ref.Limit = LimitBodyTimeout
+		return nil, ref
+	case err != nil:
+		return nil, refuse(identity.CodeBadRequest, "reading request body (at most %d bytes): %v", identity.MaxRequestBytes, err)
+	}
+	_ = rc.SetReadDeadline(time.Time{})
+	return body, nil
+}
+
+// authenticate checks the token. A refusal that says the token is bad
+// spends the caller's failure budget; CodeUnavailable (the CA's own
+// trouble, or a limit) does not.
+func (s *Server) authenticate(ctx context.Context, token, remote string) (Caller, *Refusal) {
+	c, err := s.cfg.Authn.Authenticate(ctx, token)
+	if err == nil {
+		return c, nil
+	}
+	ref := asRefusal(err)
+	if ref.Code != identity.CodeUnavailable && remote != "" {
+		s.failed.record(callerOf(remote))
+	}
+	return c, ref
+}
 func writeRefusal(w http.ResponseWriter, ref *Refusal) {
 	w.Header().Set("Content-Type", "application/json")
 	if ref.Code == identity.CodeUnavailable {
@@ -176,12 +362,20 @@ func (s *Server) Sign(ctx context.Context, token string, body []byte) (*identity
 }
 
 func (s *Server) sign(ctx context.Context, token string, body []byte, remote string) (*identity.SignResponse, *Refusal) {
-	caller, err := s.cfg.Authn.Authenticate(ctx, token)
-	if err != nil {
-		ref := asRefusal(err)
+	caller, ref := s.authenticate(ctx, token, remote)
+	if ref != nil {
+		if ref.Limit != "" {
+			s.limitHit(ctx, ref.Limit, remote, ref.Msg)
+		}
 		s.audit(ctx, caller, requestedID(body), ref, remote)
 		return nil, ref
 	}
+	return s.decide(ctx, caller, body, remote)
+}
+
+// decide runs everything after authentication: parse and check the
+// request, check the pods on the caller's node, sign.
+func (s *Server) decide(ctx context.Context, caller Caller, body []byte, remote string) (*identity.SignResponse, *Refusal) {
 	req, ref := ParseSignRequest(body, s.cfg.Authority.TrustDomain())
 	if ref != nil {
 		s.audit(ctx, caller, requestedID(body), ref, remote)
@@ -211,6 +405,7 @@ func (s *Server) sign(ctx context.Context, token string, body []byte, remote str
 	for _, c := range iss.Bundle {
 		resp.Bundle = append(resp.Bundle, c.Raw)
 	}
+	s.metrics.requests.WithLabelValues("issued").Inc()
 	s.log.LogAttrs(ctx, slog.LevelInfo, "audit",
 		slog.String("decision", "issued"),
 		slog.String("caller", caller.User),
@@ -225,6 +420,7 @@ func (s *Server) sign(ctx context.Context, token string, body []byte, remote str
 }
 
 func (s *Server) audit(ctx context.Context, c Caller, id string, ref *Refusal, remote string) {
+	s.metrics.requests.WithLabelValues(string(ref.Code)).Inc()
 	attrs := []slog.Attr{
 		slog.String("decision", "refused"),
 		slog.String("caller", c.User),
