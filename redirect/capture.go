@@ -398,8 +398,8 @@ func (c *Capture) Close() error {
 
 func (c *Capture) allMaps() []*ebpf.Map {
 	m := c.objs.captureMaps
-	return []*ebpf.Map{m.AccelProbe, m.Enrolled, m.Excluded, m.Inbound, m.InboundSocks,
-		m.Origdst, m.Pending, m.Settings, m.Sockhash, m.Stats, m.Taint}
+	return []*ebpf.Map{m.AccelProbe, m.Enrolled, m.Excluded, m.Inbound, m.InboundExcluded, m.InboundSocks,
+		m.LookupStats, m.Origdst, m.Pending, m.Settings, m.Sockhash, m.Stats, m.Taint}
 }
 
 // Stats returns the capture programs' counters summed over CPUs.
@@ -410,6 +410,17 @@ func (c *Capture) Stats() (map[string]uint64, error) {
 	for i, n := range names {
 		var per []uint64
 		if err := c.objs.Stats.Lookup(uint32(i), &per); err != nil {
+			return nil, fmt.Errorf("reading capture stats: %w", err)
+		}
+		var sum uint64
+		for _, v := range per {
+			sum += v
+		}
+		out[n] = sum
+	}
+	for i, n := range []string{"lookup_unknown_dropped", "lookup_excluded"} {
+		var per []uint64
+		if err := c.objs.LookupStats.Lookup(uint32(i), &per); err != nil {
 			return nil, fmt.Errorf("reading capture stats: %w", err)
 		}
 		var sum uint64

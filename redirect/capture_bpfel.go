@@ -75,23 +75,25 @@ type captureSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	captureMapAccelProbe   = "accel_probe"
-	captureMapEnrolled     = "enrolled"
-	captureMapExcluded     = "excluded"
-	captureMapInbound      = "inbound"
-	captureMapInboundSocks = "inbound_socks"
-	captureMapOrigdst      = "origdst"
-	captureMapPending      = "pending"
-	captureMapSettings     = "settings"
-	captureMapSockhash     = "sockhash"
-	captureMapStats        = "stats"
-	captureMapTaint        = "taint"
-	captureProgNmConnect4  = "nm_connect4"
-	captureProgNmConnect6  = "nm_connect6"
-	captureProgNmSklookup  = "nm_sklookup"
-	captureProgNmSkmsg     = "nm_skmsg"
-	captureProgNmSockops   = "nm_sockops"
-	captureVarAgentMark    = "agent_mark"
+	captureMapAccelProbe      = "accel_probe"
+	captureMapEnrolled        = "enrolled"
+	captureMapExcluded        = "excluded"
+	captureMapInbound         = "inbound"
+	captureMapInboundExcluded = "inbound_excluded"
+	captureMapInboundSocks    = "inbound_socks"
+	captureMapLookupStats     = "lookup_stats"
+	captureMapOrigdst         = "origdst"
+	captureMapPending         = "pending"
+	captureMapSettings        = "settings"
+	captureMapSockhash        = "sockhash"
+	captureMapStats           = "stats"
+	captureMapTaint           = "taint"
+	captureProgNmConnect4     = "nm_connect4"
+	captureProgNmConnect6     = "nm_connect6"
+	captureProgNmSklookup     = "nm_sklookup"
+	captureProgNmSkmsg        = "nm_skmsg"
+	captureProgNmSockops      = "nm_sockops"
+	captureVarAgentMark       = "agent_mark"
 )
 
 // loadCapture returns the embedded CollectionSpec for capture.
@@ -147,17 +149,19 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
-	AccelProbe   *ebpf.MapSpec `ebpf:"accel_probe"`
-	Enrolled     *ebpf.MapSpec `ebpf:"enrolled"`
-	Excluded     *ebpf.MapSpec `ebpf:"excluded"`
-	Inbound      *ebpf.MapSpec `ebpf:"inbound"`
-	InboundSocks *ebpf.MapSpec `ebpf:"inbound_socks"`
-	Origdst      *ebpf.MapSpec `ebpf:"origdst"`
-	Pending      *ebpf.MapSpec `ebpf:"pending"`
-	Settings     *ebpf.MapSpec `ebpf:"settings"`
-	Sockhash     *ebpf.MapSpec `ebpf:"sockhash"`
-	Stats        *ebpf.MapSpec `ebpf:"stats"`
-	Taint        *ebpf.MapSpec `ebpf:"taint"`
+	AccelProbe      *ebpf.MapSpec `ebpf:"accel_probe"`
+	Enrolled        *ebpf.MapSpec `ebpf:"enrolled"`
+	Excluded        *ebpf.MapSpec `ebpf:"excluded"`
+	Inbound         *ebpf.MapSpec `ebpf:"inbound"`
+	InboundExcluded *ebpf.MapSpec `ebpf:"inbound_excluded"`
+	InboundSocks    *ebpf.MapSpec `ebpf:"inbound_socks"`
+	LookupStats     *ebpf.MapSpec `ebpf:"lookup_stats"`
+	Origdst         *ebpf.MapSpec `ebpf:"origdst"`
+	Pending         *ebpf.MapSpec `ebpf:"pending"`
+	Settings        *ebpf.MapSpec `ebpf:"settings"`
+	Sockhash        *ebpf.MapSpec `ebpf:"sockhash"`
+	Stats           *ebpf.MapSpec `ebpf:"stats"`
+	Taint           *ebpf.MapSpec `ebpf:"taint"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -187,17 +191,19 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
-	AccelProbe   *ebpf.Map `ebpf:"accel_probe"`
-	Enrolled     *ebpf.Map `ebpf:"enrolled"`
-	Excluded     *ebpf.Map `ebpf:"excluded"`
-	Inbound      *ebpf.Map `ebpf:"inbound"`
-	InboundSocks *ebpf.Map `ebpf:"inbound_socks"`
-	Origdst      *ebpf.Map `ebpf:"origdst"`
-	Pending      *ebpf.Map `ebpf:"pending"`
-	Settings     *ebpf.Map `ebpf:"settings"`
-	Sockhash     *ebpf.Map `ebpf:"sockhash"`
-	Stats        *ebpf.Map `ebpf:"stats"`
-	Taint        *ebpf.Map `ebpf:"taint"`
+	AccelProbe      *ebpf.Map `ebpf:"accel_probe"`
+	Enrolled        *ebpf.Map `ebpf:"enrolled"`
+	Excluded        *ebpf.Map `ebpf:"excluded"`
+	Inbound         *ebpf.Map `ebpf:"inbound"`
+	InboundExcluded *ebpf.Map `ebpf:"inbound_excluded"`
+	InboundSocks    *ebpf.Map `ebpf:"inbound_socks"`
+	LookupStats     *ebpf.Map `ebpf:"lookup_stats"`
+	Origdst         *ebpf.Map `ebpf:"origdst"`
+	Pending         *ebpf.Map `ebpf:"pending"`
+	Settings        *ebpf.Map `ebpf:"settings"`
+	Sockhash        *ebpf.Map `ebpf:"sockhash"`
+	Stats           *ebpf.Map `ebpf:"stats"`
+	Taint           *ebpf.Map `ebpf:"taint"`
 }
 
 func (m *captureMaps) Close() error {
@@ -206,7 +212,9 @@ func (m *captureMaps) Close() error {
 		m.Enrolled,
 		m.Excluded,
 		m.Inbound,
+		m.InboundExcluded,
 		m.InboundSocks,
+		m.LookupStats,
 		m.Origdst,
 		m.Pending,
 		m.Settings,

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -158,6 +160,117 @@ func TestPrivInboundSteering(t *testing.T) {
 	}
 	wantPrefix(t, "after unenroll", appDial(t, c, "tcp", "10.211.0.2:8080", "x"), "APPB local=10.211.0.2:8080 remote=10.211.0.3:")
 	wantPrefix(t, "after unenroll v6", appDial(t, c, "tcp", "[fd00:211::2]:8080", "x"), "APPB local=[fd00:211::2]:8080")
+}
+
+// TestPrivInboundEveryAddress: every local address of an enrolled pod
+// reaches the agent or nothing (issue 14, item 6). The pod's registered
+// IPv4 and IPv6 addresses are steered to 15006; its IPv6 link-local
+// address, an extra IPv6 address and a secondary IPv4 address the agent
+// was not told about are dropped, from another pod on the same L2 segment
+// and from the node, where a host-network pod's connection comes from.
+func TestPrivInboundEveryAddress(t *testing.T) {
+	privtest.Root(t)
+	tp := newTopo(t)
+	b, c := tp.pod("b"), tp.pod("c")
+	nsB := filepath.Base(b.netns)
+	run(t, "ip", "-n", nsB, "addr", "add", "fd00:211::99/64", "dev", "eth0", "nodad")
+	run(t, "ip", "-n", nsB, "addr", "add", "10.211.0.99/24", "dev", "eth0")
+	ll := linkLocal(t, nsB, "eth0")
+	capt := loadCaptureT(t, tp.config())
+	// A dual-stack application on every address, as in the issue.
+	app := serveLines(t, listenIn(t, b, "tcp", "[::]:8080"), "APPB")
+	ep := enrollT(t, capt, b)
+	agentServe(t, capt, ep)
+
+	wantPrefix(t, "v4", appDial(t, c, "tcp", "10.211.0.2:8080", "x"), "INBOUND local=10.211.0.2:8080")
+	wantPrefix(t, "v6 global", appDial(t, c, "tcp", "[fd00:211::2]:8080", "x"), "INBOUND local=[fd00:211::2]:8080")
+	before := lookupStat(t, capt, "lookup_unknown_dropped")
+	for _, addr := range []string{"[" + ll.String() + "%eth0]:8080", "[fd00:211::99]:8080", "10.211.0.99:8080"} {
+		if r := appDial(t, c, "tcp", addr, "x"); r.Err == "" || r.Reply != "" {
+			t.Errorf("from another pod to %s: reply %q err %q; want no connection", addr, r.Reply, r.Err)
+		}
+	}
+	// From the node: a host-network pod's path to the pod's link-local
+	// address over the node's side of the link.
+	nodeDial := inpod.Dialer{Netns: "/var/run/netns/" + tp.node}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if conn, err := nodeDial.DialContext(ctx, "tcp", "["+ll.String()+"%br0]:8080"); err == nil {
+		conn.Close()
+		t.Errorf("from the node to [%s%%br0]:8080: connected around the agent", ll)
+	}
+	if n := app.count(); n != 0 {
+		t.Errorf("the app received %d connections around the agent", n)
+	}
+	if got := lookupStat(t, capt, "lookup_unknown_dropped"); got <= before {
+		t.Errorf("lookup_unknown_dropped %d -> %d: the drops were not counted", before, got)
+	}
+	// The pod still reaches itself over loopback.
+	wantPrefix(t, "pod to itself, loopback", appDial(t, b, "tcp", "127.0.0.1:8080", "x"), "APPB")
+}
+
+// TestPrivInboundExcludedPorts: ports excluded with
+// nodemesh.io/exclude-inbound-ports reach the application directly, on
+// both families, and are steered again once the exclusion is lifted
+// (issue 14, item 5).
+func TestPrivInboundExcludedPorts(t *testing.T) {
+	privtest.Root(t)
+	tp := newTopo(t)
+	b, c := tp.pod("b"), tp.pod("c")
+	capt := loadCaptureT(t, tp.config())
+	serveLines(t, listenIn(t, b, "tcp", "[::]:8080"), "APPB")
+	serveLines(t, listenIn(t, b, "tcp", "[::]:9090"), "APPB9090")
+	enroll := func(in ...uint16) *EnrolledPod {
+		t.Helper()
+		ep, err := capt.Enroll(context.Background(), Pod{Name: b.name, Netns: b.netns, Cgroup: b.cgroup, IPs: b.ips(), ExcludeInboundPorts: in})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ep
+	}
+	ep := enroll(8080)
+	agentServe(t, capt, ep)
+	wantPrefix(t, "excluded v4", appDial(t, c, "tcp", "10.211.0.2:8080", "x"), "APPB local=10.211.0.2:8080 remote=10.211.0.3:")
+	wantPrefix(t, "excluded v6", appDial(t, c, "tcp", "[fd00:211::2]:8080", "x"), "APPB local=[fd00:211::2]:8080")
+	wantPrefix(t, "not excluded", appDial(t, c, "tcp", "10.211.0.2:9090", "x"), "INBOUND local=10.211.0.2:9090")
+	if lookupStat(t, capt, "lookup_excluded") < 2 {
+		t.Errorf("excluded inbound connections not counted")
+	}
+	enroll(9090) // updated in place
+	wantPrefix(t, "exclusion moved: 8080 steered", appDial(t, c, "tcp", "10.211.0.2:8080", "x"), "INBOUND local=10.211.0.2:8080")
+	wantPrefix(t, "exclusion moved: 9090 direct", appDial(t, c, "tcp", "10.211.0.2:9090", "x"), "APPB9090")
+	enroll()
+	wantPrefix(t, "exclusion lifted", appDial(t, c, "tcp", "10.211.0.2:9090", "x"), "INBOUND local=10.211.0.2:9090")
+	for _, bad := range []uint16{15008, 15006, ProbePort} {
+		if _, err := capt.Enroll(context.Background(), Pod{Name: b.name, Netns: b.netns, IPs: b.ips(), ExcludeInboundPorts: []uint16{bad}}); err == nil {
+			t.Errorf("excluding inbound port %d was accepted", bad)
+		}
+	}
+}
+
+// linkLocal returns the IPv6 link-local address of dev in netns ns.
+func linkLocal(t *testing.T, ns, dev string) netip.Addr {
+	t.Helper()
+	out, err := exec.Command("ip", "-n", ns, "-6", "-o", "addr", "show", "dev", dev, "scope", "link").Output()
+	if err != nil {
+		t.Fatalf("reading the link-local address of %s in %s: %v", dev, ns, err)
+	}
+	for _, f := range strings.Fields(string(out)) {
+		if pfx, err := netip.ParsePrefix(f); err == nil && pfx.Addr().IsLinkLocalUnicast() {
+			return pfx.Addr()
+		}
+	}
+	t.Fatalf("no IPv6 link-local address on %s in %s: %q", dev, ns, out)
+	return netip.Addr{}
+}
+
+func lookupStat(t *testing.T, c *Capture, name string) uint64 {
+	t.Helper()
+	st, err := c.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st[name]
 }
 
 func TestPrivEnrollAtRuntime(t *testing.T) {

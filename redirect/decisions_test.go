@@ -114,6 +114,10 @@ func TestPrivSkLookupDecisions(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Port 9090 of the pod (netns cookie 1) is excluded from inbound capture.
+	if err := objs.InboundExcluded.Put(capturePortKey{Netns: 1, Port: 9090}, uint8(1)); err != nil {
+		t.Fatal(err)
+	}
 	c4, c6 := socketCookie(t, ln4), socketCookie(t, ln6)
 	peer4, peer6 := netip.MustParseAddr("10.99.0.9"), netip.MustParseAddr("fd00:99::9")
 	ap := netip.AddrPortFrom
@@ -131,12 +135,22 @@ func TestPrivSkLookupDecisions(t *testing.T) {
 		{"v4 HBONE port untouched", unix.IPPROTO_TCP, ap(peer4, 40000), ap(pod4, 15008), 1, 0},
 		{"v4 from the pod itself untouched", unix.IPPROTO_TCP, ap(pod4, 40000), ap(pod4, 8080), 1, 0},
 		{"v4 UDP untouched", unix.IPPROTO_UDP, ap(peer4, 40000), ap(pod4, 53), 1, 0},
-		{"v4 other address untouched", unix.IPPROTO_TCP, ap(peer4, 40000), ap(peer4, 8080), 1, 0},
+		{"v4 address not the pod's dropped", unix.IPPROTO_TCP, ap(peer4, 40000), ap(netip.MustParseAddr("10.99.0.77"), 8080), 0, 0},
+		{"v4 loopback untouched", unix.IPPROTO_TCP, ap(netip.MustParseAddr("127.0.0.5"), 40000), ap(netip.MustParseAddr("127.0.0.1"), 8080), 1, 0},
+		{"v4 excluded port untouched", unix.IPPROTO_TCP, ap(peer4, 40000), ap(pod4, 9090), 1, 0},
+		{"v4 excluded port, UDP untouched", unix.IPPROTO_UDP, ap(peer4, 40000), ap(pod4, 9090), 1, 0},
 		{"v4 listener gone: refused", unix.IPPROTO_TCP, ap(peer4, 40000), ap(gone4, 8080), 0, 0},
 		{"v6 app port steered to 15006", unix.IPPROTO_TCP, ap(peer6, 40000), ap(pod6, 8080), 1, c6},
 		{"v6 HBONE port untouched", unix.IPPROTO_TCP, ap(peer6, 40000), ap(pod6, 15008), 1, 0},
 		{"v6 from the pod itself untouched", unix.IPPROTO_TCP, ap(pod6, 40000), ap(pod6, 8080), 1, 0},
 		{"v6 UDP untouched", unix.IPPROTO_UDP, ap(peer6, 40000), ap(pod6, 8080), 1, 0},
+		{"v6 excluded port untouched", unix.IPPROTO_TCP, ap(peer6, 40000), ap(pod6, 9090), 1, 0},
+		{"v6 link-local dropped", unix.IPPROTO_TCP, ap(netip.MustParseAddr("fe80::1"), 40000), ap(netip.MustParseAddr("fe80::5"), 8080), 0, 0},
+		{"v6 link-local HBONE port untouched", unix.IPPROTO_TCP, ap(netip.MustParseAddr("fe80::1"), 40000), ap(netip.MustParseAddr("fe80::5"), 15008), 1, 0},
+		{"v6 unregistered global dropped", unix.IPPROTO_TCP, ap(peer6, 40000), ap(netip.MustParseAddr("fd00:99::77"), 8080), 0, 0},
+		{"v6 link-local to itself untouched", unix.IPPROTO_TCP, ap(netip.MustParseAddr("fe80::5"), 40000), ap(netip.MustParseAddr("fe80::5"), 8080), 1, 0},
+		{"v6 loopback untouched", unix.IPPROTO_TCP, ap(netip.IPv6Loopback(), 40000), ap(netip.IPv6Loopback(), 8080), 1, 0},
+		{"v6 mapped loopback untouched", unix.IPPROTO_TCP, ap(netip.MustParseAddr("::ffff:127.0.0.9"), 40000), ap(netip.MustParseAddr("::ffff:127.0.0.1"), 8080), 1, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -33,6 +33,11 @@ type Pod struct {
 	// ExcludeOutboundPorts are destination ports the pod reaches without
 	// capture (annotation nodemesh.io/exclude-outbound-ports).
 	ExcludeOutboundPorts []uint16
+	// ExcludeInboundPorts are ports of the pod that peers reach without
+	// capture, in plaintext and without the agent's policy (annotation
+	// nodemesh.io/exclude-inbound-ports). Source agents send plaintext to
+	// them too, so the destination must let it through.
+	ExcludeInboundPorts []uint16
 }
 
 // EnrolledPod is a pod whose TCP traffic is captured, with the agent's
@@ -50,12 +55,13 @@ type EnrolledPod struct {
 }
 
 type podState struct {
-	cookie uint64
-	link   link.Link // sk_lookup link in the pod's netns, pinned
-	ips    []netip.Addr
-	slots  []uint32
-	ep     *EnrolledPod // nil for a pod adopted but not re-enrolled yet
-	ports  []uint16
+	cookie  uint64
+	link    link.Link // sk_lookup link in the pod's netns, pinned
+	ips     []netip.Addr
+	slots   []uint32
+	ep      *EnrolledPod // nil for a pod adopted but not re-enrolled yet
+	ports   []uint16     // excluded outbound
+	inPorts []uint16     // excluded inbound
 }
 
 func (p *podState) closeListeners() {
@@ -209,6 +215,11 @@ func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 	if len(ports) != len(pod.ExcludeOutboundPorts) {
 		return nil, fmt.Errorf("enrolling pod %s: excluded outbound ports %v include 0 or the self-check probe port %d", pod.Name, pod.ExcludeOutboundPorts, ProbePort)
 	}
+	inPorts := slices.Clone(pod.ExcludeInboundPorts)
+	inPorts = slices.DeleteFunc(inPorts, func(p uint16) bool { return p == ProbePort || p == 0 || agentPort(p) })
+	if len(inPorts) != len(pod.ExcludeInboundPorts) {
+		return nil, fmt.Errorf("enrolling pod %s: excluded inbound ports %v include 0, an agent port (15000, 15001, 15006, 15008, 15020, 15021) or the self-check probe port %d", pod.Name, pod.ExcludeInboundPorts, ProbePort)
+	}
 
 	cookie, err := inpod.Cookie(pod.Netns)
 	if err != nil {
@@ -217,7 +228,7 @@ func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 	c.mu.Lock()
 	if p := c.pods[cookie]; p != nil && p.ep != nil {
 		defer c.mu.Unlock()
-		return c.updateLocked(p, pod, ports)
+		return c.updateLocked(p, pod, ports, inPorts)
 	}
 	c.mu.Unlock()
 
@@ -235,7 +246,7 @@ func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 		return nil, ErrClosed
 	}
 	old := c.pods[ls.Cookie]
-	st := &podState{cookie: ls.Cookie, ep: ep, ports: ports}
+	st := &podState{cookie: ls.Cookie, ep: ep, ports: ports, inPorts: inPorts}
 	prevInbound := map[captureIpKey]*captureInboundVal{} // to restore on error
 	defer func() {
 		if err != nil {
@@ -318,12 +329,7 @@ func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 		}
 	}
 	// Excluded ports: add the new set, then drop what is no longer excluded.
-	for _, p := range ports {
-		if err := c.objs.Excluded.Update(capturePortKey{Netns: ls.Cookie, Port: uint32(p)}, uint8(1), ebpf.UpdateAny); err != nil {
-			return nil, fmt.Errorf("enrolling pod %s: excluding port %d: %w", pod.Name, p, err)
-		}
-	}
-	if err := c.pruneExcluded(ls.Cookie, ports); err != nil {
+	if err := c.setExcluded(ls.Cookie, ports, inPorts); err != nil {
 		return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
 	}
 	// Outbound capture on, now that 15001 is listening.
@@ -352,7 +358,7 @@ func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 
 // updateLocked applies new settings to a pod that is enrolled and served:
 // its listeners stay as they are.
-func (c *Capture) updateLocked(p *podState, pod Pod, ports []uint16) (*EnrolledPod, error) {
+func (c *Capture) updateLocked(p *podState, pod Pod, ports, inPorts []uint16) (*EnrolledPod, error) {
 	if c.closed {
 		return nil, ErrClosed
 	}
@@ -363,25 +369,44 @@ func (c *Capture) updateLocked(p *podState, pod Pod, ports []uint16) (*EnrolledP
 	if !slices.Equal(ips, p.ips) {
 		return nil, fmt.Errorf("updating pod %s: its IPs changed from %v to %v; unenroll it and enroll it again", pod.Name, p.ips, ips)
 	}
-	for _, port := range ports {
-		if err := c.objs.Excluded.Update(capturePortKey{Netns: p.cookie, Port: uint32(port)}, uint8(1), ebpf.UpdateAny); err != nil {
-			return nil, fmt.Errorf("updating pod %s: excluding port %d: %w", pod.Name, port, err)
-		}
-	}
-	if err := c.pruneExcluded(p.cookie, ports); err != nil {
+	if err := c.setExcluded(p.cookie, ports, inPorts); err != nil {
 		return nil, fmt.Errorf("updating pod %s: %w", pod.Name, err)
 	}
-	p.ports = ports
+	p.ports, p.inPorts = ports, inPorts
 	p.ep.ExcludeOutboundPorts = slices.Clone(ports)
-	c.log.Info("pod enrollment updated", "pod", pod.Name, "netns_cookie", p.cookie, "excluded_ports", ports)
+	p.ep.ExcludeInboundPorts = slices.Clone(inPorts)
+	c.log.Info("pod enrollment updated", "pod", pod.Name, "netns_cookie", p.cookie, "excluded_ports", ports, "excluded_inbound_ports", inPorts)
 	return p.ep, nil
 }
 
-func (c *Capture) pruneExcluded(cookie uint64, keep []uint16) error {
+// setExcluded makes the pod's excluded outbound and inbound ports exactly
+// out and in: it adds the new ones first, then drops the others, so a
+// port excluded before and after is never captured in between.
+func (c *Capture) setExcluded(cookie uint64, out, in []uint16) error {
+	for _, set := range []struct {
+		m     *ebpf.Map
+		ports []uint16
+		what  string
+	}{{c.objs.Excluded, out, "outbound"}, {c.objs.InboundExcluded, in, "inbound"}} {
+		for _, port := range set.ports {
+			if err := set.m.Update(capturePortKey{Netns: cookie, Port: uint32(port)}, uint8(1), ebpf.UpdateAny); err != nil {
+				return fmt.Errorf("excluding %s port %d: %w", set.what, port, err)
+			}
+		}
+		if err := pruneExcluded(set.m, cookie, set.ports); err != nil {
+			return fmt.Errorf("%s exclusions: %w", set.what, err)
+		}
+	}
+	return nil
+}
+
+// pruneExcluded removes cookie's ports in m (excluded or inbound_excluded)
+// that are not in keep.
+func pruneExcluded(m *ebpf.Map, cookie uint64, keep []uint16) error {
 	var k capturePortKey
 	var v uint8
 	var drop []capturePortKey
-	it := c.objs.Excluded.Iterate()
+	it := m.Iterate()
 	for it.Next(&k, &v) {
 		if k.Netns == cookie && !slices.Contains(keep, uint16(k.Port)) {
 			drop = append(drop, k)
@@ -391,11 +416,20 @@ func (c *Capture) pruneExcluded(cookie uint64, keep []uint16) error {
 		return fmt.Errorf("reading excluded ports: %w", err)
 	}
 	for _, k := range drop {
-		if err := c.objs.Excluded.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("removing excluded port %d: %w", k.Port, err)
 		}
 	}
 	return nil
+}
+
+// agentPort reports whether port is one of the agent's own (docs/capture.md).
+func agentPort(port uint16) bool {
+	switch port {
+	case 15000, 15001, 15006, 15008, 15020, 15021:
+		return true
+	}
+	return false
 }
 
 // Unenroll gives the pod plain networking back: new connects are no longer
@@ -436,7 +470,7 @@ func (c *Capture) dropPod(cookie uint64, p *podState) error {
 		return err
 	}
 	errs = append(errs, ignore(c.objs.Enrolled.Delete(cookie)))
-	errs = append(errs, c.pruneExcluded(cookie, nil))
+	errs = append(errs, pruneExcluded(c.objs.Excluded, cookie, nil), pruneExcluded(c.objs.InboundExcluded, cookie, nil))
 	for _, ip := range p.ips {
 		// The address may belong to a newer pod by now; leave its entry.
 		fam, a := keyFromIP(ip)

@@ -296,7 +296,11 @@ func computePod(p *Pod, ns *Namespace, td spiffeid.TrustDomain) *Pod {
 	c.Identity = id
 	c.Enrolled = ns != nil && ns.Enrolled && p.Labels[LabelMode] != ModeDisabled && !p.HostNetwork
 	c.ExcludeInboundPorts, err = parsePorts(p.Annotations[AnnotationExcludeInboundPorts])
+	if err == nil {
+		err = checkInboundExclusions(c.ExcludeInboundPorts)
+	}
 	if err != nil {
+		c.ExcludeInboundPorts = nil
 		c.Problems = append(c.Problems, fmt.Sprintf("annotation %s ignored (nothing excluded): %v", AnnotationExcludeInboundPorts, err))
 	}
 	c.ExcludeOutboundPorts, err = parsePorts(p.Annotations[AnnotationExcludeOutboundPorts])
@@ -311,6 +315,22 @@ func computePod(p *Pod, ns *Namespace, td spiffeid.TrustDomain) *Pod {
 
 // parsePorts parses "80, 8080" into ports. Any bad element rejects the whole
 // list, so a typo never excludes a port nobody meant to exclude.
+// reservedInbound are the ports an inbound exclusion may not name: the
+// agent's own (docs/architecture.md) and capture's self-check probe.
+var reservedInbound = []uint16{15000, 15001, 15006, 15008, 15020, 15021, 15099}
+
+// checkInboundExclusions refuses exclusions of the agent's ports: excluding
+// 15008 or 15006 from capture would make no sense and excluding the probe
+// port would make capture's self-check lie.
+func checkInboundExclusions(ports []uint16) error {
+	for _, p := range ports {
+		if slices.Contains(reservedInbound, p) {
+			return fmt.Errorf("port %d is reserved for the nodemesh agent (%v)", p, reservedInbound)
+		}
+	}
+	return nil
+}
+
 func parsePorts(s string) ([]uint16, error) {
 	s = strings.TrimSpace(s)
 	if s == "" {

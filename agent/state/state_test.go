@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -217,6 +218,24 @@ func TestExcludedPortAnnotations(t *testing.T) {
 				t.Fatalf("problems %q, want %d", p.Problems, 2*tt.problems)
 			}
 		})
+	}
+}
+
+// TestInboundExclusionOfAgentPorts: an inbound exclusion naming an agent
+// port (or capture's probe port) is ignored whole and reported; the same
+// ports may be excluded outbound (a destination's 15020, say).
+func TestInboundExclusionOfAgentPorts(t *testing.T) {
+	for _, v := range []string{"15008", "8080,15006", "15099", "15021"} {
+		s := newStore(t)
+		s.Update(func(tx *Tx) {
+			tx.SetPod(pod("ns", "a", "10.0.0.1", func(p *Pod) {
+				p.Annotations = map[string]string{AnnotationExcludeInboundPorts: v}
+			}))
+		})
+		p := s.Snapshot().Pod("ns", "a")
+		if p.ExcludeInboundPorts != nil || len(p.Problems) != 1 || !strings.Contains(p.Problems[0], "reserved for the nodemesh agent") {
+			t.Errorf("exclude-inbound-ports %q: excluded %v, problems %q; want nothing excluded and one problem", v, p.ExcludeInboundPorts, p.Problems)
+		}
 	}
 }
 

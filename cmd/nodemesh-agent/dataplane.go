@@ -88,12 +88,13 @@ type localPod struct {
 	pool  *hbone.Pool
 	proxy *proxy.Proxy
 	ctx   context.Context // serving context, ended by cancel
-	// excluded are the outbound ports capture currently leaves alone (pod
-	// keeps the values at enrollment; capture updates these in place).
-	excluded []uint16
-	cancel   context.CancelFunc
-	done     sync.WaitGroup
-	dsts     sync.Map // *net.TCPConn -> netip.AddrPort, from AcceptOutbound to the proxy
+	// excluded and excludedIn are the outbound and inbound ports capture
+	// currently leaves alone (pod keeps the values at enrollment; capture
+	// updates these in place).
+	excluded, excludedIn []uint16
+	cancel               context.CancelFunc
+	done                 sync.WaitGroup
+	dsts                 sync.Map // *net.TCPConn -> netip.AddrPort, from AcceptOutbound to the proxy
 
 	status  string // guarded by dataplane.mu
 	problem string
@@ -300,14 +301,15 @@ func (dp *dataplane) reconcile(ctx context.Context, snap *state.Snapshot) {
 			// stays captured meanwhile (never a window of plain networking).
 			dp.setStatus(lp, captureEnrolled, "")
 			lp.done.Go(func() { dp.selfCheck(lp.ctx, lp, dp.log.With("pod", k.String())) })
-		case !slices.Equal(lp.excluded, p.ExcludeOutboundPorts):
+		case !slices.Equal(lp.excluded, p.ExcludeOutboundPorts) || !slices.Equal(lp.excludedIn, p.ExcludeInboundPorts):
 			// Updated in place by capture, without uncapturing the pod.
 			if _, err := dp.capture.Enroll(ctx, redirect.Pod{Name: k.String(), Netns: p.Netns, Cgroup: p.Cgroup,
-				IPs: p.IPs, ExcludeOutboundPorts: p.ExcludeOutboundPorts}); err != nil {
-				dp.log.Error("updating the pod's excluded outbound ports", "pod", k.String(), "err", err)
+				IPs: p.IPs, ExcludeOutboundPorts: p.ExcludeOutboundPorts, ExcludeInboundPorts: p.ExcludeInboundPorts}); err != nil {
+				dp.log.Error("updating the pod's excluded ports", "pod", k.String(), "err", err)
 				continue
 			}
-			lp.excluded = p.ExcludeOutboundPorts // only the reconcile loop reads it
+			// Only the reconcile loop reads them.
+			lp.excluded, lp.excludedIn = p.ExcludeOutboundPorts, p.ExcludeInboundPorts
 		}
 	}
 }
@@ -328,7 +330,7 @@ func (dp *dataplane) setStatus(lp *localPod, status, problem string) {
 
 func (dp *dataplane) enroll(ctx context.Context, p *state.Pod) {
 	log := dp.log.With("pod", p.Key().String())
-	lp := &localPod{pod: p, excluded: p.ExcludeOutboundPorts, w: &proxy.Workload{Namespace: p.Namespace, Name: p.Name, Identity: p.Identity, IPs: p.IPs}}
+	lp := &localPod{pod: p, excluded: p.ExcludeOutboundPorts, excludedIn: p.ExcludeInboundPorts, w: &proxy.Workload{Namespace: p.Namespace, Name: p.Name, Identity: p.Identity, IPs: p.IPs}}
 	dp.mu.Lock()
 	dp.pods[p.Key()] = lp
 	dp.mu.Unlock()
@@ -338,7 +340,7 @@ func (dp *dataplane) enroll(ctx context.Context, p *state.Pod) {
 		return
 	}
 	ep, err := dp.capture.Enroll(ctx, redirect.Pod{Name: p.Key().String(), Netns: p.Netns, Cgroup: p.Cgroup,
-		IPs: p.IPs, ExcludeOutboundPorts: p.ExcludeOutboundPorts})
+		IPs: p.IPs, ExcludeOutboundPorts: p.ExcludeOutboundPorts, ExcludeInboundPorts: p.ExcludeInboundPorts})
 	if err != nil {
 		// Retried on the next change or after 10 s; the pod keeps
 		// whatever capture it had (none, or pinned and failing closed).

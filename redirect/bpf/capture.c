@@ -31,10 +31,16 @@
 //
 //   sk_lookup (attached per enrolled pod network namespace)
 //     TCP arriving for an address in `inbound` (the pod's IPs) on any port
-//     but 15008, and not from the pod itself, is assigned to the agent's
-//     15006 listener stored in `inbound_socks`. The listener gone (agent
-//     down) means SK_DROP: inbound plaintext is refused, never delivered
-//     around the agent.
+//     but 15008 and the pod's excluded inbound ports (`inbound_excluded`),
+//     and not from the pod itself, is assigned to the agent's 15006
+//     listener stored in `inbound_socks`. The listener gone (agent down)
+//     means SK_DROP: inbound plaintext is refused, never delivered around
+//     the agent. TCP for any other local address of the namespace that is
+//     not loopback (an IPv6 link-local or SLAAC address, a secondary
+//     address: nothing the agent was told about) is dropped too, so no
+//     address of an enrolled pod reaches the application around the agent.
+//     Counters of these two verdicts are in `lookup_stats`, apart from
+//     `stats` so that maps pinned by older agents stay compatible.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -198,6 +204,31 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } stats SEC(".maps");
 
+// Inbound ports a pod excluded from capture (annotation
+// nodemesh.io/exclude-inbound-ports), keyed by its netns cookie: they reach
+// the application directly, in plaintext.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct port_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} inbound_excluded SEC(".maps");
+
+enum {
+	LSTAT_UNKNOWN_DROPPED, // a local address not in `inbound`
+	LSTAT_EXCLUDED,        // an excluded inbound port, passed to the application
+	LSTAT_MAX = 8,         // room for more without changing the pinned map
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LSTAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lookup_stats SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -209,6 +240,13 @@ struct {
 static __always_inline void count(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void lcount(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&lookup_stats, &idx);
 	if (v)
 		*v += 1;
 }
@@ -524,10 +562,11 @@ int nm_sklookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 
 	struct ip_key k = { .family = ctx->family };
-	__u32 same;
+	__u32 same, loopback;
 	if (ctx->family == AF_INET) {
 		k.addr[0] = ctx->local_ip4;
 		same = ctx->remote_ip4 == ctx->local_ip4;
+		loopback = (bpf_ntohl(ctx->local_ip4) >> 24) == 127;
 	} else if (ctx->family == AF_INET6) {
 		k.addr[0] = ctx->local_ip6[0];
 		k.addr[1] = ctx->local_ip6[1];
@@ -537,14 +576,29 @@ int nm_sklookup(struct bpf_sk_lookup *ctx)
 		       ctx->remote_ip6[1] == ctx->local_ip6[1] &&
 		       ctx->remote_ip6[2] == ctx->local_ip6[2] &&
 		       ctx->remote_ip6[3] == ctx->local_ip6[3];
+		loopback = ctx->local_ip6[0] == 0 && ctx->local_ip6[1] == 0 &&
+			   ((ctx->local_ip6[2] == 0 && ctx->local_ip6[3] == bpf_htonl(1)) ||
+			    (ctx->local_ip6[2] == bpf_htonl(0xffff) &&
+			     (bpf_ntohl(ctx->local_ip6[3]) >> 24) == 127));
 	} else {
 		return SK_PASS;
 	}
-	struct inbound_val *v = bpf_map_lookup_elem(&inbound, &k);
-	if (!v)
+	// Loopback is reachable only from inside the namespace (the app, and
+	// the agent's own listeners and probes there).
+	if (loopback)
 		return SK_PASS;
+	struct inbound_val *v = bpf_map_lookup_elem(&inbound, &k);
 	if (same)
 		return SK_PASS; // the pod talking to itself, or the agent delivering inbound
+	if (!v) {
+		lcount(LSTAT_UNKNOWN_DROPPED);
+		return SK_DROP;
+	}
+	struct port_key pk = { .netns = v->netns, .port = ctx->local_port };
+	if (bpf_map_lookup_elem(&inbound_excluded, &pk)) {
+		lcount(LSTAT_EXCLUDED);
+		return SK_PASS;
+	}
 
 	__u32 idx = v->slot;
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_socks, &idx);
