@@ -22,6 +22,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -59,6 +60,11 @@ type Config struct {
 	Info map[string]string
 	// CheckTimeout bounds each readiness check (default 2 s).
 	CheckTimeout time.Duration
+	// MetricsAllow, if set, admits metrics scrapes from remote addresses
+	// outside the node (access.go); nil: only the node itself.
+	MetricsAllow func(netip.Addr) bool
+	// Registerer receives the admin server's own counters; nil: none.
+	Registerer prometheus.Registerer
 }
 
 // Server is the admin, metrics and readiness HTTP servers.
@@ -72,6 +78,7 @@ type Server struct {
 	checks map[string]CheckFunc
 	conns  DumpFunc
 	extra  map[string]http.Handler // by exact path
+	guard  *accessGuard
 }
 
 // New returns a Server; register sections and checks, then Run it.
@@ -88,7 +95,11 @@ func New(cfg Config) (*Server, error) {
 	if cfg.CheckTimeout <= 0 {
 		cfg.CheckTimeout = 2 * time.Second
 	}
-	return &Server{cfg: cfg, log: cfg.Logger, start: time.Now(),
+	guard, err := newAccessGuard(cfg.Logger, cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	return &Server{cfg: cfg, log: cfg.Logger, start: time.Now(), guard: guard,
 		dumps: make(map[string]DumpFunc), checks: make(map[string]CheckFunc), extra: make(map[string]http.Handler)}, nil
 }
 
@@ -194,17 +205,22 @@ func (s *Server) AdminHandler() http.Handler {
 	return mux
 }
 
-// MetricsHandler serves Prometheus metrics.
+// MetricsHandler serves Prometheus metrics to the node itself and to
+// the scrapers Config.MetricsAllow admits.
 func (s *Server) MetricsHandler() http.Handler {
-	h := promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)})
+	h := promhttp.HandlerFor(s.cfg.Gatherer, promhttp.HandlerOpts{ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn), MaxRequestsInFlight: 8})
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", h)
 	mux.Handle("GET /stats/prometheus", h)
-	return mux
+	return s.guard.wrap("metrics", mux, s.cfg.MetricsAllow)
 }
 
-// ReadinessHandler serves /healthz/ready.
+// ReadinessHandler serves /healthz/ready to the node itself (the kubelet).
 func (s *Server) ReadinessHandler() http.Handler {
+	return s.guard.wrap("readiness", s.readinessMux(), nil)
+}
+
+func (s *Server) readinessMux() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz/ready", func(w http.ResponseWriter, r *http.Request) {
 		ready, results := s.Ready(r.Context())
@@ -351,7 +367,8 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 		lns = append(lns, ln)
 		servers = append(servers, &http.Server{Handler: x.h, ReadHeaderTimeout: 10 * time.Second,
-			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)})
+			ReadTimeout: 10 * time.Second, WriteTimeout: 30 * time.Second, IdleTimeout: time.Minute,
+			MaxHeaderBytes: 16 << 10, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)})
 		s.log.Info("serving", "what", x.name, "addr", ln.Addr().String())
 	}
 	errc := make(chan error, len(servers))

@@ -32,8 +32,62 @@ func newServer(t *testing.T, reg *prometheus.Registry) (*Server, *slog.LevelVar)
 func get(t *testing.T, h http.Handler, method, path string) (int, string) {
 	t.Helper()
 	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, httptest.NewRequest(method, path, nil))
+	req := httptest.NewRequest(method, path, nil)
+	req.RemoteAddr = "127.0.0.1:40000" // the node itself
+	h.ServeHTTP(rec, req)
 	return rec.Code, rec.Body.String()
+}
+
+// TestMetricsAndReadinessOnlyFromTheNode: the metrics and readiness ports
+// listen on every node address but answer only the node itself and, for
+// metrics, the scrapers MetricsAllow admits (issue 14, item 8).
+func TestMetricsAndReadinessOnlyFromTheNode(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	lv := new(slog.LevelVar)
+	scraper := netip.MustParseAddr("10.244.1.7")
+	s, err := New(Config{Level: lv, Gatherer: reg, Registerer: reg, Logger: slog.New(slog.DiscardHandler),
+		MetricsAllow: func(a netip.Addr) bool { return a == scraper }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.AddReadiness("state", func(context.Context) error { return nil })
+	node := &net.TCPAddr{IP: net.ParseIP("10.0.0.1"), Port: 15020}
+	for _, tc := range []struct {
+		name, remote     string
+		metrics, readyOK int
+	}{
+		{"loopback", "127.0.0.1:5000", 200, 200},
+		{"the node's own address (kubelet, hostNetwork pods)", "10.0.0.1:5000", 200, 200},
+		{"v4-mapped node address", "[::ffff:10.0.0.1]:5000", 200, 200},
+		{"a pod", "10.244.1.9:5000", 403, 403},
+		{"another node", "10.0.0.2:5000", 403, 403},
+		{"an allowed scraper", scraper.String() + ":5000", 200, 403},
+	} {
+		for _, h := range []struct {
+			name string
+			h    http.Handler
+			path string
+			want int
+		}{{"metrics", s.MetricsHandler(), "/metrics", tc.metrics}, {"readiness", s.ReadinessHandler(), "/healthz/ready", tc.readyOK}} {
+			rec := httptest.NewRecorder()
+			req := httptest.NewRequest("GET", h.path, nil)
+			req.RemoteAddr = tc.remote
+			req = req.WithContext(context.WithValue(req.Context(), http.LocalAddrContextKey, node))
+			h.h.ServeHTTP(rec, req)
+			if rec.Code != h.want {
+				t.Errorf("%s from %s: %d %q, want %d", h.name, tc.name, rec.Code, rec.Body, h.want)
+			}
+			if rec.Code == 403 && !strings.Contains(rec.Body.String(), "only the node itself") {
+				t.Errorf("%s refusal without a reason: %q", h.name, rec.Body)
+			}
+		}
+	}
+	if got := testutil.ToFloat64(s.guard.refused.WithLabelValues("metrics")); got != 2 {
+		t.Errorf("refused metrics requests counted %v, want 2", got)
+	}
+	if got := testutil.ToFloat64(s.guard.refused.WithLabelValues("readiness")); got != 3 {
+		t.Errorf("refused readiness requests counted %v, want 3", got)
+	}
 }
 
 func TestReadiness(t *testing.T) {

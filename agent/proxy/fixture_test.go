@@ -61,6 +61,8 @@ type fixtureOpts struct {
 	flow hbone.FlowControl
 	// app serves each accepted application connection (default echo).
 	app func(net.Conn)
+	// maxPlaintext is node 2's MaxInboundPlaintext (0: the default).
+	maxPlaintext int
 }
 
 func newFixture(t testing.TB, o fixtureOpts) *fixture {
@@ -135,6 +137,8 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 		Dialer:    countingDialer,
 		Observer:  f.obs2,
 		HBONE:     hbone.ServerConfig{Flow: o.flow},
+
+		MaxInboundPlaintext: o.maxPlaintext,
 	})
 	if err != nil {
 		t.Fatal(err)

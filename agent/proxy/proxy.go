@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
@@ -40,6 +41,12 @@ type Config struct {
 	// HBONE tunes the inbound HBONE servers (MaxStreams, Flow, timeouts);
 	// Local, TLS, Handler and Logger are filled in per workload.
 	HBONE hbone.ServerConfig
+	// MaxInboundPlaintext bounds the open inbound plaintext (15006)
+	// connections of one pod (default 1024). Any pod can open them, each
+	// costs goroutines and copy buffers while it lasts, so beyond the limit
+	// new ones are reset (RefusedLimit) and the first one per minute and
+	// pod is logged.
+	MaxInboundPlaintext int
 }
 
 // Proxy handles the captured connections of the workloads on a node. One
@@ -80,6 +87,9 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	if cfg.Observer == nil {
 		cfg.Observer = nopObserver{}
+	}
+	if cfg.MaxInboundPlaintext <= 0 {
+		cfg.MaxInboundPlaintext = 1024
 	}
 	p := &Proxy{
 		cfg:     cfg,
@@ -127,7 +137,26 @@ func (p *Proxy) ServeInboundPlaintext(ctx context.Context, ln net.Listener, w *W
 		ln.Close()
 		return err
 	}
-	return p.acceptLoop(ctx, ln, "inbound plaintext", func(c net.Conn) { p.handleInboundPlaintext(c, w, origDst) })
+	held := make(chan struct{}, p.cfg.MaxInboundPlaintext)
+	var lastLog atomic.Int64 // unix nanoseconds of the last limit log line
+	return p.acceptLoop(ctx, ln, "inbound plaintext", func(c net.Conn) {
+		select {
+		case held <- struct{}{}:
+			defer func() { <-held }()
+		default:
+			now := time.Now().UnixNano()
+			if last := lastLog.Load(); now-last >= int64(time.Minute) && lastLog.CompareAndSwap(last, now) {
+				p.log.Warn("inbound plaintext connection limit reached; resetting new connections", "pod", w.String(),
+					"limit", cap(held), "src", c.RemoteAddr().String())
+			}
+			f := &Flow{Direction: Inbound, Transport: TransportPlaintext, Workload: w, Src: addrPortOf(c.RemoteAddr()),
+				Dst: addrPortOf(c.LocalAddr()), DstIdentity: w.Identity, DstWorkload: w.String()}
+			f.OrigDst = f.Dst
+			p.refuse(c, f, time.Now(), RefusedLimit, fmt.Sprintf("%d inbound plaintext connections open to the pod, its limit", cap(held)))
+			return
+		}
+		p.handleInboundPlaintext(c, w, origDst)
+	})
 }
 
 // ServeInboundHBONE serves HBONE tunnels to w on ln (w's IP, port 15008).

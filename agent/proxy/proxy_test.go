@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -312,6 +313,62 @@ func TestInboundPlaintextModes(t *testing.T) {
 	waitFor(t, "the STRICT refusal to be reported", func() bool { return len(f.obs2.refusals()) == 1 })
 	if got := f.obs2.refusals(); got[0] != proxy.RefusedStrictMTLS {
 		t.Fatalf("refusal reason %v, want %v", got, proxy.RefusedStrictMTLS)
+	}
+}
+
+// TestInboundPlaintextPerPodLimit: any pod can open plaintext connections
+// to an enrolled pod's 15006; beyond MaxInboundPlaintext open ones new
+// connections are reset and counted, and a closed one frees its place.
+func TestInboundPlaintextPerPodLimit(t *testing.T) {
+	f := newFixture(t, fixtureOpts{maxPlaintext: 3})
+	dialPlain := func() *net.TCPConn {
+		c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(f.b1.plain))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	var held []*net.TCPConn
+	for i := range 3 {
+		c := dialPlain()
+		ping(t, c, fmt.Sprintf("held %d", i)) // established through the agent, left open
+		held = append(held, c)
+	}
+	if c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(f.b1.plain)); err == nil {
+		defer c.Close()
+		expectReset(t, c, "fourth plaintext connection to a pod with a limit of 3")
+	} else if !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("fourth dial: %v", err)
+	}
+	if got := f.obs2.refusals(); len(got) != 1 || got[0] != proxy.RefusedLimit {
+		t.Fatalf("refusals %v, want one %s", got, proxy.RefusedLimit)
+	}
+	// Another pod's budget is its own.
+	c2, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(f.b2.plain))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	echoRoundTrip(t, c2, []byte("other pod"))
+	held[0].Close()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(f.b1.plain))
+		if err == nil {
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			_, werr := c.Write([]byte("x"))
+			buf := make([]byte, 1)
+			_, rerr := io.ReadFull(c, buf)
+			c.Close()
+			if werr == nil && rerr == nil {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("closing a held connection did not free its place")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

@@ -236,10 +236,13 @@ const (
 	// FailedTunnel: the HBONE tunnel or its CONNECT stream could not be
 	// opened.
 	FailedTunnel
+	// RefusedLimit: a per-pod limit (Config.MaxInboundPlaintext) was
+	// reached; the connection is reset at once.
+	RefusedLimit
 )
 
 // RefusalReasons lists every reason, for tests and documentation.
-var RefusalReasons = []RefusalReason{RefusedPolicy, RefusedStrictMTLS, RefusedNoEndpoints, RefusedInvalid, FailedDial, FailedTunnel}
+var RefusalReasons = []RefusalReason{RefusedPolicy, RefusedStrictMTLS, RefusedNoEndpoints, RefusedInvalid, FailedDial, FailedTunnel, RefusedLimit}
 
 func (r RefusalReason) String() string {
 	switch r {
@@ -255,6 +258,8 @@ func (r RefusalReason) String() string {
 		return "dial_failed"
 	case FailedTunnel:
 		return "tunnel_failed"
+	case RefusedLimit:
+		return "limit"
 	}
 	return "unknown"
 }

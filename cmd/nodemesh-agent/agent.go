@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -102,7 +104,8 @@ func newAgent(cfg *Config, log *slog.Logger, level *slog.LevelVar, access *slog.
 	}
 	if a.admin, err = admin.New(admin.Config{
 		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadinessAddr: cfg.ReadinessAddr,
-		Logger: log.With("component", "admin"), Level: level, Gatherer: a.reg,
+		Logger: log.With("component", "admin"), Level: level, Gatherer: a.reg, Registerer: a.reg,
+		MetricsAllow: scrapersAllowed(a.store, cfg.MetricsScrapers),
 		Info: map[string]string{"node": cfg.NodeName, "trustDomain": cfg.TrustDomain, "stateSource": srcName,
 			"dataplane": fmt.Sprint(cfg.Dataplane), "version": version.String(), "kernel": kernelRelease()},
 	}); err != nil {
@@ -240,4 +243,16 @@ func kernelRelease() string {
 		return ""
 	}
 	return unix.ByteSliceToString(u.Release[:])
+}
+
+// scrapersAllowed admits metrics scrapes from the pods of the named
+// service accounts (--metrics-scrapers), by source IP in the cluster state.
+func scrapersAllowed(store *state.Store, scrapers []string) func(netip.Addr) bool {
+	if len(scrapers) == 0 {
+		return nil
+	}
+	return func(ip netip.Addr) bool {
+		p := store.Snapshot().PodByIP(ip)
+		return p != nil && !p.HostNetwork && slices.Contains(scrapers, p.Namespace+"/"+p.ServiceAccount)
+	}
 }

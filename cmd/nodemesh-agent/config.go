@@ -54,9 +54,12 @@ type Config struct {
 	AdminAddr     string
 	MetricsAddr   string
 	ReadinessAddr string
-	LogLevel      string
-	AccessLog     bool
-	CRDRecheck    time.Duration
+	// MetricsScrapers are the service accounts (namespace/name) whose pods
+	// may read metrics from outside the node (a Prometheus in the cluster).
+	MetricsScrapers []string
+	LogLevel        string
+	AccessLog       bool
+	CRDRecheck      time.Duration
 	// Node mark (agent/rollout): how long peers honour it and how often
 	// it is renewed.
 	MarkDuration time.Duration
@@ -105,6 +108,14 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVar(&c.AdminAddr, "admin-addr", admin.DefaultAdminAddr, "admin API address (keep it on loopback)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", admin.DefaultMetricsAddr, "Prometheus metrics address")
 	fs.StringVar(&c.ReadinessAddr, "readiness-addr", admin.DefaultReadinessAddr, "readiness probe address")
+	fs.Func("metrics-scrapers", "comma-separated service accounts (namespace/name) whose pods may scrape metrics from outside the node; default none (only the node itself)", func(v string) error {
+		for sa := range strings.SplitSeq(v, ",") {
+			if sa = strings.TrimSpace(sa); sa != "" {
+				c.MetricsScrapers = append(c.MetricsScrapers, sa)
+			}
+		}
+		return nil
+	})
 	fs.StringVar(&c.LogLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn or error (changeable at run time through the admin API)")
 	fs.BoolVar(&c.AccessLog, "access-log", false, "write one JSON line per closed connection to stdout")
 	fs.DurationVar(&c.CRDRecheck, "crd-recheck", 30*time.Second, "how often to look for nodemesh CRDs that were not installed when the agent started")
@@ -198,6 +209,11 @@ func (c *Config) Validate() error {
 	if host, _, err := net.SplitHostPort(c.AdminAddr); err == nil {
 		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
 			errs = append(errs, fmt.Errorf("--admin-addr %q: the admin API (log level, pprof, config dump) must listen on loopback", c.AdminAddr))
+		}
+	}
+	for _, sa := range c.MetricsScrapers {
+		if ns, name, ok := strings.Cut(sa, "/"); !ok || ns == "" || name == "" || strings.Contains(name, "/") {
+			errs = append(errs, fmt.Errorf("--metrics-scrapers: %q is not namespace/name of a service account", sa))
 		}
 	}
 	lv, err := admin.ParseLevel(c.LogLevel)
