@@ -3,6 +3,7 @@ package manifests_test
 import (
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"os"
 	"regexp"
 	"slices"
@@ -53,6 +54,10 @@ func agentMetrics(t *testing.T) map[string][]string {
 		t.Fatal(err)
 	}
 	if _, err := exposure.New(exposure.Config{Node: "n", Registerer: reg}); err != nil {
+		t.Fatal(err)
+	}
+	// The admin server's own counters (refused metrics and readiness requests).
+	if _, err := admin.New(admin.Config{Level: new(slog.LevelVar), Registerer: reg}); err != nil {
 		t.Fatal(err)
 	}
 	var capture *redirect.Capture
