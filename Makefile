@@ -49,7 +49,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -X github.com/nodemesh/nodemesh/agent/version.version=$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: build generate generate-check test test-unit test-priv test-lab deps-cluster image-docker demo bench lint fuzz \
+.PHONY: build generate generate-check test test-unit test-race test-priv test-lab deps-cluster image-docker demo bench lint fuzz \
         kube-apiserver kube-node h2spec deps deps-generate deps-bench clean lab-down manifests-check image bench-go
 
 build:
@@ -139,19 +139,29 @@ lint:
 
 # Test tiers, chosen by test name: TestPriv* need root (netns, BPF, cgroups),
 # TestLab* need the lab's real API server; everything else is a unit test.
-test: deps deps-bench kube-apiserver h2spec lint generate-check test-unit test-priv test-lab
+test: deps deps-bench kube-apiserver h2spec lint generate-check test-unit test-race test-priv test-lab
 
 test-unit: h2spec
 	@echo "== tier 1: unit tests"
 	$(GO) test -count=1 -skip '^Test(Priv|Lab)' ./...
 
+# The agent's concurrent packages again under the race detector (unit tier:
+# in-memory fakes at capture and SVIDs, no root).
+RACE_PKGS = ./agent/proxy/ ./agent/hbone/ ./agent/dataplane/... ./agent/enforce/ ./agent/resolve/ \
+	./agent/workloads/ ./agent/telemetry/ ./agent/node/ ./agent/admin/ ./agent/state/ ./agent/exposure/ ./identity/svid/
+test-race:
+	@echo "== tier 1b: the agent's concurrent packages under -race"
+	$(GO) test -count=1 -race -skip '^Test(Priv|Lab)' $(RACE_PKGS)
+
 test-priv: deps
 	@echo "== tier 2: privileged tests (root: network namespaces, BPF, cgroups)"
 	$(GO) test -count=1 -run '^TestPriv' ./...
 
+# The agent end-to-end test runs its agents built with -race
+# (NODEMESH_AGENT_RACE=1); a race they report fails it.
 test-lab: deps deps-bench kube-apiserver
 	@echo "== tier 3: lab end-to-end tests (real kube-apiserver)"
-	$(GO) test -count=1 -p 1 -timeout 20m -run '^TestLab' ./...
+	NODEMESH_AGENT_RACE=1 $(GO) test -count=1 -p 1 -timeout 20m -run '^TestLab' ./...
 
 fuzz:
 	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' .); do \

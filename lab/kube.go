@@ -15,6 +15,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/nodemesh/nodemesh/lab/apiserver"
 	"github.com/nodemesh/nodemesh/lab/spec"
@@ -120,6 +121,14 @@ func podAnnotations(p *Pod, sp *spec.Pod) map[string]string {
 	return a
 }
 
+// readinessProbe is a TCP probe of port (a name or number; "" for none).
+func readinessProbe(port string) *corev1.Probe {
+	if port == "" {
+		return nil
+	}
+	return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.Parse(port)}}}
+}
+
 // createPod publishes a started pod as kubelet would: the Pod object, then
 // its status (Running, IPs, Ready).
 func (l *Lab) createPod(ctx context.Context, p *Pod, sp *spec.Pod, n *Node, started time.Time) error {
@@ -136,7 +145,7 @@ func (l *Lab) createPod(ctx context.Context, p *Pod, sp *spec.Pod, n *Node, star
 			TerminationGracePeriodSeconds: &zero,
 			Containers: []corev1.Container{{
 				Name: "main", Image: WorkloadImage, Command: sp.Command, Ports: ports,
-				ImagePullPolicy: corev1.PullNever,
+				ImagePullPolicy: corev1.PullNever, ReadinessProbe: readinessProbe(sp.ProbePort),
 			}},
 		},
 	}

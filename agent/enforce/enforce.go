@@ -23,6 +23,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/nodemesh/nodemesh/agent/policy"
+	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/proxy"
 )
 
@@ -151,4 +152,17 @@ func policyName(r policy.PolicyRef) string {
 		return ""
 	}
 	return r.Kind + ":" + r.Namespace + "/" + r.Name
+}
+
+// Strict reports whether pod ("namespace/name") requires mTLS on port in
+// the snapshot being enforced. An unknown pod, or no snapshot yet, is
+// STRICT (fail closed). agent/resolve asks it before sending plaintext to
+// an enrolled pod whose node has no agent.
+func (p *Policy) Strict(pod string, port uint16) bool {
+	snap := p.cfg.Snapshot()
+	if snap == nil {
+		return true
+	}
+	m, _, ok := snap.MTLSMode(pod, port)
+	return !ok || m == v1alpha1.MTLSStrict
 }

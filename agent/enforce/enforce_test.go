@@ -11,8 +11,11 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/nodemesh/nodemesh/agent/k8s"
 	"github.com/nodemesh/nodemesh/agent/policy"
+	"github.com/nodemesh/nodemesh/agent/policy/fromstate"
 	"github.com/nodemesh/nodemesh/agent/proxy"
+	"github.com/nodemesh/nodemesh/agent/state"
 )
 
 var (
@@ -23,20 +26,53 @@ var (
 	beWL   = &proxy.Workload{Namespace: "shop", Name: "be", Identity: spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/backend"), IPs: []netip.Addr{ipBE}}
 )
 
-func snapshot(t *testing.T, version uint64, docs string) *policy.Snapshot {
+// cluster is the test's namespace, node and pods; be's readiness probe
+// targets its named port "health" (8081).
+const cluster = `
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {nodemesh.io/mode: enabled}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+status: {addresses: [{type: InternalIP, address: 192.168.0.1}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: shop, name: fe, uid: u-fe, labels: {app: fe}}
+spec: {nodeName: n1, serviceAccountName: frontend, containers: [{name: app, image: x}]}
+status: {phase: Running, podIP: 10.0.1.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {namespace: shop, name: be, uid: u-be, labels: {app: be}}
+spec:
+  nodeName: n1
+  serviceAccountName: backend
+  containers:
+  - name: app
+    image: x
+    ports: [{name: health, containerPort: 8081}]
+    readinessProbe: {httpGet: {port: health}}
+status: {phase: Running, podIP: 10.0.1.2}
+`
+
+// snapshot builds the policy snapshot of cluster plus docs through the
+// agent's intake (agent/k8s into the state store, then fromstate), as a
+// new version of st.
+func snapshot(t *testing.T, st *state.Store, docs string) *policy.Snapshot {
 	t.Helper()
-	in := policy.Input{
-		Namespaces: []policy.Namespace{{Name: "shop"}},
-		Nodes:      []policy.Node{{Name: "n1", IPs: []netip.Addr{ipNode}}},
-		Pods: []policy.Pod{
-			{Namespace: "shop", Name: "fe", Labels: map[string]string{"app": "fe"}, IPs: []netip.Addr{ipFE}, ServiceAccount: "frontend", Node: "n1"},
-			{Namespace: "shop", Name: "be", Labels: map[string]string{"app": "be"}, IPs: []netip.Addr{ipBE}, ServiceAccount: "backend", Node: "n1", ProbePorts: []int32{8081}},
-		},
-	}
-	if _, err := policy.Decode("test", []byte(docs), &in); err != nil {
+	var m k8s.Manifests
+	if err := m.ParseManifests("test", []byte(cluster+"\n---\n"+docs)); err != nil {
 		t.Fatal(err)
 	}
-	return policy.NewSnapshot(version, in, policy.Options{})
+	st.Update(m.Apply)
+	ps, errs := fromstate.Snapshot(st.Snapshot(), "")
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	return ps
 }
 
 func TestCheck(t *testing.T) {
@@ -64,7 +100,11 @@ func TestCheck(t *testing.T) {
 		t.Fatalf("without a snapshot: %+v", d)
 	}
 
-	cur.Store(snapshot(t, 1, ""))
+	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.Store(snapshot(t, st, ""))
 	for _, f := range []*proxy.Flow{out, in, plain, probe} {
 		if d := p.Check(ctx, f); !d.Allow {
 			t.Errorf("open snapshot denied %s %s: %s", f.Direction, f.Transport, d.Reason)
@@ -73,7 +113,7 @@ func TestCheck(t *testing.T) {
 
 	// A policy change: the same open connections are checked again (as
 	// proxy.Reevaluate does) and now denied where the new policy says so.
-	cur.Store(snapshot(t, 2, `
+	cur.Store(snapshot(t, st, `
 apiVersion: security.nodemesh.io/v1alpha1
 kind: PeerAuthentication
 metadata: {namespace: shop, name: strict}
@@ -137,5 +177,35 @@ spec:
 	anon.SrcIdentity = spiffeid.ID{}
 	if d := p.Check(ctx, &anon); d.Allow {
 		t.Errorf("HBONE without identity allowed: %+v", d)
+	}
+}
+
+// TestStrict: the resolver asks the enforcer whether a destination is
+// STRICT; no snapshot, or an unknown pod, is STRICT (fail closed).
+func TestStrict(t *testing.T) {
+	var cur atomic.Pointer[policy.Snapshot]
+	p, err := New(Config{Snapshot: cur.Load})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !p.Strict("shop/be", 8080) {
+		t.Error("no snapshot yet: not STRICT")
+	}
+	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.Store(snapshot(t, st, ""))
+	if p.Strict("shop/be", 8080) || !p.Strict("shop/nope", 8080) {
+		t.Errorf("default PERMISSIVE: shop/be STRICT=%v, unknown pod STRICT=%v", p.Strict("shop/be", 8080), p.Strict("shop/nope", 8080))
+	}
+	cur.Store(snapshot(t, st, `
+apiVersion: security.nodemesh.io/v1alpha1
+kind: PeerAuthentication
+metadata: {namespace: shop, name: strict}
+spec: {mtls: {mode: STRICT}}
+`))
+	if !p.Strict("shop/be", 8080) {
+		t.Error("namespace STRICT: shop/be not STRICT")
 	}
 }

@@ -55,7 +55,8 @@ func TestLabInformers(t *testing.T) {
 		Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.168.77.1"}}}}, metav1.CreateOptions{}))
 
 	st := newStore(t)
-	inf := &Informers{Client: c, Dynamic: dyn, Store: st, Log: slog.New(slog.NewTextHandler(testWriter{t}, nil)), CRDRecheck: 500 * time.Millisecond}
+	seen := newLogSeen(slog.NewTextHandler(testWriter{t}, nil))
+	inf := &Informers{Client: c, Dynamic: dyn, Store: st, Log: slog.New(seen), CRDRecheck: 500 * time.Millisecond}
 	runCtx, stopRun := context.WithCancel(ctx)
 	runDone := make(chan error, 1)
 	go func() { runDone <- inf.Run(runCtx) }()
@@ -197,11 +198,15 @@ func TestLabInformers(t *testing.T) {
 
 	// API server gone: the last snapshot stays in force.
 	before := st.Snapshot()
+	const watchFailed = "watch of the API server failed, keeping the last known state"
+	failures := seen.count(watchFailed)
 	if err := srv.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	stopped = true
-	time.Sleep(2 * time.Second) // let the watches notice
+	// Wait until a watch noticed (a sleep could assert before anything
+	// was tried).
+	seen.waitMore(t, watchFailed, failures)
 	after := st.Snapshot()
 	if q := after.PodByIP(podIP); q == nil || !q.Enrolled {
 		t.Fatal("pod lost after the API server stopped")

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -22,8 +23,8 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
-	"sigs.k8s.io/yaml"
 
+	"github.com/nodemesh/nodemesh/agent/k8s/yamljson"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
@@ -75,32 +76,35 @@ func (m *Manifests) Apply(tx *state.Tx) {
 
 // ParseManifests adds the objects of one YAML or JSON stream (several
 // documents separated by "---", and v1 List objects) to m. name labels
-// errors. Decoding is strict: an unknown or misspelt field is an error,
+// errors. YAML is read with YAML 1.2 scalars (yamljson: a namespace named
+// "y" stays "y"). Decoding is strict: an unknown or misspelt field is an error,
 // because silently dropping, say, a misspelt label would change enrollment.
 // Objects of the custom resource groups in DefaultCustomResources are kept
 // unstructured; other kinds the agent does not use are listed in Skipped.
 func (m *Manifests) ParseManifests(name string, data []byte) error {
 	r := utilyaml.NewYAMLReader(bufio.NewReader(bytes.NewReader(data)))
+	var errs []error
 	for doc := 1; ; doc++ {
 		raw, err := r.Read()
 		if errors.Is(err, io.EOF) {
-			return nil
+			return errors.Join(errs...)
 		}
 		if err != nil {
-			return fmt.Errorf("reading %s document %d: %w", name, doc, err)
+			return errors.Join(append(errs, fmt.Errorf("reading %s document %d: %w", name, doc, err))...)
 		}
 		if len(bytes.TrimSpace(raw)) == 0 {
 			continue
 		}
-		js, err := yaml.YAMLToJSON(raw)
+		js, err := yamljson.ToJSON(raw)
 		if err != nil {
-			return fmt.Errorf("parsing %s document %d: %w", name, doc, err)
+			errs = append(errs, fmt.Errorf("parsing %s document %d: %w", name, doc, err))
+			continue
 		}
 		if bytes.Equal(bytes.TrimSpace(js), []byte("null")) {
 			continue // a document of only comments
 		}
 		if err := m.add(js, 0); err != nil {
-			return fmt.Errorf("%s document %d: %w", name, doc, err)
+			errs = append(errs, fmt.Errorf("%s document %d: %w", name, doc, err))
 		}
 	}
 }
@@ -209,6 +213,9 @@ func (m *Manifests) add(js []byte, depth int) error {
 		defaultNamespace(&np.Namespace)
 		m.NetworkPolicies = append(m.NetworkPolicies, &np)
 	default:
+		if gv.Group == "security.istio.io" && (tm.Kind == "AuthorizationPolicy" || tm.Kind == "PeerAuthentication") {
+			return fmt.Errorf("%s: nodemesh reads %s, not Istio's group (to port an Istio policy, change apiVersion; the fields are the same)", where, v1alpha1.SchemeGroupVersion)
+		}
 		if !customGroups[gv.Group] {
 			m.Skipped = append(m.Skipped, where)
 			return nil
@@ -283,8 +290,10 @@ func (m *Manifests) check() error {
 	return errors.Join(errs...)
 }
 
-// LoadDir reads every *.yaml, *.yml and *.json file directly in dir, in
-// name order. It returns the manifests and a digest of the files' contents.
+// LoadDir reads every *.yaml, *.yml and *.json file under dir
+// (recursively, skipping hidden files and directories such as a ConfigMap
+// mount's ..data), in path order. It returns the manifests and a digest of
+// the files' contents, or every problem found.
 func LoadDir(dir string) (*Manifests, [32]byte, error) {
 	var sum [32]byte
 	files, err := manifestFiles(dir)
@@ -293,16 +302,21 @@ func LoadDir(dir string) (*Manifests, [32]byte, error) {
 	}
 	m := &Manifests{}
 	h := sha256.New()
+	var errs []error
 	for _, f := range files {
 		data, err := readLimited(f)
 		if err != nil {
 			return nil, sum, err
 		}
-		fmt.Fprintf(h, "%s\x00%d\x00", filepath.Base(f), len(data))
+		rel, _ := filepath.Rel(dir, f)
+		fmt.Fprintf(h, "%s\x00%d\x00", rel, len(data))
 		h.Write(data)
-		if err := m.ParseManifests(filepath.Base(f), data); err != nil {
-			return nil, sum, fmt.Errorf("loading manifests from %s: %w", dir, err)
+		if err := m.ParseManifests(rel, data); err != nil {
+			errs = append(errs, err)
 		}
+	}
+	if len(errs) > 0 {
+		return nil, sum, fmt.Errorf("loading manifests from %s: %w", dir, errors.Join(errs...))
 	}
 	if err := m.check(); err != nil {
 		return nil, sum, fmt.Errorf("loading manifests from %s: %w", dir, err)
@@ -312,20 +326,28 @@ func LoadDir(dir string) (*Manifests, [32]byte, error) {
 }
 
 func manifestFiles(dir string) ([]string, error) {
-	entries, err := os.ReadDir(dir)
+	var out []string
+	err := filepath.WalkDir(dir, func(path string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if path != dir && strings.HasPrefix(e.Name(), ".") {
+			if e.IsDir() {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		if e.IsDir() {
+			return nil
+		}
+		switch strings.ToLower(filepath.Ext(e.Name())) {
+		case ".yaml", ".yml", ".json":
+			out = append(out, path)
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest directory: %w", err)
-	}
-	var out []string
-	for _, e := range entries {
-		name := e.Name()
-		if e.IsDir() || strings.HasPrefix(name, ".") {
-			continue
-		}
-		switch strings.ToLower(filepath.Ext(name)) {
-		case ".yaml", ".yml", ".json":
-			out = append(out, filepath.Join(dir, name))
-		}
 	}
 	slices.Sort(out)
 	return out, nil

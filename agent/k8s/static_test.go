@@ -2,6 +2,7 @@ package k8s
 
 import (
 	"context"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -140,7 +141,8 @@ func TestStaticReloadKeepsLastGoodState(t *testing.T) {
 	}
 	write("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n")
 	st := newStore(t)
-	src := &Static{Dir: dir, Store: st, Interval: 20 * time.Millisecond}
+	seen := newLogSeen(nil)
+	src := &Static{Dir: dir, Store: st, Interval: 20 * time.Millisecond, Log: slog.New(seen)}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- src.Run(ctx) }()
@@ -160,8 +162,10 @@ func TestStaticReloadKeepsLastGoodState(t *testing.T) {
 		t.Fatal(err)
 	}
 	v := st.Version()
+	const failed = "reloading static manifests failed, keeping the last good state"
+	n := seen.count(failed)
 	write("apiVersion: v1\nkind: Namespace\nmetadata: {name: c, labelz: {}}\n") // bad: unknown field
-	time.Sleep(200 * time.Millisecond)                                          // several poll intervals
+	seen.waitMore(t, failed, n)                                                 // the bad file was read
 	snap := st.Snapshot()
 	if snap.Version() != v || snap.Namespace("b") == nil || !snap.Namespace("b").Enrolled {
 		t.Fatalf("a bad reload changed the state: version %d -> %d", v, snap.Version())

@@ -45,7 +45,7 @@ func shopInput() Input {
 func shopSnapshot(t *testing.T, docs string) *Snapshot {
 	t.Helper()
 	in := shopInput()
-	if _, err := Decode("test", []byte(docs), &in); err != nil {
+	if err := decodePolicies("test", []byte(docs), &in); err != nil {
 		t.Fatalf("decoding: %v", err)
 	}
 	s := NewSnapshot(1, in, Options{})
@@ -219,7 +219,7 @@ func TestAuthorizationPolicyRefusals(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			in := shopInput()
-			_, err := Decode("test.yaml", []byte(ap("shop", "p", tc.spec)), &in)
+			err := decodePolicies("test.yaml", []byte(ap("shop", "p", tc.spec)), &in)
 			if err == nil {
 				t.Fatal("accepted")
 			}
@@ -245,7 +245,7 @@ func TestRefusedPoliciesFailClosed(t *testing.T) {
 		ap("other", "allow-l7", "rules:\n- to:\n  - operation: {methods: [GET]}"),
 		pa("shop", "disable", "selector: {matchLabels: {app: fe}}\nmtls: {mode: DISABLE}"),
 	} {
-		if _, err := Decode("bad", []byte(doc), &bad); err == nil {
+		if err := decodePolicies("bad", []byte(doc), &bad); err == nil {
 			t.Fatalf("Decode accepted %s", doc)
 		}
 	}
@@ -311,7 +311,7 @@ func TestPeerAuthenticationRefusals(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			in := shopInput()
-			_, err := Decode("pa.yaml", []byte(pa("shop", "p", tc.spec)), &in)
+			err := decodePolicies("pa.yaml", []byte(pa("shop", "p", tc.spec)), &in)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error %v, want one containing %q", err, tc.want)
 			}

@@ -23,7 +23,7 @@ func TestEngineCachesBySnapshotVersion(t *testing.T) {
 		t.Error("second decision on the same snapshot was not served from the cache")
 	}
 	in := shopInput()
-	if _, err := Decode("t", []byte(np("shop", "deny", "podSelector: {}\npolicyTypes: [Ingress]")), &in); err != nil {
+	if err := decodePolicies("t", []byte(np("shop", "deny", "podSelector: {}\npolicyTypes: [Ingress]")), &in); err != nil {
 		t.Fatal(err)
 	}
 	closed := NewSnapshot(2, in, Options{})
@@ -72,7 +72,7 @@ egress:
 	// With the egress policy's named port resolving on a pod with the name.
 	in := shopInput()
 	in.Pods[0].Ports = []ContainerPort{{Name: "http", Port: 8080, Protocol: corev1.ProtocolTCP}}
-	if _, err := Decode("t", []byte(np("other", "egress", "podSelector: {}\npolicyTypes: [Egress]\negress:\n- ports: [{port: http}]")), &in); err != nil {
+	if err := decodePolicies("t", []byte(np("other", "egress", "podSelector: {}\npolicyTypes: [Egress]\negress:\n- ports: [{port: http}]")), &in); err != nil {
 		t.Fatal(err)
 	}
 	s2 := NewSnapshot(3, in, Options{})
@@ -86,7 +86,7 @@ egress:
 func TestHostNetworkPodIsNotAPodPeer(t *testing.T) {
 	in := shopInput()
 	in.Pods = append(in.Pods, Pod{Namespace: "shop", Name: "hostnet", Labels: map[string]string{"app": "fe"}, IPs: []netip.Addr{ipNode2}, HostNetwork: true, Node: "n2"})
-	if _, err := Decode("t", []byte(np("shop", "from-fe", "podSelector: {matchLabels: {app: be}}\ningress:\n- from:\n  - podSelector: {matchLabels: {app: fe}}")), &in); err != nil {
+	if err := decodePolicies("t", []byte(np("shop", "from-fe", "podSelector: {matchLabels: {app: be}}\ningress:\n- from:\n  - podSelector: {matchLabels: {app: fe}}")), &in); err != nil {
 		t.Fatal(err)
 	}
 	s := NewSnapshot(1, in, Options{})
@@ -112,7 +112,7 @@ func TestNetworkPolicyValidation(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			in := shopInput()
-			_, err := Decode("np.yaml", []byte(np("shop", "p", tc.spec)), &in)
+			err := decodePolicies("np.yaml", []byte(np("shop", "p", tc.spec)), &in)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error %v, want one containing %q", err, tc.want)
 			}
@@ -123,7 +123,7 @@ func TestNetworkPolicyValidation(t *testing.T) {
 func TestUnmeshedDestination(t *testing.T) {
 	in := shopInput()
 	in.Pods[2].Unmeshed = true // other/ot
-	if _, err := Decode("t", []byte(pa("nodemesh-system", "mesh", "mtls: {mode: STRICT}")+ap("other", "deny-all", "action: DENY\nrules: [{}]")), &in); err != nil {
+	if err := decodePolicies("t", []byte(pa("nodemesh-system", "mesh", "mtls: {mode: STRICT}")+ap("other", "deny-all", "action: DENY\nrules: [{}]")), &in); err != nil {
 		t.Fatal(err)
 	}
 	s := NewSnapshot(1, in, Options{})

@@ -59,13 +59,14 @@ func checkSnapshot(t *testing.T, in Input) {
 	}
 }
 
-// FuzzDecode feeds arbitrary bytes to the policy loader: it must never panic,
+// FuzzDecode feeds arbitrary bytes to the policy decoding and compilation
+// (the agent reads the same objects through agent/k8s): it must never panic,
 // and whatever it accepts must build a snapshot that decides every flow.
 func FuzzDecode(f *testing.F) {
 	fuzzSeeds(f)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		in := shopInput()
-		_, err := Decode("fuzz", data, &in)
+		err := decodePolicies("fuzz", data, &in)
 		if err != nil && err.Error() == "" {
 			t.Fatal("empty error message")
 		}

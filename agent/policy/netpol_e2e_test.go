@@ -434,7 +434,7 @@ func TestNetworkPolicyE2ETruthTables(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			for si, st := range tc.steps {
 				in := e2eInput(st.nsLabels, st.podLabels)
-				if _, err := Decode("case", []byte(st.policies), &in); err != nil {
+				if err := decodePolicies("case", []byte(st.policies), &in); err != nil {
 					t.Fatalf("step %d: decoding policies: %v", si, err)
 				}
 				snap := NewSnapshot(uint64(si+1), in, Options{})

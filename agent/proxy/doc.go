@@ -26,6 +26,7 @@
 //
 // The package takes plain values and small interfaces (Resolver, Policy,
 // Dialer, OrigDstFunc, the hbone TLS providers), so it runs and benchmarks
-// in-process without root; cmd/nodemesh-agent wires it to capture, state
-// and identity (agent/enforce is its Policy).
+// in-process without root; agent/dataplane runs one per enrolled pod
+// (agent/resolve is its Resolver, agent/enforce its Policy,
+// agent/telemetry its Observer).
 package proxy

@@ -41,8 +41,14 @@ func TestLabMark(t *testing.T) {
 	mdone := make(chan error, 1)
 	go func() { mdone <- m.Run(mctx) }()
 	waitFor(t, "node-a capable", func() bool { return peers.Capable("node-a") })
-	// Renewals keep it capable past the lease duration.
-	time.Sleep(6 * time.Second)
+	// Renewals keep it capable past the lease duration: wait until the
+	// peers' view holds a renewal made after the first lease would have
+	// expired (a sleep would prove nothing on a machine too slow to renew).
+	first := time.Now()
+	waitFor(t, "a renewal after the first lease duration", func() bool {
+		l, err := c.CoordinationV1().Leases(DefaultNamespace).Get(ctx, LeaseName("node-a"), metav1.GetOptions{})
+		return err == nil && l.Spec.RenewTime != nil && l.Spec.RenewTime.After(first.Add(4*time.Second))
+	})
 	if !peers.Capable("node-a") {
 		t.Fatal("a renewed mark expired")
 	}

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nodemesh/nodemesh/lab/privtest"
 )
 
 func freeAddr(t *testing.T) string {
@@ -122,10 +124,11 @@ type statusErr struct {
 
 func (e *statusErr) Error() string { return e.body }
 
-// TestAgentExitsWhenDataplaneFails: a data plane that cannot start (no
-// such cgroup; or, without root, the preflight checks) ends the agent with
-// an error instead of leaving it running unready or hung.
-func TestAgentExitsWhenDataplaneFails(t *testing.T) {
+// startBrokenDataplane runs the agent against an unreachable API server
+// with --cgroup-root pointing nowhere and returns its error (it must exit,
+// not hang unready).
+func startBrokenDataplane(t *testing.T) error {
+	t.Helper()
 	dir := t.TempDir()
 	kc := filepath.Join(dir, "kubeconfig")
 	if err := os.WriteFile(kc, []byte(`apiVersion: v1
@@ -154,8 +157,32 @@ current-context: c
 		if err == nil {
 			t.Fatal("agent returned nil with a broken data plane")
 		}
-		t.Logf("agent refused to run: %v", err)
+		return err
 	case <-time.After(60 * time.Second):
 		t.Fatalf("agent hung with a broken data plane; log:\n%s", logs.String())
+	}
+	return nil
+}
+
+// TestPrivAgentExitsOnBadCgroupRoot: with the start-up checks passed (as
+// root), a --cgroup-root that does not exist ends the agent with an error
+// naming it, instead of leaving it running unready or hung.
+func TestPrivAgentExitsOnBadCgroupRoot(t *testing.T) {
+	privtest.Root(t)
+	err := startBrokenDataplane(t)
+	if !strings.Contains(err.Error(), "loading capture at cgroup /nonexistent/nmtagent") {
+		t.Fatalf("agent exited with %q, want the capture load error for the bad cgroup root (did an earlier check fail?)", err)
+	}
+}
+
+// TestAgentExitsWhenPreflightFails: without root the start-up checks refuse
+// the node, and the agent exits with their report rather than hanging.
+func TestAgentExitsWhenPreflightFails(t *testing.T) {
+	if os.Geteuid() == 0 {
+		t.Skip("as root the start-up checks pass; TestPrivAgentExitsOnBadCgroupRoot covers this path")
+	}
+	err := startBrokenDataplane(t)
+	if strings.Contains(err.Error(), "/nonexistent/nmtagent") || !strings.Contains(err.Error(), "this node cannot run nodemesh capture") {
+		t.Fatalf("agent exited with %q, want the preflight report", err)
 	}
 }

@@ -12,9 +12,13 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/node"
 	"github.com/nodemesh/nodemesh/agent/rollout"
+	"github.com/nodemesh/nodemesh/agent/workloads"
 	"github.com/nodemesh/nodemesh/identity"
 )
 
@@ -74,13 +78,6 @@ type Config struct {
 	onlyPods   map[string]bool
 }
 
-// Values of --pod-netns.
-const (
-	podNetnsAuto        = "auto"
-	podNetnsProc        = "proc"
-	podNetnsAnnotations = "annotations"
-)
-
 // parseConfig reads flags from args and defaults from getenv.
 func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	c := &Config{}
@@ -101,7 +98,7 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVar(&c.CATokenFile, "ca-token-file", "/var/run/secrets/nodemesh-ca/token", "projected service-account token with audience "+identity.Audience+" (bound to this agent's pod)")
 	fs.StringVar(&c.BundleConfigMap, "bundle-configmap", "nodemesh-system/"+identity.BundleConfigMap, "namespace/name of the ConfigMap with the trust bundle")
 	fs.StringVar(&c.CgroupRoot, "cgroup-root", "", "cgroup v2 directory above every pod (default: the cgroup2 mount point from /proc/self/mountinfo)")
-	fs.StringVar(&c.PodNetns, "pod-netns", podNetnsAuto, "how pods' network namespaces are found: proc (real nodes; needs hostPID), annotations (the lab), or auto (annotations where present, else proc)")
+	fs.StringVar(&c.PodNetns, "pod-netns", workloads.NetnsAuto, "how pods' network namespaces are found: proc (real nodes; needs hostPID), annotations (the lab), or auto (annotations where present, else proc)")
 	fs.StringVar(&c.BPFPinDir, "bpf-pin-dir", "", "bpffs directory for pinned capture maps and links (default: redirect's)")
 	fs.Var(onlyPodFlag{c}, "only-pod", "serve only this pod of the node, NAMESPACE/NAME (repeatable): per-pod sidecar mode; give each such agent its own --cgroup-root, --bpf-pin-dir and addresses")
 	fs.DurationVar(&c.DrainDeadline, "drain-deadline", 30*time.Second, "on SIGTERM, how long open connections may finish before they are reset")
@@ -178,7 +175,7 @@ func (c *Config) Validate() error {
 		}
 		c.bundleNS, c.bundleName = ns, name
 		switch c.PodNetns {
-		case podNetnsAuto, podNetnsProc, podNetnsAnnotations:
+		case workloads.NetnsAuto, workloads.NetnsProc, workloads.NetnsAnnotations:
 		default:
 			errs = append(errs, fmt.Errorf("--pod-netns %q: want proc, annotations or auto", c.PodNetns))
 		}
@@ -222,4 +219,38 @@ func (c *Config) Validate() error {
 	}
 	c.level = lv
 	return errors.Join(errs...)
+}
+
+// restConfig loads the Kubernetes client configuration (nil with
+// --static-dir).
+func (c *Config) restConfig() (*rest.Config, error) {
+	switch {
+	case c.StaticDir != "":
+		return nil, nil
+	case c.InCluster:
+		rc, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("loading the in-cluster Kubernetes configuration (outside a pod, pass --kubeconfig or --static-dir): %w", err)
+		}
+		return rc, nil
+	}
+	rc, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("loading kubeconfig %s: %w", c.Kubeconfig, err)
+	}
+	return rc, nil
+}
+
+// nodeConfig is what the validated config passes down to agent/node.
+func (c *Config) nodeConfig(rc *rest.Config, log *slog.Logger, level *slog.LevelVar, access *slog.Logger) node.Config {
+	return node.Config{
+		NodeName: c.NodeName, TrustDomain: c.td, Rest: rc, StaticDir: c.StaticDir,
+		Dataplane: c.Dataplane, CAAddr: c.CAAddr, CAID: c.caID, CATokenFile: c.CATokenFile,
+		BundleNamespace: c.bundleNS, BundleName: c.bundleName,
+		CgroupRoot: c.CgroupRoot, PodNetns: c.PodNetns, BPFPinDir: c.BPFPinDir, OnlyPods: c.onlyPods,
+		DrainDeadline: c.DrainDeadline, AdminAddr: c.AdminAddr, MetricsAddr: c.MetricsAddr, ReadinessAddr: c.ReadinessAddr,
+		MetricsScrapers: c.MetricsScrapers,
+		CRDRecheck:      c.CRDRecheck, MarkDuration: c.MarkDuration, MarkRenew: c.MarkRenew,
+		Log: log, Level: level, AccessLog: access,
+	}
 }

@@ -1,15 +1,11 @@
 package main
 
 import (
-	"net/netip"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
-	"github.com/nodemesh/nodemesh/agent/state"
+	"github.com/nodemesh/nodemesh/agent/workloads"
 )
 
 func env(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
@@ -61,7 +57,7 @@ func TestConfig(t *testing.T) {
 		{"node mark duration out of range", []string{"--node-name=n1", "--node-mark-duration=500ms", "--node-mark-renew=100ms"}, nil,
 			[]string{"--node-mark-duration 500ms"}, nil},
 		{"pod-netns proc", []string{"--node-name=n1", "--pod-netns=proc"}, nil, nil, func(t *testing.T, c *Config) {
-			if c.PodNetns != podNetnsProc {
+			if c.PodNetns != workloads.NetnsProc {
 				t.Errorf("PodNetns %q", c.PodNetns)
 			}
 		}},
@@ -96,94 +92,3 @@ func TestConfig(t *testing.T) {
 		t.Error("stray argument accepted")
 	}
 }
-
-func TestResolve(t *testing.T) {
-	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ip := netip.MustParseAddr
-	st.Update(func(tx *state.Tx) {
-		tx.SetNamespace(&state.Namespace{Name: "mesh", Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
-		tx.SetNamespace(&state.Namespace{Name: "plain"})
-		tx.SetPod(&state.Pod{Namespace: "mesh", Name: "web", ServiceAccount: "web", Phase: state.PodRunning, IPs: []netip.Addr{ip("10.0.0.1")},
-			Annotations: map[string]string{state.AnnotationExcludeInboundPorts: "9100"}})
-		tx.SetPod(&state.Pod{Namespace: "plain", Name: "old", Phase: state.PodRunning, IPs: []netip.Addr{ip("10.0.0.2")}})
-		tx.SetService(&state.Service{Namespace: "mesh", Name: "web", ClusterIPs: []netip.Addr{ip("10.96.0.1")},
-			Ports: []state.ServicePort{{Name: "http", Port: 80, TargetPort: 8080}}})
-		tx.SetService(&state.Service{Namespace: "mesh", Name: "empty", ClusterIPs: []netip.Addr{ip("10.96.0.2")},
-			Ports: []state.ServicePort{{Name: "http", Port: 80, TargetPort: 8080}}})
-		tx.SetEndpointSlice(&state.EndpointSlice{Namespace: "mesh", Name: "web-1", Service: "web",
-			Ports:     []state.EndpointPort{{Name: "http", Port: 8080}},
-			Endpoints: []state.Endpoint{{Addresses: []netip.Addr{ip("10.0.0.1")}, Ready: true}, {Addresses: []netip.Addr{ip("10.0.0.2")}, Ready: true}}})
-	})
-	dp := &dataplane{a: &agent{store: st}}
-	tests := []struct {
-		dst       string
-		service   string
-		endpoints []string // addr|enrolled|identity
-		err       bool
-	}{
-		{"10.96.0.1:80", "mesh/web", []string{"10.0.0.1:8080|true|spiffe://cluster.local/ns/mesh/sa/web", "10.0.0.2:8080|false|"}, false},
-		{"10.96.0.2:80", "", nil, true},
-		{"10.0.0.1:8080", "", []string{"10.0.0.1:8080|true|spiffe://cluster.local/ns/mesh/sa/web"}, false},
-		{"10.0.0.1:9100", "", []string{"10.0.0.1:9100|false|"}, false}, // excluded inbound port: plaintext
-		{"10.0.0.2:80", "", []string{"10.0.0.2:80|false|"}, false},
-		{"192.0.2.1:443", "", []string{"192.0.2.1:443|false|"}, false},
-	}
-	for _, tt := range tests {
-		d, err := dp.Resolve(nil, netip.MustParseAddrPort(tt.dst))
-		if tt.err {
-			if err == nil {
-				t.Errorf("%s: no error", tt.dst)
-			}
-			continue
-		}
-		if err != nil {
-			t.Fatalf("%s: %v", tt.dst, err)
-		}
-		var got []string
-		for _, e := range d.Endpoints {
-			id := ""
-			if !e.Identity.IsZero() {
-				id = e.Identity.String()
-			}
-			got = append(got, e.Addr.String()+"|"+map[bool]string{true: "true", false: "false"}[e.Enrolled]+"|"+id)
-		}
-		if d.Service != tt.service || strings.Join(got, ",") != strings.Join(tt.endpoints, ",") {
-			t.Errorf("%s: service %q endpoints %v, want %q %v", tt.dst, d.Service, got, tt.service, tt.endpoints)
-		}
-	}
-}
-
-func BenchmarkResolveClusterIP(b *testing.B) {
-	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	st.Update(func(tx *state.Tx) {
-		tx.SetNamespace(&state.Namespace{Name: "mesh", Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
-		var eps []state.Endpoint
-		for i := range 3000 {
-			ip := netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)})
-			tx.SetPod(&state.Pod{Namespace: "mesh", Name: "p" + strings.Repeat("x", i%3) + string(rune('a'+i%26)) + itoa(i), ServiceAccount: "web", Phase: state.PodRunning, IPs: []netip.Addr{ip}})
-			if i < 10 {
-				eps = append(eps, state.Endpoint{Addresses: []netip.Addr{ip}, Ready: true})
-			}
-		}
-		tx.SetService(&state.Service{Namespace: "mesh", Name: "web", ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.1")},
-			Ports: []state.ServicePort{{Name: "http", Port: 80, TargetPort: 8080}}})
-		tx.SetEndpointSlice(&state.EndpointSlice{Namespace: "mesh", Name: "web-1", Service: "web",
-			Ports: []state.EndpointPort{{Name: "http", Port: 8080}}, Endpoints: eps})
-	})
-	dp := &dataplane{a: &agent{store: st}}
-	dst := netip.MustParseAddrPort("10.96.0.1:80")
-	b.ReportAllocs()
-	for b.Loop() {
-		if _, err := dp.Resolve(nil, dst); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-func itoa(i int) string { return strconv.Itoa(i) }

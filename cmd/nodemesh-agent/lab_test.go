@@ -90,7 +90,8 @@ func TestLabAgentEndToEnd(t *testing.T) {
 	defer cancel()
 	agentBin := labtest.GoBuild(t, "./cmd/nodemesh-agent")
 	if os.Getenv("NODEMESH_AGENT_RACE") == "1" {
-		// The agent under the race detector, for a run by hand.
+		// The agent under the race detector (make test-lab runs this test
+		// so once; by hand: NODEMESH_AGENT_RACE=1 go test -run ...).
 		agentBin = filepath.Join(t.TempDir(), "nodemesh-agent-race")
 		if out, err := exec.Command("go", "build", "-race", "-o", agentBin, "github.com/nodemesh/nodemesh/cmd/nodemesh-agent").CombinedOutput(); err != nil {
 			t.Fatalf("building the agent with -race: %v\n%s", err, out)
@@ -124,6 +125,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 
 	tokDir := t.TempDir()
 	agents := map[string]lab.Process{}
+	var agentLogs []string
 	startAgent := func(node string) {
 		t.Helper()
 		pod := "nodemesh-agent-" + node
@@ -165,11 +167,19 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			t.Fatal(err)
 		}
 		agents[node] = proc
+		agentLogs = append(agentLogs, proc.Log)
 	}
 	t.Cleanup(func() {
 		for node, p := range agents {
 			_ = l.StopNodeProcess(context.Background(), node, "nodemesh-agent", 10*time.Second)
 			dumpLog(t, p.Log)
+		}
+		// With NODEMESH_AGENT_RACE=1 (make test runs this test so once), a
+		// race the detector saw in any agent run fails the test.
+		for _, path := range agentLogs {
+			if b, err := os.ReadFile(path); err == nil && strings.Contains(string(b), "WARNING: DATA RACE") {
+				t.Errorf("the race detector reported a data race in an agent; %s:\n%s", path, tail(string(b), 20000))
+			}
 		}
 	})
 	// Enroll both namespaces, then start the agents.
@@ -498,6 +508,38 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			}
 			return nil
 		})
+		// Kubelet's probes pass STRICT: plaintext from web-2's own node
+		// (its InternalIP, as kubelet's) to the probe port is accepted by
+		// the policy engine's exemption, while the same connection from
+		// client-1 above was refused. The proxy has no mode of its own that
+		// could refuse it first.
+		probe := func() error {
+			d := &inpod.Dialer{Netns: n2.Netns, LocalAddr: &net.TCPAddr{IP: net.ParseIP(n2.IP)}}
+			c, err := d.DialContext(ctx, "tcp", web2.IP+":8080")
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.WriteString(c, "GET /probe HTTP/1.0\r\nHost: web-2\r\n\r\n"); err != nil {
+				return err
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				return fmt.Errorf("probe from node-2 to web-2:8080 under STRICT: %w", err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return fmt.Errorf("probe from node-2: status %d", resp.StatusCode)
+			}
+			return nil
+		}
+		if err := probe(); err != nil {
+			t.Fatalf("kubelet probe refused under STRICT: %v", err)
+		}
+		if r, err := get(client1.Key(), "http://"+web2.IP+":8080/probe-port"); err == nil {
+			t.Fatalf("plaintext from client-1 to the probe port passed STRICT: %+v", r)
+		}
 		// From inside the mesh (shop/web-1 on node-1), mTLS passes STRICT.
 		if r, err := get("shop/web-1", "http://"+web2.IP+":8080/strict-mtls"); err != nil || r.Pod != web2.Key() {
 			t.Fatalf("mTLS to a STRICT pod: %+v %v", r, err)
@@ -624,10 +666,26 @@ func TestLabAgentEndToEnd(t *testing.T) {
 
 	t.Run("APIServerDown", func(t *testing.T) {
 		eventually(t, 60*time.Second, "node-2 agent ready again", func() error { return ready("node-2") })
+		const watchFailed = "watch of the API server failed, keeping the last known state"
+		logged := func(node string) int {
+			b, _ := os.ReadFile(agents[node].Log)
+			return strings.Count(string(b), watchFailed)
+		}
+		before := map[string]int{"node-1": logged("node-1"), "node-2": logged("node-2")}
 		if err := l.Server.Stop(); err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(2 * time.Second) // the watches notice
+		// Wait until both agents' watches noticed, so what follows tests
+		// agents that know the API server is gone (a sleep could check
+		// before anything was tried).
+		eventually(t, 60*time.Second, "both agents to notice the API server is gone", func() error {
+			for node, n := range before {
+				if logged(node) <= n {
+					return fmt.Errorf("agent on %s has not logged a failed watch yet", node)
+				}
+			}
+			return nil
+		})
 		svc, err := l.Service("shop/web")
 		if err != nil {
 			t.Fatal(err)
@@ -711,4 +769,11 @@ func dumpLog(t *testing.T, path string) {
 	if t.Failed() || testing.Verbose() {
 		t.Logf("%s:\n%s", path, tail(string(b), 20000))
 	}
+}
+
+// certDump is one SVID of the agent's /config_dump/certificates.
+type certDump struct {
+	SPIFFEID string    `json:"spiffeId"`
+	NotAfter time.Time `json:"notAfter"`
+	Error    string    `json:"error"`
 }

@@ -1,8 +1,12 @@
-// Command nodemesh-agent is the node agent: it watches the cluster
+// Command nodemesh-agent is the node agent. This package reads and
+// validates its flags; agent/node runs it: it watches the cluster
 // (agent/k8s into agent/state), captures the enrolled pods of its node
-// (redirect), holds their SVIDs (identity/svid), proxies their connections
-// through HBONE tunnels (agent/proxy, agent/hbone) under policy
-// (agent/policy), and serves admin, metrics and readiness (agent/admin).
+// (redirect, agent/workloads, agent/dataplane), holds their SVIDs
+// (identity/svid), proxies their connections through HBONE tunnels
+// (agent/proxy, agent/hbone) with agent/resolve and under policy
+// (agent/enforce, agent/policy), reports them (agent/telemetry), and serves
+// admin, metrics and readiness (agent/admin). docs/architecture.md has the
+// code map.
 //
 // SIGTERM or SIGINT: the agent turns unready, stops accepting, lets open
 // connections finish until --drain-deadline, resets the rest, and exits.
@@ -20,6 +24,9 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/node"
 )
 
 func main() {
@@ -49,11 +56,15 @@ func run(ctx context.Context, cfg *Config, stdout, stderr io.Writer) error {
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})).With("node", cfg.NodeName)
 	var access *slog.Logger
 	if cfg.AccessLog {
-		access = newAccessLog(stdout)
+		access = admin.NewAccessLog(stdout)
 	}
-	a, err := newAgent(cfg, log, level, access)
+	rc, err := cfg.restConfig()
 	if err != nil {
 		return err
 	}
-	return a.run(ctx)
+	n, err := node.New(cfg.nodeConfig(rc, log, level, access))
+	if err != nil {
+		return err
+	}
+	return n.Run(ctx)
 }

@@ -6,8 +6,6 @@ import (
 	"strings"
 
 	"k8s.io/apimachinery/pkg/util/validation"
-
-	"github.com/nodemesh/nodemesh/agent/state"
 )
 
 // Per-pod mode (--only-pod): the agent serves only the named pods of its
@@ -17,7 +15,8 @@ import (
 // --bpf-pin-dir and admin/metrics/readiness addresses. It does not hold
 // the node mark (agent/rollout): several per-pod agents on one node would
 // overwrite each other's holder and one exiting would withdraw the mark
-// for the others; whoever deploys per-pod agents marks the node.
+// for the others; whoever deploys per-pod agents marks the node
+// (agent/node).
 
 // onlyPodFlag collects repeated --only-pod values.
 type onlyPodFlag struct{ c *Config }
@@ -62,16 +61,4 @@ func (c *Config) validateOnlyPods() []error {
 		c.onlyPods[v] = true
 	}
 	return errs
-}
-
-// perPod reports whether the agent runs in per-pod mode.
-func (c *Config) perPod() bool { return c != nil && len(c.OnlyPods) > 0 }
-
-// servesPod reports whether --only-pod lets the agent serve p (always
-// without --only-pod).
-func (dp *dataplane) servesPod(p *state.Pod) bool {
-	if dp.a == nil || !dp.a.cfg.perPod() {
-		return true
-	}
-	return dp.a.cfg.onlyPods[p.Namespace+"/"+p.Name]
 }

@@ -12,7 +12,8 @@ import (
 	"strings"
 
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"sigs.k8s.io/yaml"
+
+	"github.com/nodemesh/nodemesh/agent/k8s/yamljson"
 )
 
 // Error is one problem with a spec: where it is and what to do about it.
@@ -65,7 +66,7 @@ func Parse(file string, data []byte) (*Spec, error) {
 	if len(bytes.TrimSpace(data)) == 0 {
 		return nil, &Error{File: file, Msg: "spec is empty", Fix: "see lab/examples/two-nodes.yaml"}
 	}
-	js, err := yaml.YAMLToJSONStrict(data)
+	js, err := yamljson.ToJSON(data)
 	if err != nil {
 		return nil, &Error{File: file, Msg: "not valid YAML: " + err.Error(), Fix: "fix the syntax (and remove duplicate keys)"}
 	}

@@ -88,6 +88,11 @@ type Pod struct {
 	// needing the binary on PATH.
 	Command []string        `json:"command"`
 	Ports   []ContainerPort `json:"ports,omitempty"`
+	// ProbePort, a declared port's name or number, gets a TCP readiness
+	// probe in the Pod object, as kubelet would run one: the agents then
+	// exempt plaintext from the pod's node to that port from STRICT mTLS.
+	// (The lab does not run the probe; it marks pods ready itself.)
+	ProbePort string `json:"probePort,omitempty"`
 }
 
 // ContainerPort names a port the pod's command listens on.

@@ -86,7 +86,7 @@ func TestValidation(t *testing.T) {
 		{name: "duplicate YAML key", edit: func(s string) string { return strings.Replace(s, "node: node-1", "node: node-1\n    node: node-2", 1) }, msg: "not valid YAML"},
 		{name: "wrong type", edit: func(s string) string { return strings.Replace(s, "containerPort: 8080", "containerPort: http", 1) }, field: "pods[0].ports[0].containerPort", msg: "want a number"},
 		{name: "boolean label value", edit: func(s string) string {
-			return strings.Replace(s, "{app: web}\n    command", "{app: yes}\n    command", 1)
+			return strings.Replace(s, "{app: web}\n    command", "{app: true}\n    command", 1)
 		}, field: `pods[0].labels["app"]`, msg: "want a string"},
 		{name: "duplicate pod", edit: func(s string) string {
 			return strings.Replace(s, "services:", `  - name: web-1

@@ -342,6 +342,9 @@ func (v *validator) run(s *Spec) {
 			}
 			portNums[k] = true
 		}
+		if p.ProbePort != "" && !portNames[p.ProbePort] && !portNums[p.ProbePort+"/TCP"] {
+			v.add(f+".probePort", fmt.Sprintf("%q is not a declared TCP port's name or number", p.ProbePort), "name one of the pod's ports")
+		}
 	}
 
 	svcKeys := map[string]int{}

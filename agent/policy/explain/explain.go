@@ -1,36 +1,33 @@
 // Package explain implements "nodemeshctl policy explain": offline, it loads
 // Namespaces, Pods, Nodes, NetworkPolicies, AuthorizationPolicies and
-// PeerAuthentications from YAML files, builds a policy.Snapshot and asks the
-// same engine the agent uses why a connection would be allowed or denied;
-// live, it asks an agent's admin API, which serves Handler.
+// PeerAuthentications from YAML files through the agent's own intake
+// (agent/k8s into agent/state, then agent/policy/fromstate), builds a
+// policy.Snapshot and asks the same engine the agent uses why a connection
+// would be allowed or denied; live, it asks an agent's admin API, which
+// serves Handler. Both answer from the same conversion of the same objects.
 //
 // The file handling lives here so that package policy stays free of I/O.
 package explain
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"io/fs"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"strings"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/nodemesh/nodemesh/agent/k8s"
 	"github.com/nodemesh/nodemesh/agent/policy"
-)
-
-// Enrollment labels (as in the architecture): a namespace labelled
-// nodemesh.io/mode=enabled is in the mesh; a pod labelled
-// nodemesh.io/mode=disabled opts out.
-const (
-	modeLabel = "nodemesh.io/mode"
+	"github.com/nodemesh/nodemesh/agent/policy/fromstate"
+	"github.com/nodemesh/nodemesh/agent/state"
 )
 
 const usage = `usage: nodemeshctl policy explain (--from-files DIR | --agent URL) --src SRC --dst DST --port PORT [flags]
@@ -217,19 +214,10 @@ func (o *options) source() string {
 
 // explainFiles loads o.dir and explains the flow offline.
 func explainFiles(o *options, stderr io.Writer) (*policy.Decision, error) {
-	in, skipped, err := LoadDir(o.dir)
+	snap, err := LoadDir(o.dir, policy.Options{TrustDomain: o.trustDomain, RootNamespace: o.rootNS}, stderr)
 	if err != nil {
-		return nil, fmt.Errorf("loading %s: %w", o.dir, err)
+		return nil, err // names the directory
 	}
-	if skipped > 0 {
-		fmt.Fprintf(stderr, "note: ignored %d object(s) of kinds policy explain does not use\n", skipped)
-	}
-	// Pods outside the mesh get NetworkPolicy only: no agent enforces mTLS
-	// mode or AuthorizationPolicy for them.
-	for i := range in.Pods {
-		in.Pods[i].Unmeshed = !enrolled(&in, in.Pods[i])
-	}
-	snap := policy.NewSnapshot(1, in, policy.Options{TrustDomain: o.trustDomain, RootNamespace: o.rootNS})
 	return explain(snap, o)
 }
 
@@ -277,58 +265,37 @@ func lookup(s *policy.Snapshot, key string, ip netip.Addr) (policy.Pod, bool) {
 	return s.PodByIP(ip)
 }
 
-func enrolled(in *policy.Input, p policy.Pod) bool {
-	if p.HostNetwork || p.Labels[modeLabel] == "disabled" {
-		return false
-	}
-	for _, ns := range in.Namespaces {
-		if ns.Name == p.Namespace {
-			return ns.Labels[modeLabel] == "enabled"
-		}
-	}
-	return false
-}
-
-// LoadDir decodes every .yaml, .yml and .json file under dir (recursively,
-// in lexical order). It returns the objects, how many objects of other kinds
-// were ignored, and every decoding or validation error.
-func LoadDir(dir string) (policy.Input, int, error) {
-	var in policy.Input
-	skipped := 0
-	var errs []error
-	files := 0
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.IsDir() {
-			return nil
-		}
-		switch strings.ToLower(filepath.Ext(path)) {
-		case ".yaml", ".yml", ".json":
-		default:
-			return nil
-		}
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return fmt.Errorf("reading %s: %w", path, err)
-		}
-		files++
-		sk, err := policy.Decode(path, b, &in)
-		skipped += len(sk)
-		if err != nil {
-			errs = append(errs, err)
-		}
-		return nil
-	})
+// LoadDir reads the .yaml, .yml and .json files under dir (recursively)
+// the way the agent reads its cluster state, and returns the policy
+// snapshot the agent would enforce for those objects. Notes go to warn:
+// objects of kinds the agent does not use, and policies the engine refused
+// (enforced fail closed, as the agent would).
+func LoadDir(dir string, opts policy.Options, warn io.Writer) (*policy.Snapshot, error) {
+	m, _, err := k8s.LoadDir(dir)
 	if err != nil {
-		return in, skipped, fmt.Errorf("walking %s: %w", dir, err)
+		return nil, err
 	}
-	if len(errs) > 0 {
-		return in, skipped, errors.Join(errs...)
+	if len(m.Namespaces)+len(m.Nodes)+len(m.Pods)+len(m.Services)+len(m.EndpointSlices)+len(m.NetworkPolicies)+len(m.Objects)+len(m.Skipped) == 0 {
+		return nil, fmt.Errorf("no Kubernetes objects in .yaml, .yml or .json files under %s", dir)
 	}
-	if files == 0 {
-		return in, 0, fmt.Errorf("no .yaml, .yml or .json files in %s", dir)
+	td, err := spiffeid.TrustDomainFromString(cmp.Or(opts.TrustDomain, policy.DefaultTrustDomain))
+	if err != nil {
+		return nil, fmt.Errorf("--trust-domain: %w", err)
 	}
-	return in, skipped, nil
+	st, err := state.NewStore(td)
+	if err != nil {
+		return nil, err
+	}
+	st.Update(m.Apply)
+	snap, errs := fromstate.Snapshot(st.Snapshot(), opts.RootNamespace)
+	if len(m.Skipped) > 0 {
+		fmt.Fprintf(warn, "note: ignored %d object(s) of kinds policy explain does not use\n", len(m.Skipped))
+	}
+	for _, err := range errs {
+		fmt.Fprintf(warn, "warning: %v (enforced fail closed for its namespace)\n", err)
+	}
+	for _, p := range snap.Problems() {
+		fmt.Fprintf(warn, "warning: %v (refused, enforced fail closed)\n", p)
+	}
+	return snap, nil
 }

@@ -28,6 +28,7 @@ func TestExplainGolden(t *testing.T) {
 		{"egress-only", "--src shop/frontend --dst shop/backend --port 9090 --direction egress"},
 		{"deny-egress-namespaceselector-needs-a-pod", "--src shop/frontend --dst 10.96.0.10 --port 53 --protocol udp --direction egress"},
 		{"error-bad-policies", "--from-files testdata/bad --src shop/frontend --dst shop/backend --port 8080"},
+		{"warn-refused-policy", "--from-files testdata/refused --src shop/frontend --dst shop/backend --port 8080"},
 		{"error-unknown-pod", "--src shop/nope --dst shop/backend --port 8080"},
 		{"error-missing-port", "--src shop/frontend --dst shop/backend"},
 	}

@@ -3,6 +3,7 @@ package explain
 import (
 	"bytes"
 	"context"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -16,12 +17,9 @@ import (
 // agent's admin API would) and checks that --agent gives the same answers as
 // --from-files.
 func TestLiveExplainMatchesOffline(t *testing.T) {
-	in, _, err := LoadDir("testdata/cluster")
+	snap, err := LoadDir("testdata/cluster", policy.Options{}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
-	}
-	for i := range in.Pods {
-		in.Pods[i].Unmeshed = !enrolled(&in, in.Pods[i])
 	}
 	var cur atomic.Pointer[policy.Snapshot]
 	srv := httptest.NewServer(Handler(cur.Load))
@@ -36,7 +34,7 @@ func TestLiveExplainMatchesOffline(t *testing.T) {
 	if _, err := run("--agent", srv.URL, "--src", "shop/frontend", "--dst", "shop/backend", "--port", "8080"); err == nil || !strings.Contains(err.Error(), "no policy snapshot yet") {
 		t.Fatalf("before the first snapshot: %v", err)
 	}
-	cur.Store(policy.NewSnapshot(1, in, policy.Options{}))
+	cur.Store(snap)
 
 	for _, args := range []string{
 		"--src shop/frontend --dst shop/backend --port 8080",

@@ -1,8 +1,11 @@
 // Package fromstate turns the agent's cluster state (agent/state) into the
 // policy engine's input, so the agent can build a policy.Snapshot for every
-// state version: namespaces, nodes, pods (with enrollment, named ports and
-// probe ports), NetworkPolicies, and the AuthorizationPolicy and
-// PeerAuthentication custom objects, converted from their unstructured form.
+// state version. It is the only way from Kubernetes objects to the engine:
+// the agent (informers or static files) and `nodemeshctl policy explain
+// --from-files` both go agent/k8s -> agent/state -> here. It covers
+// namespaces, nodes, pods (with enrollment, named ports and probe ports),
+// NetworkPolicies, and the AuthorizationPolicy and PeerAuthentication
+// custom objects, converted from their unstructured form.
 package fromstate
 
 import (
@@ -119,7 +122,10 @@ func convert(o *state.Object, into runtime.Object) error {
 	if o.APIVersion != v1alpha1.SchemeGroupVersion.String() {
 		return fmt.Errorf("converting %s %s: apiVersion %q, want %s", o.GroupKind, o.Key(), o.APIVersion, v1alpha1.SchemeGroupVersion)
 	}
-	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Content, into); err != nil {
+	// Unknown fields are an error (the object is then enforced fail
+	// closed): ignoring a misspelt field could widen access. The API
+	// server prunes them already; static files and explain do not.
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructuredWithValidation(o.Content, into, true); err != nil {
 		return fmt.Errorf("converting %s %s: %w", o.GroupKind, o.Key(), err)
 	}
 	m := into.(metav1.Object)

@@ -1,4 +1,4 @@
-package main
+package telemetry
 
 import (
 	"net/netip"
@@ -22,7 +22,6 @@ func TestExposureEvent(t *testing.T) {
 		tx.SetPod(&state.Pod{Namespace: "shop", Name: "web-3", UID: "u1", ServiceAccount: "web", Node: "n3", IPs: []netip.Addr{netip.MustParseAddr("10.0.3.2")}, Phase: state.PodRunning})
 		tx.SetPod(&state.Pod{Namespace: "outside", Name: "o-3", UID: "u2", ServiceAccount: "o", Node: "n3", IPs: []netip.Addr{netip.MustParseAddr("10.0.3.3")}, Phase: state.PodRunning})
 	})
-	dp := &dataplane{a: &agent{store: st}}
 	client := &proxy.Workload{Namespace: "client", Name: "c1"}
 	web2 := &proxy.Workload{Namespace: "shop", Name: "web-2"}
 	ap := netip.MustParseAddrPort
@@ -44,7 +43,7 @@ func TestExposureEvent(t *testing.T) {
 		{"inbound PERMISSIVE from an unknown address", proxy.ConnInfo{Flow: proxy.Flow{Direction: proxy.Inbound, Transport: proxy.TransportPlaintext, Workload: web2, Src: ap("10.9.0.1:5000")}},
 			exposure.Event{Direction: exposure.Inbound, Src: "10.9.0.1", Dst: "shop/web-2", DstNamespace: "shop", DstEnrolled: true}, true},
 	} {
-		got, ok := dp.exposureEvent(&tc.info)
+		got, ok := ExposureEvent(st.Snapshot(), &tc.info)
 		if ok != tc.ok || got != tc.want {
 			t.Errorf("%s: %+v %v, want %+v %v", tc.name, got, ok, tc.want, tc.ok)
 		}

@@ -1,9 +1,7 @@
-package main
+package workloads
 
 import (
 	"errors"
-	"io"
-	"log/slog"
 	"net/netip"
 	"testing"
 
@@ -42,18 +40,18 @@ func TestLocatePodNetns(t *testing.T) {
 		wantCgroup string
 		wantScan   bool
 	}{
-		{"auto trusts lab annotations", podNetnsAuto, annotated, "/run/netns/nm-x", "/sys/fs/cgroup/nm-x", false},
-		{"auto falls back to proc", podNetnsAuto, bare, "/proc/20/ns/net", "/sys/fs/cgroup/kubepods/pod-u2", true},
-		{"proc ignores annotations", podNetnsProc, annotated, "/proc/10/ns/net", "/sys/fs/cgroup/kubepods/pod-u1", true},
-		{"proc finds bare pod", podNetnsProc, bare, "/proc/20/ns/net", "/sys/fs/cgroup/kubepods/pod-u2", true},
-		{"not enrolled is left alone", podNetnsProc, notEnrolled, "", "", false},
-		{"no IP yet is left alone", podNetnsProc, noIP, "", "", false},
+		{"auto trusts lab annotations", NetnsAuto, annotated, "/run/netns/nm-x", "/sys/fs/cgroup/nm-x", false},
+		{"auto falls back to proc", NetnsAuto, bare, "/proc/20/ns/net", "/sys/fs/cgroup/kubepods/pod-u2", true},
+		{"proc ignores annotations", NetnsProc, annotated, "/proc/10/ns/net", "/sys/fs/cgroup/kubepods/pod-u1", true},
+		{"proc finds bare pod", NetnsProc, bare, "/proc/20/ns/net", "/sys/fs/cgroup/kubepods/pod-u2", true},
+		{"not enrolled is left alone", NetnsProc, notEnrolled, "", "", false},
+		{"no IP yet is left alone", NetnsProc, noIP, "", "", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fs := &fakeScanner{found: found}
-			dp := &dataplane{log: slog.New(slog.NewTextHandler(io.Discard, nil)), podNetns: tc.mode, sandboxes: fs}
+			l := NewLocator(tc.mode, fs, nil)
 			before := *tc.pod
-			got := dp.locate(tc.pod, dp.scanOnce())
+			got := l.Locate([]*state.Pod{tc.pod})[0]
 			if got.Netns != tc.wantNetns || got.Cgroup != tc.wantCgroup {
 				t.Errorf("located (%q, %q), want (%q, %q)", got.Netns, got.Cgroup, tc.wantNetns, tc.wantCgroup)
 			}
@@ -68,19 +66,17 @@ func TestLocatePodNetns(t *testing.T) {
 
 	t.Run("pod not found stays unlocated, and a failing scan never guesses", func(t *testing.T) {
 		for _, fs := range []*fakeScanner{{found: map[string]nodeinfo.Sandbox{}}, {err: errors.New("permission denied")}} {
-			dp := &dataplane{log: slog.New(slog.NewTextHandler(io.Discard, nil)), podNetns: podNetnsProc, sandboxes: fs}
-			if got := dp.locate(annotated, dp.scanOnce()); got.Netns != "" || dp.wanted(got) {
-				t.Errorf("pod located at %q (wanted=%v) without a sandbox", got.Netns, dp.wanted(got))
+			l := NewLocator(NetnsProc, fs, nil)
+			if got := l.Locate([]*state.Pod{annotated})[0]; got.Netns != "" || (Filter{}).Wanted(got) {
+				t.Errorf("pod located at %q (wanted=%v) without a sandbox", got.Netns, (Filter{}).Wanted(got))
 			}
 		}
 	})
 
 	t.Run("one scan per reconcile", func(t *testing.T) {
 		fs := &fakeScanner{found: found}
-		dp := &dataplane{log: slog.New(slog.NewTextHandler(io.Discard, nil)), podNetns: podNetnsProc, sandboxes: fs}
-		scan := dp.scanOnce()
-		dp.locate(annotated, scan)
-		dp.locate(bare, scan)
+		l := NewLocator(NetnsProc, fs, nil)
+		l.Locate([]*state.Pod{annotated, bare})
 		if fs.calls != 1 {
 			t.Errorf("scanned %d times for two pods, want 1", fs.calls)
 		}
@@ -89,27 +85,28 @@ func TestLocatePodNetns(t *testing.T) {
 	t.Run("later reconciles reuse a live sandbox and rescan a gone one", func(t *testing.T) {
 		fs := &fakeScanner{found: found}
 		live := map[string]bool{"u2": true}
-		dp := &dataplane{log: slog.New(slog.NewTextHandler(io.Discard, nil)), podNetns: podNetnsProc, sandboxes: fs,
-			alive: func(sb nodeinfo.Sandbox) bool { return live[sb.UID] }}
-		dp.locate(bare, dp.scanOnce())
-		if got := dp.locate(bare, dp.scanOnce()); got.Netns != "/proc/20/ns/net" || fs.calls != 1 {
+		l := NewLocator(NetnsProc, fs, nil)
+		l.alive = func(sb nodeinfo.Sandbox) bool { return live[sb.UID] }
+		l.Locate([]*state.Pod{bare})
+		if got := l.Locate([]*state.Pod{bare})[0]; got.Netns != "/proc/20/ns/net" || fs.calls != 1 {
 			t.Errorf("second reconcile: netns %q after %d scans, want the cached sandbox and 1 scan", got.Netns, fs.calls)
 		}
 		live["u2"] = false // the sandbox process exited: its pid may be reused
 		fs.found = map[string]nodeinfo.Sandbox{"u2": {UID: "u2", Netns: "/proc/30/ns/net"}}
-		if got := dp.locate(bare, dp.scanOnce()); got.Netns != "/proc/30/ns/net" || fs.calls != 2 {
+		if got := l.Locate([]*state.Pod{bare})[0]; got.Netns != "/proc/30/ns/net" || fs.calls != 2 {
 			t.Errorf("after the sandbox went: netns %q after %d scans, want a rescan", got.Netns, fs.calls)
 		}
-		dp.forgetLocated(map[string]bool{})
-		if len(dp.located) != 0 {
-			t.Errorf("forgetLocated kept %d entries for pods gone from the node", len(dp.located))
+		l.Locate(nil)
+		if len(l.located) != 0 {
+			t.Errorf("Locate kept %d cached sandboxes of pods gone from the node", len(l.located))
 		}
 	})
 
 	t.Run("annotations mode never scans", func(t *testing.T) {
-		dp := &dataplane{log: slog.New(slog.NewTextHandler(io.Discard, nil)), podNetns: podNetnsAnnotations}
-		if got := dp.locate(bare, dp.scanOnce()); got.Netns != "" {
-			t.Errorf("located %q with no scanner", got.Netns)
+		fs := &fakeScanner{found: found}
+		l := NewLocator(NetnsAnnotations, fs, nil)
+		if got := l.Locate([]*state.Pod{bare})[0]; got.Netns != "" || fs.calls != 0 {
+			t.Errorf("located %q after %d scans in annotations mode", got.Netns, fs.calls)
 		}
 	})
 }

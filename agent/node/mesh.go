@@ -1,0 +1,293 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/dataplane"
+	"github.com/nodemesh/nodemesh/agent/enforce"
+	"github.com/nodemesh/nodemesh/agent/nodeinfo"
+	"github.com/nodemesh/nodemesh/agent/policy"
+	"github.com/nodemesh/nodemesh/agent/policy/explain"
+	"github.com/nodemesh/nodemesh/agent/policy/fromstate"
+	"github.com/nodemesh/nodemesh/agent/resolve"
+	"github.com/nodemesh/nodemesh/agent/state"
+	"github.com/nodemesh/nodemesh/agent/telemetry"
+	"github.com/nodemesh/nodemesh/agent/workloads"
+	identityk8s "github.com/nodemesh/nodemesh/identity/k8s"
+	"github.com/nodemesh/nodemesh/identity/svid"
+	"github.com/nodemesh/nodemesh/redirect"
+)
+
+// mesh wires the cluster state to capture, SVIDs, policy and the per-pod
+// data plane, and keeps them in step (run).
+type mesh struct {
+	n       *Node
+	log     *slog.Logger
+	capture *redirect.Capture
+	svids   *svid.Manager
+	ca      *svid.Client
+	pol     atomic.Pointer[policy.Snapshot] // the snapshot enforced
+	dp      *dataplane.Dataplane
+	filter  workloads.Filter
+	locator *workloads.Locator
+}
+
+func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
+	cfg := n.cfg
+	log := n.log.With("component", "dataplane")
+	// Refuse a node that cannot capture, listing everything to fix at once.
+	// Finding pods through /proc needs the host's PID namespace, and pins
+	// on a bpffs that outlives the agent's container.
+	pcfg := nodeinfo.PreflightConfig{PinDir: cfg.BPFPinDir}
+	if cfg.PodNetns == workloads.NetnsProc {
+		pcfg.RequireBPFFS, pcfg.RequireHostPID = true, true
+	}
+	host, report, err := nodeinfo.DiscoverNode(pcfg)
+	for _, r := range report.Results {
+		log.Debug("preflight", "check", r.Name, "ok", r.Err == nil)
+	}
+	if err != nil {
+		return nil, err
+	}
+	root := cfg.CgroupRoot
+	if root == "" {
+		if report.Hierarchy.Path == "" {
+			return nil, errors.New("finding the cgroup root for capture: no cgroup v2 hierarchy (pass --cgroup-root)")
+		}
+		root = report.Hierarchy.Path
+	}
+	m := &mesh{n: n, log: log, filter: workloads.Filter{Node: cfg.NodeName, Only: cfg.OnlyPods}}
+	var scanner workloads.Scanner
+	if host.Scanner != nil {
+		scanner = host.Scanner
+	}
+	m.locator = workloads.NewLocator(cfg.PodNetns, scanner, log)
+	var cleanup []func()
+	defer func() {
+		if err != nil {
+			for i := len(cleanup) - 1; i >= 0; i-- {
+				cleanup[i]()
+			}
+		}
+	}()
+	m.capture, err = redirect.Load(ctx, redirect.Config{CgroupRoot: root, PinDir: cfg.BPFPinDir, Logger: log.With("component", "capture")})
+	if err != nil {
+		return nil, fmt.Errorf("loading capture at cgroup %s: %w", root, err)
+	}
+	cleanup = append(cleanup, func() { _ = m.capture.Release() })
+	m.svids, m.ca, err = svid.NewWithCA(svid.Config{TrustDomain: cfg.TrustDomain, Log: log.With("component", "svid")},
+		svid.ClientConfig{URL: cfg.CAAddr, CAID: cfg.CAID, Token: svid.FileToken(cfg.CATokenFile)})
+	if err != nil {
+		return nil, fmt.Errorf("creating the SVID manager: %w", err)
+	}
+	cleanup = append(cleanup, m.ca.Close)
+	// Capture state (acceleration, per-pod verification, program counters)
+	// and SVID/root expiry, for the shipped dashboard and alerts.
+	for _, c := range []prometheus.Collector{m.capture.Collector(), m.svids.Collector()} {
+		if err := n.reg.Register(c); err != nil {
+			return nil, fmt.Errorf("registering capture and SVID metrics: %w", err)
+		}
+	}
+	engine, err := policy.NewEngine(8192)
+	if err != nil {
+		return nil, fmt.Errorf("creating the policy engine: %w", err)
+	}
+	enforcer, err := enforce.New(enforce.Config{Snapshot: m.pol.Load, Engine: engine, Log: log.With("component", "policy")})
+	if err != nil {
+		return nil, err
+	}
+	resolver, err := resolve.New(resolve.Config{State: n.store.Snapshot, MeshCapable: n.meshCapable, Strict: enforcer.Strict, Log: log})
+	if err != nil {
+		return nil, err
+	}
+	m.dp, err = dataplane.New(dataplane.Config{
+		Log:      log,
+		Capture:  dataplane.Redirect(m.capture),
+		SVIDs:    m.svids,
+		Resolver: resolver,
+		Policy:   enforcer,
+		Observer: telemetry.New(telemetry.Config{Metrics: n.metrics, Ledger: n.ledger, State: n.store.Snapshot}),
+		Status: func(ns, name string, s telemetry.CaptureStatus) {
+			n.metrics.SetCaptureStatus(ns, name, string(s))
+		},
+		DrainDeadline: cfg.DrainDeadline,
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	n.metrics.SetPoolStats(func() admin.PoolStats {
+		s := m.dp.PoolStats()
+		return admin.PoolStats{Hits: s.Hits, Misses: s.Misses, Handshakes: s.Handshakes, HandshakeErrors: s.HandshakeErrors, Conns: s.Conns, Streams: s.Streams}
+	})
+	n.admin.AddDump("certificates", m.certificates)
+	n.admin.AddDump("pools", m.dp.PoolsDump)
+	n.admin.AddDump("capture", m.captureDump)
+	n.admin.SetConnections(m.dp.Connections)
+	// Live `nodemeshctl policy explain --agent`: decisions on the snapshot
+	// this agent enforces.
+	n.admin.Handle(explain.Path, explain.Handler(func() *policy.Snapshot {
+		if ps := m.pol.Load(); ps != nil {
+			return ps
+		}
+		return policy.NewSnapshot(0, policy.Input{}, policy.Options{TrustDomain: cfg.TrustDomain.Name()})
+	}))
+	n.admin.AddReadiness("svids", m.svidsReady)
+	n.admin.AddReadiness("capture", func(context.Context) error {
+		if !n.store.Snapshot().Synced() {
+			return errors.New("waiting for cluster state to enroll pods")
+		}
+		return m.dp.Ready()
+	})
+	return m, nil
+}
+
+// run keeps the mesh in step with the cluster state until ctx ends.
+func (m *mesh) run(ctx context.Context) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	errc := make(chan error, 2)
+	wg.Go(func() {
+		if err := m.svids.Run(ctx); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("SVID manager: %w", err)
+		}
+	})
+	wg.Go(func() {
+		if err := identityk8s.RunBundleWatcher(ctx, m.n.client, m.n.cfg.BundleNamespace, m.n.cfg.BundleName, m.svids.SetBundle, m.log); err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("trust bundle watcher: %w", err)
+		}
+	})
+
+	ch, unsub := m.n.store.Subscribe()
+	defer unsub()
+	var applied, policyVersion uint64
+	for {
+		snap := m.n.store.Snapshot()
+		if snap.Synced() && snap.Version() != applied {
+			if snap.Version() != policyVersion {
+				m.updatePolicy(ctx, snap)
+				policyVersion = snap.Version()
+			}
+			m.reconcile(ctx, snap)
+			applied = snap.Version()
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errc:
+			return err
+		case <-ch:
+		case <-time.After(10 * time.Second):
+			// Retry pods whose enrollment failed.
+			applied = 0
+		}
+	}
+}
+
+// updatePolicy enforces the policy of a new state snapshot and closes the
+// open connections it denies.
+func (m *mesh) updatePolicy(ctx context.Context, snap *state.Snapshot) {
+	ps, errs := fromstate.Snapshot(snap, "")
+	for _, err := range errs {
+		m.log.Warn("policy object unreadable; enforced fail closed for its namespace", "err", err)
+	}
+	if old := m.pol.Swap(ps); old != nil {
+		if n := m.dp.Reevaluate(ctx); n > 0 {
+			m.log.Info("closed connections denied by the new policy", "connections", n)
+		}
+	}
+}
+
+// reconcile enrolls, updates and unenrolls this node's pods to match snap,
+// then releases pods a previous agent left captured that are no longer
+// wanted. A pod that should be enrolled but failed to re-enroll stays
+// captured (failing closed) for the retry, never released to plaintext.
+func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) {
+	var want []*state.Pod
+	for _, p := range m.locator.Locate(snap.PodsOnNode(m.filter.Node)) {
+		if m.filter.Wanted(p) {
+			want = append(want, p)
+		} else if p.Enrolled && p.Live() && p.Netns == "" {
+			m.log.Debug("enrolled pod without a network namespace yet", "pod", p.Key().String())
+		}
+	}
+	m.dp.Apply(ctx, workloads.Plan(m.dp.Served(), want))
+	wanted := workloads.WantedIPs(want)
+	for _, p := range m.capture.AdoptedPods() {
+		keep := false
+		for _, ip := range p.IPs {
+			keep = keep || wanted[ip.Unmap()]
+		}
+		if keep {
+			m.log.Warn("a pod left captured by the previous agent is not re-enrolled yet; it stays captured (failing closed) until it is", "ips", fmt.Sprint(p.IPs))
+			continue
+		}
+		if err := m.capture.UnenrollCookie(p.Cookie); err != nil {
+			m.log.Warn("releasing a pod left captured by a previous agent", "ips", fmt.Sprint(p.IPs), "err", err)
+			continue
+		}
+		m.log.Info("released a pod left captured by a previous agent", "ips", fmt.Sprint(p.IPs))
+	}
+}
+
+// close stops serving, leaving capture pinned (Release) so enrolled pods
+// fail closed until the next agent adopts them.
+func (m *mesh) close() error {
+	err := m.dp.Close()
+	err = errors.Join(err, m.capture.Release())
+	m.ca.Close()
+	return err
+}
+
+// certDump is one SVID in the config dump.
+type certDump struct {
+	SPIFFEID  string    `json:"spiffeId"`
+	NotBefore time.Time `json:"notBefore,omitzero"`
+	NotAfter  time.Time `json:"notAfter,omitzero"`
+	Serial    string    `json:"serial,omitempty"`
+	Error     string    `json:"error,omitempty"`
+}
+
+func (m *mesh) certificates() any {
+	out := []certDump{}
+	for _, id := range m.svids.IDs() {
+		c := certDump{SPIFFEID: id.String()}
+		s, err := m.svids.SVIDSource(id).GetX509SVID()
+		if err != nil {
+			c.Error = err.Error()
+		} else if len(s.Certificates) > 0 {
+			c.NotBefore, c.NotAfter = s.Certificates[0].NotBefore, s.Certificates[0].NotAfter
+			c.Serial = s.Certificates[0].SerialNumber.Text(16)
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+func (m *mesh) captureDump() any {
+	on, why := m.capture.Accel()
+	return map[string]any{"pods": m.dp.Pods(), "adopted": m.capture.Adopted(), "acceleration": on, "accelerationReason": why}
+}
+
+func (m *mesh) svidsReady(context.Context) error {
+	var missing []string
+	for _, id := range m.svids.IDs() {
+		if _, err := m.svids.SVIDSource(id).GetX509SVID(); err != nil {
+			missing = append(missing, id.String())
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("no SVID yet for %s (is the CA at %s reachable?)", strings.Join(missing, ", "), m.n.cfg.CAAddr)
+	}
+	return nil
+}
