@@ -49,7 +49,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -X github.com/nodemesh/nodemesh/agent/version.version=$(VERSION)
 FUZZTIME ?= 10s
 
-.PHONY: build generate generate-check test test-unit test-race test-priv test-lab deps-cluster image-docker demo bench lint fuzz \
+.PHONY: build generate generate-check test test-unit test-race test-priv test-lab test-cluster deps-cluster image-docker demo bench lint fuzz \
         kube-apiserver kube-node h2spec deps deps-generate deps-bench clean lab-down manifests-check image bench-go
 
 build:
@@ -138,12 +138,13 @@ lint:
 	$(GO) tool staticcheck ./...
 
 # Test tiers, chosen by test name: TestPriv* need root (netns, BPF, cgroups),
-# TestLab* need the lab's real API server; everything else is a unit test.
-test: deps deps-bench kube-apiserver h2spec lint generate-check test-unit test-race test-priv test-lab
+# TestLab* need the lab's real API server, TestCluster* real kubelet +
+# containerd nodes (lab/cluster, docs/cluster.md); everything else is a unit test.
+test: deps deps-bench deps-cluster kube-apiserver kube-node h2spec lint generate-check test-unit test-race test-priv test-lab test-cluster
 
 test-unit: h2spec
 	@echo "== tier 1: unit tests"
-	$(GO) test -count=1 -skip '^Test(Priv|Lab)' ./...
+	$(GO) test -count=1 -skip '^Test(Priv|Lab|Cluster)' ./...
 
 # The agent's concurrent packages again under the race detector (unit tier:
 # in-memory fakes at capture and SVIDs, no root).
@@ -162,6 +163,10 @@ test-priv: deps
 test-lab: deps deps-bench kube-apiserver
 	@echo "== tier 3: lab end-to-end tests (real kube-apiserver)"
 	NODEMESH_AGENT_RACE=1 $(GO) test -count=1 -p 1 -timeout 20m -run '^TestLab' ./...
+
+test-cluster: deps-cluster kube-apiserver kube-node
+	@echo "== tier 4: cluster tests (real kubelet + containerd nodes, docs/cluster.md)"
+	$(GO) test -count=1 -p 1 -timeout 20m -run '^TestCluster' ./lab/cluster/
 
 fuzz:
 	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' .); do \

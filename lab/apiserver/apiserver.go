@@ -77,6 +77,23 @@ type Config struct {
 	// konnectivity): the lab serves the kubelet API there, so that
 	// pods/portforward works. The socket may appear after Start.
 	KubeletEgress string
+	// BindAddress is the address the API server listens on and advertises;
+	// "" means 127.0.0.1 with no endpoint reconciler (the lab writes the
+	// kubernetes Service's endpoints itself, if at all). Any other address
+	// is added to the serving certificate and the API server keeps the
+	// kubernetes Service's endpoints pointing at it, as on a real cluster
+	// (lab/cluster: kubelets and pods reach it from other namespaces).
+	BindAddress string
+	// Tokens are more static bearer tokens, for the kubelets and
+	// controllers of lab/cluster.
+	Tokens []Token
+}
+
+// Token is a line of the API server's static token file: a bearer token
+// that authenticates as User (with UID) in Groups.
+type Token struct {
+	Token, User, UID string
+	Groups           []string
 }
 
 // KubeletPort is the port the API server expects kubelets on (it is put
@@ -208,7 +225,20 @@ func Start(ctx context.Context, cfg Config) (_ *Server, err error) {
 		}
 	}()
 
-	token, err := s.writeCredentials()
+	bind := cfg.BindAddress
+	if bind == "" {
+		bind = "127.0.0.1"
+	}
+	bindIP := net.ParseIP(bind)
+	if bindIP == nil || bindIP.To4() == nil {
+		return nil, fmt.Errorf("apiserver: BindAddress %q is not an IPv4 address", bind)
+	}
+	for _, t := range cfg.Tokens {
+		if t.Token == "" || t.User == "" || strings.ContainsAny(t.Token+t.User+t.UID+strings.Join(t.Groups, ""), ",\"\n") {
+			return nil, fmt.Errorf("apiserver: token for %q is empty or has a comma, quote or newline", t.User)
+		}
+	}
+	token, err := s.writeCredentials(bindIP, cfg.Tokens)
 	if err != nil {
 		return nil, err
 	}
@@ -260,10 +290,14 @@ func (s *Server) startProcs(ctx context.Context, cfg Config, etcdPath, token str
 	); err != nil {
 		return err
 	}
+	bind, reconciler := "127.0.0.1", "none"
+	if cfg.BindAddress != "" {
+		bind, reconciler = cfg.BindAddress, "lease"
+	}
 	args := []string{
 		"--etcd-servers", etcdURL,
-		"--bind-address", "127.0.0.1",
-		"--advertise-address", "127.0.0.1",
+		"--bind-address", bind,
+		"--advertise-address", bind,
 		"--secure-port", strconv.Itoa(securePort),
 		"--cert-dir", filepath.Join(cfg.Dir, "certs"),
 		"--tls-cert-file", s.path("serving.crt"),
@@ -276,7 +310,7 @@ func (s *Server) startProcs(ctx context.Context, cfg Config, etcdPath, token str
 		"--service-cluster-ip-range", cfg.ServiceCIDR,
 		"--authorization-mode", "Node,RBAC",
 		"--enable-priority-and-fairness=false",
-		"--endpoint-reconciler-type", "none",
+		"--endpoint-reconciler-type", reconciler,
 		"--profiling=false",
 		"--kubelet-client-certificate", s.path("kubelet-client.crt"),
 		"--kubelet-client-key", s.path("kubelet-client.key"),
@@ -297,7 +331,7 @@ func (s *Server) startProcs(ctx context.Context, cfg Config, etcdPath, token str
 	if err := s.spawn(cfg, "kube-apiserver", cfg.Binary, args...); err != nil {
 		return err
 	}
-	s.URL = "https://127.0.0.1:" + strconv.Itoa(securePort)
+	s.URL = "https://" + net.JoinHostPort(bind, strconv.Itoa(securePort))
 	s.REST = s.ClientFor(token)
 	if err := s.writeKubeconfig(token); err != nil {
 		return err
@@ -493,7 +527,7 @@ func tail(b []byte, n int) []byte {
 
 // writeCredentials creates the CA, the serving certificate, the
 // service-account signing key and the admin token.
-func (s *Server) writeCredentials() (token string, err error) {
+func (s *Server) writeCredentials(bindIP net.IP, extra []Token) (token string, err error) {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return "", fmt.Errorf("generating the lab CA key: %w", err)
@@ -524,7 +558,7 @@ func (s *Server) writeCredentials() (token string, err error) {
 		NotAfter:     now.Add(10 * 365 * 24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback, net.ParseIP("10.96.0.1")},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback, net.ParseIP("10.96.0.1"), bindIP},
 		DNSNames:     []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
 	}
 	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, caCert, &srvKey.PublicKey, caKey)
@@ -561,11 +595,23 @@ func (s *Server) writeCredentials() (token string, err error) {
 
 	s.caPEM = pemBlock("CERTIFICATE", caDER)
 	s.CAFile = s.path("ca.crt")
+	tokens := token + ",nodemesh-lab-admin,nodemesh-lab-admin,system:masters\n"
+	for _, t := range extra {
+		uid := t.UID
+		if uid == "" {
+			uid = t.User
+		}
+		tokens += t.Token + "," + t.User + "," + uid
+		if len(t.Groups) > 0 {
+			tokens += `,"` + strings.Join(t.Groups, ",") + `"`
+		}
+		tokens += "\n"
+	}
 	files := map[string][]byte{
 		"ca.crt":             s.caPEM,
 		"serving.crt":        append(pemBlock("CERTIFICATE", srvDER), s.caPEM...),
 		"kubelet-client.crt": pemBlock("CERTIFICATE", kcDER),
-		"tokens.csv":         []byte(token + ",nodemesh-lab-admin,nodemesh-lab-admin,system:masters\n"),
+		"tokens.csv":         []byte(tokens),
 	}
 	for name, key := range map[string]*ecdsa.PrivateKey{"serving.key": srvKey, "sa.key": saKey, "kubelet-client.key": kcKey} {
 		der, err := x509.MarshalECPrivateKey(key)

@@ -1,0 +1,163 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nodemesh/nodemesh/lab"
+	"github.com/nodemesh/nodemesh/lab/apiserver"
+	"github.com/nodemesh/nodemesh/lab/cgroup"
+	"github.com/nodemesh/nodemesh/lab/netns"
+)
+
+// Sweep removes everything of cluster id: it kills every process in the
+// cluster's cgroup (nodes' inits, containerd, shims, containers, kubelets,
+// controllers) and the API server recorded in stateDir, which also ends
+// the nodes' mount namespaces and with them every mount, pod network
+// namespace and BPF pin of the nodes; then it removes the cgroups in every
+// hierarchy, the network namespaces and links named nm-<id>..., and the
+// state directory. It works after the creating process was killed.
+func Sweep(ctx context.Context, id, stateDir string) error {
+	if !lab.ValidID(id) {
+		return fmt.Errorf("cluster ID %q: want 1-6 lower-case letters or digits", id)
+	}
+	prefix := lab.Prefix + id
+	var errs []error
+	apiserver.Sweep(filepath.Join(stateDir, "apiserver"))
+	if cg2, err := cgroup.Mount(); err == nil {
+		if err := cgroup.Remove(ctx, filepath.Join(cg2, prefix)); err != nil {
+			errs = append(errs, err)
+		}
+	} else {
+		errs = append(errs, err)
+	}
+	v1, err := v1Mounts()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, m := range v1 {
+		if err := removeTree(ctx, filepath.Join(m, prefix)); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	nss, err := netns.List(prefix + "-")
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, ns := range nss {
+		if err := netns.IP(ctx, "", []string{"netns del " + ns}); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if links, err := os.ReadDir("/sys/class/net"); err == nil {
+		for _, l := range links {
+			if strings.HasPrefix(l.Name(), prefix+"-") {
+				if err := netns.IP(ctx, "", []string{"link del " + l.Name()}); err != nil && linkExists(l.Name()) {
+					errs = append(errs, err)
+				}
+			}
+		}
+	}
+	if len(errs) == 0 && stateDir != "" {
+		if err := os.RemoveAll(stateDir); err != nil {
+			errs = append(errs, fmt.Errorf("removing %s: %w", stateDir, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func linkExists(name string) bool {
+	_, err := os.Stat(filepath.Join("/sys/class/net", name))
+	return err == nil
+}
+
+// removeTree removes a cgroup v1 directory tree, deepest first, once its
+// processes are gone (they were killed through the v2 hierarchy).
+func removeTree(ctx context.Context, dir string) error {
+	var dirs []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("listing cgroup %s: %w", dir, err)
+	}
+	sort.Slice(dirs, func(i, j int) bool { return len(dirs[i]) > len(dirs[j]) })
+	var errs []error
+	for _, d := range dirs {
+		var err error
+		for try := 0; try < 100; try++ {
+			if err = os.Remove(d); err == nil || errors.Is(err, fs.ErrNotExist) {
+				err = nil
+				break
+			}
+			// A process can still sit in a v1 cgroup of the cluster when
+			// it was never in the cluster's v2 sub-tree; kill it there.
+			if procs, rerr := os.ReadFile(filepath.Join(d, "cgroup.procs")); rerr == nil {
+				for _, f := range strings.Fields(string(procs)) {
+					if pid, perr := strconv.Atoi(f); perr == nil && pid > 1 {
+						_ = killPid(pid)
+					}
+				}
+			}
+			select {
+			case <-ctx.Done():
+				try = 100
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("removing cgroup %s: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Leftovers lists what of cluster id exists on the machine: besides the
+// lab's inventory (processes, v2 cgroups, network namespaces, links,
+// nftables tables, BPF pins), cgroup v1 directories and mounts whose
+// source or target names the state directory.
+func Leftovers(id, stateDir string) ([]string, error) {
+	out, err := lab.Leftovers(id)
+	if err != nil {
+		return nil, err
+	}
+	v1, err := v1Mounts()
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range v1 {
+		if _, err := os.Stat(filepath.Join(m, lab.Prefix+id)); err == nil {
+			out = append(out, "cgroup "+filepath.Join(m, lab.Prefix+id))
+		}
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return nil, fmt.Errorf("reading mountinfo: %w", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if stateDir != "" && strings.Contains(line, stateDir) {
+			out = append(out, "mount "+line)
+		}
+	}
+	if _, err := os.Stat(stateDir); err == nil {
+		out = append(out, "state directory "+stateDir)
+	}
+	return out, nil
+}
