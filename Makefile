@@ -119,7 +119,7 @@ h2spec:
 	  mv "$(H2SPEC).tmp" "$(H2SPEC)"; \
 	fi
 
-GENERATED_DIRS := redirect agent/policy/v1alpha1
+GENERATED_DIRS := redirect agent/policy/v1alpha1 agent/l7/v1alpha1
 
 # bpf2go for the eBPF objects (needs clang), deepcopy-gen for the CRD types.
 generate: deps-generate
