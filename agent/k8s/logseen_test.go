@@ -67,3 +67,21 @@ func (l *logSeen) waitMore(t *testing.T, msg string, n int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// waitAny waits until one of msgs was logged more times than its count in
+// base, and returns that message.
+func (l *logSeen) waitAny(t *testing.T, base map[string]int) string {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		for msg, n := range base {
+			if l.count(msg) > n {
+				return msg
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for any of the log messages %v", base)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
