@@ -200,9 +200,11 @@ func TestLabBenchScaleSmoke(t *testing.T) {
 		if c.CRR.N == 0 || c.CRRError != "" {
 			t.Errorf("%s: tcp-crr through the agent: %+v %s", name, c.CRR, c.CRRError)
 		}
-		if c.API.Requests() == 0 {
-			t.Errorf("%s: no API traffic counted", name)
-		}
+		// No request count is asserted per condition: the agent's only
+		// periodic request is its node-mark renewal (every 10 s by
+		// default), which a short smoke window may not contain. That the
+		// counter sees the agent's traffic is checked through the watch
+		// bytes under churn below.
 	}
 	if pt.Churn.Changes == 0 || pt.Churn.API.WatchBytes == 0 {
 		t.Errorf("churn: %d changes, %d watch bytes", pt.Churn.Changes, pt.Churn.API.WatchBytes)
