@@ -666,10 +666,15 @@ func TestLabAgentEndToEnd(t *testing.T) {
 
 	t.Run("APIServerDown", func(t *testing.T) {
 		eventually(t, 60*time.Second, "node-2 agent ready again", func() error { return ready("node-2") })
+		// Proof that an agent tried the API server after it stopped: a
+		// watch error, or a failed node-mark renewal (client-go retries a
+		// refused watch without calling the watch error handler; the
+		// renewal runs every --node-mark-renew, 10 s by default).
 		const watchFailed = "watch of the API server failed, keeping the last known state"
+		const renewFailed = "renewing the node mark; peers will treat this node as unmeshed"
 		logged := func(node string) int {
 			b, _ := os.ReadFile(agents[node].Log)
-			return strings.Count(string(b), watchFailed)
+			return strings.Count(string(b), watchFailed) + strings.Count(string(b), renewFailed)
 		}
 		before := map[string]int{"node-1": logged("node-1"), "node-2": logged("node-2")}
 		if err := l.Server.Stop(); err != nil {
@@ -681,7 +686,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		eventually(t, 60*time.Second, "both agents to notice the API server is gone", func() error {
 			for node, n := range before {
 				if logged(node) <= n {
-					return fmt.Errorf("agent on %s has not logged a failed watch yet", node)
+					return fmt.Errorf("agent on %s has not logged a failed watch or node-mark renewal yet", node)
 				}
 			}
 			return nil
