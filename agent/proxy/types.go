@@ -209,7 +209,7 @@ func (p PolicyFunc) Check(ctx context.Context, f *Flow) Decision { return p(ctx,
 // ErrStrictMTLS is returned (wrapped) by a Resolver for a destination that
 // requires mTLS but cannot be reached through a tunnel; the connection is
 // refused with RefusedStrictMTLS, never sent in plaintext.
-var ErrStrictMTLS = errors.New("destination requires mTLS but cannot be reached through a tunnel")
+var ErrStrictMTLS = errors.New("destination requires mTLS (STRICT) but cannot be reached through a tunnel")
 
 // RefusalReason says why a connection was refused or failed before it
 // opened. Each value has a stable label (String) for metrics.

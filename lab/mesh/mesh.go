@@ -65,7 +65,12 @@ type Options struct {
 	// (the scale benchmark points one at a proxy that counts its API
 	// traffic).
 	Kubeconfig map[string]string
-	Log        *slog.Logger // progress; nil discards
+	// MarkDuration and MarkRenew set the agents' --node-mark-duration and
+	// --node-mark-renew; zero keeps the agent's defaults (kubelet's node
+	// lease values). Tests that wait for a killed agent's mark to expire
+	// set short ones.
+	MarkDuration, MarkRenew time.Duration
+	Log                     *slog.Logger // progress; nil discards
 }
 
 // Agent is one node's running agent.
@@ -251,10 +256,17 @@ func (m *Mesh) startAgent(ctx context.Context, n lab.Node, o Options, tokDir str
 	if k := o.Kubeconfig[n.Name]; k != "" {
 		kc = k
 	}
-	proc, err := m.lab.StartNodeProcess(ctx, n.Name, AgentProcess, []string{o.AgentBinary,
+	args := []string{o.AgentBinary,
 		"--node-name", n.Name, "--kubeconfig", kc, "--ca-addr", m.CAAddr,
 		"--ca-token-file", tok, "--cgroup-root", n.Cgroup, "--bpf-pin-dir", pins,
-		"--drain-deadline", "2s", "--access-log", "--log-level", o.LogLevel, "--crd-recheck", "2s"}, nil)
+		"--drain-deadline", "2s", "--access-log", "--log-level", o.LogLevel, "--crd-recheck", "2s"}
+	if o.MarkDuration > 0 {
+		args = append(args, "--node-mark-duration", o.MarkDuration.String())
+	}
+	if o.MarkRenew > 0 {
+		args = append(args, "--node-mark-renew", o.MarkRenew.String())
+	}
+	proc, err := m.lab.StartNodeProcess(ctx, n.Name, AgentProcess, args, nil)
 	if err != nil {
 		return nil, fmt.Errorf("starting the agent on %s: %w", n.Name, err)
 	}

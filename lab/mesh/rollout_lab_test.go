@@ -80,7 +80,8 @@ func TestLabPartialRollout(t *testing.T) {
 	if _, err := mesh.Start(ctx, l, mesh.Options{AgentBinary: agentBin, CABinary: caBin, AgentNodes: []string{"node-1", "node-4"}}); err == nil {
 		t.Fatal("Start with an agent node that does not exist succeeded")
 	}
-	m, err := mesh.Start(ctx, l, mesh.Options{AgentBinary: agentBin, CABinary: caBin, AgentNodes: []string{"node-1", "node-2"}})
+	m, err := mesh.Start(ctx, l, mesh.Options{AgentBinary: agentBin, CABinary: caBin, AgentNodes: []string{"node-1", "node-2"},
+		MarkDuration: 10 * time.Second, MarkRenew: 3 * time.Second}) // the SIGKILL step waits for node-2's mark to expire
 	if err != nil {
 		t.Fatal(err)
 	}
