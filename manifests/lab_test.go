@@ -105,6 +105,13 @@ func clusterOf(t *testing.T, srv *apiserver.Server) *cluster {
 func (c *cluster) apply(ctx context.Context, obj *unstructured.Unstructured, dryRun bool) error {
 	gvk := obj.GroupVersionKind()
 	m, err := c.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+	// A CRD can be Established before the API server's discovery lists
+	// its kind: refresh the mapping until it does (bounded).
+	for deadline := time.Now().Add(30 * time.Second); meta.IsNoMatchError(err) && time.Now().Before(deadline); {
+		time.Sleep(200 * time.Millisecond)
+		c.mapper.Reset()
+		m, err = c.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+	}
 	if err != nil {
 		return fmt.Errorf("mapping %s: %w", gvk, err)
 	}
