@@ -72,12 +72,14 @@ type conn struct {
 	goAwayLast     uint32
 	goAwaySent     bool
 	closed         bool
+	closing        error // set when a graceful close has begun: its reason
 	err            error
 	idleSince      time.Time
 
 	frames   atomic.Uint64 // frames read, for dead-peer detection
 	done     chan struct{}
 	flushReq chan struct{}
+	closeReq chan struct{}  // asks the keeper for a graceful close
 	wg       sync.WaitGroup // read loop, keeper, drainers, handlers
 	ctx      context.Context
 	cancel   context.CancelFunc
@@ -124,6 +126,7 @@ func newConn(ctx context.Context, tc *tls.Conn, bc *batchConn, cfg *connConfig, 
 		idleSince:      time.Now(),
 		done:           make(chan struct{}),
 		flushReq:       make(chan struct{}, 1),
+		closeReq:       make(chan struct{}, 1),
 	}
 	c.ctx, c.cancel = context.WithCancel(ctx)
 	c.wcond.L = &c.wmu
@@ -200,6 +203,9 @@ func (c *conn) fail(err error) {
 		return
 	}
 	c.closed = true
+	if c.closing != nil {
+		err = c.closing
+	}
 	c.err = err
 	streams := make([]*stream, 0, len(c.streams))
 	for _, s := range c.streams {
@@ -239,8 +245,62 @@ func (c *conn) goAway(code http2.ErrCode, debug string) {
 	_ = c.writeControl(true, func(fw *http2.Framer) error {
 		return fw.WriteGoAway(last, code, []byte(debug))
 	})
-	if idle || code != http2.ErrCodeNo {
+	switch {
+	case code != http2.ErrCodeNo:
 		c.fail(fmt.Errorf("sent GOAWAY (%v)", code))
+	case idle:
+		c.closeGracefully(fmt.Errorf("closed after GOAWAY (%s)", debug))
+	}
+}
+
+// lingerTimeout bounds a graceful close: sending what is queued, and
+// waiting for the peer to close its side after our FIN.
+const lingerTimeout = 2 * time.Second
+
+// closeGracefully closes a connection that has no streams left and will
+// get no new ones (GOAWAY sent or received). The keeper sends what is
+// still queued, then a FIN, and closes once the peer has closed its side
+// too, or after lingerTimeout. Closing at once would lose frames still
+// queued (the last DATA and END_STREAM, or the GOAWAY), and closing a
+// socket with unread bytes sends a TCP RST, which discards what is still
+// in flight.
+func (c *conn) closeGracefully(reason error) {
+	c.mu.Lock()
+	if c.closed || c.closing != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.closing = reason
+	c.mu.Unlock()
+	select {
+	case c.closeReq <- struct{}{}:
+	default:
+	}
+}
+
+// linger is the keeper's half of closeGracefully.
+func (c *conn) linger() {
+	deadline := time.Now().Add(lingerTimeout)
+	_ = c.bc.Conn.SetWriteDeadline(deadline)
+	c.wmu.Lock()
+	for c.flushing && c.werr == nil {
+		c.wcond.Wait()
+	}
+	if c.werr == nil && len(c.pend.b) > 0 {
+		c.flushing = true
+		_ = c.flushLoop(nil)
+	} else {
+		c.wmu.Unlock()
+	}
+	if cw, ok := c.bc.Conn.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case <-c.done: // the read loop saw the peer close
+	case <-t.C:
+		c.fail(errors.New("peer did not close after GOAWAY"))
 	}
 }
 
@@ -278,6 +338,9 @@ func (c *conn) keeper() {
 		select {
 		case <-c.done:
 			return
+		case <-c.closeReq:
+			c.linger()
+			return
 		case <-c.flushReq:
 			c.wmu.Lock()
 			if c.flushing || len(c.pend.b) == 0 {
@@ -310,9 +373,9 @@ func (c *conn) keeper() {
 				idle := len(c.streams) == 0 && c.handlers == 0 && now.Sub(c.idleSince) >= c.cfg.idleTimeout
 				c.mu.Unlock()
 				if idle {
+					// Closes gracefully if still idle, else once the
+					// streams opened meanwhile have ended.
 					c.goAway(http2.ErrCodeNo, "idle")
-					c.fail(errors.New("idle timeout"))
-					return
 				}
 			}
 		}
@@ -339,9 +402,16 @@ func (c *conn) readLoop() {
 		c.mu.Lock()
 		last := c.lastPeerID
 		c.mu.Unlock()
+		_ = c.bc.Conn.SetWriteDeadline(time.Now().Add(lingerTimeout))
 		_ = c.writeControl(true, func(fw *http2.Framer) error {
 			return fw.WriteGoAway(last, http2.ErrCode(ce), nil)
 		})
+		// Read on, discarding, until the peer closes: a close with
+		// unread bytes would reset the connection and could discard the
+		// GOAWAY before the peer reads why.
+		c.closeGracefully(err)
+		_ = c.bc.Conn.SetReadDeadline(time.Now().Add(lingerTimeout))
+		_, _ = io.Copy(io.Discard, c.bc.Conn)
 	case errors.Is(err, io.EOF):
 		err = errors.New("peer closed the connection")
 	}
@@ -649,7 +719,7 @@ func (c *conn) removeStream(s *stream) {
 	c.flowCond.Broadcast()
 	c.mu.Unlock()
 	if closing {
-		c.fail(errors.New("last stream ended after GOAWAY"))
+		c.closeGracefully(errors.New("last stream ended after GOAWAY"))
 	}
 }
 
@@ -664,7 +734,7 @@ func (c *conn) handlerDone() {
 	closing := empty && (c.goAwaySent || c.goAwayRecv)
 	c.mu.Unlock()
 	if closing {
-		c.fail(errors.New("last stream ended after GOAWAY"))
+		c.closeGracefully(errors.New("last stream ended after GOAWAY"))
 	}
 }
 

@@ -167,6 +167,10 @@ func (s *stream) relay(app net.Conn, sent, recv *atomic.Int64) error {
 		return errors.New("hbone: stream is already relaying")
 	}
 	s.sink = k
+	// A reset or STOP that came before the sink was registered could not
+	// interrupt it; the read below would then wait for the application
+	// forever.
+	interrupt, interruptRead := s.err != nil, s.sentEnd
 	var startDrain, closeSink bool
 	if s.err == nil && !s.writing {
 		switch {
@@ -177,6 +181,12 @@ func (s *stream) relay(app net.Conn, sent, recv *atomic.Int64) error {
 		}
 	}
 	s.mu.Unlock()
+	switch {
+	case interrupt:
+		k.interrupt()
+	case interruptRead:
+		k.interruptRead()
+	}
 	if closeSink {
 		k.closeWrite()
 		s.mu.Lock()

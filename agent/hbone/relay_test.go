@@ -223,6 +223,39 @@ func TestRelayResetPropagates(t *testing.T) {
 	}
 }
 
+// TestRelayAfterReset starts Relay on a stream the peer has already
+// reset: Relay must end at once instead of waiting for the application,
+// which here never writes nor closes.
+func TestRelayAfterReset(t *testing.T) {
+	e := newEnv(t)
+	h := handlerFunc(func(_ context.Context, _ *hbone.Request, tun *hbone.Tunnel) {
+		if tun.Accept() == nil {
+			tun.Reset()
+		}
+	})
+	_, addr := e.startServer(t, h, nil)
+	p := e.newPool(t, nil)
+	s := connect(t, p, e.key(addr))
+	if _, err := io.ReadAll(s); err == nil {
+		t.Fatal("reading a reset stream ended cleanly, want the reset")
+	}
+	app, agent := tcpPair(t)
+	_ = app // never written, never closed: only the reset can end Relay
+	done := make(chan error, 1)
+	go func() {
+		var sent, recv atomic.Int64
+		done <- s.Relay(agent, &sent, &recv)
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("Relay on a reset stream returned nil")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("Relay on an already reset stream still waits for the application")
+	}
+}
+
 func TestScaleOutWhenBusy(t *testing.T) {
 	e := newRelayEnv(t, func(c net.Conn) { io.Copy(c, c) }, func(c *hbone.PoolConfig) {
 		c.ScaleOutStreams = 2

@@ -82,7 +82,6 @@ func (c *conn) flushLoop(first []byte) error {
 	if err != nil && c.werr == nil {
 		c.werr = err
 	}
-	werr := c.werr
 	if cap(c.pend.b) > keepBuf && len(c.pend.b) == 0 {
 		c.pend.b = nil
 	}
@@ -91,7 +90,9 @@ func (c *conn) flushLoop(first []byte) error {
 	if err != nil {
 		c.fail(fmt.Errorf("writing to HBONE peer: %w", err))
 	}
-	return werr
+	// Our own result: if another goroutine failed the connection while
+	// we wrote, what we wrote still went out.
+	return err
 }
 
 // writeOut sends plaintext frames through TLS as one batch of records.
