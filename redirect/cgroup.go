@@ -1,62 +1,36 @@
 package redirect
 
 import (
-	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nodemesh/nodemesh/agent/nodeinfo/mountinfo"
 )
 
 // Cgroup2Mount returns the mount point of the cgroup v2 hierarchy, read from
 // /proc/self/mountinfo (it is /sys/fs/cgroup on unified hosts and
 // /sys/fs/cgroup/unified on hybrid ones).
 func Cgroup2Mount() (string, error) {
-	return findMount("cgroup2")
-}
-
-// findMount returns the first mount point of filesystem type fstype.
-func findMount(fstype string) (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read("")
 	if err != nil {
 		return "", fmt.Errorf("reading mounts: %w", err)
 	}
-	defer f.Close()
-	return parseMountinfo(f, fstype)
+	return firstMount(mounts, "cgroup2")
 }
 
-// parseMountinfo returns the first mount point of fstype in a
-// /proc/<pid>/mountinfo stream.
-func parseMountinfo(r io.Reader, fstype string) (string, error) {
-	sc := bufio.NewScanner(r)
-	for sc.Scan() {
-		// id parent maj:min root mountpoint opts [optional...] - fstype source superopts
-		line := sc.Text()
-		pre, post, ok := strings.Cut(line, " - ")
-		if !ok {
-			continue
+// firstMount returns the first mount point of filesystem type fstype.
+func firstMount(mounts []mountinfo.Mount, fstype string) (string, error) {
+	for _, m := range mounts {
+		if m.FSType == fstype {
+			return m.MountPoint, nil
 		}
-		pf, qf := strings.Fields(pre), strings.Fields(post)
-		if len(pf) < 5 || len(qf) < 1 {
-			continue
-		}
-		if qf[0] == fstype {
-			return unescapeMount(pf[4]), nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("reading mounts: %w", err)
 	}
 	return "", fmt.Errorf("no %s filesystem is mounted", fstype)
-}
-
-func unescapeMount(s string) string {
-	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
-	return r.Replace(s)
 }
 
 // OwnCgroup returns the absolute path of the calling process's cgroup v2.

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+
+	"github.com/nodemesh/nodemesh/agent/nodeinfo/mountinfo"
 )
 
 func TestKeyFromIPRoundTrip(t *testing.T) {
@@ -47,7 +49,7 @@ func TestWithin(t *testing.T) {
 	}
 }
 
-func TestParseMountinfo(t *testing.T) {
+func TestFirstMount(t *testing.T) {
 	const hybrid = `25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
 31 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
 32 31 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
@@ -60,7 +62,11 @@ func TestParseMountinfo(t *testing.T) {
 		{"nfs", "", "no nfs filesystem is mounted"},
 	}
 	for _, tt := range tests {
-		got, err := parseMountinfo(strings.NewReader(hybrid), tt.fstype)
+		mounts, err := mountinfo.Parse(strings.NewReader(hybrid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := firstMount(mounts, tt.fstype)
 		if got != tt.want || (err == nil) != (tt.err == "") || err != nil && !strings.Contains(err.Error(), tt.err) {
 			t.Errorf("%s: got %q, %v; want %q, %q", tt.fstype, got, err, tt.want, tt.err)
 		}
@@ -89,18 +95,4 @@ func TestLoadRejectsBadConfig(t *testing.T) {
 			}
 		})
 	}
-}
-
-func FuzzParseMountinfo(f *testing.F) {
-	f.Add("32 31 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n")
-	f.Add("1 2 3 4 /a\\040b x - bpf bpf rw\n - \n")
-	f.Add("")
-	f.Fuzz(func(t *testing.T, s string) {
-		for _, fs := range []string{"cgroup2", "bpf"} {
-			got, err := parseMountinfo(strings.NewReader(s), fs)
-			if err == nil && got == "" {
-				t.Errorf("%s: empty mount point without error", fs)
-			}
-		}
-	})
 }

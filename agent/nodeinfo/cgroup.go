@@ -7,6 +7,8 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+
+	"github.com/nodemesh/nodemesh/agent/nodeinfo/mountinfo"
 )
 
 // Layout is how a node mounts cgroups.
@@ -76,9 +78,9 @@ func IsRootCgroup(dir string) bool {
 // on a live system). The first cgroup2 mount of the root wins (bind mounts
 // of it are equivalent); mounts of sub-trees, such as a container's own
 // /sys/fs/cgroup under a private cgroup namespace, are skipped.
-func FindHierarchy(mounts []Mount, isRoot func(dir string) bool) (Hierarchy, error) {
+func FindHierarchy(mounts []mountinfo.Mount, isRoot func(dir string) bool) (Hierarchy, error) {
 	var v1, v2 bool
-	var found *Mount
+	var found *mountinfo.Mount
 	for i := range mounts {
 		m := &mounts[i]
 		switch m.FSType {
@@ -109,15 +111,7 @@ func FindHierarchy(mounts []Mount, isRoot func(dir string) bool) (Hierarchy, err
 // DiscoverHierarchy reads <proc>/self/mountinfo ("/proc" when proc is
 // empty) and finds the cgroup v2 hierarchy root.
 func DiscoverHierarchy(proc string) (Hierarchy, error) {
-	if proc == "" {
-		proc = "/proc"
-	}
-	f, err := os.Open(filepath.Join(proc, "self", "mountinfo"))
-	if err != nil {
-		return Hierarchy{}, fmt.Errorf("finding cgroup v2: %w", err)
-	}
-	defer f.Close()
-	mounts, err := ParseMountinfo(f)
+	mounts, err := mountinfo.Read(proc)
 	if err != nil {
 		return Hierarchy{}, fmt.Errorf("finding cgroup v2: %w", err)
 	}

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"strings"
 	"testing"
+
+	"github.com/nodemesh/nodemesh/agent/nodeinfo/mountinfo"
 )
 
 // Mount tables as the kernel prints them, trimmed to the lines that matter.
@@ -50,42 +52,13 @@ const (
 `
 )
 
-func mustMounts(t *testing.T, s string) []Mount {
+func mustMounts(t *testing.T, s string) []mountinfo.Mount {
 	t.Helper()
-	m, err := ParseMountinfo(strings.NewReader(s))
+	m, err := mountinfo.Parse(strings.NewReader(s))
 	if err != nil {
-		t.Fatalf("ParseMountinfo: %v", err)
+		t.Fatalf("mountinfo.Parse: %v", err)
 	}
 	return m
-}
-
-func TestParseMountinfo(t *testing.T) {
-	m := mustMounts(t, unifiedContainer+`99 812 0:50 / /mnt/with\040space\134x rw shared:7 master:2 - tmpfs my\040src rw
-`)
-	if len(m) != 5 {
-		t.Fatalf("got %d mounts, want 5", len(m))
-	}
-	h := m[2]
-	if h.ID != 830 || h.Parent != 812 || h.Root != "/../../../.." || h.MountPoint != "/host/sys/fs/cgroup" ||
-		h.FSType != "cgroup2" || h.Source != "cgroup2" || h.SuperOptions != "rw,nsdelegate" || h.Options != "ro,relatime" {
-		t.Errorf("mount 830 parsed as %+v", h)
-	}
-	e := m[4]
-	if e.MountPoint != `/mnt/with space\x` || e.Source != "my src" || len(e.Optional) != 2 || e.Optional[1] != "master:2" {
-		t.Errorf("escaped mount parsed as %+v", e)
-	}
-}
-
-func TestParseMountinfoErrors(t *testing.T) {
-	for _, bad := range []string{
-		"41 31 0:38 / /sys/fs/cgroup/unified rw,relatime cgroup2 cgroup2 rw\n", // no separator
-		"41 31 0:38 / - cgroup2 cgroup2 rw\n",                                  // too few fields
-		"x 31 0:38 / /a rw - cgroup2 cgroup2 rw\n",                             // bad id
-	} {
-		if _, err := ParseMountinfo(strings.NewReader(bad)); err == nil || !strings.Contains(err.Error(), "line 1") {
-			t.Errorf("ParseMountinfo(%q) = %v, want an error naming line 1", bad, err)
-		}
-	}
 }
 
 func TestFindHierarchy(t *testing.T) {

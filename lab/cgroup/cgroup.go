@@ -1,12 +1,12 @@
 // Package cgroup finds the cgroup v2 hierarchy and creates, empties and
 // removes the lab's cgroup directories.
 //
-// The hierarchy is found from /proc/self/mountinfo: it is /sys/fs/cgroup on
-// a host with unified cgroups and /sys/fs/cgroup/unified on a hybrid one.
+// The hierarchy is found from /proc/self/mountinfo (read with
+// agent/nodeinfo/mountinfo): it is /sys/fs/cgroup on a host with unified
+// cgroups and /sys/fs/cgroup/unified on a hybrid one.
 package cgroup
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -18,6 +18,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/nodemesh/nodemesh/agent/nodeinfo/mountinfo"
 )
 
 // ErrNoCgroup2 means no cgroup2 filesystem is mounted.
@@ -25,57 +27,42 @@ var ErrNoCgroup2 = errors.New("no cgroup2 filesystem is mounted (mount -t cgroup
 
 // Mount returns the mount point of the cgroup v2 hierarchy.
 func Mount() (string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read("")
 	if err != nil {
-		return "", fmt.Errorf("reading mountinfo: %w", err)
+		return "", err
 	}
-	defer f.Close()
-	return parseMountinfo(f)
+	return v2Root(mounts)
 }
 
-func parseMountinfo(r interface{ Read([]byte) (int, error) }) (string, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		// 41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
-		line := sc.Text()
-		pre, post, ok := strings.Cut(line, " - ")
-		if !ok {
-			continue
+// v2Root returns the first mount of the cgroup v2 hierarchy's root; bind
+// mounts of a sub-tree are passed over.
+func v2Root(mounts []mountinfo.Mount) (string, error) {
+	for _, m := range mounts {
+		if m.FSType == "cgroup2" && m.Root == "/" {
+			return m.MountPoint, nil
 		}
-		pf := strings.Fields(pre)
-		qf := strings.Fields(post)
-		if len(pf) < 5 || len(qf) < 1 || qf[0] != "cgroup2" {
-			continue
-		}
-		if pf[3] != "/" {
-			continue // a bind mount of a sub-tree, not the hierarchy root
-		}
-		return unescape(pf[4]), nil
-	}
-	if err := sc.Err(); err != nil {
-		return "", fmt.Errorf("reading mountinfo: %w", err)
 	}
 	return "", ErrNoCgroup2
 }
 
-// unescape undoes mountinfo's octal escapes (\040 for space).
-func unescape(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
+// V1Mounts lists the mount points of the cgroup v1 hierarchies' roots
+// (there are some on a hybrid host, none on a unified one).
+func V1Mounts() ([]string, error) {
+	mounts, err := mountinfo.Read("")
+	if err != nil {
+		return nil, err
 	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
+	return v1Roots(mounts), nil
+}
+
+func v1Roots(mounts []mountinfo.Mount) []string {
+	var out []string
+	for _, m := range mounts {
+		if m.FSType == "cgroup" && m.Root == "/" {
+			out = append(out, m.MountPoint)
 		}
-		b.WriteByte(s[i])
 	}
-	return b.String()
+	return out
 }
 
 // Create makes dir (and parents) in the cgroup hierarchy.
@@ -163,6 +150,26 @@ func Remove(ctx context.Context, dir string) error {
 	if err := Kill(ctx, dir); err != nil {
 		return err
 	}
+	return RemoveTree(ctx, dir, TreeOptions{})
+}
+
+// TreeOptions tune RemoveTree.
+type TreeOptions struct {
+	// Tries bounds the rmdir attempts per directory, 20 ms apart; default 50.
+	Tries int
+	// OnBusy, if set, runs after a failed rmdir of a directory and before
+	// the next try: the hook to kill what still holds it (a cgroup v1
+	// directory, whose processes cgroup.kill of the v2 tree cannot reach).
+	OnBusy func(dir string)
+}
+
+// RemoveTree removes the directory tree of a cgroup (v2 or v1), deepest
+// first, without killing anything itself (see Remove and
+// TreeOptions.OnBusy). A missing dir is not an error.
+func RemoveTree(ctx context.Context, dir string, o TreeOptions) error {
+	if o.Tries <= 0 {
+		o.Tries = 50
+	}
 	var dirs []string
 	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -185,14 +192,17 @@ func Remove(ctx context.Context, dir string) error {
 		// rmdir can briefly fail with EBUSY while the kernel finishes
 		// tearing down killed tasks.
 		var err error
-		for try := 0; try < 50; try++ {
+		for try := 0; try < o.Tries; try++ {
 			if err = os.Remove(d); err == nil || errors.Is(err, fs.ErrNotExist) {
 				err = nil
 				break
 			}
+			if o.OnBusy != nil {
+				o.OnBusy(d)
+			}
 			select {
 			case <-ctx.Done():
-				try = 50
+				try = o.Tries
 			case <-time.After(20 * time.Millisecond):
 			}
 		}

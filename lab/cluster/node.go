@@ -1,7 +1,6 @@
 package cluster
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -134,7 +133,7 @@ func (c *Cluster) makeCgroups(n *Node) error {
 	if err := cgroup.Create(n.Cgroup); err != nil {
 		return err
 	}
-	v1, err := v1Mounts()
+	v1, err := cgroup.V1Mounts()
 	if err != nil {
 		return err
 	}
@@ -160,26 +159,6 @@ func (c *Cluster) makeCgroups(n *Node) error {
 		}
 	}
 	return nil
-}
-
-// v1Mounts lists the mount points of the cgroup v1 hierarchies.
-func v1Mounts() ([]string, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, fmt.Errorf("reading mountinfo: %w", err)
-	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		for i, fl := range fields {
-			if fl == "-" && i+1 < len(fields) && fields[i+1] == "cgroup" && len(fields) > 4 && fields[3] == "/" {
-				out = append(out, fields[4])
-			}
-		}
-	}
-	return out, sc.Err()
 }
 
 // Host sysctls kubelet sets when they differ (setupKernelTunables) and

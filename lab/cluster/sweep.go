@@ -4,14 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
-	"sort"
-	"strconv"
 	"strings"
-	"time"
 
+	"github.com/nodemesh/nodemesh/agent/nodeinfo/mountinfo"
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/apiserver"
 	"github.com/nodemesh/nodemesh/lab/cgroup"
@@ -39,7 +36,7 @@ func Sweep(ctx context.Context, id, stateDir string) error {
 	} else {
 		errs = append(errs, err)
 	}
-	v1, err := v1Mounts()
+	v1, err := cgroup.V1Mounts()
 	if err != nil {
 		errs = append(errs, err)
 	}
@@ -80,53 +77,18 @@ func linkExists(name string) bool {
 }
 
 // removeTree removes a cgroup v1 directory tree, deepest first, once its
-// processes are gone (they were killed through the v2 hierarchy).
+// processes are gone (they were killed through the v2 hierarchy). A
+// process can still sit in a v1 cgroup of the cluster when it was never in
+// the cluster's v2 sub-tree; it is killed there while rmdir is refused.
 func removeTree(ctx context.Context, dir string) error {
-	var dirs []string
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if d.IsDir() {
-			dirs = append(dirs, p)
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("listing cgroup %s: %w", dir, err)
-	}
-	sort.Slice(dirs, func(i, j int) bool { return len(dirs[i]) > len(dirs[j]) })
-	var errs []error
-	for _, d := range dirs {
-		var err error
-		for try := 0; try < 100; try++ {
-			if err = os.Remove(d); err == nil || errors.Is(err, fs.ErrNotExist) {
-				err = nil
-				break
-			}
-			// A process can still sit in a v1 cgroup of the cluster when
-			// it was never in the cluster's v2 sub-tree; kill it there.
-			if procs, rerr := os.ReadFile(filepath.Join(d, "cgroup.procs")); rerr == nil {
-				for _, f := range strings.Fields(string(procs)) {
-					if pid, perr := strconv.Atoi(f); perr == nil && pid > 1 {
-						_ = killPid(pid)
-					}
-				}
-			}
-			select {
-			case <-ctx.Done():
-				try = 100
-			case <-time.After(20 * time.Millisecond):
+	return cgroup.RemoveTree(ctx, dir, cgroup.TreeOptions{Tries: 100, OnBusy: func(d string) {
+		pids, _ := cgroup.Procs(d)
+		for _, pid := range pids {
+			if pid > 1 {
+				_ = killPid(pid)
 			}
 		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("removing cgroup %s: %w", d, err))
-		}
-	}
-	return errors.Join(errs...)
+	}})
 }
 
 // Leftovers lists what of cluster id exists on the machine: besides the
@@ -138,7 +100,7 @@ func Leftovers(id, stateDir string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	v1, err := v1Mounts()
+	v1, err := cgroup.V1Mounts()
 	if err != nil {
 		return nil, err
 	}
@@ -147,13 +109,13 @@ func Leftovers(id, stateDir string) ([]string, error) {
 			out = append(out, "cgroup "+filepath.Join(m, lab.Prefix+id))
 		}
 	}
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	mounts, err := mountinfo.Read("")
 	if err != nil {
-		return nil, fmt.Errorf("reading mountinfo: %w", err)
+		return nil, err
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if stateDir != "" && strings.Contains(line, stateDir) {
-			out = append(out, "mount "+line)
+	for _, m := range mounts {
+		if stateDir != "" && (strings.Contains(m.MountPoint, stateDir) || strings.Contains(m.Root, stateDir) || strings.Contains(m.Source, stateDir)) {
+			out = append(out, fmt.Sprintf("mount %s (%s %s, root %s)", m.MountPoint, m.FSType, m.Source, m.Root))
 		}
 	}
 	if _, err := os.Stat(stateDir); err == nil {

@@ -1,9 +1,16 @@
-package nodeinfo
+// Package mountinfo parses /proc/<pid>/mountinfo (proc(5)). It is the one
+// mount-table parser of the tree: the agent finds the cgroup v2 hierarchy
+// with it (agent/nodeinfo), the capture loader its own cgroup (redirect),
+// and the lab its cgroup hierarchies and leftover mounts (lab/cgroup,
+// lab/cluster). It imports nothing of this module, so all of them can.
+package mountinfo
 
 import (
 	"bufio"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 )
@@ -26,10 +33,24 @@ type Mount struct {
 	FSType, Source, SuperOptions string
 }
 
-// ParseMountinfo parses a /proc/<pid>/mountinfo stream. A malformed line is
+// Read parses <proc>/self/mountinfo ("/proc" when proc is empty): the mount
+// table as this process sees it.
+func Read(proc string) ([]Mount, error) {
+	if proc == "" {
+		proc = "/proc"
+	}
+	f, err := os.Open(filepath.Join(proc, "self", "mountinfo"))
+	if err != nil {
+		return nil, fmt.Errorf("reading mountinfo: %w", err)
+	}
+	defer f.Close()
+	return Parse(f)
+}
+
+// Parse parses a /proc/<pid>/mountinfo stream. A malformed line is
 // an error naming its number: a mount table that cannot be read cannot be
 // trusted to say where cgroups are.
-func ParseMountinfo(r io.Reader) ([]Mount, error) {
+func Parse(r io.Reader) ([]Mount, error) {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	var out []Mount
