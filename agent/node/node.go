@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -33,6 +34,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/admin"
 	"github.com/nodemesh/nodemesh/agent/exposure"
 	"github.com/nodemesh/nodemesh/agent/k8s"
+	"github.com/nodemesh/nodemesh/agent/procs"
 	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/agent/version"
@@ -40,6 +42,15 @@ import (
 
 // Config is the agent's validated configuration (cmd/nodemesh-agent
 // validates the flags it comes from).
+// Values of Config.Procs besides a fixed number.
+const (
+	ProcsRuntime = 0 // the zero value: leave GOMAXPROCS alone
+	ProcsAuto    = -1
+)
+
+// procsInterval is how often agent/procs samples the CPU use.
+const procsInterval = 500 * time.Millisecond
+
 type Config struct {
 	NodeName    string
 	TrustDomain spiffeid.TrustDomain
@@ -79,6 +90,9 @@ type Config struct {
 	// it is renewed (0: rollout's defaults).
 	MarkDuration time.Duration
 	MarkRenew    time.Duration
+	// Procs sizes GOMAXPROCS: ProcsAuto adapts it to the load (agent/procs),
+	// ProcsRuntime leaves the Go runtime's choice, a positive number fixes it.
+	Procs int
 
 	Log   *slog.Logger
 	Level *slog.LevelVar // changed at run time through the admin API
@@ -208,6 +222,12 @@ func (n *Node) Run(ctx context.Context) error {
 				errc <- fmt.Errorf("%s: %w", name, err)
 			}
 		})
+	}
+	switch {
+	case n.cfg.Procs == ProcsAuto:
+		wg.Go(func() { procs.Run(bg, procs.DefaultPolicy(runtime.GOMAXPROCS(0)), procsInterval, n.log) })
+	case n.cfg.Procs > 0:
+		runtime.GOMAXPROCS(n.cfg.Procs)
 	}
 	goRun("admin", n.admin.Run)
 	goRun("cluster state", n.source.Run)

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -68,11 +69,13 @@ type Config struct {
 	// it is renewed.
 	MarkDuration time.Duration
 	MarkRenew    time.Duration
+	Procs        string
 
 	// Derived by Validate.
 	td         spiffeid.TrustDomain
 	caID       spiffeid.ID
 	level      slog.Level
+	procsN     int
 	bundleNS   string
 	bundleName string
 	onlyPods   map[string]bool
@@ -117,6 +120,7 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.BoolVar(&c.AccessLog, "access-log", false, "write one JSON line per closed connection to stdout")
 	fs.DurationVar(&c.CRDRecheck, "crd-recheck", 30*time.Second, "how often to look for nodemesh CRDs that were not installed when the agent started")
 	fs.DurationVar(&c.MarkDuration, "node-mark-duration", rollout.DefaultLeaseDuration, "how long peers honour this node's mark (its Lease) without a renewal: how long a crashed agent's node still counts as mesh-capable")
+	fs.StringVar(&c.Procs, "procs", procsDefault(getenv), "GOMAXPROCS: auto (one P at light load, more while the agent keeps them busy, up to the CPUs or the cgroup CPU limit), runtime (the Go runtime's choice; the default when $GOMAXPROCS is set), or a number")
 	fs.DurationVar(&c.MarkRenew, "node-mark-renew", rollout.DefaultRenewInterval, "how often the node mark is renewed: one Lease write per node, and one watch event for every agent, each time")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
@@ -187,6 +191,11 @@ func (c *Config) Validate() error {
 	if c.MarkDuration < time.Second || c.MarkDuration > time.Hour {
 		errs = append(errs, fmt.Errorf("--node-mark-duration %s: must be between 1s and 1h", c.MarkDuration))
 	}
+	if n, err := c.procs(); err != nil {
+		errs = append(errs, err)
+	} else {
+		c.procsN = n
+	}
 	if c.MarkRenew <= 0 || 2*c.MarkRenew > c.MarkDuration {
 		errs = append(errs, fmt.Errorf("--node-mark-renew %s: must be positive and at most half of --node-mark-duration (%s), so one lost renewal does not unmark the node", c.MarkRenew, c.MarkDuration))
 	}
@@ -251,6 +260,30 @@ func (c *Config) nodeConfig(rc *rest.Config, log *slog.Logger, level *slog.Level
 		DrainDeadline: c.DrainDeadline, AdminAddr: c.AdminAddr, MetricsAddr: c.MetricsAddr, ReadinessAddr: c.ReadinessAddr,
 		MetricsScrapers: c.MetricsScrapers,
 		CRDRecheck:      c.CRDRecheck, MarkDuration: c.MarkDuration, MarkRenew: c.MarkRenew,
-		Log: log, Level: level, AccessLog: access,
+		Procs: c.procsN,
+		Log:   log, Level: level, AccessLog: access,
 	}
+}
+
+// procsDefault is auto, unless the operator set $GOMAXPROCS.
+func procsDefault(getenv func(string) string) string {
+	if getenv("GOMAXPROCS") != "" {
+		return "runtime"
+	}
+	return "auto"
+}
+
+// procs parses --procs into node.Config.Procs.
+func (c *Config) procs() (int, error) {
+	switch c.Procs {
+	case "auto", "":
+		return node.ProcsAuto, nil
+	case "runtime":
+		return node.ProcsRuntime, nil
+	}
+	n, err := strconv.Atoi(c.Procs)
+	if err != nil || n < 1 || n > 1024 {
+		return 0, fmt.Errorf("--procs %q: want auto, runtime, or a number of Ps from 1 to 1024", c.Procs)
+	}
+	return n, nil
 }

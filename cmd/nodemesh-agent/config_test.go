@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodemesh/nodemesh/agent/node"
 	"github.com/nodemesh/nodemesh/agent/workloads"
 )
 
@@ -47,6 +48,22 @@ func TestConfig(t *testing.T) {
 		{"bad pod-netns", []string{"--node-name=n1", "--pod-netns=cni"}, nil, []string{"--pod-netns"}, nil},
 		{"only-pod", []string{"--node-name=n1", "--only-pod=mesh/web-0", "--only-pod=mesh/a.b", "--only-pod=web", "--only-pod=Bad_NS/x", "--only-pod=ns/x/y"}, nil,
 			[]string{`--only-pod "web": want NAMESPACE/NAME`, `--only-pod "Bad_NS/x": namespace`, `--only-pod "ns/x/y"`}, nil},
+		{"procs: auto by default", []string{"--node-name=n1"}, nil, nil, func(t *testing.T, c *Config) {
+			if c.procsN != node.ProcsAuto {
+				t.Errorf("procs %d, want auto", c.procsN)
+			}
+		}},
+		{"procs: $GOMAXPROCS keeps the runtime's choice", []string{"--node-name=n1"}, map[string]string{"GOMAXPROCS": "3"}, nil, func(t *testing.T, c *Config) {
+			if c.procsN != node.ProcsRuntime {
+				t.Errorf("procs %d, want runtime", c.procsN)
+			}
+		}},
+		{"procs: fixed", []string{"--node-name=n1", "--procs=2"}, nil, nil, func(t *testing.T, c *Config) {
+			if c.procsN != 2 {
+				t.Errorf("procs %d, want 2", c.procsN)
+			}
+		}},
+		{"procs: bad", []string{"--node-name=n1", "--procs=0"}, nil, []string{`--procs "0": want auto, runtime, or a number`}, nil},
 		{"node mark: kubelet's lease defaults", []string{"--node-name=n1"}, nil, nil, func(t *testing.T, c *Config) {
 			if c.MarkDuration != 40*time.Second || c.MarkRenew != 10*time.Second {
 				t.Errorf("mark %s/%s, want 40s/10s", c.MarkDuration, c.MarkRenew)
