@@ -192,9 +192,10 @@ bench-go: deps kube-apiserver
 	$(GO) test -run '^$$' -bench . -benchmem -count 1 ./... | tee $(BENCH_OUT)/go-bench.txt
 
 # Install proof on the lab's real API server: CRDs, server-side dry-run of
-# every manifest, agents and CA running on their own service-account tokens.
+# every manifest (kustomize and the Helm chart), agents and CA running on
+# their own service-account tokens.
 manifests-check: deps kube-apiserver
-	$(GO) test -count=1 -p 1 -timeout 20m -run '^TestLabInstall' -v ./manifests/
+	$(GO) test -count=1 -p 1 -timeout 20m -run '^TestLab(Install|HelmInstall)' -v ./manifests/
 
 # Container images without a Docker engine: static binaries on an empty base,
 # one archive for `ctr -n k8s.io images import bin/images.tar` (lab/cluster/image).

@@ -1,8 +1,9 @@
 // Package manifests is nodemesh's Kubernetes install: a kustomize base
 // (base/), the CRDs (crds/), the default install (this directory's
 // kustomization.yaml, for `kubectl apply -k manifests/`) and the overlays
-// lab and production (overlays/), plus the Dockerfile of the agent and CA
-// images.
+// lab and production (overlays/), the equivalent Helm chart (helm/nodemesh,
+// rendered with Helm's library in the tests), plus the Dockerfile of the
+// agent and CA images.
 //
 // The Go code renders a kustomization with kustomize's own library (krusty),
 // exactly as `kubectl apply -k` would, so tests and tools can check and
