@@ -300,7 +300,7 @@ func (s *Server) release(addr netip.Addr) {
 func (s *Server) serveConn(ctx context.Context, c net.Conn) {
 	remote := addrPort(c.RemoteAddr())
 	if !s.admit(remote.Addr()) {
-		resetConn(c)
+		ResetConn(c)
 		return
 	}
 	defer s.release(remote.Addr())
@@ -311,7 +311,7 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn) {
 		// Plaintext, a foreign trust domain or a wrong identity all end
 		// here; the TLS alert has told the client why.
 		s.log.Debug("HBONE connection refused", "src", remote.String(), "error", err)
-		resetConn(c)
+		ResetConn(c)
 		return
 	}
 	s.ctr.handshakes.Add(1)
@@ -526,8 +526,10 @@ func (t *Tunnel) finish(log *slog.Logger, req *Request) {
 	s.cancel()
 }
 
-// resetConn closes c with an RST rather than a FIN where possible.
-func resetConn(c net.Conn) {
+// ResetConn closes c with an RST rather than a FIN where possible (a
+// *net.TCPConn gets SO_LINGER 0), so that the peer sees a failure instead
+// of a clean end of stream. agent/proxy uses it for its plain connections.
+func ResetConn(c net.Conn) {
 	if l, ok := c.(interface{ SetLinger(int) error }); ok {
 		_ = l.SetLinger(0)
 	}

@@ -5,6 +5,8 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+
+	"github.com/nodemesh/nodemesh/agent/hbone"
 )
 
 // copyBufSize is the size of pooled copy buffers: four full TLS records.
@@ -70,15 +72,6 @@ func closeWrite(c net.Conn) {
 	c.Close()
 }
 
-// resetConn closes c with an RST, so that the application sees its
-// connection refused or reset at once rather than a clean EOF.
-func resetConn(c net.Conn) {
-	if l, ok := c.(interface{ SetLinger(int) error }); ok {
-		_ = l.SetLinger(0)
-	}
-	c.Close()
-}
-
 // pipeConns copies both ways between two plain connections: the calling
 // goroutine moves a->b, one more moves b->a. EOF on one side half-closes
 // the other; an error resets both. It returns when both directions are
@@ -87,8 +80,8 @@ func pipeConns(a, b net.Conn, aToB, bToA *atomic.Int64) bool {
 	var failed atomic.Bool
 	fail := func() {
 		if failed.CompareAndSwap(false, true) {
-			resetConn(a)
-			resetConn(b)
+			hbone.ResetConn(a)
+			hbone.ResetConn(b)
 		}
 	}
 	done := make(chan struct{})

@@ -68,7 +68,7 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 		app.Close()
 		return
 	}
-	c.kill = func() { resetConn(app) }
+	c.kill = func() { hbone.ResetConn(app) }
 	p.trk.add(c)
 	defer p.trk.remove(c)
 	// This goroutine copies app -> tunnel; the connection's read loop
@@ -77,7 +77,7 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 	if err := t.Relay(app, &c.sent, &c.recv); err != nil {
 		c.failed.Store(true)
 		t.Reset()
-		resetConn(app)
+		hbone.ResetConn(app)
 		return
 	}
 	app.Close()
@@ -135,8 +135,8 @@ func (p *Proxy) handleInboundPlaintext(c net.Conn, w *Workload, origDst OrigDstF
 		return
 	}
 	tc.kill = func() {
-		resetConn(c)
-		resetConn(app)
+		hbone.ResetConn(c)
+		hbone.ResetConn(app)
 	}
 	p.trk.add(tc)
 	defer p.trk.remove(tc)

@@ -94,8 +94,8 @@ func (p *Proxy) passthrough(app net.Conn, c *conn) {
 		return
 	}
 	c.kill = func() {
-		resetConn(app)
-		resetConn(up)
+		hbone.ResetConn(app)
+		hbone.ResetConn(up)
 	}
 	p.trk.add(c)
 	defer p.trk.remove(c)
@@ -123,7 +123,7 @@ func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
 	}
 	c.kill = func() {
 		cancel()
-		resetConn(app)
+		hbone.ResetConn(app)
 	}
 	p.trk.add(c)
 	defer p.trk.remove(c)
@@ -132,7 +132,7 @@ func (p *Proxy) outboundHBONE(app net.Conn, c *conn, ep Endpoint) {
 	if err := s.Relay(app, &c.sent, &c.recv); err != nil {
 		c.failed.Store(true)
 		s.Close()
-		resetConn(app)
+		hbone.ResetConn(app)
 		return
 	}
 	s.Close()

@@ -246,7 +246,7 @@ func (p *Proxy) acceptLoop(ctx context.Context, ln net.Listener, kind string, ha
 		p.mu.Lock()
 		if p.stopping {
 			p.mu.Unlock()
-			resetConn(c)
+			hbone.ResetConn(c)
 			return nil
 		}
 		p.wg.Add(1)
@@ -347,7 +347,7 @@ func (p *Proxy) Close() error {
 
 // refuse resets c and reports the refusal.
 func (p *Proxy) refuse(c net.Conn, f *Flow, start time.Time, why RefusalReason, detail string) {
-	resetConn(c)
+	hbone.ResetConn(c)
 	p.report(f, start, why, detail)
 }
 
