@@ -90,7 +90,8 @@ func ConvertPod(p *corev1.Pod) (*state.Pod, error) {
 		Workload:       workloadName(p),
 	}
 	named := make(map[string]uint16)
-	for _, c := range p.Spec.Containers {
+	serving := servingContainers(&p.Spec)
+	for _, c := range serving {
 		for _, cp := range c.Ports {
 			n, ok := port16(cp.ContainerPort)
 			if !ok {
@@ -101,12 +102,12 @@ func ConvertPod(p *corev1.Pod) (*state.Pod, error) {
 				proto = "TCP"
 			}
 			out.Ports = append(out.Ports, state.ContainerPort{Name: cp.Name, Port: n, Protocol: proto})
-			if cp.Name != "" {
+			if _, dup := named[cp.Name]; cp.Name != "" && !dup {
 				named[cp.Name] = n
 			}
 		}
 	}
-	for _, c := range p.Spec.Containers {
+	for _, c := range serving {
 		for _, pr := range []*corev1.Probe{c.LivenessProbe, c.ReadinessProbe, c.StartupProbe} {
 			if n, ok := probePort(pr, named); ok && !slices.Contains(out.ProbePorts, n) {
 				out.ProbePorts = append(out.ProbePorts, n)
@@ -115,6 +116,28 @@ func ConvertPod(p *corev1.Pod) (*state.Pod, error) {
 	}
 	slices.Sort(out.ProbePorts)
 	return out, nil
+}
+
+// servingContainers are the containers whose ports a pod serves on while
+// it runs: its containers, then its sidecars (init containers with
+// restartPolicy: Always, which keep running beside them). Kubernetes
+// resolves a named port against the same list, in the same order
+// (podutil.FindPort, used for Services' target ports; NetworkPolicy
+// implementations follow it); an ordinary init container has exited
+// before the pod serves, so its ports do not count. The first container
+// that declares a name wins.
+func servingContainers(spec *corev1.PodSpec) []corev1.Container {
+	out := spec.Containers
+	for _, c := range spec.InitContainers {
+		if isSidecar(c) {
+			out = append(slices.Clip(out), c)
+		}
+	}
+	return out
+}
+
+func isSidecar(c corev1.Container) bool {
+	return c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways
 }
 
 // workloadName derives the controller name the way Istio does for its

@@ -315,3 +315,40 @@ func TestWorkloadName(t *testing.T) {
 		})
 	}
 }
+
+// TestConvertPodSidecars: a sidecar's (restartPolicy: Always init
+// container's) ports and probe ports count as the pod's, after the
+// containers'; an ordinary init container's do not. StripPod keeps them.
+func TestConvertPodSidecars(t *testing.T) {
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "b", Namespace: "y", UID: "u-b"},
+		Spec: corev1.PodSpec{
+			InitContainers: []corev1.Container{
+				{Name: "seed", Ports: []corev1.ContainerPort{{Name: "seed", ContainerPort: 7070}},
+					ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(7071)}}}},
+				{Name: "warm", RestartPolicy: ptr.To(corev1.ContainerRestartPolicyAlways),
+					Ports:          []corev1.ContainerPort{{Name: "metrics", ContainerPort: 9090}, {Name: "admin", ContainerPort: 9901}},
+					ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Port: intstr.FromString("admin")}}}},
+			},
+			Containers: []corev1.Container{{Name: "app", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}},
+		},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.7.0.2"},
+	}
+	want := []state.ContainerPort{{Name: "http", Port: 8080, Protocol: "TCP"}, {Name: "metrics", Port: 9090, Protocol: "TCP"}, {Name: "admin", Port: 9901, Protocol: "TCP"}}
+	for _, stripped := range []bool{false, true} {
+		in := p
+		if stripped {
+			in = StripPod(p)
+		}
+		got, err := ConvertPod(in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got.Ports, want) || !slices.Equal(got.ProbePorts, []uint16{9901}) {
+			t.Errorf("stripped=%v: ports %+v, probe ports %v; want %+v, [9901]", stripped, got.Ports, got.ProbePorts, want)
+		}
+	}
+	if s := StripPod(p); len(s.Spec.InitContainers) != 1 || s.Spec.InitContainers[0].Name != "warm" {
+		t.Errorf("StripPod kept init containers %+v, want only the sidecar", s.Spec.InitContainers)
+	}
+}

@@ -84,12 +84,27 @@ func StripPod(p *corev1.Pod) *corev1.Pod {
 			break
 		}
 	}
-	for _, c := range p.Spec.Containers {
+	out.Spec.Containers = stripContainers(p.Spec.Containers, false)
+	out.Spec.InitContainers = stripContainers(p.Spec.InitContainers, true)
+	return out
+}
+
+// stripContainers keeps of each container what ConvertPod reads: name,
+// ports and probes; of init containers only the sidecars
+// (servingContainers), with their restart policy. A container with neither
+// ports nor probes is dropped.
+func stripContainers(cs []corev1.Container, sidecarsOnly bool) []corev1.Container {
+	var out []corev1.Container
+	for _, c := range cs {
+		if sidecarsOnly && !isSidecar(c) {
+			continue
+		}
 		if len(c.Ports) == 0 && c.LivenessProbe == nil && c.ReadinessProbe == nil && c.StartupProbe == nil {
 			continue
 		}
 		sc := corev1.Container{
 			Name:           c.Name,
+			RestartPolicy:  c.RestartPolicy,
 			LivenessProbe:  stripProbe(c.LivenessProbe),
 			ReadinessProbe: stripProbe(c.ReadinessProbe),
 			StartupProbe:   stripProbe(c.StartupProbe),
@@ -97,7 +112,7 @@ func StripPod(p *corev1.Pod) *corev1.Pod {
 		for _, cp := range c.Ports {
 			sc.Ports = append(sc.Ports, corev1.ContainerPort{Name: cp.Name, ContainerPort: cp.ContainerPort, Protocol: cp.Protocol})
 		}
-		out.Spec.Containers = append(out.Spec.Containers, sc)
+		out = append(out, sc)
 	}
 	return out
 }
