@@ -194,12 +194,20 @@ func TestMetricsAndAccessLog(t *testing.T) {
 		return PoolStats{Hits: 5, Misses: 2, Handshakes: 2, HandshakeErrors: 1, Conns: 1, Streams: 3}
 	})
 	c := &Conn{Reporter: ReporterSource, Src: netip.MustParseAddrPort("10.0.0.1:40000"), Dst: netip.MustParseAddrPort("10.0.0.2:8080"),
-		SrcWorkload: "client", SrcNamespace: "shop", SrcPrincipal: "spiffe://cluster.local/ns/shop/sa/client",
-		DstWorkload: "web", DstNamespace: "shop", DstPrincipal: "spiffe://cluster.local/ns/shop/sa/web",
+		Source:      Peer{Workload: "client", Namespace: "shop", Principal: "spiffe://cluster.local/ns/shop/sa/client", CanonicalService: "client", CanonicalRevision: "v1", Cluster: "Kubernetes"},
+		Destination: Peer{Workload: "web", Namespace: "shop", Principal: "spiffe://cluster.local/ns/shop/sa/web", CanonicalService: "web", CanonicalRevision: "latest", Cluster: "Kubernetes"},
+		DstService:  "web.shop.svc.cluster.local", DstServiceName: "web", DstServiceNamespace: "shop",
 		SecurityPolicy: SecurityMutualTLS, Start: time.Now()}
-	m.Opened(c)
-	m.Opened(c)
+	// The second connection's last bytes arrive through the flush a
+	// scrape runs.
+	m.Opened(c).Add(60, 1500)
+	tr := m.Opened(c)
+	var flushes int
+	m.SetFlush(func() { flushes++; tr.Add(40, 500) })
 	m.Closed(c, 100, 2000, "eof")
+	refused := *c
+	refused.Reporter, refused.ResponseFlags = ReporterDestination, FlagsDeny
+	m.Refused(&refused, "policy", "denied by test")
 	m.Setup("outbound", "ok", 3*time.Millisecond)
 	m.Denied("inbound", "policy")
 	m.SetCaptureStatus("shop", "web-0", "enrolled")
@@ -213,16 +221,19 @@ func TestMetricsAndAccessLog(t *testing.T) {
 		t.Fatalf("metrics: %d", code)
 	}
 	for _, want := range []string{
-		`istio_tcp_connections_opened_total{connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/shop/sa/web",destination_service="unknown",destination_workload="web",destination_workload_namespace="shop",reporter="source",source_principal="spiffe://cluster.local/ns/shop/sa/client",source_workload="client",source_workload_namespace="shop"} 2`,
-		`istio_tcp_connections_closed_total{`,
-		`istio_tcp_sent_bytes_total{connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/shop/sa/web",destination_service="unknown",destination_workload="web",destination_workload_namespace="shop",reporter="source",source_principal="spiffe://cluster.local/ns/shop/sa/client",source_workload="client",source_workload_namespace="shop"} 100`,
-		`} 2000`,
+		`istio_tcp_connections_opened_total{connection_security_policy="mutual_tls",destination_app="web",destination_canonical_revision="latest",destination_canonical_service="web",destination_cluster="Kubernetes",destination_principal="spiffe://cluster.local/ns/shop/sa/web",destination_service="web.shop.svc.cluster.local",destination_service_name="web",destination_service_namespace="shop",destination_version="latest",destination_workload="web",destination_workload_namespace="shop",reporter="source",request_protocol="tcp",response_flags="-",source_app="client",source_canonical_revision="v1",source_canonical_service="client",source_cluster="Kubernetes",source_principal="spiffe://cluster.local/ns/shop/sa/client",source_version="v1",source_workload="client",source_workload_namespace="shop"} 2`,
+		// Istio's directions: received is request bytes, sent response bytes.
+		`istio_tcp_received_bytes_total{connection_security_policy="mutual_tls",destination_app="web",destination_canonical_revision="latest",destination_canonical_service="web",destination_cluster="Kubernetes",destination_principal="spiffe://cluster.local/ns/shop/sa/web",destination_service="web.shop.svc.cluster.local",destination_service_name="web",destination_service_namespace="shop",destination_version="latest",destination_workload="web",destination_workload_namespace="shop",reporter="source",request_protocol="tcp",response_flags="-",source_app="client",source_canonical_revision="v1",source_canonical_service="client",source_cluster="Kubernetes",source_principal="spiffe://cluster.local/ns/shop/sa/client",source_version="v1",source_workload="client",source_workload_namespace="shop"} 100`,
+		`istio_tcp_sent_bytes_total{connection_security_policy="mutual_tls",destination_app="web",destination_canonical_revision="latest",destination_canonical_service="web",destination_cluster="Kubernetes",destination_principal="spiffe://cluster.local/ns/shop/sa/web",destination_service="web.shop.svc.cluster.local",destination_service_name="web",destination_service_namespace="shop",destination_version="latest",destination_workload="web",destination_workload_namespace="shop",reporter="source",request_protocol="tcp",response_flags="-",source_app="client",source_canonical_revision="v1",source_canonical_service="client",source_cluster="Kubernetes",source_principal="spiffe://cluster.local/ns/shop/sa/client",source_version="v1",source_workload="client",source_workload_namespace="shop"} 2000`,
+		// A refusal: opened with "-", closed with DENY, as ztunnel counts it.
+		`reporter="destination",request_protocol="tcp",response_flags="-",`,
+		`reporter="destination",request_protocol="tcp",response_flags="DENY",`,
 		`nodemesh_tunnel_handshakes_total{result="ok"} 2`,
 		`nodemesh_tunnel_handshakes_total{result="error"} 1`,
 		`nodemesh_pool_requests_total{result="hit"} 5`,
 		`nodemesh_pool_requests_total{result="miss"} 2`,
 		`nodemesh_connection_setup_seconds_count{direction="outbound",outcome="ok"} 1`,
-		`nodemesh_connections_denied_total{direction="inbound",reason="policy"} 1`,
+		`nodemesh_connections_denied_total{direction="inbound",reason="policy"} 2`,
 		`nodemesh_capture_status{namespace="shop",pod="web-0",status="failed"} 1`,
 	} {
 		if !strings.Contains(body, want) {
@@ -235,13 +246,19 @@ func TestMetricsAndAccessLog(t *testing.T) {
 	if n := testutil.CollectAndCount(reg, "istio_tcp_received_bytes_total"); n != 1 {
 		t.Errorf("%d received series", n)
 	}
+	if flushes < 1 {
+		t.Error("a scrape did not flush open connections' bytes")
+	}
+	if n := testutil.CollectAndCount(reg, "istio_tcp_connections_closed_total"); n != 2 {
+		t.Errorf("%d closed series, want 2 (response_flags - and DENY)", n)
+	}
 	if code, _ := get(t, s.MetricsHandler(), "GET", "/stats/prometheus"); code != 200 {
 		t.Error("Istio's metrics path missing")
 	}
 
 	var rec map[string]any
-	if err := json.Unmarshal(buf.Bytes(), &rec); err != nil {
-		t.Fatalf("access log is not one JSON object: %v: %q", err, buf.String())
+	if err := json.NewDecoder(&buf).Decode(&rec); err != nil {
+		t.Fatalf("access log does not start with a JSON object: %v: %q", err, buf.String())
 	}
 	for k, v := range map[string]any{"msg": "connection", "src_spiffe_id": "spiffe://cluster.local/ns/shop/sa/client",
 		"dst_spiffe_id": "spiffe://cluster.local/ns/shop/sa/web", "bytes_sent": 100.0, "bytes_received": 2000.0,

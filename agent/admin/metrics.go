@@ -11,28 +11,56 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Values of the reporter and connection_security_policy labels, as Istio
-// spells them.
+// Values of the reporter, connection_security_policy, request_protocol and
+// response_flags labels, as Istio spells them.
 const (
 	ReporterSource      = "source"
 	ReporterDestination = "destination"
 	SecurityMutualTLS   = "mutual_tls"
 	SecurityNone        = "none"
-	unknown             = "unknown"
+	ProtocolTCP         = "tcp"
+	// FlagsNone: the connection opened (Istio's "-").
+	FlagsNone = "-"
+	// FlagsDeny: refused by policy (ztunnel's DENY).
+	FlagsDeny = "DENY"
+	// FlagsConnect: the destination or the tunnel could not be reached
+	// (ztunnel's CONNECT).
+	FlagsConnect = "CONNECT"
+	unknown      = "unknown"
 )
 
+// Peer is one end of a connection as Istio's labels describe it. Fields
+// are "" when unknown (reported as "unknown", like Istio).
+type Peer struct {
+	// Workload is the controller's name (Deployment, StatefulSet...), the
+	// pod's when it has none.
+	Workload, Namespace string
+	Principal           string // SPIFFE ID
+	// CanonicalService and CanonicalRevision follow Istio's rules (see
+	// telemetry.Canonical); they are also reported as *_app and
+	// *_version, as ztunnel does.
+	CanonicalService, CanonicalRevision string
+	Cluster                             string
+}
+
 // Conn is one proxied connection as metrics and the access log see it.
-// Workload fields are "" when unknown (reported as "unknown", like Istio).
 type Conn struct {
 	// Reporter is ReporterSource (the source's agent: outbound) or
 	// ReporterDestination (the destination's agent: inbound).
-	Reporter                                string
-	Src, Dst                                netip.AddrPort
-	SrcWorkload, SrcNamespace, SrcPrincipal string
-	DstWorkload, DstNamespace, DstPrincipal string
-	DstService                              string
-	SecurityPolicy                          string // SecurityMutualTLS or SecurityNone
-	Start                                   time.Time
+	Reporter string
+	Src, Dst netip.AddrPort
+	// Source and Destination are the workloads at each end.
+	Source, Destination Peer
+	// DstService is the destination Service's FQDN
+	// (name.namespace.svc.<cluster domain>), DstServiceName and
+	// DstServiceNamespace its name and namespace; "" when the destination
+	// was not reached through a Service.
+	DstService, DstServiceName, DstServiceNamespace string
+	SecurityPolicy                                  string // SecurityMutualTLS or SecurityNone
+	// ResponseFlags is FlagsNone for a connection that opened, FlagsDeny
+	// or FlagsConnect for one that did not.
+	ResponseFlags string
+	Start         time.Time
 }
 
 func orUnknown(s string) string {
@@ -45,21 +73,48 @@ func orUnknown(s string) string {
 func (c *Conn) labels() prometheus.Labels {
 	return prometheus.Labels{
 		"reporter":                       orUnknown(c.Reporter),
-		"source_workload":                orUnknown(c.SrcWorkload),
-		"source_workload_namespace":      orUnknown(c.SrcNamespace),
-		"source_principal":               orUnknown(c.SrcPrincipal),
-		"destination_workload":           orUnknown(c.DstWorkload),
-		"destination_workload_namespace": orUnknown(c.DstNamespace),
-		"destination_principal":          orUnknown(c.DstPrincipal),
+		"source_workload":                orUnknown(c.Source.Workload),
+		"source_canonical_service":       orUnknown(c.Source.CanonicalService),
+		"source_canonical_revision":      orUnknown(c.Source.CanonicalRevision),
+		"source_workload_namespace":      orUnknown(c.Source.Namespace),
+		"source_principal":               orUnknown(c.Source.Principal),
+		"source_app":                     orUnknown(c.Source.CanonicalService),
+		"source_version":                 orUnknown(c.Source.CanonicalRevision),
+		"source_cluster":                 orUnknown(c.Source.Cluster),
 		"destination_service":            orUnknown(c.DstService),
+		"destination_service_namespace":  orUnknown(c.DstServiceNamespace),
+		"destination_service_name":       orUnknown(c.DstServiceName),
+		"destination_workload":           orUnknown(c.Destination.Workload),
+		"destination_canonical_service":  orUnknown(c.Destination.CanonicalService),
+		"destination_canonical_revision": orUnknown(c.Destination.CanonicalRevision),
+		"destination_workload_namespace": orUnknown(c.Destination.Namespace),
+		"destination_principal":          orUnknown(c.Destination.Principal),
+		"destination_app":                orUnknown(c.Destination.CanonicalService),
+		"destination_version":            orUnknown(c.Destination.CanonicalRevision),
+		"destination_cluster":            orUnknown(c.Destination.Cluster),
+		"request_protocol":               ProtocolTCP,
+		"response_flags":                 orFlags(c.ResponseFlags),
 		"connection_security_policy":     orUnknown(c.SecurityPolicy),
 	}
 }
 
-var connLabelNames = []string{
-	"reporter", "source_workload", "source_workload_namespace", "source_principal",
-	"destination_workload", "destination_workload_namespace", "destination_principal",
-	"destination_service", "connection_security_policy",
+func orFlags(s string) string {
+	if s == "" {
+		return FlagsNone
+	}
+	return s
+}
+
+// ConnLabelNames are the labels of the istio_tcp_* metrics: Istio's
+// standard TCP labels as ztunnel reports them (without locality).
+var ConnLabelNames = []string{
+	"reporter",
+	"source_workload", "source_canonical_service", "source_canonical_revision", "source_workload_namespace",
+	"source_principal", "source_app", "source_version", "source_cluster",
+	"destination_service", "destination_service_namespace", "destination_service_name",
+	"destination_workload", "destination_canonical_service", "destination_canonical_revision", "destination_workload_namespace",
+	"destination_principal", "destination_app", "destination_version", "destination_cluster",
+	"request_protocol", "response_flags", "connection_security_policy",
 }
 
 // PoolStats are the HBONE pool's counters (hbone.PoolStats, copied here so
@@ -70,10 +125,10 @@ type PoolStats struct {
 }
 
 // Metrics are the agent's Prometheus metrics. The istio_tcp_* metrics
-// have Istio's names and some of its labels (not yet enough for Istio's
-// dashboards: see docs/operations.md); bytes are counted when a connection
-// closes (Istio also reports long connections periodically; /connections
-// shows bytes of open ones).
+// have Istio's names, labels and byte directions (docs/operations.md says
+// exactly what matches); bytes of open connections are added by whoever
+// holds their Traffic, at the latest when a scrape calls the flush function
+// (SetFlush), so long-lived connections show up while they last.
 type Metrics struct {
 	opened, closed, sent, received *prometheus.CounterVec
 	setup                          *prometheus.HistogramVec
@@ -83,6 +138,7 @@ type Metrics struct {
 
 	mu        sync.Mutex
 	pool      func() PoolStats
+	flush     func()
 	captureOf map[string]string // pod -> status label value set
 }
 
@@ -91,13 +147,13 @@ type Metrics struct {
 func NewMetrics(reg prometheus.Registerer, access *slog.Logger) (*Metrics, error) {
 	m := &Metrics{
 		opened: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_connections_opened_total",
-			Help: "TCP connections opened."}, connLabelNames),
+			Help: "TCP connections opened (also those refused or failed, whose close carries response_flags DENY or CONNECT)."}, ConnLabelNames),
 		closed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_connections_closed_total",
-			Help: "TCP connections closed."}, connLabelNames),
+			Help: "TCP connections closed."}, ConnLabelNames),
 		sent: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_sent_bytes_total",
-			Help: "Bytes sent by the source towards the destination, counted when the connection closes."}, connLabelNames),
+			Help: "Response bytes: sent by the destination back to the source, counted while the connection is open."}, ConnLabelNames),
 		received: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "istio_tcp_received_bytes_total",
-			Help: "Bytes received by the source from the destination, counted when the connection closes."}, connLabelNames),
+			Help: "Request bytes: sent by the source and received by the destination, counted while the connection is open."}, ConnLabelNames),
 		setup: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "nodemesh_connection_setup_seconds",
 			Help:    "Time from accepting a captured connection to the destination being connected (tunnel stream or passthrough dial).",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 12)}, []string{"direction", "outcome"}),
@@ -108,7 +164,7 @@ func NewMetrics(reg prometheus.Registerer, access *slog.Logger) (*Metrics, error
 		access:    access,
 		captureOf: make(map[string]string),
 	}
-	for _, c := range []prometheus.Collector{m.opened, m.closed, m.sent, m.received, m.setup, m.denied, m.capture, poolCollector{m}} {
+	for _, c := range []prometheus.Collector{m.opened, m.closed, byteCollector{m}, m.setup, m.denied, m.capture, poolCollector{m}} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -116,40 +172,94 @@ func NewMetrics(reg prometheus.Registerer, access *slog.Logger) (*Metrics, error
 	return m, nil
 }
 
-// Opened records a new connection.
-func (m *Metrics) Opened(c *Conn) {
-	m.opened.With(c.labels()).Inc()
+// Traffic adds one connection's bytes to the istio_tcp_*_bytes_total
+// series of its labels (resolved once, when it opened).
+type Traffic struct{ request, response prometheus.Counter }
+
+// Add counts request bytes (source to destination: Istio's
+// istio_tcp_received_bytes_total, "received during request") and response
+// bytes (back: istio_tcp_sent_bytes_total, "sent during response").
+func (t *Traffic) Add(request, response int64) {
+	if request > 0 {
+		t.request.Add(float64(request))
+	}
+	if response > 0 {
+		t.response.Add(float64(response))
+	}
 }
 
-// Closed records the end of a connection: sent bytes went from source to
-// destination, received bytes back. reason says why it ended ("eof",
-// "reset by peer", "policy", "drain"...).
-func (m *Metrics) Closed(c *Conn, sent, received int64, reason string) {
+// Opened counts a new connection and returns the counters its bytes go to.
+func (m *Metrics) Opened(c *Conn) *Traffic {
 	l := c.labels()
-	m.closed.With(l).Inc()
-	if sent > 0 {
-		m.sent.With(l).Add(float64(sent))
-	}
-	if received > 0 {
-		m.received.With(l).Add(float64(received))
-	}
+	m.opened.With(l).Inc()
+	return &Traffic{request: m.received.With(l), response: m.sent.With(l)}
+}
+
+// Closed counts the end of a connection and access-logs it with its total
+// bytes: sent from source to destination, received back. Its bytes are
+// counted through its Traffic, not here. reason says why it ended ("eof",
+// "reset", "policy", "drain"...).
+func (m *Metrics) Closed(c *Conn, sent, received int64, reason string) {
+	m.closed.With(c.labels()).Inc()
 	m.log("connection", c, sent, received, reason)
 }
 
 // Refused counts a connection the agent refused before it opened (reason
 // is a label value of nodemesh_connections_denied_total, from a small fixed
-// set) and access-logs it with the full detail.
+// set), in the istio_tcp_* metrics as ztunnel does (opened, then closed
+// with c.ResponseFlags), and access-logs it with the full detail.
 func (m *Metrics) Refused(c *Conn, reason, detail string) {
 	m.Denied(c.direction(), reason)
+	m.openedAndClosed(c)
 	m.log("connection refused", c, 0, 0, detail)
 }
 
 // Failed records a connection whose setup failed (the destination or the
 // tunnel did not answer): outcome is the setup histogram's outcome label,
-// setup the time until the failure. It is not a denial.
+// setup the time until the failure. It is not a denial. Like Refused, it
+// counts an opened and a closed connection (with c.ResponseFlags).
 func (m *Metrics) Failed(c *Conn, outcome string, setup time.Duration, detail string) {
 	m.Setup(c.direction(), outcome, setup)
+	m.openedAndClosed(c)
 	m.log("connection failed", c, 0, 0, detail)
+}
+
+// openedAndClosed counts a connection that never carried bytes: opened
+// with response_flags "-" and closed with its flags, as ztunnel reports a
+// denied or failed connection.
+func (m *Metrics) openedAndClosed(c *Conn) {
+	open := *c
+	open.ResponseFlags = FlagsNone
+	m.opened.With(open.labels()).Inc()
+	m.closed.With(c.labels()).Inc()
+}
+
+// SetFlush registers fn, called at every scrape before the byte counters
+// are read: it adds the bytes open connections copied since the last call.
+func (m *Metrics) SetFlush(fn func()) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.flush = fn
+}
+
+// byteCollector is the two byte counter vectors, flushed before each
+// collection.
+type byteCollector struct{ m *Metrics }
+
+func (b byteCollector) Describe(ch chan<- *prometheus.Desc) {
+	b.m.sent.Describe(ch)
+	b.m.received.Describe(ch)
+}
+
+func (b byteCollector) Collect(ch chan<- prometheus.Metric) {
+	b.m.mu.Lock()
+	fn := b.m.flush
+	b.m.mu.Unlock()
+	if fn != nil {
+		fn()
+	}
+	b.m.sent.Collect(ch)
+	b.m.received.Collect(ch)
 }
 
 func (c *Conn) direction() string {
@@ -169,12 +279,12 @@ func (m *Metrics) log(msg string, c *Conn, sent, received int64, reason string) 
 			slog.String("reporter", c.Reporter),
 			slog.String("src", c.Src.String()),
 			slog.String("dst", c.Dst.String()),
-			slog.String("src_workload", c.SrcWorkload),
-			slog.String("src_namespace", c.SrcNamespace),
-			slog.String("src_spiffe_id", c.SrcPrincipal),
-			slog.String("dst_workload", c.DstWorkload),
-			slog.String("dst_namespace", c.DstNamespace),
-			slog.String("dst_spiffe_id", c.DstPrincipal),
+			slog.String("src_workload", c.Source.Workload),
+			slog.String("src_namespace", c.Source.Namespace),
+			slog.String("src_spiffe_id", c.Source.Principal),
+			slog.String("dst_workload", c.Destination.Workload),
+			slog.String("dst_namespace", c.Destination.Namespace),
+			slog.String("dst_spiffe_id", c.Destination.Principal),
 			slog.String("dst_service", c.DstService),
 			slog.String("security", c.SecurityPolicy),
 			slog.Int64("bytes_sent", sent),

@@ -39,8 +39,14 @@ var allowAll = proxy.PolicyFunc(func(context.Context, *proxy.Flow) proxy.Decisio
 	return proxy.Decision{Allow: true, Reason: "test allows all"}
 })
 
-func newFixture(t *testing.T) *fixture {
+// newFixture builds a data plane over the fakes; obs, if given, observes
+// its connections.
+func newFixture(t *testing.T, obs ...proxy.Observer) *fixture {
 	t.Helper()
+	var observer proxy.Observer
+	if len(obs) > 0 {
+		observer = obs[0]
+	}
 	ca, err := hbonetest.NewCA("cluster.local")
 	if err != nil {
 		t.Fatal(err)
@@ -57,7 +63,8 @@ func newFixture(t *testing.T) *fixture {
 		Resolver: proxy.ResolverFunc(func(w *proxy.Workload, dst netip.AddrPort) (proxy.Destination, error) {
 			return (*f.resolve.Load())(w, dst)
 		}),
-		Policy: allowAll,
+		Policy:   allowAll,
+		Observer: observer,
 		Status: func(ns, name string, s telemetry.CaptureStatus) {
 			f.mu.Lock()
 			defer f.mu.Unlock()

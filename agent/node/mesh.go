@@ -116,7 +116,8 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 		SVIDs:    m.svids,
 		Resolver: resolver,
 		Policy:   enforcer,
-		Observer: telemetry.New(telemetry.Config{Metrics: n.metrics, Ledger: n.ledger, State: n.store.Snapshot}),
+		Observer: telemetry.New(telemetry.Config{Metrics: n.metrics, Ledger: n.ledger, State: n.store.Snapshot,
+			ClusterDomain: cfg.ClusterDomain, ClusterID: cfg.ClusterID}),
 		Status: func(ns, name string, s telemetry.CaptureStatus) {
 			n.metrics.SetCaptureStatus(ns, name, string(s))
 		},

@@ -54,6 +54,9 @@ const procsInterval = 500 * time.Millisecond
 type Config struct {
 	NodeName    string
 	TrustDomain spiffeid.TrustDomain
+	// ClusterDomain and ClusterID label the Istio metrics (see
+	// telemetry.Config); "" takes telemetry's defaults.
+	ClusterDomain, ClusterID string
 	// Exactly one source of cluster state: an API server (Rest) or a
 	// directory of static manifests (StaticDir).
 	Rest      *rest.Config

@@ -18,6 +18,25 @@ type ConnInfo struct {
 	// Sent counts bytes from the connection's source towards its
 	// destination, Received the other way, as far as copied so far.
 	Sent, Received int64
+	// Bytes reads the live counters behind Sent and Received while the
+	// connection is open; it stays valid (and frozen) after it closes.
+	Bytes ByteCounters `json:"-"`
+}
+
+// ByteCounters is a read-only handle on one connection's live byte
+// counters. Unlike the other ConnInfo fields, an Observer may keep it (it
+// is comparable, a map key for the connection) and read it from any
+// goroutine: that is how metrics report long-lived connections before they
+// close, without the data path doing anything but its atomic adds.
+type ByteCounters struct{ c *conn }
+
+// Load returns the bytes copied so far, source to destination (sent) and
+// back (received); zeros for the zero ByteCounters.
+func (b ByteCounters) Load() (sent, received int64) {
+	if b.c == nil {
+		return 0, 0
+	}
+	return b.c.sent.Load(), b.c.recv.Load()
 }
 
 // Close reasons passed to Observer.Closed.
@@ -32,7 +51,7 @@ const (
 
 // Observer learns about every connection, for metrics and access logs.
 // Methods are called on connection goroutines: they must be fast, must not
-// block, and must not keep the pointers.
+// block, and must not keep the pointers (ConnInfo.Bytes may be kept).
 type Observer interface {
 	// Opened: the connection is established and tracked.
 	Opened(c *ConnInfo)
@@ -61,7 +80,7 @@ type conn struct {
 }
 
 func (c *conn) info() ConnInfo {
-	return ConnInfo{ID: c.id, Flow: c.flow, Start: c.start, Setup: c.setup, Sent: c.sent.Load(), Received: c.recv.Load()}
+	return ConnInfo{ID: c.id, Flow: c.flow, Start: c.start, Setup: c.setup, Sent: c.sent.Load(), Received: c.recv.Load(), Bytes: ByteCounters{c}}
 }
 
 func (c *conn) closeReason() string {

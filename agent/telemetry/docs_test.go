@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/nodemesh/nodemesh/agent/admin"
 	"github.com/nodemesh/nodemesh/agent/proxy"
 )
 
@@ -71,6 +72,82 @@ func TestDocumentedLabelValues(t *testing.T) {
 		slices.Sort(tc.code)
 		if got := docLabelValues(t, doc, tc.metric); !slices.Equal(got, tc.code) {
 			t.Errorf("%s: docs/operations.md lists %q, the code emits %q", tc.metric, got, tc.code)
+		}
+	}
+}
+
+// istioLabelTable returns docs/operations.md's table of Istio labels: the
+// backquoted names of each row's first cell, mapped to the backquoted
+// values of its second.
+func istioLabelTable(t *testing.T, doc string) map[string][]string {
+	t.Helper()
+	out := map[string][]string{}
+	in := false
+	tick := regexp.MustCompile("`([^`]+)`")
+	for line := range strings.SplitSeq(doc, "\n") {
+		if strings.HasPrefix(line, "| Istio label |") {
+			in = true
+			continue
+		}
+		if !in || strings.HasPrefix(line, "|---") {
+			continue
+		}
+		if !strings.HasPrefix(line, "|") {
+			break
+		}
+		cells := strings.Split(line, "|")
+		if len(cells) < 4 {
+			t.Fatalf("docs/operations.md: malformed Istio label row %q", line)
+		}
+		var values []string
+		for _, m := range tick.FindAllStringSubmatch(cells[2], -1) {
+			values = append(values, m[1])
+		}
+		slices.Sort(values)
+		for _, m := range tick.FindAllStringSubmatch(cells[1], -1) {
+			out[m[1]] = values
+		}
+	}
+	if len(out) == 0 {
+		t.Fatal("docs/operations.md has no \"| Istio label |\" table")
+	}
+	return out
+}
+
+// TestDocumentedIstioLabels reads the Istio label table of
+// docs/operations.md against the labels of the istio_tcp_* metrics, both
+// ways, and the values documented for the labels with a fixed set against
+// the values the code emits.
+func TestDocumentedIstioLabels(t *testing.T) {
+	b, err := os.ReadFile("../../docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	table := istioLabelTable(t, string(b))
+	var documented []string
+	for l := range table {
+		documented = append(documented, l)
+	}
+	slices.Sort(documented)
+	code := slices.Sorted(slices.Values(admin.ConnLabelNames))
+	if !slices.Equal(documented, code) {
+		t.Errorf("docs/operations.md documents the Istio labels %q, the code exports %q", documented, code)
+	}
+	flags := []string{admin.FlagsNone}
+	for _, r := range proxy.RefusalReasons {
+		if f := ResponseFlags(r); !slices.Contains(flags, f) {
+			flags = append(flags, f)
+		}
+	}
+	for label, values := range map[string][]string{
+		"response_flags":             flags,
+		"reporter":                   {admin.ReporterSource, admin.ReporterDestination},
+		"connection_security_policy": {admin.SecurityMutualTLS, admin.SecurityNone},
+		"request_protocol":           {admin.ProtocolTCP},
+	} {
+		slices.Sort(values)
+		if got := table[label]; !slices.Equal(got, values) {
+			t.Errorf("docs/operations.md: %s values %q, the code emits %q", label, got, values)
 		}
 	}
 }

@@ -8,6 +8,7 @@ package telemetry
 
 import (
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
@@ -50,6 +51,18 @@ func DeniedLabel(r proxy.RefusalReason) (string, bool) {
 // for a setup failure.
 func SetupOutcome(r proxy.RefusalReason) string { return r.String() }
 
+// ResponseFlags returns the response_flags label of a connection refused
+// or failed for r, with ztunnel's values: DENY when the agent refused it
+// (policy, STRICT mTLS, a limit, an invalid request), CONNECT when the
+// destination could not be reached (no endpoint, dial or tunnel failure).
+func ResponseFlags(r proxy.RefusalReason) string {
+	switch r {
+	case proxy.RefusedNoEndpoints, proxy.FailedDial, proxy.FailedTunnel:
+		return admin.FlagsConnect
+	}
+	return admin.FlagsDeny
+}
+
 // Config wires an Observer.
 type Config struct {
 	Metrics *admin.Metrics
@@ -57,25 +70,75 @@ type Config struct {
 	Ledger *exposure.Ledger
 	// State returns the current cluster state (workload names of peers).
 	State func() *state.Snapshot
+	// ClusterDomain is the cluster's DNS domain, the suffix of
+	// destination_service; default DefaultClusterDomain.
+	ClusterDomain string
+	// ClusterID is this cluster's name in source_cluster and
+	// destination_cluster; default DefaultClusterID.
+	ClusterID string
 }
 
-// Observer implements proxy.Observer.
-type Observer struct{ cfg Config }
+// Observer implements proxy.Observer. It keeps the byte counters of every
+// open connection and adds what they moved to the istio_tcp_*_bytes_total
+// series at each scrape (admin.Metrics.SetFlush), so a long-lived
+// connection's traffic shows up while it lasts; the data path only does
+// its atomic adds.
+type Observer struct {
+	cfg     Config
+	inbound inboundServices
+
+	mu   sync.Mutex
+	open map[proxy.ByteCounters]*openConn
+}
+
+// openConn is an open connection's labels, its series and the bytes
+// already added to them.
+type openConn struct {
+	conn           *admin.Conn
+	traffic        *admin.Traffic
+	sent, received int64
+}
 
 var _ proxy.Observer = (*Observer)(nil)
 
-// New returns an Observer.
-func New(cfg Config) *Observer { return &Observer{cfg: cfg} }
+// New returns an Observer and registers its flush with cfg.Metrics.
+func New(cfg Config) *Observer {
+	if cfg.ClusterDomain == "" {
+		cfg.ClusterDomain = DefaultClusterDomain
+	}
+	if cfg.ClusterID == "" {
+		cfg.ClusterID = DefaultClusterID
+	}
+	o := &Observer{cfg: cfg, open: make(map[proxy.ByteCounters]*openConn)}
+	cfg.Metrics.SetFlush(o.Flush)
+	return o
+}
 
 // Opened implements proxy.Observer.
 func (o *Observer) Opened(c *proxy.ConnInfo) {
-	o.cfg.Metrics.Opened(o.conn(&c.Flow, c.Start))
+	conn := o.conn(&c.Flow, c.Start)
+	oc := &openConn{conn: conn, traffic: o.cfg.Metrics.Opened(conn)}
+	o.mu.Lock()
+	o.open[c.Bytes] = oc
+	o.mu.Unlock()
 	o.cfg.Metrics.Setup(c.Flow.Direction.String(), SetupOK, c.Setup)
 }
 
 // Closed implements proxy.Observer.
 func (o *Observer) Closed(c *proxy.ConnInfo, reason string) {
-	o.cfg.Metrics.Closed(o.conn(&c.Flow, c.Start), c.Sent, c.Received, reason)
+	o.mu.Lock()
+	oc, ok := o.open[c.Bytes]
+	if ok {
+		delete(o.open, c.Bytes)
+		oc.traffic.Add(c.Sent-oc.sent, c.Received-oc.received)
+	}
+	o.mu.Unlock()
+	if !ok {
+		// Opened always comes first on the connection's goroutine; this is
+		// a caller that broke the contract. Count it without bytes.
+		oc = &openConn{conn: o.conn(&c.Flow, c.Start)}
+	}
+	o.cfg.Metrics.Closed(oc.conn, c.Sent, c.Received, reason)
 	if o.cfg.Ledger != nil {
 		if e, ok := ExposureEvent(o.cfg.State(), c); ok {
 			o.cfg.Ledger.Record(e)
@@ -83,9 +146,23 @@ func (o *Observer) Closed(c *proxy.ConnInfo, reason string) {
 	}
 }
 
+// Flush adds the bytes open connections moved since the last flush. The
+// metrics call it before every scrape; it takes one lock and reads two
+// atomics per open connection.
+func (o *Observer) Flush() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for bc, oc := range o.open {
+		sent, received := bc.Load()
+		oc.traffic.Add(sent-oc.sent, received-oc.received)
+		oc.sent, oc.received = max(oc.sent, sent), max(oc.received, received)
+	}
+}
+
 // Refused implements proxy.Observer.
 func (o *Observer) Refused(f *proxy.Flow, r *proxy.Refusal) {
 	c := o.conn(f, time.Time{})
+	c.ResponseFlags = ResponseFlags(r.Reason)
 	if label, denied := DeniedLabel(r.Reason); denied {
 		o.cfg.Metrics.Refused(c, label, r.Detail)
 		return
@@ -101,46 +178,66 @@ func splitKey(s string) (ns, name string) {
 	return ns, name
 }
 
-// conn describes a flow with Istio's labels.
+// conn describes a flow with Istio's labels. Workload labels are
+// controller names (Deployment, StatefulSet...), as in Istio's metrics;
+// the pod's name when it has no controller.
 func (o *Observer) conn(f *proxy.Flow, start time.Time) *admin.Conn {
-	c := &admin.Conn{Src: f.Src, Dst: f.Dst, Start: start, DstService: f.Service, SecurityPolicy: admin.SecurityNone}
+	c := &admin.Conn{Src: f.Src, Dst: f.Dst, Start: start, SecurityPolicy: admin.SecurityNone, ResponseFlags: admin.FlagsNone}
 	if f.Transport == proxy.TransportHBONE {
 		c.SecurityPolicy = admin.SecurityMutualTLS
 	}
+	var srcPrincipal, dstPrincipal string
 	if !f.SrcIdentity.IsZero() {
-		c.SrcPrincipal = f.SrcIdentity.String()
+		srcPrincipal = f.SrcIdentity.String()
 	}
 	if !f.DstIdentity.IsZero() {
-		c.DstPrincipal = f.DstIdentity.String()
+		dstPrincipal = f.DstIdentity.String()
 	}
-	// Workload labels are controller names (Deployment, StatefulSet...),
-	// as in Istio's metrics; the pod's name when it has no controller.
 	snap := o.cfg.State()
-	workload := func(ns, name string) string {
+	// peerOf labels namespace/name, the pod's own labels when the state
+	// knows it.
+	peerOf := func(ns, name, principal string) admin.Peer {
 		if p := snap.Pod(ns, name); p != nil {
-			return p.WorkloadName()
+			return o.peer(p, principal)
 		}
-		return name
+		svc, rev := Canonical(nil, name)
+		return admin.Peer{Workload: name, Namespace: ns, Principal: principal, CanonicalService: svc, CanonicalRevision: rev, Cluster: o.cfg.ClusterID}
 	}
+	service := f.Service
 	switch f.Direction {
 	case proxy.Outbound:
 		c.Reporter = admin.ReporterSource
 		if f.Workload != nil {
-			c.SrcNamespace, c.SrcWorkload = f.Workload.Namespace, workload(f.Workload.Namespace, f.Workload.Name)
+			c.Source = peerOf(f.Workload.Namespace, f.Workload.Name, srcPrincipal)
 		}
 		if f.DstWorkload != "" {
 			ns, name := splitKey(f.DstWorkload)
-			c.DstNamespace, c.DstWorkload = ns, workload(ns, name)
+			c.Destination = peerOf(ns, name, dstPrincipal)
+		} else {
+			c.Destination.Principal = dstPrincipal
 		}
 	case proxy.Inbound:
 		c.Reporter = admin.ReporterDestination
 		if f.Workload != nil {
-			c.DstNamespace, c.DstWorkload = f.Workload.Namespace, workload(f.Workload.Namespace, f.Workload.Name)
-			c.DstPrincipal = f.Workload.Identity.String()
+			if !f.Workload.Identity.IsZero() {
+				dstPrincipal = f.Workload.Identity.String()
+			}
+			c.Destination = peerOf(f.Workload.Namespace, f.Workload.Name, dstPrincipal)
 		}
 		if p := snap.PodByIP(f.Src.Addr()); p != nil {
-			c.SrcNamespace, c.SrcWorkload = p.Namespace, p.WorkloadName()
+			c.Source = o.peer(p, srcPrincipal)
+		} else {
+			c.Source.Principal = srcPrincipal
 		}
+		if service == "" && f.Dst.IsValid() {
+			if k, ok := o.inbound.lookup(snap, f.Dst); ok {
+				service = k.String()
+			}
+		}
+	}
+	if service != "" {
+		ns, name := splitKey(service)
+		c.DstService, c.DstServiceName, c.DstServiceNamespace = ServiceFQDN(name, ns, o.cfg.ClusterDomain), name, ns
 	}
 	return c
 }

@@ -13,12 +13,14 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
 	"github.com/nodemesh/nodemesh/agent/node"
 	"github.com/nodemesh/nodemesh/agent/rollout"
+	"github.com/nodemesh/nodemesh/agent/telemetry"
 	"github.com/nodemesh/nodemesh/agent/workloads"
 	"github.com/nodemesh/nodemesh/identity"
 )
@@ -34,6 +36,11 @@ type Config struct {
 	StaticDir  string
 
 	TrustDomain string
+	// ClusterDomain (the DNS suffix of Service names) and ClusterID (this
+	// cluster's name) fill the Istio metric labels destination_service and
+	// source_cluster/destination_cluster.
+	ClusterDomain string
+	ClusterID     string
 
 	// Dataplane: capture, SVIDs and proxying. Off runs only the cluster
 	// state, admin, metrics and readiness (an observer, for debugging).
@@ -95,6 +102,8 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", getenv("KUBECONFIG"), "kubeconfig file (default $KUBECONFIG); empty with --static-dir empty = in-cluster configuration")
 	fs.StringVar(&c.StaticDir, "static-dir", "", "read cluster state from the Kubernetes YAML in this directory instead of an API server")
 	fs.StringVar(&c.TrustDomain, "trust-domain", envOr("TRUST_DOMAIN", identity.DefaultTrustDomain), "SPIFFE trust domain")
+	fs.StringVar(&c.ClusterDomain, "cluster-domain", envOr("CLUSTER_DOMAIN", telemetry.DefaultClusterDomain), "the cluster's DNS domain: Services are name.namespace.svc.<domain> in the destination_service metric label (default $CLUSTER_DOMAIN)")
+	fs.StringVar(&c.ClusterID, "cluster-id", envOr("CLUSTER_ID", telemetry.DefaultClusterID), "this cluster's name in the source_cluster and destination_cluster metric labels; Istio's default is Kubernetes (default $CLUSTER_ID)")
 	fs.BoolVar(&c.Dataplane, "dataplane", true, "capture, SVIDs and proxying; false runs only state, admin and metrics")
 	fs.StringVar(&c.CAAddr, "ca-addr", envOr("CA_ADDR", fmt.Sprintf("https://nodemesh-ca.nodemesh-system.svc:%d", identity.DefaultPort)), "nodemesh CA URL (default $CA_ADDR)")
 	fs.StringVar(&c.CAID, "ca-spiffe-id", "", "SPIFFE ID of the CA's serving certificate (default spiffe://<trust domain>/ns/nodemesh-system/sa/nodemesh-ca)")
@@ -146,6 +155,12 @@ func (c *Config) Validate() error {
 		if fi, err := os.Stat(c.StaticDir); err != nil || !fi.IsDir() {
 			errs = append(errs, fmt.Errorf("--static-dir %q is not a readable directory", c.StaticDir))
 		}
+	}
+	if msgs := validation.IsDNS1123Subdomain(c.ClusterDomain); len(msgs) > 0 {
+		errs = append(errs, fmt.Errorf("--cluster-domain %q is not a DNS domain (like cluster.local): %s", c.ClusterDomain, strings.Join(msgs, "; ")))
+	}
+	if c.ClusterID == "" {
+		errs = append(errs, errors.New("--cluster-id is empty: give this cluster's name (Istio's default is Kubernetes)"))
 	}
 	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
 	if err != nil {
@@ -254,6 +269,7 @@ func (c *Config) restConfig() (*rest.Config, error) {
 func (c *Config) nodeConfig(rc *rest.Config, log *slog.Logger, level *slog.LevelVar, access *slog.Logger) node.Config {
 	return node.Config{
 		NodeName: c.NodeName, TrustDomain: c.td, Rest: rc, StaticDir: c.StaticDir,
+		ClusterDomain: c.ClusterDomain, ClusterID: c.ClusterID,
 		Dataplane: c.Dataplane, CAAddr: c.CAAddr, CAID: c.caID, CATokenFile: c.CATokenFile,
 		BundleNamespace: c.bundleNS, BundleName: c.bundleName,
 		CgroupRoot: c.CgroupRoot, PodNetns: c.PodNetns, BPFPinDir: c.BPFPinDir, OnlyPods: c.onlyPods,

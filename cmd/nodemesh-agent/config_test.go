@@ -73,6 +73,19 @@ func TestConfig(t *testing.T) {
 			[]string{"--node-mark-renew 15s: must be positive and at most half"}, nil},
 		{"node mark duration out of range", []string{"--node-name=n1", "--node-mark-duration=500ms", "--node-mark-renew=100ms"}, nil,
 			[]string{"--node-mark-duration 500ms"}, nil},
+		{"cluster labels: defaults", []string{"--node-name=n1"}, nil, nil, func(t *testing.T, c *Config) {
+			if c.ClusterDomain != "cluster.local" || c.ClusterID != "Kubernetes" {
+				t.Errorf("cluster domain %q, id %q", c.ClusterDomain, c.ClusterID)
+			}
+		}},
+		{"cluster labels: env and flags", []string{"--node-name=n1", "--cluster-id=east"}, map[string]string{"CLUSTER_DOMAIN": "corp.example", "CLUSTER_ID": "west"}, nil,
+			func(t *testing.T, c *Config) {
+				if c.ClusterDomain != "corp.example" || c.ClusterID != "east" {
+					t.Errorf("cluster domain %q, id %q", c.ClusterDomain, c.ClusterID)
+				}
+			}},
+		{"cluster labels: bad", []string{"--node-name=n1", "--cluster-domain=.cluster.local", "--cluster-id="}, nil,
+			[]string{"--cluster-domain", "--cluster-id is empty"}, nil},
 		{"pod-netns proc", []string{"--node-name=n1", "--pod-netns=proc"}, nil, nil, func(t *testing.T, c *Config) {
 			if c.PodNetns != workloads.NetnsProc {
 				t.Errorf("PodNetns %q", c.PodNetns)
