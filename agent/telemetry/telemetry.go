@@ -1,9 +1,11 @@
 // Package telemetry turns the proxy's connection events into the agent's
 // metrics, access log and plaintext-exposure ledger. It owns the label
-// values: the proxy reports typed reasons (proxy.RefusalReason), and this
-// package maps them to the values documented in docs/operations.md (a test
-// reads that table against the code). Capture statuses are defined here
-// for the same reason.
+// values: Istio's labels of the istio_tcp_* metrics (workloads, canonical
+// service and revision, the Service's FQDN, cluster, response_flags) are
+// derived here from the flow and the cluster state, and the proxy's typed
+// reasons (proxy.RefusalReason) are mapped to the values documented in
+// docs/operations.md (tests read those tables against the code). Capture
+// statuses are defined here for the same reason.
 package telemetry
 
 import (
