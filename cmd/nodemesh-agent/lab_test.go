@@ -242,7 +242,8 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		}{{n1, "source"}, {n2, "destination"}} {
 			want := []string{`istio_tcp_connections_closed_total{connection_security_policy="mutual_tls"`,
 				`destination_principal="spiffe://cluster.local/ns/shop/sa/web"`, `destination_workload="web-2"`,
-				`reporter="` + x.reporter + `",source_principal="spiffe://cluster.local/ns/client/sa/client",source_workload="client-1"`}
+				`reporter="` + x.reporter + `"`, `request_protocol="tcp"`, `response_flags="-"`,
+				`source_principal="spiffe://cluster.local/ns/client/sa/client"`, `source_workload="client-1"`, `source_cluster="Kubernetes"`}
 			eventually(t, 20*time.Second, x.reporter+" metrics", func() error {
 				_, m, err := httpGet(nodeClient(x.node), "http://127.0.0.1:15020/metrics")
 				if err != nil {
