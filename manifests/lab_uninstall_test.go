@@ -24,6 +24,7 @@ import (
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/labtest"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 	"github.com/nodemesh/nodemesh/manifests"
 )
 
@@ -165,7 +166,7 @@ func TestLabInstallUninstall(t *testing.T) {
 		setModeLabel(ctx, t, l, nsName, "enabled")
 	}
 	for _, n := range l.Nodes() {
-		eventuallyOK(t, 2*time.Minute, "agent on "+n.Name+" ready", func() error { return agentReady(n) })
+		waitfor.NoError(t, 2*time.Minute, "agent on "+n.Name+" ready", func() error { return agentReady(n) })
 	}
 	pods := l.Pods()
 	for _, p := range pods {
@@ -190,7 +191,7 @@ func TestLabInstallUninstall(t *testing.T) {
 		unlabel(ctx, t, l, nsName)
 	}
 	for _, p := range pods {
-		eventuallyOK(t, time.Minute, "pod "+p.Namespace+"/"+p.Name+" released", func() error {
+		waitfor.NoError(t, time.Minute, "pod "+p.Namespace+"/"+p.Name+" released", func() error {
 			if got := attachedCount(t, p.Netns, ebpf.AttachSkLookup); got != 0 {
 				return fmt.Errorf("%d sk_lookup programs left", got)
 			}
@@ -233,7 +234,7 @@ func TestLabInstallUninstall(t *testing.T) {
 	}
 	for _, n := range l.Nodes() {
 		for _, h := range nodeHooks {
-			eventuallyOK(t, 10*time.Second, fmt.Sprintf("node %s: %s detached", n.Name, h), func() error {
+			waitfor.NoError(t, 10*time.Second, fmt.Sprintf("node %s: %s detached", n.Name, h), func() error {
 				if got := attachedCount(t, n.Cgroup, h); got != 0 {
 					return fmt.Errorf("%d programs left", got)
 				}
@@ -334,21 +335,6 @@ func agentReady(n lab.Node) error {
 		return fmt.Errorf("%d: %s", resp.StatusCode, strings.TrimSpace(string(b)))
 	}
 	return nil
-}
-
-func eventuallyOK(t *testing.T, d time.Duration, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still failing after %s: %v", what, d, err)
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
 }
 
 func attachedCount(t *testing.T, target string, typ ebpf.AttachType) int {

@@ -18,6 +18,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/agent/telemetry"
 	"github.com/nodemesh/nodemesh/agent/workloads"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 func TestMain(m *testing.M) { hbonetest.Main(m) }
@@ -106,18 +107,7 @@ func (f *fixture) statusOf(pod string) telemetry.CaptureStatus {
 
 func (f *fixture) waitStatus(pod string, want telemetry.CaptureStatus) {
 	f.t.Helper()
-	waitFor(f.t, pod+" "+string(want), func() bool { return f.statusOf(pod) == want })
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitfor.True(f.t, 20*time.Second, pod+" "+string(want), func() bool { return f.statusOf(pod) == want })
 }
 
 func echoServer(t *testing.T, ip string) netip.AddrPort {
@@ -199,7 +189,7 @@ func TestEnrollServeUnenroll(t *testing.T) {
 	if got := f.statusOf("mesh/a"); got != "" {
 		t.Fatalf("status %q after the pod left, want none", got)
 	}
-	waitFor(t, "the SVID claim to be dropped after the drain", func() bool { return f.svids.Owners() == 0 })
+	waitfor.True(t, 20*time.Second, "the SVID claim to be dropped after the drain", func() bool { return f.svids.Owners() == 0 })
 	if len(f.dp.Served()) != 0 || len(f.dp.Pods()) != 0 {
 		t.Fatal("the pod is still served")
 	}

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 // crrApp serves one request-response per connection, as a tcp-crr
@@ -89,7 +91,7 @@ func TestShortConnectionsLeakNothing(t *testing.T) {
 		return len(f.node1.Connections()) == 0 && len(f.node2.Connections()) == 0 &&
 			f.pool1.Stats().Streams == 0 && f.node1.InflightEndpoints() == 0
 	}
-	waitFor(t, "warm-up connections to end", settled)
+	waitfor.True(t, 20*time.Second, "warm-up connections to end", settled)
 	time.Sleep(100 * time.Millisecond)
 	base, _ := goroutines()
 	conns1 := f.pool1.Stats().Conns
@@ -113,7 +115,7 @@ func TestShortConnectionsLeakNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	waitFor(t, "connections to be untracked and pool streams released", settled)
+	waitfor.True(t, 20*time.Second, "connections to be untracked and pool streams released", settled)
 	// Goroutines end a moment after the connections are untracked; allow
 	// slack for runtime and HTTP/2 housekeeping, not for one per
 	// connection.

@@ -21,6 +21,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/hbone"
 	"github.com/nodemesh/nodemesh/agent/hbone/hbonetest"
 	"github.com/nodemesh/nodemesh/agent/proxy"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 func TestMain(m *testing.M) {
@@ -103,7 +104,7 @@ func TestOutboundHBONEToPod(t *testing.T) {
 		t.Fatalf("node 2 connections: %+v", in)
 	}
 	echoRoundTrip(t, c, randomBytes(t, 2<<20+3))
-	waitFor(t, "connections to be untracked", func() bool {
+	waitfor.True(t, 20*time.Second, "connections to be untracked", func() bool {
 		return len(f.node1.Connections()) == 0 && len(f.node2.Connections()) == 0
 	})
 	if st := f.pool1.Stats(); st.Handshakes != 1 {
@@ -233,7 +234,7 @@ func TestOutboundFailuresResetQuickly(t *testing.T) {
 
 	// Each failure is reported with its typed reason (the report follows
 	// the reset, so wait for all of them; their order may vary).
-	waitFor(t, "six refusals on node 1", func() bool { return len(f.obs1.refusals()) == 6 })
+	waitfor.True(t, 20*time.Second, "six refusals on node 1", func() bool { return len(f.obs1.refusals()) == 6 })
 	got := f.obs1.refusals()
 	slices.Sort(got)
 	want := []proxy.RefusalReason{proxy.RefusedPolicy, proxy.RefusedNoEndpoints, proxy.RefusedInvalid,
@@ -310,7 +311,7 @@ func TestInboundPlaintextModes(t *testing.T) {
 	if f.b1.accepts.Load() != before {
 		t.Fatal("STRICT mode let plaintext reach the application")
 	}
-	waitFor(t, "the STRICT refusal to be reported", func() bool { return len(f.obs2.refusals()) == 1 })
+	waitfor.True(t, 20*time.Second, "the STRICT refusal to be reported", func() bool { return len(f.obs2.refusals()) == 1 })
 	if got := f.obs2.refusals(); got[0] != proxy.RefusedStrictMTLS {
 		t.Fatalf("refusal reason %v, want %v", got, proxy.RefusedStrictMTLS)
 	}
@@ -407,7 +408,7 @@ func TestDrain(t *testing.T) {
 		drained <- f.node1.Drain(ctx)
 	}()
 	// New connections are refused once the listener is closed.
-	waitFor(t, "outbound listener closed", func() bool {
+	waitfor.True(t, 20*time.Second, "outbound listener closed", func() bool {
 		c, err := net.Dial("tcp", f.outbound.String())
 		if err != nil {
 			return true
@@ -477,22 +478,11 @@ func TestConfigValidation(t *testing.T) {
 	}
 }
 
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 func TestObserverEvents(t *testing.T) {
 	f := newFixture(t, fixtureOpts{})
 	c := f.dial(f.b1.app)
 	echoRoundTrip(t, c, []byte("0123456789"))
-	waitFor(t, "both ends to report the close", func() bool {
+	waitfor.True(t, 20*time.Second, "both ends to report the close", func() bool {
 		_, c1, _, _ := f.obs1.snapshot()
 		_, c2, _, _ := f.obs2.snapshot()
 		return len(c1) == 1 && len(c2) == 1
@@ -510,7 +500,7 @@ func TestObserverEvents(t *testing.T) {
 	f.node1.Reevaluate(context.Background())
 	expectReset(t, victim, "re-evaluated connection")
 	expectReset(t, f.dial(f.b1.app), "denied connection")
-	waitFor(t, "policy close and refusal", func() bool {
+	waitfor.True(t, 20*time.Second, "policy close and refusal", func() bool {
 		_, closed, refused, _ := f.obs1.snapshot()
 		return len(closed) == 2 && len(refused) == 1
 	})
@@ -534,7 +524,7 @@ func TestListenerGoneTunnelsContinue(t *testing.T) {
 	c := f.dial(f.b1.app)
 	ping(t, c, "before")
 	cancel()
-	waitFor(t, "listener closed", func() bool {
+	waitfor.True(t, 20*time.Second, "listener closed", func() bool {
 		c, err := net.Dial("tcp", addrOf(ln).String())
 		if err != nil {
 			return true

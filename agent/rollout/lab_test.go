@@ -12,6 +12,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/nodemesh/nodemesh/lab/labtest"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 // TestLabMark runs the mark and the peers' view against the real
@@ -40,12 +41,12 @@ func TestLabMark(t *testing.T) {
 	mctx, stopMark := context.WithCancel(ctx)
 	mdone := make(chan error, 1)
 	go func() { mdone <- m.Run(mctx) }()
-	waitFor(t, "node-a capable", func() bool { return peers.Capable("node-a") })
+	waitfor.True(t, 30*time.Second, "node-a capable", func() bool { return peers.Capable("node-a") })
 	// Renewals keep it capable past the lease duration: wait until the
 	// peers' view holds a renewal made after the first lease would have
 	// expired (a sleep would prove nothing on a machine too slow to renew).
 	first := time.Now()
-	waitFor(t, "a renewal after the first lease duration", func() bool {
+	waitfor.True(t, 30*time.Second, "a renewal after the first lease duration", func() bool {
 		l, err := c.CoordinationV1().Leases(DefaultNamespace).Get(ctx, LeaseName("node-a"), metav1.GetOptions{})
 		return err == nil && l.Spec.RenewTime != nil && l.Spec.RenewTime.After(first.Add(4*time.Second))
 	})
@@ -56,7 +57,7 @@ func TestLabMark(t *testing.T) {
 	if err := <-mdone; err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "node-a withdrawn", func() bool { return !peers.Capable("node-a") })
+	waitfor.True(t, 30*time.Second, "node-a withdrawn", func() bool { return !peers.Capable("node-a") })
 	if _, err := c.CoordinationV1().Leases(DefaultNamespace).Get(ctx, LeaseName("node-a"), metav1.GetOptions{}); err == nil {
 		t.Error("lease still exists after withdrawal")
 	}
@@ -70,9 +71,9 @@ func TestLabMark(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "node-b capable", func() bool { return peers.Capable("node-b") })
+	waitfor.True(t, 30*time.Second, "node-b capable", func() bool { return peers.Capable("node-b") })
 	start := time.Now()
-	waitFor(t, "node-b stale", func() bool { return !peers.Capable("node-b") })
+	waitfor.True(t, 30*time.Second, "node-b stale", func() bool { return !peers.Capable("node-b") })
 	if d := time.Since(now.Time); d < 3*time.Second {
 		t.Fatalf("node-b went stale after %s, before its 3s lease duration", d)
 	}

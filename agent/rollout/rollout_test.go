@@ -13,6 +13,8 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/utils/ptr"
+
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 func lease(holder string, renew time.Time, secs int32) *coordinationv1.Lease {
@@ -74,17 +76,6 @@ func getLease(t *testing.T, c kubernetes.Interface, node string) *coordinationv1
 	return l
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // TestMarkFollowsReadiness: held while ready, withdrawn when not, and
 // deleted when Run ends; Peers see each state.
 func TestMarkFollowsReadiness(t *testing.T) {
@@ -113,14 +104,14 @@ func TestMarkFollowsReadiness(t *testing.T) {
 		t.Fatal("n1 capable before it was ready")
 	}
 	ready.Store(true)
-	waitFor(t, "the lease", func() bool { return getLease(t, c, "n1") != nil })
+	waitfor.True(t, 30*time.Second, "the lease", func() bool { return getLease(t, c, "n1") != nil })
 	l := getLease(t, c, "n1")
 	if *l.Spec.HolderIdentity != "agent-abc" || *l.Spec.LeaseDurationSeconds != 2 || l.Labels[LabelNode] != "n1" {
 		t.Fatalf("lease = %+v %+v", l.Labels, l.Spec)
 	}
 	first := l.Spec.RenewTime.Time
-	waitFor(t, "a renewal", func() bool { return getLease(t, c, "n1").Spec.RenewTime.After(first) })
-	waitFor(t, "peers to see n1", func() bool { return peers.Capable("n1") })
+	waitfor.True(t, 30*time.Second, "a renewal", func() bool { return getLease(t, c, "n1").Spec.RenewTime.After(first) })
+	waitfor.True(t, 30*time.Second, "peers to see n1", func() bool { return peers.Capable("n1") })
 	if peers.Capable("n2") {
 		t.Error("n2 has no mark but is capable")
 	}
@@ -129,10 +120,10 @@ func TestMarkFollowsReadiness(t *testing.T) {
 	}
 
 	ready.Store(false)
-	waitFor(t, "withdrawal when not ready", func() bool { return getLease(t, c, "n1") == nil })
-	waitFor(t, "peers to drop n1", func() bool { return !peers.Capable("n1") })
+	waitfor.True(t, 30*time.Second, "withdrawal when not ready", func() bool { return getLease(t, c, "n1") == nil })
+	waitfor.True(t, 30*time.Second, "peers to drop n1", func() bool { return !peers.Capable("n1") })
 	ready.Store(true)
-	waitFor(t, "the lease again", func() bool { return getLease(t, c, "n1") != nil })
+	waitfor.True(t, 30*time.Second, "the lease again", func() bool { return getLease(t, c, "n1") != nil })
 	stopMark()
 	if err := <-mdone; err != nil {
 		t.Fatalf("Run: %v", err)
@@ -156,7 +147,7 @@ func TestPeersStaleLease(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- peers.Run(ctx) }()
 	defer func() { cancel(); <-done }()
-	waitFor(t, "sync", peers.Synced)
+	waitfor.True(t, 30*time.Second, "sync", peers.Synced)
 	if !peers.Capable("n3") {
 		t.Fatal("fresh lease not capable")
 	}

@@ -32,6 +32,7 @@ import (
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/labtest"
 	"github.com/nodemesh/nodemesh/lab/mesh"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 // TestAdversaryHelper is not a test of its own: TestLabAdversarial runs
@@ -334,12 +335,12 @@ func TestLabAdversarial(t *testing.T) {
 		if c := during["node-2"].Connections; c > 1024 {
 			t.Errorf("node-2 holds %d plaintext connections to one pod, more than its limit of 1024", c)
 		}
-		eventually(t, 2*time.Minute, "agents to release the flood's connections", settled(base))
+		waitfor.NoError(t, 2*time.Minute, "agents to release the flood's connections", settled(base))
 		after := usage()
 		t.Logf("node-2 after: %s (before %s)", after["node-2"], base["node-2"])
 	})
 
-	eventually(t, 2*time.Minute, "agents back to their baseline", settled(base))
+	waitfor.NoError(t, 2*time.Minute, "agents back to their baseline", settled(base))
 	after := usage()
 	for _, n := range nodes {
 		t.Logf("%s: before %s; after every attack %s", n, base[n], after[n])

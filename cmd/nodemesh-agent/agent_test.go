@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/nodemesh/nodemesh/lab/privtest"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 func freeAddr(t *testing.T) string {
@@ -91,7 +92,7 @@ status: {phase: Running, podIP: 10.244.2.10}
 		}
 	}()
 	c := nodeHTTP()
-	eventually(t, 30*time.Second, "ready", func() error {
+	waitfor.NoError(t, 30*time.Second, "ready", func() error {
 		code, body, err := httpGet(c, "http://"+readyAddr+"/healthz/ready")
 		if err == nil && code != 200 {
 			err = &statusErr{code, body}

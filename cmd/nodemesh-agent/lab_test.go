@@ -32,6 +32,7 @@ import (
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/demo"
 	"github.com/nodemesh/nodemesh/lab/labtest"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 	"github.com/nodemesh/nodemesh/lab/workload"
 	"github.com/nodemesh/nodemesh/manifests"
 )
@@ -60,21 +61,6 @@ func httpGet(c *http.Client, url string) (int, string, error) {
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b), err
-}
-
-func eventually(t *testing.T, d time.Duration, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still failing after %s: %v", what, d, err)
-		}
-		time.Sleep(250 * time.Millisecond)
-	}
 }
 
 // TestLabAgentEndToEnd runs the real binaries in the two-node lab: the CA
@@ -201,7 +187,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		return nil
 	}
 	for _, node := range []string{"node-1", "node-2"} {
-		eventually(t, 90*time.Second, "agent on "+node+" ready", func() error { return ready(node) })
+		waitfor.NoError(t, 90*time.Second, "agent on "+node+" ready", func() error { return ready(node) })
 	}
 
 	web2 := mustLabPod(t, l, "shop/web-2")
@@ -244,7 +230,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 				`destination_principal="spiffe://cluster.local/ns/shop/sa/web"`, `destination_workload="web-2"`,
 				`reporter="` + x.reporter + `"`, `request_protocol="tcp"`, `response_flags="-"`,
 				`source_principal="spiffe://cluster.local/ns/client/sa/client"`, `source_workload="client-1"`, `source_cluster="Kubernetes"`}
-			eventually(t, 20*time.Second, x.reporter+" metrics", func() error {
+			waitfor.NoError(t, 20*time.Second, x.reporter+" metrics", func() error {
 				_, m, err := httpGet(nodeClient(x.node), "http://127.0.0.1:15020/metrics")
 				if err != nil {
 					return err
@@ -262,7 +248,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 				return fmt.Errorf("no series with %q in:\n%s", want, lines)
 			})
 		}
-		eventually(t, 20*time.Second, "access log on node-2", func() error {
+		waitfor.NoError(t, 20*time.Second, "access log on node-2", func() error {
 			b, err := os.ReadFile(agents["node-2"].Log)
 			if err != nil {
 				return err
@@ -374,7 +360,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 
 	t.Run("PermissiveFromOutsideTheMesh", func(t *testing.T) {
 		setMode(t, ctx, l, "client", "off")
-		eventually(t, 30*time.Second, "client pods leave the mesh", func() error {
+		waitfor.NoError(t, 30*time.Second, "client pods leave the mesh", func() error {
 			n1, _ := l.Node("node-1")
 			_, body, err := httpGet(nodeClient(n1), "http://127.0.0.1:15000/config_dump/capture")
 			if err != nil {
@@ -403,7 +389,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			t.Fatalf("reply %+v", r)
 		}
 		setMode(t, ctx, l, "client", state.ModeEnabled)
-		eventually(t, 30*time.Second, "client-1 back in the mesh", func() error {
+		waitfor.NoError(t, 30*time.Second, "client-1 back in the mesh", func() error {
 			n1, _ := l.Node("node-1")
 			_, body, err := httpGet(nodeClient(n1), "http://127.0.0.1:15000/config_dump/capture")
 			if err != nil {
@@ -438,7 +424,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		// Refused, and refused by web-2's agent for this policy (not
 		// failing for another reason).
 		n2, _ := l.Node("node-2")
-		eventually(t, 30*time.Second, "client-1 refused by the NetworkPolicy at node-2", func() error {
+		waitfor.NoError(t, 30*time.Second, "client-1 refused by the NetworkPolicy at node-2", func() error {
 			if r, err := get(client1.Key(), "http://"+web2.IP+":8080/denied"); err == nil {
 				return fmt.Errorf("still allowed: %+v", r)
 			}
@@ -460,7 +446,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			t.Fatal(err)
 		}
 		deleted = true
-		eventually(t, 30*time.Second, "client-1 allowed again", func() error {
+		waitfor.NoError(t, 30*time.Second, "client-1 allowed again", func() error {
 			_, err := get(client1.Key(), "http://"+web2.IP+":8080/allowed")
 			return err
 		})
@@ -488,7 +474,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			"spec":     map[string]any{"mtls": map[string]any{"mode": "STRICT"}},
 		}}
 		paRes := dyn.Resource(v1alpha1.PeerAuthenticationResource).Namespace("shop")
-		eventually(t, 60*time.Second, "PeerAuthentication created", func() error {
+		waitfor.NoError(t, 60*time.Second, "PeerAuthentication created", func() error {
 			_, err := paRes.Create(ctx, pa, metav1.CreateOptions{})
 			return err
 		})
@@ -496,7 +482,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		setMode(t, ctx, l, "client", "off")
 		defer setMode(t, ctx, l, "client", state.ModeEnabled)
 		n2, _ := l.Node("node-2")
-		eventually(t, 90*time.Second, "plaintext from client-1 refused by STRICT at node-2", func() error {
+		waitfor.NoError(t, 90*time.Second, "plaintext from client-1 refused by STRICT at node-2", func() error {
 			if r, err := get(client1.Key(), "http://"+web2.IP+":8080/strict"); err == nil {
 				return fmt.Errorf("plaintext still allowed: %+v", r)
 			}
@@ -549,7 +535,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		if err := paRes.Delete(ctx, "strict", metav1.DeleteOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, 30*time.Second, "plaintext allowed again", func() error {
+		waitfor.NoError(t, 30*time.Second, "plaintext allowed again", func() error {
 			_, err := get(client1.Key(), "http://"+web2.IP+":8080/permissive")
 			return err
 		})
@@ -612,7 +598,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		}
 		startAgent("node-2")
 		begin := time.Now()
-		eventually(t, 60*time.Second, "traffic back after the restart", func() error {
+		waitfor.NoError(t, 60*time.Second, "traffic back after the restart", func() error {
 			_, err := get(client1.Key(), "http://"+web2.IP+":8080/back")
 			return err
 		})
@@ -639,11 +625,11 @@ func TestLabAgentEndToEnd(t *testing.T) {
 	})
 
 	t.Run("SIGKILLFailClosedRestart", func(t *testing.T) {
-		eventually(t, 60*time.Second, "node-2 agent ready", func() error { return ready("node-2") })
+		waitfor.NoError(t, 60*time.Second, "node-2 agent ready", func() error { return ready("node-2") })
 		if err := syscall.Kill(agents["node-2"].Pid, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, 10*time.Second, "agent gone", func() error {
+		waitfor.NoError(t, 10*time.Second, "agent gone", func() error {
 			if l.Running(agents["node-2"]) {
 				return fmt.Errorf("still running")
 			}
@@ -658,7 +644,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		}
 		startAgent("node-2")
 		begin := time.Now()
-		eventually(t, 60*time.Second, "traffic back after the restart", func() error {
+		waitfor.NoError(t, 60*time.Second, "traffic back after the restart", func() error {
 			_, err := get(client1.Key(), "http://"+web2.IP+":8080/readopted")
 			return err
 		})
@@ -666,7 +652,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 	})
 
 	t.Run("APIServerDown", func(t *testing.T) {
-		eventually(t, 60*time.Second, "node-2 agent ready again", func() error { return ready("node-2") })
+		waitfor.NoError(t, 60*time.Second, "node-2 agent ready again", func() error { return ready("node-2") })
 		// Proof that an agent tried the API server after it stopped: a
 		// watch error, or a failed node-mark renewal (client-go retries a
 		// refused watch without calling the watch error handler; the
@@ -684,7 +670,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		// Wait until both agents' watches noticed, so what follows tests
 		// agents that know the API server is gone (a sleep could check
 		// before anything was tried).
-		eventually(t, 60*time.Second, "both agents to notice the API server is gone", func() error {
+		waitfor.NoError(t, 60*time.Second, "both agents to notice the API server is gone", func() error {
 			for node, n := range before {
 				if logged(node) <= n {
 					return fmt.Errorf("agent on %s has not logged a failed watch or node-mark renewal yet", node)

@@ -17,6 +17,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/lab/labtest"
 	"github.com/nodemesh/nodemesh/lab/mesh"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 // TestShortConnectionClient is not a test of its own: TestLabShortConnections
@@ -237,7 +238,7 @@ func TestLabShortConnections(t *testing.T) {
 
 	// Wait until node-1 tunnels to web-2 (its agent must be known to be
 	// mesh-capable first; until then the connections are passthrough).
-	eventually(t, 2*time.Minute, "connections from client-1 to web-2 to go over HBONE", func() error {
+	waitfor.NoError(t, 2*time.Minute, "connections from client-1 to web-2 to go over HBONE", func() error {
 		before := usage()["node-1"].PoolOpened
 		burst(10, 1)
 		if got := usage()["node-1"].PoolOpened - before; got < 10 {
@@ -248,7 +249,7 @@ func TestLabShortConnections(t *testing.T) {
 	// Warm up (tunnels, SVIDs, buffers), then let everything settle.
 	const batch = 1000
 	burst(200, 4)
-	eventually(t, time.Minute, "warm-up connections to end", func() error {
+	waitfor.NoError(t, time.Minute, "warm-up connections to end", func() error {
 		for n, u := range usage() {
 			if u.Connections != 0 || u.PoolStreams != 0 {
 				return fmt.Errorf("agent on %s: %s", n, u)
@@ -260,7 +261,7 @@ func TestLabShortConnections(t *testing.T) {
 	base := usage()
 	burst(batch, 4)
 	afterBatch1 := usage()
-	eventually(t, time.Minute, "first batch to settle", settled(base))
+	waitfor.NoError(t, time.Minute, "first batch to settle", settled(base))
 	// The burst, many short connections in parallel, as tcp-crr does.
 	const n = 4000
 	d := burst(n, 32)
@@ -268,15 +269,15 @@ func TestLabShortConnections(t *testing.T) {
 	if opened := peak["node-1"].PoolOpened - afterBatch1["node-1"].PoolOpened; opened < n {
 		t.Fatalf("node-1 tunnelled %d of the %d connections of the burst", opened, n)
 	}
-	eventually(t, 2*time.Minute, "agents to release per-connection state after the burst", settled(base))
+	waitfor.NoError(t, 2*time.Minute, "agents to release per-connection state after the burst", settled(base))
 	after := usage()
 	burst(batch, 4)
 	afterBatch2 := usage()
-	eventually(t, time.Minute, "second batch to settle", settled(base))
+	waitfor.NoError(t, time.Minute, "second batch to settle", settled(base))
 	// Passthrough: with shop out of the mesh, client-1's connections to
 	// web-2 leave node-1 in plaintext, dialled from inside the pod.
 	setMode(t, ctx, l, "shop", state.ModeDisabled)
-	eventually(t, 2*time.Minute, "connections from client-1 to web-2 to go in plaintext", func() error {
+	waitfor.NoError(t, 2*time.Minute, "connections from client-1 to web-2 to go in plaintext", func() error {
 		before := usage()["node-1"].PoolOpened
 		burst(10, 1)
 		if got := usage()["node-1"].PoolOpened - before; got != 0 {
@@ -285,10 +286,10 @@ func TestLabShortConnections(t *testing.T) {
 		return nil
 	})
 	burst(200, 4)
-	eventually(t, time.Minute, "passthrough warm-up connections to end", settled(base))
+	waitfor.NoError(t, time.Minute, "passthrough warm-up connections to end", settled(base))
 	pbase := usage()
 	burst(batch, 4)
-	eventually(t, 2*time.Minute, "agents to release per-connection state after passthrough connections", settled(pbase))
+	waitfor.NoError(t, 2*time.Minute, "agents to release per-connection state after passthrough connections", settled(pbase))
 	pafter := usage()
 	for _, node := range nodes {
 		t.Logf("%s: passthrough: before %s, after %d connections %s", node, pbase[node], batch, pafter[node])

@@ -25,6 +25,7 @@ import (
 	"github.com/nodemesh/nodemesh/identity/ca"
 	"github.com/nodemesh/nodemesh/identity/identitytest"
 	"github.com/nodemesh/nodemesh/identity/svid"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 // limitCA is a CA server on 127.0.0.1 with test doubles behind it and
@@ -143,19 +144,6 @@ func slowBody(t *testing.T, src, addr string) *attacker {
 	return &attacker{conn: tc}
 }
 
-// waitFor polls cond until it holds (a condition, never a duration, is
-// what the test asserts; the deadline only stops a hung test).
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // TestSlowBodyDoesNotStopTheCA is the attack of issue 14: more slow-body
 // requests than the CA has in-flight slots, each from its own address.
 // Before the fix each held a slot for the 30 s read timeout and the agent
@@ -175,7 +163,7 @@ func TestSlowBodyDoesNotStopTheCA(t *testing.T) {
 	for i := range n {
 		atk = append(atk, slowBody(t, fmt.Sprintf("127.0.1.%d", i+1), c.addr))
 	}
-	waitFor(t, "all attackers to be reading their bodies", func() bool { return c.metrics.ReadingBody() == n })
+	waitfor.True(t, 30*time.Second, "all attackers to be reading their bodies", func() bool { return c.metrics.ReadingBody() == n })
 	for i := range 3 {
 		if code := c.sign(t, "agent-a"); code != "" {
 			t.Fatalf("agent request %d during the attack refused: %s", i, code)
@@ -204,7 +192,7 @@ func TestBodyTimeoutCutsSlowBodies(t *testing.T) {
 		}
 		a.conn.Close()
 	}
-	waitFor(t, "three body timeouts counted", func() bool { return c.metrics.LimitHits(ca.LimitBodyTimeout) == 3 })
+	waitfor.True(t, 30*time.Second, "three body timeouts counted", func() bool { return c.metrics.LimitHits(ca.LimitBodyTimeout) == 3 })
 	if n := strings.Count(c.log.String(), `"limit":"body_timeout"`); n != 1 {
 		t.Errorf("body timeout logged %d times, want once (then at most once a minute):\n%s", n, c.log)
 	}
@@ -242,6 +230,9 @@ func TestPerCallerLimits(t *testing.T) {
 		if _, err := extra.Read(make([]byte, 1)); !errors.Is(err, io.EOF) && !isReset(err) {
 			t.Fatalf("fifth connection from one caller: read %v, want it closed", err)
 		}
+		// The listener counts the refusal after it closed the connection,
+		// so the client can see the close first.
+		waitfor.True(t, 30*time.Second, "the refusal counted", func() bool { return c.metrics.LimitHits(ca.LimitConnsPerCaller) >= 1 })
 		if got := c.metrics.LimitHits(ca.LimitConnsPerCaller); got != 1 {
 			t.Errorf("conns_per_caller hits %v, want 1", got)
 		}
@@ -253,7 +244,7 @@ func TestPerCallerLimits(t *testing.T) {
 		}
 		held = nil
 		// Closed connections give the budget back.
-		waitFor(t, "the caller's connections to be released", func() bool {
+		waitfor.True(t, 30*time.Second, "the caller's connections to be released", func() bool {
 			tc := tls.Client(dialFrom(t, "127.0.3.1", c.addr), &tls.Config{InsecureSkipVerify: true})
 			defer tc.Close()
 			return tc.Handshake() == nil
@@ -264,7 +255,7 @@ func TestPerCallerLimits(t *testing.T) {
 		a1, a2 := slowBody(t, "127.0.3.2", c.addr), slowBody(t, "127.0.3.2", c.addr)
 		defer a1.conn.Close()
 		defer a2.conn.Close()
-		waitFor(t, "two requests reading", func() bool { return c.metrics.ReadingBody() == 2 })
+		waitfor.True(t, 30*time.Second, "two requests reading", func() bool { return c.metrics.ReadingBody() == 2 })
 		a3 := slowBody(t, "127.0.3.2", c.addr)
 		defer a3.conn.Close()
 		resp, err := http.ReadResponse(bufio.NewReader(a3.conn), nil)
@@ -401,7 +392,7 @@ func TestHTTP2StreamsPerCaller(t *testing.T) {
 		}()
 		_, _ = pw.Write([]byte("{"))
 	}
-	waitFor(t, "two streams reading", func() bool { return c.metrics.ReadingBody() == 2 })
+	waitfor.True(t, 30*time.Second, "two streams reading", func() bool { return c.metrics.ReadingBody() == 2 })
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "https://"+c.addr+identity.SignPath, strings.NewReader("{}"))
 	resp, err := hc.Do(req)
 	if err != nil {

@@ -18,6 +18,7 @@ import (
 
 	"github.com/nodemesh/nodemesh/identity/ca"
 	"github.com/nodemesh/nodemesh/identity/k8s"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 func FuzzParseBundle(f *testing.F) {
@@ -101,7 +102,7 @@ func TestPodWatcherWantedSet(t *testing.T) {
 	}()
 	defer func() { cancel(); <-done }()
 	want := map[string]string{"web": "spiffe://cluster.local/ns/app/sa/web", "dflt": "spiffe://cluster.local/ns/app/sa/default"}
-	eventually(t, 10*time.Second, "wanted set", func() error {
+	waitfor.NoError(t, 10*time.Second, "wanted set", func() error {
 		if got := r.get(); !equal(got, want) {
 			return errorf("got %v want %v", got, want)
 		}
@@ -111,7 +112,7 @@ func TestPodWatcherWantedSet(t *testing.T) {
 		t.Fatal(err)
 	}
 	delete(want, "web")
-	eventually(t, 10*time.Second, "web removed", func() error {
+	waitfor.NoError(t, 10*time.Second, "web removed", func() error {
 		if got := r.get(); !equal(got, want) {
 			return errorf("got %v want %v", got, want)
 		}

@@ -39,6 +39,7 @@ import (
 	"github.com/nodemesh/nodemesh/identity/svid"
 	"github.com/nodemesh/nodemesh/lab/apiserver"
 	"github.com/nodemesh/nodemesh/lab/privtest"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 const agentNS, agentSA = "nodemesh-system", "nodemesh-agent"
@@ -466,21 +467,6 @@ func startAgent(t *testing.T, cl *cluster, c *identitytest.CA, node string, agen
 	return &agent{m: m, client: client}
 }
 
-func eventually(t *testing.T, d time.Duration, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %s: %v", what, d, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // TestLabRotationAndOutages drives two agents (node A runs web, node B runs
 // db) with informer-driven SVID managers against the CA and the real API
 // server, under a short TTL, with handshakes web -> db every 100 ms:
@@ -507,8 +493,8 @@ func TestLabRotationAndOutages(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	// The pod informers, not the test, ask for these identities.
-	eventually(t, 20*time.Second, "web SVID on node A", func() error { return ready(a.m, webID) })
-	eventually(t, 20*time.Second, "db SVID on node B", func() error { return ready(b.m, dbID) })
+	waitfor.NoError(t, 20*time.Second, "web SVID on node A", func() error { return ready(a.m, webID) })
+	waitfor.NoError(t, 20*time.Second, "db SVID on node B", func() error { return ready(b.m, dbID) })
 	if err := ready(a.m, dbID); err == nil {
 		t.Fatal("node A holds db's SVID although db runs only on node B")
 	}
@@ -595,7 +581,7 @@ func TestLabRotationAndOutages(t *testing.T) {
 		m  *svid.Manager
 		id spiffeid.ID
 	}{{a.m, webID}, {b.m, dbID}} {
-		eventually(t, 10*time.Second, "agents on the new root", func() error {
+		waitfor.NoError(t, 10*time.Second, "agents on the new root", func() error {
 			bnd, err := x.m.GetX509BundleForTrustDomain(td)
 			if err != nil {
 				return err
@@ -644,7 +630,7 @@ func TestLabRotationAndOutages(t *testing.T) {
 
 	// 3. CA down past expiry: fail closed, then recover.
 	c.Stop()
-	eventually(t, 2*ttl, "web's SVID to expire", func() error {
+	waitfor.NoError(t, 2*ttl, "web's SVID to expire", func() error {
 		if _, err := a.m.SVIDSource(webID).GetX509SVID(); errors.Is(err, svid.ErrNoSVID) {
 			return nil
 		}
@@ -660,7 +646,7 @@ func TestLabRotationAndOutages(t *testing.T) {
 		t.Fatal(err)
 	}
 	back := time.Now()
-	eventually(t, 20*time.Second, "handshakes after the CA returns", func() error {
+	waitfor.NoError(t, 20*time.Second, "handshakes after the CA returns", func() error {
 		conn, err := dialEcho(ctx, addr, clientCfg)
 		if err == nil {
 			conn.Close()
@@ -671,7 +657,7 @@ func TestLabRotationAndOutages(t *testing.T) {
 
 	// 4. The last web pod leaves node A: the identity is dropped.
 	cl.deletePod(t, cl.app, webPod.Name)
-	eventually(t, 20*time.Second, "web dropped on node A", func() error {
+	waitfor.NoError(t, 20*time.Second, "web dropped on node A", func() error {
 		if _, err := a.m.SVIDSource(webID).GetX509SVID(); errors.Is(err, svid.ErrNoSVID) {
 			return nil
 		}

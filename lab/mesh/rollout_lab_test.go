@@ -23,6 +23,7 @@ import (
 	"github.com/nodemesh/nodemesh/lab/labtest"
 	"github.com/nodemesh/nodemesh/lab/mesh"
 	"github.com/nodemesh/nodemesh/lab/spec"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 	"github.com/nodemesh/nodemesh/lab/workload"
 	"github.com/nodemesh/nodemesh/manifests"
 )
@@ -122,20 +123,6 @@ func TestLabPartialRollout(t *testing.T) {
 		}
 		return nil
 	}
-	eventually := func(what string, d time.Duration, f func() error) {
-		t.Helper()
-		deadline := time.Now().Add(d)
-		for {
-			err := f()
-			if err == nil {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: after %s: %v", what, d, err)
-			}
-			time.Sleep(300 * time.Millisecond)
-		}
-	}
 	dumpOf := func(node string) (rolloutDump, error) {
 		var d rolloutDump
 		b, err := m.Get(ctx, node, "/config_dump/rollout")
@@ -154,7 +141,7 @@ func TestLabPartialRollout(t *testing.T) {
 	}
 
 	// Both agents marked; node-3 has no mark and web-3 is unprotected.
-	eventually("node marks seen by node-1", 60*time.Second, func() error {
+	waitfor.NoError(t, 60*time.Second, "node marks seen by node-1", func() error {
 		d, err := dumpOf("node-1")
 		if err != nil {
 			return err
@@ -169,14 +156,14 @@ func TestLabPartialRollout(t *testing.T) {
 	})
 
 	// Every combination, PERMISSIVE: nothing fails.
-	eventually("client-1 -> web-2 over the mesh", 60*time.Second, func() error {
+	waitfor.NoError(t, 60*time.Second, "client-1 -> web-2 over the mesh", func() error {
 		r, err := get(client1, web2, "hbone")
 		if err != nil {
 			return err
 		}
 		return seenFrom(r, web2, web2.IP)
 	})
-	eventually("node-2 logged client-1 -> web-2 as mTLS", 30*time.Second, func() error {
+	waitfor.NoError(t, 30*time.Second, "node-2 logged client-1 -> web-2 as mTLS", func() error {
 		recs, err := m.AccessLog("node-2")
 		if err != nil {
 			return err
@@ -283,7 +270,7 @@ func TestLabPartialRollout(t *testing.T) {
 			{"destination", pair{Direction: "inbound", Src: web3.Key(), Dst: web2.Key(), DstEnrolled: true, Connections: 1}, web3.IP, web2.IP},
 		},
 	} {
-		eventually("ledger on "+node, 30*time.Second, func() error {
+		waitfor.NoError(t, 30*time.Second, "ledger on "+node, func() error {
 			var wantAll, wantStrict []pair
 			for _, f := range want {
 				bytes, err := loggedBytes(node, f.reporter, f.srcIP, f.dstIP)
@@ -345,11 +332,11 @@ func TestLabPartialRollout(t *testing.T) {
 		"spec":     map[string]any{"mtls": map[string]any{"mode": "STRICT"}},
 	}}
 	paRes := dyn.Resource(v1alpha1.PeerAuthenticationResource).Namespace("shop")
-	eventually("PeerAuthentication created", 60*time.Second, func() error {
+	waitfor.NoError(t, 60*time.Second, "PeerAuthentication created", func() error {
 		_, err := paRes.Create(ctx, pa, metav1.CreateOptions{})
 		return err
 	})
-	eventually("client-1 -> web-3 refused under STRICT", 60*time.Second, func() error {
+	waitfor.NoError(t, 60*time.Second, "client-1 -> web-3 refused under STRICT", func() error {
 		if r, err := get(client1, web3, "strict-unprotected"); err == nil {
 			return fmt.Errorf("still reached: %+v", r)
 		}
@@ -385,7 +372,7 @@ func TestLabPartialRollout(t *testing.T) {
 	if err := syscall.Kill(m.Agents["node-2"].Pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	eventually("node-2's stale mark recognised by node-1", 30*time.Second, func() error {
+	waitfor.NoError(t, 30*time.Second, "node-2's stale mark recognised by node-1", func() error {
 		d, err := dumpOf("node-1")
 		if err != nil {
 			return err
@@ -408,7 +395,7 @@ func TestLabPartialRollout(t *testing.T) {
 	if err := paRes.Delete(ctx, "strict", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually("web-3 reachable again in plaintext", 60*time.Second, func() error {
+	waitfor.NoError(t, 60*time.Second, "web-3 reachable again in plaintext", func() error {
 		_, err := get(client1, web3, "permissive-again")
 		return err
 	})
