@@ -31,6 +31,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/agent/telemetry"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 // TestDashboardQueriesOnScrape runs every query of the Grafana dashboard
@@ -103,7 +104,7 @@ func TestDashboardQueriesOnScrape(t *testing.T) {
 	}
 	exchange(100)
 	refuseAndFail()
-	waitFor(t, "the first bytes and refusals", func() bool {
+	waitfor.True(t, 20*time.Second, "the first bytes and refusals", func() bool {
 		return series(t, reg, "istio_tcp_received_bytes_total")["destination"] == 100 &&
 			series(t, reg, "istio_tcp_connections_closed_total")["source"] == 2
 	})
@@ -111,7 +112,7 @@ func TestDashboardQueriesOnScrape(t *testing.T) {
 
 	exchange(4000)
 	refuseAndFail()
-	waitFor(t, "the second bytes and refusals", func() bool {
+	waitfor.True(t, 20*time.Second, "the second bytes and refusals", func() bool {
 		return series(t, reg, "istio_tcp_received_bytes_total")["destination"] == 4100 &&
 			series(t, reg, "istio_tcp_connections_closed_total")["source"] == 4
 	})

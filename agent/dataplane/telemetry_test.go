@@ -16,6 +16,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/agent/telemetry"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 // series sums the samples of a counter per reporter label.
@@ -90,7 +91,7 @@ func TestLongLivedConnectionMetrics(t *testing.T) {
 	both := func(v float64) map[string]float64 { return map[string]float64{"source": v, "destination": v} }
 	waitBytes := func(what string, request, response float64) {
 		t.Helper()
-		waitFor(t, what, func() bool {
+		waitfor.True(t, 20*time.Second, what, func() bool {
 			return equal(series(t, reg, "istio_tcp_received_bytes_total"), both(request)) &&
 				equal(series(t, reg, "istio_tcp_sent_bytes_total"), both(response))
 		})
@@ -108,7 +109,7 @@ func TestLongLivedConnectionMetrics(t *testing.T) {
 	}
 
 	c.Close()
-	waitFor(t, "both agents to count the close", func() bool {
+	waitfor.True(t, 20*time.Second, "both agents to count the close", func() bool {
 		return equal(series(t, reg, "istio_tcp_connections_closed_total"), both(1))
 	})
 	// Nothing counted twice.
