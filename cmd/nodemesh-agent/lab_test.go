@@ -11,11 +11,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/prometheus/prometheus/model/labels"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -28,6 +30,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
+	"github.com/nodemesh/nodemesh/agent/telemetry/dashtest"
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/demo"
@@ -328,6 +331,85 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		}
 		if !seen["shop/web-1"] || !seen["shop/web-2"] {
 			t.Errorf("requests to the ClusterIP reached %v, want both web pods", seen)
+		}
+		// Both agents name the Service as Istio does: its FQDN, name and
+		// namespace (the destination's agent guesses it from the endpoints).
+		for _, node := range []string{"node-1", "node-2"} {
+			n, _ := l.Node(node)
+			want := []string{`destination_service="web.shop.svc.cluster.local"`, `destination_service_name="web"`, `destination_service_namespace="shop"`,
+				`source_workload_namespace="client"`}
+			waitfor.NoError(t, 20*time.Second, node+" Service labels", func() error {
+				_, m, err := httpGet(nodeClient(n), "http://127.0.0.1:15020/metrics")
+				if err != nil {
+					return err
+				}
+				lines := grep(m, "istio_tcp_connections_closed_total{")
+				for _, line := range strings.Split(lines, "\n") {
+					ok := true
+					for _, w := range want {
+						ok = ok && strings.Contains(line, w)
+					}
+					if ok {
+						return nil
+					}
+				}
+				return fmt.Errorf("no series with %q in:\n%s", want, lines)
+			})
+		}
+	})
+
+	// The shipped dashboard's queries, run with Prometheus's engine on two
+	// scrapes of both real agents around mesh traffic: each evaluates, and
+	// each returns data unless it lists problems this healthy cluster does
+	// not have.
+	t.Run("DashboardOnRealAgents", func(t *testing.T) {
+		db := dashtest.DB{}
+		scrape := func(ts int64) {
+			t.Helper()
+			for _, node := range []string{"node-1", "node-2"} {
+				n, _ := l.Node(node)
+				_, m, err := httpGet(nodeClient(n), "http://127.0.0.1:15020/metrics")
+				if err != nil {
+					t.Fatal(err)
+				}
+				target := labels.NewBuilder(dashtest.Target).Set("node", node).Set("instance", n.IP+":15020").Labels()
+				if err := db.AddText(m, ts, target); err != nil {
+					t.Fatalf("%s: %v", node, err)
+				}
+			}
+		}
+		scrape(0)
+		for i := 0; i < 5; i++ {
+			if _, err := get(client1.Key(), "http://"+web2.IP+":8080/dashboard"); err != nil {
+				t.Fatal(err)
+			}
+		}
+		scrape(60_000)
+		raw, err := os.ReadFile("../../manifests/observability/nodemesh-dashboard.json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		exprs, err := dashtest.Exprs(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Panels that show only problems (failed setups, refusals,
+		// failed or unverified capture) are empty on a healthy cluster.
+		problem := []string{`outcome!="ok"`, `response_flags!="-"`, `status="failed"`, `== 0)`}
+		checked := 0
+		for _, r := range dashtest.Run(db, exprs, 60_000) {
+			switch {
+			case r.Err != nil:
+				t.Errorf("%q: %v", r.Expr, r.Err)
+			case r.Checked && r.Empty && !slices.ContainsFunc(problem, func(p string) bool { return strings.Contains(r.Expr, p) }):
+				t.Errorf("%q returns nothing on the agents' scrapes", r.Expr)
+			case r.Checked:
+				checked++
+			}
+		}
+		t.Logf("%d of %d dashboard queries checked for data", checked, len(exprs))
+		if checked < 15 {
+			t.Errorf("only %d of %d dashboard queries had their metrics in the agents' scrapes", checked, len(exprs))
 		}
 	})
 
