@@ -100,7 +100,7 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	}
 	fs.StringVar(&c.NodeName, "node-name", envOr("NODE_NAME", getenv("NODEMESH_NODE_NAME")), "this node's name (default $NODE_NAME, the downward API)")
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", getenv("KUBECONFIG"), "kubeconfig file (default $KUBECONFIG); empty with --static-dir empty = in-cluster configuration")
-	fs.StringVar(&c.StaticDir, "static-dir", "", "read cluster state from the Kubernetes YAML in this directory instead of an API server")
+	fs.StringVar(&c.StaticDir, "static-dir", "", "read cluster state from the Kubernetes YAML (*.yaml, *.yml, *.json) in this directory and its subdirectories, re-read every 5s, instead of an API server (hidden files and directories are skipped)")
 	fs.StringVar(&c.TrustDomain, "trust-domain", envOr("TRUST_DOMAIN", identity.DefaultTrustDomain), "SPIFFE trust domain")
 	fs.StringVar(&c.ClusterDomain, "cluster-domain", envOr("CLUSTER_DOMAIN", telemetry.DefaultClusterDomain), "the cluster's DNS domain: Services are name.namespace.svc.<domain> in the destination_service metric label (default $CLUSTER_DOMAIN)")
 	fs.StringVar(&c.ClusterID, "cluster-id", envOr("CLUSTER_ID", telemetry.DefaultClusterID), "this cluster's name in the source_cluster and destination_cluster metric labels; Istio's default is Kubernetes (default $CLUSTER_ID)")
