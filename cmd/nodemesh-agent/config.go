@@ -91,6 +91,21 @@ type Config struct {
 // parseConfig reads flags from args and defaults from getenv.
 func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	c := &Config{}
+	fs := flags(c, getenv)
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	c.InCluster = c.Kubeconfig == "" && c.StaticDir == ""
+	return c, nil
+}
+
+// flags defines the agent's flags on c, with defaults from getenv where
+// Kubernetes convention wants them (docs/install.md lists them; a test
+// keeps that table in step).
+func flags(c *Config, getenv func(string) string) *flag.FlagSet {
 	fs := flag.NewFlagSet("nodemesh-agent", flag.ContinueOnError)
 	envOr := func(key, def string) string {
 		if v := getenv(key); v != "" {
@@ -131,14 +146,7 @@ func parseConfig(args []string, getenv func(string) string) (*Config, error) {
 	fs.DurationVar(&c.MarkDuration, "node-mark-duration", rollout.DefaultLeaseDuration, "how long peers honour this node's mark (its Lease) without a renewal: how long a crashed agent's node still counts as mesh-capable")
 	fs.StringVar(&c.Procs, "procs", procsDefault(getenv), "GOMAXPROCS: auto (one P at light load, more while the agent keeps them busy, up to the CPUs or the cgroup CPU limit), runtime (the Go runtime's choice; the default when $GOMAXPROCS is set), or a number")
 	fs.DurationVar(&c.MarkRenew, "node-mark-renew", rollout.DefaultRenewInterval, "how often the node mark is renewed: one Lease write per node, and one watch event for every agent, each time")
-	if err := fs.Parse(args); err != nil {
-		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	c.InCluster = c.Kubeconfig == "" && c.StaticDir == ""
-	return c, nil
+	return fs
 }
 
 // Validate checks the config and fills the derived fields. Every problem is
