@@ -109,5 +109,3 @@ func RefusalCode(err error) Code {
 	}
 	return ""
 }
-
-var errNoPeerCert = errors.New("peer presented no certificate")

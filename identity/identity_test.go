@@ -10,7 +10,6 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/nodemesh/nodemesh/identity"
@@ -107,24 +106,24 @@ func TestTLSConfigs(t *testing.T) {
 	p := provider(t, webID, dbID)
 	other := provider(t, webID) // same ID, another (untrusted) root
 	ctx := context.Background()
-	cc := identity.ClientConfig(p, webID, dbID)
-	sc := identity.ServerConfig(p, dbID, tlsconfig.AuthorizeID(webID))
+	cc := identitytest.ClientTLS(t, p, webID, dbID)
+	sc := identitytest.ServerTLS(t, p, dbID)
 	if cc.MinVersion != tls.VersionTLS13 || sc.MinVersion != tls.VersionTLS13 {
 		t.Fatal("configs allow TLS below 1.3")
 	}
 	if s, c, err := identitytest.Handshake(ctx, cc, sc); err != nil || s != webID || c != dbID {
 		t.Fatalf("handshake: %v %v %v", s, c, err)
 	}
-	// Server authorizes only web: db as a client is refused.
-	if _, _, err := identitytest.Handshake(ctx, identity.ClientConfig(p, dbID, dbID), sc); err == nil {
-		t.Error("server accepted a client it does not authorize")
+	// The client accepts only db: web as the server is refused.
+	if _, _, err := identitytest.Handshake(ctx, cc, identitytest.ServerTLS(t, p, webID)); err == nil {
+		t.Error("client accepted a server other than the one it asked for")
 	}
 	// A client with a certificate from another root is refused.
-	if _, _, err := identitytest.Handshake(ctx, identity.ClientConfig(mixed{other, p}, webID, dbID), sc); err == nil {
+	if _, _, err := identitytest.Handshake(ctx, identitytest.ClientTLS(t, mixed{other, p}, webID, dbID), sc); err == nil {
 		t.Error("server accepted a client certificate from an untrusted root")
 	}
 	// A TLS 1.2 client is refused.
-	c12 := identity.ClientConfig(p, webID, dbID)
+	c12 := identitytest.ClientTLS(t, p, webID, dbID)
 	c12.MaxVersion = tls.VersionTLS12
 	if _, _, err := identitytest.Handshake(ctx, c12, sc); err == nil {
 		t.Error("TLS 1.2 handshake succeeded")
@@ -144,8 +143,8 @@ func (m mixed) GetX509BundleForTrustDomain(d spiffeid.TrustDomain) (*x509bundle.
 // both sides), client and server CPU together, over an in-memory pipe.
 func BenchmarkHandshake(b *testing.B) {
 	p := provider(b, webID, dbID)
-	cc := identity.ClientConfig(p, webID, dbID)
-	sc := identity.ServerConfig(p, dbID, tlsconfig.AuthorizeID(webID))
+	cc := identitytest.ClientTLS(b, p, webID, dbID)
+	sc := identitytest.ServerTLS(b, p, dbID)
 	b.ReportAllocs()
 	cpu0 := identitytest.CPUTime()
 	for b.Loop() {

@@ -27,14 +27,12 @@ import (
 	"sync"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-
 	"github.com/nodemesh/nodemesh/agent/hbone"
 	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/agent/telemetry"
 	"github.com/nodemesh/nodemesh/agent/workloads"
+	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/redirect"
 )
 
@@ -112,7 +110,7 @@ func New(cfg Config) (*Dataplane, error) {
 		cfg.SelfCheckBackoff = 200 * time.Millisecond
 	}
 	d := &Dataplane{cfg: cfg, log: cfg.Log, pods: make(map[state.Key]*pod), tls: hbone.SPIFFETLS{
-		SVID:    func(id spiffeid.ID) (x509svid.Source, error) { return cfg.SVIDs.SVIDSource(id), nil },
+		SVID:    identity.SVIDFunc(cfg.SVIDs),
 		Bundles: cfg.SVIDs,
 	}}
 	d.ctx, d.cancel = context.WithCancel(context.Background())

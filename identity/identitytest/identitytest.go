@@ -26,6 +26,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/nodemesh/nodemesh/agent/hbone"
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/identity/ca"
 )
@@ -231,7 +232,7 @@ func Handshake(ctx context.Context, cc, sc *tls.Config) (serverSaw, clientSaw sp
 			done <- result{err: fmt.Errorf("server write: %w", err)}
 			return
 		}
-		id, err := identity.PeerID(tc.ConnectionState())
+		id, err := hbone.PeerID(tc.ConnectionState())
 		done <- result{id: id, err: err}
 	}()
 	var d net.Dialer
@@ -248,7 +249,7 @@ func Handshake(ctx context.Context, cc, sc *tls.Config) (serverSaw, clientSaw sp
 		}
 	}
 	if cerr == nil {
-		clientSaw, cerr = identity.PeerID(tc.ConnectionState())
+		clientSaw, cerr = hbone.PeerID(tc.ConnectionState())
 	}
 	if cerr != nil {
 		raw.Close()
@@ -258,6 +259,29 @@ func Handshake(ctx context.Context, cc, sc *tls.Config) (serverSaw, clientSaw sp
 	}
 	r := <-done
 	return r.id, clientSaw, r.err
+}
+
+// ClientTLS is the mTLS client config the agent builds (hbone.SPIFFETLS
+// over p) for a connection from src to exactly dst; it fails t when the
+// builder refuses.
+func ClientTLS(t testing.TB, p identity.Provider, src, dst spiffeid.ID) *tls.Config {
+	t.Helper()
+	c, err := hbone.SPIFFETLS{SVID: identity.SVIDFunc(p), Bundles: p}.ClientTLS(src, dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// ServerTLS is the agent's mTLS server config for local over p: it accepts
+// any client of local's trust domain.
+func ServerTLS(t testing.TB, p identity.Provider, local spiffeid.ID) *tls.Config {
+	t.Helper()
+	c, err := hbone.SPIFFETLS{SVID: identity.SVIDFunc(p), Bundles: p}.ServerTLS(local)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }
 
 // StaticProvider is an identity.Provider holding fixed SVIDs, signed by an

@@ -25,13 +25,13 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/nodemesh/nodemesh/agent/hbone"
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/identity/ca"
 	"github.com/nodemesh/nodemesh/identity/identitytest"
@@ -362,9 +362,9 @@ func findAudit(t *testing.T, logs string, code identity.Code, id string) map[str
 	return nil
 }
 
-// echoServer accepts mTLS connections as id (any client the authorizer
-// allows) and echoes.
-func echoServer(t *testing.T, p identity.Provider, id spiffeid.ID, authz tlsconfig.Authorizer) string {
+// echoServer accepts mTLS connections as id and echoes for the client
+// allowed only.
+func echoServer(t *testing.T, p identity.Provider, id, allowed spiffeid.ID) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -372,7 +372,7 @@ func echoServer(t *testing.T, p identity.Provider, id spiffeid.ID, authz tlsconf
 	}
 	var wg sync.WaitGroup
 	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	tl := tls.NewListener(ln, identity.ServerConfig(p, id, authz))
+	tl := tls.NewListener(ln, identitytest.ServerTLS(t, p, id))
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -386,6 +386,13 @@ func echoServer(t *testing.T, p identity.Provider, id spiffeid.ID, authz tlsconf
 				defer wg.Done()
 				defer c.Close()
 				_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
+				tc := c.(*tls.Conn)
+				if tc.Handshake() != nil {
+					return
+				}
+				if peer, err := hbone.PeerID(tc.ConnectionState()); err != nil || peer != allowed {
+					return
+				}
 				_, _ = io.Copy(c, c)
 			}()
 		}
@@ -499,8 +506,8 @@ func TestLabRotationAndOutages(t *testing.T) {
 		t.Fatal("node A holds db's SVID although db runs only on node B")
 	}
 
-	addr := echoServer(t, b.m, dbID, tlsconfig.AuthorizeID(webID))
-	clientCfg := identity.ClientConfig(a.m, webID, dbID)
+	addr := echoServer(t, b.m, dbID, webID)
+	clientCfg := identitytest.ClientTLS(t, a.m, webID, dbID)
 	live, err := dialEcho(ctx, addr, clientCfg)
 	if err != nil {
 		t.Fatal(err)

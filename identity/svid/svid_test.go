@@ -90,7 +90,7 @@ func TestManagerIssuesAndHandshakes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	serverSaw, clientSaw, err := identitytest.Handshake(ctx, identity.ClientConfig(e.m, webID, dbID), identity.ServerConfig(e.m, dbID, nil))
+	serverSaw, clientSaw, err := identitytest.Handshake(ctx, identitytest.ClientTLS(t, e.m, webID, dbID), identitytest.ServerTLS(t, e.m, dbID))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +98,7 @@ func TestManagerIssuesAndHandshakes(t *testing.T) {
 		t.Fatalf("server saw %s, client saw %s", serverSaw, clientSaw)
 	}
 	// The client requires the expected peer: a server presenting web is refused.
-	if _, _, err := identitytest.Handshake(ctx, identity.ClientConfig(e.m, webID, dbID), identity.ServerConfig(e.m, webID, nil)); err == nil {
+	if _, _, err := identitytest.Handshake(ctx, identitytest.ClientTLS(t, e.m, webID, dbID), identitytest.ServerTLS(t, e.m, webID)); err == nil {
 		t.Fatal("client accepted a server with the wrong SPIFFE ID")
 	}
 	// One of two web pods leaves: web stays. The second leaves: web is dropped.
@@ -110,7 +110,7 @@ func TestManagerIssuesAndHandshakes(t *testing.T) {
 	if _, err := e.m.SVIDSource(webID).GetX509SVID(); !errors.Is(err, svid.ErrNoSVID) {
 		t.Fatalf("web still presented after its last pod left: %v", err)
 	}
-	if _, _, err := identitytest.Handshake(ctx, identity.ClientConfig(e.m, webID, dbID), identity.ServerConfig(e.m, dbID, nil)); err == nil {
+	if _, _, err := identitytest.Handshake(ctx, identitytest.ClientTLS(t, e.m, webID, dbID), identitytest.ServerTLS(t, e.m, dbID)); err == nil {
 		t.Fatal("handshake as a dropped identity succeeded")
 	}
 	if got := e.m.IDs(); len(got) != 1 || got[0] != dbID {

@@ -153,7 +153,7 @@ func TestWorkloadAPISource(t *testing.T) {
 	}
 	var p identity.Provider = src
 	handshake := func() error {
-		serverSaw, clientSaw, err := identitytest.Handshake(ctx, identity.ClientConfig(p, webID, dbID), identity.ServerConfig(p, dbID, nil))
+		serverSaw, clientSaw, err := identitytest.Handshake(ctx, identitytest.ClientTLS(t, p, webID, dbID), identitytest.ServerTLS(t, p, dbID))
 		if err == nil && (serverSaw != webID || clientSaw != dbID) {
 			err = errors.New("wrong peer IDs " + serverSaw.String() + " " + clientSaw.String())
 		}
