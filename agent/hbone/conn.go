@@ -68,13 +68,17 @@ type conn struct {
 	recvWin        int64 // connection-level receive window left
 	recvUnacked    int64 // consumed, not yet announced in WINDOW_UPDATE
 	lastPeerID     uint32
-	goAwayRecv     bool
-	goAwayLast     uint32
-	goAwaySent     bool
-	closed         bool
-	closing        error // set when a graceful close has begun: its reason
-	err            error
-	idleSince      time.Time
+	// The streams we reset most recently: the peer may still send
+	// frames on them, which RFC 9113 §5.1 says to ignore.
+	resetIDs   [32]uint32
+	resetNext  int
+	goAwayRecv bool
+	goAwayLast uint32
+	goAwaySent bool
+	closed     bool
+	closing    error // set when a graceful close has begun: its reason
+	err        error
+	idleSince  time.Time
 
 	frames   atomic.Uint64 // frames read, for dead-peer detection
 	done     chan struct{}
@@ -649,6 +653,13 @@ func (c *conn) onRST(f *http2.RSTStreamFrame) error {
 	c.mu.Lock()
 	s := c.streams[f.StreamID]
 	idle := s == nil && c.idleStreamLocked(f.StreamID)
+	// The peer knows the stream is closed now: frames it sends on it
+	// later are errors again, also if we had reset it first.
+	for i, r := range c.resetIDs {
+		if r == f.StreamID {
+			c.resetIDs[i] = 0
+		}
+	}
 	c.mu.Unlock()
 	if idle {
 		return protoError{http2.ErrCodeProtocol, "RST_STREAM on an idle stream"}
@@ -700,6 +711,7 @@ func (c *conn) resetStream(id uint32, code http2.ErrCode) {
 		s.abort(http2.StreamError{StreamID: id, Code: code}, code)
 		return
 	}
+	c.noteReset(id)
 	_ = c.writeControlAsync(func(fw *http2.Framer) error { return fw.WriteRSTStream(id, code) })
 }
 
@@ -788,4 +800,22 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	}
 	s.onData(data, flowLen, f.StreamEnded())
 	return nil
+}
+
+// noteReset remembers that we reset stream id.
+func (c *conn) noteReset(id uint32) {
+	c.mu.Lock()
+	c.resetIDs[c.resetNext] = id
+	c.resetNext = (c.resetNext + 1) % len(c.resetIDs)
+	c.mu.Unlock()
+}
+
+// wasResetLocked reports whether we reset stream id recently; c.mu held.
+func (c *conn) wasResetLocked(id uint32) bool {
+	for _, r := range c.resetIDs {
+		if r == id && id != 0 {
+			return true
+		}
+	}
+	return false
 }

@@ -61,9 +61,10 @@ var h2specKnownFailures = map[string]string{}
 // in this tree, and why: each is a defect to fix, logged on every run but
 // not counted until it is.
 var h2specFlaky = map[string]string{
-	"generic/4/4":   "a POST's trailers that reach the server after it answered 400 and reset the request side (RST_STREAM NO_ERROR) are treated as HEADERS on a closed stream, a connection error, although RFC 9113 §5.1 says to ignore frames on a stream the endpoint has reset; h2spec then sees the connection closed (once in five runs)",
-	"http2/5.4.1/2": "the server closes the connection right after writing the GOAWAY of a connection error while the peer's bytes are unread, so the kernel may reset the connection and the peer never sees the GOAWAY (h2spec then reports only 'Connection closed')",
-	"http2/6.9.1/2": "the server closes the connection right after writing the GOAWAY of a connection error while the peer's bytes are unread, so the kernel may reset the connection and the peer never sees the GOAWAY (seen once in four runs: 'Connection closed' instead of GOAWAY FLOW_CONTROL_ERROR)",
+	// Empty since the server ignores frames on streams it reset
+	// (generic/4/4) and lingers after a connection error's GOAWAY instead
+	// of closing with unread bytes, which reset the connection before the
+	// peer read the GOAWAY (http2/5.4.1/2, http2/6.9.1/2).
 }
 
 // h2specBinary returns the h2spec binary, skipping the test (a failure under

@@ -343,6 +343,13 @@ func (c *conn) onRequest(id uint32, end bool, fields []hpack.HeaderField) error 
 	c.mu.Lock()
 	if s := c.streams[id]; s != nil {
 		c.mu.Unlock()
+		s.mu.Lock()
+		ended := s.recvEnd
+		s.mu.Unlock()
+		if ended { // half-closed (remote): STREAM_CLOSED (RFC 9113 §5.1)
+			c.writeRST(false, id, http2.ErrCodeStreamClosed)
+			return nil
+		}
 		// Trailers on an answered request are fine with END_STREAM;
 		// anything else on a tunnel is a stream error (RFC 9113 §8.5).
 		if s.discard && end {
@@ -353,7 +360,20 @@ func (c *conn) onRequest(id uint32, end bool, fields []hpack.HeaderField) error 
 		return nil
 	}
 	if id <= c.lastPeerID {
+		reset := c.wasResetLocked(id)
 		c.mu.Unlock()
+		if reset { // late trailers on a stream we reset (RFC 9113 §5.1)
+			// Malformed trailers (§8.1: without END_STREAM, or with a
+			// pseudo-header) are still a stream error.
+			bad := !end
+			for _, f := range fields {
+				bad = bad || f.IsPseudo()
+			}
+			if bad {
+				c.writeRST(false, id, http2.ErrCodeProtocol)
+			}
+			return c.budget.spend(c, "HEADERS on a reset stream")
+		}
 		return protoError{http2.ErrCodeStreamClosed, "HEADERS on a closed stream"}
 	}
 	c.lastPeerID = id

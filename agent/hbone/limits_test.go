@@ -215,3 +215,52 @@ func TestRapidResetKeepsHandlerSlots(t *testing.T) {
 		t.Fatalf("%+v, %d handlers running: want 1 refused stream, 2 handlers", st, running.Load())
 	}
 }
+
+// TestLateFramesOnResetStream sends trailers and DATA on a stream the
+// server has just reset: RFC 9113 §5.1 says to ignore them, so the
+// connection must stay up and serve the next stream.
+func TestLateFramesOnResetStream(t *testing.T) {
+	e := newEnv(t)
+	_, addr := e.startServer(t, echo, nil)
+	r := dialRaw(t, e, addr)
+	r.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	var bad bytes.Buffer // a CONNECT without :authority: reset at once
+	hpack.NewEncoder(&bad).WriteField(hpack.HeaderField{Name: ":method", Value: "CONNECT"})
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: bad.Bytes(), EndHeaders: true}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("waiting for the reset of stream 1: %v", err)
+		}
+		if rst, ok := f.(*http2.RSTStreamFrame); ok && rst.StreamID == 1 {
+			break
+		}
+	}
+	var trailers bytes.Buffer
+	hpack.NewEncoder(&trailers).WriteField(hpack.HeaderField{Name: "x-late", Value: "1"})
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: trailers.Bytes(), EndHeaders: true, EndStream: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 3, BlockFragment: connectBlock(t), EndHeaders: true}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		f, err := r.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("waiting for the answer on stream 3: %v", err)
+		}
+		switch f := f.(type) {
+		case *http2.GoAwayFrame:
+			t.Fatalf("GOAWAY %v after trailers on a reset stream, want them ignored", f.ErrCode)
+		case *http2.MetaHeadersFrame:
+			if f.StreamID == 3 {
+				if st := f.PseudoValue("status"); st != "200" {
+					t.Fatalf("stream 3 answered %s, want 200", st)
+				}
+				return
+			}
+		}
+	}
+}

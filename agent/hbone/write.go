@@ -144,6 +144,7 @@ func (c *conn) writeWindowUpdate(inline bool, streamID, inc uint32) {
 }
 
 func (c *conn) writeRST(inline bool, streamID uint32, code http2.ErrCode) {
+	c.noteReset(streamID)
 	if c.lockWriter(false) != nil {
 		return
 	}
