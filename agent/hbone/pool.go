@@ -77,7 +77,8 @@ type PoolConfig struct {
 	// ends, instead of queueing behind one.
 	ScaleOutStreams int
 	// MaxScaleOutConns caps the connections per key that scale-out opens
-	// (default: GOMAXPROCS, at least 2). MaxStreamsPerConn still opens
+	// (default: the number of CPUs, at least 2; not GOMAXPROCS, which
+	// agent/procs lowers at light load). MaxStreamsPerConn still opens
 	// more when every connection is full.
 	MaxScaleOutConns int
 	// IdleTimeout closes a connection that has carried no stream for this
@@ -186,7 +187,7 @@ func NewPool(cfg PoolConfig) (*Pool, error) {
 		cfg.ScaleOutStreams = DefaultScaleOutStreams
 	}
 	if cfg.MaxScaleOutConns <= 0 {
-		cfg.MaxScaleOutConns = max(2, runtime.GOMAXPROCS(0))
+		cfg.MaxScaleOutConns = max(2, runtime.NumCPU())
 	}
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 2 * time.Minute
