@@ -71,31 +71,8 @@ type Config struct {
 
 func parseFlags(args []string) (*Config, error) {
 	c := &Config{}
-	fs := flag.NewFlagSet("nodemesh-ca", flag.ContinueOnError)
-	ns := os.Getenv("POD_NAMESPACE")
-	if ns == "" {
-		ns = "nodemesh-system"
-	}
 	var dns string
-	fs.StringVar(&c.Listen, "listen", fmt.Sprintf(":%d", identity.DefaultPort), "HTTPS listen address")
-	fs.StringVar(&c.TrustDomain, "trust-domain", identity.DefaultTrustDomain, "SPIFFE trust domain")
-	fs.DurationVar(&c.SVIDTTL, "svid-ttl", time.Hour, "lifetime of issued SVIDs")
-	fs.StringVar(&c.Namespace, "namespace", ns, "namespace of the CA (Secrets, bundle ConfigMap); default $POD_NAMESPACE")
-	fs.StringVar(&c.ServiceAccount, "service-account", "nodemesh-ca", "the CA's service account; its SPIFFE ID is in the serving certificate and agents require it")
-	fs.StringVar(&c.AgentServiceAccount, "agent-service-account", "nodemesh-system/nodemesh-agent", "namespace/name of the only service account allowed to request SVIDs")
-	fs.StringVar(&c.CASecret, "ca-secret", "", "Secret (in --namespace) with a user-provided CA: tls.crt, tls.key, optional ca.crt; empty = generate a root")
-	fs.StringVar(&c.RootSecret, "root-secret", "nodemesh-ca-root", "Secret (in --namespace) that keeps the generated root")
-	fs.DurationVar(&c.RootTTL, "root-ttl", 365*24*time.Hour, "lifetime of a generated root")
-	fs.Float64Var(&c.RotateAt, "rotate-at", 0.66, "rotate a generated root when this fraction of its lifetime has passed")
-	fs.DurationVar(&c.Propagation, "rotation-propagation", 2*time.Minute, "during rotation, trust the new root this long before signing with it")
-	fs.StringVar(&c.BundleConfigMap, "bundle-configmap", identity.BundleConfigMap, "ConfigMap (in --namespace) the trust bundle is published to")
-	fs.StringVar(&dns, "dns-names", "", "comma-separated DNS names for the serving certificate; default nodemesh-ca.<namespace>.svc[.cluster.local]")
-	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file; empty = in-cluster config")
-	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
-	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "plain-HTTP address for Prometheus /metrics (e.g. :15014); empty = off")
-	fs.IntVar(&c.MaxInFlight, "max-in-flight", 64, "concurrent authenticated sign requests before new ones get 503")
-	fs.IntVar(&c.MaxPerCaller, "max-requests-per-caller", 64, "concurrent requests from one source address before new ones get 503 (per-pod agents on one node share its address)")
-	fs.IntVar(&c.MaxConnsPerCaller, "max-conns-per-caller", 128, "open connections from one source address before new ones are closed")
+	fs := flags(c, &dns, os.Getenv)
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
@@ -108,6 +85,37 @@ func parseFlags(args []string) (*Config, error) {
 		c.DNSNames = []string{"nodemesh-ca." + c.Namespace + ".svc", "nodemesh-ca." + c.Namespace + ".svc.cluster.local"}
 	}
 	return c, nil
+}
+
+// flags defines the CA's flags on c (and dns, the raw --dns-names), with
+// defaults from getenv where Kubernetes convention wants them
+// (docs/install.md lists them; a test keeps that table in step).
+func flags(c *Config, dns *string, getenv func(string) string) *flag.FlagSet {
+	fs := flag.NewFlagSet("nodemesh-ca", flag.ContinueOnError)
+	ns := getenv("POD_NAMESPACE")
+	if ns == "" {
+		ns = "nodemesh-system"
+	}
+	fs.StringVar(&c.Listen, "listen", fmt.Sprintf(":%d", identity.DefaultPort), "HTTPS listen address")
+	fs.StringVar(&c.TrustDomain, "trust-domain", identity.DefaultTrustDomain, "SPIFFE trust domain")
+	fs.DurationVar(&c.SVIDTTL, "svid-ttl", time.Hour, "lifetime of issued SVIDs")
+	fs.StringVar(&c.Namespace, "namespace", ns, "namespace of the CA (Secrets, bundle ConfigMap); default $POD_NAMESPACE")
+	fs.StringVar(&c.ServiceAccount, "service-account", "nodemesh-ca", "the CA's service account; its SPIFFE ID is in the serving certificate and agents require it")
+	fs.StringVar(&c.AgentServiceAccount, "agent-service-account", "nodemesh-system/nodemesh-agent", "namespace/name of the only service account allowed to request SVIDs")
+	fs.StringVar(&c.CASecret, "ca-secret", "", "Secret (in --namespace) with a user-provided CA: tls.crt, tls.key, optional ca.crt; empty = generate a root")
+	fs.StringVar(&c.RootSecret, "root-secret", "nodemesh-ca-root", "Secret (in --namespace) that keeps the generated root")
+	fs.DurationVar(&c.RootTTL, "root-ttl", 365*24*time.Hour, "lifetime of a generated root")
+	fs.Float64Var(&c.RotateAt, "rotate-at", 0.66, "rotate a generated root when this fraction of its lifetime has passed")
+	fs.DurationVar(&c.Propagation, "rotation-propagation", 2*time.Minute, "during rotation, trust the new root this long before signing with it")
+	fs.StringVar(&c.BundleConfigMap, "bundle-configmap", identity.BundleConfigMap, "ConfigMap (in --namespace) the trust bundle is published to")
+	fs.StringVar(dns, "dns-names", "", "comma-separated DNS names for the serving certificate; default nodemesh-ca.<namespace>.svc[.cluster.local]")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file; empty = in-cluster config")
+	fs.StringVar(&c.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "plain-HTTP address for Prometheus /metrics (e.g. :15014); empty = off")
+	fs.IntVar(&c.MaxInFlight, "max-in-flight", 64, "concurrent authenticated sign requests before new ones get 503")
+	fs.IntVar(&c.MaxPerCaller, "max-requests-per-caller", 64, "concurrent requests from one source address before new ones get 503 (per-pod agents on one node share its address)")
+	fs.IntVar(&c.MaxConnsPerCaller, "max-conns-per-caller", 128, "open connections from one source address before new ones are closed")
+	return fs
 }
 
 // Validate checks the config once and fills the derived fields.
