@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
-	"path/filepath"
-	"sort"
+	"os"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/bench/load"
+	labmesh "github.com/nodemesh/nodemesh/lab/mesh"
 )
 
 // nodemesh in per-pod sidecar mode: the same agent binary and capture as
@@ -42,8 +45,8 @@ const (
 
 // podAgent is one per-pod agent.
 type podAgent struct {
-	Pod, Node, Proc, Admin string
-	Pid                    int
+	Pod, Node, Proc, Admin, Log string
+	Pid                         int
 }
 
 // podSidecarServerPods returns the per-pod scenario's server pod keys for
@@ -107,19 +110,18 @@ func (r *runner) startPodAgent(ctx context.Context, m *mesh, key string) error {
 		return err
 	}
 	i := len(m.pods) + 1
-	a := &podAgent{Pod: key, Node: p.Node, Proc: agentProc + "-" + p.Name, Admin: net.JoinHostPort("127.0.0.1", strconv.Itoa(podAdminBase+i))}
-	pid, log, err := r.startAgent(ctx, p.Node, "pod-"+p.Name, a.Proc, m.caURL, []string{
-		"--only-pod", key, "--cgroup-root", p.Cgroup, "--bpf-pin-dir", filepath.Join(r.lab.BPFDir(), "bench-pod-"+p.Name),
+	a := &podAgent{Pod: key, Node: p.Node, Proc: labmesh.AgentProcess + "-" + p.Name, Admin: net.JoinHostPort("127.0.0.1", strconv.Itoa(podAdminBase+i))}
+	la, err := m.StartAgent(ctx, labmesh.AgentSpec{Node: p.Node, Name: "pod-" + p.Name, Process: a.Proc, CgroupRoot: p.Cgroup, Args: []string{
+		"--only-pod", key,
 		"--admin-addr", a.Admin,
 		"--metrics-addr", net.JoinHostPort("127.0.0.1", strconv.Itoa(podMetricsBase+i)),
 		"--readiness-addr", net.JoinHostPort("127.0.0.1", strconv.Itoa(podReadinessBase+i)),
-	})
+	}})
 	if err != nil {
 		return err
 	}
-	a.Pid = pid
+	a.Pid, a.Log = la.Pid, la.Log
 	m.pods[key] = a
-	m.logs["agent "+key] = log
 	return nil
 }
 
@@ -137,7 +139,7 @@ func (r *runner) waitPodAgents(ctx context.Context, m *mesh, keys []string) erro
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("waiting for the per-pod agents: %w%s", last, r.agentLogTails(m))
+			return fmt.Errorf("waiting for the per-pod agents: %w%s", last, m.LogTails())
 		}
 		select {
 		case <-ctx.Done():
@@ -153,11 +155,11 @@ func (r *runner) podAgentVerified(ctx context.Context, m *mesh, key string) erro
 	if !ok {
 		return fmt.Errorf("no per-pod agent for %s", key)
 	}
-	b, err := r.agentGetAt(ctx, a.Node, "http://"+a.Admin, "/config_dump/capture", 5*time.Second, 4<<20)
+	b, err := m.Fetch(ctx, a.Node, "http://"+a.Admin+"/config_dump/capture", 5*time.Second)
 	if err != nil {
 		return err
 	}
-	var cd captureDump
+	var cd labmesh.CaptureStatus
 	if err := json.Unmarshal(b, &cd); err != nil {
 		return fmt.Errorf("decoding the capture status of %s's agent: %w", key, err)
 	}
@@ -176,7 +178,7 @@ func (r *runner) podAgentVerified(ctx context.Context, m *mesh, key string) erro
 	}
 	// Verified capture is not yet an SVID: wait for the agent's readiness
 	// (state, SVIDs, capture) too, or the first tunnels are refused.
-	b, err = r.agentGetAt(ctx, a.Node, "http://"+a.Admin, "/status", 5*time.Second, 1<<20)
+	b, err = m.Fetch(ctx, a.Node, "http://"+a.Admin+"/status", 5*time.Second)
 	if err != nil {
 		return err
 	}
@@ -202,17 +204,9 @@ func (m *mesh) podAgentProcs() map[string]int {
 	return out
 }
 
-func (r *runner) stopPodAgents(ctx context.Context, m *mesh) {
-	keys := make([]string, 0, len(m.pods))
-	for k := range m.pods {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		a := m.pods[k]
-		_ = r.lab.StopNodeProcess(ctx, a.Node, a.Proc, 5*time.Second)
-		delete(m.pods, k)
-	}
+// unmarkPodNodes removes the node marks markPodNodes wrote (the per-pod
+// agents themselves are stopped with the mesh).
+func (r *runner) unmarkPodNodes(ctx context.Context) {
 	leases := r.lab.Server.Client.CoordinationV1().Leases(rollout.DefaultNamespace)
 	for _, node := range []string{node3, node4} {
 		if l, err := leases.Get(ctx, rollout.LeaseName(node), metav1.GetOptions{}); err == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity == podMarkHolder {
@@ -270,9 +264,17 @@ func (r *runner) scalePodSidecars(ctx context.Context, n int, pt *ScalePoint) er
 
 // podAgentLogTails are the ends of the per-pod agents' logs, for errors.
 func (r *runner) podAgentLogTails(m *mesh) string {
-	sub := &mesh{logs: map[string]string{}}
-	for k := range m.pods {
-		sub.logs["agent "+k] = m.logs["agent "+k]
+	var b strings.Builder
+	for _, k := range slices.Sorted(maps.Keys(m.pods)) {
+		a := m.pods[k]
+		data, err := os.ReadFile(a.Log)
+		if err != nil || len(data) == 0 {
+			continue
+		}
+		if len(data) > 600 {
+			data = data[len(data)-600:]
+		}
+		fmt.Fprintf(&b, "\n--- agent %s log (%s) ---\n%s", k, a.Log, data)
 	}
-	return r.agentLogTails(sub)
+	return b.String()
 }

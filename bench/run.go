@@ -394,10 +394,10 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 			return nil, fmt.Errorf("bench lab: %w", err)
 		}
 		targets[scenarioMeshCross] = target{client: podMeshClient, addrs: direct(meshIP), procs: func() map[string]int {
-			return map[string]int{"agent " + node1: m.agents[node1], "agent " + node2: m.agents[node2]}
+			return map[string]int{"agent " + node1: m.Agents[node1].Pid, "agent " + node2: m.Agents[node2].Pid}
 		}}
 		targets[scenarioMeshLocal] = target{client: podMeshClient, addrs: direct(meshLocalIP), procs: func() map[string]int {
-			return map[string]int{"agent " + node1: m.agents[node1]}
+			return map[string]int{"agent " + node1: m.Agents[node1].Pid}
 		}}
 	}
 	if podErr == nil {
@@ -730,7 +730,7 @@ func (r *runner) scaleMesh(ctx context.Context, n int, pt *ScalePoint) error {
 		}
 		addrs = append(addrs, net.JoinHostPort(pod.IP, strconv.Itoa(load.DefaultHTTPPort)))
 	}
-	procs := map[string]int{"agent " + node1: r.mesh.agents[node1], "agent " + node2: r.mesh.agents[node2]}
+	procs := map[string]int{"agent " + node1: r.mesh.Agents[node1].Pid, "agent " + node2: r.mesh.Agents[node2].Pid}
 	cfg := load.Config{Kind: load.KindHTTP, Addr: addrs[0], Addrs: addrs, Conns: max(16, n), Rate: p.HTTPRate, Size: p.Size, Warmup: p.Warmup, Duration: p.Duration}
 	run := r.runOne(ctx, podMeshClient, cfg, procs)
 	if run.Result == nil {

@@ -70,13 +70,19 @@ type Options struct {
 	// lease values). Tests that wait for a killed agent's mark to expire
 	// set short ones.
 	MarkDuration, MarkRenew time.Duration
-	Log                     *slog.Logger // progress; nil discards
+	// NoAccessLog starts the agents without --access-log (the throughput
+	// benchmark measures without a log line per connection).
+	NoAccessLog bool
+	Log         *slog.Logger // progress; nil discards
 }
 
 // Agent is one node's running agent.
 type Agent struct {
 	Node string
-	Pid  int
+	// Process is the agent's lab node process name (AgentProcess for the
+	// node agents).
+	Process string
+	Pid     int
 	// Log is the agent's stdout and stderr; with the access log on (Start
 	// always turns it on) it is also the access log: one JSON line per
 	// connection, msg "connection" or "connection refused".
@@ -99,6 +105,8 @@ type Mesh struct {
 
 	opts   Options
 	tokDir string
+	// extra are the agents StartAgent started besides the node agents.
+	extra []*Agent
 }
 
 // FindBinaries returns agent and ca if set, else nodemesh-agent and
@@ -152,7 +160,7 @@ func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
 	m := &Mesh{lab: l, log: o.Log, CANode: nodes[0].Name, Agents: map[string]*Agent{}, opts: o}
 	defer func() {
 		if err != nil {
-			err = fmt.Errorf("%w%s", err, m.logTails())
+			err = fmt.Errorf("%w%s", err, m.LogTails())
 			_ = m.Stop(context.WithoutCancel(ctx))
 		}
 	}()
@@ -186,7 +194,7 @@ func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
 		return nil, fmt.Errorf("creating %s: %w", tokDir, err)
 	}
 	for _, n := range nodes {
-		a, err := m.startAgent(ctx, n, o, tokDir)
+		a, err := m.startAgent(ctx, n, o)
 		if err != nil {
 			return nil, err
 		}
@@ -226,18 +234,59 @@ func agentNodes(all []lab.Node, subset []string) ([]lab.Node, error) {
 	return out, nil
 }
 
-// startAgent registers the agent's pod (hostNetwork, as the DaemonSet's
+// AgentSpec is an agent beside the node agents, for StartAgent.
+type AgentSpec struct {
+	Node string
+	// Name names its pod object (nodemesh-agent-<Name>) and token; it must
+	// not be a node's name.
+	Name string
+	// Process is its lab node process name; it must differ from
+	// AgentProcess and from the other agents' on the node.
+	Process string
+	// CgroupRoot is its capture root; default the node's pod cgroup.
+	CgroupRoot string
+	// Args are more flags (--only-pod, the admin, metrics and readiness
+	// addresses of an agent that shares its node with another).
+	Args []string
+}
+
+// StartAgent starts one more agent on spec.Node, with the mesh's CA and
+// options, as startAgent starts the node agents (the benchmark's per-pod
+// agents). It does not wait for it; Stop stops it.
+func (m *Mesh) StartAgent(ctx context.Context, spec AgentSpec) (*Agent, error) {
+	if spec.Name == "" || spec.Process == "" || spec.Process == AgentProcess {
+		return nil, fmt.Errorf("starting an extra agent: give it a name and a process name other than %q", AgentProcess)
+	}
+	n, err := m.lab.Node(spec.Node)
+	if err != nil {
+		return nil, err
+	}
+	a, err := m.startAgentAs(ctx, n, spec, m.opts)
+	if err != nil {
+		return nil, err
+	}
+	m.extra = append(m.extra, a)
+	return a, nil
+}
+
+// startAgent starts node n's node agent.
+func (m *Mesh) startAgent(ctx context.Context, n lab.Node, o Options) (*Agent, error) {
+	return m.startAgentAs(ctx, n, AgentSpec{Node: n.Name, Name: n.Name, Process: AgentProcess}, o)
+}
+
+// startAgentAs registers the agent's pod (hostNetwork, as the DaemonSet's
 // would be), mints its CA token bound to that pod, and starts the agent in
-// the node's namespace with the node's pod cgroup as its capture root.
-func (m *Mesh) startAgent(ctx context.Context, n lab.Node, o Options, tokDir string) (*Agent, error) {
+// the node's namespace with the node's pod cgroup (or spec's) as its
+// capture root.
+func (m *Mesh) startAgentAs(ctx context.Context, n lab.Node, spec AgentSpec, o Options) (*Agent, error) {
 	c := m.lab.Server.Client
-	name := "nodemesh-agent-" + n.Name
+	name := "nodemesh-agent-" + spec.Name
 	if err := m.registerPod(ctx, name, n, "nodemesh-agent", "nodemesh-agent", "agent"); err != nil {
 		return nil, err
 	}
 	p, err := c.CoreV1().Pods(SystemNamespace).Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
-		return nil, fmt.Errorf("reading the agent pod object for %s: %w", n.Name, err)
+		return nil, fmt.Errorf("reading the agent pod object for %s: %w", spec.Name, err)
 	}
 	exp := int64(3600)
 	tr, err := c.CoreV1().ServiceAccounts(SystemNamespace).CreateToken(ctx, "nodemesh-agent", &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
@@ -245,32 +294,40 @@ func (m *Mesh) startAgent(ctx context.Context, n lab.Node, o Options, tokDir str
 		BoundObjectRef: &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: p.Name, UID: p.UID},
 	}}, metav1.CreateOptions{})
 	if err != nil {
-		return nil, fmt.Errorf("requesting the agent's CA token on %s: %w", n.Name, err)
+		return nil, fmt.Errorf("requesting the CA token of agent %s on %s: %w", spec.Name, n.Name, err)
 	}
-	tok := filepath.Join(tokDir, "token-"+n.Name)
+	tok := filepath.Join(m.tokDir, "token-"+spec.Name)
 	if err := os.WriteFile(tok, []byte(tr.Status.Token), 0o600); err != nil {
 		return nil, fmt.Errorf("writing the agent token: %w", err)
 	}
-	pins := filepath.Join(m.lab.BPFDir(), "mesh-agent-"+n.Name)
+	pins := filepath.Join(m.lab.BPFDir(), "mesh-agent-"+spec.Name)
 	kc := m.lab.Kubeconfig()
 	if k := o.Kubeconfig[n.Name]; k != "" {
 		kc = k
 	}
+	cg := n.Cgroup
+	if spec.CgroupRoot != "" {
+		cg = spec.CgroupRoot
+	}
 	args := []string{o.AgentBinary,
 		"--node-name", n.Name, "--kubeconfig", kc, "--ca-addr", m.CAAddr,
-		"--ca-token-file", tok, "--cgroup-root", n.Cgroup, "--bpf-pin-dir", pins,
-		"--drain-deadline", "2s", "--access-log", "--log-level", o.LogLevel, "--crd-recheck", "2s"}
+		"--ca-token-file", tok, "--cgroup-root", cg, "--bpf-pin-dir", pins,
+		"--drain-deadline", "2s", "--log-level", o.LogLevel, "--crd-recheck", "2s"}
+	if !o.NoAccessLog {
+		args = append(args, "--access-log")
+	}
 	if o.MarkDuration > 0 {
 		args = append(args, "--node-mark-duration", o.MarkDuration.String())
 	}
 	if o.MarkRenew > 0 {
 		args = append(args, "--node-mark-renew", o.MarkRenew.String())
 	}
-	proc, err := m.lab.StartNodeProcess(ctx, n.Name, AgentProcess, args, nil)
+	args = append(args, spec.Args...)
+	proc, err := m.lab.StartNodeProcess(ctx, n.Name, spec.Process, args, nil)
 	if err != nil {
-		return nil, fmt.Errorf("starting the agent on %s: %w", n.Name, err)
+		return nil, fmt.Errorf("starting agent %s on %s: %w", spec.Name, n.Name, err)
 	}
-	return &Agent{Node: n.Name, Pid: proc.Pid, Log: proc.Log, Pins: pins}, nil
+	return &Agent{Node: n.Name, Process: spec.Process, Pid: proc.Pid, Log: proc.Log, Pins: pins}, nil
 }
 
 // RestartAgent stops node's agent and starts it again, as a rolling
@@ -288,7 +345,7 @@ func (m *Mesh) RestartAgent(ctx context.Context, node string) error {
 		return fmt.Errorf("stopping the agent on %s: %w", node, err)
 	}
 	delete(m.Agents, node)
-	a, err := m.startAgent(ctx, n, m.opts, m.tokDir)
+	a, err := m.startAgent(ctx, n, m.opts)
 	if err != nil {
 		return err
 	}
@@ -332,12 +389,19 @@ func (m *Mesh) Metrics(ctx context.Context, node string) ([]byte, error) {
 }
 
 func (m *Mesh) get(ctx context.Context, node, u string) ([]byte, error) {
+	return m.Fetch(ctx, node, u, 15*time.Second)
+}
+
+// Fetch GETs u from inside node's network namespace (an agent's admin,
+// metrics or readiness address there) within timeout and returns the body
+// of a 200 answer (at most 64 MiB: a CPU profile fits).
+func (m *Mesh) Fetch(ctx context.Context, node, u string, timeout time.Duration) ([]byte, error) {
 	n, err := m.lab.Node(node)
 	if err != nil {
 		return nil, err
 	}
 	d := &inpod.Dialer{Netns: n.Netns}
-	hc := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{
+	hc := &http.Client{Timeout: timeout, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return d.DialContext(ctx, network, addr)
 		},
@@ -352,7 +416,7 @@ func (m *Mesh) get(ctx context.Context, node, u string) ([]byte, error) {
 		return nil, fmt.Errorf("agent on %s, GET %s: %w", node, u, err)
 	}
 	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
 		return nil, fmt.Errorf("agent on %s, reading %s: %w", node, u, err)
 	}
@@ -582,6 +646,12 @@ func (m *Mesh) Stop(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	var errs []error
+	for _, a := range m.extra {
+		if err := m.lab.StopNodeProcess(ctx, a.Node, a.Process, 5*time.Second); err != nil {
+			errs = append(errs, fmt.Errorf("stopping agent %s on %s: %w", a.Process, a.Node, err))
+		}
+	}
+	m.extra = nil
 	nodes := make([]string, 0, len(m.Agents))
 	for node := range m.Agents {
 		nodes = append(nodes, node)
@@ -602,8 +672,8 @@ func (m *Mesh) Stop(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// logTails returns the ends of the agent and CA logs, for errors.
-func (m *Mesh) logTails() string {
+// LogTails returns the ends of the agent and CA logs, for errors.
+func (m *Mesh) LogTails() string {
 	var b strings.Builder
 	logs := map[string]string{}
 	if m.CALog != "" {
@@ -611,6 +681,9 @@ func (m *Mesh) logTails() string {
 	}
 	for node, a := range m.Agents {
 		logs["agent on "+node] = a.Log
+	}
+	for _, a := range m.extra {
+		logs[a.Process+" on "+a.Node] = a.Log
 	}
 	for who, path := range logs {
 		data, err := os.ReadFile(path)
