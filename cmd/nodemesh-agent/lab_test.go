@@ -18,23 +18,20 @@ import (
 	"time"
 
 	"github.com/prometheus/prometheus/model/labels"
-	authenticationv1 "k8s.io/api/authentication/v1"
-	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/utils/ptr"
 
 	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/agent/telemetry/dashtest"
-	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/lab"
 	"github.com/nodemesh/nodemesh/lab/demo"
 	"github.com/nodemesh/nodemesh/lab/labtest"
+	"github.com/nodemesh/nodemesh/lab/mesh"
 	"github.com/nodemesh/nodemesh/lab/waitfor"
 	"github.com/nodemesh/nodemesh/lab/workload"
 	"github.com/nodemesh/nodemesh/manifests"
@@ -94,74 +91,35 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-
-	// What a DaemonSet and a Deployment would have created.
-	const sysNS = "nodemesh-system"
-	must(c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: sysNS}}, metav1.CreateOptions{}))
-	for _, sa := range []string{"nodemesh-agent", "nodemesh-ca"} {
-		must(c.CoreV1().ServiceAccounts(sysNS).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}))
-	}
 	node1, err := l.Node("node-1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	caProc, err := l.StartNodeProcess(ctx, "node-1", "nodemesh-ca", []string{caBin, "--kubeconfig", l.Kubeconfig(),
-		"--namespace", sysNS, "--listen", net.JoinHostPort(node1.IP, fmt.Sprint(identity.DefaultPort)), "--svid-ttl", "1h"}, nil)
+	// Enroll both namespaces, then start the CA and the agents as the
+	// manifests would run them (lab/mesh).
+	for _, ns := range []string{"shop", "client"} {
+		setMode(t, ctx, l, ns, state.ModeEnabled)
+	}
+	m, err := mesh.Start(ctx, l, mesh.Options{AgentBinary: agentBin, CABinary: caBin, LogLevel: "debug",
+		DrainDeadline: 5 * time.Second, CRDRecheck: time.Second, Wait: 3 * time.Minute})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { dumpLog(t, caProc.Log) })
-
-	tokDir := t.TempDir()
-	agents := map[string]lab.Process{}
-	var agentLogs []string
+	agentLogs := []string{m.Agents["node-1"].Log, m.Agents["node-2"].Log}
+	caLog := m.CALog
 	startAgent := func(node string) {
 		t.Helper()
-		pod := "nodemesh-agent-" + node
-		p, err := c.CoreV1().Pods(sysNS).Get(ctx, pod, metav1.GetOptions{})
-		if err != nil {
-			p, err = c.CoreV1().Pods(sysNS).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: pod},
-				Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: "nodemesh-agent", HostNetwork: true,
-					Containers: []corev1.Container{{Name: "agent", Image: "nodemesh-agent"}}}}, metav1.CreateOptions{})
-			if err != nil {
-				t.Fatal(err)
-			}
-			p.Status.Phase = corev1.PodRunning
-			if p, err = c.CoreV1().Pods(sysNS).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
-				t.Fatal(err)
-			}
-		}
-		tr, err := c.CoreV1().ServiceAccounts(sysNS).CreateToken(ctx, "nodemesh-agent", &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
-			Audiences: []string{identity.Audience}, ExpirationSeconds: ptr.To[int64](3600),
-			BoundObjectRef: &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: p.Name, UID: p.UID},
-		}}, metav1.CreateOptions{})
+		a, err := m.StartNodeAgent(ctx, node)
 		if err != nil {
 			t.Fatal(err)
 		}
-		tok := filepath.Join(tokDir, node)
-		if err := os.WriteFile(tok, []byte(tr.Status.Token), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		n, err := l.Node(node)
-		if err != nil {
-			t.Fatal(err)
-		}
-		pins := filepath.Join(l.BPFDir(), "agent-"+node)
-		proc, err := l.StartNodeProcess(ctx, node, "nodemesh-agent", []string{agentBin,
-			"--node-name", node, "--kubeconfig", l.Kubeconfig(),
-			"--ca-addr", fmt.Sprintf("https://%s:%d", node1.IP, identity.DefaultPort),
-			"--ca-token-file", tok, "--cgroup-root", n.Cgroup, "--bpf-pin-dir", pins,
-			"--drain-deadline", "5s", "--access-log", "--log-level", "debug", "--crd-recheck", "1s"}, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		agents[node] = proc
-		agentLogs = append(agentLogs, proc.Log)
+		agentLogs = append(agentLogs, a.Log)
 	}
 	t.Cleanup(func() {
-		for node, p := range agents {
-			_ = l.StopNodeProcess(context.Background(), node, "nodemesh-agent", 10*time.Second)
-			dumpLog(t, p.Log)
+		_ = m.Stop(context.Background())
+		dumpLog(t, caLog)
+		for _, path := range agentLogs {
+			dumpLog(t, path)
 		}
 		// With NODEMESH_AGENT_RACE=1 (make test runs this test so once), a
 		// race the detector saw in any agent run fails the test.
@@ -171,12 +129,6 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			}
 		}
 	})
-	// Enroll both namespaces, then start the agents.
-	for _, ns := range []string{"shop", "client"} {
-		setMode(t, ctx, l, ns, state.ModeEnabled)
-	}
-	startAgent("node-1")
-	startAgent("node-2")
 
 	ready := func(node string) error {
 		n, _ := l.Node(node)
@@ -252,7 +204,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			})
 		}
 		waitfor.NoError(t, 20*time.Second, "access log on node-2", func() error {
-			b, err := os.ReadFile(agents["node-2"].Log)
+			b, err := os.ReadFile(m.Agents["node-2"].Log)
 			if err != nil {
 				return err
 			}
@@ -670,7 +622,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		if err := roundTrip("after"); err == nil {
 			t.Error("the connection outlived the agent's drain deadline")
 		}
-		if b, err := os.ReadFile(agents["node-2"].Log); err == nil && !strings.Contains(string(b), "agent stopped") {
+		if b, err := os.ReadFile(m.Agents["node-2"].Log); err == nil && !strings.Contains(string(b), "agent stopped") {
 			t.Errorf("node-2 agent did not stop cleanly:\n%s", tail(string(b), 3000))
 		}
 		// Enrolled web-2 stays captured with no agent: connections fail,
@@ -708,11 +660,11 @@ func TestLabAgentEndToEnd(t *testing.T) {
 
 	t.Run("SIGKILLFailClosedRestart", func(t *testing.T) {
 		waitfor.NoError(t, 60*time.Second, "node-2 agent ready", func() error { return ready("node-2") })
-		if err := syscall.Kill(agents["node-2"].Pid, syscall.SIGKILL); err != nil {
+		if err := syscall.Kill(m.Agents["node-2"].Pid, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
 		waitfor.NoError(t, 10*time.Second, "agent gone", func() error {
-			if l.Running(agents["node-2"]) {
+			if l.Running(lab.Process{Pid: m.Agents["node-2"].Pid}) {
 				return fmt.Errorf("still running")
 			}
 			return nil
@@ -742,7 +694,7 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		const watchFailed = "watch of the API server failed, keeping the last known state"
 		const renewFailed = "renewing the node mark; peers will treat this node as unmeshed"
 		logged := func(node string) int {
-			b, _ := os.ReadFile(agents[node].Log)
+			b, _ := os.ReadFile(m.Agents[node].Log)
 			return strings.Count(string(b), watchFailed) + strings.Count(string(b), renewFailed)
 		}
 		before := map[string]int{"node-1": logged("node-1"), "node-2": logged("node-2")}

@@ -70,6 +70,9 @@ type Options struct {
 	// lease values). Tests that wait for a killed agent's mark to expire
 	// set short ones.
 	MarkDuration, MarkRenew time.Duration
+	// DrainDeadline and CRDRecheck set the agents' --drain-deadline and
+	// --crd-recheck; defaults 2s and 2s.
+	DrainDeadline, CRDRecheck time.Duration
 	// NoAccessLog starts the agents without --access-log (the throughput
 	// benchmark measures without a log line per connection).
 	NoAccessLog bool
@@ -152,6 +155,12 @@ func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
 	}
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
+	}
+	if o.DrainDeadline <= 0 {
+		o.DrainDeadline = 2 * time.Second
+	}
+	if o.CRDRecheck <= 0 {
+		o.CRDRecheck = 2 * time.Second
 	}
 	nodes, err := agentNodes(l.Nodes(), o.AgentNodes)
 	if err != nil {
@@ -312,7 +321,7 @@ func (m *Mesh) startAgentAs(ctx context.Context, n lab.Node, spec AgentSpec, o O
 	args := []string{o.AgentBinary,
 		"--node-name", n.Name, "--kubeconfig", kc, "--ca-addr", m.CAAddr,
 		"--ca-token-file", tok, "--cgroup-root", cg, "--bpf-pin-dir", pins,
-		"--drain-deadline", "2s", "--log-level", o.LogLevel, "--crd-recheck", "2s"}
+		"--drain-deadline", o.DrainDeadline.String(), "--log-level", o.LogLevel, "--crd-recheck", o.CRDRecheck.String()}
 	if !o.NoAccessLog {
 		args = append(args, "--access-log")
 	}
@@ -337,20 +346,28 @@ func (m *Mesh) RestartAgent(ctx context.Context, node string) error {
 	if _, ok := m.Agents[node]; !ok {
 		return fmt.Errorf("restarting the agent on %s: no agent runs there", node)
 	}
-	n, err := m.lab.Node(node)
-	if err != nil {
-		return err
-	}
 	if err := m.lab.StopNodeProcess(ctx, node, AgentProcess, 10*time.Second); err != nil {
 		return fmt.Errorf("stopping the agent on %s: %w", node, err)
+	}
+	_, err := m.StartNodeAgent(ctx, node)
+	return err
+}
+
+// StartNodeAgent starts node's agent again after it was stopped or killed
+// (the caller made sure the old process is gone, e.g. with
+// lab.StopNodeProcess), with the options Start had. It does not wait.
+func (m *Mesh) StartNodeAgent(ctx context.Context, node string) (*Agent, error) {
+	n, err := m.lab.Node(node)
+	if err != nil {
+		return nil, err
 	}
 	delete(m.Agents, node)
 	a, err := m.startAgent(ctx, n, m.opts)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	m.Agents[node] = a
-	return nil
+	return a, nil
 }
 
 // registerPod creates the Running host-network pod object of a mesh
