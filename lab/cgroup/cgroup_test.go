@@ -59,19 +59,7 @@ func TestPrivCgroupKillRemove(t *testing.T) {
 	if err := Create(child); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("sleep", "300")
-	fd, err := unix.Open(child, unix.O_PATH|unix.O_DIRECTORY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
-	err = cmd.Start()
-	unix.Close(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	cmd, done := sleepIn(t, child)
 	cg, err := Of(cmd.Process.Pid)
 	if err != nil || cg != "/nmtcgroup/a/b" {
 		t.Fatalf("child cgroup = %q, %v", cg, err)
@@ -99,6 +87,25 @@ func TestPrivCgroupKillRemove(t *testing.T) {
 	}
 }
 
+// sleepIn starts a sleep in cgroup dir; done reports its exit.
+func sleepIn(t *testing.T, dir string) (*exec.Cmd, <-chan error) {
+	t.Helper()
+	cmd := exec.Command("sleep", "300")
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	err = cmd.Start()
+	unix.Close(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	return cmd, done
+}
+
 // TestPrivRemoveTreeOnBusy: RemoveTree kills nothing itself; a directory
 // still holding a process is removed once the OnBusy hook has killed it.
 func TestPrivRemoveTreeOnBusy(t *testing.T) {
@@ -116,19 +123,7 @@ func TestPrivRemoveTreeOnBusy(t *testing.T) {
 	if err := Create(child); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("sleep", "300")
-	fd, err := unix.Open(child, unix.O_PATH|unix.O_DIRECTORY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
-	err = cmd.Start()
-	unix.Close(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
+	_, done := sleepIn(t, child)
 
 	if err := RemoveTree(ctx, dir, TreeOptions{Tries: 3}); err == nil {
 		t.Fatal("RemoveTree without a hook removed a cgroup that holds a process")
