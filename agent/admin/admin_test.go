@@ -191,7 +191,11 @@ func TestMetricsAndAccessLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.SetPoolStats(func() PoolStats {
-		return PoolStats{Hits: 5, Misses: 2, Handshakes: 2, HandshakeErrors: 1, Conns: 1, Streams: 3}
+		return PoolStats{Hits: 5, Misses: 2, Handshakes: 2, HandshakeErrors: 1, ScaleOuts: 4, ResponseTimeouts: 6, PingTimeouts: 7, Conns: 1, Streams: 3}
+	})
+	m.SetTunnelStats(func() TunnelStats {
+		return TunnelStats{Conns: 2, HandshakesInFlight: 1, Streams: 9, Handshakes: 11, HandshakeErrors: 12,
+			Limits: map[string]uint64{"flood": 13, "header_size": 14}}
 	})
 	c := &Conn{Reporter: ReporterSource, Src: netip.MustParseAddrPort("10.0.0.1:40000"), Dst: netip.MustParseAddrPort("10.0.0.2:8080"),
 		Source:      Peer{Workload: "client", Namespace: "shop", Principal: "spiffe://cluster.local/ns/shop/sa/client", CanonicalService: "client", CanonicalRevision: "v1", Cluster: "Kubernetes"},
@@ -232,6 +236,16 @@ func TestMetricsAndAccessLog(t *testing.T) {
 		`nodemesh_tunnel_handshakes_total{result="error"} 1`,
 		`nodemesh_pool_requests_total{result="hit"} 5`,
 		`nodemesh_pool_requests_total{result="miss"} 2`,
+		`nodemesh_pool_scale_outs_total 4`,
+		`nodemesh_pool_timeouts_total{reason="response"} 6`,
+		`nodemesh_pool_timeouts_total{reason="ping"} 7`,
+		`nodemesh_tunnel_server_connections 3`,
+		`nodemesh_tunnel_server_streams 9`,
+		`nodemesh_tunnel_server_handshakes_total{result="ok"} 11`,
+		`nodemesh_tunnel_server_handshakes_total{result="error"} 12`,
+		`nodemesh_tunnel_limit_hits_total{limit="flood"} 13`,
+		`nodemesh_tunnel_limit_hits_total{limit="header_size"} 14`,
+		`nodemesh_tunnel_limit_hits_total{limit="streams"} 0`,
 		`nodemesh_connection_setup_seconds_count{direction="outbound",outcome="ok"} 1`,
 		`nodemesh_connections_denied_total{direction="inbound",reason="policy"} 2`,
 		`nodemesh_capture_status{namespace="shop",pod="web-0",status="failed"} 1`,

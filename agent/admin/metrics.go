@@ -121,7 +121,17 @@ var ConnLabelNames = []string{
 // this package does not depend on the data path).
 type PoolStats struct {
 	Hits, Misses, Handshakes, HandshakeErrors uint64
+	ScaleOuts, ResponseTimeouts, PingTimeouts uint64
 	Conns, Streams                            int
+}
+
+// TunnelStats are the inbound HBONE servers' counters (hbone.ServerStats).
+type TunnelStats struct {
+	Conns, Streams, HandshakesInFlight int
+	Handshakes, HandshakeErrors        uint64
+	// Limits counts what the servers' limits refused or closed, by the
+	// limit label of nodemesh_tunnel_limit_hits_total.
+	Limits map[string]uint64
 }
 
 // Metrics are the agent's Prometheus metrics. The istio_tcp_* metrics
@@ -138,6 +148,7 @@ type Metrics struct {
 
 	mu        sync.Mutex
 	pool      func() PoolStats
+	tunnels   func() TunnelStats
 	flush     func()
 	captureOf map[string]string // pod -> status label value set
 }
@@ -329,6 +340,13 @@ func (m *Metrics) SetPoolStats(fn func() PoolStats) {
 	m.pool = fn
 }
 
+// SetTunnelStats registers the source of the inbound HBONE server metrics.
+func (m *Metrics) SetTunnelStats(fn func() TunnelStats) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.tunnels = fn
+}
+
 var (
 	descHandshakes = prometheus.NewDesc("nodemesh_tunnel_handshakes_total",
 		"HBONE mTLS handshakes by this node's pool, by result.", []string{"result"}, nil)
@@ -338,6 +356,18 @@ var (
 		"Open HBONE client connections.", nil, nil)
 	descPoolStreams = prometheus.NewDesc("nodemesh_pool_streams",
 		"Open HBONE client streams.", nil, nil)
+	descPoolScaleOuts = prometheus.NewDesc("nodemesh_pool_scale_outs_total",
+		"HBONE client connections opened because every connection to the peer was busy.", nil, nil)
+	descPoolTimeouts = prometheus.NewDesc("nodemesh_pool_timeouts_total",
+		"HBONE client timeouts: response (a CONNECT not answered in time, reset) or ping (a peer that did not answer a PING, connection closed).", []string{"reason"}, nil)
+	descTunnelConns = prometheus.NewDesc("nodemesh_tunnel_server_connections",
+		"Open inbound HBONE connections (port 15008), handshaking ones included.", nil, nil)
+	descTunnelStreams = prometheus.NewDesc("nodemesh_tunnel_server_streams",
+		"Open inbound HBONE tunnels.", nil, nil)
+	descTunnelHandshakes = prometheus.NewDesc("nodemesh_tunnel_server_handshakes_total",
+		"Inbound HBONE mTLS handshakes, by result.", []string{"result"}, nil)
+	descTunnelLimits = prometheus.NewDesc("nodemesh_tunnel_limit_hits_total",
+		"Inbound HBONE connections closed or streams refused by a server limit (docs/security.md), by limit.", []string{"limit"}, nil)
 )
 
 // poolCollector reads the pool's counters at scrape time.
@@ -348,6 +378,12 @@ func (p poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descPool
 	ch <- descPoolConns
 	ch <- descPoolStreams
+	ch <- descPoolScaleOuts
+	ch <- descPoolTimeouts
+	ch <- descTunnelConns
+	ch <- descTunnelStreams
+	ch <- descTunnelHandshakes
+	ch <- descTunnelLimits
 }
 
 func (p poolCollector) Collect(ch chan<- prometheus.Metric) {
@@ -364,7 +400,29 @@ func (p poolCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descPool, prometheus.CounterValue, float64(s.Misses), "miss")
 	ch <- prometheus.MustNewConstMetric(descPoolConns, prometheus.GaugeValue, float64(s.Conns))
 	ch <- prometheus.MustNewConstMetric(descPoolStreams, prometheus.GaugeValue, float64(s.Streams))
+	ch <- prometheus.MustNewConstMetric(descPoolScaleOuts, prometheus.CounterValue, float64(s.ScaleOuts))
+	ch <- prometheus.MustNewConstMetric(descPoolTimeouts, prometheus.CounterValue, float64(s.ResponseTimeouts), "response")
+	ch <- prometheus.MustNewConstMetric(descPoolTimeouts, prometheus.CounterValue, float64(s.PingTimeouts), "ping")
+
+	p.m.mu.Lock()
+	tfn := p.m.tunnels
+	p.m.mu.Unlock()
+	var t TunnelStats
+	if tfn != nil {
+		t = tfn()
+	}
+	ch <- prometheus.MustNewConstMetric(descTunnelConns, prometheus.GaugeValue, float64(t.Conns+t.HandshakesInFlight))
+	ch <- prometheus.MustNewConstMetric(descTunnelStreams, prometheus.GaugeValue, float64(t.Streams))
+	ch <- prometheus.MustNewConstMetric(descTunnelHandshakes, prometheus.CounterValue, float64(t.Handshakes), "ok")
+	ch <- prometheus.MustNewConstMetric(descTunnelHandshakes, prometheus.CounterValue, float64(t.HandshakeErrors), "error")
+	for _, l := range TunnelLimits {
+		ch <- prometheus.MustNewConstMetric(descTunnelLimits, prometheus.CounterValue, float64(t.Limits[l]), l)
+	}
 }
+
+// TunnelLimits are the values of nodemesh_tunnel_limit_hits_total's limit
+// label, each always exported.
+var TunnelLimits = []string{"handshakes", "peer_connections", "timeout", "header_size", "streams", "flood", "ping_timeout"}
 
 // NewAccessLog returns the access log stream: one JSON object per closed
 // connection, written to w, separate from the agent's own log.

@@ -68,10 +68,12 @@ type Dataplane struct {
 	ctx    context.Context // parent of the pods' serving contexts
 	cancel context.CancelFunc
 
-	mu      sync.Mutex
-	pods    map[state.Key]*pod
-	retired hbone.PoolStats // counters of the pools of pods gone, so totals stay monotonic
-	wg      sync.WaitGroup  // retiring pods' drains
+	mu             sync.Mutex
+	pods           map[state.Key]*pod
+	retired        hbone.PoolStats   // counters of the pools of pods gone, so totals stay monotonic
+	retiredTunnels hbone.ServerStats // the same for their inbound HBONE servers
+	draining       map[*pod]struct{} // taken out of pods, not yet retired: still counted
+	wg             sync.WaitGroup    // retiring pods' drains
 }
 
 // pod is a pod the data plane serves. Its captured, pool and proxy fields
@@ -176,6 +178,12 @@ func (d *Dataplane) take(k state.Key) *pod {
 	defer d.mu.Unlock()
 	pd := d.pods[k]
 	delete(d.pods, k)
+	if pd != nil && pd.proxy != nil {
+		if d.draining == nil {
+			d.draining = make(map[*pod]struct{})
+		}
+		d.draining[pd] = struct{}{}
+	}
 	return pd
 }
 
@@ -334,13 +342,13 @@ func (d *Dataplane) unenroll(pd *pod) {
 // retire closes a pod's proxy and pool and keeps its pool counters.
 func (d *Dataplane) retire(pd *pod) {
 	_ = pd.proxy.Close()
+	tun := pd.proxy.TunnelStats()
 	st := pd.pool.Stats()
 	_ = pd.pool.Close()
 	d.mu.Lock()
-	d.retired.Hits += st.Hits
-	d.retired.Misses += st.Misses
-	d.retired.Handshakes += st.Handshakes
-	d.retired.HandshakeErrors += st.HandshakeErrors
+	d.retired.AddCounters(st)
+	d.retiredTunnels.AddCounters(tun)
+	delete(d.draining, pd)
 	d.mu.Unlock()
 }
 
@@ -367,19 +375,38 @@ func (d *Dataplane) Reevaluate(ctx context.Context) int {
 	return n
 }
 
+// counted returns the pods whose pools and servers count in the totals:
+// the served ones and those draining; with the retired counters taken under
+// the same lock, so that a pod is counted exactly once.
+func (d *Dataplane) counted() (pods []*pod, pools hbone.PoolStats, tunnels hbone.ServerStats) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, pd := range d.pods {
+		if pd.proxy != nil {
+			pods = append(pods, pd)
+		}
+	}
+	for pd := range d.draining {
+		pods = append(pods, pd)
+	}
+	return pods, d.retired, d.retiredTunnels
+}
+
 // PoolStats sums the HBONE pools' counters, including those of pods gone.
 func (d *Dataplane) PoolStats() hbone.PoolStats {
-	d.mu.Lock()
-	total := d.retired
-	d.mu.Unlock()
-	for _, pd := range d.served() {
-		s := pd.pool.Stats()
-		total.Hits += s.Hits
-		total.Misses += s.Misses
-		total.Handshakes += s.Handshakes
-		total.HandshakeErrors += s.HandshakeErrors
-		total.Conns += s.Conns
-		total.Streams += s.Streams
+	pods, total, _ := d.counted()
+	for _, pd := range pods {
+		total.Add(pd.pool.Stats())
+	}
+	return total
+}
+
+// TunnelStats sums the inbound HBONE servers' counters, including those of
+// pods gone.
+func (d *Dataplane) TunnelStats() hbone.ServerStats {
+	pods, _, total := d.counted()
+	for _, pd := range pods {
+		total.Add(pd.proxy.TunnelStats())
 	}
 	return total
 }

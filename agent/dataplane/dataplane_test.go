@@ -216,6 +216,16 @@ func TestHBONEBetweenPods(t *testing.T) {
 	if s := f.dp.PoolStats(); s.Handshakes == 0 || s.Misses == 0 {
 		t.Fatalf("no tunnel in the pools' counters: %+v", s)
 	}
+	if s := f.dp.TunnelStats(); s.Handshakes == 0 {
+		t.Fatalf("no handshake in the inbound servers' counters: %+v", s)
+	}
+	// A pod that leaves keeps its counters in the totals.
+	before := f.dp.TunnelStats().Handshakes
+	f.apply(a)
+	waitfor.True(t, 30*time.Second, "b's proxy retired", func() bool { _, ok := f.dp.Served()[b.Key()]; return !ok })
+	if s := f.dp.TunnelStats(); s.Handshakes < before {
+		t.Fatalf("handshakes went from %d to %d when b left", before, s.Handshakes)
+	}
 }
 
 func TestFailedEnrollmentIsRetried(t *testing.T) {

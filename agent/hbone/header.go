@@ -250,6 +250,15 @@ func (c *conn) writeBlockLocked(id uint32, end bool) error {
 // respond sends the response HEADERS of a server stream.
 func (s *stream) respond(status int, end bool) error {
 	c := s.c
+	if end {
+		// Before the write: the peer may answer the END_STREAM before
+		// this goroutine runs again (see onRequest).
+		c.mu.Lock()
+		if s.sendErr == nil {
+			s.sendErr = errSendClosed
+		}
+		c.mu.Unlock()
+	}
 	if err := c.lockWriter(false); err != nil {
 		return err
 	}
@@ -261,11 +270,6 @@ func (s *stream) respond(status int, end bool) error {
 		return err
 	}
 	if end {
-		c.mu.Lock()
-		if s.sendErr == nil {
-			s.sendErr = errSendClosed
-		}
-		c.mu.Unlock()
 		s.mu.Lock()
 		s.sentEnd = true
 		done := s.recvEnd && s.err == nil
@@ -342,11 +346,15 @@ func (c *conn) onRequest(id uint32, end bool, fields []hpack.HeaderField) error 
 	}
 	c.mu.Lock()
 	if s := c.streams[id]; s != nil {
+		sendDone := s.sendErr != nil // our END_STREAM (or reset) is out or going
 		c.mu.Unlock()
 		s.mu.Lock()
 		ended := s.recvEnd
 		s.mu.Unlock()
-		if ended { // half-closed (remote): STREAM_CLOSED (RFC 9113 §5.1)
+		switch {
+		case ended && sendDone: // closed, only not forgotten yet
+			return protoError{http2.ErrCodeStreamClosed, "HEADERS on a closed stream"}
+		case ended: // half-closed (remote): STREAM_CLOSED (RFC 9113 §5.1)
 			c.writeRST(false, id, http2.ErrCodeStreamClosed)
 			return nil
 		}

@@ -103,3 +103,48 @@ func (b *floodBudget) spend(c *conn, what string) error {
 	}
 	return nil
 }
+
+// Add adds o's counters to s.
+func (s *LimitStats) Add(o LimitStats) {
+	s.HandshakeLimit += o.HandshakeLimit
+	s.PeerConnLimit += o.PeerConnLimit
+	s.Timeouts += o.Timeouts
+	s.HeaderTooLarge += o.HeaderTooLarge
+	s.StreamLimit += o.StreamLimit
+	s.Floods += o.Floods
+	s.PingTimeouts += o.PingTimeouts
+	s.ResponseTimeouts += o.ResponseTimeouts
+}
+
+// AddCounters adds o's counters (not its gauges) to s.
+func (s *ServerStats) AddCounters(o ServerStats) {
+	s.Handshakes += o.Handshakes
+	s.HandshakeErrors += o.HandshakeErrors
+	s.LimitStats.Add(o.LimitStats)
+}
+
+// Add adds o to s, gauges included.
+func (s *ServerStats) Add(o ServerStats) {
+	s.AddCounters(o)
+	s.Conns += o.Conns
+	s.Streams += o.Streams
+	s.HandshakesInFlight += o.HandshakesInFlight
+}
+
+// AddCounters adds o's counters (not its gauges) to s.
+func (s *PoolStats) AddCounters(o PoolStats) {
+	s.Hits += o.Hits
+	s.Misses += o.Misses
+	s.Handshakes += o.Handshakes
+	s.HandshakeErrors += o.HandshakeErrors
+	s.ScaleOuts += o.ScaleOuts
+	s.ResponseTimeouts += o.ResponseTimeouts
+	s.PingTimeouts += o.PingTimeouts
+}
+
+// Add adds o to s, gauges included.
+func (s *PoolStats) Add(o PoolStats) {
+	s.AddCounters(o)
+	s.Conns += o.Conns
+	s.Streams += o.Streams
+}

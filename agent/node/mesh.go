@@ -129,7 +129,17 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 
 	n.metrics.SetPoolStats(func() admin.PoolStats {
 		s := m.dp.PoolStats()
-		return admin.PoolStats{Hits: s.Hits, Misses: s.Misses, Handshakes: s.Handshakes, HandshakeErrors: s.HandshakeErrors, Conns: s.Conns, Streams: s.Streams}
+		return admin.PoolStats{Hits: s.Hits, Misses: s.Misses, Handshakes: s.Handshakes, HandshakeErrors: s.HandshakeErrors,
+			ScaleOuts: s.ScaleOuts, ResponseTimeouts: s.ResponseTimeouts, PingTimeouts: s.PingTimeouts, Conns: s.Conns, Streams: s.Streams}
+	})
+	n.metrics.SetTunnelStats(func() admin.TunnelStats {
+		s := m.dp.TunnelStats()
+		return admin.TunnelStats{Conns: s.Conns, Streams: s.Streams, HandshakesInFlight: s.HandshakesInFlight,
+			Handshakes: s.Handshakes, HandshakeErrors: s.HandshakeErrors,
+			Limits: map[string]uint64{
+				"handshakes": s.HandshakeLimit, "peer_connections": s.PeerConnLimit, "timeout": s.Timeouts,
+				"header_size": s.HeaderTooLarge, "streams": s.StreamLimit, "flood": s.Floods, "ping_timeout": s.PingTimeouts,
+			}}
 	})
 	n.admin.AddDump("certificates", m.certificates)
 	n.admin.AddDump("pools", m.dp.PoolsDump)

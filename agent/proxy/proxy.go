@@ -63,9 +63,10 @@ type Proxy struct {
 	mu       sync.Mutex
 	lns      map[net.Listener]struct{}
 	servers  map[*hbone.Server]struct{}
-	stopping bool           // Drain or Close called: accept nothing new
-	closed   bool           // Close called: start no goroutine
-	wg       sync.WaitGroup // accept loops, connection goroutines, tunnel handlers
+	retired  hbone.ServerStats // counters of the servers gone
+	stopping bool              // Drain or Close called: accept nothing new
+	closed   bool              // Close called: start no goroutine
+	wg       sync.WaitGroup    // accept loops, connection goroutines, tunnel handlers
 }
 
 // New validates cfg and returns a Proxy.
@@ -191,8 +192,10 @@ func (p *Proxy) ServeInboundHBONE(ctx context.Context, ln net.Listener, w *Workl
 	go func() {
 		defer p.wg.Done()
 		_ = srv.Drain(p.ctx)
+		st := srv.Stats()
 		p.mu.Lock()
 		delete(p.servers, srv)
+		p.retired.AddCounters(st)
 		p.mu.Unlock()
 	}()
 	if ctx.Err() != nil {
@@ -371,4 +374,20 @@ func (p *Proxy) isAgentPort(port uint16) bool {
 		}
 	}
 	return false
+}
+
+// TunnelStats sums the counters and gauges of the proxy's inbound HBONE
+// servers, including the counters of servers already gone.
+func (p *Proxy) TunnelStats() hbone.ServerStats {
+	p.mu.Lock()
+	total := p.retired
+	servers := make([]*hbone.Server, 0, len(p.servers))
+	for s := range p.servers {
+		servers = append(servers, s)
+	}
+	p.mu.Unlock()
+	for _, s := range servers {
+		total.Add(s.Stats())
+	}
+	return total
 }
