@@ -24,6 +24,7 @@ import (
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
 	"github.com/nodemesh/nodemesh/agent/hbone/hbonetest"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 func TestMain(m *testing.M) { hbonetest.Main(m) }
@@ -303,22 +304,11 @@ func TestIdleRelease(t *testing.T) {
 		t.Fatalf("connection with an open stream was released: %+v", st)
 	}
 	s.Close()
-	waitFor(t, "idle connection closed", func() bool { return p.Stats().Conns == 0 })
+	waitfor.True(t, 30*time.Second, "idle connection closed", func() bool { return p.Stats().Conns == 0 })
 	s = connect(t, p, key)
 	roundTrip(t, s, []byte("y"))
 	if st := p.Stats(); st.Handshakes != 2 {
 		t.Fatalf("after idle release: %+v, want a second handshake", st)
-	}
-}
-
-func waitFor(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 }
 
@@ -377,7 +367,7 @@ func TestGoAwayReconnectAndDrain(t *testing.T) {
 		drained <- first.Drain(ctx)
 	}()
 	// New streams move to a new connection once the GOAWAY arrives.
-	waitFor(t, "a stream on a new connection after GOAWAY", func() bool {
+	waitfor.True(t, 30*time.Second, "a stream on a new connection after GOAWAY", func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		s, err := p.Connect(ctx, hbone.ConnectRequest{Key: key, Target: target})

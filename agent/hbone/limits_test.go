@@ -19,6 +19,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 // rawConn is an authenticated TLS connection with the HTTP/2 preface sent,
@@ -140,7 +141,7 @@ func TestPerPeerConnectionLimit(t *testing.T) {
 		}
 		defer c.Close()
 	}
-	waitFor(t, "two handshakes in flight", func() bool { return srv.Stats().HandshakesInFlight == 2 })
+	waitfor.True(t, 30*time.Second, "two handshakes in flight", func() bool { return srv.Stats().HandshakesInFlight == 2 })
 	// The reset can come so fast that the dial itself reports it.
 	if c, err := net.Dial("tcp", addr.String()); err == nil {
 		defer c.Close()
@@ -149,7 +150,7 @@ func TestPerPeerConnectionLimit(t *testing.T) {
 			t.Fatalf("third connection from one peer: read %v, want closed", err)
 		}
 	}
-	waitFor(t, "the refusal counted", func() bool { return srv.Stats().PeerConnLimit == 1 })
+	waitfor.True(t, 30*time.Second, "the refusal counted", func() bool { return srv.Stats().PeerConnLimit == 1 })
 	if st := srv.Stats(); st.PeerConnLimit != 1 {
 		t.Fatalf("%+v: want 1 per-peer refusal", st)
 	}
@@ -197,7 +198,7 @@ func TestRapidResetKeepsHandlerSlots(t *testing.T) {
 		r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: block, EndHeaders: true})
 		r.fr.WriteRSTStream(id, http2.ErrCodeCancel)
 	}
-	waitFor(t, "two handlers", func() bool { return running.Load() == 2 })
+	waitfor.True(t, 30*time.Second, "two handlers", func() bool { return running.Load() == 2 })
 	r.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 5, BlockFragment: block, EndHeaders: true})
 	for {
 		f, err := r.fr.ReadFrame()

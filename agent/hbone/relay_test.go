@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 // tcpPair returns both ends of a loopback TCP connection.
@@ -266,7 +267,7 @@ func TestScaleOutWhenBusy(t *testing.T) {
 		app, _ := e.dial(t)
 		apps = append(apps, app)
 	}
-	waitFor(t, "a second connection", func() bool { return e.pool.Stats().Conns == 2 })
+	waitfor.True(t, 30*time.Second, "a second connection", func() bool { return e.pool.Stats().Conns == 2 })
 	st := e.pool.Stats()
 	if st.ScaleOuts != 1 || st.Handshakes != 2 || st.Misses != 1 {
 		t.Fatalf("%+v: want 1 scale-out, 2 handshakes, 1 miss", st)
@@ -321,7 +322,7 @@ func TestResourcesPerConnection(t *testing.T) {
 	for _, s := range streams {
 		s.Close()
 	}
-	waitFor(t, "streams to end", func() bool { return e.srv.Stats().Streams == 0 && e.pool.Stats().Streams == 0 })
+	waitfor.True(t, 30*time.Second, "streams to end", func() bool { return e.srv.Stats().Streams == 0 && e.pool.Stats().Streams == 0 })
 	g1, h1 := settle()
 	perConnG := float64(g1-g0) / nConns
 	perConnB := float64(int64(h1)-int64(h0)) / nConns
