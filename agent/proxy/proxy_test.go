@@ -342,6 +342,9 @@ func TestInboundPlaintextPerPodLimit(t *testing.T) {
 	} else if !errors.Is(err, syscall.ECONNRESET) {
 		t.Fatalf("fourth dial: %v", err)
 	}
+	// The refusal is reported after the reset, which the client may see
+	// first.
+	waitfor.True(t, 30*time.Second, "the refusal to be reported", func() bool { return len(f.obs2.refusals()) > 0 })
 	if got := f.obs2.refusals(); len(got) != 1 || got[0] != proxy.RefusedLimit {
 		t.Fatalf("refusals %v, want one %s", got, proxy.RefusedLimit)
 	}
