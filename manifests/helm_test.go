@@ -259,6 +259,8 @@ func TestHelmValues(t *testing.T) {
 
 	in := decode(t, "helm values", mustRenderChart(t, setValues(t,
 		"trustDomain=prod.example.org",
+		"clusterDomain=corp.internal",
+		"clusterID=east-1",
 		"logLevel=debug",
 		"accessLog=true",
 		// Node-by-node rollout: the documented label, added to the default.
@@ -282,7 +284,7 @@ func TestHelmValues(t *testing.T) {
 		"ca.resources.limits.memory=512Mi",
 	)))
 	cm := get[*corev1.ConfigMap](t, in, "ConfigMap", ns, "nodemesh-config")
-	if want := map[string]string{"trust-domain": "prod.example.org", "log-level": "debug", "access-log": "true"}; !maps.Equal(cm.Data, want) {
+	if want := map[string]string{"trust-domain": "prod.example.org", "cluster-domain": "corp.internal", "cluster-id": "east-1", "log-level": "debug", "access-log": "true"}; !maps.Equal(cm.Data, want) {
 		t.Errorf("settings %v, want %v", cm.Data, want)
 	}
 	a := agentOf(in)
@@ -365,6 +367,8 @@ func TestHelmRejectsBadValues(t *testing.T) {
 		{"scraper without namespace", ns, []string{"agent.metricsScrapers={prometheus}"}, []string{"agent/metricsScrapers/0"}},
 		{"no CA", ns, []string{"ca.replicas=0"}, []string{"ca/replicas"}},
 		{"log level", ns, []string{"logLevel=verbose"}, []string{"logLevel"}},
+		{"cluster domain with a trailing dot", ns, []string{"clusterDomain=cluster.local."}, []string{"clusterDomain", "does not match pattern"}},
+		{"empty cluster ID", ns, []string{"clusterID="}, []string{"clusterID", "minLength"}},
 		{"another namespace", "kube-system", nil, []string{"nodemesh-system", "--namespace nodemesh-system"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
