@@ -41,16 +41,9 @@ func TestDashboardQueriesOnScrape(t *testing.T) {
 		t.Fatal(err)
 	}
 	f := newFixture(t, telemetry.New(telemetry.Config{Metrics: m, State: st.Snapshot}))
-	a, b := f.pod("a", "127.0.0.11"), f.pod("b", "127.0.0.12")
-	f.apply(a, b)
-	f.waitStatus("mesh/a", telemetry.CaptureVerified)
-	f.waitStatus("mesh/b", telemetry.CaptureVerified)
+	f.tunneledPair()
+	viaB := f.resolve.Load()
 	app := doublingServer(t, "127.0.0.12")
-	tunnel := f.capture.Pod("mesh/b").HBONE.Addr().(*net.TCPAddr).AddrPort().Port()
-	viaB := proxy.ResolverFunc(func(_ *proxy.Workload, dst netip.AddrPort) (proxy.Destination, error) {
-		return proxy.Destination{Endpoints: []proxy.Endpoint{{Addr: dst, Workload: "mesh/b", Enrolled: true, Identity: b.Identity, TunnelPort: tunnel}}}, nil
-	})
-	f.resolve.Store(&viaB)
 	pa := f.capture.Pod("mesh/a")
 	pa.SetDst(app)
 	c, err := net.Dial("tcp", pa.Outbound.Addr().String())
@@ -88,7 +81,7 @@ func TestDashboardQueriesOnScrape(t *testing.T) {
 		if err := f.roundTripTo("mesh/a", closed); err == nil {
 			t.Fatal("a connection to a closed port went through")
 		}
-		f.resolve.Store(&viaB)
+		f.resolve.Store(viaB)
 	}
 	exchange(100)
 	refuseAndFail()

@@ -89,6 +89,23 @@ func newFixture(t *testing.T, obs ...proxy.Observer) *fixture {
 	return f
 }
 
+// tunneledPair enrolls pods a (127.0.0.11) and b (127.0.0.12), waits until
+// both are verified, and resolves every destination to b's HBONE server:
+// a's connections then travel a's pool -> b's server.
+func (f *fixture) tunneledPair() (a, b *state.Pod) {
+	f.t.Helper()
+	a, b = f.pod("a", "127.0.0.11"), f.pod("b", "127.0.0.12")
+	f.apply(a, b)
+	f.waitStatus("mesh/a", telemetry.CaptureVerified)
+	f.waitStatus("mesh/b", telemetry.CaptureVerified)
+	tunnel := f.capture.Pod("mesh/b").HBONE.Addr().(*net.TCPAddr).AddrPort().Port()
+	viaB := proxy.ResolverFunc(func(_ *proxy.Workload, dst netip.AddrPort) (proxy.Destination, error) {
+		return proxy.Destination{Endpoints: []proxy.Endpoint{{Addr: dst, Workload: "mesh/b", Enrolled: true, Identity: b.Identity, TunnelPort: tunnel}}}, nil
+	})
+	f.resolve.Store(&viaB)
+	return a, b
+}
+
 func (f *fixture) pod(name, ip string) *state.Pod {
 	return &state.Pod{Namespace: "mesh", Name: name, UID: "uid-" + name, Enrolled: true, Phase: state.PodRunning,
 		IPs: []netip.Addr{netip.MustParseAddr(ip)}, Netns: "/fake/" + name, Identity: f.ca.ID("mesh", name), Ref: "mesh/" + name}
@@ -200,16 +217,8 @@ func TestEnrollServeUnenroll(t *testing.T) {
 // claimed for them.
 func TestHBONEBetweenPods(t *testing.T) {
 	f := newFixture(t)
-	a, b := f.pod("a", "127.0.0.11"), f.pod("b", "127.0.0.12")
-	f.apply(a, b)
-	f.waitStatus("mesh/a", telemetry.CaptureVerified)
-	f.waitStatus("mesh/b", telemetry.CaptureVerified)
+	a, b := f.tunneledPair()
 	app := echoServer(t, "127.0.0.12")
-	tunnel := f.capture.Pod("mesh/b").HBONE.Addr().(*net.TCPAddr).AddrPort().Port()
-	viaB := proxy.ResolverFunc(func(_ *proxy.Workload, dst netip.AddrPort) (proxy.Destination, error) {
-		return proxy.Destination{Endpoints: []proxy.Endpoint{{Addr: dst, Workload: "mesh/b", Enrolled: true, Identity: b.Identity, TunnelPort: tunnel}}}, nil
-	})
-	f.resolve.Store(&viaB)
 	if err := f.roundTripTo("mesh/a", app); err != nil {
 		t.Fatalf("a to b over HBONE: %v", err)
 	}

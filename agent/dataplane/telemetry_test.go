@@ -13,7 +13,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
-	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/agent/telemetry"
 	"github.com/nodemesh/nodemesh/lab/waitfor"
@@ -58,18 +57,10 @@ func TestLongLivedConnectionMetrics(t *testing.T) {
 	}
 	obs := telemetry.New(telemetry.Config{Metrics: m, State: st.Snapshot})
 	f := newFixture(t, obs)
-	a, b := f.pod("a", "127.0.0.11"), f.pod("b", "127.0.0.12")
-	f.apply(a, b)
-	f.waitStatus("mesh/a", telemetry.CaptureVerified)
-	f.waitStatus("mesh/b", telemetry.CaptureVerified)
+	f.tunneledPair()
 	// The application answers each request with twice as many bytes, so
 	// that a swapped direction shows.
 	app := doublingServer(t, "127.0.0.12")
-	tunnel := f.capture.Pod("mesh/b").HBONE.Addr().(*net.TCPAddr).AddrPort().Port()
-	viaB := proxy.ResolverFunc(func(_ *proxy.Workload, dst netip.AddrPort) (proxy.Destination, error) {
-		return proxy.Destination{Endpoints: []proxy.Endpoint{{Addr: dst, Workload: "mesh/b", Enrolled: true, Identity: b.Identity, TunnelPort: tunnel}}}, nil
-	})
-	f.resolve.Store(&viaB)
 
 	pa := f.capture.Pod("mesh/a")
 	pa.SetDst(app)
