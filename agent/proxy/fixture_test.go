@@ -29,6 +29,8 @@ var (
 	ipC    = netip.MustParseAddr("127.0.0.3")
 	ipB2   = netip.MustParseAddr("127.0.0.4")
 	svcVIP = netip.MustParseAddrPort("10.96.0.10:80")
+	// svcL7VIP is the same Service's endpoints, opted in to L7.
+	svcL7VIP = netip.MustParseAddrPort("10.96.0.12:80")
 )
 
 type pod struct {
@@ -63,6 +65,8 @@ type fixtureOpts struct {
 	app func(net.Conn)
 	// maxPlaintext is node 2's MaxInboundPlaintext (0: the default).
 	maxPlaintext int
+	// l7 is both nodes' L7 layer (nil: none).
+	l7 proxy.L7
 }
 
 func newFixture(t testing.TB, o fixtureOpts) *fixture {
@@ -117,7 +121,7 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 		return policy.Check(ctx, fl)
 	})
 	f.obs1, f.obs2 = &recorder{}, &recorder{}
-	f.node1, err = proxy.New(proxy.Config{Resolver: proxy.ResolverFunc(f.resolve), Pool: f.pool1, ServerTLS: f.tls, Policy: policy, Observer: f.obs1})
+	f.node1, err = proxy.New(proxy.Config{Resolver: proxy.ResolverFunc(f.resolve), Pool: f.pool1, ServerTLS: f.tls, Policy: policy, Observer: f.obs1, L7: o.l7})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,6 +143,7 @@ func newFixture(t testing.TB, o fixtureOpts) *fixture {
 		HBONE:     hbone.ServerConfig{Flow: o.flow},
 
 		MaxInboundPlaintext: o.maxPlaintext,
+		L7:                  o.l7,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -198,6 +203,9 @@ func (f *fixture) resolve(_ *proxy.Workload, dst netip.AddrPort) (proxy.Destinat
 	switch dst {
 	case svcVIP:
 		return proxy.Destination{Service: "default/b", Endpoints: []proxy.Endpoint{ep(f.b1), ep(f.b2)}}, nil
+	case svcL7VIP:
+		return proxy.Destination{Service: "default/b", Endpoints: []proxy.Endpoint{ep(f.b1), ep(f.b2)},
+			L7: &proxy.L7Target{Namespace: "default", Name: "b", Port: 80}}, nil
 	case netip.MustParseAddrPort("10.96.0.11:80"):
 		return proxy.Destination{Service: "default/empty"}, nil
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
+	"github.com/nodemesh/nodemesh/agent/l7"
 )
 
 // inboundHandler serves the HBONE tunnels of one workload.
@@ -49,10 +50,22 @@ func (h *inboundHandler) ServeTunnel(ctx context.Context, req *hbone.Request, t 
 		p.report(&c.flow, start, RefusedInvalid, "target is an agent port")
 		return
 	}
+	var proto l7.Protocol
+	if p.cfg.L7 != nil {
+		proto, c.flow.L7 = p.cfg.L7.InboundPort(w, req.Target.Port())
+	}
 	if dec := p.cfg.Policy.Check(ctx, &c.flow); !dec.Allow {
 		log.Debug("CONNECT denied by policy", "reason", dec.Reason)
 		t.Refuse(http.StatusUnauthorized)
 		p.report(&c.flow, start, denied(dec), "denied: "+dec.Reason)
+		return
+	}
+	if c.flow.L7 {
+		// The application is dialled per request by the L7 layer.
+		if err := t.Accept(); err != nil {
+			return
+		}
+		p.inboundL7(ctx, t, c, proto)
 		return
 	}
 	dctx, cancel := context.WithTimeout(context.WithValue(ctx, flowKey{}, &c.flow), p.cfg.ConnectTimeout)

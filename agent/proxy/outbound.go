@@ -40,6 +40,18 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 		p.refuse(app, pre, start, resolveRefusal(err), err.Error())
 		return
 	}
+	pre.Service = d.Service
+	if d.L7 != nil && p.cfg.L7 != nil {
+		p.outboundL7(app, pre, d, start)
+		return
+	}
+	p.outboundL4(app, pre, d, start)
+}
+
+// outboundL4 picks an endpoint of d, checks egress policy and connects app
+// to it through a tunnel or in plaintext.
+func (p *Proxy) outboundL4(app net.Conn, pre *Flow, d Destination, start time.Time) {
+	w, dst := pre.Workload, pre.OrigDst
 	i, release := p.bal.pick(d.Endpoints)
 	defer release()
 	ep := d.Endpoints[i]

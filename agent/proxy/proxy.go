@@ -47,6 +47,9 @@ type Config struct {
 	// new ones are reset (RefusedLimit) and the first one per minute and
 	// pod is logged.
 	MaxInboundPlaintext int
+	// L7 handles the connections of Services opted in to HTTP handling
+	// (nil: every connection stays at L4, as when L7 does not exist).
+	L7 L7
 }
 
 // Proxy handles the captured connections of the workloads on a node. One
@@ -56,6 +59,10 @@ type Proxy struct {
 	log *slog.Logger
 	bal balancer
 	trk tracker
+	// l7trk tracks outbound connections served by the L7 layer: listed,
+	// drained and closed, but not reported to the Observer (the upstream
+	// connections of their requests are, in trk).
+	l7trk tracker
 
 	ctx    context.Context // parent of every connection; cancelled by Close
 	cancel context.CancelFunc
@@ -99,6 +106,7 @@ func New(cfg Config) (*Proxy, error) {
 		servers: make(map[*hbone.Server]struct{}),
 	}
 	p.trk.obs = cfg.Observer
+	p.l7trk.obs = nopObserver{}
 	p.ctx, p.cancel = context.WithCancel(context.Background())
 	return p, nil
 }
@@ -262,12 +270,13 @@ func (p *Proxy) acceptLoop(ctx context.Context, ln net.Listener, kind string, ha
 }
 
 // Connections lists the open connections.
-func (p *Proxy) Connections() []ConnInfo { return p.trk.list() }
+func (p *Proxy) Connections() []ConnInfo { return append(p.trk.list(), p.l7trk.list()...) }
 
 // CloseConnections resets every open connection for which match returns
 // true and returns how many it closed.
 func (p *Proxy) CloseConnections(match func(ConnInfo) bool) int {
-	return p.trk.kill(func(c *conn) bool { return match(c.info()) }, CloseAdmin)
+	m := func(c *conn) bool { return match(c.info()) }
+	return p.trk.kill(m, CloseAdmin) + p.l7trk.kill(m, CloseAdmin)
 }
 
 // Reevaluate checks every open connection against the current Policy again
@@ -311,9 +320,13 @@ func (p *Proxy) Drain(ctx context.Context) error {
 			_ = s.Drain(ctx)
 		}()
 	}
-	err := p.trk.wait(ctx)
+	err := p.l7trk.wait(ctx)
+	if err == nil {
+		err = p.trk.wait(ctx)
+	}
 	if err != nil {
-		n := p.trk.kill(func(*conn) bool { return true }, CloseDrain)
+		all := func(*conn) bool { return true }
+		n := p.l7trk.kill(all, CloseDrain) + p.trk.kill(all, CloseDrain)
 		p.log.Info("drain deadline reached; reset open connections", "connections", n)
 		err = fmt.Errorf("draining proxy: %d connections still open: %w", n, err)
 	}
@@ -340,6 +353,7 @@ func (p *Proxy) Close() error {
 	p.closed = true
 	p.mu.Unlock()
 	p.cancel()
+	p.l7trk.closeAll()
 	p.trk.closeAll()
 	for _, s := range srvs {
 		s.Close()

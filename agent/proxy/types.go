@@ -70,6 +70,9 @@ type Destination struct {
 	// Endpoints are the ready candidates. For a pod IP or an address
 	// outside the cluster, the single endpoint is that address itself.
 	Endpoints []Endpoint
+	// L7 is set when the Service opted in to HTTP handling (agent/l7);
+	// nil keeps the connection at L4.
+	L7 *L7Target
 }
 
 // ErrNoEndpoints is returned (wrapped) by a Resolver for a Service without
@@ -172,6 +175,10 @@ type Flow struct {
 	DstIdentity spiffeid.ID
 	Service     string // namespace/name when OrigDst was a Service
 	DstWorkload string // namespace/name of the destination pod, if known
+	// L7 is true when the connection's requests are handled (and, inbound,
+	// authorised one by one) by the L7 layer; policy then defers L7 rules
+	// to the requests.
+	L7 bool
 }
 
 type flowKey struct{}
