@@ -22,6 +22,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/nodemesh/nodemesh/agent/l7/authz"
 	"github.com/nodemesh/nodemesh/agent/policy"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/proxy"
@@ -89,6 +90,7 @@ func Flow(f *proxy.Flow) (policy.Flow, policy.Direction, error) {
 			}
 			pf.Principal = f.SrcIdentity.String()
 		}
+		pf.L7 = f.L7
 		return pf, policy.Ingress, nil
 	}
 	return policy.Flow{}, "", fmt.Errorf("flow with unknown direction %d", f.Direction)
@@ -165,4 +167,41 @@ func (p *Policy) Strict(pod string, port uint16) bool {
 	}
 	m, _, ok := snap.MTLSMode(pod, port)
 	return !ok || m == v1alpha1.MTLSStrict
+}
+
+// CheckRequest decides one HTTP request of an inbound flow handled at L7
+// (f.L7, at the destination agent), with the AuthorizationPolicy rules' L7
+// fields matched against r. It is the agent/l7 layer's per-request check.
+func (p *Policy) CheckRequest(f *proxy.Flow, r *authz.Request) proxy.Decision {
+	pf, dir, err := Flow(f)
+	if err != nil {
+		return proxy.Decision{Reason: "policy: " + err.Error()}
+	}
+	if dir != policy.Ingress {
+		return proxy.Decision{Reason: "policy: requests are authorised at the destination only"}
+	}
+	snap := p.cfg.Snapshot()
+	if snap == nil {
+		return proxy.Decision{Reason: "policy: no policy snapshot yet (waiting for the API server)"}
+	}
+	d := snap.DecideRequest(pf, r)
+	for _, a := range d.Audit {
+		p.cfg.Log.Info("policy audit", "policy", a.Namespace+"/"+a.Name, "src", f.Src.String(), "dst", f.Dst.String(),
+			"spiffe_id", pf.Principal, "method", r.Method, "path", r.Path, "verdict", string(d.Verdict))
+	}
+	if d.Allowed() {
+		return proxy.Decision{Allow: true, Reason: Reason(d)}
+	}
+	p.cfg.Log.Debug("request denied", "src", f.Src.String(), "dst", f.Dst.String(), "pod", f.Workload.String(),
+		"method", r.Method, "path", r.Path, "policy", policyName(d.Policy), "rule", d.Rule, "reason", d.Reason)
+	return proxy.Decision{Refusal: proxy.RefusedPolicy, Reason: Reason(d)}
+}
+
+// RequestHeaders returns the headers AuthorizationPolicy conditions name in
+// the snapshot being enforced (see policy.Snapshot.RequestHeaders).
+func (p *Policy) RequestHeaders() []string {
+	if snap := p.cfg.Snapshot(); snap != nil {
+		return snap.RequestHeaders()
+	}
+	return nil
 }

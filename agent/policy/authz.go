@@ -9,13 +9,15 @@ import (
 
 	"k8s.io/apimachinery/pkg/labels"
 
+	"github.com/nodemesh/nodemesh/agent/l7/authz"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 )
 
-// ErrL7Unsupported is wrapped by the errors that refuse L7 fields of an
-// AuthorizationPolicy (methods, paths, hosts, ...): nodemesh enforces L4 only,
-// and a policy that says more than L4 must not be half-enforced silently.
-var ErrL7Unsupported = errors.New("needs L7 policy, which nodemesh does not enforce yet")
+// ErrL7Unsupported is wrapped by the errors that refuse the fields of an
+// AuthorizationPolicy nodemesh does not enforce (requestPrincipals, JWT;
+// remoteIpBlocks, X-Forwarded-For): a policy that says more than nodemesh
+// can check must not be half-enforced silently.
+var ErrL7Unsupported = errors.New("is not enforced by nodemesh")
 
 // authzPolicy is a compiled AuthorizationPolicy.
 type authzPolicy struct {
@@ -29,6 +31,11 @@ type authzPolicy struct {
 type azRule struct {
 	from []azSource // nil: any source
 	to   []azOp     // nil: any operation
+	// when are the rule's request-header conditions (L7).
+	when []authz.Condition
+	// l7 is true when a to[].operation or when uses L7 fields: the rule
+	// can only be decided on a request (see l7Eval).
+	l7 bool
 }
 
 type azSource struct {
@@ -39,6 +46,7 @@ type azSource struct {
 
 type azOp struct {
 	ports, notPorts []uint16
+	http            *authz.Operation // methods, paths, hosts; nil: none
 }
 
 // strMatch is Istio's string match: exact, "*" (any non-empty), "prefix*", "*suffix".
@@ -157,13 +165,17 @@ func refuseL7(field string, vals []string) error {
 	if len(vals) == 0 {
 		return nil
 	}
-	return fmt.Errorf("%s: %w; remove the field or use an L4-only rule (principals, namespaces, ipBlocks, ports)", field, ErrL7Unsupported)
+	return fmt.Errorf("%s %w; remove the field or use principals, namespaces, ipBlocks, ports, or L7 fields (methods, paths, hosts, request.headers conditions) on an opted-in Service", field, ErrL7Unsupported)
 }
 
 func compileAZRule(r *v1alpha1.Rule) (azRule, error) {
 	var out azRule
 	if len(r.When) > 0 {
-		return out, fmt.Errorf("when: %w; remove the field or use an L4-only rule (principals, namespaces, ipBlocks, ports)", ErrL7Unsupported)
+		w, err := authz.CompileConditions(r.When)
+		if err != nil {
+			return out, fmt.Errorf("when%w", err)
+		}
+		out.when, out.l7 = w, true
 	}
 	for i := range r.From {
 		s := &r.From[i].Source
@@ -205,19 +217,12 @@ func compileAZRule(r *v1alpha1.Rule) (azRule, error) {
 	}
 	for i := range r.To {
 		op := &r.To[i].Operation
-		for _, f := range []struct {
-			name string
-			vals []string
-		}{
-			{"hosts", op.Hosts}, {"notHosts", op.NotHosts}, {"methods", op.Methods},
-			{"notMethods", op.NotMethods}, {"paths", op.Paths}, {"notPaths", op.NotPaths},
-		} {
-			if err := refuseL7(fmt.Sprintf("to[%d].operation.%s", i, f.name), f.vals); err != nil {
-				return out, err
-			}
-		}
 		var o azOp
 		var err error
+		if o.http, err = authz.CompileOperation(op); err != nil {
+			return out, fmt.Errorf("to[%d].operation.%w", i, err)
+		}
+		out.l7 = out.l7 || o.http != nil
 		if o.ports, err = compileList(op.Ports, parsePort); err != nil {
 			return out, fmt.Errorf("to[%d].operation.ports: %w", i, err)
 		}
@@ -291,7 +296,20 @@ func identityOf(principal string, ip netip.Addr) peerIdentity {
 // the source has no identity (plaintext): false for ALLOW (nothing is granted
 // on an unknown identity), true for DENY (an unknown identity is not proof
 // that the source is exempt). Positive identity fields never match plaintext.
-func (r *azRule) matches(id *peerIdentity, port uint16, unknownNot bool) bool {
+func (r *azRule) matches(id *peerIdentity, port uint16, unknownNot bool, l7 *l7Eval) bool {
+	if len(r.when) > 0 {
+		if l7.req == nil {
+			if !l7.unknown {
+				return false
+			}
+		} else {
+			for i := range r.when {
+				if !r.when[i].Matches(l7.req) {
+					return false
+				}
+			}
+		}
+	}
 	if r.from != nil {
 		ok := false
 		for i := range r.from {
@@ -307,7 +325,7 @@ func (r *azRule) matches(id *peerIdentity, port uint16, unknownNot bool) bool {
 	if r.to != nil {
 		ok := false
 		for i := range r.to {
-			if r.to[i].matches(port) {
+			if r.to[i].matches(port, l7) {
 				ok = true
 				break
 			}
@@ -377,12 +395,18 @@ func prefixContains(ps []netip.Prefix, ip netip.Addr) bool {
 	return false
 }
 
-func (o *azOp) matches(port uint16) bool {
+func (o *azOp) matches(port uint16, l7 *l7Eval) bool {
 	if o.ports != nil && !containsPort(o.ports, port) {
 		return false
 	}
 	if o.notPorts != nil && containsPort(o.notPorts, port) {
 		return false
+	}
+	if o.http != nil {
+		if l7.req == nil {
+			return l7.unknown
+		}
+		return o.http.Matches(l7.req)
 	}
 	return true
 }
@@ -394,4 +418,31 @@ func containsPort(ps []uint16, p uint16) bool {
 		}
 	}
 	return false
+}
+
+// l7Eval is how a rule's L7 part (operation methods, paths and hosts, and
+// request-header conditions) is evaluated. With a request, it is matched.
+// Without one, it is unknown and takes the value unknown, chosen so that
+// not knowing never widens access:
+//
+//   - a connection that is not handled at L7 (a Service that did not opt
+//     in, inbound plaintext, traffic that turned out not to be HTTP): ALLOW
+//     and AUDIT rules with L7 fields match nothing, DENY rules with L7
+//     fields match when their L4 fields do (the connection is denied);
+//   - a connection handled at L7, before its requests: ALLOW rules match
+//     on their L4 fields (each request is then decided in full), DENY and
+//     AUDIT rules with L7 fields wait for the requests.
+type l7Eval struct {
+	req     *authz.Request
+	unknown bool
+}
+
+func newL7Eval(action v1alpha1.Action, handledAtL7 bool, req *authz.Request) *l7Eval {
+	if req != nil {
+		return &l7Eval{req: req}
+	}
+	if handledAtL7 {
+		return &l7Eval{unknown: action == v1alpha1.ActionAllow}
+	}
+	return &l7Eval{unknown: action == v1alpha1.ActionDeny}
 }

@@ -198,11 +198,13 @@ func TestAuthorizationPolicyRefusals(t *testing.T) {
 		l7         bool
 		wantErr    string
 	}{
-		{"methods", "rules:\n- to:\n  - operation: {methods: [GET]}", true, "to[0].operation.methods"},
-		{"paths", "rules:\n- to:\n  - operation: {paths: [/admin]}", true, "paths"},
-		{"hosts", "rules:\n- to:\n  - operation: {hosts: [a.example]}", true, "hosts"},
-		{"notMethods", "rules:\n- to:\n  - operation: {notMethods: [GET]}", true, "notMethods"},
-		{"when", "rules:\n- when:\n  - {key: \"request.headers[x]\", values: [a]}", true, "when"},
+		{"method not a token", "rules:\n- to:\n  - operation: {methods: ['GE T']}", false, "to[0].operation.methods"},
+		{"encoded path", "rules:\n- to:\n  - operation: {paths: ['/a%2Fb']}", false, "%-escapes"},
+		{"unnormalised path", "rules:\n- to:\n  - operation: {notPaths: ['/a/../b']}", false, "normalised"},
+		{"path template", "rules:\n- to:\n  - operation: {paths: ['/{*}']}", false, "templates"},
+		{"when on source.ip", "rules:\n- when:\n  - {key: source.ip, values: [10.0.0.1]}", false, "request.headers"},
+		{"when on x-forwarded-for", "rules:\n- when:\n  - {key: \"request.headers[X-Forwarded-For]\", values: [a]}", false, "never decides"},
+		{"when without values", "rules:\n- when:\n  - {key: \"request.headers[x]\"}", false, "values or notValues"},
 		{"requestPrincipals", "rules:\n- from:\n  - source: {requestPrincipals: ['*']}", true, "requestPrincipals"},
 		{"remoteIpBlocks", "rules:\n- from:\n  - source: {remoteIpBlocks: [1.2.3.4]}", true, "remoteIpBlocks"},
 		{"custom", "action: CUSTOM\nprovider: {name: x}", false, "CUSTOM"},
@@ -241,16 +243,16 @@ func TestRefusedPoliciesFailClosed(t *testing.T) {
 	var bad Input
 	// Decode refuses these, so build them by decoding without validation.
 	for _, doc := range []string{
-		ap("shop", "deny-l7", "selector: {matchLabels: {app: be}}\naction: DENY\nrules:\n- to:\n  - operation: {paths: [/admin]}"),
-		ap("other", "allow-l7", "rules:\n- to:\n  - operation: {methods: [GET]}"),
+		ap("shop", "deny-l7", "selector: {matchLabels: {app: be}}\naction: DENY\nrules:\n- from:\n  - source: {requestPrincipals: ['*']}"),
+		ap("other", "allow-l7", "rules:\n- to:\n  - operation: {paths: ['/a/./b']}"),
 		pa("shop", "disable", "selector: {matchLabels: {app: fe}}\nmtls: {mode: DISABLE}"),
 	} {
 		if err := decodePolicies("bad", []byte(doc), &bad); err == nil {
 			t.Fatalf("Decode accepted %s", doc)
 		}
 	}
-	in.AuthorizationPolicies = append(in.AuthorizationPolicies, mustDecodeAP(t, ap("shop", "deny-l7", "selector: {matchLabels: {app: be}}\naction: DENY\nrules:\n- to:\n  - operation: {paths: [/admin]}")),
-		mustDecodeAP(t, ap("other", "allow-l7", "rules:\n- to:\n  - operation: {methods: [GET]}")))
+	in.AuthorizationPolicies = append(in.AuthorizationPolicies, mustDecodeAP(t, ap("shop", "deny-l7", "selector: {matchLabels: {app: be}}\naction: DENY\nrules:\n- from:\n  - source: {requestPrincipals: ['*']}")),
+		mustDecodeAP(t, ap("other", "allow-l7", "rules:\n- to:\n  - operation: {paths: ['/a/./b']}")))
 	in.PeerAuthentications = append(in.PeerAuthentications, mustDecodePA(t, pa("shop", "disable", "selector: {matchLabels: {app: fe}}\nmtls: {mode: DISABLE}")))
 	s := NewSnapshot(7, in, Options{})
 	if got := len(s.Problems()); got != 3 {

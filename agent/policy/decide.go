@@ -7,6 +7,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/nodemesh/nodemesh/agent/l7/authz"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 )
 
@@ -27,6 +28,11 @@ type Flow struct {
 	// Principal is the source's SPIFFE ID, set only when the connection
 	// arrived over authenticated HBONE (mTLS); "" means plaintext.
 	Principal string
+	// L7 is true when the destination agent handles the connection's
+	// requests at L7 and authorises each (DecideRequest): AuthorizationPolicy
+	// rules with L7 fields are then decided per request. False: such rules
+	// cannot be decided and fail closed (see docs/l7.md).
+	L7 bool
 }
 
 // Verdict is ALLOW or DENY.
@@ -155,7 +161,18 @@ func describe(e endpoint) string {
 	return e.ip.String()
 }
 
-func (s *Snapshot) decide(f Flow, dirs dirMask) *Decision {
+// DecideRequest decides one HTTP request of an ingress flow handled at L7
+// (f.L7): the ingress checks again, with every AuthorizationPolicy rule's
+// L7 fields matched against r (prepared by authz.Prepare). It is not
+// cached: requests differ.
+func (s *Snapshot) DecideRequest(f Flow, r *authz.Request) *Decision {
+	f.L7 = true
+	return s.decideRequest(f, evalIngress, r)
+}
+
+func (s *Snapshot) decide(f Flow, dirs dirMask) *Decision { return s.decideRequest(f, dirs, nil) }
+
+func (s *Snapshot) decideRequest(f Flow, dirs dirMask, req *authz.Request) *Decision {
 	d := &Decision{
 		Rule: -1, Port: f.Port, Protocol: f.Protocol, Principal: f.Principal,
 		SnapshotVersion: s.version,
@@ -196,7 +213,7 @@ func (s *Snapshot) decide(f Flow, dirs dirMask) *Decision {
 		}
 	}
 	if dirs&evalIngress != 0 {
-		steps, audit := s.evalIngress(src, dst, &f)
+		steps, audit := s.evalIngress(src, dst, &f, req)
 		d.Audit = audit
 		d.Steps = append(d.Steps, steps...)
 		last := steps[len(steps)-1]
@@ -254,7 +271,7 @@ func (s *Snapshot) isNodeSource(src endpoint, dst *podEntry, f *Flow) bool {
 	return false
 }
 
-func (s *Snapshot) evalIngress(src, dst endpoint, f *Flow) ([]Step, []PolicyRef) {
+func (s *Snapshot) evalIngress(src, dst endpoint, f *Flow, req *authz.Request) ([]Step, []PolicyRef) {
 	var steps []Step
 	if dst.pod == nil {
 		return []Step{{Direction: Ingress, Check: CheckNetworkPolicy, Verdict: Allow, Rule: -1,
@@ -321,10 +338,13 @@ func (s *Snapshot) evalIngress(src, dst endpoint, f *Flow) ([]Step, []PolicyRef)
 		return steps, nil
 	}
 	id := identityOf(f.Principal, src.ip)
+	auditL7 := newL7Eval(v1alpha1.ActionAudit, f.L7, req)
+	denyL7 := newL7Eval(v1alpha1.ActionDeny, f.L7, req)
+	allowL7 := newL7Eval(v1alpha1.ActionAllow, f.L7, req)
 	var audit []PolicyRef
 	for _, az := range pod.auditAZ {
 		for i := range az.rules {
-			if az.rules[i].matches(&id, f.Port, false) {
+			if az.rules[i].matches(&id, f.Port, false, auditL7) {
 				audit = append(audit, az.ref)
 				break
 			}
@@ -332,7 +352,7 @@ func (s *Snapshot) evalIngress(src, dst endpoint, f *Flow) ([]Step, []PolicyRef)
 	}
 	for _, az := range pod.denyAZ {
 		for i := range az.rules {
-			if az.rules[i].matches(&id, f.Port, true) {
+			if az.rules[i].matches(&id, f.Port, true, denyL7) {
 				reason := fmt.Sprintf("DENY rule %d of %s matches", i, az.ref)
 				if az.refused != nil {
 					reason = fmt.Sprintf("%s was refused (%v) and denies every connection to the workloads it selects", az.ref, az.refused)
@@ -357,7 +377,7 @@ func (s *Snapshot) evalIngress(src, dst endpoint, f *Flow) ([]Step, []PolicyRef)
 	}
 	for _, az := range pod.allowAZ {
 		for i := range az.rules {
-			if az.rules[i].matches(&id, f.Port, false) {
+			if az.rules[i].matches(&id, f.Port, false, allowL7) {
 				steps = append(steps, Step{Direction: Ingress, Check: CheckAuthorizationPolicy, Verdict: Allow, Policy: az.ref, Rule: i,
 					Reason: fmt.Sprintf("ALLOW rule %d of %s matches", i, az.ref)})
 				return steps, audit

@@ -132,7 +132,15 @@ type Snapshot struct {
 	netpolCount int
 	authzCount  int
 	paCount     int
+	// requestHeaders are the headers AuthorizationPolicy conditions name.
+	requestHeaders []string
 }
+
+// RequestHeaders returns the request headers (canonical names) that
+// AuthorizationPolicy conditions name: a request that repeats one is
+// refused before authorization (authz.Prepare), because applications
+// disagree on which value counts.
+func (s *Snapshot) RequestHeaders() []string { return s.requestHeaders }
 
 type podEntry struct {
 	Pod
@@ -300,8 +308,16 @@ func NewSnapshot(version uint64, in Input, opts Options) *Snapshot {
 		if err != nil {
 			s.problems = append(s.problems, Problem{Ref: c.ref, Err: err})
 		}
+		for _, r := range c.rules {
+			for _, w := range r.when {
+				if !slices.Contains(s.requestHeaders, w.Header) {
+					s.requestHeaders = append(s.requestHeaders, w.Header)
+				}
+			}
+		}
 		azs = append(azs, c)
 	}
+	slices.Sort(s.requestHeaders)
 	azs = append(azs, unreadableAZ...)
 	slices.SortFunc(azs, func(a, b *authzPolicy) int { return a.ref.compare(b.ref) })
 	s.authzCount = len(azs)

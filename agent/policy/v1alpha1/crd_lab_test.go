@@ -26,8 +26,9 @@ var crdGVR = schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version:
 
 // TestLabCRDs installs manifests/crds into the real kube-apiserver and checks
 // that valid policies round-trip into the Go types unchanged (nothing pruned)
-// and are accepted by the engine, and that the API server itself refuses L7
-// fields, unsupported modes and malformed values with the CRDs' messages.
+// and are accepted by the engine (L7 fields included), and that the API
+// server itself refuses unsupported fields and modes and malformed values
+// with the CRDs' messages.
 func TestLabCRDs(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
@@ -71,6 +72,14 @@ func TestLabCRDs(t *testing.T) {
 					IPBlocks: []string{"10.0.0.0/8", "192.168.1.1"}, NotIPBlocks: []string{"10.9.0.0/16"},
 				}}},
 				To: []v1alpha1.RuleTo{{Operation: v1alpha1.Operation{Ports: []string{"8080"}, NotPorts: []string{"9090"}}}},
+			}, {
+				// L7 fields: accepted, decided per request on opted-in Services.
+				To: []v1alpha1.RuleTo{{Operation: v1alpha1.Operation{
+					Methods: []string{"GET", "HEAD"}, NotMethods: []string{"DELETE"},
+					Paths: []string{"/api/*", "*.png", "/healthz"}, NotPaths: []string{"/api/private*"},
+					Hosts: []string{"Shop.Example", "*.shop.svc:8080"}, NotHosts: []string{"admin.*"},
+				}}},
+				When: []v1alpha1.Condition{{Key: "request.headers[x-canary]", Values: []string{"true"}}, {Key: "request.headers[User-Agent]", NotValues: []string{"bot*"}}},
 			}},
 		},
 	}
@@ -149,21 +158,41 @@ func TestLabCRDs(t *testing.T) {
 		obj  func() runtime.Object
 		want string
 	}{
-		{"L7 methods", apRes, func() runtime.Object {
+		{"path with a %-escape", apRes, func() runtime.Object {
 			p := goodAP.DeepCopy()
-			p.Spec.Rules[0].To[0].Operation.Methods = []string{"GET"}
+			p.Spec.Rules[1].To[0].Operation.Paths = []string{"/a%2Fb"}
 			return p
-		}, "need L7 policy"},
-		{"L7 when", apRes, func() runtime.Object {
+		}, "should match"},
+		{"relative path", apRes, func() runtime.Object {
 			p := goodAP.DeepCopy()
-			p.Spec.Rules[0].When = []v1alpha1.Condition{{Key: "request.headers[x]", Values: []string{"a"}}}
+			p.Spec.Rules[1].To[0].Operation.NotPaths = []string{"admin"}
 			return p
-		}, "needs L7 policy"},
+		}, "should match"},
+		{"method with a space", apRes, func() runtime.Object {
+			p := goodAP.DeepCopy()
+			p.Spec.Rules[1].To[0].Operation.Methods = []string{"GE T"}
+			return p
+		}, "should match"},
+		{"when on another key", apRes, func() runtime.Object {
+			p := goodAP.DeepCopy()
+			p.Spec.Rules[0].When = []v1alpha1.Condition{{Key: "source.ip", Values: []string{"10.0.0.1"}}}
+			return p
+		}, "should match"},
+		{"when on X-Forwarded-For", apRes, func() runtime.Object {
+			p := goodAP.DeepCopy()
+			p.Spec.Rules[0].When = []v1alpha1.Condition{{Key: "request.headers[X-Forwarded-For]", Values: []string{"10.0.0.1"}}}
+			return p
+		}, "never decide access"},
+		{"when without values", apRes, func() runtime.Object {
+			p := goodAP.DeepCopy()
+			p.Spec.Rules[0].When = []v1alpha1.Condition{{Key: "request.headers[x]"}}
+			return p
+		}, "values or notValues is required"},
 		{"requestPrincipals", apRes, func() runtime.Object {
 			p := goodAP.DeepCopy()
 			p.Spec.Rules[0].From[0].Source.RequestPrincipals = []string{"*"}
 			return p
-		}, "need L7 policy"},
+		}, "not enforced by nodemesh"},
 		{"CUSTOM", apRes, func() runtime.Object {
 			p := goodAP.DeepCopy()
 			p.Spec.Action = v1alpha1.ActionCustom

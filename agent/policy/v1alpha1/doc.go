@@ -8,8 +8,10 @@
 // can be used with client-go's typed REST clients, the dynamic client and
 // runtime.DefaultUnstructuredConverter. The CRD manifests live in
 // manifests/crds/. The meaning of the fields is implemented in package
-// agent/policy; fields that need an L7 proxy (methods, paths, hosts, ...) are in
-// the schema so they are never silently pruned, and the loader refuses them.
+// agent/policy (the L7 fields, methods, paths, hosts and request.headers
+// conditions, with agent/l7/authz); fields nodemesh does not enforce (JWT,
+// remoteIpBlocks) are in the schema so they are never silently pruned, and
+// the loader refuses them.
 //
 // +k8s:deepcopy-gen=package
 // +groupName=security.nodemesh.io

@@ -94,8 +94,8 @@ type Source struct {
 	IPBlocks      []string `json:"ipBlocks,omitempty"`
 	NotIPBlocks   []string `json:"notIpBlocks,omitempty"`
 
-	// The fields below need L7 or are not implemented yet; they are part of
-	// the schema so that they are refused with an error, never ignored.
+	// The fields below are not enforced by nodemesh; they are part of the
+	// schema so that they are refused with an error, never ignored.
 	RequestPrincipals    []string `json:"requestPrincipals,omitempty"`
 	NotRequestPrincipals []string `json:"notRequestPrincipals,omitempty"`
 	RemoteIPBlocks       []string `json:"remoteIpBlocks,omitempty"`
@@ -110,7 +110,8 @@ type Operation struct {
 	Ports    []string `json:"ports,omitempty"`
 	NotPorts []string `json:"notPorts,omitempty"`
 
-	// L7 fields: refused until nodemesh has L7 policy.
+	// L7 fields: decided per request for Services opted in to L7 (the
+	// destination agent), fail closed elsewhere (docs/l7.md).
 	Hosts      []string `json:"hosts,omitempty"`
 	NotHosts   []string `json:"notHosts,omitempty"`
 	Methods    []string `json:"methods,omitempty"`
@@ -119,7 +120,8 @@ type Operation struct {
 	NotPaths   []string `json:"notPaths,omitempty"`
 }
 
-// Condition is Istio's "when" condition; refused (its keys are mostly L7).
+// Condition is Istio's "when" condition. Only request.headers[<name>] keys
+// are supported (L7, like the operation's methods, paths and hosts).
 type Condition struct {
 	Key       string   `json:"key"`
 	Values    []string `json:"values,omitempty"`
