@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -34,6 +35,12 @@ const (
 
 // DefaultMark is the SO_MARK that exempts the agent's sockets from capture.
 const DefaultMark uint32 = 0x4e4d0539
+
+// DefaultDeliverMark is the SO_MARK of the agent's transparent sockets that
+// deliver inbound connections to applications with the peer's address as
+// source; the pod's policy route for it brings the replies back to the
+// agent (agent/inpod.SetupTransparent). Also exempt from capture.
+const DefaultDeliverMark uint32 = 0x4e4d053a
 
 // DefaultPinDir is where the capture objects are pinned on bpffs.
 const DefaultPinDir = "/sys/fs/bpf/nodemesh"
@@ -70,6 +77,12 @@ type Config struct {
 	// Mark is the SO_MARK of agent sockets, which are never captured.
 	// Zero means DefaultMark.
 	Mark uint32
+	// DeliverMark is the SO_MARK of transparent delivery sockets. Zero
+	// means DefaultDeliverMark. It must differ from Mark.
+	DeliverMark uint32
+	// NoTransparent turns transparent delivery off: applications then see
+	// their own pod's address as the source of every inbound connection.
+	NoTransparent bool
 	// Accel selects same-node acceleration.
 	Accel AccelMode
 	// Logger receives operational messages; nil discards them.
@@ -94,10 +107,15 @@ type Capture struct {
 	accelWhy string
 	adopted  bool
 	closed   bool
-	maxSlots uint32
-	podsDir  string
-	linksDir string
-	mapsDir  string
+	// transparent delivery is possible on this kernel and configuration;
+	// transparentWhy says why not.
+	transparent    bool
+	transparentWhy string
+	deliveries     [2]atomic.Uint64 // transparent, from the pod's own address
+	maxSlots       uint32
+	podsDir        string
+	linksDir       string
+	mapsDir        string
 }
 
 // ErrClosed is returned by methods of a closed or released Capture.
@@ -119,6 +137,12 @@ func Load(ctx context.Context, cfg Config) (_ *Capture, err error) {
 	}
 	if cfg.Mark == 0 {
 		cfg.Mark = DefaultMark
+	}
+	if cfg.DeliverMark == 0 {
+		cfg.DeliverMark = DefaultDeliverMark
+	}
+	if cfg.DeliverMark == cfg.Mark {
+		return nil, fmt.Errorf("loading capture: the delivery mark %#x equals the capture bypass mark", cfg.Mark)
 	}
 	if cfg.AgentCgroup == "" {
 		if cfg.AgentCgroup, err = OwnCgroup(); err != nil {
@@ -158,12 +182,36 @@ func Load(ctx context.Context, cfg Config) (_ *Capture, err error) {
 	if err := spec.Variables[captureVarAgentMark].Set(cfg.Mark); err != nil {
 		return nil, fmt.Errorf("loading capture: setting agent mark: %w", err)
 	}
+	if err := spec.Variables[captureVarDeliverMark].Set(cfg.DeliverMark); err != nil {
+		return nil, fmt.Errorf("loading capture: setting delivery mark: %w", err)
+	}
 	c.maxSlots = spec.Maps[captureMapInboundSocks].MaxEntries
-	if err := spec.LoadAndAssign(&c.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: c.mapsDir}}); err != nil {
+	c.transparent, c.transparentWhy = !cfg.NoTransparent, "disabled by configuration"
+	if c.transparent {
+		c.transparentWhy = "enabled"
+		if err := spec.Variables[captureVarLookupIfindex].Set(uint32(1)); err != nil {
+			return nil, fmt.Errorf("loading capture: %w", err)
+		}
+	}
+	err = spec.LoadAndAssign(&c.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: c.mapsDir}})
+	var ve *ebpf.VerifierError
+	if c.transparent && errors.As(err, &ve) {
+		// Before Linux 5.17 sk_lookup cannot tell the agent's transparent
+		// deliveries (over the pod's loopback) from connections from
+		// outside: load without that check, and deliver from the pod's
+		// own address.
+		c.transparent = false
+		c.transparentWhy = "the kernel's sk_lookup lacks ingress_ifindex (needs Linux 5.17+)"
+		log.Warn("transparent inbound delivery unavailable; applications will see their own pod IP as the source of mesh connections", "reason", c.transparentWhy, "verifier", fmt.Sprintf("%v", ve))
+		if err = spec.Variables[captureVarLookupIfindex].Set(uint32(0)); err != nil {
+			return nil, fmt.Errorf("loading capture: %w", err)
+		}
+		err = spec.LoadAndAssign(&c.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: c.mapsDir}})
+	}
+	if err != nil {
 		if errors.Is(err, ebpf.ErrMapIncompatible) {
 			return nil, fmt.Errorf("loading capture: maps pinned under %s come from an incompatible agent version; stop the agent and remove that directory (pods stay fail-closed until the agent is back): %w", c.mapsDir, err)
 		}
-		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("loading capture: the kernel's verifier rejected a program (kernel too old? see docs/capture.md): %+v", ve)
 		}
@@ -212,7 +260,8 @@ func Load(ctx context.Context, cfg Config) (_ *Capture, err error) {
 		}
 	}
 	log.Info("capture loaded", "cgroup_root", root, "pin_dir", cfg.PinDir, "adopted", c.adopted,
-		"adopted_pods", len(c.pods), "accel", c.accel, "accel_reason", c.accelWhy)
+		"adopted_pods", len(c.pods), "accel", c.accel, "accel_reason", c.accelWhy,
+		"transparent_delivery", c.transparent, "transparent_reason", c.transparentWhy)
 	return c, nil
 }
 
@@ -288,6 +337,14 @@ func (c *Capture) Adopted() bool { return c.adopted }
 
 // Mark is the SO_MARK that exempts a socket from capture.
 func (c *Capture) Mark() uint32 { return c.cfg.Mark }
+
+// DeliverMark is the SO_MARK of transparent delivery sockets.
+func (c *Capture) DeliverMark() uint32 { return c.cfg.DeliverMark }
+
+// Transparent reports whether inbound connections can be delivered with
+// the peer's address as source on this kernel and configuration, and why
+// (not). Each pod also proves it at Enroll (EnrolledPod.Delivery).
+func (c *Capture) Transparent() (on bool, reason string) { return c.transparent, c.transparentWhy }
 
 // Accel reports whether same-node acceleration is on, and why (or why not).
 func (c *Capture) Accel() (on bool, reason string) {
@@ -436,10 +493,13 @@ func cookieName(cookie uint64) string { return strconv.FormatUint(cookie, 10) }
 
 // Status is what readiness, metrics and nodemeshctl report about capture.
 type Status struct {
-	Accel       bool        `json:"accel"`
-	AccelReason string      `json:"accelReason"`
-	Adopted     bool        `json:"adopted"`
-	Pods        []PodStatus `json:"pods"`
+	Accel       bool   `json:"accel"`
+	AccelReason string `json:"accelReason"`
+	// Transparent delivery (the peer's address as source) on this node.
+	Transparent       bool        `json:"transparentDelivery"`
+	TransparentReason string      `json:"transparentDeliveryReason"`
+	Adopted           bool        `json:"adopted"`
+	Pods              []PodStatus `json:"pods"`
 }
 
 // PodStatus is one enrolled pod's capture state. Verified is true only
@@ -452,13 +512,17 @@ type PodStatus struct {
 	Verified  bool         `json:"verified"`
 	CheckedAt time.Time    `json:"checkedAt,omitzero"`
 	Error     string       `json:"error,omitempty"`
+	// SourcePreserved: inbound connections reach the application from
+	// the peer's address; else from the pod's own (SourceReason says why).
+	SourcePreserved bool   `json:"sourcePreserved"`
+	SourceReason    string `json:"sourceReason,omitempty"`
 }
 
 // Status returns the current capture state.
 func (c *Capture) Status() Status {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	st := Status{Accel: c.accel, AccelReason: c.accelWhy, Adopted: c.adopted}
+	st := Status{Accel: c.accel, AccelReason: c.accelWhy, Adopted: c.adopted, Transparent: c.transparent, TransparentReason: c.transparentWhy}
 	for cookie, p := range c.pods {
 		ps := PodStatus{Cookie: cookie, IPs: slices.Clone(p.ips)}
 		if p.ep == nil {
@@ -466,6 +530,7 @@ func (c *Capture) Status() Status {
 		} else {
 			var err error
 			ps.Name = p.ep.Name
+			ps.SourcePreserved, ps.SourceReason = p.ep.SourcePreserved()
 			ps.Verified, ps.CheckedAt, err = p.ep.Verified()
 			switch {
 			case err != nil:

@@ -94,6 +94,8 @@ const (
 	captureProgNmSkmsg        = "nm_skmsg"
 	captureProgNmSockops      = "nm_sockops"
 	captureVarAgentMark       = "agent_mark"
+	captureVarDeliverMark     = "deliver_mark"
+	captureVarLookupIfindex   = "lookup_ifindex"
 )
 
 // loadCapture returns the embedded CollectionSpec for capture.
@@ -168,7 +170,9 @@ type captureMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureVariableSpecs struct {
-	AgentMark *ebpf.VariableSpec `ebpf:"agent_mark"`
+	AgentMark     *ebpf.VariableSpec `ebpf:"agent_mark"`
+	DeliverMark   *ebpf.VariableSpec `ebpf:"deliver_mark"`
+	LookupIfindex *ebpf.VariableSpec `ebpf:"lookup_ifindex"`
 }
 
 // captureObjects contains all objects after they have been loaded into the kernel.
@@ -228,7 +232,9 @@ func (m *captureMaps) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureVariables struct {
-	AgentMark *ebpf.Variable `ebpf:"agent_mark"`
+	AgentMark     *ebpf.Variable `ebpf:"agent_mark"`
+	DeliverMark   *ebpf.Variable `ebpf:"deliver_mark"`
+	LookupIfindex *ebpf.Variable `ebpf:"lookup_ifindex"`
 }
 
 // capturePrograms contains all programs after they have been loaded into the kernel.

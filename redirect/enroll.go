@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"sync"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -52,6 +55,15 @@ type EnrolledPod struct {
 	c *Capture
 	probes
 	checkState
+	deliveryOnce sync.Once
+	delivery     atomic.Pointer[deliveryState] // nil until Enroll set it up
+}
+
+// deliveryState says whether inbound connections reach the pod's
+// applications from the peer's address, and why not.
+type deliveryState struct {
+	ok  bool
+	why string
 }
 
 type podState struct {
@@ -203,7 +215,84 @@ func (c *Capture) allocSlot() (uint32, error) {
 // listeners stay). Enrolling a pod adopted from a previous agent opens new
 // listeners and takes over its programs without a moment in which the pod
 // is uncaptured.
-func (c *Capture) Enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err error) {
+func (c *Capture) Enroll(ctx context.Context, pod Pod) (*EnrolledPod, error) {
+	ep, err := c.enroll(ctx, pod)
+	if err != nil {
+		return nil, err
+	}
+	ep.deliveryOnce.Do(func() { ep.setupDelivery(ctx) })
+	return ep, nil
+}
+
+// setupDelivery prepares and proves transparent delivery in the pod's
+// namespace (agent/inpod.SetupTransparent, ProbeTransparent), once, after
+// capture is in place so that the probe crosses the pod's sk_lookup
+// program as real deliveries do. If that fails the pod's inbound
+// connections are delivered from its own address: logged once here,
+// and visible as nodemesh_capture_pod_source_preserved 0.
+func (ep *EnrolledPod) setupDelivery(ctx context.Context) {
+	c := ep.c
+	if !c.transparent {
+		ep.delivery.Store(&deliveryState{why: c.transparentWhy})
+		return
+	}
+	err := func() error {
+		ipv6 := false
+		for _, ln := range ep.Listeners.Inbound {
+			if a, ok := ln.Addr().(*net.TCPAddr); ok && a.IP.To4() == nil {
+				ipv6 = true
+			}
+		}
+		if err := inpod.SetupTransparent(ep.Netns, c.cfg.DeliverMark, ipv6); err != nil {
+			return err
+		}
+		for _, ip := range ep.IPs {
+			if err := inpod.ProbeTransparent(ctx, ep.Netns, ip, c.cfg.DeliverMark); err != nil {
+				return err
+			}
+		}
+		return nil
+	}()
+	if err != nil {
+		ep.delivery.Store(&deliveryState{why: err.Error()})
+		c.log.Warn("transparent inbound delivery failed for the pod; its applications will see the pod's own IP as the source of inbound connections",
+			"pod", ep.Name, "err", err)
+		return
+	}
+	ep.delivery.Store(&deliveryState{ok: true, why: "transparent"})
+}
+
+// SourcePreserved reports whether the pod's inbound connections reach its
+// applications from the peer's address, and why not.
+func (ep *EnrolledPod) SourcePreserved() (bool, string) {
+	d := ep.delivery.Load()
+	if d == nil {
+		return false, "not set up yet"
+	}
+	return d.ok, d.why
+}
+
+// DialInbound opens the agent's connection to the pod's application at dst
+// for an inbound connection from src: from src's address (transparent)
+// when the pod's delivery is preserved and src is a usable address of
+// dst's family; otherwise with plain, which dials from the pod's own
+// address. Both cases are counted (nodemesh_capture_deliveries_total).
+func (ep *EnrolledPod) DialInbound(ctx context.Context, src, dst netip.AddrPort, plain func() (net.Conn, error)) (net.Conn, error) {
+	s := src.Addr().Unmap()
+	if ok, _ := ep.SourcePreserved(); !ok || !s.IsValid() || s.IsUnspecified() || s.IsLoopback() || s.IsMulticast() || s.Is4() != dst.Addr().Unmap().Is4() {
+		ep.c.deliveries[1].Add(1)
+		return plain()
+	}
+	ep.c.deliveries[0].Add(1)
+	d := inpod.TransparentDialer{Netns: ep.Netns, Mark: ep.c.cfg.DeliverMark}
+	c, err := d.DialContext(ctx, netip.AddrPortFrom(s, src.Port()), dst)
+	if err != nil {
+		return nil, err // not a typed nil *net.TCPConn
+	}
+	return c, nil
+}
+
+func (c *Capture) enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err error) {
 	if pod.Name == "" {
 		pod.Name = pod.Netns
 	}

@@ -11,6 +11,12 @@ var (
 	descPodVerified = prometheus.NewDesc("nodemesh_capture_pod_verified",
 		"1 when the pod's capture self-check passed; 0 means the pod must not be treated as captured.",
 		[]string{"pod", "netns_cookie"}, nil)
+	descSourcePreserved = prometheus.NewDesc("nodemesh_capture_pod_source_preserved",
+		"1 when inbound connections reach the pod's applications from the peer's address (transparent delivery); 0: from the pod's own IP (the log says why).",
+		[]string{"pod", "netns_cookie"}, nil)
+	descDeliveries = prometheus.NewDesc("nodemesh_capture_deliveries_total",
+		"Inbound connections delivered to applications, by source address: peer (transparent) or pod_ip (the pod's own address).",
+		[]string{"source"}, nil)
 	descEvents = prometheus.NewDesc("nodemesh_capture_events_total",
 		"Decisions of the capture programs, summed over CPUs.",
 		[]string{"event"}, nil)
@@ -25,6 +31,8 @@ type collector struct{ c *Capture }
 func (collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descAccel
 	ch <- descPodVerified
+	ch <- descSourcePreserved
+	ch <- descDeliveries
 	ch <- descEvents
 }
 
@@ -33,7 +41,12 @@ func (k collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descAccel, prometheus.GaugeValue, b2f(st.Accel), st.AccelReason)
 	for _, p := range st.Pods {
 		ch <- prometheus.MustNewConstMetric(descPodVerified, prometheus.GaugeValue, b2f(p.Verified), p.Name, cookieName(p.Cookie))
+		if p.Name != "" {
+			ch <- prometheus.MustNewConstMetric(descSourcePreserved, prometheus.GaugeValue, b2f(p.SourcePreserved), p.Name, cookieName(p.Cookie))
+		}
 	}
+	ch <- prometheus.MustNewConstMetric(descDeliveries, prometheus.CounterValue, float64(k.c.deliveries[0].Load()), "peer")
+	ch <- prometheus.MustNewConstMetric(descDeliveries, prometheus.CounterValue, float64(k.c.deliveries[1].Load()), "pod_ip")
 	stats, err := k.c.Stats()
 	if err != nil {
 		ch <- prometheus.NewInvalidMetric(descEvents, err)

@@ -99,8 +99,9 @@ func (r redirectCapture) Dialer(netns string) proxy.Dialer {
 }
 
 // podDialer dials from inside a pod's network namespace (passthrough
-// keeps the pod's source IP; inbound delivery reaches the app as the pod
-// itself), with the capture bypass mark.
+// keeps the pod's source IP; inbound delivery, where it cannot be
+// transparent, reaches the app as the pod itself), with the capture bypass
+// mark.
 type podDialer struct{ d *inpod.Dialer }
 
 func (p podDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -109,6 +110,33 @@ func (p podDialer) DialContext(ctx context.Context, network, addr string) (net.C
 		return nil, err // not a typed nil *net.TCPConn in an interface
 	}
 	return c, nil
+}
+
+// inboundDialer is implemented by captured pods that deliver inbound
+// connections to their applications themselves: the redirect capture does
+// it from the peer's address (transparent delivery, docs/capture.md).
+type inboundDialer interface {
+	InboundDialer(base proxy.Dialer) proxy.Dialer
+}
+
+// InboundDialer returns the proxy's dialer for the pod: inbound flows go
+// through redirect's DialInbound, everything else through base.
+func (p *redirectPod) InboundDialer(base proxy.Dialer) proxy.Dialer {
+	return deliveryDialer{ep: p.ep, base: base}
+}
+
+type deliveryDialer struct {
+	ep   *redirect.EnrolledPod
+	base proxy.Dialer
+}
+
+func (d deliveryDialer) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	f, ok := proxy.FlowFromContext(ctx)
+	dst, err := netip.ParseAddrPort(addr)
+	if !ok || f.Direction != proxy.Inbound || err != nil {
+		return d.base.DialContext(ctx, network, addr)
+	}
+	return d.ep.DialInbound(ctx, f.Src, dst, func() (net.Conn, error) { return d.base.DialContext(ctx, network, addr) })
 }
 
 // redirectPod hands the proxy captured connections: its outbound

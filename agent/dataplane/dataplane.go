@@ -254,9 +254,13 @@ func (d *Dataplane) serve(pd *pod, captured CapturedPod, log *slog.Logger) error
 	if err != nil {
 		return err
 	}
+	pxDial := dial
+	if t, ok := captured.(inboundDialer); ok {
+		pxDial = t.InboundDialer(dial)
+	}
 	px, err := proxy.New(proxy.Config{
 		Logger: log.With("component", "proxy"), Resolver: d.cfg.Resolver, Pool: pool, ServerTLS: d.tls,
-		Dialer: dial, Policy: d.cfg.Policy, Observer: d.cfg.Observer,
+		Dialer: pxDial, Policy: d.cfg.Policy, Observer: d.cfg.Observer,
 	})
 	if err != nil {
 		_ = pool.Close()

@@ -287,7 +287,15 @@ func (m *mesh) certificates() any {
 
 func (m *mesh) captureDump() any {
 	on, why := m.capture.Accel()
-	return map[string]any{"pods": m.dp.Pods(), "adopted": m.capture.Adopted(), "acceleration": on, "accelerationReason": why}
+	st := m.capture.Status()
+	source := map[string]any{}
+	for _, p := range st.Pods {
+		if p.Name != "" {
+			source[p.Name] = map[string]any{"preserved": p.SourcePreserved, "reason": p.SourceReason}
+		}
+	}
+	return map[string]any{"pods": m.dp.Pods(), "adopted": m.capture.Adopted(), "acceleration": on, "accelerationReason": why,
+		"transparentDelivery": st.Transparent, "transparentDeliveryReason": st.TransparentReason, "inboundSource": source}
 }
 
 func (m *mesh) svidsReady(context.Context) error {

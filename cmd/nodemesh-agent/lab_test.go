@@ -35,6 +35,7 @@ import (
 	"github.com/nodemesh/nodemesh/lab/waitfor"
 	"github.com/nodemesh/nodemesh/lab/workload"
 	"github.com/nodemesh/nodemesh/manifests"
+	"github.com/nodemesh/nodemesh/redirect"
 )
 
 // nodeClient is an HTTP client whose sockets live in a node's network
@@ -70,6 +71,24 @@ func httpGet(c *http.Client, url string) (int, string, error) {
 // agents over mTLS, with SVIDs for the pods' identities), a non-enrolled
 // client reaching an enrolled pod (PERMISSIVE), SIGTERM, fail-closed while
 // an agent is down, and recovery after its restart.
+// deliveredFrom checks that r came from pod, that the application saw the
+// connection come from src (the client's own address: transparent
+// delivery, issue 14 item 7), and that the destination agent delivered it:
+// the application's socket carries the agent's delivery mark, which a
+// direct connection never has.
+func deliveredFrom(r workload.Reply, pod lab.Pod, src string) error {
+	if r.Pod != pod.Key() {
+		return fmt.Errorf("reply %+v: answered by %s, want %s", r, r.Pod, pod.Key())
+	}
+	if hostOf(r.Remote) != src {
+		return fmt.Errorf("%s saw the connection come from %s, want the client's address %s", pod.Key(), r.Remote, src)
+	}
+	if r.Mark != redirect.DefaultDeliverMark {
+		return fmt.Errorf("%s's socket from %s has mark %#x, not the agent's delivery mark %#x: the agent did not deliver it", pod.Key(), r.Remote, r.Mark, redirect.DefaultDeliverMark)
+	}
+	return nil
+}
+
 func TestLabAgentEndToEnd(t *testing.T) {
 	l := labtest.TwoNodes(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
@@ -160,11 +179,12 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		// The destination agent delivers from inside web-2's namespace:
-		// the server sees its own address as the peer, which a direct
-		// connection never shows.
-		if r.Pod != web2.Key() || hostOf(r.Remote) != web2.IP {
-			t.Fatalf("reply %+v: want %s, delivered by its agent (remote %s)", r, web2.Key(), web2.IP)
+		// The destination agent delivers from inside web-2's namespace
+		// with a transparent socket: the server sees client-1's own
+		// address (issue 14, item 7), and the agent's delivery mark on
+		// its socket shows that the agent delivered it.
+		if err := deliveredFrom(r, web2, client1.IP); err != nil {
+			t.Fatal(err)
 		}
 		n1, _ := l.Node("node-1")
 		_, metrics, err := httpGet(nodeClient(n1), "http://127.0.0.1:15020/metrics")
@@ -232,8 +252,8 @@ func TestLabAgentEndToEnd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if r.Pod != web1.Key() || hostOf(r.Remote) != web1.IP {
-			t.Fatalf("reply %+v: want %s, delivered by the agent", r, web1.Key())
+		if err := deliveredFrom(r, web1, client1.IP); err != nil {
+			t.Fatal(err)
 		}
 	})
 
@@ -277,8 +297,8 @@ func TestLabAgentEndToEnd(t *testing.T) {
 				t.Fatal(err)
 			}
 			seen[r.Pod] = true
-			if p := mustLabPod(t, l, r.Pod); hostOf(r.Remote) != p.IP {
-				t.Errorf("reply %+v was not delivered by the agent", r)
+			if err := deliveredFrom(r, mustLabPod(t, l, r.Pod), mustLabPod(t, l, "client/client-2").IP); err != nil {
+				t.Error(err)
 			}
 		}
 		if !seen["shop/web-1"] || !seen["shop/web-2"] {
@@ -418,9 +438,10 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			t.Errorf("the sniffer did not see a plaintext marker (%d frames): the underlay check proves nothing", len(frames))
 		}
 		// Plain networking on the client side; web-2's agent still takes
-		// the connection on 15006 (PERMISSIVE) and delivers it.
-		if r.Pod != web2.Key() || hostOf(r.Remote) != web2.IP {
-			t.Fatalf("reply %+v", r)
+		// the connection on 15006 (PERMISSIVE) and delivers it, from the
+		// client's address.
+		if err := deliveredFrom(r, web2, client1.IP); err != nil {
+			t.Fatal(err)
 		}
 		setMode(t, ctx, l, "client", state.ModeEnabled)
 		waitfor.NoError(t, 30*time.Second, "client-1 back in the mesh", func() error {
@@ -721,8 +742,8 @@ func TestLabAgentEndToEnd(t *testing.T) {
 			if err != nil {
 				t.Fatalf("%s with the API server down: %v", url, err)
 			}
-			if p := mustLabPod(t, l, r.Pod); hostOf(r.Remote) != p.IP {
-				t.Errorf("reply %+v was not delivered by the agent", r)
+			if err := deliveredFrom(r, mustLabPod(t, l, r.Pod), client1.IP); err != nil {
+				t.Error(err)
 			}
 		}
 		for _, node := range []string{"node-1", "node-2"} {

@@ -21,6 +21,7 @@ import (
 	"github.com/nodemesh/nodemesh/lab/mesh"
 	"github.com/nodemesh/nodemesh/lab/spec"
 	"github.com/nodemesh/nodemesh/lab/workload"
+	"github.com/nodemesh/nodemesh/redirect"
 )
 
 // MeshSpecFile is the name of the mesh demo's lab spec in this directory.
@@ -198,10 +199,10 @@ func (d *meshDemo) requests(ctx context.Context, env *Env) error {
 	if err != nil {
 		return err
 	}
-	if err := deliveredByAgent(r, dst.Key(), dst.IP); err != nil {
+	if err := deliveredByAgent(r, dst.Key(), src.IP); err != nil {
 		return err
 	}
-	env.Printf("   answered by %s on %s; the connection came from %s: the destination agent, inside the pod, delivered it\n", r.Pod, r.Node, r.Remote)
+	env.Printf("   answered by %s on %s; it saw the connection come from %s, the client itself: the destination agent delivered it with a transparent socket (mark %#x on the server's socket)\n", r.Pod, r.Node, r.Remote, r.Mark)
 
 	port := int32(0)
 	for _, p := range svc.Ports {
@@ -220,7 +221,7 @@ func (d *meshDemo) requests(ctx context.Context, env *Env) error {
 		if err != nil {
 			return fmt.Errorf("answer from unknown pod %q: %w", r.Pod, err)
 		}
-		if err := deliveredByAgent(r, p.Key(), p.IP); err != nil {
+		if err := deliveredByAgent(r, p.Key(), src.IP); err != nil {
 			return err
 		}
 		answered[r.Pod+" on "+r.Node]++
@@ -352,10 +353,10 @@ func (d *meshDemo) permissive(ctx context.Context, env *Env) error {
 	if err != nil {
 		return err
 	}
-	if err := deliveredByAgent(r, dst.Key(), dst.IP); err != nil {
+	if err := deliveredByAgent(r, dst.Key(), src.IP); err != nil {
 		return err
 	}
-	env.Printf("   answered by %s; the connection came from %s: the agent's inbound plaintext listener (15006) delivered it\n", r.Pod, r.Remote)
+	env.Printf("   answered by %s; it saw the connection come from %s: the agent's inbound plaintext listener (15006) took it and delivered it from the client's address\n", r.Pod, r.Remote)
 	rep, err := mesh.Summarise(frames, []byte(marker))
 	if err != nil {
 		return err
@@ -516,15 +517,20 @@ func meshGet(ctx context.Context, env *Env, from, url string, flags ...string) (
 	return r, nil
 }
 
-// deliveredByAgent checks that the reply came from pod and that the
-// connection it saw came from the pod's own address: the destination
-// agent connects from inside the pod, so the application sees its own IP.
-func deliveredByAgent(r workload.Reply, pod, ip string) error {
+// deliveredByAgent checks that the reply came from pod, that the
+// application saw the client's own address src (the agent delivers with a
+// transparent socket), and that the destination agent delivered it: the
+// application's socket carries the agent's delivery mark, which a direct
+// connection never has.
+func deliveredByAgent(r workload.Reply, pod, src string) error {
 	if r.Pod != pod {
 		return fmt.Errorf("the answer came from %s, not %s", r.Pod, pod)
 	}
-	if hostOf(r.Remote) != ip {
-		return fmt.Errorf("%s saw the connection come from %s, not from its agent inside the pod (%s): it did not go through the mesh", pod, r.Remote, ip)
+	if hostOf(r.Remote) != src {
+		return fmt.Errorf("%s saw the connection come from %s, not from the client %s", pod, r.Remote, src)
+	}
+	if r.Mark != redirect.DefaultDeliverMark {
+		return fmt.Errorf("%s's connection from %s has mark %#x, not the agent's delivery mark %#x: it did not go through the mesh", pod, r.Remote, r.Mark, redirect.DefaultDeliverMark)
 	}
 	return nil
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/nodemesh/nodemesh/lab/waitfor"
 	"github.com/nodemesh/nodemesh/lab/workload"
 	"github.com/nodemesh/nodemesh/manifests"
+	"github.com/nodemesh/nodemesh/redirect"
 )
 
 // Three nodes, the agent on node-1 and node-2 only; enrolled pods on all
@@ -114,12 +115,17 @@ func TestLabPartialRollout(t *testing.T) {
 		}
 		return r, nil
 	}
-	// seenFrom checks who answered and which source address it saw: the
-	// destination's own IP means its agent delivered the connection.
-	seenFrom := func(r workload.Reply, to lab.Pod, src string) error {
+	// seenFrom checks who answered, which source address it saw (the
+	// client's own: agents deliver transparently) and whether the
+	// destination agent delivered it (its delivery mark on the server's
+	// socket) or the connection arrived directly.
+	seenFrom := func(r workload.Reply, to lab.Pod, src string, viaAgent bool) error {
 		h, _, _ := net.SplitHostPort(r.Remote)
 		if r.Pod != to.Key() || h != src {
 			return fmt.Errorf("reply %+v: want %s seeing %s", r, to.Key(), src)
+		}
+		if got := r.Mark == redirect.DefaultDeliverMark; got != viaAgent {
+			return fmt.Errorf("reply %+v: delivered by the agent %v (mark %#x), want %v", r, got, r.Mark, viaAgent)
 		}
 		return nil
 	}
@@ -161,7 +167,7 @@ func TestLabPartialRollout(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		return seenFrom(r, web2, web2.IP)
+		return seenFrom(r, web2, client1.IP, true)
 	})
 	waitfor.NoError(t, 30*time.Second, "node-2 logged client-1 -> web-2 as mTLS", func() error {
 		recs, err := m.AccessLog("node-2")
@@ -180,13 +186,13 @@ func TestLabPartialRollout(t *testing.T) {
 	if err != nil {
 		t.Fatalf("enrolled pod to an enrolled pod on a node without agent failed (must fall back to plaintext): %v", err)
 	}
-	if err := seenFrom(r, web3, client1.IP); err != nil {
+	if err := seenFrom(r, web3, client1.IP, false); err != nil {
 		t.Fatalf("passthrough to web-3: %v", err)
 	}
 	if r, err = get(outsider3, web2, "permissive-in"); err != nil {
 		t.Fatalf("unenrolled pod to a PERMISSIVE enrolled pod: %v", err)
 	}
-	if err := seenFrom(r, web2, web2.IP); err != nil {
+	if err := seenFrom(r, web2, outsider3.IP, true); err != nil {
 		t.Fatalf("plaintext inbound to web-2: %v", err)
 	}
 	// An enrolled pod on the node without an agent is not captured: its
@@ -194,20 +200,20 @@ func TestLabPartialRollout(t *testing.T) {
 	if r, err = get(web3, web2, "unprotected-source"); err != nil {
 		t.Fatalf("enrolled pod without an agent to a PERMISSIVE enrolled pod: %v", err)
 	}
-	if err := seenFrom(r, web2, web2.IP); err != nil {
+	if err := seenFrom(r, web2, web3.IP, true); err != nil {
 		t.Fatalf("plaintext inbound from web-3 to web-2: %v", err)
 	}
 	// Enrolled to unenrolled: plaintext passthrough.
 	if r, err = get(client1, outsider3, "to-unenrolled"); err != nil {
 		t.Fatalf("enrolled pod to an unenrolled pod: %v", err)
 	}
-	if err := seenFrom(r, outsider3, client1.IP); err != nil {
+	if err := seenFrom(r, outsider3, client1.IP, false); err != nil {
 		t.Fatal(err)
 	}
 	if r, err = get(outsider3, web3, "no-mesh"); err != nil {
 		t.Fatalf("outside the mesh entirely: %v", err)
 	}
-	if err := seenFrom(r, web3, outsider3.IP); err != nil {
+	if err := seenFrom(r, web3, outsider3.IP, false); err != nil {
 		t.Fatal(err)
 	}
 
@@ -353,7 +359,7 @@ func TestLabPartialRollout(t *testing.T) {
 	})
 	if r, err := get(client1, web2, "strict-hbone"); err != nil {
 		t.Fatalf("HBONE to a STRICT pod with an agent: %v", err)
-	} else if err := seenFrom(r, web2, web2.IP); err != nil {
+	} else if err := seenFrom(r, web2, client1.IP, true); err != nil {
 		t.Fatal(err)
 	}
 	// The rest of the dry run's prediction: plaintext into web-2 is refused.

@@ -31,7 +31,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Environment variables the lab sets in every pod process.
@@ -55,6 +58,12 @@ type Reply struct {
 	Proto     string      `json:"proto"`     // e.g. HTTP/1.1
 	Header    http.Header `json:"header"`    // request headers
 	BodyBytes int64       `json:"bodyBytes"` // size of the request body read
+	// Mark is the accepted socket's SO_MARK. A connection the node agent
+	// delivered transparently carries the agent's delivery mark (the pod's
+	// net.ipv4.tcp_fwmark_accept copies it from the SYN); 0 otherwise. It
+	// tells a delivery by the mesh from a direct connection, since both
+	// show the client's own address.
+	Mark uint32 `json:"mark,omitempty"`
 }
 
 // Names lists the workloads Main accepts.
@@ -128,6 +137,21 @@ func listen(ctx context.Context, port int) (net.Listener, error) {
 	return ln, nil
 }
 
+// socketMark returns c's SO_MARK, or 0.
+func socketMark(c net.Conn) uint32 {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return 0
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0
+	}
+	var mark int
+	_ = rc.Control(func(fd uintptr) { mark, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) })
+	return uint32(mark)
+}
+
 func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
 	fs := flag.NewFlagSet("http", flag.ContinueOnError)
 	var ports portsFlag
@@ -144,6 +168,7 @@ func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
 		PodIP: os.Getenv(EnvPodIP),
 	}
 	type localKey struct{}
+	type markKey struct{}
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.Copy(io.Discard, io.LimitReader(r.Body, 64<<20))
 		rep := self
@@ -151,6 +176,7 @@ func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
 		if la, ok := r.Context().Value(localKey{}).(net.Addr); ok {
 			rep.Local = la.String()
 		}
+		rep.Mark, _ = r.Context().Value(markKey{}).(uint32)
 		rep.Method, rep.Path, rep.Host, rep.Proto = r.Method, r.RequestURI, r.Host, r.Proto
 		rep.Header = r.Header
 		rep.BodyBytes = n
@@ -162,7 +188,7 @@ func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
 		Handler:           h,
 		ReadHeaderTimeout: 10 * time.Second,
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
-			return context.WithValue(ctx, localKey{}, c.LocalAddr())
+			return context.WithValue(context.WithValue(ctx, localKey{}, c.LocalAddr()), markKey{}, socketMark(c))
 		},
 	}
 	var wg sync.WaitGroup

@@ -11,7 +11,8 @@
 //     destination is parked in `pending` under the socket cookie. Sockets
 //     carrying the agent's SO_MARK, loopback destinations, agent ports,
 //     per-pod excluded ports (`excluded`) and non-stream sockets are left
-//     alone. The verdict is always 1 (allow): capture is a rewrite, and when
+//     alone (the agent's marks: `agent_mark`, and `deliver_mark` on the
+//     transparent sockets that deliver inbound connections). The verdict is always 1 (allow): capture is a rewrite, and when
 //     the agent is gone the rewritten connect finds no listener and fails,
 //     which is what makes capture fail closed.
 //
@@ -32,7 +33,9 @@
 //   sk_lookup (attached per enrolled pod network namespace)
 //     TCP arriving for an address in `inbound` (the pod's IPs) on any port
 //     but 15008 and the pod's excluded inbound ports (`inbound_excluded`),
-//     and not from the pod itself, is assigned to the agent's 15006
+//     and not from the pod itself (its own address, or arriving over its
+//     loopback device: the agent delivering with the peer's address as
+//     source), is assigned to the agent's 15006
 //     listener stored in `inbound_socks`. The listener gone (agent down)
 //     means SK_DROP: inbound plaintext is refused, never delivered around
 //     the agent. TCP for any other local address of the namespace that is
@@ -61,6 +64,17 @@
 
 // Set by the loader: the SO_MARK carried by every agent socket.
 const volatile __u32 agent_mark = 0;
+// Set by the loader: the SO_MARK of the agent's sockets that deliver an
+// inbound connection to the application with the peer's address as source
+// (a transparent socket; the pod's policy route for this mark brings the
+// application's replies back to it). Never captured either.
+const volatile __u32 deliver_mark = 0;
+// Set by the loader to 1 when the kernel has bpf_sk_lookup.ingress_ifindex
+// (Linux 5.17+). On older kernels the branch that reads it is dead code the
+// verifier never checks, and transparent delivery stays off.
+const volatile __u32 lookup_ifindex = 0;
+
+#define LOOPBACK_IFINDEX 1
 
 struct pod_cfg {
 	__u32 flags;
@@ -286,6 +300,8 @@ static __always_inline int skip_connect(struct bpf_sock_addr *ctx, __u64 *ns)
 	if (!sk)
 		return 1;
 	if (agent_mark != 0 && sk->mark == agent_mark)
+		return 1;
+	if (deliver_mark != 0 && sk->mark == deliver_mark)
 		return 1;
 	*ns = bpf_get_netns_cookie(ctx);
 	if (!bpf_map_lookup_elem(&enrolled, ns))
@@ -586,6 +602,12 @@ int nm_sklookup(struct bpf_sk_lookup *ctx)
 	// Loopback is reachable only from inside the namespace (the app, and
 	// the agent's own listeners and probes there).
 	if (loopback)
+		return SK_PASS;
+	// Arrived over the namespace's own loopback device: generated inside
+	// the pod, by the application or by the agent delivering an inbound
+	// connection from the peer's address. Nothing from outside the
+	// namespace arrives there.
+	if (lookup_ifindex && ctx->ingress_ifindex == LOOPBACK_IFINDEX)
 		return SK_PASS;
 	struct inbound_val *v = bpf_map_lookup_elem(&inbound, &k);
 	if (same)
