@@ -189,6 +189,10 @@ type agentResult struct {
 	Sandbox   nodeinfo.Sandbox
 	LoadErr   string
 	Cookie    uint64
+	// Transparent inbound delivery set up and proved in the pod with
+	// these capabilities (issue 14, item 7), or why not.
+	SourcePreserved bool
+	SourceReason    string
 }
 
 // runAgent runs the agent helper as root with exactly caps, in the agent
@@ -255,6 +259,7 @@ func helperAgent() (any, error) {
 		return r, nil
 	}
 	r.Cookie = ep.Cookie
+	r.SourcePreserved, r.SourceReason = ep.SourcePreserved()
 	return r, c.Release()
 }
 
@@ -310,6 +315,9 @@ func TestPrivAgentCapabilitiesAndUninstall(t *testing.T) {
 	}
 	if r.Sandbox.Cgroup != n.podCgroup || r.Cookie == 0 {
 		t.Errorf("sandbox %+v cookie %d, want the pod cgroup %s", r.Sandbox, r.Cookie, n.podCgroup)
+	}
+	if !r.SourcePreserved {
+		t.Errorf("with the DaemonSet's capabilities the pod's inbound delivery is not transparent: %s", r.SourceReason)
 	}
 
 	// The agent has exited; capture stays (fail closed).
