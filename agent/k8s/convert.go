@@ -3,8 +3,8 @@
 // Kubernetes YAML read from a directory (Static) on machines without one.
 //
 // Pods are watched cluster-wide, because a connection's peer can be any pod;
-// the informer cache keeps only the fields the agent reads (see StripPod),
-// which cuts its memory per pod several-fold. When the API server goes away
+// the informer cache keeps each pod in the state's form (CompactPod), shared
+// with the store, which cuts its memory per pod several-fold. When the API server goes away
 // the informers keep their caches and the store keeps its last snapshot:
 // decisions go on with the last known state until the watch comes back.
 package k8s

@@ -4,10 +4,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"runtime"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 	"unsafe"
 
 	corev1 "k8s.io/api/core/v1"
@@ -18,6 +20,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/nodemesh/nodemesh/agent/state"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 func TestConvertEndpointSliceConditions(t *testing.T) {
@@ -151,60 +154,147 @@ var managedFieldsJSON = func() string {
 	return b.String()
 }()
 
-func TestStripPodKeepsWhatConvertReads(t *testing.T) {
+func TestCompactPodIsConvertPod(t *testing.T) {
 	p := fullPod(t, 1)
 	p.DeletionTimestamp = &metav1.Time{}
 	full, err := ConvertPod(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := Transform(p)
+	obj, err := Transform(p)
 	if err != nil {
 		t.Fatal(err)
 	}
-	stripped, err := ConvertPod(s.(*corev1.Pod))
-	if err != nil {
-		t.Fatal(err)
+	c := obj.(*CachedPod)
+	if c.Err != nil || c.ResourceVersion != "1" {
+		t.Fatalf("cached pod err %v, resource version %q", c.Err, c.ResourceVersion)
 	}
 	a, _ := json.Marshal(full)
-	b, _ := json.Marshal(stripped)
+	b, _ := json.Marshal(c.Pod)
 	if string(a) != string(b) {
-		t.Fatalf("stripping changed the converted pod:\nfull     %s\nstripped %s", a, b)
+		t.Fatalf("the cached form differs from the converted pod:\nconverted %s\ncached    %s", a, b)
 	}
-	if !stripped.Terminating || !slices.Equal(stripped.ProbePorts, []uint16{8080}) || len(stripped.Ports) != 2 ||
-		stripped.IPs[0] != netip.MustParseAddr("10.0.0.1") || stripped.Annotations[state.AnnotationNetns] == "" {
-		t.Fatalf("converted pod lost fields: %+v", stripped)
+	if !c.Pod.Terminating || !slices.Equal(c.Pod.ProbePorts, []uint16{8080}) || len(c.Pod.Ports) != 2 ||
+		c.Pod.IPs[0] != netip.MustParseAddr("10.0.0.1") || c.Pod.Annotations[state.AnnotationNetns] == "" {
+		t.Fatalf("converted pod lost fields: %+v", c.Pod)
 	}
-	sp := s.(*corev1.Pod)
-	if len(sp.ManagedFields) != 0 || len(sp.Spec.Volumes) != 0 || len(sp.Status.ContainerStatuses) != 0 || sp.Spec.Containers[0].Image != "" {
-		t.Fatal("stripped pod kept fields the agent does not read")
+	// Idempotent, as client-go requires of a transform.
+	if again, err := Transform(c); err != nil || again != obj {
+		t.Fatalf("transforming a cached pod again: %v, %v", again, err)
+	}
+	// The cache's key and namespace index read it through meta.Accessor.
+	if k, err := cache.MetaNamespaceKeyFunc(c); err != nil || k != "shop/web-1" {
+		t.Fatalf("cache key %q, %v", k, err)
+	}
+	if ns, err := cache.MetaNamespaceIndexFunc(c); err != nil || !slices.Equal(ns, []string{"shop"}) {
+		t.Fatalf("namespace index %v, %v", ns, err)
+	}
+}
+
+// A pod that does not convert is cached with its error, so the store drops
+// it instead of keeping its old version.
+func TestCompactPodKeepsConversionError(t *testing.T) {
+	p := fullPod(t, 1)
+	p.Status.PodIP = "not-an-ip"
+	c := CompactPod(p)
+	if c.Err == nil || !strings.Contains(c.Err.Error(), "not-an-ip") || c.Pod.Key() != (state.Key{Namespace: "shop", Name: "web-1"}) {
+		t.Fatalf("cached pod %+v, err %v", c.Pod, c.Err)
+	}
+	st := newStore(t)
+	st.Update(func(tx *state.Tx) { tx.SetPod(&state.Pod{Namespace: "shop", Name: "web-1"}) })
+	var err error
+	st.Update(func(tx *state.Tx) {
+		if err = setCachedPod(tx, c); err != nil {
+			deleteCachedPod(tx, c)
+		}
+	})
+	if err == nil || st.Snapshot().Pod("shop", "web-1") != nil {
+		t.Fatalf("a pod that does not convert stayed in the store (err %v)", err)
 	}
 }
 
 // Pods decoded separately share one copy of the strings they repeat once
-// stripped: label keys and values, namespace, node, service account.
-func TestStripPodInternsRepeatedStrings(t *testing.T) {
-	a, b := StripPod(fullPod(t, 50)), StripPod(fullPod(t, 100)) // same node: i%50
+// compacted (label keys and values, namespace, node, service account,
+// workload, port names), and pods with equal labels share one label map.
+func TestCompactPodInternsRepeatedValues(t *testing.T) {
+	a, b := CompactPod(fullPod(t, 50)), CompactPod(fullPod(t, 100)) // same node: i%50
 	same := func(what, x, y string) {
 		t.Helper()
 		if x != y || unsafe.StringData(x) != unsafe.StringData(y) {
 			t.Errorf("%s: %q and %q are separate copies", what, x, y)
 		}
 	}
-	same("namespace", a.Namespace, b.Namespace)
-	same("node", a.Spec.NodeName, b.Spec.NodeName)
-	same("service account", a.Spec.ServiceAccountName, b.Spec.ServiceAccountName)
-	same("owner", a.OwnerReferences[0].Name, b.OwnerReferences[0].Name)
-	same("label value", a.Labels["app"], b.Labels["app"])
-	for k := range a.Labels {
-		for k2 := range b.Labels {
+	same("namespace", a.Pod.Namespace, b.Pod.Namespace)
+	same("node", a.Pod.Node, b.Pod.Node)
+	same("service account", a.Pod.ServiceAccount, b.Pod.ServiceAccount)
+	same("workload", a.Pod.Workload, b.Pod.Workload)
+	same("port name", a.Pod.Ports[0].Name, b.Pod.Ports[0].Name)
+	same("label value", a.Pod.Labels["app"], b.Pod.Labels["app"])
+	if reflect.ValueOf(a.Pod.Labels).UnsafePointer() != reflect.ValueOf(b.Pod.Labels).UnsafePointer() {
+		t.Error("pods with equal labels hold separate label maps")
+	}
+	for k := range a.Pod.Labels {
+		for k2 := range b.Pod.Labels {
 			if k == k2 {
 				same("label key", k, k2)
 			}
 		}
 	}
-	if StripPod(&corev1.Pod{}).Labels != nil {
+	other := fullPod(t, 51)
+	other.Labels["version"] = "v2"
+	if c := CompactPod(other); reflect.ValueOf(c.Pod.Labels).UnsafePointer() == reflect.ValueOf(a.Pod.Labels).UnsafePointer() ||
+		c.Pod.Labels["version"] != "v2" || a.Pod.Labels["version"] != "v1" {
+		t.Errorf("different labels share a map: %v and %v", c.Pod.Labels, a.Pod.Labels)
+	}
+	if CompactPod(&corev1.Pod{}).Pod.Labels != nil {
 		t.Error("a pod without labels got a label map")
+	}
+}
+
+// Interned label sets are freed once no cached pod holds them, so label
+// churn cannot grow the table.
+func TestLabelSetsAreFreed(t *testing.T) {
+	var held []*CachedPod
+	var keys []string
+	for i := range 100 {
+		p := fullPod(t, i)
+		p.Labels = map[string]string{"churn": fmt.Sprint(i)}
+		held = append(held, CompactPod(p))
+		keys = append(keys, labelKey(p.Labels))
+	}
+	live := func() int {
+		labelSets.Lock()
+		defer labelSets.Unlock()
+		n := 0
+		for _, k := range keys {
+			if _, ok := labelSets.m[k]; ok {
+				n++
+			}
+		}
+		return n
+	}
+	if got := live(); got != 100 {
+		t.Fatalf("%d of 100 label sets interned", got)
+	}
+	runtime.KeepAlive(held)
+	held = nil
+	waitfor.True(t, 10*time.Second, "interned label sets freed", func() bool {
+		runtime.GC()
+		return live() == 0
+	})
+}
+
+func TestLabelKeyIsUnambiguous(t *testing.T) {
+	sets := []map[string]string{
+		{"a": "b=c"}, {"a=b": "c"}, {"a": "b", "c": "d"}, {"a": "bc:d"}, {"ab": "c"}, {"a": ""}, {"": "a"},
+	}
+	seen := map[string]int{}
+	for i, m := range sets {
+		k := labelKey(m)
+		if j, dup := seen[k]; dup {
+			t.Fatalf("label sets %v and %v share the key %q", sets[j], m, k)
+		}
+		seen[k] = i
 	}
 }
 
@@ -223,23 +313,19 @@ func TestTransformOtherObjects(t *testing.T) {
 }
 
 // TestMemoryPerPod measures what the informer cache plus the store hold per
-// pod, with and without the stripping transform, and reports the figures.
-// It fails only if stripping does not save at least half.
+// pod, with full objects and with the transform, and reports the figures.
+// It fails only if the transform does not save at least three quarters.
 func TestMemoryPerPod(t *testing.T) {
 	if testing.Short() {
 		t.Skip("allocates a few tens of MB")
 	}
 	const n = 2000
-	measure := func(strip bool) (cacheBytes, storeBytes uint64) {
+	full := func() (cacheBytes, storeBytes uint64) {
 		st := newStore(t)
 		idx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{})
 		start := heap()
 		for i := range n {
-			p := fullPod(t, i)
-			if strip {
-				p = StripPod(p)
-			}
-			if err := idx.Add(p); err != nil {
+			if err := idx.Add(fullPod(t, i)); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -251,18 +337,36 @@ func TestMemoryPerPod(t *testing.T) {
 			}
 			st.Update(func(tx *state.Tx) { tx.SetPod(c) })
 		}
-		st.Snapshot()
 		stored := heap()
 		runtime.KeepAlive(idx)
 		runtime.KeepAlive(st)
 		return delta(start, cached) / n, delta(cached, stored) / n
 	}
-	fullCache, fullStore := measure(false)
-	stripCache, store := measure(true)
-	t.Logf("memory per pod (%d pods): informer cache %d B with full objects, %d B stripped (%.1fx less); state store %d B (full run: %d B)",
-		n, fullCache, stripCache, float64(fullCache)/float64(max(stripCache, 1)), store, fullStore)
-	if stripCache == 0 || stripCache*2 > fullCache {
-		t.Fatalf("stripping saved too little: full %d B/pod, stripped %d B/pod", fullCache, stripCache)
+	compact := func() uint64 {
+		st := newStore(t)
+		idx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{})
+		start := heap()
+		for i := range n {
+			obj, err := Transform(fullPod(t, i))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := idx.Add(obj); err != nil {
+				t.Fatal(err)
+			}
+			applyPodForTest(t, st, obj)
+		}
+		end := heap()
+		runtime.KeepAlive(idx)
+		runtime.KeepAlive(st)
+		return delta(start, end) / n
+	}
+	fullCache, fullStore := full()
+	both := compact()
+	t.Logf("memory per pod (%d pods): informer cache %d B + store %d B with full objects; %d B for both with the transform (%.1fx less)",
+		n, fullCache, fullStore, both, float64(fullCache+fullStore)/float64(max(both, 1)))
+	if both == 0 || both*4 > fullCache+fullStore {
+		t.Fatalf("the transform saved too little: full %d B/pod, compact %d B/pod", fullCache+fullStore, both)
 	}
 }
 
@@ -303,14 +407,12 @@ func TestWorkloadName(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "pod-0", OwnerReferences: tt.owners, Labels: tt.labels}}
-			for _, pod := range []*corev1.Pod{p, StripPod(p)} {
-				c, err := ConvertPod(pod)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if got := c.WorkloadName(); got != tt.want {
-					t.Fatalf("workload %q, want %q", got, tt.want)
-				}
+			c, err := ConvertPod(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got, cached := c.WorkloadName(), CompactPod(p).Pod.WorkloadName(); got != tt.want || cached != tt.want {
+				t.Fatalf("workload %q (cached %q), want %q", got, cached, tt.want)
 			}
 		})
 	}
@@ -318,7 +420,7 @@ func TestWorkloadName(t *testing.T) {
 
 // TestConvertPodSidecars: a sidecar's (restartPolicy: Always init
 // container's) ports and probe ports count as the pod's, after the
-// containers'; an ordinary init container's do not. StripPod keeps them.
+// containers'; an ordinary init container's do not. The cached form keeps them.
 func TestConvertPodSidecars(t *testing.T) {
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: "b", Namespace: "y", UID: "u-b"},
@@ -335,20 +437,13 @@ func TestConvertPodSidecars(t *testing.T) {
 		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.7.0.2"},
 	}
 	want := []state.ContainerPort{{Name: "http", Port: 8080, Protocol: "TCP"}, {Name: "metrics", Port: 9090, Protocol: "TCP"}, {Name: "admin", Port: 9901, Protocol: "TCP"}}
-	for _, stripped := range []bool{false, true} {
-		in := p
-		if stripped {
-			in = StripPod(p)
-		}
-		got, err := ConvertPod(in)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !slices.Equal(got.Ports, want) || !slices.Equal(got.ProbePorts, []uint16{9901}) {
-			t.Errorf("stripped=%v: ports %+v, probe ports %v; want %+v, [9901]", stripped, got.Ports, got.ProbePorts, want)
-		}
+	got, err := ConvertPod(p)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if s := StripPod(p); len(s.Spec.InitContainers) != 1 || s.Spec.InitContainers[0].Name != "warm" {
-		t.Errorf("StripPod kept init containers %+v, want only the sidecar", s.Spec.InitContainers)
+	for _, pod := range []*state.Pod{got, CompactPod(p).Pod} {
+		if !slices.Equal(pod.Ports, want) || !slices.Equal(pod.ProbePorts, []uint16{9901}) {
+			t.Errorf("ports %+v, probe ports %v; want %+v, [9901]", pod.Ports, pod.ProbePorts, want)
+		}
 	}
 }

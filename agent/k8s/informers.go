@@ -94,15 +94,7 @@ func (in *Informers) Run(ctx context.Context) error {
 				return err
 			},
 			func(tx *state.Tx, n *corev1.Node) { tx.DeleteNode(n.Name) })},
-		{"pods", f.Core().V1().Pods().Informer(), handler(st, log, "pod",
-			func(tx *state.Tx, p *corev1.Pod) error {
-				c, err := ConvertPod(p)
-				if err == nil {
-					tx.SetPod(c)
-				}
-				return err
-			},
-			func(tx *state.Tx, p *corev1.Pod) { tx.DeletePod(state.Key{Namespace: p.Namespace, Name: p.Name}) })},
+		{"pods", f.Core().V1().Pods().Informer(), handler(st, log, "pod", setCachedPod, deleteCachedPod)},
 		{"services", f.Core().V1().Services().Informer(), handler(st, log, "service",
 			func(tx *state.Tx, s *corev1.Service) error {
 				c, err := ConvertService(s)
@@ -255,6 +247,18 @@ func (in *Informers) recheckCRDs(ctx context.Context, df dynamicinformer.Dynamic
 		missing = still
 	}
 }
+
+// setCachedPod stores the pod the transform converted (CompactPod), or
+// returns its conversion error.
+func setCachedPod(tx *state.Tx, c *CachedPod) error {
+	if c.Err != nil {
+		return c.Err
+	}
+	tx.SetPod(c.Pod)
+	return nil
+}
+
+func deleteCachedPod(tx *state.Tx, c *CachedPod) { tx.DeletePod(c.Pod.Key()) }
 
 func watchErrorLogger(log *slog.Logger, kind string) cache.WatchErrorHandlerWithContext {
 	return func(_ context.Context, _ *cache.Reflector, err error) {

@@ -5,19 +5,22 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/client-go/tools/cache"
 )
 
-// Transform is the informers' cache.TransformFunc: pods are cut down by
-// StripPod, every other object loses its managed fields and the
+// Transform is the informers' cache.TransformFunc: pods become CachedPods
+// (CompactPod: only what the agent reads, in the state's form, shared with
+// the store), every other object loses its managed fields and the
 // last-applied-configuration annotation, which the agent never reads and
-// which often outweigh the rest of the object.
+// which often outweigh the rest of the object. It is idempotent, as
+// client-go requires.
 func Transform(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *corev1.Pod:
-		return StripPod(o), nil
+		return CompactPod(o), nil
+	case *CachedPod:
+		return o, nil
 	case cache.DeletedFinalStateUnknown:
 		return o, nil
 	case *unstructured.Unstructured:
@@ -44,95 +47,6 @@ func dropLastApplied(u *unstructured.Unstructured) {
 			u.SetAnnotations(a)
 		}
 	}
-}
-
-// StripPod returns a pod with only what ConvertPod reads: identity
-// metadata (name, namespace, UID, resource version, labels, the
-// annotations state.KeepAnnotation accepts, deletion timestamp), node,
-// service account, host networking, container ports and probe ports, phase
-// and IPs. The informer calls it before caching, so the full object is
-// garbage as soon as the event is handled.
-//
-// The strings many pods repeat - label keys and values, namespace, node,
-// service account, owner - are interned (package unique), so the pods of
-// a large cluster share one copy of each; an interned string is freed when
-// no pod uses it any more, so churn cannot grow the table.
-func StripPod(p *corev1.Pod) *corev1.Pod {
-	out := &corev1.Pod{
-		TypeMeta: p.TypeMeta,
-		Spec: corev1.PodSpec{
-			NodeName:           intern(p.Spec.NodeName),
-			ServiceAccountName: intern(p.Spec.ServiceAccountName),
-			HostNetwork:        p.Spec.HostNetwork,
-		},
-		Status: corev1.PodStatus{
-			Phase:  p.Status.Phase,
-			PodIP:  p.Status.PodIP,
-			PodIPs: p.Status.PodIPs,
-		},
-	}
-	out.Name = p.Name
-	out.Namespace = intern(p.Namespace)
-	out.UID = p.UID
-	out.ResourceVersion = p.ResourceVersion
-	out.Labels = internLabels(p.Labels)
-	out.Annotations = keepAnnotations(p.Annotations)
-	out.DeletionTimestamp = p.DeletionTimestamp
-	for _, o := range p.OwnerReferences {
-		if o.Controller != nil && *o.Controller {
-			out.OwnerReferences = []metav1.OwnerReference{{Kind: intern(o.Kind), Name: intern(o.Name), Controller: o.Controller}}
-			break
-		}
-	}
-	out.Spec.Containers = stripContainers(p.Spec.Containers, false)
-	out.Spec.InitContainers = stripContainers(p.Spec.InitContainers, true)
-	return out
-}
-
-// stripContainers keeps of each container what ConvertPod reads: name,
-// ports and probes; of init containers only the sidecars
-// (servingContainers), with their restart policy. A container with neither
-// ports nor probes is dropped.
-func stripContainers(cs []corev1.Container, sidecarsOnly bool) []corev1.Container {
-	var out []corev1.Container
-	for _, c := range cs {
-		if sidecarsOnly && !isSidecar(c) {
-			continue
-		}
-		if len(c.Ports) == 0 && c.LivenessProbe == nil && c.ReadinessProbe == nil && c.StartupProbe == nil {
-			continue
-		}
-		sc := corev1.Container{
-			Name:           c.Name,
-			RestartPolicy:  c.RestartPolicy,
-			LivenessProbe:  stripProbe(c.LivenessProbe),
-			ReadinessProbe: stripProbe(c.ReadinessProbe),
-			StartupProbe:   stripProbe(c.StartupProbe),
-		}
-		for _, cp := range c.Ports {
-			sc.Ports = append(sc.Ports, corev1.ContainerPort{Name: cp.Name, ContainerPort: cp.ContainerPort, Protocol: cp.Protocol})
-		}
-		out = append(out, sc)
-	}
-	return out
-}
-
-func stripProbe(pr *corev1.Probe) *corev1.Probe {
-	if pr == nil {
-		return nil
-	}
-	out := &corev1.Probe{}
-	switch {
-	case pr.HTTPGet != nil:
-		out.HTTPGet = &corev1.HTTPGetAction{Port: pr.HTTPGet.Port}
-	case pr.TCPSocket != nil:
-		out.TCPSocket = &corev1.TCPSocketAction{Port: pr.TCPSocket.Port}
-	case pr.GRPC != nil:
-		out.GRPC = &corev1.GRPCAction{Port: pr.GRPC.Port}
-	default:
-		return nil
-	}
-	return out
 }
 
 // intern returns s backed by the one shared copy of its contents.

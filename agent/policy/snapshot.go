@@ -72,6 +72,9 @@ type Node struct {
 
 // Input is everything a snapshot is built from. The snapshot does not keep
 // references to the policy objects' mutable parts; callers may reuse them.
+// Pods are kept as given, their label maps and slices included, so that
+// pods sharing an interned label set (agent/k8s) share it here too: callers
+// must not modify a pod's maps or slices after NewSnapshot.
 type Input struct {
 	Namespaces            []Namespace
 	Pods                  []Pod
@@ -229,7 +232,6 @@ func NewSnapshot(version uint64, in Input, opts Options) *Snapshot {
 	podsByNS := map[string][]*podEntry{}
 	for _, p := range in.Pods {
 		e := &podEntry{Pod: p}
-		e.Labels = cloneMap(p.Labels)
 		e.spiffeID = s.SPIFFEID(p)
 		if _, ok := s.namespaces[p.Namespace]; !ok {
 			s.namespaces[p.Namespace] = map[string]string{NamespaceNameLabel: p.Namespace}
@@ -394,17 +396,6 @@ func NewSnapshot(version uint64, in Input, opts Options) *Snapshot {
 	}
 	slices.SortFunc(s.problems, func(a, b Problem) int { return a.Ref.compare(b.Ref) })
 	return s
-}
-
-func cloneMap(m map[string]string) map[string]string {
-	if m == nil {
-		return nil
-	}
-	out := make(map[string]string, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
 }
 
 // PolicyRef names a policy object.

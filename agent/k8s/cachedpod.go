@@ -1,0 +1,158 @@
+package k8s
+
+import (
+	"runtime"
+	"slices"
+	"strconv"
+	"sync"
+	"weak"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+
+	k8sruntime "k8s.io/apimachinery/pkg/runtime"
+
+	"github.com/nodemesh/nodemesh/agent/state"
+)
+
+// CachedPod is the pods informer's cached form of a pod: the state's Pod,
+// converted once by the informer's transform, which the store then holds
+// by pointer, so the informer cache and the store share one copy. The
+// informer stays the source of truth: the store is fed from its events,
+// and a relist replaces what it caches.
+//
+// Its contents are never modified once built, so DeepCopyObject may share
+// them.
+type CachedPod struct {
+	// Pod is the converted pod; on a conversion error it holds only the
+	// namespace and name.
+	Pod *state.Pod
+	// Err is ConvertPod's error: the store drops such a pod (its old
+	// version would be wrong) and the agent logs it.
+	Err error
+	// ResourceVersion is the pod's, kept for the cache's bookkeeping.
+	ResourceVersion string
+	// labels keeps the pod's interned label set alive while it is cached.
+	labels *labelSet
+}
+
+var (
+	_ k8sruntime.Object         = (*CachedPod)(nil)
+	_ metav1.ObjectMetaAccessor = (*CachedPod)(nil)
+)
+
+// GetObjectKind implements runtime.Object; a cached pod carries no type
+// metadata.
+func (c *CachedPod) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+
+// DeepCopyObject implements runtime.Object. The contents are immutable, so
+// the copy shares them.
+func (c *CachedPod) DeepCopyObject() k8sruntime.Object {
+	cp := *c
+	return &cp
+}
+
+// GetObjectMeta implements metav1.ObjectMetaAccessor, which the cache's key
+// and namespace index functions read through meta.Accessor.
+func (c *CachedPod) GetObjectMeta() metav1.Object {
+	return &metav1.ObjectMeta{Namespace: c.Pod.Namespace, Name: c.Pod.Name, UID: types.UID(c.Pod.UID), ResourceVersion: c.ResourceVersion}
+}
+
+// CompactPod converts an API pod to its cached form (ConvertPod), with the
+// strings many pods repeat interned (package unique: namespace, node,
+// service account, workload, port names and protocols) and the label map
+// itself interned: the pods of one workload share one map. Interned values
+// are freed when no pod uses them any more, so churn cannot grow a table.
+func CompactPod(p *corev1.Pod) *CachedPod {
+	out := &CachedPod{ResourceVersion: p.ResourceVersion}
+	c, err := ConvertPod(p)
+	if err != nil {
+		out.Pod = &state.Pod{Namespace: intern(p.Namespace), Name: p.Name, UID: string(p.UID)}
+		out.Err = err
+		return out
+	}
+	c.Namespace = intern(c.Namespace)
+	c.Node = intern(c.Node)
+	c.ServiceAccount = intern(c.ServiceAccount)
+	c.Workload = intern(c.Workload)
+	if len(c.Ports) > 0 {
+		c.Ports = slices.Clip(c.Ports)
+		for i := range c.Ports {
+			c.Ports[i].Name = intern(c.Ports[i].Name)
+			c.Ports[i].Protocol = intern(c.Ports[i].Protocol)
+		}
+	}
+	c.IPs = slices.Clip(c.IPs)
+	c.ProbePorts = slices.Clip(c.ProbePorts)
+	out.labels = internLabelSet(c.Labels)
+	c.Labels = nil
+	if out.labels != nil {
+		c.Labels = out.labels.m
+	}
+	out.Pod = c
+	return out
+}
+
+// labelSet is one interned label map. Pods hold the map; their CachedPod
+// holds the set, which keeps the table entry alive.
+type labelSet struct{ m map[string]string }
+
+// labelSets interns label maps by their contents, like package unique does
+// for strings: an entry lives while a cached pod holds it and is removed by
+// a cleanup once the set is garbage. It is process-wide because interning
+// pays most when everything that reads pods shares one copy.
+var labelSets = struct {
+	sync.Mutex
+	m map[string]weak.Pointer[labelSet]
+}{m: make(map[string]weak.Pointer[labelSet])}
+
+// internLabelSet returns the shared set equal to labels (nil for none).
+func internLabelSet(labels map[string]string) *labelSet {
+	if len(labels) == 0 {
+		return nil
+	}
+	key := labelKey(labels)
+	labelSets.Lock()
+	defer labelSets.Unlock()
+	if wp, ok := labelSets.m[key]; ok {
+		if ls := wp.Value(); ls != nil {
+			return ls
+		}
+	}
+	ls := &labelSet{m: internLabels(labels)}
+	labelSets.m[key] = weak.Make(ls)
+	runtime.AddCleanup(ls, func(key string) {
+		labelSets.Lock()
+		defer labelSets.Unlock()
+		if wp, ok := labelSets.m[key]; ok && wp.Value() == nil {
+			delete(labelSets.m, key)
+		}
+	}, key)
+	return ls
+}
+
+// labelKey is an unambiguous encoding of a label map: its keys sorted,
+// each key and value preceded by its length, so two maps have the same key
+// exactly when they are equal.
+func labelKey(labels map[string]string) string {
+	keys := make([]string, 0, len(labels))
+	n := 0
+	for k, v := range labels {
+		keys = append(keys, k)
+		n += len(k) + len(v) + 8
+	}
+	slices.Sort(keys)
+	b := make([]byte, 0, n)
+	for _, k := range keys {
+		b = strconv.AppendInt(b, int64(len(k)), 10)
+		b = append(b, ':')
+		b = append(b, k...)
+		v := labels[k]
+		b = strconv.AppendInt(b, int64(len(v)), 10)
+		b = append(b, ':')
+		b = append(b, v...)
+	}
+	return string(b)
+}

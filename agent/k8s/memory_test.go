@@ -1,0 +1,91 @@
+package k8s
+
+import (
+	"fmt"
+	"runtime"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/nodemesh/nodemesh/agent/policy/fromstate"
+	"github.com/nodemesh/nodemesh/agent/state"
+)
+
+// scalePod is fullPod spread over a cluster's shape: 100 namespaces, 10
+// workloads per namespace (pods of one workload share their labels), 50
+// nodes. Every string is a fresh copy, as decoding gives.
+func scalePod(t testing.TB, i int) *corev1.Pod {
+	p := fullPod(t, i)
+	ns, app := i%100, (i/100)%10
+	p.Namespace = fmt.Sprintf("ns-%03d", ns)
+	p.Labels = map[string]string{
+		"app":               fmt.Sprintf("app-%d", app),
+		"pod-template-hash": fmt.Sprintf("%09d", app),
+		"version":           fmt.Sprintf("v%d", app%3),
+	}
+	return p
+}
+
+// TestMemoryPerPodAtScale measures what the agent keeps per pod with
+// 10,000 pods, stage by stage, as the informer path fills it: the
+// informer cache (after the transform), the state store's inputs, the state
+// snapshot and the policy snapshot. It logs the figures (docs/scale.md
+// quotes them) and fails above the budget.
+func TestMemoryPerPodAtScale(t *testing.T) {
+	if testing.Short() {
+		t.Skip("allocates a few hundred MB")
+	}
+	const n = 10000
+	st := newStore(t)
+	st.Update(func(tx *state.Tx) {
+		for ns := range 100 {
+			tx.SetNamespace(&state.Namespace{Name: fmt.Sprintf("ns-%03d", ns), Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
+		}
+	})
+	idx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+	start := heap()
+	for i := range n {
+		obj, err := Transform(scalePod(t, i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := idx.Add(obj); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cached := heap()
+	for _, obj := range idx.List() {
+		applyPodForTest(t, st, obj)
+	}
+	stored := heap()
+	snap := st.Snapshot()
+	indexed := heap()
+	ps, errs := fromstate.Snapshot(snap, "")
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	withPolicy := heap()
+	if got := len(snap.Pods()); got != n {
+		t.Fatalf("%d pods in the snapshot, want %d", got, n)
+	}
+	runtime.KeepAlive(idx)
+	runtime.KeepAlive(st)
+	runtime.KeepAlive(ps)
+	c, s, x, p := delta(start, cached)/n, delta(cached, stored)/n, delta(stored, indexed)/n, delta(indexed, withPolicy)/n
+	t.Logf("memory per pod at %d pods: informer cache %d B, store inputs %d B, state snapshot %d B, policy snapshot %d B; total %d B",
+		n, c, s, x, p, c+s+x+p)
+	// Before the cached form and shared label maps: 2,953 + 910 + 709 + 945 = 5,517 B.
+	const budget = 3000
+	if total := c + s + x + p; total > budget {
+		t.Fatalf("%d B per pod, over the budget of %d B", total, budget)
+	}
+}
+
+func applyPodForTest(t testing.TB, st *state.Store, obj any) {
+	var err error
+	st.Update(func(tx *state.Tx) { err = setCachedPod(tx, obj.(*CachedPod)) })
+	if err != nil {
+		t.Fatal(err)
+	}
+}
