@@ -41,13 +41,17 @@ type conn struct {
 	spare    []byte
 	flushing bool
 	werr     error
-	henc     *hpack.Encoder
-	hbuf     bytes.Buffer
-	nextID   uint32 // client: the next stream ID
+	// inlineErr is the error flushInline met, for finishFlush; owned by
+	// the goroutine that set flushing.
+	inlineErr error
+	henc      *hpack.Encoder
+	hbuf      bytes.Buffer
+	nextID    uint32 // client: the next stream ID
 
 	maxOpened atomic.Uint32 // client: the highest stream ID opened
 
-	// Read side, used by the read loop only.
+	// Read side, used by the read loop only (read.go).
+	fb      frameBuf
 	fr      *http2.Framer
 	hdec    *hpack.Decoder
 	fields  []hpack.HeaderField
@@ -136,7 +140,9 @@ func newConn(ctx context.Context, tc *tls.Conn, bc *batchConn, cfg *connConfig, 
 	c.wcond.L = &c.wmu
 	c.flowCond.L = &c.mu
 	c.fw = http2.NewFramer(&c.pend, nil)
-	c.fr = http2.NewFramer(nil, tc)
+	bc.releaseIn() // what the handshake left, unless more already came
+	c.fb = frameBuf{src: tc, bc: bc, max: int(cfg.flow.MaxFrameSize)}
+	c.fr = http2.NewFramer(nil, &c.fb)
 	c.fr.SetReuseFrames()
 	c.fr.SetMaxReadFrameSize(cfg.flow.MaxFrameSize)
 	c.henc = hpack.NewEncoder(&c.hbuf)
@@ -355,6 +361,10 @@ func (c *conn) keeper() {
 			c.keeperWrite(func() { _ = c.flushLoop(nil) })
 		case now := <-t.C:
 			t.Reset(tick)
+			if err := socketError(c.bc.Conn); err != nil {
+				c.fail(fmt.Errorf("HBONE connection: %w", err))
+				return
+			}
 			if f := c.frames.Load(); f != lastFrames {
 				lastFrames, lastActive, pingAt = f, now, time.Time{}
 			}
@@ -445,24 +455,10 @@ func (c *conn) readFrames() error {
 			return err
 		}
 	}
-	for {
-		f, err := c.fr.ReadFrame()
-		if err != nil {
-			var se http2.StreamError
-			if errors.As(err, &se) {
-				c.resetStream(se.StreamID, se.Code)
-				continue
-			}
-			if errors.Is(err, http2.ErrFrameTooLarge) {
-				return protoError{http2.ErrCodeFrameSize, "frame larger than SETTINGS_MAX_FRAME_SIZE"}
-			}
-			return err
-		}
-		c.frames.Add(1)
-		if err := c.handleFrame(f); err != nil {
-			return err
-		}
+	if rc := rawConn(c.bc.Conn); rc != nil {
+		return c.readEvented(rc)
 	}
+	return c.readBuffered()
 }
 
 // readPreface reads the client preface and the first SETTINGS frame,
@@ -477,7 +473,11 @@ func (c *conn) readPreface() error {
 	if string(buf[:]) != http2.ClientPreface {
 		return protoError{http2.ErrCodeProtocol, "bad client preface"}
 	}
-	f, err := c.fr.ReadFrame()
+	err := c.fb.fill()
+	var f http2.Frame
+	if err == nil {
+		f, err = c.fr.ReadFrame()
+	}
 	if err != nil {
 		c.timeoutCheck(err, "client SETTINGS")
 		return fmt.Errorf("reading the client's first SETTINGS: %w", err)

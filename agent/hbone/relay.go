@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -31,6 +32,15 @@ type sink struct {
 	rn   int
 	rerr error
 	rfn  func(fd uintptr) bool
+	// Sending from inside the read callback (read): the stream, the
+	// count of bytes read, and whether a flush is owed.
+	s       *stream
+	sent    *atomic.Int64
+	owe     bool
+	dr      drainReader
+	armed   bool        // a read deadline confirmAfter from the last drained read is set
+	confirm bool        // the next read is a plain one (see read)
+	stopped atomic.Bool // interrupted: the read deadline is in the past for good
 }
 
 func newSink(app net.Conn, n *atomic.Int64) *sink {
@@ -48,34 +58,73 @@ func newSink(app net.Conn, n *atomic.Int64) *sink {
 // read reads the next chunk from the application into a pooled relay
 // buffer, after the frame header room; release the buffer with done. On a
 // socket it waits for readability before it takes a buffer.
+//
+// On a socket with a stream to send to (k.s), read also sends what it
+// reads, inside the read callback, whenever that needs no waiting
+// (stream.sendInline), and keeps reading; after a read(2) that returned
+// less than it asked for, the socket is drained, so it waits for the next
+// edge of readability instead of reading again only to hear EAGAIN. It
+// returns with a chunk (n > 0) only when that chunk must still be sent the
+// blocking way, and with k.owe set when a flush must be finished.
 func (k *sink) read() (*[]byte, int, error) {
 	if k.rc == nil {
 		bp := relayBufs.Get().(*[]byte)
 		n, err := k.conn.Read((*bp)[frameHeaderLen:])
 		return bp, n, err
 	}
-	k.rn, k.rerr = 0, nil
-	if err := k.rc.Read(k.rfn); err != nil {
-		if k.rb != nil {
-			relayBufs.Put(k.rb)
-			k.rb = nil
+	for {
+		k.rn, k.rerr = 0, nil
+		err := k.rc.Read(k.rfn)
+		if err != nil && k.armed && !k.stopped.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
+			// A quiet second after a drained read: read once more, to
+			// find a reset that came with the data (see drainReader).
+			k.armed = false
+			_ = k.conn.SetReadDeadline(time.Time{})
+			if k.stopped.Load() {
+				_ = k.conn.SetReadDeadline(longAgo)
+			}
+			k.confirm = true
+			continue
 		}
-		return nil, 0, err
+		if err != nil {
+			if k.rb != nil {
+				relayBufs.Put(k.rb)
+				k.rb = nil
+			}
+			return nil, 0, err
+		}
+		bp := k.rb
+		k.rb = nil
+		if bp == nil {
+			return nil, 0, k.rerr
+		}
+		return bp, k.rn, k.rerr
 	}
-	bp := k.rb
-	k.rb = nil
-	if bp == nil {
-		return nil, 0, k.rerr
-	}
-	return bp, k.rn, k.rerr
 }
 
+// confirmAfter is how long the relay waits, after a drained read, before
+// it reads the application socket once more to look for a reset that came
+// with the last data.
+const confirmAfter = time.Second
+
 func (k *sink) doRead(fd uintptr) bool {
-	if k.rb == nil {
-		k.rb = relayBufs.Get().(*[]byte)
-	}
 	for {
-		n, err := syscall.Read(int(fd), (*k.rb)[frameHeaderLen:])
+		if k.rb == nil {
+			k.rb = relayBufs.Get().(*[]byte)
+		}
+		var n int
+		var eof, drained bool
+		var err error
+		if k.confirm {
+			// A plain read, to hear EAGAIN or the pending error.
+			k.confirm = false
+			n, err = syscall.Read(int(fd), (*k.rb)[frameHeaderLen:])
+			if err == nil && n == 0 {
+				eof = true
+			}
+		} else {
+			n, eof, drained, err = k.dr.read(int(fd), (*k.rb)[frameHeaderLen:])
+		}
 		switch {
 		case err == syscall.EINTR:
 			continue
@@ -85,12 +134,39 @@ func (k *sink) doRead(fd uintptr) bool {
 			return false // wait until readable
 		case err != nil:
 			k.rerr = err
-		case n == 0:
+			return true
+		case eof:
 			k.rerr = io.EOF
-		default:
-			k.rn = n
 		}
-		return true
+		k.rn = n
+		if n == 0 || k.s == nil {
+			return true
+		}
+		ok, owe := k.s.sendInline((*k.rb)[:frameHeaderLen+n])
+		if !ok {
+			return true // send it the blocking way
+		}
+		k.sent.Add(int64(n))
+		k.rn = 0
+		if owe {
+			k.owe = true
+			return true
+		}
+		if eof {
+			return true
+		}
+		if drained {
+			// Wait for the next edge, not for EAGAIN; but look again
+			// after a quiet second (see drainReader).
+			relayBufs.Put(k.rb)
+			k.rb = nil
+			k.armed = true
+			_ = k.conn.SetReadDeadline(time.Now().Add(confirmAfter))
+			if k.stopped.Load() {
+				_ = k.conn.SetReadDeadline(longAgo)
+			}
+			return false
+		}
 	}
 }
 
@@ -151,11 +227,15 @@ var longAgo = time.Unix(1, 0)
 
 // interrupt unblocks the relay's read of the socket and a drainer's write.
 func (k *sink) interrupt() {
+	k.stopped.Store(true)
 	_ = k.conn.SetReadDeadline(longAgo)
 	_ = k.conn.SetWriteDeadline(longAgo)
 }
 
-func (k *sink) interruptRead() { _ = k.conn.SetReadDeadline(longAgo) }
+func (k *sink) interruptRead() {
+	k.stopped.Store(true)
+	_ = k.conn.SetReadDeadline(longAgo)
+}
 
 // relay copies between app and the stream until both directions are
 // over; see Stream.Relay.
@@ -199,10 +279,15 @@ func (s *stream) relay(app net.Conn, sent, recv *atomic.Int64) error {
 		go s.drain()
 	}
 
+	k.s, k.sent = s, sent
 	var err error
 	for {
 		bp, n, rerr := k.read()
-		if n > 0 {
+		if k.owe {
+			k.owe = false
+			err = s.c.finishFlush()
+		}
+		if n > 0 && err == nil {
 			sent.Add(int64(n))
 			err = s.sendFramed((*bp)[:frameHeaderLen+n])
 		}

@@ -306,6 +306,45 @@ func (s *stream) sendFramed(buf []byte) error {
 	return s.sendCopy(p, n)
 }
 
+// sendInline sends buf as sendFramed does, but only if nothing has to
+// wait: the window is there, and the frame either joins a batch another
+// goroutine is writing or leaves in a write(2) the socket takes at once.
+// The relay calls it inside its read callback on the application socket,
+// where waiting would hold up a Close of that socket. It returns false,
+// having sent nothing, when the caller must use sendFramed; and owe when
+// the frame is sent but the caller must call c.finishFlush.
+func (s *stream) sendInline(buf []byte) (ok, owe bool) {
+	c := s.c
+	p := buf[frameHeaderLen:]
+	n := int64(len(p))
+	c.mu.Lock()
+	if s.sendErr != nil || c.closed || n > s.sendWin || n > c.sendWin || len(p) > c.peerMaxFrame {
+		c.mu.Unlock()
+		return false, false
+	}
+	s.sendWin -= n
+	c.sendWin -= n
+	c.mu.Unlock()
+	putDataHeader(buf, len(p), s.id, false)
+	c.wmu.Lock()
+	switch {
+	case c.werr != nil, !c.flushing && len(c.pend.b) > 0, c.flushing && len(c.pend.b) >= maxPending:
+		c.wmu.Unlock()
+		c.mu.Lock()
+		s.sendWin += n
+		c.sendWin += n
+		c.flowCond.Broadcast()
+		c.mu.Unlock()
+		return false, false
+	case c.flushing:
+		c.pend.b = append(c.pend.b, buf...)
+		c.wmu.Unlock()
+		return true, false
+	}
+	c.flushing = true
+	return true, !c.flushInline(buf)
+}
+
 // sendCopy sends p as DATA frames copied into the pending batch; granted
 // is window already taken for the first frame (0: take it here).
 func (s *stream) sendCopy(p []byte, granted int) error {

@@ -2,7 +2,9 @@ package hbone
 
 import (
 	"net"
+	"os"
 	"sync"
+	"syscall"
 )
 
 // frameHeaderLen is the size of an HTTP/2 frame header (RFC 9113 §4.1).
@@ -32,6 +34,22 @@ type batchConn struct {
 	mu       sync.Mutex
 	batching bool
 	buf      []byte
+	// flushTry's socket and callback state (no allocation per call).
+	wrc  syscall.RawConn
+	wfn  func(fd uintptr) bool
+	wn   int
+	werr error
+
+	// Read side (read.go), used by crypto/tls under its input lock and
+	// by the read loop.
+	in      *[]byte // read from the socket, not yet taken: (*in)[inOff:]
+	inOff   int
+	recLeft int                      // bytes of the current TLS record still to be taken
+	ahead   int                      // whole records taken since crypto/tls last asked for more
+	hdr     [tlsRecordHeaderLen]byte // the record header being taken
+	hdrN    int                      // how much of it
+	evented bool                     // inside the read loop's callback: never read the socket
+	dr      drainReader
 }
 
 func (b *batchConn) Write(p []byte) (int, error) {
@@ -47,6 +65,66 @@ func (b *batchConn) Write(p []byte) (int, error) {
 	}
 	b.buf = append(b.buf, p...)
 	return len(p), nil
+}
+
+// flushTry writes what the batch holds with non-blocking writes and
+// closes the batch. It reports whether everything went out; what did not
+// stays for flush, which waits for the socket.
+func (b *batchConn) flushTry() (bool, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.batching = false
+	if len(b.buf) == 0 {
+		return true, nil
+	}
+	if b.wfn == nil {
+		if b.wrc = rawConn(b.Conn); b.wrc == nil {
+			return true, b.flushLocked()
+		}
+		b.wfn = b.doWrite
+	}
+	b.wn, b.werr = 0, nil
+	err := b.wrc.Write(b.wfn)
+	if err == nil {
+		err = b.werr
+	}
+	if err != nil {
+		return true, err
+	}
+	if b.wn < len(b.buf) {
+		n := copy(b.buf, b.buf[b.wn:])
+		b.buf = b.buf[:n]
+		return false, nil
+	}
+	if cap(b.buf) > keepBuf {
+		b.buf = nil
+	} else {
+		b.buf = b.buf[:0]
+	}
+	return true, nil
+}
+
+// doWrite is flushTry's callback: it writes until the socket is full and
+// never waits.
+func (b *batchConn) doWrite(fd uintptr) bool {
+	for b.wn < len(b.buf) {
+		n, err := syscall.Write(int(fd), b.buf[b.wn:])
+		if n > 0 {
+			b.wn += n
+		}
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err == syscall.EAGAIN:
+			return true
+		case err != nil:
+			b.werr = os.NewSyscallError("write", err)
+			return true
+		case n <= 0:
+			return true
+		}
+	}
+	return true
 }
 
 // start opens a batch.

@@ -105,6 +105,56 @@ func (c *conn) writeOut(b []byte) error {
 	return err
 }
 
+// flushInline is flushLoop for a caller that must not wait for the
+// socket: the relay, inside its read callback on the application socket
+// (see sendInline). It is called with c.wmu held and c.flushing set, and
+// writes first with one non-blocking write(2). It returns true when all of
+// it went out and nothing else was queued meanwhile; c.flushing is then
+// cleared and c.wmu released. Otherwise c.flushing stays set for the
+// caller, who must call finishFlush once it may block.
+func (c *conn) flushInline(first []byte) bool {
+	c.wmu.Unlock()
+	c.bc.start()
+	if _, err := c.tc.Write(first); err != nil {
+		c.inlineErr = err
+		return false
+	}
+	if done, err := c.bc.flushTry(); !done || err != nil {
+		c.inlineErr = err
+		return false
+	}
+	c.wmu.Lock()
+	if len(c.pend.b) > 0 {
+		c.wmu.Unlock()
+		return false
+	}
+	c.flushing = false
+	c.wcond.Broadcast()
+	c.wmu.Unlock()
+	return true
+}
+
+// finishFlush completes what flushInline left: the rest of the batch, then
+// what was queued meanwhile. c.flushing is set and c.wmu is not held.
+func (c *conn) finishFlush() error {
+	err := c.bc.flush()
+	c.wmu.Lock()
+	if c.inlineErr != nil {
+		err, c.inlineErr = c.inlineErr, nil
+	}
+	if err == nil {
+		return c.flushLoop(nil)
+	}
+	c.flushing = false
+	if c.werr == nil {
+		c.werr = err
+	}
+	c.wcond.Broadcast()
+	c.wmu.Unlock()
+	c.fail(fmt.Errorf("writing to HBONE peer: %w", err))
+	return err
+}
+
 // writeFramed sends buf, one complete frame (or several), from the
 // calling goroutine. When nothing is queued it is written without a copy.
 func (c *conn) writeFramed(buf []byte) error {
