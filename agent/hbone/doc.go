@@ -7,7 +7,7 @@
 // identity, destination identity, destination address); the server side is a
 // [Server] that authenticates the peer, validates each CONNECT and hands the
 // stream to a [Handler]. Both run on this package's own HTTP/2 connection
-// engine (conn.go, write.go, stream.go, relay.go), built on the frame and
+// engine (conn.go, read.go, recv.go, write.go, stream.go, relay.go), built on the frame and
 // HPACK codecs of golang.org/x/net/http2 and tuned for tunnels: few
 // goroutine hand-offs, coalesced TLS writes, DATA delivered straight to the
 // application socket. Decisions about what
