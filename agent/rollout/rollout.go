@@ -63,6 +63,11 @@ type MarkConfig struct {
 type Mark struct {
 	cfg  MarkConfig
 	held bool // only touched by Run
+	// last is the Lease as this agent last wrote it (only touched by Run).
+	// Renewals update it directly, as kubelet renews its node lease: one
+	// request per renewal, and a Get only when the update conflicts (someone
+	// else wrote the Lease) or finds it gone.
+	last *coordinationv1.Lease
 }
 
 // NewMark checks cfg and returns a Mark.
@@ -132,6 +137,18 @@ func (m *Mark) renew(ctx context.Context) error {
 	leases := m.cfg.Client.CoordinationV1().Leases(m.cfg.Namespace)
 	now := metav1.NewMicroTime(time.Now())
 	name := LeaseName(m.cfg.Node)
+	if m.last != nil {
+		got, err := leases.Update(ctx, m.renewed(m.last.DeepCopy(), now), metav1.UpdateOptions{})
+		if err == nil {
+			m.last = got
+			return nil
+		}
+		m.last = nil
+		if !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
+			return fmt.Errorf("renewing lease %s/%s: %w", m.cfg.Namespace, name, err)
+		}
+		// Changed or deleted behind our back: read it again below.
+	}
 	cur, err := leases.Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
 		l := &coordinationv1.Lease{
@@ -139,25 +156,34 @@ func (m *Mark) renew(ctx context.Context) error {
 			Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(m.cfg.Holder),
 				LeaseDurationSeconds: ptr.To(int32(m.cfg.Duration / time.Second)), AcquireTime: &now, RenewTime: &now},
 		}
-		if _, err := leases.Create(ctx, l, metav1.CreateOptions{}); err != nil {
+		got, err := leases.Create(ctx, l, metav1.CreateOptions{})
+		if err != nil {
 			return fmt.Errorf("creating lease %s/%s: %w", m.cfg.Namespace, name, err)
 		}
+		m.last = got
 		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("reading lease %s/%s: %w", m.cfg.Namespace, name, err)
 	}
-	cur = cur.DeepCopy()
-	if cur.Spec.HolderIdentity == nil || *cur.Spec.HolderIdentity != m.cfg.Holder || !m.held {
-		cur.Spec.AcquireTime = &now
-	}
-	cur.Spec.HolderIdentity = ptr.To(m.cfg.Holder)
-	cur.Spec.LeaseDurationSeconds = ptr.To(int32(m.cfg.Duration / time.Second))
-	cur.Spec.RenewTime = &now
-	if _, err := leases.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+	got, err := leases.Update(ctx, m.renewed(cur.DeepCopy(), now), metav1.UpdateOptions{})
+	if err != nil {
 		return fmt.Errorf("renewing lease %s/%s: %w", m.cfg.Namespace, name, err)
 	}
+	m.last = got
 	return nil
+}
+
+// renewed sets l's holder, duration and renew time (and its acquire time
+// when this agent did not hold it).
+func (m *Mark) renewed(l *coordinationv1.Lease, now metav1.MicroTime) *coordinationv1.Lease {
+	if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != m.cfg.Holder || !m.held {
+		l.Spec.AcquireTime = &now
+	}
+	l.Spec.HolderIdentity = ptr.To(m.cfg.Holder)
+	l.Spec.LeaseDurationSeconds = ptr.To(int32(m.cfg.Duration / time.Second))
+	l.Spec.RenewTime = &now
+	return l
 }
 
 // withdraw deletes the Lease. Not found is success.
@@ -171,6 +197,7 @@ func (m *Mark) withdraw(ctx context.Context) error {
 		m.cfg.Log.Info("node mark withdrawn", "lease", m.cfg.Namespace+"/"+name)
 	}
 	m.held = false
+	m.last = nil
 	return nil
 }
 

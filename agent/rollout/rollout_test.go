@@ -2,7 +2,10 @@ package rollout
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -10,8 +13,10 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/utils/ptr"
 
 	"github.com/nodemesh/nodemesh/lab/waitfor"
@@ -157,5 +162,77 @@ func TestPeersStaleLease(t *testing.T) {
 	}
 	if ns := peers.Nodes(); len(ns) != 1 || ns[0].Fresh {
 		t.Errorf("Nodes() = %+v", ns)
+	}
+}
+
+// TestMarkRenewsWithOneRequest: after the first write, each renewal is one
+// Update of the Lease as last written (kubelet's way), not a Get and an
+// Update; a conflict (someone else wrote the Lease) or a Lease deleted
+// behind the agent's back costs one Get, then renewals are single Updates
+// again.
+func TestMarkRenewsWithOneRequest(t *testing.T) {
+	c := fake.NewClientset()
+	m, err := NewMark(MarkConfig{Client: c, Node: "n1", Ready: func(context.Context) bool { return true }, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	verbs := func() []string {
+		var out []string
+		for _, a := range c.Actions() {
+			if a.GetResource().Resource == "leases" {
+				out = append(out, a.GetVerb())
+			}
+		}
+		c.ClearActions()
+		return out
+	}
+	expect := func(what string, want ...string) {
+		t.Helper()
+		if got := verbs(); !slices.Equal(got, want) {
+			t.Fatalf("%s: requests %v, want %v", what, got, want)
+		}
+		if !m.held {
+			t.Fatalf("%s: mark not held", what)
+		}
+	}
+	m.step(ctx)
+	expect("first mark", "get", "create")
+	first := getLease(t, c, "n1")
+	verbs()
+	for i := range 3 {
+		m.step(ctx)
+		expect(fmt.Sprintf("renewal %d", i), "update")
+	}
+	if l := getLease(t, c, "n1"); l.Spec.RenewTime.Before(first.Spec.RenewTime) ||
+		!l.Spec.AcquireTime.Equal(first.Spec.AcquireTime) || *l.Spec.HolderIdentity != "n1" {
+		t.Fatalf("renewed lease %+v, first %+v", l.Spec, first.Spec)
+	}
+	verbs()
+
+	// Someone else wrote the Lease: the update conflicts, the agent reads
+	// it again and takes it back.
+	conflicts := 1
+	c.PrependReactor("update", "leases", func(k8stesting.Action) (bool, runtime.Object, error) {
+		if conflicts > 0 {
+			conflicts--
+			return true, nil, apierrors.NewConflict(coordinationv1.Resource("leases"), LeaseName("n1"), errors.New("modified"))
+		}
+		return false, nil, nil
+	})
+	m.step(ctx)
+	expect("after a conflict", "update", "get", "update")
+	m.step(ctx)
+	expect("renewal after the conflict", "update")
+
+	// Deleted behind the agent's back: recreated.
+	if err := c.CoordinationV1().Leases(DefaultNamespace).Delete(ctx, LeaseName("n1"), metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	verbs()
+	m.step(ctx)
+	expect("after a deletion", "update", "get", "create")
+	if getLease(t, c, "n1") == nil {
+		t.Fatal("lease not recreated")
 	}
 }
