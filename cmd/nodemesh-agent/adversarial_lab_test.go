@@ -23,8 +23,13 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/agent/state"
@@ -340,6 +345,296 @@ func TestLabAdversarial(t *testing.T) {
 		t.Logf("node-2 after: %s (before %s)", after["node-2"], base["node-2"])
 	})
 
+	// The tunnel port from a pod outside the mesh (client-2), with forged
+	// and with real credentials (issue 14: a foreign trust domain and a
+	// wrong SPIFFE ID, CONNECT to an address other than the pod, HTTP/2
+	// floods, oversized headers).
+	client2 := mustLabPod(t, l, "client/client-2")
+	tunnel := net.JoinHostPort(web2.IP, "15008")
+	app2 := net.JoinHostPort(web2.IP, "8080")
+	realSVID := svidFor(t, ctx, l, node2, caHost, "spiffe://cluster.local/ns/shop/sa/web")
+	// Attacks that need a valid identity come from web-1 (shop/web, on
+	// node-1), whose SVID the attacker holds: a compromised pod or node.
+	// The test dials from web-1's namespace outside its cgroup, so capture
+	// does not take the connection.
+	web1 := mustLabPod(t, l, "shop/web-1")
+
+	t.Run("TunnelForgedIdentities", func(t *testing.T) {
+		before := tunnelMetrics(t, node2)
+		foreignTD := forgedCert(t, "spiffe://evil.example/ns/shop/sa/web")
+		wrongRoot := forgedCert(t, "spiffe://cluster.local/ns/client/sa/client")
+		for _, tc := range []struct {
+			name string
+			cert *tls.Certificate
+			ok   bool
+		}{
+			{"no client certificate", nil, false},
+			{"a foreign trust domain", &foreignTD, false},
+			{"a mesh SPIFFE ID signed by another root", &wrongRoot, false},
+			{"an SVID of the mesh's CA (control: the attack path works)", &realSVID, true},
+		} {
+			h, err := dialTunnel(ctx, client2.Netns, tunnel, tc.cert)
+			if h != nil {
+				h.Close()
+			}
+			switch {
+			case (err == nil) != tc.ok:
+				t.Errorf("%s: err %v, want accepted=%v", tc.name, err, tc.ok)
+			default:
+				t.Logf("%s: %v", tc.name, err)
+			}
+		}
+		after := tunnelMetrics(t, node2)
+		refused := 0.0
+		for k, v := range after {
+			if strings.HasPrefix(k, "handshake_") && k != "handshake_ok" {
+				refused += v - before[k]
+			}
+		}
+		if refused < 3 {
+			t.Errorf("node-2 counted %v refused handshakes, want the 3 forged ones (before %v, after %v)", refused, before, after)
+		}
+	})
+
+	t.Run("ConnectElsewhere", func(t *testing.T) {
+		// A peer with a valid SVID asks web-2's tunnel for anything but
+		// web-2's own application ports: refused per stream, never dialled.
+		before := tunnelMetrics(t, node2)
+		// The SVID from another pod's address: the destination's policy
+		// requires the certificate to match the source pod.
+		stolen, err := dialTunnel(ctx, client2.Netns, tunnel, &realSVID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := stolen.connect(1, app2); got != "401" {
+			t.Errorf("CONNECT %s with shop/web's SVID from client-2's address: %s, want 401", app2, got)
+		}
+		stolen.Close()
+		h, err := dialTunnel(ctx, web1.Netns, tunnel, &realSVID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer h.Close()
+		id := uint32(1)
+		refusals := 0
+		for _, tc := range []struct{ target, want string }{
+			{app2, "200"}, // control: the pod's own application
+			{net.JoinHostPort(web1.IP, "8080"), "400"},
+			{net.JoinHostPort(node2.IP, "8080"), "400"},
+			{net.JoinHostPort(client2.IP, "8080"), "400"},
+			{"127.0.0.1:8080", "400"},
+			{"[::1]:8080", "400"},
+			{"web.shop.svc.cluster.local:8080", "400"},
+			{net.JoinHostPort(web2.IP, "15000"), "400"},
+			{net.JoinHostPort(web2.IP, "15006"), "400"},
+			{net.JoinHostPort(web2.IP, "15020"), "400"},
+		} {
+			got := h.connect(id, tc.target)
+			if got == "200" {
+				h.fr.WriteRSTStream(id, http2.ErrCodeCancel)
+			}
+			switch {
+			case got != tc.want:
+				t.Errorf("CONNECT %s: %s, want %s", tc.target, got, tc.want)
+			case tc.want != "200":
+				refusals++
+				fallthrough
+			default:
+				t.Logf("CONNECT %s: %s", tc.target, got)
+			}
+			id += 2
+		}
+		waitfor.NoError(t, 10*time.Second, "node-2 to count the refusals", func() error {
+			after := tunnelMetrics(t, node2)
+			if d := after["denied_error"] - before["denied_error"]; d < float64(refusals-1) { // a host name may be refused before a flow exists
+				return fmt.Errorf("inbound refusals counted: %v, want about %d", d, refusals)
+			}
+			return nil
+		})
+	})
+
+	t.Run("StalledTunnelHandshakes", func(t *testing.T) {
+		// Connections to 15008 that never send a ClientHello: at most 64
+		// per peer address are kept (128 handshakes per listener), and
+		// each is closed after the 10 s handshake timeout although the
+		// attacker keeps its end open.
+		before := tunnelMetrics(t, node2)
+		got, stop := hold("client/client-2", tunnel, 300, "idle")
+		defer stop()
+		during := usage()["node-2"]
+		t.Logf("stalled connections opened to %s: %d; node-2 during: %s", tunnel, got, during)
+		if extra := during.FDs - base["node-2"].FDs; extra > 64+20 {
+			t.Errorf("node-2 holds %d more file descriptors during the attack, want at most the per-peer limit of 64 (+20)", extra)
+		}
+		waitfor.NoError(t, 40*time.Second, "the handshake timeout to free node-2 while the attacker still holds its connections", func() error {
+			m := tunnelMetrics(t, node2)
+			if m["peer_connections"] <= before["peer_connections"] || m["timeout"] <= before["timeout"] {
+				return fmt.Errorf("limit counters peer_connections %v -> %v, timeout %v -> %v", before["peer_connections"], m["peer_connections"], before["timeout"], m["timeout"])
+			}
+			return settled(base)()
+		})
+		t.Logf("node-2 after the timeouts (attack still open): %s", usage()["node-2"])
+	})
+
+	t.Run("UDPAndSCTPOnlyAllowOpensNoTCP", func(t *testing.T) {
+		// A NetworkPolicy that admits web only on UDP and SCTP 8080 must
+		// not let TCP 8080 in: neither plaintext (client-2) nor through
+		// the tunnel (a shop/web identity from web-1).
+		if got := probeFrom("client/client-2", app2, "http"); !strings.HasPrefix(got, "data: HTTP/1.1 200") {
+			t.Fatalf("before the policy: %s (want 200: the control)", got)
+		}
+		udp, sctp := corev1.ProtocolUDP, corev1.ProtocolSCTP
+		port := intstr.FromInt32(8080)
+		np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "web-udp-sctp-only", Namespace: "shop"},
+			Spec: networkingv1.NetworkPolicySpec{
+				PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "web"}},
+				PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
+				Ingress: []networkingv1.NetworkPolicyIngressRule{{Ports: []networkingv1.NetworkPolicyPort{
+					{Protocol: &udp, Port: &port}, {Protocol: &sctp, Port: &port}}}},
+			}}
+		nps := l.Server.Client.NetworkingV1().NetworkPolicies("shop")
+		if _, err := nps.Create(ctx, np, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		defer nps.Delete(context.Background(), np.Name, metav1.DeleteOptions{})
+		waitfor.NoError(t, 30*time.Second, "plaintext TCP refused under a UDP/SCTP-only allow", func() error {
+			if got := probeFrom("client/client-2", app2, "http"); strings.HasPrefix(got, "data:") {
+				return fmt.Errorf("TCP 8080 from client-2 answered: %s", got)
+			}
+			return nil
+		})
+		h, err := dialTunnel(ctx, web1.Netns, tunnel, &realSVID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := h.connect(1, app2); got != "401" {
+			t.Errorf("CONNECT %s under a UDP/SCTP-only allow: %s, want 401", app2, got)
+		}
+		h.Close()
+		if err := nps.Delete(ctx, np.Name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		waitfor.NoError(t, 30*time.Second, "TCP allowed again without the policy", func() error {
+			if got := probeFrom("client/client-2", app2, "http"); !strings.HasPrefix(got, "data: HTTP/1.1 200") {
+				return fmt.Errorf("%s", got)
+			}
+			return nil
+		})
+	})
+
+	t.Run("HTTP2Floods", func(t *testing.T) {
+		pad := func(h *h2conn) []byte {
+			h.buf.Reset()
+			h.enc.WriteField(hpack.HeaderField{Name: "x-pad", Value: strings.Repeat("a", 200)})
+			return bytes.Clone(h.buf.Bytes())
+		}
+		for _, tc := range []struct {
+			name   string
+			limits []string // the limit counter(s) that must move
+			send   func(h *h2conn) error
+		}{
+			{"PING", []string{"flood"}, func(h *h2conn) error {
+				for i := range 5000 {
+					if err := h.fr.WritePing(false, [8]byte{byte(i), byte(i >> 8)}); err != nil {
+						return err
+					}
+				}
+				return nil
+			}},
+			{"SETTINGS", []string{"flood"}, func(h *h2conn) error {
+				for range 5000 {
+					if err := h.fr.WriteSettings(); err != nil {
+						return err
+					}
+				}
+				return nil
+			}},
+			{"empty DATA", []string{"flood"}, func(h *h2conn) error {
+				for range 5000 {
+					if err := h.fr.WriteData(1, false, nil); err != nil {
+						return err
+					}
+				}
+				return nil
+			}},
+			{"rapid reset", []string{"flood", "streams"}, func(h *h2conn) error {
+				blk := h.block(app2)
+				for i := range 5000 {
+					id := uint32(2*i + 1)
+					if err := h.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: blk, EndHeaders: true}); err != nil {
+						return err
+					}
+					if err := h.fr.WriteRSTStream(id, http2.ErrCodeCancel); err != nil {
+						return err
+					}
+				}
+				return nil
+			}},
+			{"CONTINUATION", []string{"header_size"}, func(h *h2conn) error {
+				if err := h.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: h.block(app2)}); err != nil {
+					return err
+				}
+				p := pad(h)
+				for range 5000 {
+					if err := h.fr.WriteContinuation(1, false, p); err != nil {
+						return err
+					}
+				}
+				return nil
+			}},
+			{"oversized header", []string{"header_size"}, func(h *h2conn) error {
+				blk := h.block(app2, hpack.HeaderField{Name: "x-big", Value: strings.Repeat("b", 1<<20)})
+				first, rest := blk[:16<<10], blk[16<<10:]
+				if err := h.fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: first}); err != nil {
+					return err
+				}
+				for len(rest) > 0 {
+					n := min(len(rest), 16<<10)
+					if err := h.fr.WriteContinuation(1, n == len(rest), rest[:n]); err != nil {
+						return err
+					}
+					rest = rest[n:]
+				}
+				return nil
+			}},
+		} {
+			before := tunnelMetrics(t, node2)
+			h, err := dialTunnel(ctx, web1.Netns, tunnel, &realSVID)
+			if err != nil {
+				t.Fatalf("%s: %v", tc.name, err)
+			}
+			if tc.name == "empty DATA" {
+				if st := h.connect(1, app2); st != "200" {
+					t.Fatalf("%s: CONNECT %s: %s", tc.name, app2, st)
+				}
+			}
+			start := time.Now()
+			h.c.SetWriteDeadline(time.Now().Add(20 * time.Second))
+			sent := make(chan error, 1)
+			go func() { sent <- tc.send(h) }()
+			goaway, closed := h.drain(20 * time.Second)
+			h.Close()
+			serr := <-sent
+			during := usage()["node-2"]
+			after := tunnelMetrics(t, node2)
+			var moved []string
+			for _, lim := range tc.limits {
+				if after[lim] > before[lim] {
+					moved = append(moved, fmt.Sprintf("%s +%v", lim, after[lim]-before[lim]))
+				}
+			}
+			t.Logf("%s flood: GOAWAY %q, closed %v after %v (sender: %v); limits %v; node-2 %s",
+				tc.name, goaway, closed, time.Since(start).Round(time.Millisecond), serr, moved, during)
+			if !closed || goaway != "ENHANCE_YOUR_CALM" {
+				t.Errorf("%s flood: connection closed %v with GOAWAY %q, want closed with ENHANCE_YOUR_CALM", tc.name, closed, goaway)
+			}
+			if len(moved) == 0 {
+				t.Errorf("%s flood: none of the limit counters %v moved (before %v, after %v)", tc.name, tc.limits, before, after)
+			}
+		}
+		waitfor.NoError(t, 2*time.Minute, "agents to release the floods' connections", settled(base))
+	})
+
 	waitfor.NoError(t, 2*time.Minute, "agents back to their baseline", settled(base))
 	after := usage()
 	for _, n := range nodes {
@@ -361,6 +656,14 @@ func mustNode(t *testing.T, l *lab.Lab, name string) lab.Node {
 // and returns the HTTP status and body.
 func agentSign(t *testing.T, ctx context.Context, l *lab.Lab, node lab.Node, caHost string) (int, string) {
 	t.Helper()
+	code, body, _ := signAs(t, ctx, l, node, caHost, "spiffe://cluster.local/ns/shop/sa/web")
+	return code, body
+}
+
+// signAs requests an SVID for id as node's agent and returns the HTTP
+// status, the body and the key of the CSR.
+func signAs(t *testing.T, ctx context.Context, l *lab.Lab, node lab.Node, caHost, id string) (int, string, *ecdsa.PrivateKey) {
+	t.Helper()
 	exp := int64(600)
 	c := l.Server.Client
 	agentPod, err := c.CoreV1().Pods(mesh.SystemNamespace).Get(ctx, "nodemesh-agent-"+node.Name, metav1.GetOptions{})
@@ -379,7 +682,7 @@ func agentSign(t *testing.T, ctx context.Context, l *lab.Lab, node lab.Node, caH
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, _ := json.Marshal(identity.SignRequest{SPIFFEID: "spiffe://cluster.local/ns/shop/sa/web", CSR: csr})
+	body, _ := json.Marshal(identity.SignRequest{SPIFFEID: id, CSR: csr})
 	d := &inpod.Dialer{Netns: node.Netns}
 	hc := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -395,6 +698,6 @@ func agentSign(t *testing.T, ctx context.Context, l *lab.Lab, node lab.Node, caH
 		t.Fatalf("agent sign request: %v", err)
 	}
 	defer resp.Body.Close()
-	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-	return resp.StatusCode, string(b)
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	return resp.StatusCode, string(b), key
 }
