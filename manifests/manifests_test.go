@@ -573,6 +573,7 @@ func checkRBAC(t *testing.T, in install) {
 		{"discovery.k8s.io", "endpointslices"}, {"networking.k8s.io", "networkpolicies"},
 		{v1alpha1.AuthorizationPolicyResource.Group, v1alpha1.AuthorizationPolicyResource.Resource},
 		{v1alpha1.PeerAuthenticationResource.Group, v1alpha1.PeerAuthenticationResource.Resource},
+		{"gateway.networking.k8s.io", "httproutes"}, {"gateway.networking.k8s.io", "grpcroutes"},
 	}
 	for _, w := range watched {
 		for _, v := range []string{"list", "watch"} {

@@ -47,6 +47,8 @@ type Config struct {
 	Policy   proxy.Policy
 	// Observer receives every connection event (nil: none).
 	Observer proxy.Observer
+	// L7 handles Services opted in to HTTP handling (nil: all L4).
+	L7 proxy.L7
 	// Status is told each pod's capture status, and "" when the pod
 	// leaves (nil: not reported). It must not block.
 	Status func(namespace, name string, s telemetry.CaptureStatus)
@@ -260,7 +262,7 @@ func (d *Dataplane) serve(pd *pod, captured CapturedPod, log *slog.Logger) error
 	}
 	px, err := proxy.New(proxy.Config{
 		Logger: log.With("component", "proxy"), Resolver: d.cfg.Resolver, Pool: pool, ServerTLS: d.tls,
-		Dialer: pxDial, Policy: d.cfg.Policy, Observer: d.cfg.Observer,
+		Dialer: pxDial, Policy: d.cfg.Policy, Observer: d.cfg.Observer, L7: d.cfg.L7,
 	})
 	if err != nil {
 		_ = pool.Close()

@@ -254,6 +254,9 @@ func ConvertService(s *corev1.Service) (*state.Service, error) {
 			return nil, fmt.Errorf("converting service %s/%s: port %d out of range", s.Namespace, s.Name, p.Port)
 		}
 		sp := state.ServicePort{Name: p.Name, Protocol: string(p.Protocol), Port: n}
+		if p.AppProtocol != nil {
+			sp.AppProtocol = *p.AppProtocol
+		}
 		if sp.Protocol == "" {
 			sp.Protocol = "TCP"
 		}

@@ -24,10 +24,20 @@ import (
 	"github.com/nodemesh/nodemesh/agent/state"
 )
 
-// DefaultCustomResources are the nodemesh CRDs the agent watches.
+// Gateway API routes (the GAMMA mesh profile) for L7 routing (agent/l7).
+var (
+	HTTPRouteResource = schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "httproutes"}
+	GRPCRouteResource = schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "grpcroutes"}
+)
+
+// DefaultCustomResources are the custom resources the agent watches: the
+// nodemesh CRDs and the Gateway API routes (absent CRDs count as empty
+// until they are installed).
 var DefaultCustomResources = []schema.GroupVersionResource{
 	v1alpha1.AuthorizationPolicyResource,
 	v1alpha1.PeerAuthenticationResource,
+	HTTPRouteResource,
+	GRPCRouteResource,
 }
 
 // Informers feeds a store from the API server with client-go informers.

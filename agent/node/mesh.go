@@ -15,6 +15,8 @@ import (
 	"github.com/nodemesh/nodemesh/agent/admin"
 	"github.com/nodemesh/nodemesh/agent/dataplane"
 	"github.com/nodemesh/nodemesh/agent/enforce"
+	l7mesh "github.com/nodemesh/nodemesh/agent/l7/mesh"
+	"github.com/nodemesh/nodemesh/agent/l7/route"
 	"github.com/nodemesh/nodemesh/agent/nodeinfo"
 	"github.com/nodemesh/nodemesh/agent/policy"
 	"github.com/nodemesh/nodemesh/agent/policy/explain"
@@ -110,7 +112,19 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	if err != nil {
 		return nil, err
 	}
+	routes := &l7mesh.Routes{}
+	l7layer, err := l7mesh.New(l7mesh.Config{
+		Log:            log.With("component", "l7"),
+		State:          n.store.Snapshot,
+		Routes:         func() *route.Table { return routes.Table(n.store.Snapshot()) },
+		Authorize:      enforcer.CheckRequest,
+		RequestHeaders: enforcer.RequestHeaders,
+	})
+	if err != nil {
+		return nil, err
+	}
 	m.dp, err = dataplane.New(dataplane.Config{
+		L7:       l7layer,
 		Log:      log,
 		Capture:  dataplane.Redirect(m.capture),
 		SVIDs:    m.svids,

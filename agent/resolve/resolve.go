@@ -18,6 +18,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/nodemesh/nodemesh/agent/l7"
 	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
@@ -75,6 +76,7 @@ func (r *Resolver) Resolve(src *proxy.Workload, dst netip.AddrPort) (proxy.Desti
 			r.cfg.Log.Warn("refusing outbound connection", "pod", workload(src), "dst", dst.String(), "service", d.Service, "reason", refused)
 			return proxy.Destination{Service: d.Service}, fmt.Errorf("service %s port %d: %w", svc.Key(), port.Port, refused)
 		}
+		d.L7 = L7Target(snap, svc, port)
 		return d, nil
 	}
 	ep, err := r.endpoint(dst, snap.PodByIP(dst.Addr()))
@@ -113,4 +115,22 @@ func (r *Resolver) endpoint(addr netip.AddrPort, p *state.Pod) (proxy.Endpoint, 
 		return ep, fmt.Errorf("%s (%s on node %s) has no ready nodemesh agent: %w", p.Ref, addr, p.Node, proxy.ErrStrictMTLS)
 	}
 	return ep, nil
+}
+
+// L7Target returns the L7 handling of a Service port: nil (L4) unless the
+// Service or its namespace opted in (l7.OptedIn) and the port's
+// appProtocol does not say it is something other than HTTP.
+func L7Target(snap *state.Snapshot, svc *state.Service, port state.ServicePort) *proxy.L7Target {
+	var nsLabels map[string]string
+	if ns := snap.Namespace(svc.Namespace); ns != nil {
+		nsLabels = ns.Labels
+	}
+	if !l7.OptedIn(nsLabels, svc.Labels) {
+		return nil
+	}
+	p := l7.DeclaredProtocol(port.AppProtocol)
+	if p == l7.TCP {
+		return nil
+	}
+	return &proxy.L7Target{Protocol: p, Namespace: svc.Namespace, Name: svc.Name, Port: port.Port}
 }

@@ -186,6 +186,9 @@ type ServicePort struct {
 	TargetPort uint16 `json:"targetPort,omitempty"`
 	// TargetPortName is the named target port, "" when numeric.
 	TargetPortName string `json:"targetPortName,omitempty"`
+	// AppProtocol is the port's appProtocol ("" when unset); agent/l7
+	// reads it for Services opted in to L7.
+	AppProtocol string `json:"appProtocol,omitempty"`
 }
 
 // Service is a Kubernetes Service.

@@ -8,6 +8,9 @@
 //	udp-echo --port P               echoes every datagram back
 //	get URL                         prints the body of a GET (exit 1 on a
 //	                                non-2xx status or a network error)
+//	requests URL...                 GETs every URL in order on one kept-alive
+//	                                connection per host, printing one JSON
+//	                                Result line each (any status)
 //	tcp ADDR MESSAGE                sends MESSAGE, half-closes, prints the reply
 //	udp ADDR MESSAGE                sends MESSAGE as a datagram, prints the reply
 //	sleep                           blocks until SIGTERM
@@ -27,6 +30,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"strconv"
 	"strings"
@@ -67,7 +71,7 @@ type Reply struct {
 }
 
 // Names lists the workloads Main accepts.
-var Names = []string{"http", "tcp-echo", "udp-echo", "get", "tcp", "udp", "sleep"}
+var Names = []string{"http", "tcp-echo", "udp-echo", "get", "requests", "tcp", "udp", "sleep"}
 
 // Main runs the workload named by args[0] until ctx ends (servers) or the
 // work is done (clients), and returns the exit code.
@@ -91,6 +95,8 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runUDPEcho(ctx, log, args[1:])
 	case "get":
 		err = runGet(ctx, args[1:], stdout)
+	case "requests":
+		err = runRequests(ctx, args[1:], stdout)
 	case "udp":
 		err = runUDP(ctx, args[1:], stdout)
 	case "tcp":
@@ -302,6 +308,59 @@ func runGet(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	if resp.StatusCode/100 != 2 {
 		return fmt.Errorf("GET %s: status %s", fs.Arg(0), resp.Status)
+	}
+	return nil
+}
+
+// Result is one line the requests workload prints.
+type Result struct {
+	URL    string `json:"url"`
+	Status int    `json:"status"`
+	// Reused is true when the request went on a connection an earlier
+	// request used: the connection survived that request's answer.
+	Reused bool   `json:"reused"`
+	Body   string `json:"body"`
+	Error  string `json:"error,omitempty"`
+}
+
+func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("requests", flag.ContinueOnError)
+	timeout := fs.Duration("timeout", 20*time.Second, "overall deadline")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		return errors.New("usage: requests [--timeout D] URL [URL ...]")
+	}
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	tr := &http.Transport{MaxConnsPerHost: 1}
+	defer tr.CloseIdleConnections()
+	hc := &http.Client{Transport: tr}
+	enc := json.NewEncoder(stdout)
+	for _, u := range fs.Args() {
+		res := Result{URL: u}
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		if err != nil {
+			return fmt.Errorf("building request: %w", err)
+		}
+		req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
+			GotConn: func(i httptrace.GotConnInfo) { res.Reused = i.Reused },
+		}))
+		resp, err := hc.Do(req)
+		if err != nil {
+			res.Error = err.Error()
+		} else {
+			b, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			res.Status, res.Body = resp.StatusCode, string(b)
+			if err != nil {
+				res.Error = err.Error()
+			}
+		}
+		if err := enc.Encode(res); err != nil {
+			return err
+		}
 	}
 	return nil
 }

@@ -1,0 +1,610 @@
+// Package mesh is the agent's L7 request path: it implements proxy.L7, the
+// seam through which agent/proxy hands over the connections of Services
+// opted in to HTTP handling (docs/l7.md).
+//
+//   - Outbound, at the source agent: the client's connection is served with
+//     net/http (agent/l7.ServeConn); each request is routed (agent/l7/route:
+//     HTTPRoute and GRPCRoute), sent to an endpoint picked per request with
+//     the L4 balancer over the proxy's tunnels (proxy.L7Outbound), with the
+//     route's timeouts and retries under a retry budget (agent/l7/retry).
+//   - Inbound, at the destination agent: the tunnel's requests are prepared
+//     (agent/l7/authz: normalised path, refused ambiguities), authorised one
+//     by one with AuthorizationPolicy's L7 fields (Config.Authorize), and
+//     forwarded to the application; a denied request gets 403 and the
+//     connection stays open.
+//
+// A connection whose first bytes are not HTTP (on a port that declares no
+// appProtocol) goes back to the L4 path, and the choice is logged.
+package mesh
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/nodemesh/nodemesh/agent/l7"
+	"github.com/nodemesh/nodemesh/agent/l7/authz"
+	"github.com/nodemesh/nodemesh/agent/l7/retry"
+	"github.com/nodemesh/nodemesh/agent/l7/route"
+	"github.com/nodemesh/nodemesh/agent/proxy"
+	"github.com/nodemesh/nodemesh/agent/state"
+)
+
+// Config wires a Layer. Functions must be safe for concurrent use and must
+// not block.
+type Config struct {
+	Log *slog.Logger
+	// State returns the current cluster state (opted-in Services, their
+	// backends, routes' backend Services).
+	State func() *state.Snapshot
+	// Routes returns the compiled HTTPRoutes and GRPCRoutes (nil: none).
+	Routes func() *route.Table
+	// Authorize decides one request at the destination
+	// (enforce.Policy.CheckRequest).
+	Authorize func(f *proxy.Flow, r *authz.Request) proxy.Decision
+	// RequestHeaders are the header names policy conditions use (nil: none).
+	RequestHeaders func() []string
+	// Observer receives every request (nil: none).
+	Observer Observer
+	// DetectTimeout bounds protocol detection on ports that declare no
+	// appProtocol (default l7.DefaultDetectTimeout).
+	DetectTimeout time.Duration
+	// IdleTimeout closes a client connection idle between requests
+	// (default 5 minutes).
+	IdleTimeout time.Duration
+}
+
+// Layer implements proxy.L7.
+type Layer struct {
+	cfg     Config
+	log     *slog.Logger
+	budgets *retry.Budgets
+	index   atomic.Pointer[inboundIndex]
+}
+
+var _ proxy.L7 = (*Layer)(nil)
+
+// New checks cfg and returns a Layer.
+func New(cfg Config) (*Layer, error) {
+	if cfg.State == nil || cfg.Authorize == nil {
+		return nil, errors.New("creating the L7 layer: Config.State and Authorize are required")
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Routes == nil {
+		empty := route.Compile(nil, nil)
+		cfg.Routes = func() *route.Table { return empty }
+	}
+	if cfg.RequestHeaders == nil {
+		cfg.RequestHeaders = func() []string { return nil }
+	}
+	if cfg.Observer == nil {
+		cfg.Observer = nopObserver{}
+	}
+	if cfg.DetectTimeout <= 0 {
+		cfg.DetectTimeout = l7.DefaultDetectTimeout
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = 5 * time.Minute
+	}
+	return &Layer{cfg: cfg, log: cfg.Log, budgets: retry.NewBudgets(retry.DefaultPercent, retry.DefaultMinConcurrency)}, nil
+}
+
+// inboundIndex maps each pod backing an opted-in Service to the target
+// ports handled at L7, for one state snapshot version.
+type inboundIndex struct {
+	version uint64
+	ports   map[state.Key]map[uint16]l7.Protocol
+}
+
+func (l *Layer) inbound() *inboundIndex {
+	snap := l.cfg.State()
+	if idx := l.index.Load(); idx != nil && idx.version == snap.Version() {
+		return idx
+	}
+	idx := &inboundIndex{version: snap.Version(), ports: map[state.Key]map[uint16]l7.Protocol{}}
+	for _, svc := range snap.Services() {
+		var nsLabels map[string]string
+		if ns := snap.Namespace(svc.Namespace); ns != nil {
+			nsLabels = ns.Labels
+		}
+		if !l7.OptedIn(nsLabels, svc.Labels) {
+			continue
+		}
+		for _, sp := range svc.Ports {
+			p := l7.DeclaredProtocol(sp.AppProtocol)
+			if p == l7.TCP || sp.Protocol != "TCP" {
+				continue
+			}
+			for _, b := range snap.Backends(svc, sp) {
+				if b.Pod == nil {
+					continue
+				}
+				k := b.Pod.Key()
+				if idx.ports[k] == nil {
+					idx.ports[k] = map[uint16]l7.Protocol{}
+				}
+				// Two Services on one target port: a declared protocol
+				// wins over detection.
+				if old, ok := idx.ports[k][b.Addr.Port()]; !ok || old == l7.Undeclared {
+					idx.ports[k][b.Addr.Port()] = p
+				}
+			}
+		}
+	}
+	l.index.Store(idx)
+	return idx
+}
+
+// InboundPort implements proxy.L7: the target ports of opted-in Services
+// whose backends include w.
+func (l *Layer) InboundPort(w *proxy.Workload, port uint16) (l7.Protocol, bool) {
+	p, ok := l.inbound().ports[state.Key{Namespace: w.Namespace, Name: w.Name}][port]
+	return p, ok
+}
+
+// detect resolves an undeclared protocol from the client's first bytes. It
+// returns the connection to use (with the bytes read put back) and false
+// when the connection is not HTTP.
+func (l *Layer) detect(c net.Conn, p l7.Protocol, log *slog.Logger) (net.Conn, l7.Protocol, bool) {
+	if p != l7.Undeclared {
+		return c, p, true
+	}
+	got, prefix, err := l7.Detect(c, l.cfg.DetectTimeout)
+	c = l7.Replay(c, prefix)
+	if err != nil || got == l7.TCP {
+		reason := "the first bytes are not an HTTP/1.x request line or the HTTP/2 preface"
+		if err != nil {
+			reason = err.Error()
+		} else if len(prefix) == 0 {
+			reason = "the client sent nothing within the detection window (a server-first protocol?)"
+		}
+		log.Debug("l7 fallback to L4", "reason", reason)
+		return c, l7.TCP, false
+	}
+	return c, got, true
+}
+
+// Inbound implements proxy.L7: authorise each request, then forward it to
+// the application.
+func (l *Layer) Inbound(i *proxy.L7Inbound) {
+	log := l.log.With("pod", i.Flow.Workload.String(), "src", i.Flow.Src.String(), "dst", i.Flow.Dst.String())
+	c, p, ok := l.detect(i.Conn, i.Protocol, log)
+	if !ok {
+		i.FallbackL4(c)
+		return
+	}
+	up := newUpstream(func(ctx context.Context, _ string) (net.Conn, error) { return i.DialApp(ctx) })
+	defer up.close()
+	var handlers sync.WaitGroup
+	defer handlers.Wait()
+	rp := l.reverseProxy(up, func(*http.Request) (string, bool) { return i.Flow.Dst.String(), true })
+	flow := i.Flow
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rw := &recorder{ResponseWriter: w}
+		defer func() { l.cfg.Observer.Request(l.requestInfo(&flow, r, rw, start, proxy.Inbound)) }()
+		req, err := authz.Prepare(r, l.cfg.RequestHeaders())
+		if err != nil {
+			http.Error(rw, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if d := l.cfg.Authorize(&flow, &req); !d.Allow {
+			log.Debug("request denied", "method", req.Method, "path", req.Path, "reason", d.Reason)
+			rw.denied = true
+			writeDenied(rw, r)
+			return
+		}
+		rp.ServeHTTP(rw, r)
+	})
+	l7.ServeConn(i.Ctx, c, p, counted(&handlers, h), l.cfg.IdleTimeout)
+}
+
+// writeDenied answers 403 as Istio's proxies do (gRPC: PERMISSION_DENIED).
+func writeDenied(w http.ResponseWriter, r *http.Request) {
+	if route.IsGRPC(r) {
+		w.Header().Set("Content-Type", "application/grpc")
+		w.Header().Set("Grpc-Status", "7")
+		w.Header().Set("Grpc-Message", "RBAC: access denied")
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain")
+	w.WriteHeader(http.StatusForbidden)
+	_, _ = io.WriteString(w, authz.DeniedBody)
+}
+
+// Outbound implements proxy.L7: route each request and send it to an
+// endpoint picked for it.
+func (l *Layer) Outbound(o *proxy.L7Outbound) {
+	log := l.log.With("pod", o.Flow.Workload.String(), "dst", o.Flow.OrigDst.String(), "service", o.Flow.Service)
+	c, p, ok := l.detect(o.Conn, o.Target.Protocol, log)
+	if !ok {
+		o.FallbackL4(c)
+		return
+	}
+	out := &outbound{l: l, o: o, log: log}
+	out.up = newUpstream(out.dial)
+	var handlers sync.WaitGroup
+	defer handlers.Wait()
+	defer out.up.close()
+	out.rp = l.reverseProxy(out.up, nil)
+	out.rp.Transport = out
+	l7.ServeConn(o.Ctx, c, p, counted(&handlers, out), l.cfg.IdleTimeout)
+}
+
+// maxRetryBody is the largest request body buffered so that it can be
+// sent again on a retry.
+const maxRetryBody = 64 << 10
+
+type outbound struct {
+	l   *Layer
+	o   *proxy.L7Outbound
+	log *slog.Logger
+	up  *upstream
+	rp  *httputil.ReverseProxy
+}
+
+// routed is what ServeHTTP decided about a request, for RoundTrip.
+type routed struct {
+	service string // namespace/name of the backend Service
+	dest    proxy.Destination
+	rule    *route.Rule // nil: no route
+	backend *route.Backend
+	start   time.Time
+}
+
+type routedKey struct{}
+type endpointKey struct{}
+
+// endpointFor is the endpoint a transport dial is for.
+type endpointFor struct {
+	service string
+	ep      proxy.Endpoint
+}
+
+func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	o := out.o
+	rw := &recorder{ResponseWriter: w}
+	rt := &routed{service: o.Flow.Service, dest: o.Dest, start: start}
+	defer func() {
+		f := o.Flow
+		f.Service = rt.service
+		out.l.cfg.Observer.Request(out.l.requestInfo(&f, r, rw, start, proxy.Outbound))
+	}()
+	res := out.l.cfg.Routes().Match(route.ServiceKey{Namespace: o.Target.Namespace, Name: o.Target.Name}, o.Target.Port, o.Flow.Workload.Namespace, r)
+	if res.Attached {
+		rule := res.Rule
+		if rule == nil {
+			http.Error(rw, "no route matches the request", http.StatusNotFound)
+			return
+		}
+		if rule.Refused != nil {
+			http.Error(rw, "the route's rule cannot be honoured: "+rule.Refused.Error(), http.StatusInternalServerError)
+			return
+		}
+		b := rule.Pick(rand.IntN)
+		if b == nil || b.Invalid != nil {
+			http.Error(rw, "the route's backend cannot be used", http.StatusInternalServerError)
+			return
+		}
+		rt.rule, rt.backend = rule, b
+		dest, err := out.resolveBackend(b)
+		if err != nil {
+			out.log.Debug("route backend did not resolve", "backend", b.Service.String(), "error", err)
+			http.Error(rw, "no healthy upstream", http.StatusServiceUnavailable)
+			return
+		}
+		rt.service, rt.dest = b.Service.String(), dest
+		rule.RequestHeaders.Apply(r.Header)
+		b.RequestHeaders.Apply(r.Header)
+		if rule.RequestTimeout > 0 {
+			ctx, cancel := context.WithTimeout(r.Context(), rule.RequestTimeout)
+			defer cancel()
+			r = r.WithContext(ctx)
+		}
+	}
+	out.rp.ServeHTTP(rw, r.WithContext(context.WithValue(r.Context(), routedKey{}, rt)))
+}
+
+// resolveBackend finds the endpoints of a route's backend Service through
+// its ClusterIP, as a connection to it would.
+func (out *outbound) resolveBackend(b *route.Backend) (proxy.Destination, error) {
+	t := out.o.Target
+	port := b.Port
+	if port == 0 {
+		port = t.Port
+	}
+	if b.Service.Namespace == t.Namespace && b.Service.Name == t.Name && port == t.Port {
+		return out.o.Dest, nil
+	}
+	svc := out.l.cfg.State().Service(b.Service.Namespace, b.Service.Name)
+	if svc == nil || len(svc.ClusterIPs) == 0 {
+		return proxy.Destination{}, errors.New("service " + b.Service.String() + " not found or headless")
+	}
+	return out.o.Resolve(netip.AddrPortFrom(svc.ClusterIPs[0], port))
+}
+
+// RoundTrip sends one request with the route's backend timeout and retry
+// policy, to an endpoint picked per attempt.
+func (out *outbound) RoundTrip(req *http.Request) (*http.Response, error) {
+	rt, _ := req.Context().Value(routedKey{}).(*routed)
+	if rt == nil {
+		return nil, errors.New("request without a routing decision")
+	}
+	budget := out.l.budgets.For(rt.service)
+	done := budget.Request()
+	defer done()
+	var pol *route.RetryPolicy
+	var backendTimeout time.Duration
+	if rt.rule != nil {
+		pol, backendTimeout = rt.rule.Retry, rt.rule.BackendTimeout
+	}
+	var body []byte
+	canRetry := pol != nil && pol.Attempts > 0
+	if canRetry && req.Body != nil && req.Body != http.NoBody {
+		b, err := io.ReadAll(io.LimitReader(req.Body, maxRetryBody+1))
+		if err != nil {
+			return nil, err
+		}
+		if len(b) > maxRetryBody {
+			canRetry = false
+			req.Body = struct {
+				io.Reader
+				io.Closer
+			}{io.MultiReader(bytes.NewReader(b), req.Body), req.Body}
+		} else {
+			body = b
+		}
+	}
+	for attempt := 0; ; attempt++ {
+		resp, err := out.attempt(req, rt, body, canRetry, backendTimeout)
+		retryable := err != nil && req.Context().Err() == nil && !errors.Is(err, proxy.ErrDenied)
+		if err == nil {
+			retryable = pol.RetryOn(resp.StatusCode)
+		}
+		if !canRetry || !retryable || attempt >= pol.Attempts {
+			return resp, err
+		}
+		rdone, ok := budget.Retry()
+		if !ok {
+			return resp, err
+		}
+		if resp != nil {
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+			resp.Body.Close()
+		}
+		wait := retry.Backoff(pol.Backoff, attempt+1, rand.Int64N)
+		select {
+		case <-time.After(wait):
+		case <-req.Context().Done():
+			rdone()
+			return nil, req.Context().Err()
+		}
+		rdone()
+	}
+}
+
+func (out *outbound) attempt(req *http.Request, rt *routed, body []byte, replay bool, timeout time.Duration) (*http.Response, error) {
+	ep, release := out.o.Pick(rt.dest.Endpoints)
+	ctx := context.WithValue(req.Context(), endpointKey{}, endpointFor{service: rt.service, ep: ep})
+	cancel := context.CancelFunc(func() {})
+	if timeout > 0 {
+		ctx, cancel = context.WithTimeout(ctx, timeout)
+	}
+	r := req.Clone(ctx)
+	r.URL.Host = ep.Addr.String()
+	if replay {
+		if body != nil {
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			r.ContentLength = int64(len(body))
+		} else {
+			r.Body = http.NoBody
+		}
+	}
+	resp, err := out.up.transport(req.ProtoMajor).RoundTrip(r)
+	if err != nil {
+		cancel()
+		release()
+		return nil, err
+	}
+	resp.Body = &releaseBody{ReadCloser: resp.Body, release: func() { cancel(); release() }}
+	return resp, nil
+}
+
+func (out *outbound) dial(ctx context.Context, _ string) (net.Conn, error) {
+	e, ok := ctx.Value(endpointKey{}).(endpointFor)
+	if !ok {
+		return nil, errors.New("dial without an endpoint")
+	}
+	return out.o.Dial(ctx, e.service, e.ep)
+}
+
+type releaseBody struct {
+	io.ReadCloser
+	once    sync.Once
+	release func()
+}
+
+func (b *releaseBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.release)
+	return err
+}
+
+// reverseProxy forwards requests with net/http's ReverseProxy (hop-by-hop
+// headers, trailers, upgrades, streaming). host, when set, names the
+// address to connect to; otherwise RoundTrip sets it per attempt.
+func (l *Layer) reverseProxy(up *upstream, host func(*http.Request) (string, bool)) *httputil.ReverseProxy {
+	return &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = "http"
+			pr.Out.URL.Host = "upstream"
+			if host != nil {
+				if h, ok := host(pr.In); ok {
+					pr.Out.URL.Host = h
+				}
+			}
+			pr.Out.Host = pr.In.Host
+			// Rewrite drops the client's X-Forwarded-*; the mesh is not a
+			// hop the application should see, so keep what the client sent.
+			for _, k := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+				if v, ok := pr.In.Header[k]; ok {
+					pr.Out.Header[k] = v
+				}
+			}
+		},
+		Transport:     up,
+		FlushInterval: -1, // gRPC and streaming responses are not held back
+		ErrorLog:      nil,
+		ErrorHandler:  l.proxyError,
+		ModifyResponse: func(resp *http.Response) error {
+			if rt, _ := resp.Request.Context().Value(routedKey{}).(*routed); rt != nil && rt.rule != nil {
+				rt.rule.ResponseHeaders.Apply(resp.Header)
+				rt.backend.ResponseHeaders.Apply(resp.Header)
+			}
+			return nil
+		},
+	}
+}
+
+// proxyError answers a request that got no response, with Envoy's texts.
+func (l *Layer) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		http.Error(w, "upstream request timeout", http.StatusGatewayTimeout)
+	case errors.Is(err, proxy.ErrDenied):
+		w.Header().Set("Content-Type", "text/plain")
+		w.WriteHeader(http.StatusForbidden)
+		_, _ = io.WriteString(w, authz.DeniedBody)
+	case errors.Is(err, context.Canceled):
+		// The client went away; nobody reads the answer.
+		w.WriteHeader(499)
+	default:
+		l.log.Debug("request failed upstream", "error", err)
+		http.Error(w, "upstream connect error or disconnect/reset before headers", http.StatusServiceUnavailable)
+	}
+}
+
+// upstream holds the transports of one client connection (HTTP/1.1 and
+// HTTP/2 with prior knowledge, chosen by the request's protocol), so that
+// upstream connections are reused between its requests; close closes every
+// connection it dialled.
+type upstream struct {
+	dialFn func(ctx context.Context, addr string) (net.Conn, error)
+	once1  sync.Once
+	once2  sync.Once
+	h1, h2 *http.Transport
+	mu     sync.Mutex
+	closed bool
+	conns  map[*upConn]struct{}
+}
+
+func newUpstream(dial func(ctx context.Context, addr string) (net.Conn, error)) *upstream {
+	return &upstream{dialFn: dial, conns: map[*upConn]struct{}{}}
+}
+
+type upConn struct {
+	net.Conn
+	u    *upstream
+	once sync.Once
+}
+
+func (c *upConn) Close() error {
+	c.once.Do(func() {
+		c.u.mu.Lock()
+		delete(c.u.conns, c)
+		c.u.mu.Unlock()
+	})
+	return c.Conn.Close()
+}
+
+var errUpstreamClosed = errors.New("the client connection is closed")
+
+func (u *upstream) dial(ctx context.Context, addr string) (net.Conn, error) {
+	c, err := u.dialFn(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	uc := &upConn{Conn: c, u: u}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.closed {
+		c.Close()
+		return nil, errUpstreamClosed
+	}
+	u.conns[uc] = struct{}{}
+	return uc, nil
+}
+
+func (u *upstream) newTransport(h2 bool) *http.Transport {
+	t := &http.Transport{
+		DialContext:         func(ctx context.Context, _, addr string) (net.Conn, error) { return u.dial(ctx, addr) },
+		MaxIdleConnsPerHost: 64,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+		Protocols:           new(http.Protocols),
+	}
+	if h2 {
+		t.Protocols.SetUnencryptedHTTP2(true)
+	} else {
+		t.Protocols.SetHTTP1(true)
+	}
+	return t
+}
+
+func (u *upstream) transport(protoMajor int) *http.Transport {
+	if protoMajor == 2 {
+		u.once2.Do(func() { u.h2 = u.newTransport(true) })
+		return u.h2
+	}
+	u.once1.Do(func() { u.h1 = u.newTransport(false) })
+	return u.h1
+}
+
+// RoundTrip makes upstream an http.RoundTripper for the inbound side.
+func (u *upstream) RoundTrip(r *http.Request) (*http.Response, error) {
+	return u.transport(r.ProtoMajor).RoundTrip(r)
+}
+
+func (u *upstream) close() {
+	u.once1.Do(func() {})
+	u.once2.Do(func() {})
+	for _, t := range []*http.Transport{u.h1, u.h2} {
+		if t != nil {
+			t.CloseIdleConnections()
+		}
+	}
+	u.mu.Lock()
+	u.closed = true
+	conns := make([]*upConn, 0, len(u.conns))
+	for c := range u.conns {
+		conns = append(conns, c)
+	}
+	u.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+}
+
+// counted lets the connection's owner wait for handlers still running
+// after the server closed.
+func counted(wg *sync.WaitGroup, h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		wg.Add(1)
+		defer wg.Done()
+		h.ServeHTTP(w, r)
+	})
+}

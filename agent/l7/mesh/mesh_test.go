@@ -1,0 +1,64 @@
+package mesh
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/nodemesh/nodemesh/agent/l7"
+	"github.com/nodemesh/nodemesh/agent/l7/authz"
+	"github.com/nodemesh/nodemesh/agent/proxy"
+	"github.com/nodemesh/nodemesh/agent/state"
+)
+
+func denyAll(*proxy.Flow, *authz.Request) proxy.Decision { return proxy.Decision{} }
+
+// The destination claims a pod's port when an opted-in Service targets it,
+// and follows the state as it changes.
+func TestInboundPort(t *testing.T) {
+	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip := netip.MustParseAddr
+	st.Update(func(tx *state.Tx) {
+		tx.SetNamespace(&state.Namespace{Name: "shop"})
+		tx.SetPod(&state.Pod{Namespace: "shop", Name: "web", Phase: state.PodRunning, IPs: []netip.Addr{ip("10.0.0.1")}})
+		tx.SetService(&state.Service{Namespace: "shop", Name: "web", Labels: map[string]string{l7.LabelL7: l7.ValueEnabled},
+			ClusterIPs: []netip.Addr{ip("10.96.0.1")},
+			Ports: []state.ServicePort{{Name: "http", Port: 80, TargetPort: 8080, Protocol: "TCP"},
+				{Name: "grpc", Port: 90, TargetPort: 9090, Protocol: "TCP", AppProtocol: "grpc"},
+				{Name: "tls", Port: 443, TargetPort: 8443, Protocol: "TCP", AppProtocol: "https"}}})
+		tx.SetEndpointSlice(&state.EndpointSlice{Namespace: "shop", Name: "web-1", Service: "web",
+			Ports:     []state.EndpointPort{{Name: "http", Port: 8080}, {Name: "grpc", Port: 9090}, {Name: "tls", Port: 8443}},
+			Endpoints: []state.Endpoint{{Addresses: []netip.Addr{ip("10.0.0.1")}, Ready: true, Pod: &state.Key{Namespace: "shop", Name: "web"}}}})
+	})
+	layer, err := New(Config{State: st.Snapshot, Authorize: denyAll})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &proxy.Workload{Namespace: "shop", Name: "web"}
+	for _, tc := range []struct {
+		port  uint16
+		ok    bool
+		proto l7.Protocol
+	}{{8080, true, l7.Undeclared}, {9090, true, l7.GRPC}, {8443, false, 0}, {80, false, 0}} {
+		p, ok := layer.InboundPort(w, tc.port)
+		if ok != tc.ok || p != tc.proto {
+			t.Errorf("port %d: %v %v, want %v %v", tc.port, p, ok, tc.proto, tc.ok)
+		}
+	}
+	if _, ok := layer.InboundPort(&proxy.Workload{Namespace: "shop", Name: "other"}, 8080); ok {
+		t.Error("a pod no opted-in Service targets is claimed")
+	}
+	// Opting out takes effect with the next snapshot.
+	st.Update(func(tx *state.Tx) {
+		s := *st.Snapshot().Service("shop", "web")
+		s.Labels = map[string]string{l7.LabelL7: l7.ValueDisabled}
+		tx.SetService(&s)
+	})
+	if _, ok := layer.InboundPort(w, 8080); ok {
+		t.Error("port still claimed after the Service opted out")
+	}
+}
