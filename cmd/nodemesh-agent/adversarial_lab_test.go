@@ -17,9 +17,11 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -35,6 +37,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/lab"
+	"github.com/nodemesh/nodemesh/lab/demo"
 	"github.com/nodemesh/nodemesh/lab/labtest"
 	"github.com/nodemesh/nodemesh/lab/mesh"
 	"github.com/nodemesh/nodemesh/lab/waitfor"
@@ -633,6 +636,78 @@ func TestLabAdversarial(t *testing.T) {
 			}
 		}
 		waitfor.NoError(t, 2*time.Minute, "agents to release the floods' connections", settled(base))
+	})
+
+	t.Run("MaliciousPeerResponses", func(t *testing.T) {
+		// The client side of a tunnel: node-1's agent dials a peer that
+		// answers with bytes before the 200, or with a 1 MiB header
+		// block. The peer is a fake at web-2's address with web-2's real
+		// SVID (a compromised node-2): node-2's agent is killed, and the
+		// fake takes 15008 in web-2's namespace before node-2's mark
+		// expires, so node-1 still tunnels to it. web-1's application
+		// must get an error and none of the peer's bytes.
+		if err := syscall.Kill(m.Agents["node-2"].Pid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		listen := func() *net.TCPListener {
+			t.Helper()
+			var ln *net.TCPListener
+			waitfor.NoError(t, 10*time.Second, "15008 in web-2 free for the fake peer", func() error {
+				var err error
+				ln, err = inpod.ListenTCP(ctx, web2.Netns, "tcp4", tunnel)
+				return err
+			})
+			return ln
+		}
+		defer func() {
+			if _, err := m.StartNodeAgent(ctx, "node-2"); err != nil {
+				t.Fatal(err)
+			}
+			waitfor.NoError(t, 90*time.Second, "node-2's agent back and delivering", func() error {
+				if got := probeFrom("client/client-2", app2, "http"); !strings.HasPrefix(got, "data: HTTP/1.1 200") {
+					return fmt.Errorf("%s", got)
+				}
+				return nil
+			})
+			base["node-2"] = usage()["node-2"] // a new process: its own baseline
+		}()
+		for _, mode := range []string{"data-before-200", "huge-headers"} {
+			marker := fmt.Sprintf("NODEMESH-PEER-%s-%d", mode, time.Now().UnixNano())
+			events := make(chan string, 100)
+			stopFake := fakeTunnel(listen(), realSVID, mode, marker, events)
+			r, out, err := demo.Get(ctx, l, "shop/web-1", "http://"+app2+"/"+mode)
+			stopFake()
+			var seen []string
+			for done := false; !done; {
+				select {
+				case e := <-events:
+					seen = append(seen, e)
+				case <-time.After(2 * time.Second):
+					done = true
+				}
+			}
+			t.Logf("%s: web-1 got err %v, output %q; the fake peer saw %v", mode, err, firstN(string(out), 200), seen)
+			if !slices.ContainsFunc(seen, func(e string) bool { return strings.HasPrefix(e, "connect ") }) {
+				t.Fatalf("%s: node-1's agent never sent the fake peer a CONNECT (%v): the attack did not happen", mode, seen)
+			}
+			if err == nil {
+				t.Errorf("%s: web-1's request succeeded: %+v", mode, r)
+			}
+			if strings.Contains(string(out), marker) {
+				t.Errorf("%s: the peer's bytes reached web-1's application: %q", mode, firstN(string(out), 300))
+			}
+		}
+		waitfor.NoError(t, time.Minute, "node-1 back to its baseline", func() error {
+			u, err := readUsageRSS(ctx, m, "node-1") // node-2's agent is down: usage() would fail
+			if err != nil {
+				return err
+			}
+			b := base["node-1"]
+			if u.Connections != 0 || u.Goroutines > b.Goroutines+10 || u.FDs > b.FDs+10 {
+				return fmt.Errorf("node-1 holds %s (before: %s)", u, b)
+			}
+			return nil
+		})
 	})
 
 	waitfor.NoError(t, 2*time.Minute, "agents back to their baseline", settled(base))

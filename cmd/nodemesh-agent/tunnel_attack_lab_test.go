@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -220,4 +221,106 @@ func tunnelMetrics(t *testing.T, node lab.Node) map[string]float64 {
 		}
 	}
 	return out
+}
+
+// fakeTunnel is a malicious HBONE server: it completes mTLS with cert and
+// answers every CONNECT as mode says ("data-before-200": response bytes
+// before the response headers; "huge-headers": a 1 MiB response header
+// block). It reports what the client did (reset codes, GOAWAY, close) on
+// events. stop closes the listener and every connection and waits.
+func fakeTunnel(ln net.Listener, cert tls.Certificate, mode, marker string, events chan<- string) (stop func()) {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var conns []net.Conn
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			wg.Go(func() { serveFake(c, cert, mode, marker, events) })
+		}
+	})
+	return func() {
+		ln.Close()
+		mu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		mu.Unlock()
+		wg.Wait()
+	}
+}
+
+func serveFake(c net.Conn, cert tls.Certificate, mode, marker string, events chan<- string) {
+	defer c.Close()
+	tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAnyClientCert,
+		NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13})
+	tc.SetDeadline(time.Now().Add(20 * time.Second))
+	if err := tc.Handshake(); err != nil {
+		events <- "handshake: " + err.Error()
+		return
+	}
+	preface := make([]byte, len(http2.ClientPreface))
+	if _, err := io.ReadFull(tc, preface); err != nil {
+		events <- "preface: " + err.Error()
+		return
+	}
+	fr := http2.NewFramer(tc, tc)
+	fr.ReadMetaHeaders = hpack.NewDecoder(64<<10, nil)
+	fr.WriteSettings()
+	var buf bytes.Buffer
+	enc := hpack.NewEncoder(&buf)
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			events <- "closed"
+			return
+		}
+		switch f := f.(type) {
+		case *http2.SettingsFrame:
+			if !f.IsAck() {
+				fr.WriteSettingsAck()
+			}
+		case *http2.PingFrame:
+			if !f.IsAck() {
+				fr.WritePing(true, f.Data)
+			}
+		case *http2.RSTStreamFrame:
+			events <- "rst:" + f.ErrCode.String()
+		case *http2.GoAwayFrame:
+			events <- "goaway:" + f.ErrCode.String()
+		case *http2.MetaHeadersFrame:
+			events <- "connect " + f.PseudoValue("authority")
+			buf.Reset()
+			enc.WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+			switch mode {
+			case "data-before-200":
+				fr.WriteData(f.StreamID, false, []byte(marker))
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: buf.Bytes(), EndHeaders: true})
+				fr.WriteData(f.StreamID, false, []byte(marker))
+			case "huge-headers":
+				enc.WriteField(hpack.HeaderField{Name: "x-big", Value: strings.Repeat(marker, (1<<20)/len(marker))})
+				blk := buf.Bytes()
+				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: blk[:16<<10]})
+				for rest := blk[16<<10:]; len(rest) > 0; {
+					n := min(len(rest), 16<<10)
+					if fr.WriteContinuation(f.StreamID, n == len(rest), rest[:n]) != nil {
+						break
+					}
+					rest = rest[n:]
+				}
+			}
+		}
+	}
+}
+
+func firstN(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
 }
