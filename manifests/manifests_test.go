@@ -663,6 +663,18 @@ func TestOverlays(t *testing.T) {
 		t.Error("production: the CA does not use a provided root (--ca-secret)")
 	}
 	def := render(t, ".")
+	// Everything else the base CA is told stays: only the generated root
+	// is swapped for the provided one (a strategic merge replaces the
+	// whole list, so a flag added to the base is lost here unless copied).
+	defArgs := get[*appsv1.Deployment](t, def, "Deployment", ns, "nodemesh-ca").Spec.Template.Spec.Containers[0].Args
+	swap := func(a []string) []string {
+		return slices.DeleteFunc(slices.Clone(a), func(s string) bool {
+			return strings.HasPrefix(s, "--root-secret=") || strings.HasPrefix(s, "--ca-secret=")
+		})
+	}
+	if got, want := swap(args), swap(defArgs); !slices.Equal(got, want) {
+		t.Errorf("production: the CA's arguments besides the root differ from the base's:\n%v\n%v", got, want)
+	}
 	dsDef := get[*appsv1.DaemonSet](t, def, "DaemonSet", ns, "nodemesh-agent").Spec.Template.Spec.Containers[0]
 	dsProd := get[*appsv1.DaemonSet](t, prod, "DaemonSet", ns, "nodemesh-agent").Spec.Template.Spec.Containers[0]
 	if dsProd.Resources.Limits.Memory().Cmp(*dsDef.Resources.Limits.Memory()) <= 0 {
