@@ -215,6 +215,7 @@ func TestHelmMatchesKustomize(t *testing.T) {
 	for chartFile, kFile := range map[string]string{
 		"crds/security.nodemesh.io_authorizationpolicies.yaml": "crds/security.nodemesh.io_authorizationpolicies.yaml",
 		"crds/security.nodemesh.io_peerauthentications.yaml":   "crds/security.nodemesh.io_peerauthentications.yaml",
+		"crds/traffic.nodemesh.io_trafficpolicies.yaml":        "crds/traffic.nodemesh.io_trafficpolicies.yaml",
 		"files/nodemesh-dashboard.json":                        dashboardFile,
 	} {
 		a, errA := os.ReadFile(filepath.Join(helmChart, chartFile))
@@ -447,8 +448,8 @@ func TestLabHelmInstall(t *testing.T) {
 			crds = append(crds, o.GetName())
 		}
 	}
-	if len(crds) != 2 {
-		t.Errorf("the chart installs CRDs %v, want 2", crds)
+	if len(crds) != 3 {
+		t.Errorf("the chart installs CRDs %v, want 3", crds)
 	}
 	for _, name := range crds {
 		waitEstablished(ctx, t, c.dyn, name)

@@ -574,6 +574,7 @@ func checkRBAC(t *testing.T, in install) {
 		{v1alpha1.AuthorizationPolicyResource.Group, v1alpha1.AuthorizationPolicyResource.Resource},
 		{v1alpha1.PeerAuthenticationResource.Group, v1alpha1.PeerAuthenticationResource.Resource},
 		{"gateway.networking.k8s.io", "httproutes"}, {"gateway.networking.k8s.io", "grpcroutes"},
+		{"traffic.nodemesh.io", "trafficpolicies"},
 	}
 	for _, w := range watched {
 		for _, v := range []string{"list", "watch"} {

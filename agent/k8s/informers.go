@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	l7v1alpha1 "github.com/nodemesh/nodemesh/agent/l7/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
@@ -38,6 +39,7 @@ var DefaultCustomResources = []schema.GroupVersionResource{
 	v1alpha1.PeerAuthenticationResource,
 	HTTPRouteResource,
 	GRPCRouteResource,
+	l7v1alpha1.TrafficPolicyResource,
 }
 
 // Informers feeds a store from the API server with client-go informers.

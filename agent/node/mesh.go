@@ -16,6 +16,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/dataplane"
 	"github.com/nodemesh/nodemesh/agent/enforce"
 	l7mesh "github.com/nodemesh/nodemesh/agent/l7/mesh"
+	"github.com/nodemesh/nodemesh/agent/l7/resilience"
 	"github.com/nodemesh/nodemesh/agent/l7/route"
 	"github.com/nodemesh/nodemesh/agent/nodeinfo"
 	"github.com/nodemesh/nodemesh/agent/policy"
@@ -112,11 +113,12 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	if err != nil {
 		return nil, err
 	}
-	routes := &l7mesh.Routes{}
+	routes, traffic := &l7mesh.Routes{}, &l7mesh.Traffic{}
 	l7layer, err := l7mesh.New(l7mesh.Config{
 		Log:            log.With("component", "l7"),
 		State:          n.store.Snapshot,
 		Routes:         func() *route.Table { return routes.Table(n.store.Snapshot()) },
+		Traffic:        func() *resilience.Set { return traffic.Set(n.store.Snapshot()) },
 		Authorize:      enforcer.CheckRequest,
 		RequestHeaders: enforcer.RequestHeaders,
 	})

@@ -16,6 +16,7 @@ import (
 	"k8s.io/client-go/dynamic"
 
 	"github.com/nodemesh/nodemesh/agent/l7"
+	l7v1alpha1 "github.com/nodemesh/nodemesh/agent/l7/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/lab"
@@ -217,5 +218,69 @@ func TestLabL7(t *testing.T) {
 		if n := len(cases); rs[n].Status != 403 || rs[n+1].Status != 200 {
 			t.Errorf("%s by pod IP: /admin %d %s, /public/z %d %s; want 403 and 200", from, rs[n].Status, rs[n].Error, rs[n+1].Status, rs[n+1].Error)
 		}
+	}
+
+	// TrafficPolicy: an abort for every request, at the source agent.
+	tpRes := dyn.Resource(l7v1alpha1.TrafficPolicyResource).Namespace("shop")
+	tp := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "traffic.nodemesh.io/v1alpha1", "kind": "TrafficPolicy",
+		"metadata": map[string]any{"name": "web", "namespace": "shop"},
+		"spec": map[string]any{
+			"targetRefs": []any{map[string]any{"group": "", "kind": "Service", "name": "web"}},
+			"fault":      map[string]any{"abort": map[string]any{"percentage": 100, "httpStatus": 418}},
+		},
+	}}
+	if _, err := tpRes.Create(ctx, tp, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitfor.NoError(t, 60*time.Second, "fault injection on shop/web", func() error {
+		rs := requests(ctx, t, l, "client/client-1", base+"/public/f", base+"/public/g")
+		for _, r := range rs {
+			if r.Status != 418 || !strings.Contains(r.Body, "fault filter abort") {
+				return fmt.Errorf("%+v", r)
+			}
+		}
+		return nil
+	})
+	// Then a rate limit instead: 1 request per second, bursts of 2, per
+	// client agent.
+	got, err := tpRes.Get(ctx, "web", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got.Object["spec"] = map[string]any{
+		"targetRefs": []any{map[string]any{"group": "", "kind": "Service", "name": "web"}},
+		"rateLimit":  map[string]any{"requestsPerSecond": 1, "burst": 2},
+	}
+	if _, err := tpRes.Update(ctx, got, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitfor.NoError(t, 60*time.Second, "the rate limit on shop/web", func() error {
+		var urls []string
+		for range 8 {
+			urls = append(urls, base+"/public/r")
+		}
+		rs := requests(ctx, t, l, "client/client-1", urls...)
+		ok, limited := 0, 0
+		for _, r := range rs {
+			switch {
+			case r.Status == 200:
+				ok++
+			case r.Status == 429 && strings.Contains(r.Body, "local rate limited"):
+				limited++
+			default:
+				return fmt.Errorf("unexpected answer %+v", r)
+			}
+		}
+		// The bucket holds 2; 8 requests in well under 3 s get at most
+		// 2 + the refills.
+		if limited == 0 || ok > 4 {
+			return fmt.Errorf("%d allowed, %d limited: the limit does not hold", ok, limited)
+		}
+		t.Logf("rate limit: %d allowed, %d answered 429", ok, limited)
+		return nil
+	})
+	if err := tpRes.Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -28,12 +28,14 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/nodemesh/nodemesh/agent/l7"
 	"github.com/nodemesh/nodemesh/agent/l7/authz"
+	"github.com/nodemesh/nodemesh/agent/l7/resilience"
 	"github.com/nodemesh/nodemesh/agent/l7/retry"
 	"github.com/nodemesh/nodemesh/agent/l7/route"
 	"github.com/nodemesh/nodemesh/agent/proxy"
@@ -49,6 +51,8 @@ type Config struct {
 	State func() *state.Snapshot
 	// Routes returns the compiled HTTPRoutes and GRPCRoutes (nil: none).
 	Routes func() *route.Table
+	// Traffic returns the compiled TrafficPolicies (nil: none).
+	Traffic func() *resilience.Set
 	// Authorize decides one request at the destination
 	// (enforce.Policy.CheckRequest).
 	Authorize func(f *proxy.Flow, r *authz.Request) proxy.Decision
@@ -69,6 +73,7 @@ type Layer struct {
 	cfg     Config
 	log     *slog.Logger
 	budgets *retry.Budgets
+	limiter *resilience.Limiter
 	index   atomic.Pointer[inboundIndex]
 }
 
@@ -86,6 +91,10 @@ func New(cfg Config) (*Layer, error) {
 		empty := route.Compile(nil, nil)
 		cfg.Routes = func() *route.Table { return empty }
 	}
+	if cfg.Traffic == nil {
+		empty := resilience.Compile(nil)
+		cfg.Traffic = func() *resilience.Set { return empty }
+	}
 	if cfg.RequestHeaders == nil {
 		cfg.RequestHeaders = func() []string { return nil }
 	}
@@ -98,7 +107,8 @@ func New(cfg Config) (*Layer, error) {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 5 * time.Minute
 	}
-	return &Layer{cfg: cfg, log: cfg.Log, budgets: retry.NewBudgets(retry.DefaultPercent, retry.DefaultMinConcurrency)}, nil
+	return &Layer{cfg: cfg, log: cfg.Log, budgets: retry.NewBudgets(retry.DefaultPercent, retry.DefaultMinConcurrency),
+		limiter: resilience.NewLimiter(0)}, nil
 }
 
 // inboundIndex maps each pod backing an opted-in Service to the target
@@ -225,6 +235,19 @@ func writeDenied(w http.ResponseWriter, r *http.Request) {
 	_, _ = io.WriteString(w, authz.DeniedBody)
 }
 
+// writeStatus answers a request the agent itself refuses: status for HTTP,
+// a trailers-only response with grpcStatus for gRPC.
+func writeStatus(w http.ResponseWriter, r *http.Request, status, grpcStatus int, msg string) {
+	if route.IsGRPC(r) {
+		w.Header().Set("Content-Type", "application/grpc")
+		w.Header().Set("Grpc-Status", strconv.Itoa(grpcStatus))
+		w.Header().Set("Grpc-Message", msg)
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	http.Error(w, msg, status)
+}
+
 // Outbound implements proxy.L7: route each request and send it to an
 // endpoint picked for it.
 func (l *Layer) Outbound(o *proxy.L7Outbound) {
@@ -284,7 +307,28 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.Service = rt.service
 		out.l.cfg.Observer.Request(out.l.requestInfo(&f, r, rw, start, proxy.Outbound))
 	}()
-	res := out.l.cfg.Routes().Match(route.ServiceKey{Namespace: o.Target.Namespace, Name: o.Target.Name}, o.Target.Port, o.Flow.Workload.Namespace, r)
+	target := route.ServiceKey{Namespace: o.Target.Namespace, Name: o.Target.Name}
+	// TrafficPolicy, before routing: the rate limit, then the faults.
+	if tp := out.l.cfg.Traffic().For(target); tp != nil {
+		if !out.l.limiter.Allow(target, o.Flow.SrcIdentity.String(), tp.Limit, time.Now()) {
+			rw.Header().Set("X-Nodemesh-Ratelimited", "1")
+			writeStatus(rw, r, http.StatusTooManyRequests, 8, "local rate limited")
+			return
+		}
+		f := tp.Fault(rand.Float64)
+		if f.Delay > 0 {
+			select {
+			case <-time.After(f.Delay):
+			case <-r.Context().Done():
+				return
+			}
+		}
+		if f.Abort {
+			writeStatus(rw, r, f.HTTPStatus, f.GRPCStatus, "fault filter abort")
+			return
+		}
+	}
+	res := out.l.cfg.Routes().Match(target, o.Target.Port, o.Flow.Workload.Namespace, r)
 	if res.Attached {
 		rule := res.Rule
 		if rule == nil {

@@ -7,7 +7,9 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
+	"github.com/nodemesh/nodemesh/agent/l7/resilience"
 	"github.com/nodemesh/nodemesh/agent/l7/route"
+	l7v1alpha1 "github.com/nodemesh/nodemesh/agent/l7/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
 
@@ -16,6 +18,52 @@ var (
 	HTTPRouteKind = state.GroupKind{Group: gwv1.GroupName, Kind: "HTTPRoute"}
 	GRPCRouteKind = state.GroupKind{Group: gwv1.GroupName, Kind: "GRPCRoute"}
 )
+
+// TrafficPolicyKind is read from the state's custom objects.
+var TrafficPolicyKind = state.GroupKind{Group: l7v1alpha1.GroupName, Kind: "TrafficPolicy"}
+
+// Traffic compiles the TrafficPolicies of a state snapshot, once per
+// snapshot version. An object that does not decode is reported and does
+// nothing (faults and limits only take traffic away).
+type Traffic struct {
+	mu       sync.Mutex
+	version  uint64
+	set      *resilience.Set
+	problems []error
+}
+
+// Set returns the compiled TrafficPolicies of snap.
+func (tr *Traffic) Set(snap *state.Snapshot) *resilience.Set {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if tr.set != nil && tr.version == snap.Version() {
+		return tr.set
+	}
+	var tps []*l7v1alpha1.TrafficPolicy
+	var problems []error
+	for _, o := range snap.Objects(TrafficPolicyKind) {
+		tp := &l7v1alpha1.TrafficPolicy{}
+		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Content, tp); err != nil {
+			problems = append(problems, fmt.Errorf("TrafficPolicy %s: %w", o.Key(), err))
+			continue
+		}
+		tps = append(tps, tp)
+	}
+	tr.set, tr.version = resilience.Compile(tps), snap.Version()
+	for _, p := range tr.set.Problems() {
+		problems = append(problems, p)
+	}
+	tr.problems = problems
+	return tr.set
+}
+
+// Problems lists the TrafficPolicies of the last compiled snapshot that
+// were refused or lost a conflict.
+func (tr *Traffic) Problems() []error {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	return append([]error(nil), tr.problems...)
+}
 
 // Routes compiles the HTTPRoutes and GRPCRoutes of a state snapshot, once
 // per snapshot version. Objects that do not decode are reported by Problems

@@ -42,8 +42,8 @@ func TestLabCRDs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(crds) != 2 {
-		t.Fatalf("manifests/crds renders %d objects, want 2", len(crds))
+	if len(crds) != 3 {
+		t.Fatalf("manifests/crds renders %d objects, want 3", len(crds))
 	}
 	for _, crd := range crds {
 		if _, err := dyn.Resource(crdGVR).Create(ctx, crd, metav1.CreateOptions{}); err != nil {
