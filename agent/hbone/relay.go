@@ -19,15 +19,12 @@ type sink struct {
 	rc   syscall.RawConn // nil: no non-blocking writes, always via the drainer
 	n    *atomic.Int64   // bytes delivered
 
-	// Arguments and results of tryWrite's callback, so that calling it
-	// allocates nothing; only one goroutine writes to a sink at a time.
-	p    []byte
-	wn   int
-	werr error
-	fn   func(fd uintptr) bool
+	// tryWrite's writer; only one goroutine writes to a sink at a time.
+	nbw nbWriter
 
-	// The same for reads: rb is a relay buffer taken from the pool only
-	// while there is data to read, so an idle stream holds none.
+	// Reads: rb is a relay buffer taken from the pool only while there is
+	// data to read, so an idle stream holds none; rn, rerr and rfn carry
+	// the read callback's results so that a read allocates nothing.
 	rb   *[]byte
 	rn   int
 	rerr error
@@ -50,7 +47,6 @@ func newSink(app net.Conn, n *atomic.Int64) *sink {
 			k.rc = rc
 		}
 	}
-	k.fn = k.doWrite
 	k.rfn = k.doRead
 	return k
 }
@@ -175,36 +171,9 @@ func (k *sink) tryWrite(p []byte) (int, error) {
 	if k.rc == nil {
 		return 0, nil
 	}
-	k.p, k.wn, k.werr = p, 0, nil
-	err := k.rc.Write(k.fn)
-	n, werr := k.wn, k.werr
-	k.p = nil
+	n, err := k.nbw.write(k.rc, p)
 	k.n.Add(int64(n))
-	if err != nil {
-		return n, err
-	}
-	return n, werr
-}
-
-func (k *sink) doWrite(fd uintptr) bool {
-	for k.wn < len(k.p) {
-		n, err := syscall.Write(int(fd), k.p[k.wn:])
-		if n > 0 {
-			k.wn += n
-		}
-		switch {
-		case err == syscall.EINTR:
-			continue
-		case err == syscall.EAGAIN:
-			return true
-		case err != nil:
-			k.werr = err
-			return true
-		case n <= 0:
-			return true
-		}
-	}
-	return true
+	return n, err
 }
 
 // write writes p, blocking.

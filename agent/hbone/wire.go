@@ -34,11 +34,9 @@ type batchConn struct {
 	mu       sync.Mutex
 	batching bool
 	buf      []byte
-	// flushTry's socket and callback state (no allocation per call).
-	wrc  syscall.RawConn
-	wfn  func(fd uintptr) bool
-	wn   int
-	werr error
+	// flushTry's socket and its non-blocking writer.
+	wrc syscall.RawConn
+	nbw nbWriter
 
 	// Read side (read.go), used by crypto/tls under its input lock and
 	// by the read loop.
@@ -77,23 +75,18 @@ func (b *batchConn) flushTry() (bool, error) {
 	if len(b.buf) == 0 {
 		return true, nil
 	}
-	if b.wfn == nil {
+	if b.wrc == nil {
 		if b.wrc = rawConn(b.Conn); b.wrc == nil {
 			return true, b.flushLocked()
 		}
-		b.wfn = b.doWrite
 	}
-	b.wn, b.werr = 0, nil
-	err := b.wrc.Write(b.wfn)
-	if err == nil {
-		err = b.werr
-	}
+	n, err := b.nbw.write(b.wrc, b.buf)
 	if err != nil {
 		return true, err
 	}
-	if b.wn < len(b.buf) {
-		n := copy(b.buf, b.buf[b.wn:])
-		b.buf = b.buf[:n]
+	if n < len(b.buf) {
+		m := copy(b.buf, b.buf[n:])
+		b.buf = b.buf[:m]
 		return false, nil
 	}
 	if cap(b.buf) > keepBuf {
@@ -104,13 +97,35 @@ func (b *batchConn) flushTry() (bool, error) {
 	return true, nil
 }
 
-// doWrite is flushTry's callback: it writes until the socket is full and
-// never waits.
-func (b *batchConn) doWrite(fd uintptr) bool {
-	for b.wn < len(b.buf) {
-		n, err := syscall.Write(int(fd), b.buf[b.wn:])
+// nbWriter writes to a socket without waiting: as much as the socket
+// takes now. Its fields carry the callback's arguments and results, so
+// that a write allocates nothing; one goroutine at a time uses it.
+type nbWriter struct {
+	p   []byte
+	n   int
+	err error
+	fn  func(fd uintptr) bool
+}
+
+func (w *nbWriter) write(rc syscall.RawConn, p []byte) (int, error) {
+	if w.fn == nil {
+		w.fn = w.do
+	}
+	w.p, w.n, w.err = p, 0, nil
+	err := rc.Write(w.fn)
+	n, werr := w.n, w.err
+	w.p = nil
+	if err != nil {
+		return n, err
+	}
+	return n, werr
+}
+
+func (w *nbWriter) do(fd uintptr) bool {
+	for w.n < len(w.p) {
+		n, err := syscall.Write(int(fd), w.p[w.n:])
 		if n > 0 {
-			b.wn += n
+			w.n += n
 		}
 		switch {
 		case err == syscall.EINTR:
@@ -118,7 +133,7 @@ func (b *batchConn) doWrite(fd uintptr) bool {
 		case err == syscall.EAGAIN:
 			return true
 		case err != nil:
-			b.werr = os.NewSyscallError("write", err)
+			w.err = os.NewSyscallError("write", err)
 			return true
 		case n <= 0:
 			return true
