@@ -53,6 +53,9 @@ const (
 // Options configure Start.
 type Options struct {
 	AgentBinary, CABinary string // required: built nodemesh-agent and nodemesh-ca
+	// AgentBinaries gives an agent another binary than AgentBinary, by
+	// node (version skew tests run a previous release's agent on one).
+	AgentBinaries map[string]string
 	// LogLevel of the agents and the CA; default "info".
 	LogLevel string
 	// AgentNodes limits the agents to these nodes (a partial rollout, as
@@ -318,7 +321,11 @@ func (m *Mesh) startAgentAs(ctx context.Context, n lab.Node, spec AgentSpec, o O
 	if spec.CgroupRoot != "" {
 		cg = spec.CgroupRoot
 	}
-	args := []string{o.AgentBinary,
+	bin := o.AgentBinary
+	if b := o.AgentBinaries[n.Name]; b != "" {
+		bin = b
+	}
+	args := []string{bin,
 		"--node-name", n.Name, "--kubeconfig", kc, "--ca-addr", m.CAAddr,
 		"--ca-token-file", tok, "--cgroup-root", cg, "--bpf-pin-dir", pins,
 		"--drain-deadline", o.DrainDeadline.String(), "--log-level", o.LogLevel, "--crd-recheck", o.CRDRecheck.String()}
@@ -351,6 +358,15 @@ func (m *Mesh) RestartAgent(ctx context.Context, node string) error {
 	}
 	_, err := m.StartNodeAgent(ctx, node)
 	return err
+}
+
+// SetAgentBinary makes the next StartNodeAgent on node run bin (an
+// upgrade or downgrade of that node's agent); "" means Options.AgentBinary.
+func (m *Mesh) SetAgentBinary(node, bin string) {
+	if m.opts.AgentBinaries == nil {
+		m.opts.AgentBinaries = map[string]string{}
+	}
+	m.opts.AgentBinaries[node] = bin
 }
 
 // StartNodeAgent starts node's agent again after it was stopped or killed
