@@ -144,6 +144,7 @@ type Metrics struct {
 	setup                          *prometheus.HistogramVec
 	denied                         *prometheus.CounterVec
 	capture                        *prometheus.GaugeVec
+	requests                       *requestMetrics
 	access                         *slog.Logger
 
 	mu        sync.Mutex
@@ -172,10 +173,11 @@ func NewMetrics(reg prometheus.Registerer, access *slog.Logger) (*Metrics, error
 			Help: "Connections refused by the agent, by direction and reason (policy, strict_mtls, no_endpoints, error)."}, []string{"direction", "reason"}),
 		capture: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "nodemesh_capture_status",
 			Help: "1 for each local pod's current capture status (enrolled, verified, failed)."}, []string{"namespace", "pod", "status"}),
+		requests:  newRequestMetrics(),
 		access:    access,
 		captureOf: make(map[string]string),
 	}
-	for _, c := range []prometheus.Collector{m.opened, m.closed, byteCollector{m}, m.setup, m.denied, m.capture, poolCollector{m}} {
+	for _, c := range append([]prometheus.Collector{m.opened, m.closed, byteCollector{m}, m.setup, m.denied, m.capture, poolCollector{m}}, m.requests.collectors()...) {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -113,6 +113,8 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	if err != nil {
 		return nil, err
 	}
+	obs := telemetry.New(telemetry.Config{Metrics: n.metrics, Ledger: n.ledger, State: n.store.Snapshot,
+		ClusterDomain: cfg.ClusterDomain, ClusterID: cfg.ClusterID})
 	routes, traffic := &l7mesh.Routes{}, &l7mesh.Traffic{}
 	l7layer, err := l7mesh.New(l7mesh.Config{
 		Log:            log.With("component", "l7"),
@@ -121,6 +123,7 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 		Traffic:        func() *resilience.Set { return traffic.Set(n.store.Snapshot()) },
 		Authorize:      enforcer.CheckRequest,
 		RequestHeaders: enforcer.RequestHeaders,
+		Observer:       obs,
 	})
 	if err != nil {
 		return nil, err
@@ -132,8 +135,7 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 		SVIDs:    m.svids,
 		Resolver: resolver,
 		Policy:   enforcer,
-		Observer: telemetry.New(telemetry.Config{Metrics: n.metrics, Ledger: n.ledger, State: n.store.Snapshot,
-			ClusterDomain: cfg.ClusterDomain, ClusterID: cfg.ClusterID}),
+		Observer: obs,
 		Status: func(ns, name string, s telemetry.CaptureStatus) {
 			n.metrics.SetCaptureStatus(ns, name, string(s))
 		},

@@ -15,6 +15,7 @@ import (
 
 	"github.com/nodemesh/nodemesh/agent/admin"
 	"github.com/nodemesh/nodemesh/agent/exposure"
+	l7mesh "github.com/nodemesh/nodemesh/agent/l7/mesh"
 	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
@@ -274,4 +275,15 @@ func ExposureEvent(snap *state.Snapshot, c *proxy.ConnInfo) (exposure.Event, boo
 		return exposure.Event{}, false
 	}
 	return e, true
+}
+
+// Request implements the L7 layer's observer (agent/l7/mesh): one request
+// in Istio's request metrics, with the connection's labels (the
+// destination is the endpoint the request went to) and the access log.
+func (o *Observer) Request(ri *l7mesh.RequestInfo) {
+	o.cfg.Metrics.Request(&admin.Request{
+		Conn: o.conn(ri.Flow, time.Time{}), Protocol: ri.Protocol, Method: ri.Method, Path: ri.Path,
+		Status: ri.Status, GRPCStatus: ri.GRPCStatus, Flags: ri.Flags, Duration: ri.Duration,
+		RequestBytes: ri.RequestBytes, ResponseBytes: ri.ResponseBytes,
+	})
 }

@@ -220,6 +220,69 @@ func TestLabL7(t *testing.T) {
 		}
 	}
 
+	// Istio's request metrics from both reporters, and the access log.
+	series := func(node string, want ...string) error {
+		n, _ := l.Node(node)
+		_, m, err := httpGet(nodeClient(n), "http://127.0.0.1:15020/metrics")
+		if err != nil {
+			return err
+		}
+		lines := grep(m, "istio_requests_total{")
+		for _, line := range strings.Split(lines, "\n") {
+			ok := true
+			for _, w := range want {
+				ok = ok && strings.Contains(line, w)
+			}
+			if ok {
+				return nil
+			}
+		}
+		return fmt.Errorf("%s: no istio_requests_total series with %q in:\n%s", node, want, lines)
+	}
+	common := []string{`request_protocol="http"`, `connection_security_policy="mutual_tls"`,
+		`destination_service="web.shop.svc.cluster.local"`, `destination_service_name="web"`,
+		`source_principal="spiffe://cluster.local/ns/client/sa/client"`, `destination_principal="spiffe://cluster.local/ns/shop/sa/web"`,
+		`source_workload="client-2"`, `source_workload_namespace="client"`, `destination_workload_namespace="shop"`}
+	waitfor.NoError(t, 20*time.Second, "request metrics", func() error {
+		// client-2 is on node-2: its agent reports as source; web-1's
+		// agent on node-1 as destination (and web-2's on node-2).
+		if err := series("node-2", append(common, `reporter="source"`, `response_code="200"`, `response_flags="-"`, `destination_workload="web-1"`)...); err != nil {
+			return err
+		}
+		if err := series("node-1", append(common, `reporter="destination"`, `response_code="403"`, `response_flags="RBAC"`, `destination_workload="web-1"`)...); err != nil {
+			return err
+		}
+		return series("node-2", append(common, `reporter="source"`, `response_code="403"`)...)
+	})
+	for _, node := range []string{"node-1", "node-2"} {
+		n, _ := l.Node(node)
+		_, m, err := httpGet(nodeClient(n), "http://127.0.0.1:15020/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range []string{"istio_request_duration_milliseconds_bucket{", "istio_request_bytes_bucket{", "istio_response_bytes_bucket{"} {
+			if !strings.Contains(m, name) {
+				t.Errorf("%s exports no %s", node, name)
+			}
+		}
+	}
+	waitfor.NoError(t, 20*time.Second, "a request in the access log", func() error {
+		b, err := os.ReadFile(m.Agents["node-1"].Log)
+		if err != nil {
+			return err
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			var rec map[string]any
+			if json.Unmarshal([]byte(line), &rec) != nil || rec["msg"] != "request" {
+				continue
+			}
+			if rec["reporter"] == "destination" && rec["status"] == float64(403) && rec["path"] == "/admin" && rec["response_flags"] == "RBAC" {
+				return nil
+			}
+		}
+		return fmt.Errorf("no access log record of a denied request")
+	})
+
 	// TrafficPolicy: an abort for every request, at the source agent.
 	tpRes := dyn.Resource(l7v1alpha1.TrafficPolicyResource).Namespace("shop")
 	tp := &unstructured.Unstructured{Object: map[string]any{

@@ -212,7 +212,7 @@ func (l *Layer) Inbound(i *proxy.L7Inbound) {
 		}
 		if d := l.cfg.Authorize(&flow, &req); !d.Allow {
 			log.Debug("request denied", "method", req.Method, "path", req.Path, "reason", d.Reason)
-			rw.denied = true
+			rw.denied, rw.flags = true, "RBAC"
 			writeDenied(rw, r)
 			return
 		}
@@ -286,6 +286,8 @@ type routed struct {
 	rule    *route.Rule // nil: no route
 	backend *route.Backend
 	start   time.Time
+	ep      proxy.Endpoint // the last attempt's endpoint
+	picked  bool
 }
 
 type routedKey struct{}
@@ -305,6 +307,14 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer func() {
 		f := o.Flow
 		f.Service = rt.service
+		if rt.picked {
+			// The last attempt's endpoint, for the destination labels.
+			f.Dst, f.DstWorkload, f.DstIdentity = rt.ep.Addr, rt.ep.Workload, rt.ep.Identity
+			f.Transport = proxy.TransportPlaintext
+			if rt.ep.Enrolled {
+				f.Transport = proxy.TransportHBONE
+			}
+		}
 		out.l.cfg.Observer.Request(out.l.requestInfo(&f, r, rw, start, proxy.Outbound))
 	}()
 	target := route.ServiceKey{Namespace: o.Target.Namespace, Name: o.Target.Name}
@@ -312,6 +322,7 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if tp := out.l.cfg.Traffic().For(target); tp != nil {
 		if !out.l.limiter.Allow(target, o.Flow.SrcIdentity.String(), tp.Limit, time.Now()) {
 			rw.Header().Set("X-Nodemesh-Ratelimited", "1")
+			rw.flags = "RL"
 			writeStatus(rw, r, http.StatusTooManyRequests, 8, "local rate limited")
 			return
 		}
@@ -324,6 +335,7 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		if f.Abort {
+			rw.flags = "FI"
 			writeStatus(rw, r, f.HTTPStatus, f.GRPCStatus, "fault filter abort")
 			return
 		}
@@ -332,6 +344,7 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if res.Attached {
 		rule := res.Rule
 		if rule == nil {
+			rw.flags = "NR"
 			http.Error(rw, "no route matches the request", http.StatusNotFound)
 			return
 		}
@@ -443,6 +456,7 @@ func (out *outbound) RoundTrip(req *http.Request) (*http.Response, error) {
 
 func (out *outbound) attempt(req *http.Request, rt *routed, body []byte, replay bool, timeout time.Duration) (*http.Response, error) {
 	ep, release := out.o.Pick(rt.dest.Endpoints)
+	rt.ep, rt.picked = ep, true
 	ctx := context.WithValue(req.Context(), endpointKey{}, endpointFor{service: rt.service, ep: ep})
 	cancel := context.CancelFunc(func() {})
 	if timeout > 0 {
@@ -528,8 +542,10 @@ func (l *Layer) reverseProxy(up *upstream, host func(*http.Request) (string, boo
 func (l *Layer) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	switch {
 	case errors.Is(err, context.DeadlineExceeded):
+		setFlags(w, "UT")
 		http.Error(w, "upstream request timeout", http.StatusGatewayTimeout)
 	case errors.Is(err, proxy.ErrDenied):
+		setFlags(w, "RBAC")
 		w.Header().Set("Content-Type", "text/plain")
 		w.WriteHeader(http.StatusForbidden)
 		_, _ = io.WriteString(w, authz.DeniedBody)
@@ -538,6 +554,7 @@ func (l *Layer) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		w.WriteHeader(499)
 	default:
 		l.log.Debug("request failed upstream", "error", err)
+		setFlags(w, "UF")
 		http.Error(w, "upstream connect error or disconnect/reset before headers", http.StatusServiceUnavailable)
 	}
 }

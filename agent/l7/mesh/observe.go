@@ -29,7 +29,11 @@ type RequestInfo struct {
 	// GRPCStatus is the grpc-status of a gRPC response, "" when unknown.
 	GRPCStatus string
 	// Denied is set when the destination's policy refused the request.
-	Denied   bool
+	Denied bool
+	// Flags are Envoy's response flags, "" for none: RBAC (denied by
+	// policy), RL (rate limited), FI (fault abort), UT (timeout), UF
+	// (upstream connection failure), NR (no route).
+	Flags    string
 	Duration time.Duration
 	// RequestBytes and ResponseBytes are body bytes.
 	RequestBytes, ResponseBytes int64
@@ -48,7 +52,7 @@ func (nopObserver) Request(*RequestInfo) {}
 func (l *Layer) requestInfo(f *proxy.Flow, r *http.Request, rw *recorder, start time.Time, dir proxy.Direction) *RequestInfo {
 	ri := &RequestInfo{
 		Direction: dir, Flow: f, Protocol: "http", Method: r.Method, Path: r.URL.Path, Host: r.Host,
-		Status: rw.status, Denied: rw.denied, Duration: time.Since(start), ResponseBytes: rw.bytes,
+		Status: rw.status, Denied: rw.denied, Flags: rw.flags, Duration: time.Since(start), ResponseBytes: rw.bytes,
 	}
 	if route.IsGRPC(r) {
 		ri.Protocol = "grpc"
@@ -75,6 +79,14 @@ type recorder struct {
 	bytes  int64
 	wrote  bool
 	denied bool
+	flags  string
+}
+
+// setFlags notes Envoy's response flags on w if it is a recorder.
+func setFlags(w http.ResponseWriter, flags string) {
+	if r, ok := w.(*recorder); ok {
+		r.flags = flags
+	}
 }
 
 func (r *recorder) WriteHeader(code int) {
