@@ -141,6 +141,7 @@ func newConn(ctx context.Context, tc *tls.Conn, bc *batchConn, cfg *connConfig, 
 	c.flowCond.L = &c.mu
 	c.fw = http2.NewFramer(&c.pend, nil)
 	bc.releaseIn() // what the handshake left, unless more already came
+	bc.stall = cfg.pingTimeout
 	c.fb = frameBuf{src: tc, bc: bc, max: int(cfg.flow.MaxFrameSize)}
 	c.fr = http2.NewFramer(nil, &c.fb)
 	c.fr.SetReuseFrames()
@@ -291,7 +292,7 @@ func (c *conn) closeGracefully(reason error) {
 // linger is the keeper's half of closeGracefully.
 func (c *conn) linger() {
 	deadline := time.Now().Add(lingerTimeout)
-	_ = c.bc.Conn.SetWriteDeadline(deadline)
+	c.bc.setWriteDeadline(deadline)
 	c.wmu.Lock()
 	for c.flushing && c.werr == nil {
 		c.wcond.Wait()
@@ -400,9 +401,9 @@ func (c *conn) keeper() {
 // peer that stops reading cannot block the goroutine that detects dead
 // peers.
 func (c *conn) keeperWrite(fn func()) {
-	_ = c.bc.Conn.SetWriteDeadline(time.Now().Add(c.cfg.pingTimeout))
+	c.bc.setWriteDeadline(time.Now().Add(c.cfg.pingTimeout))
 	fn()
-	_ = c.bc.Conn.SetWriteDeadline(time.Time{})
+	c.bc.setWriteDeadline(time.Time{})
 }
 
 // readLoop reads frames until the connection fails.
@@ -416,7 +417,7 @@ func (c *conn) readLoop() {
 		c.mu.Lock()
 		last := c.lastPeerID
 		c.mu.Unlock()
-		_ = c.bc.Conn.SetWriteDeadline(time.Now().Add(lingerTimeout))
+		c.bc.setWriteDeadline(time.Now().Add(lingerTimeout))
 		_ = c.writeControl(true, func(fw *http2.Framer) error {
 			return fw.WriteGoAway(last, http2.ErrCode(ce), nil)
 		})

@@ -35,7 +35,7 @@ func (k *counters) logOnce(flag *atomic.Bool, log *slog.Logger, msg string, args
 type LimitStats struct {
 	HandshakeLimit   uint64 // connections closed because too many TLS handshakes were in flight
 	PeerConnLimit    uint64 // connections closed because one peer address had too many
-	Timeouts         uint64 // connections closed because a handshake, preface or header block was too slow
+	Timeouts         uint64 // connections closed because a handshake, preface or header block was too slow, or the peer stopped reading
 	HeaderTooLarge   uint64 // connections closed for a header block over the limit
 	StreamLimit      uint64 // streams refused (REFUSED_STREAM) over the concurrency limit
 	Floods           uint64 // connections closed for floods of unproductive frames (ENHANCE_YOUR_CALM)

@@ -4,7 +4,9 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // frameHeaderLen is the size of an HTTP/2 frame header (RFC 9113 §4.1).
@@ -37,6 +39,10 @@ type batchConn struct {
 	// flushTry's socket and its non-blocking writer.
 	wrc syscall.RawConn
 	nbw nbWriter
+	// stall bounds a blocking write (0: unbounded); wdl is the deadline
+	// set with setWriteDeadline, in Unix nanoseconds (0: none).
+	stall time.Duration
+	wdl   atomic.Int64
 
 	// Read side (read.go), used by crypto/tls under its input lock and
 	// by the read loop.
@@ -161,13 +167,66 @@ func (b *batchConn) flushLocked() error {
 	if len(b.buf) == 0 {
 		return nil
 	}
-	_, err := b.Conn.Write(b.buf)
+	var err error
+	if b.stall <= 0 {
+		_, err = b.Conn.Write(b.buf)
+	} else {
+		// Bounded: a peer that does not take our bytes for the stall
+		// time is as dead as one that does not answer a PING, but it
+		// could keep sending PINGs itself (see conn.keeper).
+		err = b.writeBounded(b.buf)
+	}
 	if cap(b.buf) > keepBuf {
 		b.buf = nil
 	} else {
 		b.buf = b.buf[:0]
 	}
 	return err
+}
+
+// writeBounded writes p: what the socket takes at once, then the rest
+// with a write deadline of b.stall from now (or the connection's own
+// deadline, if earlier), so that the common case sets no timer.
+func (b *batchConn) writeBounded(p []byte) error {
+	if b.wrc == nil {
+		b.wrc = rawConn(b.Conn)
+	}
+	n := 0
+	if b.wrc != nil {
+		var err error
+		if n, err = b.nbw.write(b.wrc, p); err != nil {
+			return err
+		}
+	}
+	if n == len(p) {
+		return nil
+	}
+	dl := time.Now().Add(b.stall)
+	if own := b.wdl.Load(); own != 0 && own < dl.UnixNano() {
+		dl = time.Unix(0, own)
+	}
+	_ = b.Conn.SetWriteDeadline(dl)
+	_, err := b.Conn.Write(p[n:])
+	_ = b.Conn.SetWriteDeadline(b.writeDeadline())
+	return err
+}
+
+// setWriteDeadline sets the connection's own write deadline (the keeper's
+// writes, a graceful close), which bounded writes respect and restore.
+func (b *batchConn) setWriteDeadline(t time.Time) {
+	if t.IsZero() {
+		b.wdl.Store(0)
+	} else {
+		b.wdl.Store(t.UnixNano())
+	}
+	_ = b.Conn.SetWriteDeadline(t)
+}
+
+func (b *batchConn) writeDeadline() time.Time {
+	if v := b.wdl.Load(); v != 0 {
+		return time.Unix(0, v)
+	}
+	return time.Time{}
 }
 
 // pendBuf is the io.Writer under the connection's frame-writing Framer:

@@ -88,6 +88,7 @@ func (c *conn) flushLoop(first []byte) error {
 	c.wcond.Broadcast()
 	c.wmu.Unlock()
 	if err != nil {
+		c.timeoutCheck(err, "peer stopped reading")
 		c.fail(fmt.Errorf("writing to HBONE peer: %w", err))
 	}
 	// Our own result: if another goroutine failed the connection while
@@ -151,6 +152,7 @@ func (c *conn) finishFlush() error {
 	}
 	c.wcond.Broadcast()
 	c.wmu.Unlock()
+	c.timeoutCheck(err, "peer stopped reading")
 	c.fail(fmt.Errorf("writing to HBONE peer: %w", err))
 	return err
 }
