@@ -8,7 +8,7 @@
 //	udp-echo --port P               echoes every datagram back
 //	get URL                         prints the body of a GET (exit 1 on a
 //	                                non-2xx status or a network error)
-//	requests URL...                 GETs every URL in order on one kept-alive
+//	requests [--header n=v] URL...  GETs every URL in order on one kept-alive
 //	                                connection per host, printing one JSON
 //	                                Result line each (any status)
 //	tcp ADDR MESSAGE                sends MESSAGE, half-closes, prints the reply
@@ -326,11 +326,20 @@ type Result struct {
 func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("requests", flag.ContinueOnError)
 	timeout := fs.Duration("timeout", 20*time.Second, "overall deadline")
+	hdr := http.Header{}
+	fs.Func("header", "a request header, name=value (repeatable)", func(s string) error {
+		k, v, ok := strings.Cut(s, "=")
+		if !ok || k == "" {
+			return errors.New("want name=value")
+		}
+		hdr.Add(k, v)
+		return nil
+	})
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() == 0 {
-		return errors.New("usage: requests [--timeout D] URL [URL ...]")
+		return errors.New("usage: requests [--timeout D] [--header name=value] URL [URL ...]")
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
@@ -343,6 +352,9 @@ func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 		if err != nil {
 			return fmt.Errorf("building request: %w", err)
+		}
+		for k, vs := range hdr {
+			req.Header[k] = vs
 		}
 		req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
 			GotConn: func(i httptrace.GotConnInfo) { res.Reused = i.Reused },

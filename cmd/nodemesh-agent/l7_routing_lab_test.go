@@ -1,0 +1,200 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/dynamic"
+	"sigs.k8s.io/yaml"
+
+	"github.com/nodemesh/nodemesh/agent/l7"
+	"github.com/nodemesh/nodemesh/agent/state"
+	"github.com/nodemesh/nodemesh/lab"
+	"github.com/nodemesh/nodemesh/lab/labtest"
+	"github.com/nodemesh/nodemesh/lab/mesh"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
+	"github.com/nodemesh/nodemesh/lab/workload"
+)
+
+// gatewayCRDs installs the Gateway API's HTTPRoute CRD from the
+// sigs.k8s.io/gateway-api module the agent is built with.
+func gatewayCRDs(ctx context.Context, t *testing.T, dyn dynamic.Interface) {
+	t.Helper()
+	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
+	if err != nil {
+		t.Fatalf("finding the gateway-api module: %v", err)
+	}
+	crdGVR := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+	for _, f := range []string{"gateway.networking.k8s.io_httproutes.yaml", "gateway.networking.k8s.io_grpcroutes.yaml"} {
+		b, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "standard", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var obj map[string]any
+		if err := yaml.Unmarshal(b, &obj); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := dyn.Resource(crdGVR).Create(ctx, &unstructured.Unstructured{Object: obj}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// podService creates a Service for one lab pod, with its EndpointSlice
+// (the lab plays the endpoints controller only for the Services of its
+// spec).
+func podService(ctx context.Context, t *testing.T, l *lab.Lab, name string, p lab.Pod) {
+	t.Helper()
+	c := l.Server.Client
+	ns, podName, _ := strings.Cut(p.Key(), "/")
+	if _, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080)}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	port, proto, ready, pname := int32(8080), corev1.ProtocolTCP, true, "http"
+	if _, err := c.DiscoveryV1().EndpointSlices(ns).Create(ctx, &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Name: name + "-1", Namespace: ns, Labels: map[string]string{discoveryv1.LabelServiceName: name}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Name: &pname, Port: &port, Protocol: &proto}},
+		Endpoints: []discoveryv1.Endpoint{{Addresses: []string{p.IP}, Conditions: discoveryv1.EndpointConditions{Ready: &ready},
+			NodeName: &p.Node, TargetRef: &corev1.ObjectReference{Kind: "Pod", Namespace: ns, Name: podName}}},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestLabL7Routing routes through real agents with a Gateway API HTTPRoute
+// attached to the shop/web Service (GAMMA): a weighted canary split
+// measured over many requests, a header match, a request header modifier,
+// and a 404 when routes are attached but none matches.
+func TestLabL7Routing(t *testing.T) {
+	l := labtest.TwoNodes(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	agentBin := labtest.GoBuild(t, "./cmd/nodemesh-agent")
+	caBin := labtest.GoBuild(t, "./cmd/nodemesh-ca")
+	dyn, err := dynamic.NewForConfig(l.Server.REST)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gatewayCRDs(ctx, t, dyn)
+	for _, ns := range []string{"shop", "client"} {
+		setMode(t, ctx, l, ns, state.ModeEnabled)
+	}
+	web1, web2 := mustLabPod(t, l, "shop/web-1"), mustLabPod(t, l, "shop/web-2")
+	podService(ctx, t, l, "web-v1", web1)
+	podService(ctx, t, l, "web-v2", web2)
+	c := l.Server.Client
+	s, err := c.CoreV1().Services("shop").Get(ctx, "web", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Labels = map[string]string{l7.LabelL7: l7.ValueEnabled}
+	if _, err := c.CoreV1().Services("shop").Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	m, err := mesh.Start(ctx, l, mesh.Options{AgentBinary: agentBin, CABinary: caBin, LogLevel: "debug",
+		DrainDeadline: 5 * time.Second, CRDRecheck: time.Second, Wait: 3 * time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = m.Stop(context.Background())
+		for _, a := range m.Agents {
+			dumpLog(t, a.Log)
+		}
+	})
+	svc, err := l.Service("shop/web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := fmt.Sprintf("http://%s:80", svc.ClusterIP)
+
+	hr := &unstructured.Unstructured{}
+	if err := yaml.Unmarshal([]byte(`
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs:
+  - {group: "", kind: Service, name: web, port: 80}
+  rules:
+  - matches:
+    - path: {type: PathPrefix, value: /api}
+      headers: [{name: x-canary, value: "true"}]
+    backendRefs:
+    - {name: web-v2, port: 80}
+  - matches:
+    - path: {type: PathPrefix, value: /api}
+    backendRefs:
+    - {name: web-v1, port: 80, weight: 80}
+    - {name: web-v2, port: 80, weight: 20}
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-route, value: split}]
+`), &hr.Object); err != nil {
+		t.Fatal(err)
+	}
+	hrGVR := schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "httproutes"}
+	waitfor.NoError(t, 60*time.Second, "HTTPRoute created", func() error {
+		_, err := dyn.Resource(hrGVR).Namespace("shop").Create(ctx, hr, metav1.CreateOptions{})
+		return err
+	})
+	waitfor.NoError(t, 90*time.Second, "the route in force (404 outside /api)", func() error {
+		rs := requests(ctx, t, l, "client/client-1", base+"/other")
+		if rs[0].Status != 404 {
+			return fmt.Errorf("%+v", rs[0])
+		}
+		return nil
+	})
+
+	var urls []string
+	for range 100 {
+		urls = append(urls, base+"/api/split")
+	}
+	counts := map[string]int{}
+	for _, r := range requests(ctx, t, l, "client/client-1", urls...) {
+		var reply workload.Reply
+		if r.Status != 200 || json.Unmarshal([]byte(r.Body), &reply) != nil {
+			t.Fatalf("split request: %+v", r)
+		}
+		if reply.Header.Get("X-Route") != "split" {
+			t.Errorf("the request header modifier did not apply: %v", reply.Header)
+		}
+		counts[reply.Pod]++
+	}
+	t.Logf("canary split over 100 requests: %v", counts)
+	// 80/20: the chance of fewer than 65 or more than 95 on web-1 is below 1e-4.
+	if counts["shop/web-1"] < 65 || counts["shop/web-1"] > 95 || counts["shop/web-1"]+counts["shop/web-2"] != 100 {
+		t.Errorf("split %v, want about 80 web-1 / 20 web-2", counts)
+	}
+	// The header match sends everything to web-v2.
+	out, err := l.Exec(ctx, "client/client-1", []string{"nodemeshctl", "lab", "workload", "requests", "--header", "x-canary=true",
+		base + "/api/c1", base + "/api/c2", base + "/api/c3", base + "/api/c4", base + "/api/c5"})
+	if err != nil {
+		t.Fatalf("canary requests: %v: %s", err, out)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		var r workload.Result
+		var reply workload.Reply
+		if json.Unmarshal([]byte(line), &r) != nil || json.Unmarshal([]byte(r.Body), &reply) != nil || reply.Pod != "shop/web-2" {
+			t.Fatalf("x-canary: true answered %q, want shop/web-2", line)
+		}
+	}
+}
