@@ -23,6 +23,7 @@ import (
 	"k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/yaml"
 
+	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/agent/policy"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/identity"
@@ -316,6 +317,11 @@ func checkAgent(t *testing.T, in install) {
 		if _, ok := vols[m.Name]; !ok {
 			t.Errorf("agent: mount %s of undefined volume %s", m.MountPath, m.Name)
 		}
+	}
+	// Transparent delivery writes pod sysctls through the host's
+	// /proc/sys/net (the container's /proc/sys is read-only).
+	if m, ok := mounts[inpod.HostProcSysNet]; !ok || vols[m.Name].HostPath == nil || vols[m.Name].HostPath.Path != "/proc/sys/net" || m.ReadOnly {
+		t.Errorf("agent: %s is not the host's /proc/sys/net, writable (%+v)", inpod.HostProcSysNet, m)
 	}
 	pinDir, _ := flag(c.Args, "bpf-pin-dir")
 	bpffs, ok := mounts["/sys/fs/bpf"]

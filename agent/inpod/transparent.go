@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 
@@ -44,6 +45,12 @@ const (
 	DeliveryRulePriority = 32000
 )
 
+// HostProcSysNet is where the agent's DaemonSet mounts the host's
+// /proc/sys/net (writable), for when the container's own /proc/sys is
+// read-only. Like /proc/sys/net, it shows the network namespace of the
+// thread that opens a file there.
+const HostProcSysNet = "/host/proc/sys/net"
+
 // probeSources are the foreign addresses of the delivery self-test
 // (documentation ranges, RFC 5737 and RFC 3849): if the pod's routing does
 // not bring the reply back, a SYN-ACK to them leaves the pod, and nothing
@@ -67,20 +74,21 @@ func SetupTransparent(nsPath string, mark uint32, ipv6 bool) error {
 	// /proc/sys/net belongs to the network namespace of the thread that
 	// opens it, so the writes happen inside the pod's namespace. A
 	// container runtime mounts the container's /proc/sys read-only; the
-	// host's /proc (through PID 1's root: hostPID and CAP_SYS_PTRACE, as
-	// the agent's DaemonSet has) is not.
+	// agent's DaemonSet therefore also mounts the host's /proc/sys/net,
+	// writable, at HostProcSysNet, which resolves the same way.
 	if err := Do(nsPath, func() error {
 		for _, s := range sysctls {
 			err := os.WriteFile("/proc/sys/"+s, []byte("1"), 0)
 			if errors.Is(err, unix.EROFS) || errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM) {
-				if err2 := os.WriteFile("/proc/1/root/proc/sys/"+s, []byte("1"), 0); err2 == nil {
+				rest, _ := strings.CutPrefix(s, "net/")
+				if err2 := os.WriteFile(HostProcSysNet+"/"+rest, []byte("1"), 0); err2 == nil {
 					err = nil
 				} else {
 					err = errors.Join(err, err2)
 				}
 			}
 			if err != nil {
-				return fmt.Errorf("setting %s=1: %w", s, err)
+				return fmt.Errorf("setting %s=1 (in a container, mount the host's /proc/sys/net writable at %s): %w", s, HostProcSysNet, err)
 			}
 		}
 		return nil
