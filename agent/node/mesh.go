@@ -40,9 +40,12 @@ type mesh struct {
 	svids   *svid.Manager
 	ca      *svid.Client
 	pol     atomic.Pointer[policy.Snapshot] // the snapshot enforced
-	dp      *dataplane.Dataplane
-	filter  workloads.Filter
-	locator *workloads.Locator
+	// polBuilder builds pol from each state version, reusing what the
+	// change did not touch; only run's goroutine uses it.
+	polBuilder *fromstate.Builder
+	dp         *dataplane.Dataplane
+	filter     workloads.Filter
+	locator    *workloads.Locator
 }
 
 func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
@@ -226,7 +229,10 @@ func (m *mesh) run(ctx context.Context) error {
 // updatePolicy enforces the policy of a new state snapshot and closes the
 // open connections it denies.
 func (m *mesh) updatePolicy(ctx context.Context, snap *state.Snapshot) {
-	ps, errs := fromstate.Snapshot(snap, "")
+	if m.polBuilder == nil {
+		m.polBuilder = fromstate.NewBuilder("")
+	}
+	ps, errs := m.polBuilder.Snapshot(snap)
 	for _, err := range errs {
 		m.log.Warn("policy object unreadable; enforced fail closed for its namespace", "err", err)
 	}

@@ -99,7 +99,9 @@ type Decision struct {
 	Protocol corev1.Protocol `json:"protocol"`
 	// Principal echoes the flow's source identity ("" for plaintext).
 	Principal string `json:"principal,omitempty"`
-	// SnapshotVersion is the version of the snapshot that decided.
+	// SnapshotVersion is the version of the snapshot that evaluated the flow
+	// (an Engine returns a cached decision in later snapshots where nothing
+	// it read has changed).
 	SnapshotVersion uint64 `json:"snapshotVersion"`
 }
 

@@ -2,7 +2,6 @@ package policy
 
 import (
 	"cmp"
-	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -10,7 +9,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
-	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 )
@@ -124,6 +122,7 @@ func (p Problem) Error() string { return fmt.Sprintf("%s: %v", p.Ref, p.Err) }
 // Snapshot is an immutable, indexed view of the cluster's policy state.
 // It is safe for concurrent use.
 type Snapshot struct {
+	id          uint64 // unique per snapshot (see Engine)
 	version     uint64
 	opts        Options
 	namespaces  map[string]map[string]string
@@ -199,203 +198,9 @@ func (s *Snapshot) SPIFFEID(p Pod) string {
 // NewSnapshot indexes in. It never fails: invalid policies are recorded in
 // Problems and replaced by fail-closed stand-ins; pods whose namespace is
 // missing get a namespace with only the kubernetes.io/metadata.name label.
+// It is a Builder's first build; a Builder reuses work across versions.
 func NewSnapshot(version uint64, in Input, opts Options) *Snapshot {
-	if opts.RootNamespace == "" {
-		opts.RootNamespace = DefaultRootNamespace
-	}
-	if opts.TrustDomain == "" {
-		opts.TrustDomain = DefaultTrustDomain
-	}
-	s := &Snapshot{
-		version:    version,
-		opts:       opts,
-		namespaces: make(map[string]map[string]string, len(in.Namespaces)),
-		pods:       make(map[string]*podEntry, len(in.Pods)),
-		podsByIP:   make(map[netip.Addr]*podEntry, len(in.Pods)),
-		nodeByIP:   make(map[netip.Addr]string, len(in.Nodes)),
-		nodeIPs:    make(map[string][]netip.Addr, len(in.Nodes)),
-	}
-	for _, ns := range in.Namespaces {
-		l := make(map[string]string, len(ns.Labels)+1)
-		for k, v := range ns.Labels {
-			l[k] = v
-		}
-		l[NamespaceNameLabel] = ns.Name
-		s.namespaces[ns.Name] = l
-	}
-	for _, n := range in.Nodes {
-		for _, ip := range n.IPs {
-			s.nodeByIP[ip.Unmap()] = n.Name
-		}
-		s.nodeIPs[n.Name] = append(s.nodeIPs[n.Name], n.IPs...)
-	}
-	podsByNS := map[string][]*podEntry{}
-	for _, p := range in.Pods {
-		e := &podEntry{Pod: p}
-		e.spiffeID = s.SPIFFEID(p)
-		if _, ok := s.namespaces[p.Namespace]; !ok {
-			s.namespaces[p.Namespace] = map[string]string{NamespaceNameLabel: p.Namespace}
-		}
-		s.pods[e.Key()] = e
-		if !p.HostNetwork {
-			for _, ip := range p.IPs {
-				s.podsByIP[ip.Unmap()] = e
-			}
-		}
-		podsByNS[p.Namespace] = append(podsByNS[p.Namespace], e)
-	}
-
-	// NetworkPolicies: compile, then attach to the pods they select in their namespace.
-	nps := make([]*netPol, 0, len(in.NetworkPolicies))
-	for _, np := range in.NetworkPolicies {
-		if np == nil {
-			continue
-		}
-		c, err := compileNetworkPolicy(np)
-		if err != nil {
-			s.problems = append(s.problems, Problem{Ref: c.ref, Err: err})
-		}
-		nps = append(nps, c)
-	}
-	var unreadableAZ []*authzPolicy
-	var unreadablePA []*peerAuthn
-	for _, u := range in.Unreadable {
-		err := fmt.Errorf("unreadable: %w", u.Err)
-		if u.Err == nil {
-			err = errors.New("unreadable")
-		}
-		s.problems = append(s.problems, Problem{Ref: u.Ref, Err: err})
-		switch u.Ref.Kind {
-		case KindNetworkPolicy:
-			nps = append(nps, &netPol{ref: u.Ref, podSel: labels.Everything(), ingress: true, egress: true, refused: err})
-		case KindAuthorizationPolicy:
-			c := &authzPolicy{ref: u.Ref, refused: err}
-			switch u.Action {
-			case v1alpha1.ActionAllow:
-				c.action = v1alpha1.ActionAllow
-			case v1alpha1.ActionAudit:
-				c.action = v1alpha1.ActionAudit
-			default:
-				c.action = v1alpha1.ActionDeny
-				c.rules = []azRule{{}}
-			}
-			unreadableAZ = append(unreadableAZ, c)
-		case KindPeerAuthentication:
-			unreadablePA = append(unreadablePA, &peerAuthn{ref: u.Ref, mode: v1alpha1.MTLSStrict, refused: err})
-		}
-	}
-	slices.SortFunc(nps, func(a, b *netPol) int { return a.ref.compare(b.ref) })
-	s.netpolCount = len(nps)
-	for _, np := range nps {
-		for _, pod := range podsByNS[np.ref.Namespace] {
-			if !np.podSel.Matches(labelSet(pod.Labels)) {
-				continue
-			}
-			if np.ingress {
-				pod.ingressNPs = append(pod.ingressNPs, np)
-			}
-			if np.egress {
-				pod.egressNPs = append(pod.egressNPs, np)
-			}
-		}
-	}
-
-	// AuthorizationPolicies.
-	azs := make([]*authzPolicy, 0, len(in.AuthorizationPolicies))
-	for _, ap := range in.AuthorizationPolicies {
-		if ap == nil {
-			continue
-		}
-		c, err := compileAuthorizationPolicy(ap)
-		if err != nil {
-			s.problems = append(s.problems, Problem{Ref: c.ref, Err: err})
-		}
-		for _, r := range c.rules {
-			for _, w := range r.when {
-				if !slices.Contains(s.requestHeaders, w.Header) {
-					s.requestHeaders = append(s.requestHeaders, w.Header)
-				}
-			}
-		}
-		azs = append(azs, c)
-	}
-	slices.Sort(s.requestHeaders)
-	azs = append(azs, unreadableAZ...)
-	slices.SortFunc(azs, func(a, b *authzPolicy) int { return a.ref.compare(b.ref) })
-	s.authzCount = len(azs)
-	for _, az := range azs {
-		var targets []*podEntry
-		switch {
-		case az.ref.Namespace == opts.RootNamespace && az.selector == nil:
-			for _, p := range s.pods {
-				targets = append(targets, p)
-			}
-			slices.SortFunc(targets, func(a, b *podEntry) int { return strings.Compare(a.Key(), b.Key()) })
-		default:
-			targets = podsByNS[az.ref.Namespace]
-		}
-		for _, pod := range targets {
-			if az.selector != nil && !az.selector.Matches(labelSet(pod.Labels)) {
-				continue
-			}
-			switch az.action {
-			case v1alpha1.ActionDeny:
-				pod.denyAZ = append(pod.denyAZ, az)
-			case v1alpha1.ActionAudit:
-				pod.auditAZ = append(pod.auditAZ, az)
-			default:
-				pod.allowAZ = append(pod.allowAZ, az)
-			}
-		}
-	}
-
-	// PeerAuthentications: per pod, candidates narrowest first.
-	pas := make([]*peerAuthn, 0, len(in.PeerAuthentications))
-	for _, pa := range in.PeerAuthentications {
-		if pa == nil {
-			continue
-		}
-		c, err := compilePeerAuthentication(pa)
-		if err != nil {
-			s.problems = append(s.problems, Problem{Ref: c.ref, Err: err})
-		}
-		pas = append(pas, c)
-	}
-	pas = append(pas, unreadablePA...)
-	// Oldest first, as Istio resolves conflicts, then by name for stability.
-	slices.SortFunc(pas, func(a, b *peerAuthn) int {
-		if c := a.created.Compare(b.created); c != 0 {
-			return c
-		}
-		return a.ref.compare(b.ref)
-	})
-	s.paCount = len(pas)
-	for _, pod := range s.pods {
-		var workload, nsWide, root *peerAuthn
-		for _, pa := range pas {
-			switch {
-			case pa.ref.Namespace == pod.Namespace && pa.selector != nil:
-				if workload == nil && pa.selector.Matches(labelSet(pod.Labels)) {
-					workload = pa
-				}
-			case pa.ref.Namespace == pod.Namespace && pa.selector == nil:
-				if nsWide == nil {
-					nsWide = pa
-				}
-			case pa.ref.Namespace == opts.RootNamespace && pa.selector == nil:
-				if root == nil {
-					root = pa
-				}
-			}
-		}
-		for _, pa := range []*peerAuthn{workload, nsWide, root} {
-			if pa != nil {
-				pod.mtls = append(pod.mtls, pa)
-			}
-		}
-	}
-	slices.SortFunc(s.problems, func(a, b Problem) int { return a.Ref.compare(b.Ref) })
-	return s
+	return NewBuilder(opts).Build(version, in)
 }
 
 // PolicyRef names a policy object.

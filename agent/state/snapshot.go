@@ -3,6 +3,7 @@ package state
 import (
 	"cmp"
 	"fmt"
+	"iter"
 	"maps"
 	"net/netip"
 	"slices"
@@ -77,6 +78,18 @@ func (s *Snapshot) PodsOnNode(node string) []*Pod { return s.podsByNode[node] }
 
 // Pods returns every pod, sorted by namespace/name.
 func (s *Snapshot) Pods() []*Pod { return sortedValues(s.pods) }
+
+// AllPods yields every pod in no particular order, without the cost of
+// sorting them.
+func (s *Snapshot) AllPods() iter.Seq[*Pod] {
+	return func(yield func(*Pod) bool) {
+		for _, p := range s.pods {
+			if !yield(p) {
+				return
+			}
+		}
+	}
+}
 
 // Namespace returns a namespace by name, or nil.
 func (s *Snapshot) Namespace(name string) *Namespace { return s.namespaces[name] }

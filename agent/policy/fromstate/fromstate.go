@@ -10,6 +10,7 @@ package fromstate
 
 import (
 	"fmt"
+	"net/netip"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -29,13 +30,51 @@ var (
 // Snapshot builds the policy snapshot for a state snapshot, with the same
 // version and trust domain (rootNamespace "" means policy.DefaultRootNamespace).
 // The errors are the custom objects that did not convert (see Input); the
-// policies the engine refused are in the snapshot's Problems.
+// policies the engine refused are in the snapshot's Problems. It converts
+// and indexes everything; the agent, which builds a snapshot per state
+// version, uses a Builder instead.
 func Snapshot(s *state.Snapshot, rootNamespace string) (*policy.Snapshot, []error) {
-	in, errs := Input(s)
-	return policy.NewSnapshot(s.Version(), in, policy.Options{
-		RootNamespace: rootNamespace,
-		TrustDomain:   s.TrustDomain().Name(),
-	}), errs
+	return NewBuilder(rootNamespace).Snapshot(s)
+}
+
+// Builder builds the policy snapshots of successive state snapshots,
+// reusing what did not change: a state object or pod with the same pointer
+// as last time (the state never modifies one; a change replaces it) is not
+// converted again, and the policy.Builder re-matches only the pods and
+// namespaces a change touched. Not safe for concurrent use.
+type Builder struct {
+	rootNamespace string
+	td            string
+	pb            *policy.Builder
+	objs          map[*state.Object]converted
+	pods          map[*state.Pod]policy.Pod
+}
+
+// converted is one custom object's conversion: a typed policy or an
+// unreadable stand-in with its error.
+type converted struct {
+	ap         *v1alpha1.AuthorizationPolicy
+	pa         *v1alpha1.PeerAuthentication
+	unreadable *policy.Unreadable
+	err        error
+}
+
+// NewBuilder returns a Builder (rootNamespace "" means
+// policy.DefaultRootNamespace).
+func NewBuilder(rootNamespace string) *Builder {
+	return &Builder{rootNamespace: rootNamespace}
+}
+
+// Snapshot builds the policy snapshot of s; see the package's Snapshot.
+func (b *Builder) Snapshot(s *state.Snapshot) (*policy.Snapshot, []error) {
+	td := s.TrustDomain().Name()
+	if b.pb == nil || td != b.td {
+		b.td = td
+		b.pb = policy.NewBuilder(policy.Options{RootNamespace: b.rootNamespace, TrustDomain: td})
+		b.objs, b.pods = nil, nil
+	}
+	in, errs := b.input(s)
+	return b.pb.Build(s.Version(), in), errs
 }
 
 // Input converts a state snapshot. A custom object that does not convert to
@@ -43,6 +82,10 @@ func Snapshot(s *state.Snapshot, rootNamespace string) (*policy.Snapshot, []erro
 // for the object's namespace (explanations name it); the returned errors
 // describe each such object.
 func Input(s *state.Snapshot) (policy.Input, []error) {
+	return (&Builder{}).input(s)
+}
+
+func (b *Builder) input(s *state.Snapshot) (policy.Input, []error) {
 	var in policy.Input
 	var errs []error
 	for _, ns := range s.Namespaces() {
@@ -51,40 +94,100 @@ func Input(s *state.Snapshot) (policy.Input, []error) {
 	for _, n := range s.Nodes() {
 		in.Nodes = append(in.Nodes, policy.Node{Name: n.Name, IPs: n.IPs})
 	}
-	for _, p := range s.Pods() {
-		pp := policy.Pod{
-			Namespace:      p.Namespace,
-			Name:           p.Name,
-			Labels:         p.Labels,
-			ServiceAccount: p.ServiceAccount,
-			Node:           p.Node,
-			HostNetwork:    p.HostNetwork,
-			Unmeshed:       !p.Enrolled,
+	// Pods in map order: the engine's result does not depend on it (each
+	// address is attributed to one pod, and host-network pods are not
+	// indexed by address), and sorting 100,000 pods per change is not free.
+	pods := make(map[*state.Pod]policy.Pod, len(b.pods))
+	for p := range s.AllPods() {
+		pp, ok := b.pods[p]
+		if !ok || !sameAttribution(s, p, pp.IPs) {
+			pp = convertPod(s, p)
 		}
-		// Only the addresses the state attributes to this pod (a finished
-		// pod's IP may already belong to a new pod).
-		for _, ip := range p.IPs {
-			if owner := s.PodByIP(ip); p.HostNetwork || owner == p {
-				pp.IPs = append(pp.IPs, ip)
-			}
-		}
-		for _, cp := range p.Ports {
-			proto := corev1.Protocol(cp.Protocol)
-			if proto == "" {
-				proto = corev1.ProtocolTCP
-			}
-			pp.Ports = append(pp.Ports, policy.ContainerPort{Name: cp.Name, Port: int32(cp.Port), Protocol: proto})
-		}
-		for _, port := range p.ProbePorts {
-			pp.ProbePorts = append(pp.ProbePorts, int32(port))
-		}
+		pods[p] = pp
 		in.Pods = append(in.Pods, pp)
 	}
+	b.pods = pods
 	in.NetworkPolicies = s.NetworkPolicies("")
-	for _, o := range s.Objects(AuthorizationPolicyKind) {
+	objs := make(map[*state.Object]converted, len(b.objs))
+	for _, kind := range []state.GroupKind{AuthorizationPolicyKind, PeerAuthenticationKind} {
+		for _, o := range s.Objects(kind) {
+			c, ok := b.objs[o]
+			if !ok {
+				c = convertObject(o)
+			}
+			objs[o] = c
+			switch {
+			case c.unreadable != nil:
+				errs = append(errs, c.err)
+				in.Unreadable = append(in.Unreadable, *c.unreadable)
+			case c.ap != nil:
+				in.AuthorizationPolicies = append(in.AuthorizationPolicies, c.ap)
+			case c.pa != nil:
+				in.PeerAuthentications = append(in.PeerAuthentications, c.pa)
+			}
+		}
+	}
+	b.objs = objs
+	return in, errs
+}
+
+// attributed reports whether ip of p is p's in s: a finished pod's IP may
+// already belong to a new pod.
+func attributed(s *state.Snapshot, p *state.Pod, ip netip.Addr) bool {
+	return p.HostNetwork || s.PodByIP(ip) == p
+}
+
+// sameAttribution reports whether the addresses s attributes to p are ips.
+func sameAttribution(s *state.Snapshot, p *state.Pod, ips []netip.Addr) bool {
+	i := 0
+	for _, ip := range p.IPs {
+		if !attributed(s, p, ip) {
+			continue
+		}
+		if i >= len(ips) || ips[i] != ip {
+			return false
+		}
+		i++
+	}
+	return i == len(ips)
+}
+
+func convertPod(s *state.Snapshot, p *state.Pod) policy.Pod {
+	pp := policy.Pod{
+		Namespace:      p.Namespace,
+		Name:           p.Name,
+		Labels:         p.Labels,
+		ServiceAccount: p.ServiceAccount,
+		Node:           p.Node,
+		HostNetwork:    p.HostNetwork,
+		Unmeshed:       !p.Enrolled,
+	}
+	// Only the addresses the state attributes to this pod.
+	for _, ip := range p.IPs {
+		if attributed(s, p, ip) {
+			pp.IPs = append(pp.IPs, ip)
+		}
+	}
+	for _, cp := range p.Ports {
+		proto := corev1.Protocol(cp.Protocol)
+		if proto == "" {
+			proto = corev1.ProtocolTCP
+		}
+		pp.Ports = append(pp.Ports, policy.ContainerPort{Name: cp.Name, Port: int32(cp.Port), Protocol: proto})
+	}
+	for _, port := range p.ProbePorts {
+		pp.ProbePorts = append(pp.ProbePorts, int32(port))
+	}
+	return pp
+}
+
+// convertObject converts an AuthorizationPolicy or PeerAuthentication
+// object, or describes its unreadable stand-in.
+func convertObject(o *state.Object) converted {
+	switch o.GroupKind {
+	case AuthorizationPolicyKind:
 		var ap v1alpha1.AuthorizationPolicy
 		if err := convert(o, &ap); err != nil {
-			errs = append(errs, err)
 			// The action decides the stand-in: absent or empty is ALLOW (the
 			// default); unreadable is treated as DENY.
 			action, ok := nestedString(o.Content, "spec", "action")
@@ -96,26 +199,21 @@ func Input(s *state.Snapshot) (policy.Input, []error) {
 			if action == "" {
 				action = string(v1alpha1.ActionAllow)
 			}
-			in.Unreadable = append(in.Unreadable, policy.Unreadable{
+			return converted{err: err, unreadable: &policy.Unreadable{
 				Ref:    policy.PolicyRef{Kind: policy.KindAuthorizationPolicy, Namespace: o.Namespace, Name: o.Name},
 				Action: v1alpha1.Action(action), Err: err,
-			})
-			continue
+			}}
 		}
-		in.AuthorizationPolicies = append(in.AuthorizationPolicies, &ap)
-	}
-	for _, o := range s.Objects(PeerAuthenticationKind) {
+		return converted{ap: &ap}
+	default:
 		var pa v1alpha1.PeerAuthentication
 		if err := convert(o, &pa); err != nil {
-			errs = append(errs, err)
-			in.Unreadable = append(in.Unreadable, policy.Unreadable{
+			return converted{err: err, unreadable: &policy.Unreadable{
 				Ref: policy.PolicyRef{Kind: policy.KindPeerAuthentication, Namespace: o.Namespace, Name: o.Name}, Err: err,
-			})
-			continue
+			}}
 		}
-		in.PeerAuthentications = append(in.PeerAuthentications, &pa)
+		return converted{pa: &pa}
 	}
-	return in, errs
 }
 
 func convert(o *state.Object, into runtime.Object) error {
