@@ -50,7 +50,8 @@ import (
 //	hold ADDR N KIND   open N connections to ADDR and hold them until
 //	                   stdin closes; KIND slowbody sends the headers of a
 //	                   CA sign request announcing 64 KiB and one byte of
-//	                   it over TLS, KIND idle sends nothing. Prints
+//	                   it over TLS, KIND idle sends nothing, KIND trickle
+//	                   sends a TLS record one byte every 500 ms. Prints
 //	                   "ready <established>" once all are open.
 //	probe ADDR KIND    one connection; prints what came back (KIND http:
 //	                   GET /metrics; plain: a line of text; h2c: the HTTP/2
@@ -100,6 +101,19 @@ func holdConns(addr string, n int, kind string) {
 				}
 				tc.SetDeadline(time.Time{})
 				c = tc
+			}
+			if kind == "trickle" {
+				// A TLS handshake record header, then one byte every
+				// 500 ms: never a complete ClientHello.
+				go func() {
+					hello := append([]byte{0x16, 0x03, 0x01, 0x02, 0x00, 0x01}, make([]byte, 512)...)
+					for _, b := range hello {
+						if _, err := c.Write([]byte{b}); err != nil {
+							return
+						}
+						time.Sleep(500 * time.Millisecond)
+					}
+				}()
 			}
 			mu.Lock()
 			conns = append(conns, c)
@@ -477,6 +491,24 @@ func TestLabAdversarial(t *testing.T) {
 			return settled(base)()
 		})
 		t.Logf("node-2 after the timeouts (attack still open): %s", usage()["node-2"])
+	})
+
+	t.Run("TrickledTunnelHandshakes", func(t *testing.T) {
+		// A ClientHello trickled one byte every 500 ms from 50
+		// connections: the 10 s handshake deadline holds for slow
+		// handshakes as for stalled ones.
+		before := tunnelMetrics(t, node2)
+		got, stop := hold("client/client-1", tunnel, 50, "trickle")
+		defer stop()
+		t.Logf("trickling connections opened to %s: %d; node-2 during: %s", tunnel, got, usage()["node-2"])
+		waitfor.NoError(t, 40*time.Second, "the handshake timeout to close the trickling connections", func() error {
+			m := tunnelMetrics(t, node2)
+			if d := m["timeout"] - before["timeout"]; d < float64(got) {
+				return fmt.Errorf("handshake timeouts +%v, want one per connection (%d)", d, got)
+			}
+			return settled(base)()
+		})
+		t.Logf("node-2 after the timeouts (attacker still trickling): %s", usage()["node-2"])
 	})
 
 	t.Run("UDPAndSCTPOnlyAllowOpensNoTCP", func(t *testing.T) {
