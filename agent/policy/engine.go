@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"slices"
 	"sync/atomic"
+	"weak"
 
 	lru "github.com/hashicorp/golang-lru/v2"
 )
@@ -43,9 +44,12 @@ type cached struct {
 	snapshot atomic.Uint64
 }
 
-// deps is what a decision read from its snapshot.
+// deps is what a decision read from its snapshot. The pod entries are held
+// weakly: a cache entry must not keep the entries of old snapshots alive
+// (a weak pointer equals another only if both were made from the same
+// entry, even after it was collected, so comparing them stays exact).
 type deps struct {
-	src, dst     *podEntry
+	src, dst     weak.Pointer[podEntry]
 	srcNS, dstNS map[string]string
 	dstNodeIPs   []netip.Addr
 }
@@ -60,13 +64,14 @@ func (s *Snapshot) depsOf(f *Flow) deps {
 		}
 		return s.podsByIP[ip.Unmap()]
 	}
-	d.src, d.dst = lookup(f.SrcPod, f.Src), lookup(f.DstPod, f.Dst)
-	if d.src != nil {
-		d.srcNS = s.namespaces[d.src.Namespace]
+	src, dst := lookup(f.SrcPod, f.Src), lookup(f.DstPod, f.Dst)
+	d.src, d.dst = weak.Make(src), weak.Make(dst)
+	if src != nil {
+		d.srcNS = s.namespaces[src.Namespace]
 	}
-	if d.dst != nil {
-		d.dstNS = s.namespaces[d.dst.Namespace]
-		d.dstNodeIPs = s.nodeIPs[d.dst.Node]
+	if dst != nil {
+		d.dstNS = s.namespaces[dst.Namespace]
+		d.dstNodeIPs = s.nodeIPs[dst.Node]
 	}
 	return d
 }

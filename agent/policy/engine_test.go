@@ -2,8 +2,11 @@ package policy
 
 import (
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
+	"time"
+	"weak"
 
 	corev1 "k8s.io/api/core/v1"
 )
@@ -131,4 +134,25 @@ func TestUnmeshedDestination(t *testing.T) {
 		{name: "STRICT and AuthorizationPolicy do not apply to an unmeshed pod", flow: Flow{Src: ipOut, Dst: ipOT, Port: 80}, verdict: Allow, reasonHas: "no policy restricts"},
 		{name: "they do apply to meshed pods", flow: Flow{Src: ipOut, Dst: ipFE, Port: 80}, verdict: Deny, check: CheckMTLS, policy: "nodemesh-system/mesh", rule: -1},
 	})
+}
+
+// A cached decision does not keep the pod entries of the snapshot that
+// made it alive (they hold the pods and their policies).
+func TestEngineDoesNotKeepOldSnapshotsAlive(t *testing.T) {
+	e, err := NewEngine(16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := shopSnapshot(t, "")
+	e.Decide(s, Flow{Src: ipFE, Dst: ipBE, Port: 8080, Protocol: corev1.ProtocolTCP})
+	be := weak.Make(s.pods["shop/be"])
+	s = nil
+	for range 20 {
+		runtime.GC()
+		if be.Value() == nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("the engine's cache keeps an old snapshot's pod entry alive")
 }
