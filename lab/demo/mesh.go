@@ -14,13 +14,20 @@ import (
 	"time"
 
 	networkingv1 "k8s.io/api/networking/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/dynamic"
 
+	"github.com/nodemesh/nodemesh/agent/l7"
 	"github.com/nodemesh/nodemesh/agent/policy"
+	policyv1alpha1 "github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/lab/mesh"
 	"github.com/nodemesh/nodemesh/lab/spec"
 	"github.com/nodemesh/nodemesh/lab/workload"
+	"github.com/nodemesh/nodemesh/manifests"
 	"github.com/nodemesh/nodemesh/redirect"
 )
 
@@ -59,7 +66,8 @@ type meshDemo struct {
 // MeshSteps is the mesh demo: the lab with its enrollment, the mesh
 // starting, enrolled traffic across nodes with the identities the agents
 // logged, the underlay carrying only TLS, a plaintext client outside the
-// mesh (PERMISSIVE), a NetworkPolicy denying a flow with the live explain,
+// mesh (PERMISSIVE), L7 authorization on one Service, a NetworkPolicy
+// denying a flow with the live explain,
 // and the mesh stopping. It needs the pods of MeshSpec.
 func MeshSteps(o MeshOptions) []Step {
 	d := &meshDemo{o: o}
@@ -69,6 +77,7 @@ func MeshSteps(o MeshOptions) []Step {
 		{Name: "enrolled to enrolled across nodes, by pod IP and by ClusterIP, with the identities from the access logs", Run: d.requests},
 		{Name: "the underlay carries only TLS", Run: d.underlay},
 		{Name: "a pod outside the mesh reaches an enrolled pod (PERMISSIVE, plaintext captured by 15006)", Run: d.permissive},
+		{Name: "L7 for one Service: requests authorised one by one (403 keeps the connection)", Run: d.l7},
 		{Name: "a NetworkPolicy denies a flow; live policy explain", Run: d.policy},
 		{Name: "the mesh stops", Run: d.stop},
 	}
@@ -589,4 +598,130 @@ func sortedKeys(m map[string]int) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// l7 opts the web Service in to L7 with an AuthorizationPolicy that lets
+// the client namespace GET /public/* only: allowed and denied requests on
+// one connection, the path decided as the application sees it. It removes
+// both afterwards, so the next steps see the mesh at L4 again.
+func (d *meshDemo) l7(ctx context.Context, env *Env) error {
+	if _, err := d.need(); err != nil {
+		return err
+	}
+	c := env.Lab.Server.Client
+	dyn, err := dynamic.NewForConfig(env.Lab.Server.REST)
+	if err != nil {
+		return err
+	}
+	crds, err := manifests.CRDs()
+	if err != nil {
+		return err
+	}
+	crdGVR := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
+	for _, crd := range crds {
+		if _, err := dyn.Resource(crdGVR).Create(ctx, crd, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+			return fmt.Errorf("installing CRD %s: %w", crd.GetName(), err)
+		}
+	}
+	svc, err := env.Lab.Service(meshService)
+	if err != nil {
+		return err
+	}
+	ns, name, _ := strings.Cut(meshService, "/")
+	setLabel := func(v string) error {
+		s, err := c.CoreV1().Services(ns).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if s.Labels == nil {
+			s.Labels = map[string]string{}
+		}
+		if v == "" {
+			delete(s.Labels, l7.LabelL7)
+		} else {
+			s.Labels[l7.LabelL7] = v
+		}
+		_, err = c.CoreV1().Services(ns).Update(ctx, s, metav1.UpdateOptions{})
+		return err
+	}
+	apRes := dyn.Resource(policyv1alpha1.AuthorizationPolicyResource).Namespace(ns)
+	ap := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "security.nodemesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+		"metadata": map[string]any{"name": "web-public", "namespace": ns},
+		"spec": map[string]any{
+			"selector": map[string]any{"matchLabels": map[string]any{"app": "web"}},
+			"rules": []any{map[string]any{
+				"from": []any{map[string]any{"source": map[string]any{"namespaces": []any{"client"}}}},
+				"to":   []any{map[string]any{"operation": map[string]any{"methods": []any{"GET"}, "paths": []any{"/public/*"}}}},
+			}},
+		},
+	}}
+	if err := eventually(ctx, 30*time.Second, func() error {
+		_, err := apRes.Create(ctx, ap, metav1.CreateOptions{})
+		if apierrors.IsAlreadyExists(err) {
+			return nil
+		}
+		return err
+	}); err != nil {
+		return fmt.Errorf("creating AuthorizationPolicy %s/web-public: %w", ns, err)
+	}
+	if err := setLabel(l7.ValueEnabled); err != nil {
+		return fmt.Errorf("labelling Service %s: %w", meshService, err)
+	}
+	env.Printf("   labelled Service %s %s=%s, and applied AuthorizationPolicy %s/web-public:\n", meshService, l7.LabelL7, l7.ValueEnabled, ns)
+	env.Printf("     pods app=web: namespace client may GET /public/* (methods, paths: L7 fields, decided per request)\n")
+	base := fmt.Sprintf("http://%s:80", svc.ClusterIP)
+	paths := []string{"/public/hello", "/admin", "/public/../admin", "/public//hello/./again"}
+	var results []workload.Result
+	err = eventually(ctx, 60*time.Second, func() error {
+		var urls []string
+		for _, p := range paths {
+			urls = append(urls, base+p)
+		}
+		out, err := env.Lab.Exec(ctx, meshClient, append([]string{"nodemeshctl", "lab", "workload", "requests"}, urls...))
+		if err != nil {
+			return fmt.Errorf("%w: %s", err, out)
+		}
+		results = results[:0]
+		for line := range strings.SplitSeq(strings.TrimSpace(string(out)), "\n") {
+			var r workload.Result
+			if err := json.Unmarshal([]byte(line), &r); err != nil {
+				return fmt.Errorf("decoding %q: %w", line, err)
+			}
+			results = append(results, r)
+		}
+		if len(results) != len(paths) || results[0].Status != 200 || results[1].Status != 403 || results[2].Status != 403 || results[3].Status != 200 {
+			return fmt.Errorf("not in force yet: %+v", results)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	env.Printf("   %s -> %s, four requests on one kept-alive connection:\n", meshClient, base)
+	for i, r := range results {
+		what := strings.TrimSpace(r.Body)
+		if r.Status == 200 {
+			var reply workload.Reply
+			if err := json.Unmarshal([]byte(r.Body), &reply); err == nil {
+				what = fmt.Sprintf("answered by %s, which saw the path %s", reply.Pod, reply.Path)
+			}
+		}
+		conn := "new connection"
+		if r.Reused {
+			conn = "same connection"
+		}
+		env.Printf("     GET %-24s %d  %s (%s)\n", paths[i], r.Status, what, conn)
+	}
+	// Back to L4 for the next steps.
+	if err := apRes.Delete(ctx, "web-public", metav1.DeleteOptions{}); err != nil {
+		return err
+	}
+	if err := setLabel(""); err != nil {
+		return err
+	}
+	return eventually(ctx, 60*time.Second, func() error {
+		_, err := meshGet(ctx, env, meshPeer, base+"/admin")
+		return err
+	})
 }

@@ -56,6 +56,9 @@ func TestLabMeshDemo(t *testing.T) {
 		"destination agent (node-2) access log: ",
 		"spiffe://cluster.local/ns/client/sa/client => spiffe://cluster.local/ns/shop/sa/web",
 		"0 frames contain",
+		"GET /admin                   403  RBAC: access denied (same connection)",
+		"GET /public//hello/./again   200  answered by shop/web-",
+		"which saw the path /public/hello/again (same connection)",
 		"DENY  client/client-1",
 		"NetworkPolicy shop/web-from-shop-only",
 	} {
