@@ -29,8 +29,10 @@ import (
 	"github.com/nodemesh/nodemesh/lab/workload"
 )
 
-// gatewayCRDs installs the Gateway API's HTTPRoute CRD from the
-// sigs.k8s.io/gateway-api module the agent is built with.
+// gatewayCRDs installs the Gateway API's HTTPRoute and GRPCRoute CRDs from
+// the sigs.k8s.io/gateway-api module the agent is built with, from the
+// experimental channel: in v1.4 the standard channel's schema has no
+// HTTPRoute retry field, and the API server prunes it.
 func gatewayCRDs(ctx context.Context, t *testing.T, dyn dynamic.Interface) {
 	t.Helper()
 	out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/gateway-api").Output()
@@ -39,7 +41,7 @@ func gatewayCRDs(ctx context.Context, t *testing.T, dyn dynamic.Interface) {
 	}
 	crdGVR := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
 	for _, f := range []string{"gateway.networking.k8s.io_httproutes.yaml", "gateway.networking.k8s.io_grpcroutes.yaml"} {
-		b, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "standard", f))
+		b, err := os.ReadFile(filepath.Join(strings.TrimSpace(string(out)), "config", "crd", "experimental", f))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -148,6 +150,20 @@ spec:
     - type: RequestHeaderModifier
       requestHeaderModifier:
         set: [{name: x-route, value: split}]
+  - matches:
+    - path: {type: PathPrefix, value: /retry}
+    backendRefs:
+    - {name: web, port: 80}
+    retry: {codes: [503], attempts: 3, backoff: 10ms}
+  - matches:
+    - path: {type: PathPrefix, value: /slow}
+    backendRefs:
+    - {name: web, port: 80}
+    timeouts: {request: 300ms}
+  - matches:
+    - path: {type: PathPrefix, value: /noretry}
+    backendRefs:
+    - {name: web, port: 80}
 `), &hr.Object); err != nil {
 		t.Fatal(err)
 	}
@@ -196,5 +212,40 @@ spec:
 		if json.Unmarshal([]byte(line), &r) != nil || json.Unmarshal([]byte(r.Body), &reply) != nil || reply.Pod != "shop/web-2" {
 			t.Fatalf("x-canary: true answered %q, want shop/web-2", line)
 		}
+	}
+
+	// Retries hide a 503: each pod fails a key once, so with 3 retries
+	// every request succeeds; without the retry stanza the first failure
+	// reaches the client.
+	one := func(hdr, url string) workload.Result {
+		t.Helper()
+		out, err := l.Exec(ctx, "client/client-1", []string{"nodemeshctl", "lab", "workload", "requests", "--header", hdr, url})
+		if err != nil {
+			t.Fatalf("%s: %v: %s", url, err, out)
+		}
+		var r workload.Result
+		if err := json.Unmarshal(out, &r); err != nil {
+			t.Fatalf("%s: %q: %v", url, out, err)
+		}
+		return r
+	}
+	for i := range 5 {
+		if r := one(fmt.Sprintf("%s=retry-%d", workload.HeaderFailOnce, i), base+"/retry"); r.Status != 200 {
+			t.Errorf("retried request %d: %d %s%s, want 200 (the retry hides the 503)", i, r.Status, r.Body, r.Error)
+		}
+	}
+	if r := one(workload.HeaderFailOnce+"=noretry", base+"/noretry"); r.Status != 503 {
+		t.Errorf("request without retries: %d %s, want the backend's 503", r.Status, r.Body)
+	}
+	// The route's request timeout fires: 504.
+	start := time.Now()
+	if r := one(workload.HeaderDelay+"=3s", base+"/slow"); r.Status != 504 || !strings.Contains(r.Body, "upstream request timeout") {
+		t.Errorf("slow request: %d %q, want 504 upstream request timeout", r.Status, r.Body)
+	}
+	if d := time.Since(start); d > 2500*time.Millisecond {
+		t.Errorf("the 300ms timeout answered after %s", d)
+	}
+	if r := one(workload.HeaderDelay+"=100ms", base+"/slow"); r.Status != 200 {
+		t.Errorf("request within the timeout: %d %s", r.Status, r.Body)
 	}
 }

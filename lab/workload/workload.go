@@ -49,6 +49,14 @@ const (
 	EnvNodeName     = "NODEMESH_NODE_NAME"
 )
 
+// Request headers the http workload acts on, for L7 tests: HeaderDelay (a
+// Go duration, at most a minute) delays the answer; HeaderFailOnce answers
+// 503 the first time this pod sees its value.
+const (
+	HeaderDelay    = "X-Workload-Delay"
+	HeaderFailOnce = "X-Workload-Fail-Once"
+)
+
 // Reply is the JSON body the http workload answers with.
 type Reply struct {
 	Pod       string      `json:"pod"`       // namespace/name
@@ -175,8 +183,30 @@ func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
 	}
 	type localKey struct{}
 	type markKey struct{}
+	var failMu sync.Mutex
+	failed := map[string]bool{} // X-Workload-Fail-Once keys already failed
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.Copy(io.Discard, io.LimitReader(r.Body, 64<<20))
+		// Test hooks for L7 (timeouts, retries): a delay before answering,
+		// and a 503 the first time this pod sees a key.
+		if d, err := time.ParseDuration(r.Header.Get(HeaderDelay)); err == nil && d > 0 {
+			select {
+			case <-time.After(min(d, time.Minute)):
+			case <-r.Context().Done():
+				return
+			}
+		}
+		if k := r.Header.Get(HeaderFailOnce); k != "" {
+			failMu.Lock()
+			first := !failed[k]
+			failed[k] = true
+			failMu.Unlock()
+			if first {
+				w.Header().Set("X-Nodemesh-Pod", self.Pod)
+				http.Error(w, "failing once for "+k, http.StatusServiceUnavailable)
+				return
+			}
+		}
 		rep := self
 		rep.Remote = r.RemoteAddr
 		if la, ok := r.Context().Value(localKey{}).(net.Addr); ok {
