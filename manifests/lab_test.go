@@ -476,8 +476,14 @@ func runAgentInformers(ctx context.Context, t *testing.T, cfg *rest.Config) {
 	if _, err := store.WaitFor(wctx, func(s *state.Snapshot) bool { return s.Synced() }); err != nil {
 		t.Fatalf("the agent's informers did not sync with its own token: %v\n%s", err, logBuf.String())
 	}
-	if l := logBuf.String(); strings.Contains(l, "not served") || strings.Contains(l, "forbidden") {
-		t.Errorf("agent informers logged problems:\n%s", l)
+	// Every resource of the install is served and readable; the Gateway
+	// API routes are not part of it (an optional CRD set, for L7).
+	for _, l := range strings.Split(logBuf.String(), "\n") {
+		optional := strings.Contains(l, agentk8s.HTTPRouteResource.Group+"/")
+		if strings.Contains(l, "forbidden") || (strings.Contains(l, "not served") && !optional) {
+			t.Errorf("agent informers logged problems:\n%s", logBuf.String())
+			break
+		}
 	}
 }
 

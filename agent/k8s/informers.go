@@ -155,7 +155,13 @@ func (in *Informers) Run(ctx context.Context) error {
 				return err
 			}
 			if !ok {
-				log.Warn("custom resource not served by the API server, treating it as empty until its CRD is installed", "resource", gvr.String())
+				// The Gateway API is optional (only L7 routing reads it);
+				// nodemesh's own CRDs are part of the install.
+				level := slog.LevelWarn
+				if gvr.Group == HTTPRouteResource.Group {
+					level = slog.LevelInfo
+				}
+				log.Log(ctx, level, "custom resource not served by the API server, treating it as empty until its CRD is installed", "resource", gvr.String())
 				missing = append(missing, gvr)
 				continue
 			}
