@@ -362,7 +362,7 @@ func (c *conn) keeper() {
 			c.keeperWrite(func() { _ = c.flushLoop(nil) })
 		case now := <-t.C:
 			t.Reset(tick)
-			if err := socketError(c.bc.Conn); err != nil {
+			if err := socketError(c.bc.rc); err != nil {
 				c.fail(fmt.Errorf("HBONE connection: %w", err))
 				return
 			}
@@ -456,8 +456,8 @@ func (c *conn) readFrames() error {
 			return err
 		}
 	}
-	if rc := rawConn(c.bc.Conn); rc != nil {
-		return c.readEvented(rc)
+	if c.bc.rc != nil {
+		return c.readEvented(c.bc.rc)
 	}
 	return c.readBuffered()
 }

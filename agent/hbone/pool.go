@@ -509,7 +509,7 @@ func (p *Pool) handshake(ctx context.Context, key Key) (*conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dialing HBONE %s (is port %d open on the destination pod, or is a NetworkPolicy blocking it?): %w", key.Addr, key.Addr.Port(), err)
 	}
-	bc := &batchConn{Conn: raw}
+	bc := newBatchConn(raw)
 	tc := tls.Client(bc, cfg)
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()

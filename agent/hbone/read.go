@@ -333,11 +333,10 @@ func (c *conn) readEvented(rc syscall.RawConn) error {
 	return ferr
 }
 
-// socketError returns the error pending on nc's socket (SO_ERROR), which
+// socketError returns the error pending on socket rc (SO_ERROR), which
 // also clears it: a reset that arrived together with data, which the read
 // loop's drained reads cannot see (recv.go).
-func socketError(nc any) error {
-	rc := rawConn(nc)
+func socketError(rc syscall.RawConn) error {
 	if rc == nil {
 		return nil
 	}
@@ -356,7 +355,7 @@ func socketError(nc any) error {
 	return serr
 }
 
-// rawConn returns the socket under nc for readEvented, or nil.
+// rawConn returns the socket under nc, or nil.
 func rawConn(nc any) syscall.RawConn {
 	sc, ok := nc.(syscall.Conn)
 	if !ok {

@@ -44,7 +44,7 @@ func TestReadPathNeverStalls(t *testing.T) {
 		cc := &captureConn{Conn: cliRaw}
 		cert := selfSigned(t)
 		cli := tls.Client(cc, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS13})
-		bc := &batchConn{Conn: srvRaw}
+		bc := newBatchConn(srvRaw)
 		srv := tls.Server(bc, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13, SessionTicketsDisabled: true})
 		errc := make(chan error, 1)
 		go func() { errc <- cli.Handshake() }()

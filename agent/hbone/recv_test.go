@@ -56,7 +56,7 @@ func drainRead(t *testing.T, c *net.TCPConn, size int) readResult {
 		t.Fatal(err)
 	}
 	res.data = buf[:res.n]
-	res.pendingSockErr = socketError(c)
+	res.pendingSockErr = socketError(rawConn(c))
 	return res
 }
 

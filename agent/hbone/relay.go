@@ -57,9 +57,9 @@ func newSink(app net.Conn, n *atomic.Int64) *sink {
 //
 // On a socket with a stream to send to (k.s), read also sends what it
 // reads, inside the read callback, whenever that needs no waiting
-// (stream.sendInline), and keeps reading; after a read(2) that returned
-// less than it asked for, the socket is drained, so it waits for the next
-// edge of readability instead of reading again only to hear EAGAIN. It
+// (stream.sendInline), and keeps reading; once a read says the socket is
+// drained (drainReader), it waits for the next edge of readability instead
+// of reading again only to hear EAGAIN. It
 // returns with a chunk (n > 0) only when that chunk must still be sent the
 // blocking way, and with k.owe set when a flush must be finished.
 func (k *sink) read() (*[]byte, int, error) {

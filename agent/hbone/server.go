@@ -342,7 +342,7 @@ func (s *Server) handshake(ctx context.Context, c net.Conn, remote netip.AddrPor
 	}
 	cfg = cfg.Clone()
 	cfg.DynamicRecordSizingDisabled = true
-	bc := &batchConn{Conn: c}
+	bc := newBatchConn(c)
 	tc := tls.Server(bc, cfg)
 	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
 	err = tc.HandshakeContext(hctx)

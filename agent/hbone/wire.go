@@ -36,8 +36,9 @@ type batchConn struct {
 	mu       sync.Mutex
 	batching bool
 	buf      []byte
-	// flushTry's socket and its non-blocking writer.
-	wrc syscall.RawConn
+	// rc is the socket under Conn (nil if it is not one), resolved once
+	// by newBatchConn; nbw writes to it without waiting.
+	rc  syscall.RawConn
 	nbw nbWriter
 	// stall bounds a blocking write (0: unbounded); wdl is the deadline
 	// set with setWriteDeadline, in Unix nanoseconds (0: none).
@@ -81,12 +82,10 @@ func (b *batchConn) flushTry() (bool, error) {
 	if len(b.buf) == 0 {
 		return true, nil
 	}
-	if b.wrc == nil {
-		if b.wrc = rawConn(b.Conn); b.wrc == nil {
-			return true, b.flushLocked()
-		}
+	if b.rc == nil {
+		return true, b.flushLocked()
 	}
-	n, err := b.nbw.write(b.wrc, b.buf)
+	n, err := b.nbw.write(b.rc, b.buf)
 	if err != nil {
 		return true, err
 	}
@@ -148,6 +147,10 @@ func (w *nbWriter) do(fd uintptr) bool {
 	return true
 }
 
+func newBatchConn(c net.Conn) *batchConn {
+	return &batchConn{Conn: c, rc: rawConn(c)}
+}
+
 // start opens a batch.
 func (b *batchConn) start() {
 	b.mu.Lock()
@@ -188,13 +191,10 @@ func (b *batchConn) flushLocked() error {
 // with a write deadline of b.stall from now (or the connection's own
 // deadline, if earlier), so that the common case sets no timer.
 func (b *batchConn) writeBounded(p []byte) error {
-	if b.wrc == nil {
-		b.wrc = rawConn(b.Conn)
-	}
 	n := 0
-	if b.wrc != nil {
+	if b.rc != nil {
 		var err error
-		if n, err = b.nbw.write(b.wrc, p); err != nil {
+		if n, err = b.nbw.write(b.rc, p); err != nil {
 			return err
 		}
 	}

@@ -66,6 +66,13 @@ func (c *conn) flushLoop(first []byte) error {
 		err = c.writeOut(first)
 		c.wmu.Lock()
 	}
+	return c.flushRest(err)
+}
+
+// flushRest is the rest of flushLoop: unless err (the first write's
+// result) is set, it writes the pending batches; then it ends the flush.
+// Called with c.wmu held and c.flushing set; releases c.wmu.
+func (c *conn) flushRest(err error) error {
 	for err == nil && len(c.pend.b) > 0 {
 		out := c.pend.b
 		c.pend.b = c.spare[:0]
@@ -143,18 +150,7 @@ func (c *conn) finishFlush() error {
 	if c.inlineErr != nil {
 		err, c.inlineErr = c.inlineErr, nil
 	}
-	if err == nil {
-		return c.flushLoop(nil)
-	}
-	c.flushing = false
-	if c.werr == nil {
-		c.werr = err
-	}
-	c.wcond.Broadcast()
-	c.wmu.Unlock()
-	c.timeoutCheck(err, "peer stopped reading")
-	c.fail(fmt.Errorf("writing to HBONE peer: %w", err))
-	return err
+	return c.flushRest(err)
 }
 
 // writeFramed sends buf, one complete frame (or several), from the
