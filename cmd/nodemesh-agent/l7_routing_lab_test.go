@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -164,6 +165,11 @@ spec:
     - path: {type: PathPrefix, value: /noretry}
     backendRefs:
     - {name: web, port: 80}
+  - matches:
+    - path: {type: PathPrefix, value: /outage}
+    backendRefs:
+    - {name: web, port: 80}
+    retry: {codes: [503], attempts: 3, backoff: 10ms}
 `), &hr.Object); err != nil {
 		t.Fatal(err)
 	}
@@ -247,5 +253,104 @@ spec:
 	}
 	if r := one(workload.HeaderDelay+"=100ms", base+"/slow"); r.Status != 200 {
 		t.Errorf("request within the timeout: %d %s", r.Status, r.Body)
+	}
+
+	retryBudgetOutage(ctx, t, l, base)
+}
+
+// retryBudgetOutage proves through real agents that retries cannot
+// multiply load when every backend fails: both web pods answer 503 to
+// everything (X-Workload-Status), and the route allows 3 retries. The
+// attempts the backends received are counted by the destination agents
+// (istio_requests_total, reporter="destination"), the requests the client
+// made by the source agent (reporter="source").
+func retryBudgetOutage(ctx context.Context, t *testing.T, l *lab.Lab, base string) {
+	t.Helper()
+	count := func(reporter string) int {
+		t.Helper()
+		total := 0
+		for _, node := range []string{"node-1", "node-2"} {
+			n, _ := l.Node(node)
+			_, m, err := httpGet(nodeClient(n), "http://127.0.0.1:15020/metrics")
+			if err != nil {
+				t.Fatalf("metrics of %s: %v", node, err)
+			}
+			for _, line := range strings.Split(grep(m, "istio_requests_total{"), "\n") {
+				if !strings.Contains(line, `reporter="`+reporter+`"`) || !strings.Contains(line, `response_code="503"`) ||
+					!strings.Contains(line, `destination_service_name="web"`) {
+					continue
+				}
+				f := strings.Fields(line)
+				v, err := strconv.ParseFloat(f[len(f)-1], 64)
+				if err != nil {
+					t.Fatalf("%s: %q: %v", node, line, err)
+				}
+				total += int(v)
+			}
+		}
+		return total
+	}
+	// The counters settle once the answers are out; wait until both
+	// reporters have counted what was sent.
+	settled := func(wantSrc int, src0 int) (src, dst int) {
+		t.Helper()
+		waitfor.NoError(t, 20*time.Second, "request metrics", func() error {
+			src, dst = count("source"), count("destination")
+			if src-src0 < wantSrc {
+				return fmt.Errorf("source counted %d of %d requests", src-src0, wantSrc)
+			}
+			return nil
+		})
+		time.Sleep(500 * time.Millisecond) // a destination count a beat behind
+		return count("source"), count("destination")
+	}
+	run := func(parallel, n int) []workload.Result {
+		t.Helper()
+		args := []string{"nodemeshctl", "lab", "workload", "requests", "--timeout", "60s", "--parallel", strconv.Itoa(parallel),
+			"--header", workload.HeaderStatus + "=503", "--header", workload.HeaderDelay + "=50ms"}
+		for range n {
+			args = append(args, base+"/outage")
+		}
+		out, err := l.Exec(ctx, "client/client-1", args)
+		if err != nil {
+			t.Fatalf("outage requests: %v: %s", err, tail(string(out), 2000))
+		}
+		var rs []workload.Result
+		for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			var r workload.Result
+			if err := json.Unmarshal([]byte(line), &r); err != nil {
+				t.Fatalf("%q: %v", line, err)
+			}
+			if r.Status != 503 {
+				t.Errorf("outage request: %d %s%s, want the backend's 503", r.Status, r.Body, r.Error)
+			}
+			rs = append(rs, r)
+		}
+		return rs
+	}
+	src0, dst0 := count("source"), count("destination")
+	// One at a time, the budget's minimum (3 retries in flight) lets
+	// every retry through: 4 attempts per request. This shows the retries
+	// are made and counted.
+	run(1, 4)
+	src1, dst1 := settled(4, src0)
+	t.Logf("outage, one request at a time: %d requests, %d attempts at the backends", src1-src0, dst1-dst0)
+	if src1-src0 != 4 || dst1-dst0 != 16 {
+		t.Errorf("one at a time: %d requests made %d attempts, want 4 and 16 (3 retries each)", src1-src0, dst1-dst0)
+	}
+	// 20 at a time, 200 requests: retries in flight are capped at 20% of
+	// the requests in flight (4), so the backends get about 1.25 attempts
+	// per request, not 4.
+	const n = 200
+	run(20, n)
+	src2, dst2 := settled(n, src1)
+	reqs, atts := src2-src1, dst2-dst1
+	ratio := float64(atts) / float64(reqs)
+	t.Logf("outage, 20 in flight: %d requests, %d attempts at the backends (%.2f per request; 4 without the budget)", reqs, atts, ratio)
+	if reqs != n {
+		t.Errorf("the source agent counted %d requests, want %d", reqs, n)
+	}
+	if ratio > 1.5 || atts <= reqs {
+		t.Errorf("%d attempts for %d requests (%.2f each): want more than 1 and at most 1.5 under the retry budget", atts, reqs, ratio)
 	}
 }

@@ -4,13 +4,21 @@
 //	http --port P [--port P2 ...]   HTTP/1.1 server answering every request
 //	                                with a JSON Reply saying who it is and
 //	                                what it saw (remote and local address)
+//	grpc --port P                   gRPC health service (grpc.health.v1) in
+//	                                h2c, naming the pod in x-nodemesh-pod
 //	tcp-echo --port P               echoes every byte back
 //	udp-echo --port P               echoes every datagram back
 //	get URL                         prints the body of a GET (exit 1 on a
 //	                                non-2xx status or a network error)
-//	requests [--header n=v] URL...  GETs every URL in order on one kept-alive
-//	                                connection per host, printing one JSON
-//	                                Result line each (any status)
+//	requests [--header n=v] [--parallel N] URL...
+//	                                GETs every URL in order on one kept-alive
+//	                                connection per host (with --parallel, N
+//	                                at a time on up to N connections), printing
+//	                                one JSON Result line each, in URL order
+//	                                (any status)
+//	grpc-check [--n N] [--header n=v] HOST:PORT
+//	                                calls Health/Check N times on one
+//	                                connection, printing a GRPCResult line each
 //	tcp ADDR MESSAGE                sends MESSAGE, half-closes, prints the reply
 //	udp ADDR MESSAGE                sends MESSAGE as a datagram, prints the reply
 //	sleep                           blocks until SIGTERM
@@ -51,10 +59,12 @@ const (
 
 // Request headers the http workload acts on, for L7 tests: HeaderDelay (a
 // Go duration, at most a minute) delays the answer; HeaderFailOnce answers
-// 503 the first time this pod sees its value.
+// 503 the first time this pod sees its value; HeaderStatus (100-599)
+// answers every request with that status, after the delay (an outage).
 const (
 	HeaderDelay    = "X-Workload-Delay"
 	HeaderFailOnce = "X-Workload-Fail-Once"
+	HeaderStatus   = "X-Workload-Status"
 )
 
 // Reply is the JSON body the http workload answers with.
@@ -79,7 +89,7 @@ type Reply struct {
 }
 
 // Names lists the workloads Main accepts.
-var Names = []string{"http", "tcp-echo", "udp-echo", "get", "requests", "tcp", "udp", "sleep"}
+var Names = []string{"http", "grpc", "tcp-echo", "udp-echo", "get", "requests", "grpc-check", "tcp", "udp", "sleep"}
 
 // Main runs the workload named by args[0] until ctx ends (servers) or the
 // work is done (clients), and returns the exit code.
@@ -97,6 +107,10 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "http":
 		err = runHTTP(ctx, log, args[1:])
+	case "grpc":
+		err = runGRPC(ctx, log, args[1:])
+	case "grpc-check":
+		err = runGRPCCheck(ctx, args[1:], stdout)
 	case "tcp-echo":
 		err = runTCPEcho(ctx, log, args[1:])
 	case "udp-echo":
@@ -124,6 +138,9 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	return 0
 }
+
+// podName is the pod the workload runs in, namespace/name.
+func podName() string { return os.Getenv(EnvPodNamespace) + "/" + os.Getenv(EnvPodName) }
 
 type portsFlag []int
 
@@ -177,7 +194,7 @@ func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
 		ports = portsFlag{8080}
 	}
 	self := Reply{
-		Pod:   os.Getenv(EnvPodNamespace) + "/" + os.Getenv(EnvPodName),
+		Pod:   podName(),
 		Node:  os.Getenv(EnvNodeName),
 		PodIP: os.Getenv(EnvPodIP),
 	}
@@ -195,6 +212,11 @@ func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
 			case <-r.Context().Done():
 				return
 			}
+		}
+		if st, err := strconv.Atoi(r.Header.Get(HeaderStatus)); err == nil && st >= 100 && st <= 599 {
+			w.Header().Set("X-Nodemesh-Pod", self.Pod)
+			http.Error(w, "answering "+strconv.Itoa(st)+" as asked", st)
+			return
 		}
 		if k := r.Header.Get(HeaderFailOnce); k != "" {
 			failMu.Lock()
@@ -356,6 +378,7 @@ type Result struct {
 func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("requests", flag.ContinueOnError)
 	timeout := fs.Duration("timeout", 20*time.Second, "overall deadline")
+	parallel := fs.Int("parallel", 1, "requests in flight at once, each on its own connection")
 	hdr := http.Header{}
 	fs.Func("header", "a request header, name=value (repeatable)", func(s string) error {
 		k, v, ok := strings.Cut(s, "=")
@@ -369,19 +392,21 @@ func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	if fs.NArg() == 0 {
-		return errors.New("usage: requests [--timeout D] [--header name=value] URL [URL ...]")
+		return errors.New("usage: requests [--timeout D] [--header name=value] [--parallel N] URL [URL ...]")
+	}
+	if *parallel < 1 {
+		return errors.New("--parallel must be at least 1")
 	}
 	ctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	tr := &http.Transport{MaxConnsPerHost: 1}
+	tr := &http.Transport{MaxConnsPerHost: *parallel, MaxIdleConnsPerHost: *parallel}
 	defer tr.CloseIdleConnections()
 	hc := &http.Client{Transport: tr}
-	enc := json.NewEncoder(stdout)
-	for _, u := range fs.Args() {
+	get := func(u string) (Result, error) {
 		res := Result{URL: u}
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 		if err != nil {
-			return fmt.Errorf("building request: %w", err)
+			return res, fmt.Errorf("building request: %w", err)
 		}
 		for k, vs := range hdr {
 			req.Header[k] = vs
@@ -400,6 +425,44 @@ func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
 				res.Error = err.Error()
 			}
 		}
+		return res, nil
+	}
+	enc := json.NewEncoder(stdout)
+	if *parallel == 1 {
+		for _, u := range fs.Args() {
+			res, err := get(u)
+			if err != nil {
+				return err
+			}
+			if err := enc.Encode(res); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	urls := fs.Args()
+	results := make([]Result, len(urls))
+	errs := make([]error, len(urls))
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range *parallel {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				results[i], errs[i] = get(urls[i])
+			}
+		}()
+	}
+	for i := range urls {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	for _, res := range results {
 		if err := enc.Encode(res); err != nil {
 			return err
 		}

@@ -162,3 +162,61 @@ func TestGetFailsOnHTTPError(t *testing.T) {
 		t.Errorf("err %v, body %q", err, out.String())
 	}
 }
+
+// requests --parallel keeps URL order in its output; X-Workload-Status
+// answers every request with the status asked for.
+func TestRequestsParallelAndStatus(t *testing.T) {
+	p := freePort(t, "tcp")
+	serve(t, "http", "--port", strconv.Itoa(p))
+	waitTCP(t, p)
+	var urls []string
+	for i := range 12 {
+		urls = append(urls, "http://127.0.0.1:"+strconv.Itoa(p)+"/"+strconv.Itoa(i))
+	}
+	out, code := run(t, append([]string{"requests", "--parallel", "4", "--header", HeaderStatus + "=503"}, urls...)...)
+	if code != 0 {
+		t.Fatalf("requests: %s", out)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != len(urls) {
+		t.Fatalf("%d lines for %d URLs: %s", len(lines), len(urls), out)
+	}
+	for i, line := range lines {
+		var r Result
+		if err := json.Unmarshal([]byte(line), &r); err != nil || r.URL != urls[i] || r.Status != 503 {
+			t.Errorf("line %d: %q (%v), want %s answered 503", i, line, err, urls[i])
+		}
+	}
+	if out, code := run(t, "requests", "--parallel", "0", urls[0]); code == 0 {
+		t.Errorf("--parallel 0 accepted: %s", out)
+	}
+}
+
+// grpc-check calls the grpc workload's health service over h2c and reports
+// the answering pod.
+func TestGRPCHealth(t *testing.T) {
+	t.Setenv(EnvPodName, "grpc-1")
+	t.Setenv(EnvPodNamespace, "shop")
+	p := freePort(t, "tcp")
+	serve(t, "grpc", "--port", strconv.Itoa(p))
+	waitTCP(t, p)
+	out, code := run(t, "grpc-check", "--n", "2", "--header", "x-a=b", "127.0.0.1:"+strconv.Itoa(p))
+	if code != 0 {
+		t.Fatalf("grpc-check: %s", out)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 2 {
+		t.Fatalf("%d lines: %s", len(lines), out)
+	}
+	for _, line := range lines {
+		var r GRPCResult
+		if err := json.Unmarshal([]byte(line), &r); err != nil || r.Code != "OK" || r.Status != "SERVING" || r.Pod != "shop/grpc-1" {
+			t.Errorf("%q (%v), want OK SERVING from shop/grpc-1", line, err)
+		}
+	}
+	out, code = run(t, "grpc-check", "--service", "nope", "127.0.0.1:"+strconv.Itoa(p))
+	var r GRPCResult
+	if code != 0 || json.Unmarshal([]byte(out), &r) != nil || r.Code != "NotFound" {
+		t.Errorf("unknown service: %q, want NotFound", out)
+	}
+}

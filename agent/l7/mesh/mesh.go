@@ -426,31 +426,48 @@ func (out *outbound) RoundTrip(req *http.Request) (*http.Response, error) {
 			body = b
 		}
 	}
-	for attempt := 0; ; attempt++ {
-		resp, err := out.attempt(req, rt, body, canRetry, backendTimeout)
-		retryable := err != nil && req.Context().Err() == nil && !errors.Is(err, proxy.ErrDenied)
+	return retryLoop(req.Context(), budget, pol, canRetry, func() (*http.Response, error) {
+		return out.attempt(req, rt, body, canRetry, backendTimeout)
+	})
+}
+
+// retryLoop makes the first try and the retries pol allows, under the
+// destination's retry budget. A retry holds its place in the budget from
+// the moment it is granted, through its backoff, until its attempt has
+// returned; so at any moment the retries in flight to a destination are at
+// most the budget's share of its requests in flight, and a destination
+// that fails everything sees at most that much more load than without
+// retries (TestRetryBudgetOutage).
+func retryLoop(ctx context.Context, budget *retry.Budget, pol *route.RetryPolicy, canRetry bool,
+	attempt func() (*http.Response, error)) (*http.Response, error) {
+	held := func() {} // the budget place of the retry in progress
+	defer func() { held() }()
+	for n := 0; ; n++ {
+		resp, err := attempt()
+		held()
+		held = func() {}
+		retryable := err != nil && ctx.Err() == nil && !errors.Is(err, proxy.ErrDenied)
 		if err == nil {
 			retryable = pol.RetryOn(resp.StatusCode)
 		}
-		if !canRetry || !retryable || attempt >= pol.Attempts {
+		if !canRetry || !retryable || n >= pol.Attempts {
 			return resp, err
 		}
 		rdone, ok := budget.Retry()
 		if !ok {
 			return resp, err
 		}
+		held = rdone
 		if resp != nil {
 			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 			resp.Body.Close()
 		}
-		wait := retry.Backoff(pol.Backoff, attempt+1, rand.Int64N)
+		wait := retry.Backoff(pol.Backoff, n+1, rand.Int64N)
 		select {
 		case <-time.After(wait):
-		case <-req.Context().Done():
-			rdone()
-			return nil, req.Context().Err()
+		case <-ctx.Done():
+			return nil, ctx.Err()
 		}
-		rdone()
 	}
 }
 
