@@ -159,12 +159,16 @@ func (l *Lab) createPod(ctx context.Context, p *Pod, sp *spec.Pod, n *Node, star
 	cond := func(t corev1.PodConditionType) corev1.PodCondition {
 		return corev1.PodCondition{Type: t, Status: corev1.ConditionTrue, LastTransitionTime: st}
 	}
+	podIPs := []corev1.PodIP{{IP: p.IP}}
+	if p.IP6 != "" {
+		podIPs = append(podIPs, corev1.PodIP{IP: p.IP6})
+	}
 	created.Status = corev1.PodStatus{
 		Phase:     corev1.PodRunning,
 		HostIP:    n.IP,
 		HostIPs:   []corev1.HostIP{{IP: n.IP}},
 		PodIP:     p.IP,
-		PodIPs:    []corev1.PodIP{{IP: p.IP}},
+		PodIPs:    podIPs,
 		StartTime: &st,
 		QOSClass:  corev1.PodQOSBestEffort,
 		Conditions: []corev1.PodCondition{

@@ -284,6 +284,13 @@ func (l *Lab) buildNodes(ctx context.Context, sp *spec.Spec) error {
 			Cgroup:        filepath.Join(st.CgroupRoot, "node-"+sn.Name),
 			ProcessCgroup: filepath.Join(st.CgroupRoot, "system", sn.Name),
 		}
+		if sp.Network.IPv6 {
+			ip6, err := embed6(node6Prefix, sn.IP)
+			if err != nil {
+				return fmt.Errorf("node %s: %w", sn.Name, err)
+			}
+			n.IP6 = ip6.String()
+		}
 		st.Nodes[n.Name] = n
 	}
 	for _, n := range sortedNodes(st.Nodes) {
@@ -563,6 +570,13 @@ func (l *Lab) startPod(ctx context.Context, sp *spec.Pod) (_ *Pod, err error) {
 		ServiceAccount: sp.ServiceAccount,
 		Labels:         sp.Labels,
 		Log:            filepath.Join(l.st.Dir, "logs", "pod-"+sp.Namespace+"_"+sp.Name+".log"),
+	}
+	if l.ipv6() {
+		ip6, err := embed6(pod6Prefix, ip)
+		if err != nil {
+			return nil, fmt.Errorf("pod %s: %w", sp.Key(), err)
+		}
+		p.IP6 = ip6.String()
 	}
 	l.st.Pods[p.Key()] = p
 	defer func() {

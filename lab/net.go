@@ -29,6 +29,13 @@ func (l *Lab) setupBridge(ctx context.Context) error {
 	if err := netns.IP(ctx, "", []string{"link set dev " + br + " type bridge nf_call_iptables 0 nf_call_ip6tables 0 nf_call_arptables 0"}); err != nil {
 		l.log.Debug("cannot switch off netfilter calls on the bridge", "err", err)
 	}
+	if l.ipv6() {
+		// Without an MLD querier on the underlay, snooping could stop the
+		// neighbour solicitations that IPv6 between nodes needs.
+		if err := netns.IP(ctx, "", []string{"link set dev " + br + " type bridge mcast_snooping 0"}); err != nil {
+			return fmt.Errorf("switching off multicast snooping on the underlay bridge (network.ipv6): %w", err)
+		}
+	}
 	if err := netns.IP(ctx, "", []string{"link set dev " + br + " up"}); err != nil {
 		return fmt.Errorf("bringing up the underlay bridge: %w", err)
 	}
@@ -48,16 +55,28 @@ func (l *Lab) setupNode(ctx context.Context, n *Node, all map[string]*Node) erro
 	}); err != nil {
 		return fmt.Errorf("creating node %s: %w", n.Name, err)
 	}
-	for _, kv := range [][2]string{
+	v6 := l.ipv6()
+	sysctls := [][2]string{
 		{"net/ipv4/ip_forward", "1"},
 		{"net/ipv4/conf/all/rp_filter", "0"},
 		{"net/ipv4/conf/default/rp_filter", "0"},
-		{"net/ipv6/conf/all/disable_ipv6", "1"},
-		{"net/ipv6/conf/default/disable_ipv6", "1"},
-	} {
-		if err := netns.WriteSysctl(n.Netns, kv[0], kv[1]); err != nil && kv[0] != "net/ipv6/conf/all/disable_ipv6" && kv[0] != "net/ipv6/conf/default/disable_ipv6" {
+	}
+	if v6 {
+		sysctls = append(sysctls, [][2]string{
+			{"net/ipv6/conf/all/disable_ipv6", "0"},
+			{"net/ipv6/conf/default/disable_ipv6", "0"},
+			{"net/ipv6/conf/all/forwarding", "1"},
+		}...)
+	}
+	for _, kv := range sysctls {
+		if err := netns.WriteSysctl(n.Netns, kv[0], kv[1]); err != nil {
 			return fmt.Errorf("configuring node %s: %w", n.Name, err)
 		}
+	}
+	if !v6 {
+		// Best effort: a kernel without IPv6 has nothing to switch off.
+		_ = netns.WriteSysctl(n.Netns, "net/ipv6/conf/all/disable_ipv6", "1")
+		_ = netns.WriteSysctl(n.Netns, "net/ipv6/conf/default/disable_ipv6", "1")
 	}
 	lines := []string{
 		"link set dev lo up",
@@ -68,9 +87,19 @@ func (l *Lab) setupNode(ctx context.Context, n *Node, all map[string]*Node) erro
 		// the nat/output hook rewrites them.
 		"route add " + l.st.APIServer.ServiceCIDR + " dev eth0",
 	}
+	if v6 {
+		lines = append(lines, "addr add "+n.IP6+"/96 dev eth0 nodad")
+	}
 	for _, o := range sortedNodes(all) {
 		if o.Name != n.Name {
 			lines = append(lines, "route add "+o.PodCIDR+" via "+o.IP+" dev eth0")
+			if v6 {
+				pfx6, err := embedPrefix6(pod6Prefix, o.PodCIDR)
+				if err != nil {
+					return fmt.Errorf("configuring node %s: %w", n.Name, err)
+				}
+				lines = append(lines, "route add "+pfx6.String()+" via "+o.IP6+" dev eth0")
+			}
 		}
 	}
 	if err := netns.IP(ctx, ns, lines); err != nil {
@@ -87,25 +116,94 @@ func (l *Lab) setupPodNet(ctx context.Context, p *Pod, n *Node) error {
 	if err := netns.IP(ctx, "", []string{"netns add " + ns}); err != nil {
 		return fmt.Errorf("creating pod %s: %w", p.Key(), err)
 	}
-	_ = netns.WriteSysctl(p.Netns, "net/ipv6/conf/all/disable_ipv6", "1")
-	_ = netns.WriteSysctl(p.Netns, "net/ipv6/conf/default/disable_ipv6", "1")
-	if err := netns.IP(ctx, filepath.Base(n.Netns), []string{
+	v6 := l.ipv6() && p.IP6 != ""
+	if v6 {
+		// Set before the veth exists, so its end in the pod takes them:
+		// addresses are usable at once (no duplicate address detection
+		// wait), as a CNI plugin configures them.
+		for _, kv := range [][2]string{
+			{"net/ipv6/conf/all/disable_ipv6", "0"},
+			{"net/ipv6/conf/default/disable_ipv6", "0"},
+			{"net/ipv6/conf/all/accept_dad", "0"},
+			{"net/ipv6/conf/default/accept_dad", "0"},
+		} {
+			if err := netns.WriteSysctl(p.Netns, kv[0], kv[1]); err != nil {
+				return fmt.Errorf("configuring IPv6 in pod %s: %w", p.Key(), err)
+			}
+		}
+	} else {
+		_ = netns.WriteSysctl(p.Netns, "net/ipv6/conf/all/disable_ipv6", "1")
+		_ = netns.WriteSysctl(p.Netns, "net/ipv6/conf/default/disable_ipv6", "1")
+	}
+	nodeLines := []string{
 		"link add " + p.Link + " type veth peer name eth0 netns " + ns,
 		"link set dev " + p.Link + " up",
 		"route add " + p.IP + "/32 dev " + p.Link + " scope link",
-	}); err != nil {
+	}
+	if v6 {
+		nodeLines = append(nodeLines,
+			"addr add "+podGateway6+"/64 dev "+p.Link+" nodad",
+			"route add "+p.IP6+"/128 dev "+p.Link)
+	}
+	if err := netns.IP(ctx, filepath.Base(n.Netns), nodeLines); err != nil {
 		return fmt.Errorf("creating the veth of pod %s: %w", p.Key(), err)
 	}
-	if err := netns.IP(ctx, ns, []string{
+	podLines := []string{
 		"link set dev lo up",
 		"addr add " + p.IP + "/32 dev eth0",
 		"link set dev eth0 up",
 		"route add " + n.Gateway + " dev eth0 scope link",
 		"route add default via " + n.Gateway + " dev eth0",
-	}); err != nil {
+	}
+	if v6 {
+		podLines = append(podLines,
+			"addr add "+p.IP6+"/128 dev eth0 nodad",
+			"route add ::/0 via "+podGateway6+" dev eth0")
+	}
+	if err := netns.IP(ctx, ns, podLines); err != nil {
 		return fmt.Errorf("configuring pod %s: %w", p.Key(), err)
 	}
 	return nil
+}
+
+// The lab's IPv6 plan (network.ipv6). Every IPv6 address is an IPv4
+// address of the lab embedded in the low 32 bits of a /96, so the two
+// plans never disagree and nothing new has to be allocated.
+var (
+	pod6Prefix  = netip.MustParsePrefix("fd4e:4d:0:1::/96")
+	node6Prefix = netip.MustParsePrefix("fd4e:4d:0:2::/96")
+)
+
+// podGateway6 is the node's address on every pod veth, the pods' default
+// IPv6 gateway (link-local, as Calico and Cilium do it).
+const podGateway6 = "fe80::1"
+
+func (l *Lab) ipv6() bool { return l.st.Spec != nil && l.st.Spec.Network.IPv6 }
+
+// embed6 returns the IPv6 address of pfx (a /96) that carries v4.
+func embed6(pfx netip.Prefix, v4 string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(v4)
+	if err != nil || !a.Is4() {
+		return netip.Addr{}, fmt.Errorf("%q is not an IPv4 address", v4)
+	}
+	b := pfx.Masked().Addr().As16()
+	a4 := a.As4()
+	copy(b[12:], a4[:])
+	return netip.AddrFrom16(b), nil
+}
+
+// embedPrefix6 returns the IPv6 prefix of pfx (a /96) that carries the
+// IPv4 prefix v4.
+func embedPrefix6(pfx netip.Prefix, v4 string) (netip.Prefix, error) {
+	p, err := netip.ParsePrefix(v4)
+	if err != nil || !p.Addr().Is4() {
+		return netip.Prefix{}, fmt.Errorf("%q is not an IPv4 prefix", v4)
+	}
+	a, err := embed6(pfx, p.Masked().Addr().String())
+	if err != nil {
+		return netip.Prefix{}, err
+	}
+	return netip.PrefixFrom(a, 96+p.Bits()), nil
 }
 
 // teardownPodNet removes a pod's veth pair and namespace. The veth is

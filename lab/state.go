@@ -76,11 +76,12 @@ const bpfFS = "/sys/fs/bpf"
 type Node struct {
 	Name    string `json:"name"`
 	Index   int    `json:"index"`
-	IP      string `json:"ip"`      // address on the underlay
-	PodCIDR string `json:"podCIDR"` // the node's pod range
-	Gateway string `json:"gateway"` // pods' default gateway (first address of PodCIDR)
-	Netns   string `json:"netns"`   // /run/netns/... path
-	Link    string `json:"link"`    // the veth end on the underlay bridge (root namespace)
+	IP      string `json:"ip"`            // address on the underlay
+	IP6     string `json:"ip6,omitempty"` // IPv6 address on the underlay (network.ipv6)
+	PodCIDR string `json:"podCIDR"`       // the node's pod range
+	Gateway string `json:"gateway"`       // pods' default gateway (first address of PodCIDR)
+	Netns   string `json:"netns"`         // /run/netns/... path
+	Link    string `json:"link"`          // the veth end on the underlay bridge (root namespace)
 	// Cgroup is the per-node parent cgroup of the node's pods (absolute
 	// path); a BPF program attached here sees every pod of the node.
 	Cgroup string `json:"cgroup"`
@@ -97,9 +98,10 @@ type Pod struct {
 	Node           string            `json:"node"`
 	Index          int               `json:"index"` // per node; names the node-side veth
 	IP             string            `json:"ip"`
-	Netns          string            `json:"netns"`  // /run/netns/... path
-	Cgroup         string            `json:"cgroup"` // absolute cgroup directory
-	Link           string            `json:"link"`   // veth end in the node's namespace
+	IP6            string            `json:"ip6,omitempty"` // global IPv6 address (network.ipv6)
+	Netns          string            `json:"netns"`         // /run/netns/... path
+	Cgroup         string            `json:"cgroup"`        // absolute cgroup directory
+	Link           string            `json:"link"`          // veth end in the node's namespace
 	ServiceAccount string            `json:"serviceAccount"`
 	Labels         map[string]string `json:"labels,omitempty"`
 	UID            string            `json:"uid"` // the Pod object's UID

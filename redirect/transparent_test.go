@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/lab/privtest"
 )
 
@@ -106,5 +107,47 @@ func TestPrivTransparentDeliveryOff(t *testing.T) {
 	}
 	if st := capt.Status(); st.Transparent || len(st.Pods) != 1 || st.Pods[0].SourcePreserved {
 		t.Errorf("status: %+v", st)
+	}
+	// The fallback delivers for real: the agent's plain dial (inside the
+	// pod, with the capture bypass mark, from the pod's own address) passes
+	// this program, which has no loopback check, and reaches the app on
+	// both families, while the same ports from another pod still reach
+	// the agent only. Without the program's "pod to itself" pass the
+	// fallback would steer its own deliveries back to the agent.
+	c := tp.pod("c")
+	serveLines(t, listenIn(t, b, "tcp", "[::]:8080"), "APPB")
+	agentServe(t, capt, ep)
+	plainDeliver := func(dst netip.AddrPort) string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		d := &inpod.Dialer{Netns: b.netns, Mark: capt.Mark()}
+		conn, err := ep.DialInbound(ctx, netip.MustParseAddrPort("10.211.0.3:1"), dst, func() (net.Conn, error) {
+			return d.DialContext(ctx, "tcp", dst.String())
+		})
+		if err != nil {
+			return "error: " + err.Error()
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		fmt.Fprintln(conn, "x")
+		line, err := bufio.NewReader(conn).ReadString('\n')
+		if err != nil {
+			return "read: " + err.Error()
+		}
+		return strings.TrimSpace(line)
+	}
+	for _, tc := range []struct{ dst, want string }{
+		{"10.211.0.2:8080", "APPB local=10.211.0.2:8080 remote=10.211.0.2:"},
+		{"[fd00:211::2]:8080", "APPB local=[fd00:211::2]:8080 remote=[fd00:211::2]:"},
+	} {
+		if got := plainDeliver(netip.MustParseAddrPort(tc.dst)); !strings.HasPrefix(got, tc.want) {
+			t.Errorf("fallback delivery to %s: app answered %q, want %q", tc.dst, got, tc.want)
+		}
+	}
+	wantPrefix(t, "v4 inbound from a pod, fallback program", appDial(t, c, "tcp", "10.211.0.2:8080", "x"), "INBOUND local=10.211.0.2:8080 remote=10.211.0.3:")
+	wantPrefix(t, "v6 inbound from a pod, fallback program", appDial(t, c, "tcp", "[fd00:211::2]:8080", "x"), "INBOUND local=[fd00:211::2]:8080 remote=[fd00:211::3]:")
+	if got := capt.deliveries[1].Load(); got < 3 {
+		t.Errorf("deliveries from the pod's own address counted: %d, want at least 3", got)
 	}
 }

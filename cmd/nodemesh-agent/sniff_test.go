@@ -118,3 +118,19 @@ func tcpPortSeen(frames [][]byte, port uint16) bool {
 	}
 	return false
 }
+
+// tcp6PortSeen reports whether a captured IPv6 TCP frame (no extension
+// headers) has port as source or destination.
+func tcp6PortSeen(frames [][]byte, port uint16) bool {
+	for _, f := range frames {
+		if len(f) < 14+40+4 || f[12] != 0x86 || f[13] != 0xdd || f[14+6] != 6 {
+			continue
+		}
+		tcp := f[14+40:]
+		src, dst := uint16(tcp[0])<<8|uint16(tcp[1]), uint16(tcp[2])<<8|uint16(tcp[3])
+		if src == port || dst == port {
+			return true
+		}
+	}
+	return false
+}

@@ -55,6 +55,14 @@ type Network struct {
 	// ServiceCIDR must match the API server's service range; it is only
 	// used to refuse pod and node addresses that overlap it.
 	ServiceCIDR string `json:"serviceCIDR,omitempty"`
+	// IPv6 makes the lab dual-stack: nodes and pods keep IPv6 on, every
+	// pod gets a global address (its IPv4 address embedded in
+	// fd4e:4d:0:1::/96, listed second in status.podIPs) besides its
+	// link-local one, nodes route pods' IPv6 ranges over the underlay, and
+	// pods' default IPv6 gateway is fe80::1 on their veth. Services stay
+	// IPv4. Off by default: IPv6 is then switched off in every lab
+	// namespace.
+	IPv6 bool `json:"ipv6,omitempty"`
 }
 
 // Node is one machine of the lab: a network namespace on the underlay.

@@ -156,16 +156,30 @@ func (p *portsFlag) Set(s string) error {
 	return nil
 }
 
-// listen opens a non-MPTCP TCP listener, so BPF sockmap programs of the
-// mesh can see it.
-func listen(ctx context.Context, port int) (net.Listener, error) {
+// listen opens a non-MPTCP TCP listener on every address of network
+// ("tcp4", or "tcp": one dual-stack socket where the namespace has IPv6, as
+// most Go programs listen), so BPF sockmap programs of the mesh can see it.
+func listen(ctx context.Context, network string, port int) (net.Listener, error) {
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
-	ln, err := lc.Listen(ctx, "tcp4", ":"+strconv.Itoa(port))
+	ln, err := lc.Listen(ctx, network, ":"+strconv.Itoa(port))
 	if err != nil {
 		return nil, fmt.Errorf("listening on port %d: %w", port, err)
 	}
 	return ln, nil
+}
+
+// networkFlag adds --network to fs: the listeners' address family.
+func networkFlag(fs *flag.FlagSet) *string {
+	return fs.String("network", "tcp4", `listen on IPv4 only ("tcp4"), or dual-stack where the pod has IPv6 ("tcp")`)
+}
+
+func checkNetwork(network string) error {
+	switch network {
+	case "tcp4", "tcp", "tcp6":
+		return nil
+	}
+	return fmt.Errorf("--network %q: want tcp4, tcp or tcp6", network)
 }
 
 // socketMark returns c's SO_MARK, or 0.
@@ -187,7 +201,11 @@ func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
 	fs := flag.NewFlagSet("http", flag.ContinueOnError)
 	var ports portsFlag
 	fs.Var(&ports, "port", "port to serve on (repeatable, or comma-separated)")
+	network := networkFlag(fs)
 	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := checkNetwork(*network); err != nil {
 		return err
 	}
 	if len(ports) == 0 {
@@ -252,7 +270,7 @@ func runHTTP(ctx context.Context, log *slog.Logger, args []string) error {
 	var wg sync.WaitGroup
 	errc := make(chan error, len(ports))
 	for _, p := range ports {
-		ln, err := listen(ctx, p)
+		ln, err := listen(ctx, *network, p)
 		if err != nil {
 			_ = srv.Close()
 			wg.Wait()
@@ -283,7 +301,11 @@ func runTCPEcho(ctx context.Context, log *slog.Logger, args []string) error {
 	fs := flag.NewFlagSet("tcp-echo", flag.ContinueOnError)
 	var ports portsFlag
 	fs.Var(&ports, "port", "port to echo on (repeatable, or comma-separated)")
+	network := networkFlag(fs)
 	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := checkNetwork(*network); err != nil {
 		return err
 	}
 	if len(ports) == 0 {
@@ -297,7 +319,7 @@ func runTCPEcho(ctx context.Context, log *slog.Logger, args []string) error {
 		}
 	}
 	for _, p := range ports {
-		ln, err := listen(ctx, p)
+		ln, err := listen(ctx, *network, p)
 		if err != nil {
 			closeAll()
 			wg.Wait()
