@@ -19,7 +19,7 @@ func methodNotes() []string {
 		"HTTP: open loop at a fixed total rate over persistent HTTP/1.1 connections, 1 kB request and response bodies, each connection on its own uniform timetable (phase-shifted), no catch-up bursts.",
 		"Coordinated omission: each connection is replayed on a virtual timeline where the generator is perfect; a request is charged its measured service time (response read minus actually written) plus any time it would have queued behind earlier slow responses on its connection. The generator's own timer overshoot (Go sleeps wake ~1 ms late) is therefore not charged; it is reported separately as generator lag.",
 		"tcp-rr: closed loop, 1 byte each way on one connection (like netperf TCP_RR). tcp-crr: a new connection per 1-byte exchange (like TCP_CRR), latency includes connect; every benchmark pod runs with net.ipv4.tcp_tw_reuse=1 so TIME_WAIT does not exhaust its ports. bulk: one stream written in 128 kB chunks, throughput counted from bytes the server confirms after a half-close.",
-		"Proxy CPU: on-CPU time of every proxy process summed over its threads from /proc/<pid>/task/*/schedstat, measured around each run, per 1000 requests (transactions). Memory: VmRSS and VmHWM from /proc/<pid>/status.",
+		"Proxy CPU: on-CPU time of every proxy process summed over its threads from /proc/<pid>/task/*/schedstat, read at the edges of each run's measured window by the load generator, per 1000 requests (transactions) of that window. Memory: VmRSS and VmHWM from /proc/<pid>/status.",
 		"Machine limits in the same run: loopback inside one pod without any proxy, and single-core AES-128-GCM sealing of 16 kB records with Go's crypto per CPU second of the measuring thread.",
 		"Sidecars: HAProxy 1 thread per pod, TCP mode, TLS 1.3, ECDSA P-256 SVIDs with spiffe:// URI SANs from a bench CA; the client app dials its sidecar on loopback (no capture rules), the server sidecar forwards to the app on loopback. HAProxy verifies the chain, not the exact SPIFFE ID.",
 	}
@@ -304,9 +304,9 @@ func proxyCPUPerGB(res *Results, scenario, workload string) float64 {
 		for _, p := range r.Proxies {
 			c += p.CPUNanos
 		}
-		bytes := r.Result.BytesPerSec * r.Result.Elapsed.Seconds()
-		if bytes > 0 {
-			v = append(v, float64(c)/1e9/(bytes/1e9))
+		if r.Result.WatchWall > 0 {
+			// CPU rate over the window against the byte rate.
+			v = append(v, float64(c)/1e9/r.Result.WatchWall.Seconds()/(r.Result.BytesPerSec/1e9))
 		}
 	}
 	return median(v)

@@ -71,11 +71,17 @@ type RunRecord struct {
 
 // ProxyUsage is one proxy process's CPU during a run and memory after it.
 type ProxyUsage struct {
-	Name     string `json:"name"`
-	Pid      int    `json:"pid"`
-	CPUNanos int64  `json:"cpuNanos"`
-	RSS      int64  `json:"rss"`
-	HWM      int64  `json:"hwm"`
+	Name string `json:"name"`
+	Pid  int    `json:"pid"`
+	// CPUNanos is its CPU time during the measured window (the worker
+	// reads it at the window's edges: Result.WatchWall long), which the
+	// per-request figures divide by the window's requests. RunCPUNanos is
+	// its CPU time around the whole worker run: warm-up, connection setup
+	// and the worker's start and exit included.
+	CPUNanos    int64 `json:"cpuNanos"`
+	RunCPUNanos int64 `json:"runCpuNanos"`
+	RSS         int64 `json:"rss"`
+	HWM         int64 `json:"hwm"`
 }
 
 // Summary aggregates the rounds of one scenario and workload: each figure
@@ -211,8 +217,8 @@ func summarize(scenarios []Scenario, runs []RunRecord) ([]Summary, error) {
 				if len(r.Proxies) > 0 {
 					s.Proxies = len(r.Proxies)
 					s.ProxyPeakRSS = max(s.ProxyPeakRSS, hwm)
-					if r.Result.Requests > 0 {
-						cpu = append(cpu, float64(c)/1e9/float64(r.Result.Requests)*1000)
+					if per, ok := cpuPer1000(c, r.Result); ok {
+						cpu = append(cpu, per)
 					}
 				}
 			}
@@ -389,4 +395,15 @@ func joinNote(a, b string) string {
 		return b
 	}
 	return a + "; " + b
+}
+
+// cpuPer1000 is the proxies' CPU seconds per 1000 requests of the
+// measured window: their CPU rate over the window (cpu ns in WatchWall)
+// divided by the window's request rate.
+func cpuPer1000(cpu int64, r *load.Result) (float64, bool) {
+	if r.Requests == 0 || r.WatchWall <= 0 || r.Elapsed <= 0 {
+		return 0, false
+	}
+	rate := float64(cpu) / 1e9 / r.WatchWall.Seconds()
+	return rate / (float64(r.Requests) / r.Elapsed.Seconds()) * 1000, true
 }

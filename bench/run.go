@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -488,14 +489,23 @@ func LinkWorker(dir string) (string, error) {
 	return p, nil
 }
 
-// runOne runs one workload in a pod and samples the proxies around it.
+// runOne runs one workload in a pod and samples the proxies around it:
+// their memory after it, and their CPU time both over the whole run and,
+// read by the worker at its edges, over the measured window alone.
 func (r *runner) runOne(ctx context.Context, pod string, cfg load.Config, procs map[string]int) RunRecord {
 	var run RunRecord
+	names := make([]string, 0, len(procs))
+	for name := range procs {
+		names = append(names, name)
+	}
+	sort.Strings(names)
 	before := map[string]procSample{}
-	for name, pid := range procs {
-		if s, err := readProc(pid); err == nil {
+	cfg.WatchPids = cfg.WatchPids[:0:0]
+	for _, name := range names {
+		if s, err := readProc(procs[name]); err == nil {
 			before[name] = s
 		}
+		cfg.WatchPids = append(cfg.WatchPids, procs[name])
 	}
 	res, err := r.work1(ctx, pod, cfg)
 	if err != nil {
@@ -503,14 +513,19 @@ func (r *runner) runOne(ctx context.Context, pod string, cfg load.Config, procs 
 		return run
 	}
 	run.Result = res
-	for name, pid := range procs {
+	for i, name := range names {
+		pid := procs[name]
 		s, err := readProc(pid)
 		b, ok := before[name]
 		if err != nil || !ok {
 			run.Error = fmt.Sprintf("proxy %s (pid %d) is gone: %v", name, pid, err)
 			continue
 		}
-		run.Proxies = append(run.Proxies, ProxyUsage{Name: name, Pid: pid, CPUNanos: s.CPUNanos - b.CPUNanos, RSS: s.RSS, HWM: s.HWM})
+		u := ProxyUsage{Name: name, Pid: pid, RunCPUNanos: s.CPUNanos - b.CPUNanos, RSS: s.RSS, HWM: s.HWM}
+		if len(res.WatchCPU) == len(names) {
+			u.CPUNanos = res.WatchCPU[i]
+		}
+		run.Proxies = append(run.Proxies, u)
 	}
 	return run
 }

@@ -51,6 +51,9 @@ type Config struct {
 	// Warmup runs the workload without recording, Duration with.
 	Warmup   time.Duration `json:"warmup"`
 	Duration time.Duration `json:"duration"`
+	// WatchPids are processes (the proxies under test) whose CPU time the
+	// run reads at the edges of the measured window: Result.WatchCPU.
+	WatchPids []int `json:"watchPids,omitempty"`
 }
 
 // Validate reports a config that cannot be run, with what to change.
@@ -81,6 +84,14 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("workload address %q: %w", a, err)
 		}
 	}
+	if len(c.WatchPids) > maxWatch {
+		return fmt.Errorf("%d processes to watch; at most %d", len(c.WatchPids), maxWatch)
+	}
+	for _, p := range c.WatchPids {
+		if p <= 0 {
+			return fmt.Errorf("process to watch %d: use a process ID above 0", p)
+		}
+	}
 	if c.Duration <= 0 || c.Warmup < 0 {
 		return fmt.Errorf("workload duration %v, warm-up %v: the duration must be positive", c.Duration, c.Warmup)
 	}
@@ -109,6 +120,11 @@ type Result struct {
 	// SendLag (HTTP) is how late the generator itself sent requests that
 	// were not held up by the system: its timer overshoot, not charged.
 	SendLag hist.Snapshot `json:"sendLag"`
+	// WatchCPU is the CPU time in ns each of Config.WatchPids used during
+	// the measured window, which lasted WatchWall (the two readings'
+	// distance: within a scheduling delay of the window).
+	WatchCPU  []int64       `json:"watchCpu,omitempty"`
+	WatchWall time.Duration `json:"watchWall,omitempty"`
 }
 
 // Run runs the workload described by cfg, dialling with d.
@@ -119,16 +135,33 @@ func Run(ctx context.Context, d Dialer, cfg Config) (*Result, error) {
 	if d == nil {
 		d = &net.Dialer{}
 	}
+	var cw *cpuWatch
+	if len(cfg.WatchPids) > 0 {
+		s := time.Now()
+		cw = startCPUWatch(ctx, cfg.WatchPids, s.Add(cfg.Warmup), s.Add(cfg.Warmup+cfg.Duration))
+	}
+	var r *Result
+	var err error
 	switch cfg.Kind {
 	case KindHTTP:
-		return runHTTP(ctx, d, cfg)
+		r, err = runHTTP(ctx, d, cfg)
 	case KindRR:
-		return runRR(ctx, d, cfg)
+		r, err = runRR(ctx, d, cfg)
 	case KindCRR:
-		return runCRR(ctx, d, cfg)
+		r, err = runCRR(ctx, d, cfg)
 	default:
-		return runBulk(ctx, d, cfg)
+		r, err = runBulk(ctx, d, cfg)
 	}
+	if cw != nil {
+		cpu, wall, werr := cw.finish()
+		if err == nil && werr != nil {
+			err = werr
+		}
+		if r != nil {
+			r.WatchCPU, r.WatchWall = cpu, wall
+		}
+	}
+	return r, err
 }
 
 // Dialer opens connections to the server; *net.Dialer is one.
