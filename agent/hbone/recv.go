@@ -54,7 +54,7 @@ func (r *drainReader) read(fd int, p []byte) (n int, eof, drained bool, err erro
 		r.msgs[i].hdr.Iovlen = 1
 	}
 	for {
-		got, _, e := syscall.Syscall6(unix.SYS_RECVMMSG, uintptr(fd), uintptr(unsafe.Pointer(&r.msgs[0])), 2, 0, 0, 0)
+		got, e := sysRecvmmsg(fd, unsafe.Pointer(&r.msgs[0]), 2)
 		if e == syscall.EINTR {
 			continue
 		}

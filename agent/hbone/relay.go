@@ -41,12 +41,7 @@ type sink struct {
 }
 
 func newSink(app net.Conn, n *atomic.Int64) *sink {
-	k := &sink{conn: app, n: n}
-	if sc, ok := app.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			k.rc = rc
-		}
-	}
+	k := &sink{conn: app, n: n, rc: rawConn(app)}
 	k.rfn = k.doRead
 	return k
 }
@@ -114,7 +109,7 @@ func (k *sink) doRead(fd uintptr) bool {
 		if k.confirm {
 			// A plain read, to hear EAGAIN or the pending error.
 			k.confirm = false
-			n, err = syscall.Read(int(fd), (*k.rb)[frameHeaderLen:])
+			n, err = sysRead(int(fd), (*k.rb)[frameHeaderLen:])
 			if err == nil && n == 0 {
 				eof = true
 			}

@@ -128,7 +128,7 @@ func (w *nbWriter) write(rc syscall.RawConn, p []byte) (int, error) {
 
 func (w *nbWriter) do(fd uintptr) bool {
 	for w.n < len(w.p) {
-		n, err := syscall.Write(int(fd), w.p[w.n:])
+		n, err := sysWrite(int(fd), w.p[w.n:])
 		if n > 0 {
 			w.n += n
 		}
