@@ -39,7 +39,7 @@ func runGRPC(ctx context.Context, log *slog.Logger, args []string) error {
 	}))
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)
-	ln, err := listen(ctx, *port)
+	ln, err := listen(ctx, "tcp4", *port)
 	if err != nil {
 		return err
 	}
