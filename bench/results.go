@@ -139,6 +139,8 @@ type ScalePoint struct {
 
 // Target is one of the issue's targets, judged on this run's ratios.
 type Target struct {
+	// Issue is the project issue that set the target.
+	Issue    int    `json:"issue"`
 	Name     string `json:"name"`
 	Goal     string `json:"goal"`
 	Measured string `json:"measured"`
@@ -277,7 +279,7 @@ func judgeTargets(r *Results) []Target {
 	var out []Target
 
 	// 1. nodemesh L4 p99 added at 1000 rps.
-	t := Target{Name: "L4 latency", Goal: "nodemesh L4 adds at most 100 µs p99 over no mesh at 1000 rps, 1 kB HTTP/1.1 (" + headline + ")"}
+	t := Target{Issue: 8, Name: "L4 latency", Goal: "nodemesh L4 adds at most 100 µs p99 over no mesh at 1000 rps, 1 kB HTTP/1.1 (" + headline + ")"}
 	if sc, _ := scenarioByName(r.Scenario, scenarioMeshCross); sc.NotAvailable != "" {
 		t.Status, t.Measured = "not available", sc.NotAvailable
 	} else if s, ok := find(r.Summary, scenarioMeshCross, headline); ok && s.Rounds > 0 {
@@ -301,7 +303,7 @@ func judgeTargets(r *Results) []Target {
 	out = append(out, t)
 
 	// 2. Agent memory under 1/10 of sidecars' at 50 pods per node.
-	t = Target{Name: "memory at 50 pods per node", Goal: "agent memory < 1/10 of the sidecars' total with 50 pods per node"}
+	t = Target{Issue: 8, Name: "memory at 50 pods per node", Goal: "agent memory < 1/10 of the sidecars' total with 50 pods per node"}
 	var side, agent *ScalePoint
 	for i := range r.Scaling {
 		p := &r.Scaling[i]
@@ -340,7 +342,7 @@ func judgeTargets(r *Results) []Target {
 	out = append(out, t)
 
 	// 3. Tunnel throughput >= half of single-core AES-GCM.
-	t = Target{Name: "tunnel throughput", Goal: "single-stream tunnel throughput at least 1/2 of single-core AES-128-GCM"}
+	t = Target{Issue: 8, Name: "tunnel throughput", Goal: "single-stream tunnel throughput at least 1/2 of single-core AES-128-GCM"}
 	aes := r.Machine.AESGCMBytesPerCPUSecond
 	if sc, _ := scenarioByName(r.Scenario, scenarioMeshCross); sc.NotAvailable != "" {
 		t.Status, t.Measured = "not available", sc.NotAvailable
@@ -363,6 +365,75 @@ func judgeTargets(r *Results) []Target {
 		t.Note = joinNote(t.Note, fmt.Sprintf("HAProxy mTLS sidecars: %.0f MB/s = %.2f of AES-GCM", s.BytesPerSec/1e6, s.BytesPerSec/aes))
 	}
 	out = append(out, t)
+	return append(out, judgeAgainstSidecars(r)...)
+}
+
+// judgeAgainstSidecars states issue 12's targets: nodemesh L4 across nodes
+// against the HAProxy mTLS sidecars of the same run.
+func judgeAgainstSidecars(r *Results) []Target {
+	var out []Target
+	// compare judges one figure: better is true when nodemesh's value is
+	// at least as good as the sidecars'; latency comparisons need repeated
+	// rounds, every comparison a machine that was not oversubscribed.
+	compare := func(name, goal, workload string, latency bool, judge func(mesh, side Summary) (measured string, better bool, note string)) {
+		t := Target{Issue: 12, Name: name, Goal: goal}
+		mesh, okm := find(r.Summary, scenarioMeshCross, workload)
+		side, oks := find(r.Summary, scenarioHAProxy, workload)
+		switch {
+		case !okm || mesh.Rounds == 0:
+			t.Status, t.Measured = "not available", "no successful nodemesh L4 run"
+			if sc, _ := scenarioByName(r.Scenario, scenarioMeshCross); sc.NotAvailable != "" {
+				t.Measured = sc.NotAvailable
+			}
+		case !oks || side.Rounds == 0:
+			t.Status, t.Measured = "not available", "no successful HAProxy sidecar run to compare with"
+		default:
+			var better bool
+			t.Measured, better, t.Note = judge(mesh, side)
+			t.Status = passMiss(better)
+			why := ""
+			if latency {
+				why = unjudgeable(r, min(mesh.Rounds, side.Rounds))
+			} else if oversubscribed(r.Machine) {
+				why = fmt.Sprintf("machine oversubscribed (load %s on %d CPUs)", r.Machine.LoadStart, r.Machine.CPUs)
+			}
+			if why != "" {
+				t.Status, t.Note = "inconclusive", joinNote(why, t.Note)
+			}
+		}
+		out = append(out, t)
+	}
+	cpu := func(mesh, side Summary) (string, bool, string) {
+		if mesh.ProxyCPUPer1000 <= 0 || side.ProxyCPUPer1000 <= 0 {
+			return "no CPU figure", false, "the proxies' CPU was not measured"
+		}
+		return fmt.Sprintf("nodemesh %.3f s, sidecars %.3f s per 1000 (%.2fx)", mesh.ProxyCPUPer1000, side.ProxyCPUPer1000, mesh.ProxyCPUPer1000/side.ProxyCPUPer1000),
+			mesh.ProxyCPUPer1000 <= side.ProxyCPUPer1000, ""
+	}
+	headline := httpWorkload(r.Profile.HTTPRate, 16)
+	compare("proxy CPU, "+headline, "nodemesh L4's proxy CPU per 1000 requests at or below the sidecars'", headline, false, cpu)
+	compare("proxy CPU, "+workloadRR, "nodemesh L4's proxy CPU per 1000 transactions at or below the sidecars'", workloadRR, false, cpu)
+	for _, c := range r.Profile.HTTPConns {
+		w := httpWorkload(r.Profile.HTTPRate, c)
+		compare("added latency, "+w, "nodemesh L4's added p50 and p99 (over no mesh) at or below the sidecars'; beyond that, half of theirs", w, true, func(mesh, side Summary) (string, bool, string) {
+			m := fmt.Sprintf("added p50 / p99: nodemesh %+.0f / %+.0f µs, sidecars %+.0f / %+.0f µs", mesh.AddedP50, mesh.AddedP99, side.AddedP50, side.AddedP99)
+			note := ""
+			if mesh.AddedP50 <= side.AddedP50/2 && mesh.AddedP99 <= side.AddedP99/2 {
+				note = "half of the sidecars' added latency: reached"
+			}
+			return m, mesh.AddedP50 <= side.AddedP50 && mesh.AddedP99 <= side.AddedP99, note
+		})
+	}
+	rate := func(unit string) func(mesh, side Summary) (string, bool, string) {
+		return func(mesh, side Summary) (string, bool, string) {
+			return fmt.Sprintf("nodemesh %.0f, sidecars %.0f %s (%.2fx)", mesh.RPS, side.RPS, unit, mesh.RPS/side.RPS), mesh.RPS >= side.RPS, ""
+		}
+	}
+	compare(workloadRR+" rate", "nodemesh L4's transactions/s at or above the sidecars'", workloadRR, false, rate("transactions/s"))
+	compare(workloadBulk+" throughput", "nodemesh L4's single-stream throughput at or above the sidecars'", workloadBulk, false, func(mesh, side Summary) (string, bool, string) {
+		return fmt.Sprintf("nodemesh %.0f MB/s, sidecars %.0f MB/s (%.2fx)", mesh.BytesPerSec/1e6, side.BytesPerSec/1e6, mesh.BytesPerSec/side.BytesPerSec), mesh.BytesPerSec >= side.BytesPerSec, ""
+	})
+	compare(workloadCRR+" lead", "nodemesh L4 keeps its lead in connections/s over the sidecars", workloadCRR, false, rate("connections/s"))
 	return out
 }
 

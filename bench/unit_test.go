@@ -101,8 +101,10 @@ func TestSummarize(t *testing.T) {
 
 func TestTargetsNeverPassWithoutNodemesh(t *testing.T) {
 	res := synthetic()
-	if len(res.Targets) != 3 {
-		t.Fatalf("%d targets", len(res.Targets))
+	// Issue 8's three, and issue 12's: CPU at 16c and tcp-rr, latency at
+	// each HTTP workload, tcp-rr rate, bulk, tcp-crr.
+	if want := 3 + 2 + len(res.Profile.HTTPConns) + 3; len(res.Targets) != want {
+		t.Fatalf("%d targets, want %d", len(res.Targets), want)
 	}
 	for _, tg := range res.Targets {
 		if tg.Status != "not available" || tg.Measured == "" {
@@ -154,6 +156,63 @@ func TestTargetsJudgeRatios(t *testing.T) {
 	}
 	if tg[2].Status != "inconclusive" {
 		t.Errorf("busy machine, throughput miss: %+v", tg[2])
+	}
+}
+
+// TestTargetsAgainstSidecars checks issue 12's comparisons with the
+// sidecars of the same run, each way round.
+func TestTargetsAgainstSidecars(t *testing.T) {
+	res := synthetic()
+	for i := range res.Scenario {
+		if res.Scenario[i].Name == scenarioMeshCross {
+			res.Scenario[i].NotAvailable = ""
+		}
+	}
+	res.Machine.LoadStart, res.Machine.LoadEnd = "0.5 0.5 0.5", "1.0 0.5 0.5"
+	hw := httpWorkload(1000, 16)
+	// The synthetic sidecars: 0.2 s/1000 and +100 µs p99 at 16c, 250 MB/s bulk.
+	side, _ := find(res.Summary, scenarioHAProxy, hw)
+	res.Summary = append(res.Summary,
+		Summary{Scenario: scenarioMeshCross, Workload: hw, Rounds: 3, AddedP50: side.AddedP50 / 3, AddedP99: side.AddedP99 / 3, ProxyCPUPer1000: 0.19},
+		Summary{Scenario: scenarioMeshCross, Workload: workloadBulk, Rounds: 3, BytesPerSec: 2.4e8},
+		Summary{Scenario: scenarioMeshCross, Workload: workloadRR, Rounds: 3, RPS: 5000, ProxyCPUPer1000: 0.3},
+		Summary{Scenario: scenarioHAProxy, Workload: workloadRR, Rounds: 3, RPS: 4000, ProxyCPUPer1000: 0.2},
+	)
+	byName := func() map[string]Target {
+		m := map[string]Target{}
+		for _, tg := range judgeTargets(res) {
+			if tg.Issue == 12 {
+				m[tg.Name] = tg
+			}
+		}
+		return m
+	}
+	tg := byName()
+	want := map[string]string{
+		"proxy CPU, " + hw:                        "pass", // 0.19 against 0.2
+		"proxy CPU, tcp-rr":                       "miss", // 0.3 against 0.2
+		"added latency, " + hw:                    "pass",
+		"tcp-rr rate":                             "pass", // 5000 against 4000
+		"bulk throughput":                         "miss", // 240 against 250 MB/s
+		"tcp-crr lead":                            "not available",
+		"added latency, " + httpWorkload(1000, 1): "not available",
+	}
+	for name, st := range want {
+		if tg[name].Status != st {
+			t.Errorf("%s: %+v, want %s", name, tg[name], st)
+		}
+	}
+	if !strings.Contains(tg["added latency, "+hw].Note, "half of the sidecars'") {
+		t.Errorf("a third of the sidecars' added latency should reach the stretch goal: %+v", tg["added latency, "+hw])
+	}
+	// Two rounds of latency, or a busy machine: not judged.
+	res.Summary[len(res.Summary)-4].Rounds = 2
+	if got := byName()["added latency, "+hw]; got.Status != "inconclusive" {
+		t.Errorf("two rounds: %+v", got)
+	}
+	res.Machine.LoadEnd = "7 1 1"
+	if got := byName()["tcp-rr rate"]; got.Status != "inconclusive" || !strings.Contains(got.Note, "oversubscribed") {
+		t.Errorf("busy machine: %+v", got)
 	}
 }
 
