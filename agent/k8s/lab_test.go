@@ -127,7 +127,7 @@ func TestLabInformers(t *testing.T) {
 	})
 	sv, port, _ := snap.ServiceByVIP(vip)
 	bs := snap.Backends(sv, port)
-	if len(bs) != 1 || bs[0].Addr.String() != "10.244.1.10:8080" || bs[0].Pod == nil || bs[0].Pod.Name != "web-0" {
+	if len(bs) != 1 || bs[0].Addr.String() != "10.244.1.10:8080" || snap.BackendPod(bs[0]) == nil || snap.BackendPod(bs[0]).Name != "web-0" {
 		t.Fatalf("backends %+v", bs)
 	}
 	must(c.NetworkingV1().NetworkPolicies(ns).Create(ctx, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "deny"},

@@ -65,7 +65,7 @@ func (r *Resolver) Resolve(src *proxy.Workload, dst netip.AddrPort) (proxy.Desti
 		d := proxy.Destination{Service: svc.Key().String(), Endpoints: make([]proxy.Endpoint, 0, len(bs))}
 		var refused error
 		for _, b := range bs {
-			ep, err := r.endpoint(b.Addr, b.Pod)
+			ep, err := r.endpoint(b.Addr, snap.BackendPod(b))
 			if err != nil {
 				refused = err
 				continue

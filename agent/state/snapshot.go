@@ -4,7 +4,6 @@ import (
 	"cmp"
 	"fmt"
 	"iter"
-	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -20,17 +19,34 @@ type Snapshot struct {
 	synced      bool
 	trustDomain spiffeid.TrustDomain
 
-	namespaces map[string]*Namespace
-	nodes      map[string]*Node
-	pods       map[Key]*Pod
-	podsByIP   map[netip.Addr]*Pod
-	podsByNode map[string][]*Pod
-	services   map[Key]*Service
-	vips       map[netip.AddrPort]vip
-	slices     map[Key]*EndpointSlice
-	backends   map[servicePortKey][]Backend
-	netpols    map[Key]*NetworkPolicy
-	objects    map[GroupKind]map[Key]*Object
+	namespaces pmap[string, *Namespace]
+	nodes      pmap[string, *Node]
+	pods       pmap[Key, *Pod]
+	podsByIP   pmap[netip.Addr, *Pod]
+	podsByNode pmap[string, []*Pod]
+	services   pmap[Key, *Service]
+	vips       pmap[netip.AddrPort, vip]
+	slices     pmap[Key, *EndpointSlice]
+	backends   pmap[servicePortKey, []Backend]
+	netpols    pmap[Key, *NetworkPolicy]
+	objects    map[GroupKind]pmap[Key, *Object]
+}
+
+func emptySnapshot(td spiffeid.TrustDomain) *Snapshot {
+	return &Snapshot{
+		trustDomain: td,
+		namespaces:  newPmap[string, *Namespace](hashString),
+		nodes:       newPmap[string, *Node](hashString),
+		pods:        newPmap[Key, *Pod](hashKey),
+		podsByIP:    newPmap[netip.Addr, *Pod](hashAddr),
+		podsByNode:  newPmap[string, []*Pod](hashString),
+		services:    newPmap[Key, *Service](hashKey),
+		vips:        newPmap[netip.AddrPort, vip](hashAddrPort),
+		slices:      newPmap[Key, *EndpointSlice](hashKey),
+		backends:    newPmap[servicePortKey, []Backend](hashServicePort),
+		netpols:     newPmap[Key, *NetworkPolicy](hashKey),
+		objects:     map[GroupKind]pmap[Key, *Object]{},
+	}
 }
 
 type vip struct {
@@ -46,9 +62,10 @@ type servicePortKey struct {
 // Backend is a ready endpoint of a service port.
 type Backend struct {
 	Addr netip.AddrPort `json:"addr"`
-	// Pod is the pod behind the endpoint, nil when the snapshot does not
-	// know it (an endpoint outside the cluster, or a pod not yet seen).
-	Pod *Pod `json:"-"`
+	// ref is the endpoint's targetRef pod, if any; BackendPod resolves it.
+	// Backends hold no pod pointers, so a pod change does not touch the
+	// backends of the services it serves.
+	ref *Key
 	// Node is the endpoint's node name from the EndpointSlice.
 	Node string `json:"node,omitempty"`
 	// Terminating is set when the backend is only serving while
@@ -68,22 +85,22 @@ func (s *Snapshot) TrustDomain() spiffeid.TrustDomain { return s.trustDomain }
 
 // PodByIP returns the live pod that owns ip, or nil. Host-network pods are
 // never returned: they share the node's address.
-func (s *Snapshot) PodByIP(ip netip.Addr) *Pod { return s.podsByIP[ip.Unmap()] }
+func (s *Snapshot) PodByIP(ip netip.Addr) *Pod { return s.podsByIP.lookup(ip.Unmap()) }
 
 // Pod returns a pod by namespace and name, or nil.
-func (s *Snapshot) Pod(namespace, name string) *Pod { return s.pods[Key{namespace, name}] }
+func (s *Snapshot) Pod(namespace, name string) *Pod { return s.pods.lookup(Key{namespace, name}) }
 
 // PodsOnNode returns the pods scheduled on node, sorted by namespace/name.
-func (s *Snapshot) PodsOnNode(node string) []*Pod { return s.podsByNode[node] }
+func (s *Snapshot) PodsOnNode(node string) []*Pod { return s.podsByNode.lookup(node) }
 
 // Pods returns every pod, sorted by namespace/name.
-func (s *Snapshot) Pods() []*Pod { return sortedValues(s.pods) }
+func (s *Snapshot) Pods() []*Pod { return sortedValues(&s.pods) }
 
 // AllPods yields every pod in no particular order, without the cost of
 // sorting them.
 func (s *Snapshot) AllPods() iter.Seq[*Pod] {
 	return func(yield func(*Pod) bool) {
-		for _, p := range s.pods {
+		for _, p := range s.pods.all() {
 			if !yield(p) {
 				return
 			}
@@ -92,12 +109,12 @@ func (s *Snapshot) AllPods() iter.Seq[*Pod] {
 }
 
 // Namespace returns a namespace by name, or nil.
-func (s *Snapshot) Namespace(name string) *Namespace { return s.namespaces[name] }
+func (s *Snapshot) Namespace(name string) *Namespace { return s.namespaces.lookup(name) }
 
 // Namespaces returns every namespace, sorted by name.
 func (s *Snapshot) Namespaces() []*Namespace {
-	out := make([]*Namespace, 0, len(s.namespaces))
-	for _, n := range s.namespaces {
+	out := make([]*Namespace, 0, s.namespaces.len())
+	for _, n := range s.namespaces.all() {
 		out = append(out, n)
 	}
 	slices.SortFunc(out, func(a, b *Namespace) int { return cmp.Compare(a.Name, b.Name) })
@@ -105,12 +122,12 @@ func (s *Snapshot) Namespaces() []*Namespace {
 }
 
 // Node returns a node by name, or nil.
-func (s *Snapshot) Node(name string) *Node { return s.nodes[name] }
+func (s *Snapshot) Node(name string) *Node { return s.nodes.lookup(name) }
 
 // Nodes returns every node, sorted by name.
 func (s *Snapshot) Nodes() []*Node {
-	out := make([]*Node, 0, len(s.nodes))
-	for _, n := range s.nodes {
+	out := make([]*Node, 0, s.nodes.len())
+	for _, n := range s.nodes.all() {
 		out = append(out, n)
 	}
 	slices.SortFunc(out, func(a, b *Node) int { return cmp.Compare(a.Name, b.Name) })
@@ -119,15 +136,15 @@ func (s *Snapshot) Nodes() []*Node {
 
 // Service returns a service by namespace and name, or nil.
 func (s *Snapshot) Service(namespace, name string) *Service {
-	return s.services[Key{namespace, name}]
+	return s.services.lookup(Key{namespace, name})
 }
 
 // Services returns every service, sorted by namespace/name.
-func (s *Snapshot) Services() []*Service { return sortedValues(s.services) }
+func (s *Snapshot) Services() []*Service { return sortedValues(&s.services) }
 
 // ServiceByVIP returns the service and TCP port that own a ClusterIP:port.
 func (s *Snapshot) ServiceByVIP(ap netip.AddrPort) (*Service, ServicePort, bool) {
-	v, ok := s.vips[netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())]
+	v, ok := s.vips.get(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
 	if !ok {
 		return nil, ServicePort{}, false
 	}
@@ -139,17 +156,30 @@ func (s *Snapshot) ServiceByVIP(ap netip.AddrPort) (*Service, ServicePort, bool)
 // terminating (kube-proxy's rule, so connections drain instead of failing).
 // Endpoints listed by several slices appear once.
 func (s *Snapshot) Backends(svc *Service, port ServicePort) []Backend {
-	return s.backends[servicePortKey{svc.Key(), port.Name}]
+	return s.backends.lookup(servicePortKey{svc.Key(), port.Name})
+}
+
+// BackendPod returns the pod behind a backend of this snapshot: the pod
+// its endpoint references, else the pod that owns its address; nil when
+// the snapshot knows neither (an endpoint outside the cluster, or a pod not
+// yet seen).
+func (s *Snapshot) BackendPod(b Backend) *Pod {
+	if b.ref != nil {
+		if p := s.pods.lookup(*b.ref); p != nil {
+			return p
+		}
+	}
+	return s.podsByIP.lookup(b.Addr.Addr())
 }
 
 // EndpointSlices returns every slice, sorted by namespace/name.
-func (s *Snapshot) EndpointSlices() []*EndpointSlice { return sortedValues(s.slices) }
+func (s *Snapshot) EndpointSlices() []*EndpointSlice { return sortedValues(&s.slices) }
 
 // NetworkPolicies returns the NetworkPolicies of a namespace ("" for all),
 // sorted by namespace/name.
 func (s *Snapshot) NetworkPolicies(namespace string) []*NetworkPolicy {
 	var out []*NetworkPolicy
-	for k, p := range s.netpols {
+	for k, p := range s.netpols.all() {
 		if namespace == "" || k.Namespace == namespace {
 			out = append(out, p)
 		}
@@ -161,7 +191,13 @@ func (s *Snapshot) NetworkPolicies(namespace string) []*NetworkPolicy {
 }
 
 // Objects returns the custom objects of a kind, sorted by namespace/name.
-func (s *Snapshot) Objects(gk GroupKind) []*Object { return sortedValues(s.objects[gk]) }
+func (s *Snapshot) Objects(gk GroupKind) []*Object {
+	m, ok := s.objects[gk]
+	if !ok {
+		return []*Object{}
+	}
+	return sortedValues(&m)
+}
 
 // ObjectKinds returns the kinds of custom objects present.
 func (s *Snapshot) ObjectKinds() []GroupKind {
@@ -175,9 +211,9 @@ func (s *Snapshot) ObjectKinds() []GroupKind {
 
 type keyed interface{ Key() Key }
 
-func sortedValues[T keyed](m map[Key]T) []T {
-	out := make([]T, 0, len(m))
-	for _, v := range m {
+func sortedValues[T keyed](m *pmap[Key, T]) []T {
+	out := make([]T, 0, m.len())
+	for _, v := range m.all() {
 		out = append(out, v)
 	}
 	slices.SortFunc(out, func(a, b T) int { return compareKeys(a.Key(), b.Key()) })
@@ -186,89 +222,6 @@ func sortedValues[T keyed](m map[Key]T) []T {
 
 func compareKeys(a, b Key) int {
 	return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
-}
-
-// build indexes the store's inputs into a new snapshot. Input values are
-// shared, never modified; pods are copied because the snapshot fills in
-// their computed fields.
-//
-// cache holds the pods computed by the previous build; a pod whose input
-// and namespace enrollment are unchanged is reused, so a change costs map
-// work, not re-deriving every identity. build replaces cache's contents.
-func build(in *inputs, version uint64, synced bool, td spiffeid.TrustDomain, cache map[Key]computed) *Snapshot {
-	s := &Snapshot{
-		version:     version,
-		synced:      synced,
-		trustDomain: td,
-		namespaces:  make(map[string]*Namespace, len(in.namespaces)),
-		nodes:       maps.Clone(in.nodes),
-		pods:        make(map[Key]*Pod, len(in.pods)),
-		podsByIP:    make(map[netip.Addr]*Pod, len(in.pods)),
-		podsByNode:  make(map[string][]*Pod),
-		services:    maps.Clone(in.services),
-		vips:        make(map[netip.AddrPort]vip, len(in.services)),
-		slices:      maps.Clone(in.slices),
-		backends:    make(map[servicePortKey][]Backend, len(in.services)),
-		netpols:     maps.Clone(in.netpols),
-		objects:     make(map[GroupKind]map[Key]*Object, len(in.objects)),
-	}
-	for gk, m := range in.objects {
-		if len(m) > 0 {
-			s.objects[gk] = maps.Clone(m)
-		}
-	}
-	for name, n := range in.namespaces {
-		c := *n
-		c.Enrolled = n.Labels[LabelMode] == ModeEnabled
-		s.namespaces[name] = &c
-	}
-	for k := range cache {
-		if _, ok := in.pods[k]; !ok {
-			delete(cache, k)
-		}
-	}
-	for k, p := range in.pods {
-		ns := s.namespaces[p.Namespace]
-		nsEnrolled := ns != nil && ns.Enrolled
-		c := cache[k].out
-		if cache[k].in != p || cache[k].nsEnrolled != nsEnrolled {
-			c = computePod(p, ns, td)
-			cache[k] = computed{in: p, nsEnrolled: nsEnrolled, out: c}
-		}
-		s.pods[k] = c
-		if c.Node != "" {
-			s.podsByNode[c.Node] = append(s.podsByNode[c.Node], c)
-		}
-		if c.HostNetwork {
-			continue
-		}
-		for _, ip := range c.IPs {
-			if old, ok := s.podsByIP[ip]; !ok || preferPod(c, old) {
-				s.podsByIP[ip] = c
-			}
-		}
-	}
-	for _, list := range s.podsByNode {
-		slices.SortFunc(list, func(a, b *Pod) int { return compareKeys(a.Key(), b.Key()) })
-	}
-	for _, svc := range s.services {
-		for i, p := range svc.Ports {
-			if !isTCP(p.Protocol) {
-				continue
-			}
-			for _, ip := range svc.ClusterIPs {
-				s.vips[netip.AddrPortFrom(ip.Unmap(), p.Port)] = vip{svc, i}
-			}
-		}
-	}
-	s.indexBackends()
-	return s
-}
-
-type computed struct {
-	in         *Pod
-	nsEnrolled bool
-	out        *Pod
 }
 
 func isTCP(proto string) bool { return proto == "" || proto == "TCP" }
@@ -360,71 +313,4 @@ func parsePorts(s string) ([]uint16, error) {
 	}
 	slices.Sort(out)
 	return slices.Compact(out), nil
-}
-
-func (s *Snapshot) indexBackends() {
-	bySvc := make(map[Key][]*EndpointSlice)
-	for _, es := range s.slices {
-		if es.Service == "" {
-			continue
-		}
-		k := Key{es.Namespace, es.Service}
-		bySvc[k] = append(bySvc[k], es)
-	}
-	for k, list := range bySvc {
-		svc := s.services[k]
-		if svc == nil {
-			continue
-		}
-		for _, sp := range svc.Ports {
-			if !isTCP(sp.Protocol) {
-				continue
-			}
-			var ready, terminating []Backend
-			seen := make(map[netip.AddrPort]bool)
-			for _, es := range list {
-				if es.AddressType != "" && es.AddressType != "IPv4" && es.AddressType != "IPv6" {
-					continue // FQDN slices name hosts, not addresses
-				}
-				for _, ep := range es.Ports {
-					if ep.Name != sp.Name || !isTCP(ep.Protocol) || ep.Port == 0 {
-						continue
-					}
-					for _, e := range es.Endpoints {
-						if !e.Ready && !(e.Serving && e.Terminating) {
-							continue
-						}
-						for _, a := range e.Addresses {
-							ap := netip.AddrPortFrom(a.Unmap(), ep.Port)
-							if seen[ap] {
-								continue
-							}
-							seen[ap] = true
-							b := Backend{Addr: ap, Node: e.Node, Terminating: !e.Ready}
-							if e.Pod != nil {
-								b.Pod = s.pods[*e.Pod]
-							}
-							if b.Pod == nil {
-								b.Pod = s.podsByIP[ap.Addr()]
-							}
-							if e.Ready {
-								ready = append(ready, b)
-							} else {
-								terminating = append(terminating, b)
-							}
-						}
-					}
-				}
-			}
-			out := ready
-			if len(out) == 0 {
-				out = terminating
-			}
-			if len(out) == 0 {
-				continue
-			}
-			slices.SortFunc(out, func(a, b Backend) int { return a.Addr.Compare(b.Addr) })
-			s.backends[servicePortKey{k, sp.Name}] = out
-		}
-	}
 }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -308,7 +309,7 @@ func TestServiceByVIP(t *testing.T) {
 func TestHeadlessServiceHasNoVIP(t *testing.T) {
 	s := newStore(t)
 	s.Update(func(tx *Tx) { tx.SetService(web()) })
-	if len(s.Snapshot().vips) != 0 {
+	if s.Snapshot().vips.len() != 0 {
 		t.Fatal("headless service indexed by VIP")
 	}
 }
@@ -388,7 +389,7 @@ func TestBackendPods(t *testing.T) {
 	if len(bs) != 3 {
 		t.Fatalf("got %d backends", len(bs))
 	}
-	if bs[0].Pod == nil || bs[0].Pod.Name != "a" || bs[1].Pod == nil || bs[1].Pod.Name != "b" || bs[2].Pod != nil {
+	if snap.BackendPod(bs[0]) == nil || snap.BackendPod(bs[0]).Name != "a" || snap.BackendPod(bs[1]) == nil || snap.BackendPod(bs[1]).Name != "b" || snap.BackendPod(bs[2]) != nil {
 		t.Fatalf("backend pods wrong: %+v", bs)
 	}
 }
@@ -526,4 +527,73 @@ func TestNodes(t *testing.T) {
 	if s.Snapshot().Node("n2") != nil || snap.Node("n2") == nil {
 		t.Fatal("node delete wrong")
 	}
+}
+
+// scaleStore is a cluster of n pods in 1,000 namespaces on n/20 nodes, one
+// Service and EndpointSlice per 10 pods.
+func scaleStore(b testing.TB, n int) *Store {
+	s := newStore(b)
+	s.Update(func(tx *Tx) {
+		for ns := range 1000 {
+			tx.SetNamespace(&Namespace{Name: fmt.Sprint("ns", ns), Labels: map[string]string{LabelMode: ModeEnabled}})
+		}
+		for i := range n {
+			tx.SetPod(scalePod(i, "a"))
+		}
+		for svc := range n / 10 {
+			ns := fmt.Sprint("ns", svc%1000)
+			ip := netip.AddrFrom4([4]byte{10, 96, byte(svc >> 8), byte(svc)})
+			tx.SetService(&Service{Namespace: ns, Name: fmt.Sprint("svc", svc), ClusterIPs: []netip.Addr{ip},
+				Ports: []ServicePort{{Name: "http", Protocol: "TCP", Port: 80, TargetPort: 8080}}})
+			es := &EndpointSlice{Namespace: ns, Name: fmt.Sprint("svc", svc, "-x"), Service: fmt.Sprint("svc", svc), AddressType: "IPv4",
+				Ports: []EndpointPort{{Name: "http", Protocol: "TCP", Port: 8080}}}
+			for j := range 10 {
+				i := svc*10 + j
+				es.Endpoints = append(es.Endpoints, Endpoint{Addresses: []netip.Addr{scaleIP(i)}, Ready: true, Serving: true,
+					Node: fmt.Sprint("node", i%(n/20+1)), Pod: &Key{fmt.Sprint("ns", i%1000), fmt.Sprint("p", i)}})
+			}
+			tx.SetEndpointSlice(es)
+		}
+	})
+	s.Snapshot()
+	return s
+}
+
+func scaleIP(i int) netip.Addr {
+	return netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+}
+
+func scalePod(i int, app string) *Pod {
+	n := 100000
+	return &Pod{Namespace: fmt.Sprint("ns", i%1000), Name: fmt.Sprint("p", i), ServiceAccount: "default",
+		Node: fmt.Sprint("node", i%(n/20+1)), Phase: PodRunning, IPs: []netip.Addr{scaleIP(i)}, Labels: map[string]string{"app": app}}
+}
+
+// BenchmarkSnapshotAfterPodChange is the agent's cost per pod change at
+// scale: one pod relabelled, then the next snapshot built.
+func BenchmarkSnapshotAfterPodChange(b *testing.B) {
+	for _, n := range []int{10000, 100000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			s := scaleStore(b, n)
+			b.ReportAllocs()
+			i := 0
+			start := cpuTime(b)
+			for b.Loop() {
+				i++
+				s.Update(func(tx *Tx) { tx.SetPod(scalePod(i%n, fmt.Sprint("app", i))) })
+				s.Snapshot()
+			}
+			// CPU time (the process's, GC included) is steadier than wall
+			// time on a shared machine.
+			b.ReportMetric(float64(cpuTime(b)-start)/float64(b.N), "cpu-ns/op")
+		})
+	}
+}
+
+func cpuTime(b testing.TB) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -10,26 +10,32 @@ import (
 )
 
 // Store holds the current cluster state. Sources write into it with Update;
-// readers take a Snapshot. The first Snapshot after a change pays for
-// re-indexing (linear in the cluster size); every later one is a pointer
-// load, so the connection path never waits for the indexer when nothing
-// changed.
+// readers take a Snapshot. Changes are kept as pending until the next
+// Snapshot, which applies them to the previous snapshot: a change to one
+// object updates only the indexes it touches (copying the shards of the
+// maps it changes, see pmap), so its cost does not grow with the cluster.
+// Every later Snapshot is a pointer load, so the connection path never
+// waits for the indexer when nothing changed.
 //
 // A Store is safe for concurrent use.
 type Store struct {
 	td spiffeid.TrustDomain
 
 	mu      sync.Mutex
-	in      inputs
 	version uint64
 	synced  bool
 	subs    map[chan struct{}]struct{}
-	pods    map[Key]computed // see build
+	prev    *Snapshot // the last snapshot built; pend applies on top of it
+	pend    pending
+	idx     buildIndex // what incremental builds need beyond the snapshot
 
 	cur atomic.Pointer[Snapshot] // nil while a change is not yet indexed
 }
 
-type inputs struct {
+// pending holds the changes since the last build; a nil value is a
+// deletion. After Reset, they apply to an empty state.
+type pending struct {
+	reset      bool
 	namespaces map[string]*Namespace
 	nodes      map[string]*Node
 	pods       map[Key]*Pod
@@ -39,14 +45,25 @@ type inputs struct {
 	objects    map[GroupKind]map[Key]*Object
 }
 
-func (in *inputs) reset() {
-	in.namespaces = make(map[string]*Namespace)
-	in.nodes = make(map[string]*Node)
-	in.pods = make(map[Key]*Pod)
-	in.services = make(map[Key]*Service)
-	in.slices = make(map[Key]*EndpointSlice)
-	in.netpols = make(map[Key]*NetworkPolicy)
-	in.objects = make(map[GroupKind]map[Key]*Object)
+func (p *pending) clear() {
+	p.reset = false
+	p.namespaces = fresh(p.namespaces)
+	p.nodes = fresh(p.nodes)
+	p.pods = fresh(p.pods)
+	p.services = fresh(p.services)
+	p.slices = fresh(p.slices)
+	p.netpols = fresh(p.netpols)
+	p.objects = fresh(p.objects)
+}
+
+// fresh empties a pending map; one that held the initial sync (tens of
+// thousands of entries) is dropped rather than kept at that size.
+func fresh[K comparable, V any](m map[K]V) map[K]V {
+	if m == nil || len(m) > 1024 {
+		return make(map[K]V)
+	}
+	clear(m)
+	return m
 }
 
 // NewStore returns an empty, unsynced store whose pods get identities in td.
@@ -54,8 +71,10 @@ func NewStore(td spiffeid.TrustDomain) (*Store, error) {
 	if td.IsZero() {
 		return nil, fmt.Errorf("creating state store: empty trust domain")
 	}
-	s := &Store{td: td, subs: make(map[chan struct{}]struct{}), pods: make(map[Key]computed)}
-	s.in.reset()
+	s := &Store{td: td, subs: make(map[chan struct{}]struct{})}
+	s.pend.clear()
+	s.prev = emptySnapshot(td)
+	s.idx.reset()
 	return s, nil
 }
 
@@ -69,7 +88,14 @@ func (s *Store) Snapshot() *Snapshot {
 	if snap := s.cur.Load(); snap != nil {
 		return snap
 	}
-	snap := build(&s.in, s.version, s.synced, s.td, s.pods)
+	base := s.prev
+	if s.pend.reset {
+		base = emptySnapshot(s.td)
+		s.idx.reset()
+	}
+	snap := build(base, &s.pend, &s.idx, s.version, s.synced)
+	s.prev = snap
+	s.pend.clear()
 	s.cur.Store(snap)
 	return snap
 }
@@ -87,9 +113,9 @@ func (s *Store) Version() uint64 {
 func (s *Store) Update(fn func(tx *Tx)) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	tx := &Tx{in: &s.in}
+	tx := &Tx{s: s}
 	fn(tx)
-	tx.in = nil
+	tx.s = nil
 	if tx.changed {
 		s.changedLocked()
 	}
@@ -156,86 +182,97 @@ func (s *Store) WaitFor(ctx context.Context, cond func(*Snapshot) bool) (*Snapsh
 // Tx is a batch of changes inside Store.Update. It is only valid during the
 // Update call.
 type Tx struct {
-	in      *inputs
+	s       *Store
 	changed bool
 }
 
 // Reset removes everything, for a source that replaces the whole state.
 func (tx *Tx) Reset() {
-	tx.in.reset()
+	tx.s.pend.clear()
+	tx.s.pend.reset = true
 	tx.changed = true
+}
+
+// base is the state pending changes apply to, nil after a Reset.
+func (tx *Tx) base() *Snapshot {
+	if tx.s.pend.reset {
+		return nil
+	}
+	return tx.s.prev
 }
 
 // SetNamespace adds or replaces a namespace.
 func (tx *Tx) SetNamespace(n *Namespace) {
-	tx.in.namespaces[n.Name] = n
+	tx.s.pend.namespaces[n.Name] = n
 	tx.changed = true
 }
 
 // DeleteNamespace removes a namespace.
 func (tx *Tx) DeleteNamespace(name string) {
-	if _, ok := tx.in.namespaces[name]; ok {
-		delete(tx.in.namespaces, name)
-		tx.changed = true
-	}
+	remove(tx, tx.s.pend.namespaces, name, func(b *Snapshot) bool { _, ok := b.namespaces.get(name); return ok })
 }
 
 // SetNode adds or replaces a node.
 func (tx *Tx) SetNode(n *Node) {
-	tx.in.nodes[n.Name] = n
+	tx.s.pend.nodes[n.Name] = n
 	tx.changed = true
 }
 
 // DeleteNode removes a node.
 func (tx *Tx) DeleteNode(name string) {
-	if _, ok := tx.in.nodes[name]; ok {
-		delete(tx.in.nodes, name)
-		tx.changed = true
-	}
+	remove(tx, tx.s.pend.nodes, name, func(b *Snapshot) bool { _, ok := b.nodes.get(name); return ok })
 }
 
 // SetPod adds or replaces a pod.
 func (tx *Tx) SetPod(p *Pod) {
-	tx.in.pods[p.Key()] = p
+	tx.s.pend.pods[p.Key()] = p
 	tx.changed = true
 }
 
 // DeletePod removes a pod.
-func (tx *Tx) DeletePod(k Key) { tx.changed = deleteKey(tx.in.pods, k) || tx.changed }
+func (tx *Tx) DeletePod(k Key) {
+	remove(tx, tx.s.pend.pods, k, func(b *Snapshot) bool { _, ok := b.pods.get(k); return ok })
+}
 
 // SetService adds or replaces a service.
 func (tx *Tx) SetService(svc *Service) {
-	tx.in.services[svc.Key()] = svc
+	tx.s.pend.services[svc.Key()] = svc
 	tx.changed = true
 }
 
 // DeleteService removes a service.
-func (tx *Tx) DeleteService(k Key) { tx.changed = deleteKey(tx.in.services, k) || tx.changed }
+func (tx *Tx) DeleteService(k Key) {
+	remove(tx, tx.s.pend.services, k, func(b *Snapshot) bool { _, ok := b.services.get(k); return ok })
+}
 
 // SetEndpointSlice adds or replaces an EndpointSlice.
 func (tx *Tx) SetEndpointSlice(es *EndpointSlice) {
-	tx.in.slices[es.Key()] = es
+	tx.s.pend.slices[es.Key()] = es
 	tx.changed = true
 }
 
 // DeleteEndpointSlice removes an EndpointSlice.
-func (tx *Tx) DeleteEndpointSlice(k Key) { tx.changed = deleteKey(tx.in.slices, k) || tx.changed }
+func (tx *Tx) DeleteEndpointSlice(k Key) {
+	remove(tx, tx.s.pend.slices, k, func(b *Snapshot) bool { _, ok := b.slices.get(k); return ok })
+}
 
 // SetNetworkPolicy adds or replaces a NetworkPolicy.
 func (tx *Tx) SetNetworkPolicy(np *NetworkPolicy) {
-	tx.in.netpols[Key{np.Namespace, np.Name}] = np
+	tx.s.pend.netpols[Key{np.Namespace, np.Name}] = np
 	tx.changed = true
 }
 
 // DeleteNetworkPolicy removes a NetworkPolicy.
-func (tx *Tx) DeleteNetworkPolicy(k Key) { tx.changed = deleteKey(tx.in.netpols, k) || tx.changed }
+func (tx *Tx) DeleteNetworkPolicy(k Key) {
+	remove(tx, tx.s.pend.netpols, k, func(b *Snapshot) bool { _, ok := b.netpols.get(k); return ok })
+}
 
 // SetObject adds or replaces a custom object.
 func (tx *Tx) SetObject(o *Object) {
-	m := tx.in.objects[o.GroupKind]
+	m := tx.s.pend.objects[o.GroupKind]
 	if m == nil {
 		m = make(map[Key]*Object)
-		tx.in.objects[o.GroupKind] = m
+		tx.s.pend.objects[o.GroupKind] = m
 	}
 	m[o.Key()] = o
 	tx.changed = true
@@ -243,13 +280,32 @@ func (tx *Tx) SetObject(o *Object) {
 
 // DeleteObject removes a custom object.
 func (tx *Tx) DeleteObject(gk GroupKind, k Key) {
-	tx.changed = deleteKey(tx.in.objects[gk], k) || tx.changed
+	m := tx.s.pend.objects[gk]
+	if m == nil {
+		m = make(map[Key]*Object)
+		tx.s.pend.objects[gk] = m
+	}
+	remove(tx, m, k, func(b *Snapshot) bool {
+		objs, ok := b.objects[gk]
+		if !ok {
+			return false
+		}
+		_, ok = objs.get(k)
+		return ok
+	})
 }
 
-func deleteKey[V any](m map[Key]V, k Key) bool {
-	if _, ok := m[k]; !ok {
-		return false
+// remove records the deletion of k when it exists: pending, or in the
+// base when nothing is pending for it.
+func remove[K comparable, V any](tx *Tx, pend map[K]*V, k K, inBase func(*Snapshot) bool) {
+	exists := false
+	if v, ok := pend[k]; ok {
+		exists = v != nil
+	} else if b := tx.base(); b != nil {
+		exists = inBase(b)
 	}
-	delete(m, k)
-	return true
+	if exists {
+		pend[k] = nil
+		tx.changed = true
+	}
 }

@@ -138,10 +138,11 @@ func (l *Layer) inbound() *inboundIndex {
 				continue
 			}
 			for _, b := range snap.Backends(svc, sp) {
-				if b.Pod == nil {
+				pod := snap.BackendPod(b)
+				if pod == nil {
 					continue
 				}
-				k := b.Pod.Key()
+				k := pod.Key()
 				if idx.ports[k] == nil {
 					idx.ports[k] = map[uint16]l7.Protocol{}
 				}
