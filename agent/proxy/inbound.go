@@ -117,7 +117,10 @@ func (p *Proxy) handleInboundPlaintext(c net.Conn, w *Workload, origDst OrigDstF
 	if origDst != nil {
 		dst, err := origDst(c)
 		if err != nil {
-			p.log.Warn("inbound plaintext connection without original destination; resetting it", "pod", w.String(), "src", f.Src.String(), "error", err)
+			if ok, held := p.noOrigDstLog.allow(tc.start); ok {
+				p.log.Warn("connection without original destination; resetting it, and such connections are logged at most once a minute",
+					"direction", "inbound", "pod", w.String(), "src", f.Src.String(), "error", err, "not_logged_since_last", held)
+			}
 			p.refuse(c, f, tc.start, RefusedInvalid, "no original destination")
 			return
 		}

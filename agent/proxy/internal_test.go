@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"regexp"
 	"testing"
+	"time"
 )
 
 func TestBalancerPowerOfTwo(t *testing.T) {
@@ -93,5 +94,24 @@ func TestPodSource(t *testing.T) {
 		if got := podSource(w, netip.MustParseAddrPort(in)); got.String() != want {
 			t.Errorf("podSource(%s) = %s, want %s", in, got, want)
 		}
+	}
+}
+
+func TestLogLimiter(t *testing.T) {
+	l := logLimiter{interval: time.Second}
+	t0 := time.Unix(1000, 0)
+	if ok, held := l.allow(t0); !ok || held != 0 {
+		t.Fatalf("first line: %v %d", ok, held)
+	}
+	for i := range 5 {
+		if ok, _ := l.allow(t0.Add(time.Duration(i) * 100 * time.Millisecond)); ok {
+			t.Fatalf("line %d within the interval allowed", i)
+		}
+	}
+	if ok, held := l.allow(t0.Add(time.Second)); !ok || held != 5 {
+		t.Fatalf("after the interval: %v, held back %d, want true, 5", ok, held)
+	}
+	if ok, _ := l.allow(t0.Add(1500 * time.Millisecond)); ok {
+		t.Fatal("allowed again within the new interval")
 	}
 }

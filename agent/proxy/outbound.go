@@ -18,7 +18,10 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 	pre := &Flow{Direction: Outbound, Workload: w, Src: podSource(w, addrPortOf(app.RemoteAddr())), SrcIdentity: w.Identity}
 	dst, err := origDst(app)
 	if err != nil {
-		p.log.Warn("outbound connection without original destination; resetting it", "pod", w.String(), "src", pre.Src.String(), "error", err)
+		if ok, held := p.noOrigDstLog.allow(start); ok {
+			p.log.Warn("connection without original destination (an application connecting to the agent's in-pod listener directly?); resetting it, and such connections are logged at most once a minute",
+				"direction", "outbound", "pod", w.String(), "src", pre.Src.String(), "error", err, "not_logged_since_last", held)
+		}
 		p.refuse(app, pre, start, RefusedInvalid, "no original destination")
 		return
 	}
@@ -26,7 +29,10 @@ func (p *Proxy) handleOutbound(app net.Conn, w *Workload, origDst OrigDstFunc) {
 	if p.isAgentPort(dst.Port()) && (dst.Addr().IsLoopback() || w.HasIP(dst.Addr())) {
 		// A connection to the agent's own listener was captured: a
 		// capture loop. Refuse rather than spin.
-		p.log.Warn("outbound connection to an agent port of the pod itself; resetting it", "pod", w.String(), "dst", dst.String())
+		if ok, held := p.loopLog.allow(start); ok {
+			p.log.Warn("outbound connection to an agent port of the pod itself; resetting it, and such connections are logged at most once a minute",
+				"pod", w.String(), "dst", dst.String(), "not_logged_since_last", held)
+		}
 		p.refuse(app, pre, start, RefusedInvalid, "capture loop")
 		return
 	}

@@ -67,6 +67,11 @@ type Proxy struct {
 	ctx    context.Context // parent of every connection; cancelled by Close
 	cancel context.CancelFunc
 
+	// Refusals an application can cause at will (connecting to the
+	// agent's in-pod listeners directly) are counted every time but
+	// logged at most once a minute each, so a pod cannot flood the log.
+	noOrigDstLog, loopLog logLimiter
+
 	mu       sync.Mutex
 	lns      map[net.Listener]struct{}
 	servers  map[*hbone.Server]struct{}
@@ -404,4 +409,28 @@ func (p *Proxy) TunnelStats() hbone.ServerStats {
 		total.Add(s.Stats())
 	}
 	return total
+}
+
+// logLimiter lets one log line through per interval (a minute by default)
+// and counts the ones it held back, which the next line reports.
+type logLimiter struct {
+	last       atomic.Int64 // unix nanoseconds of the last line
+	suppressed atomic.Int64
+	interval   time.Duration // 0: a minute
+}
+
+// allow reports whether a line may be logged now and, if so, how many were
+// held back since the last one.
+func (l *logLimiter) allow(now time.Time) (bool, int64) {
+	every := l.interval
+	if every <= 0 {
+		every = time.Minute
+	}
+	n := now.UnixNano()
+	last := l.last.Load()
+	if (last == 0 || n-last >= int64(every)) && l.last.CompareAndSwap(last, n) {
+		return true, l.suppressed.Swap(0)
+	}
+	l.suppressed.Add(1)
+	return false, 0
 }
