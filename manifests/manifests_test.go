@@ -32,7 +32,7 @@ import (
 
 // The installs a user can apply: the default (kubectl apply -k manifests/)
 // and the overlays.
-var installs = []string{".", "overlays/lab", "overlays/production"}
+var installs = []string{".", "overlays/lab", "overlays/production", "overlays/cluster"}
 
 // uninstall is the node cleanup applied when uninstalling.
 const uninstall = "uninstall"
@@ -662,6 +662,24 @@ func TestOverlays(t *testing.T) {
 	}
 	if cm := get[*corev1.ConfigMap](t, lab, "ConfigMap", ns, "nodemesh-config"); cm.Data["access-log"] != "true" {
 		t.Errorf("lab: access-log %q, want true", cm.Data["access-log"])
+	}
+
+	// Real nodes without cluster DNS: the agents reach the CA's fixed
+	// ClusterIP under the name their --ca-addr has, through a host alias.
+	cl := render(t, "overlays/cluster")
+	caIP := get[*corev1.Service](t, cl, "Service", ns, "nodemesh-ca").Spec.ClusterIP
+	agent := get[*appsv1.DaemonSet](t, cl, "DaemonSet", ns, "nodemesh-agent").Spec.Template.Spec
+	caAddr, _ := flag(agent.Containers[0].Args, "ca-addr")
+	caHost := strings.Replace(strings.TrimPrefix(caAddr, "https://"), "$(POD_NAMESPACE)", ns, 1)
+	caHost, _, _ = strings.Cut(caHost, ":")
+	if len(agent.HostAliases) != 1 || agent.HostAliases[0].IP != caIP || !slices.Equal(agent.HostAliases[0].Hostnames, []string{caHost}) {
+		t.Errorf("cluster: agent host aliases %+v, want %s for %s (the CA Service's ClusterIP)", agent.HostAliases, caHost, caIP)
+	}
+	if !strings.HasPrefix(caIP, "10.96.0.") || !agent.HostNetwork {
+		t.Errorf("cluster: CA ClusterIP %q, want a fixed address in the lab's 10.96.0.0/16", caIP)
+	}
+	if un := render(t, "overlays/cluster/uninstall"); !strings.HasPrefix(get[*appsv1.DaemonSet](t, un, "DaemonSet", ns, "nodemesh-node-cleanup").Spec.Template.Spec.Containers[0].Image, "localhost/busybox:") {
+		t.Error("cluster uninstall: the cleanup image is not the locally built busybox")
 	}
 
 	prod := render(t, "overlays/production")

@@ -94,7 +94,8 @@ type Node struct {
 	Cgroup string
 	// Socket is containerd's socket as seen from outside the node.
 	Socket string
-	// InitPid is the node's init: its namespaces are the node's.
+	// InitPid is the node's init (host PID): PID 1 of the node's PID
+	// namespace; its namespaces are the node's.
 	InitPid int
 
 	link string // host side of the node's veth
@@ -570,9 +571,11 @@ func (c *Cluster) Down(ctx context.Context) error {
 	var errs []error
 	// Nodes first: the init's SIGTERM stops kubelet and kube-proxy, then
 	// containerd; Sweep kills what is left (shims, containers).
+	// The signal goes to the node's init itself: unshare, its parent,
+	// does not pass it on, and kills the init when it dies.
 	for _, n := range c.Nodes {
-		if n.init != nil && n.init.Process != nil {
-			_ = n.init.Process.Signal(syscall.SIGTERM)
+		if n.init != nil && n.init.Process != nil && n.InitPid > 0 {
+			_ = syscall.Kill(n.InitPid, syscall.SIGTERM)
 		}
 	}
 	for _, n := range c.Nodes {

@@ -84,7 +84,15 @@ func (c *Cluster) setupNode(ctx context.Context, n *Node, opts Options, token st
 	if err := c.writeNodeConfig(n, token); err != nil {
 		return err
 	}
-	cmd := exec.Command("unshare", "--mount", "--propagation", "slave", "/bin/sh", filepath.Join(n.Dir, "init.sh"))
+	// A PID namespace of its own, as a kind node container has: the
+	// agent's hostPID then shows the node's processes with the node's init
+	// as PID 1, whose namespaces it reads (agent/nodeinfo). (The host's own
+	// PID 1 may not be readable at all: on the CI machines it is a
+	// supervisor whose /proc/1/ns links refuse even full root with EACCES.)
+	// --kill-child: if unshare dies, the node's init gets SIGKILL, and with
+	// it every process of the node's PID namespace, containers included.
+	cmd := exec.Command("unshare", "--mount", "--propagation", "slave", "--pid", "--kill-child", "--mount-proc",
+		"/bin/sh", filepath.Join(n.Dir, "init.sh"))
 	logf, err := os.OpenFile(filepath.Join(n.Dir, "init.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return fmt.Errorf("opening node %s's init log: %w", n.Name, err)
@@ -96,7 +104,16 @@ func (c *Cluster) setupNode(ctx context.Context, n *Node, opts Options, token st
 		return fmt.Errorf("starting node %s: %w", n.Name, err)
 	}
 	n.init = cmd
-	n.InitPid = cmd.Process.Pid
+	if err := poll(ctx, 10*time.Second, "node "+n.Name+"'s init", func() (bool, string, error) {
+		if pidGone(cmd.Process.Pid) {
+			return false, "", fmt.Errorf("node %s's init exited; %s ends with:\n%s", n.Name, filepath.Join(n.Dir, "init.log"), logTail(filepath.Join(n.Dir, "init.log"), 2000))
+		}
+		pid, err := childOf(cmd.Process.Pid)
+		n.InitPid = pid
+		return err == nil, fmt.Sprint(err), nil
+	}); err != nil {
+		return err
+	}
 	if err := poll(ctx, time.Minute, "containerd on "+n.Name, func() (bool, string, error) {
 		if pidGone(cmd.Process.Pid) {
 			return false, "", fmt.Errorf("node %s's init exited; %s ends with:\n%s\ncontainerd.log:\n%s", n.Name, filepath.Join(n.Dir, "init.log"), logTail(filepath.Join(n.Dir, "init.log"), 2000), logTail(filepath.Join(n.Dir, "containerd.log"), 2000))
@@ -192,6 +209,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = %[2]q
+  # kubelet asks for oom_score_adj -998 for every sandbox; lowering it needs
+  # CAP_SYS_RESOURCE, which root lacks on the CI machines (runc then fails
+  # with "failed to update /proc/self/oom_score_adj: Permission denied",
+  # surfacing as "can't get final child's PID from pipe: EOF"). Clamp
+  # containers to containerd's own score instead, as rootless setups do.
+  restrict_oom_score_adj = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -403,6 +426,8 @@ func killPid(pid int) error { return syscall.Kill(pid, syscall.SIGKILL) }
 // RestartContainerd stops node n's containerd (SIGTERM) and waits until
 // its init has started a new one that answers, as a service manager
 // would on a real node. Pods keep running (their shims outlive it).
+// containerd.pid holds a pid of the node's PID namespace, so the signal
+// and the checks run inside the node.
 func (c *Cluster) RestartContainerd(ctx context.Context, n *Node) error {
 	pidFile := filepath.Join(n.Dir, "containerd.pid")
 	b, err := os.ReadFile(pidFile)
@@ -413,7 +438,7 @@ func (c *Cluster) RestartContainerd(ctx context.Context, n *Node) error {
 	if err != nil || old <= 1 {
 		return fmt.Errorf("node %s: bad containerd pid %q", n.Name, b)
 	}
-	if err := syscall.Kill(old, syscall.SIGTERM); err != nil {
+	if _, err := c.NodeExec(ctx, n, "kill", "-TERM", strconv.Itoa(old)); err != nil {
 		return fmt.Errorf("node %s: stopping containerd: %w", n.Name, err)
 	}
 	return poll(ctx, time.Minute, "containerd restarted on "+n.Name, func() (bool, string, error) {
@@ -422,12 +447,26 @@ func (c *Cluster) RestartContainerd(ctx context.Context, n *Node) error {
 			return false, err.Error(), nil
 		}
 		pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-		if pid == old || pidGone(pid) {
+		if pid == old {
 			return false, "containerd not restarted yet", nil
 		}
 		out, err := exec.CommandContext(ctx, "ctr", "--address", n.Socket, "version").CombinedOutput()
 		return err == nil, string(out), nil
 	})
+}
+
+// childOf returns the one child of pid (the node's init under unshare).
+func childOf(pid int) (int, error) {
+	p := strconv.Itoa(pid)
+	b, err := os.ReadFile("/proc/" + p + "/task/" + p + "/children")
+	if err != nil {
+		return 0, fmt.Errorf("reading the children of %d: %w", pid, err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 1 {
+		return 0, fmt.Errorf("process %d has children %q, want one", pid, f)
+	}
+	return strconv.Atoi(f[0])
 }
 
 // NodeExec runs argv in node n's network and mount namespaces (nsenter
@@ -436,7 +475,7 @@ func (c *Cluster) NodeExec(ctx context.Context, n *Node, argv ...string) ([]byte
 	if n.InitPid <= 0 {
 		return nil, fmt.Errorf("node %s: its init is not known", n.Name)
 	}
-	args := append([]string{"--target", strconv.Itoa(n.InitPid), "--mount", "--net", "--"}, argv...)
+	args := append([]string{"--target", strconv.Itoa(n.InitPid), "--mount", "--net", "--pid", "--"}, argv...)
 	out, err := exec.CommandContext(ctx, "nsenter", args...).CombinedOutput()
 	if err != nil {
 		return out, fmt.Errorf("node %s: %s: %w: %s", n.Name, strings.Join(argv, " "), err, out)
