@@ -44,8 +44,11 @@ type mesh struct {
 	// change did not touch; only run's goroutine uses it.
 	polBuilder *fromstate.Builder
 	dp         *dataplane.Dataplane
-	filter     workloads.Filter
-	locator    *workloads.Locator
+	// l7 is the optional HTTP layer; its index of claimed inbound ports is
+	// refreshed here on every state change, off the connection path.
+	l7      *l7mesh.Layer
+	filter  workloads.Filter
+	locator *workloads.Locator
 }
 
 func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
@@ -131,6 +134,7 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	if err != nil {
 		return nil, err
 	}
+	m.l7 = l7layer
 	m.dp, err = dataplane.New(dataplane.Config{
 		L7:       l7layer,
 		Log:      log,
@@ -205,6 +209,7 @@ func (m *mesh) run(ctx context.Context) error {
 	var applied, policyVersion uint64
 	for {
 		snap := m.n.store.Snapshot()
+		m.l7.Refresh(snap)
 		if snap.Synced() && snap.Version() != applied {
 			if snap.Version() != policyVersion {
 				m.updatePolicy(ctx, snap)

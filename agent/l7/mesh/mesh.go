@@ -112,56 +112,48 @@ func New(cfg Config) (*Layer, error) {
 }
 
 // inboundIndex maps each pod backing an opted-in Service to the target
-// ports handled at L7, for one state snapshot version.
+// ports handled at L7 (l7.ClaimedPorts), for one state snapshot version.
+// ports is nil when nothing has opted in.
 type inboundIndex struct {
 	version uint64
 	ports   map[state.Key]map[uint16]l7.Protocol
 }
 
-func (l *Layer) inbound() *inboundIndex {
-	snap := l.cfg.State()
-	if idx := l.index.Load(); idx != nil && idx.version == snap.Version() {
-		return idx
+// Refresh rebuilds the index of claimed inbound ports from snap if it is
+// newer than the index. The agent calls it on every change of the cluster
+// state, off the connection path, so that InboundPort never rebuilds.
+func (l *Layer) Refresh(snap *state.Snapshot) {
+	if idx := l.index.Load(); idx != nil && idx.version >= snap.Version() {
+		return
 	}
-	idx := &inboundIndex{version: snap.Version(), ports: map[state.Key]map[uint16]l7.Protocol{}}
-	for _, svc := range snap.Services() {
-		var nsLabels map[string]string
-		if ns := snap.Namespace(svc.Namespace); ns != nil {
-			nsLabels = ns.Labels
+	next := &inboundIndex{version: snap.Version(), ports: l7.ClaimedPorts(snap)}
+	for {
+		// Never replace a newer index (two callers racing).
+		cur := l.index.Load()
+		if cur != nil && cur.version >= next.version {
+			return
 		}
-		if !l7.OptedIn(nsLabels, svc.Labels) {
-			continue
-		}
-		for _, sp := range svc.Ports {
-			p := l7.DeclaredProtocol(sp.AppProtocol)
-			if p == l7.TCP || sp.Protocol != "TCP" {
-				continue
-			}
-			for _, b := range snap.Backends(svc, sp) {
-				pod := snap.BackendPod(b)
-				if pod == nil {
-					continue
-				}
-				k := pod.Key()
-				if idx.ports[k] == nil {
-					idx.ports[k] = map[uint16]l7.Protocol{}
-				}
-				// Two Services on one target port: a declared protocol
-				// wins over detection.
-				if old, ok := idx.ports[k][b.Addr.Port()]; !ok || old == l7.Undeclared {
-					idx.ports[k][b.Addr.Port()] = p
-				}
-			}
+		if l.index.CompareAndSwap(cur, next) {
+			return
 		}
 	}
-	l.index.Store(idx)
-	return idx
 }
 
 // InboundPort implements proxy.L7: the target ports of opted-in Services
-// whose backends include w.
+// whose backends include w, as of the last Refresh (the first call builds
+// the index from Config.State if Refresh was never called). It is on the
+// path of every inbound tunnel: when nothing has opted in it is one atomic
+// load and a nil check.
 func (l *Layer) InboundPort(w *proxy.Workload, port uint16) (l7.Protocol, bool) {
-	p, ok := l.inbound().ports[state.Key{Namespace: w.Namespace, Name: w.Name}][port]
+	idx := l.index.Load()
+	if idx == nil {
+		l.Refresh(l.cfg.State())
+		idx = l.index.Load()
+	}
+	if idx.ports == nil {
+		return 0, false
+	}
+	p, ok := idx.ports[state.Key{Namespace: w.Namespace, Name: w.Name}][port]
 	return p, ok
 }
 

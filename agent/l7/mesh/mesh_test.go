@@ -52,13 +52,43 @@ func TestInboundPort(t *testing.T) {
 	if _, ok := layer.InboundPort(&proxy.Workload{Namespace: "shop", Name: "other"}, 8080); ok {
 		t.Error("a pod no opted-in Service targets is claimed")
 	}
-	// Opting out takes effect with the next snapshot.
+	// Opting out takes effect with the next Refresh, which the agent
+	// makes on every state change.
 	st.Update(func(tx *state.Tx) {
 		s := *st.Snapshot().Service("shop", "web")
 		s.Labels = map[string]string{l7.LabelL7: l7.ValueDisabled}
 		tx.SetService(&s)
 	})
+	layer.Refresh(st.Snapshot())
 	if _, ok := layer.InboundPort(w, 8080); ok {
 		t.Error("port still claimed after the Service opted out")
+	}
+	if idx := layer.index.Load(); idx.ports != nil {
+		t.Errorf("nothing is opted in, but the index holds %v (the L4 path should find a nil map)", idx.ports)
+	}
+}
+
+// With nothing opted in, the L4 path's InboundPort is a load and a nil
+// check: no allocation, no rebuild per state version.
+func BenchmarkInboundPortNothingOptedIn(b *testing.B) {
+	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	st.Update(func(tx *state.Tx) {
+		tx.SetNamespace(&state.Namespace{Name: "shop"})
+		tx.SetService(&state.Service{Namespace: "shop", Name: "web", Ports: []state.ServicePort{{Name: "http", Port: 80, TargetPort: 8080, Protocol: "TCP"}}})
+	})
+	layer, err := New(Config{State: st.Snapshot, Authorize: denyAll})
+	if err != nil {
+		b.Fatal(err)
+	}
+	layer.Refresh(st.Snapshot())
+	w := &proxy.Workload{Namespace: "shop", Name: "web"}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, ok := layer.InboundPort(w, 8080); ok {
+			b.Fatal("claimed")
+		}
 	}
 }
