@@ -177,6 +177,9 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 			return ps
 		}
 		return policy.NewSnapshot(0, policy.Input{}, policy.Options{TrustDomain: cfg.TrustDomain.Name()})
+	}, func(pod string, port uint16) bool {
+		ns, name, _ := strings.Cut(pod, "/")
+		return m.l7.Claims(state.Key{Namespace: ns, Name: name}, port)
 	}))
 	n.admin.AddReadiness("svids", m.svidsReady)
 	n.admin.AddReadiness("capture", func(context.Context) error {

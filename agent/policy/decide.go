@@ -99,10 +99,34 @@ type Decision struct {
 	Protocol corev1.Protocol `json:"protocol"`
 	// Principal echoes the flow's source identity ("" for plaintext).
 	Principal string `json:"principal,omitempty"`
+	// Request describes the HTTP request decided, when one was (explain
+	// with a method, path or host); nil for a connection.
+	Request *RequestInfo `json:"request,omitempty"`
 	// SnapshotVersion is the version of the snapshot that evaluated the flow
 	// (an Engine returns a cached decision in later snapshots where nothing
 	// it read has changed).
 	SnapshotVersion uint64 `json:"snapshotVersion"`
+}
+
+// RequestInfo is the HTTP request of a decision, as authorization saw it.
+type RequestInfo struct {
+	Method string `json:"method"`
+	// Path is the path as given; Normalized the path rules matched and the
+	// application would receive (empty when the request was refused before
+	// authorization).
+	Path       string `json:"path"`
+	Normalized string `json:"normalized,omitempty"`
+	Host       string `json:"host,omitempty"`
+	// L7 is true when the destination port is handled at L7 (a Service
+	// that opted in targets it), so the request is authorised on its own.
+	// False: the request's fields cannot be checked, and rules with L7
+	// fields fail closed for the whole connection.
+	L7 bool `json:"l7"`
+	// Status is what the destination agent answers instead of forwarding:
+	// 403 (denied by policy) or 400 (refused before authorization); 0 when
+	// the request is forwarded, or when the connection itself is refused.
+	Status int    `json:"status,omitempty"`
+	Note   string `json:"note,omitempty"`
 }
 
 // Allowed reports whether the verdict is ALLOW.
@@ -170,6 +194,14 @@ func describe(e endpoint) string {
 func (s *Snapshot) DecideRequest(f Flow, r *authz.Request) *Decision {
 	f.L7 = true
 	return s.decideRequest(f, evalIngress, r)
+}
+
+// DecideRequestBoth is DecideRequest preceded by the source's egress
+// checks, which see only the connection: what a request meets on its way
+// from one pod to another (policy explain).
+func (s *Snapshot) DecideRequestBoth(f Flow, r *authz.Request) *Decision {
+	f.L7 = true
+	return s.decideRequest(f, evalBoth, r)
 }
 
 func (s *Snapshot) decide(f Flow, dirs dirMask) *Decision { return s.decideRequest(f, dirs, nil) }

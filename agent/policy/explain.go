@@ -14,6 +14,30 @@ func (d *Decision) Text() string {
 		auth = "mTLS as " + d.Principal
 	}
 	fmt.Fprintf(&b, "%s  %s -> %s port %d/%s (%s)\n", d.Verdict, orDash(d.Src), orDash(d.Dst), d.Port, d.Protocol, auth)
+	if r := d.Request; r != nil {
+		fmt.Fprintf(&b, "request: %s %s", r.Method, r.Path)
+		if r.Normalized != "" && r.Normalized != r.Path {
+			fmt.Fprintf(&b, " (normalised: %s)", r.Normalized)
+		}
+		if r.Host != "" {
+			fmt.Fprintf(&b, " host %s", r.Host)
+		}
+		if r.L7 {
+			b.WriteString(", handled at L7")
+		} else {
+			b.WriteString(", not handled at L7")
+		}
+		switch {
+		case r.Status != 0:
+			fmt.Fprintf(&b, ": the destination agent answers %d", r.Status)
+		case d.Verdict == Allow:
+			b.WriteString(": forwarded to the application")
+		}
+		b.WriteString("\n")
+		if r.Note != "" {
+			fmt.Fprintf(&b, "note: %s\n", r.Note)
+		}
+	}
 	fmt.Fprintf(&b, "decided by: %s", d.Direction)
 	if d.Policy.IsZero() {
 		b.WriteString(", no policy (default)")

@@ -45,8 +45,16 @@ PeerAuthentications; other kinds are ignored; searched recursively).
 SRC and DST are namespace/pod or an IP address. By default the connection is
 taken to be mTLS (HBONE) with the source pod's SPIFFE ID when both pods are
 enrolled in the mesh, plaintext otherwise; --principal and --plaintext
-override that.`,
+override that.
+
+With --method, --path, --host or --header it explains one HTTP request: when
+the destination port is handled at L7 (a Service that opted in targets it),
+the request is normalised as the destination agent does it and decided on
+its own, and the answer names the rule that decided and whether the agent
+answers 403 or 400; otherwise it says that the request's fields are never
+checked there (docs/l7.md).`,
 		Example: `  nodemeshctl policy explain --src shop/frontend --dst shop/backend --port 8080
+  nodemeshctl policy explain --src shop/frontend --dst shop/backend --port 8080 --method DELETE --path /api/items --host backend
   nodemeshctl policy explain --from-files ./cluster --src legacy/client --dst shop/backend --port 8080 -o json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

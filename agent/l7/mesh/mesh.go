@@ -157,6 +157,13 @@ func (l *Layer) InboundPort(w *proxy.Workload, port uint16) (l7.Protocol, bool) 
 	return p, ok
 }
 
+// Claims reports whether the layer handles a pod's port at L7, as
+// InboundPort does (for policy explain).
+func (l *Layer) Claims(pod state.Key, port uint16) bool {
+	_, ok := l.InboundPort(&proxy.Workload{Namespace: pod.Namespace, Name: pod.Name}, port)
+	return ok
+}
+
 // detect resolves an undeclared protocol from the client's first bytes. It
 // returns the connection to use (with the bytes read put back) and false
 // when the connection is not HTTP.

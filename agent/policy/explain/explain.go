@@ -17,7 +17,9 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
 	"net/netip"
+	"net/url"
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -25,6 +27,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/nodemesh/nodemesh/agent/k8s"
+	"github.com/nodemesh/nodemesh/agent/l7"
+	"github.com/nodemesh/nodemesh/agent/l7/authz"
 	"github.com/nodemesh/nodemesh/agent/policy"
 	"github.com/nodemesh/nodemesh/agent/policy/fromstate"
 	"github.com/nodemesh/nodemesh/agent/state"
@@ -44,6 +48,9 @@ PeerAuthentications; other kinds are ignored), searched recursively.
 By default the connection is taken to be mTLS (HBONE) with the source pod's
 SPIFFE ID when both pods are enrolled in the mesh, plaintext otherwise;
 --principal and --plaintext override that.
+
+--method, --path, --host and --header explain one HTTP request instead, decided
+per request when the destination port is handled at L7 (docs/l7.md).
 
 Flags:
 `
@@ -68,6 +75,15 @@ type options struct {
 	dir, agent, src, dst, protocol, principal, output, trustDomain, rootNS, direction string
 	port                                                                              uint
 	plaintext                                                                         bool
+	// An HTTP request to explain (any of them set): decided per request
+	// at the destination when its port is handled at L7.
+	method, path, host string
+	headers            []string // name=value
+}
+
+// isRequest reports whether a request was described.
+func (o *options) isRequest() bool {
+	return o.method != "" || o.path != "" || o.host != "" || len(o.headers) > 0
 }
 
 // Options are the flags of "policy explain", for a command line built
@@ -92,6 +108,13 @@ func Register(fs *flag.FlagSet) *Options {
 	fs.StringVar(&o.trustDomain, "trust-domain", policy.DefaultTrustDomain, "SPIFFE trust domain of the mesh")
 	fs.StringVar(&o.rootNS, "root-namespace", policy.DefaultRootNamespace, "namespace whose selector-less policies apply mesh-wide")
 	fs.StringVar(&o.direction, "direction", "both", "evaluate both, egress (source agent) or ingress (destination agent)")
+	fs.StringVar(&o.method, "method", "", "explain an HTTP request with this method (default GET when --path, --host or --header is given)")
+	fs.StringVar(&o.path, "path", "", "explain an HTTP request for this path, as the client sends it, e.g. /api/../admin (default /)")
+	fs.StringVar(&o.host, "host", "", "explain an HTTP request with this Host (:authority)")
+	fs.Func("header", "a request header of the HTTP request, name=value (repeatable)", func(v string) error {
+		o.headers = append(o.headers, v)
+		return nil
+	})
 	return opts
 }
 
@@ -190,7 +213,46 @@ func (o *options) validate() error {
 	if o.principal != "" && !strings.HasPrefix(o.principal, "spiffe://") {
 		return fmt.Errorf("--principal %q: want a SPIFFE ID (spiffe://<trust-domain>/ns/<ns>/sa/<sa>)", o.principal)
 	}
+	if o.isRequest() {
+		if _, err := o.request(); err != nil {
+			return err
+		}
+		if corev1.Protocol(o.protocol) != corev1.ProtocolTCP {
+			return fmt.Errorf("--method, --path, --host and --header describe an HTTP request: --protocol must be TCP, not %s", o.protocol)
+		}
+		if o.direction == "egress" {
+			return errors.New("requests are authorised by the destination agent; the source's egress checks see only the connection: use --direction both or ingress")
+		}
+	}
 	return nil
+}
+
+// request builds the HTTP request the flags describe, as net/http would
+// parse it off the wire.
+func (o *options) request() (*http.Request, error) {
+	method := cmp.Or(o.method, http.MethodGet)
+	for _, c := range method {
+		if c <= ' ' || c >= 0x7f || strings.ContainsRune("()<>@,;:\\\"/[]?={}", c) {
+			return nil, fmt.Errorf("--method %q: not an HTTP method token", method)
+		}
+	}
+	p := cmp.Or(o.path, "/")
+	if !strings.HasPrefix(p, "/") {
+		return nil, fmt.Errorf("--path %q: want a path starting with / (the request target as the client sends it)", p)
+	}
+	u, err := url.ParseRequestURI(p)
+	if err != nil {
+		return nil, fmt.Errorf("--path %q: %w", p, err)
+	}
+	r := &http.Request{Method: method, URL: u, Host: o.host, Header: http.Header{}, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1}
+	for _, h := range o.headers {
+		k, v, ok := strings.Cut(h, "=")
+		if !ok || k == "" || strings.ContainsAny(k, " :\t") {
+			return nil, fmt.Errorf("--header %q: want name=value", h)
+		}
+		r.Header.Add(k, v)
+	}
+	return r, nil
 }
 
 // endpointArg parses "ns/pod" or an IP.
@@ -214,14 +276,26 @@ func (o *options) source() string {
 
 // explainFiles loads o.dir and explains the flow offline.
 func explainFiles(o *options, stderr io.Writer) (*policy.Decision, error) {
-	snap, err := LoadDir(o.dir, policy.Options{TrustDomain: o.trustDomain, RootNamespace: o.rootNS}, stderr)
+	snap, st, err := loadDir(o.dir, policy.Options{TrustDomain: o.trustDomain, RootNamespace: o.rootNS}, stderr)
 	if err != nil {
 		return nil, err // names the directory
 	}
-	return explain(snap, o)
+	return explain(snap, ClaimedBy(st), o)
 }
 
-func explain(snap *policy.Snapshot, o *options) (*policy.Decision, error) {
+// ClaimedBy reports, from a state snapshot, whether a pod's port is
+// handled at L7 (a Service that opted in targets it), as the destination
+// agent decides it (l7.ClaimedPorts).
+func ClaimedBy(st *state.Snapshot) func(pod string, port uint16) bool {
+	ports := l7.ClaimedPorts(st)
+	return func(pod string, port uint16) bool {
+		ns, name, _ := strings.Cut(pod, "/")
+		_, ok := ports[state.Key{Namespace: ns, Name: name}][port]
+		return ok
+	}
+}
+
+func explain(snap *policy.Snapshot, claimed func(pod string, port uint16) bool, o *options) (*policy.Decision, error) {
 	f := policy.Flow{Port: uint16(o.port), Protocol: corev1.Protocol(o.protocol)}
 	var err error
 	if f.SrcPod, f.Src, err = endpointArg("src", o.src); err != nil {
@@ -249,6 +323,9 @@ func explain(snap *policy.Snapshot, o *options) (*policy.Decision, error) {
 			f.Principal = snap.SPIFFEID(src)
 		}
 	}
+	if o.isRequest() {
+		return explainRequest(snap, claimed, o, f)
+	}
 	switch o.direction {
 	case "egress":
 		return snap.DecideEgress(f), nil
@@ -257,6 +334,71 @@ func explain(snap *policy.Snapshot, o *options) (*policy.Decision, error) {
 	}
 	return snap.Decide(f), nil
 }
+
+// explainRequest decides one HTTP request as the agents would: at the
+// destination, per request when its port is handled at L7, otherwise as
+// the connection, with rules that have L7 fields failing closed.
+func explainRequest(snap *policy.Snapshot, claimed func(pod string, port uint16) bool, o *options, f policy.Flow) (*policy.Decision, error) {
+	hr, err := o.request()
+	if err != nil {
+		return nil, err
+	}
+	info := &policy.RequestInfo{Method: hr.Method, Path: cmp.Or(o.path, "/"), Host: o.host}
+	dstKey := f.DstPod
+	if dstKey == "" {
+		if p, ok := snap.PodByIP(f.Dst); ok {
+			dstKey = p.Namespace + "/" + p.Name
+		}
+	}
+	info.L7 = dstKey != "" && claimed != nil && claimed(dstKey, f.Port)
+	connection := func(f policy.Flow) *policy.Decision {
+		if o.direction == "ingress" {
+			return snap.DecideIngress(f)
+		}
+		return snap.Decide(f)
+	}
+	if !info.L7 {
+		d := connection(f)
+		d.Request = info
+		info.Note = fmt.Sprintf("port %d of %s is not handled at L7 (no Service that opted in targets it): the request's method, path, host and headers are never checked, and AuthorizationPolicy rules with L7 fields fail closed for the whole connection (see docs/l7.md)", f.Port, cmp.Or(dstKey, f.Dst.String()))
+		return d, nil
+	}
+	req, err := authz.Prepare(hr, snap.RequestHeaders())
+	if err != nil {
+		// Refused before any policy: the connection's own decision, then
+		// the refusal.
+		f.L7 = true
+		d := connection(f)
+		d.Request = info
+		if d.Verdict == policy.Allow {
+			reason := strings.TrimPrefix(err.Error(), authz.ErrBadRequest.Error()+": ")
+			d.Verdict, d.Direction, d.Policy, d.Rule = policy.Deny, policy.Ingress, policy.PolicyRef{}, -1
+			d.Reason = "refused with 400 before authorization: " + reason
+			d.Steps = append(d.Steps, policy.Step{Direction: policy.Ingress, Check: CheckRequest, Verdict: policy.Deny, Rule: -1, Reason: d.Reason})
+			info.Status = http.StatusBadRequest
+		}
+		return d, nil
+	}
+	info.Normalized = req.Path
+	var d *policy.Decision
+	if o.direction == "ingress" {
+		d = snap.DecideRequest(f, &req)
+	} else {
+		d = snap.DecideRequestBoth(f, &req)
+	}
+	d.Request = info
+	if d.Verdict == policy.Deny {
+		if d.Direction == policy.Egress {
+			info.Note = "the source agent refuses the connection itself; the request is never sent"
+		} else {
+			info.Status = http.StatusForbidden
+		}
+	}
+	return d, nil
+}
+
+// CheckRequest names the step of a request refused before authorization.
+const CheckRequest = "request"
 
 func lookup(s *policy.Snapshot, key string, ip netip.Addr) (policy.Pod, bool) {
 	if key != "" {
@@ -271,20 +413,27 @@ func lookup(s *policy.Snapshot, key string, ip netip.Addr) (policy.Pod, bool) {
 // objects of kinds the agent does not use, and policies the engine refused
 // (enforced fail closed, as the agent would).
 func LoadDir(dir string, opts policy.Options, warn io.Writer) (*policy.Snapshot, error) {
+	snap, _, err := loadDir(dir, opts, warn)
+	return snap, err
+}
+
+// loadDir is LoadDir, also returning the state snapshot the policy was
+// built from.
+func loadDir(dir string, opts policy.Options, warn io.Writer) (*policy.Snapshot, *state.Snapshot, error) {
 	m, _, err := k8s.LoadDir(dir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if len(m.Namespaces)+len(m.Nodes)+len(m.Pods)+len(m.Services)+len(m.EndpointSlices)+len(m.NetworkPolicies)+len(m.Objects)+len(m.Skipped) == 0 {
-		return nil, fmt.Errorf("no Kubernetes objects in .yaml, .yml or .json files under %s", dir)
+		return nil, nil, fmt.Errorf("no Kubernetes objects in .yaml, .yml or .json files under %s", dir)
 	}
 	td, err := spiffeid.TrustDomainFromString(cmp.Or(opts.TrustDomain, policy.DefaultTrustDomain))
 	if err != nil {
-		return nil, fmt.Errorf("--trust-domain: %w", err)
+		return nil, nil, fmt.Errorf("--trust-domain: %w", err)
 	}
 	st, err := state.NewStore(td)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	st.Update(m.Apply)
 	snap, errs := fromstate.Snapshot(st.Snapshot(), opts.RootNamespace)
@@ -297,5 +446,5 @@ func LoadDir(dir string, opts policy.Options, warn io.Writer) (*policy.Snapshot,
 	for _, p := range snap.Problems() {
 		fmt.Fprintf(warn, "warning: %v (refused, enforced fail closed)\n", p)
 	}
-	return snap, nil
+	return snap, st.Snapshot(), nil
 }

@@ -31,6 +31,18 @@ func TestExplainGolden(t *testing.T) {
 		{"warn-refused-policy", "--from-files testdata/refused --src shop/frontend --dst shop/backend --port 8080"},
 		{"error-unknown-pod", "--src shop/nope --dst shop/backend --port 8080"},
 		{"error-missing-port", "--src shop/frontend --dst shop/backend"},
+		// HTTP requests (docs/l7.md): port 8080 of shop/backend is handled
+		// at L7, 9090 is not.
+		{"request-allow", "--from-files testdata/l7 --src shop/frontend --dst shop/backend --port 8080 --method GET --path /api/items"},
+		{"request-deny-method", "--from-files testdata/l7 --src shop/frontend --dst shop/backend --port 8080 --method DELETE --path /api/items"},
+		{"request-deny-rule", "--from-files testdata/l7 --src shop/frontend --dst shop/backend --port 8080 --path /api/public/../admin/users"},
+		{"request-deny-header-host", "--from-files testdata/l7 --src shop/frontend --dst 10.244.1.6 --port 8080 --path /healthz --host Internal.Example:8080 --header x-debug=1"},
+		{"request-allow-header-other", "--from-files testdata/l7 --src shop/frontend --dst shop/backend --port 8080 --path /healthz --host internal.example --header x-debug=0 -o json"},
+		{"request-refused-encoded-slash", "--from-files testdata/l7 --src shop/frontend --dst shop/backend --port 8080 --path /api/a%2Fb"},
+		{"request-repeated-header", "--from-files testdata/l7 --src shop/frontend --dst shop/backend --port 8080 --path /healthz --header x-debug=0 --header x-debug=1"},
+		{"request-port-not-l7", "--from-files testdata/l7 --src shop/frontend --dst shop/backend --port 9090 --path /api/items"},
+		{"request-error-egress", "--from-files testdata/l7 --src shop/frontend --dst shop/backend --port 8080 --path /x --direction egress"},
+		{"request-error-bad-path", "--from-files testdata/l7 --src shop/frontend --dst shop/backend --port 8080 --path api"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

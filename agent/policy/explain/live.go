@@ -20,11 +20,14 @@ const Path = "/policy/explain"
 
 // Handler serves live explain for an agent's admin API: GET Path with query
 // parameters src, dst (namespace/pod or IP), port, protocol (default TCP),
-// principal or plaintext=true, direction (both, egress, ingress). It answers
-// with the policy.Decision as JSON, computed on the snapshot current() returns
-// at the time of the request, or 400 with {"error": "..."}. current must be
-// safe for concurrent use and return the snapshot the agent enforces.
-func Handler(current func() *policy.Snapshot) http.Handler {
+// principal or plaintext=true, direction (both, egress, ingress), and for an
+// HTTP request method, path, host and header (name=value, repeated). It
+// answers with the policy.Decision as JSON, computed on the snapshot
+// current() returns at the time of the request, or 400 with
+// {"error": "..."}. current must be safe for concurrent use and return the
+// snapshot the agent enforces; claimed reports whether a pod's port
+// (namespace/name) is handled at L7 by this agent's view (nil: none is).
+func Handler(current func() *policy.Snapshot, claimed func(pod string, port uint16) bool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodGet {
 			w.Header().Set("Allow", http.MethodGet)
@@ -35,6 +38,7 @@ func Handler(current func() *policy.Snapshot) http.Handler {
 		o := options{
 			src: q.Get("src"), dst: q.Get("dst"), protocol: q.Get("protocol"),
 			principal: q.Get("principal"), direction: q.Get("direction"), output: "json",
+			method: q.Get("method"), path: q.Get("path"), host: q.Get("host"), headers: q["header"],
 		}
 		if o.protocol == "" {
 			o.protocol = "TCP"
@@ -65,7 +69,7 @@ func Handler(current func() *policy.Snapshot) http.Handler {
 			httpError(w, http.StatusServiceUnavailable, errors.New("the agent has no policy snapshot yet"))
 			return
 		}
-		d, err := explain(snap, &o)
+		d, err := explain(snap, claimed, &o)
 		if err != nil {
 			httpError(w, http.StatusBadRequest, err)
 			return
@@ -98,6 +102,14 @@ func askAgent(ctx context.Context, o *options) (*policy.Decision, error) {
 	}
 	if o.plaintext {
 		q.Set("plaintext", "true")
+	}
+	for k, v := range map[string]string{"method": o.method, "path": o.path, "host": o.host} {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	for _, h := range o.headers {
+		q.Add("header", h)
 	}
 	u := base.JoinPath(Path)
 	u.RawQuery = q.Encode()

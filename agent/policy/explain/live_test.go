@@ -22,7 +22,11 @@ func TestLiveExplainMatchesOffline(t *testing.T) {
 		t.Fatal(err)
 	}
 	var cur atomic.Pointer[policy.Snapshot]
-	srv := httptest.NewServer(Handler(cur.Load))
+	_, st, err := loadDir("testdata/cluster", policy.Options{}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(Handler(cur.Load, ClaimedBy(st)))
 	defer srv.Close()
 
 	run := func(args ...string) (string, error) {
@@ -76,6 +80,39 @@ func TestLiveExplainMatchesOffline(t *testing.T) {
 			t.Errorf("%s: status %d, want 400", q, resp.StatusCode)
 		}
 	}
+	// HTTP requests: the agent answers with its own view of which ports
+	// are handled at L7, the same as offline.
+	l7snap, l7st, err := loadDir("testdata/l7", policy.Options{}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l7srv := httptest.NewServer(Handler(func() *policy.Snapshot { return l7snap }, ClaimedBy(l7st)))
+	defer l7srv.Close()
+	for _, args := range []string{
+		"--src shop/frontend --dst shop/backend --port 8080 --method DELETE --path /api/x",
+		"--src shop/frontend --dst shop/backend --port 8080 --path /api/./admin --host Internal.Example --header x-debug=1 -o json",
+		"--src shop/frontend --dst shop/backend --port 8080 --path /api/a%2Fb",
+		"--src shop/frontend --dst shop/backend --port 9090 --path /api/items --direction ingress",
+	} {
+		live, err := run(append(strings.Fields(args), "--agent", l7srv.URL)...)
+		if err != nil {
+			t.Fatalf("%s: live: %v", args, err)
+		}
+		offline, err := run(append(strings.Fields(args), "--from-files", "testdata/l7")...)
+		if err != nil {
+			t.Fatalf("%s: offline: %v", args, err)
+		}
+		if live != offline {
+			t.Errorf("%s: live and offline differ\n--- live\n%s--- offline\n%s", args, live, offline)
+		}
+	}
+	// Without the agent's L7 view, nothing is handled at L7.
+	nol7 := httptest.NewServer(Handler(func() *policy.Snapshot { return l7snap }, nil))
+	defer nol7.Close()
+	if out, err := run("--agent", nol7.URL, "--src", "shop/frontend", "--dst", "shop/backend", "--port", "8080", "--path", "/api/x"); err != nil || !strings.Contains(out, "not handled at L7") {
+		t.Errorf("no L7 view: %v\n%s", err, out)
+	}
+
 	resp, err := http.Post(srv.URL+Path, "text/plain", nil)
 	if err != nil {
 		t.Fatal(err)
