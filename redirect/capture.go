@@ -112,10 +112,16 @@ type Capture struct {
 	transparent    bool
 	transparentWhy string
 	deliveries     [2]atomic.Uint64 // transparent, from the pod's own address
-	maxSlots       uint32
-	podsDir        string
-	linksDir       string
-	mapsDir        string
+	// Connections to a pod's outbound listener with no recorded original
+	// destination (an application dialling 127.0.0.1:15001 itself): all
+	// counted, logged at most once a minute (the last line's time and
+	// how many were not logged since).
+	noOrigDst                      atomic.Uint64
+	noOrigDstLogged, noOrigDstHeld atomic.Int64
+	maxSlots                       uint32
+	podsDir                        string
+	linksDir                       string
+	mapsDir                        string
 }
 
 // ErrClosed is returned by methods of a closed or released Capture.

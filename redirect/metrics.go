@@ -55,6 +55,7 @@ func (k collector) Collect(ch chan<- prometheus.Metric) {
 	for name, v := range stats {
 		ch <- prometheus.MustNewConstMetric(descEvents, prometheus.CounterValue, float64(v), name)
 	}
+	ch <- prometheus.MustNewConstMetric(descEvents, prometheus.CounterValue, float64(k.c.noOrigDst.Load()), "outbound_no_origdst")
 }
 
 func b2f(b bool) float64 {

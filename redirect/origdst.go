@@ -85,8 +85,7 @@ func (ep *EnrolledPod) AcceptOutbound(ln *net.TCPListener) (*net.TCPConn, netip.
 		}
 		dst, err := ep.c.OriginalDst(conn)
 		if err != nil {
-			ep.c.log.Warn("refusing captured connection without original destination", "pod", ep.Name, "src", conn.RemoteAddr(), "err", err)
-			conn.Close()
+			ep.c.refuseNoOrigDst(ep, conn, err)
 			continue
 		}
 		if dst.Port() == ProbePort && ep.ownIP(dst.Addr()) {
@@ -95,6 +94,26 @@ func (ep *EnrolledPod) AcceptOutbound(ln *net.TCPListener) (*net.TCPConn, netip.
 		}
 		return conn, dst, nil
 	}
+}
+
+// refuseNoOrigDst resets a connection that reached an outbound listener
+// without being captured: an application inside the pod can dial
+// 127.0.0.1:15001 or [::1]:15001 directly, as often as it likes. Each is
+// counted (nodemesh_capture_events_total{event="outbound_no_origdst"});
+// a log line is written at most once a minute, so a pod cannot flood the
+// agent's log.
+func (c *Capture) refuseNoOrigDst(ep *EnrolledPod, conn *net.TCPConn, err error) {
+	c.noOrigDst.Add(1)
+	_ = conn.SetLinger(0) // a reset: the application must not take it for an empty answer
+	conn.Close()
+	now := time.Now().UnixNano()
+	last := c.noOrigDstLogged.Load()
+	if (last == 0 || now-last >= int64(time.Minute)) && c.noOrigDstLogged.CompareAndSwap(last, now) {
+		c.log.Warn("refusing connections to the outbound listener without an original destination (an application dialling the agent's in-pod port directly?); logged at most once a minute",
+			"pod", ep.Name, "src", conn.RemoteAddr(), "err", err, "not_logged_since_last", c.noOrigDstHeld.Swap(0))
+		return
+	}
+	c.noOrigDstHeld.Add(1)
 }
 
 func (ep *EnrolledPod) ownIP(ip netip.Addr) bool {

@@ -246,6 +246,64 @@ func TestLabAdversarialIPv6(t *testing.T) {
 		}
 	})
 
+	t.Run("AgentPortsOverIPv6AndLoopback", func(t *testing.T) {
+		exe, err := os.Executable()
+		if err != nil {
+			t.Fatal(err)
+		}
+		probe := func(pod, addr, kind string) string {
+			out, err := l.Exec(ctx, pod, []string{exe, "-test.run=^TestAdversaryHelper$", "-test.count=1", "--", "probe", addr, kind})
+			if err != nil {
+				t.Fatalf("probe %s from %s: %v (%s)", addr, pod, err, out)
+			}
+			return strings.SplitN(strings.TrimSpace(string(out)), "\n", 2)[0]
+		}
+		// reset: steered to the agent, which resets it (the reset may
+		// arrive before the probe's write).
+		isReset := func(got string) bool { return got == "read: reset" || got == "write: reset" || got == "dial: reset" }
+		for _, tc := range []struct{ pod, addr, kind, want string }{
+			// From outside the mesh, the node's and the pod's IPv6 addresses.
+			{client1.Key(), net.JoinHostPort(node2.IP6, "15020"), "http", "403 or refused"},
+			{client1.Key(), net.JoinHostPort(node2.IP6, "15021"), "http", "403 or refused"},
+			{client1.Key(), net.JoinHostPort(node2.IP6, "15000"), "http", "refused"},
+			{client1.Key(), net.JoinHostPort(web2.IP6, "15006"), "plain", "reset"},
+			{client1.Key(), net.JoinHostPort(web2.IP6, "15001"), "plain", "reset"},
+			{client1.Key(), net.JoinHostPort(web2.IP6, "15020"), "plain", "reset"},
+			{client1.Key(), net.JoinHostPort(web2.IP6, "15008"), "h2c", "no HTTP"},
+			// From inside an enrolled pod: its own loopback reaches the
+			// agent's in-pod listeners directly, with no original
+			// destination; they reset it.
+			{web1.Key(), "127.0.0.1:15001", "plain", "reset"},
+			{web1.Key(), "[::1]:15001", "plain", "reset"},
+			{web1.Key(), "127.0.0.1:15006", "plain", "reset"},
+			{web1.Key(), "[::1]:15006", "plain", "reset"},
+			// Its own IP on an agent port is the pod talking to itself:
+			// sk_lookup lets it through, and nothing listens there.
+			{web1.Key(), net.JoinHostPort(web1.IP6, "15006"), "plain", "reset or refused"},
+			{web1.Key(), net.JoinHostPort(web1.IP, "15006"), "plain", "reset or refused"},
+		} {
+			got := probe(tc.pod, tc.addr, tc.kind)
+			ok := false
+			switch tc.want {
+			case "403 or refused":
+				ok = got == "data: HTTP/1.1 403 Forbidden" || got == "dial: refused"
+			case "refused":
+				ok = got == "dial: refused"
+			case "reset":
+				ok = isReset(got)
+			case "reset or refused":
+				ok = isReset(got) || got == "dial: refused"
+			case "no HTTP":
+				ok = !strings.HasPrefix(got, "data: HTTP")
+			}
+			if !ok {
+				t.Errorf("%s to %s (%s): %q, want %s", tc.pod, tc.addr, tc.kind, got, tc.want)
+			} else {
+				t.Logf("%s to %s (%s): %s", tc.pod, tc.addr, tc.kind, got)
+			}
+		}
+	})
+
 	c := l.Server.Client
 	t.Run("DenyAllNetworkPolicy", func(t *testing.T) {
 		np := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "deny-all", Namespace: "shop"},
