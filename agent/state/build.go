@@ -3,6 +3,7 @@ package state
 import (
 	"maps"
 	"net/netip"
+	"reflect"
 	"slices"
 )
 
@@ -97,6 +98,25 @@ func applySimple[K comparable, V any](m *pmap[K, *V], changes map[K]*V) {
 	}
 }
 
+// podFor returns the snapshot's value for the input pod p. A value new to
+// the store is the snapshot's value itself: its computed fields are filled
+// in place, since the store owns what it is given and no snapshot holds it
+// yet. A value seen before (given again, or to another store) is never
+// written again: it is reused when its computed fields are still right,
+// else copied.
+func (s *Snapshot) podFor(p *Pod) *Pod {
+	ns := s.namespaces.lookup(p.Namespace)
+	if !p.computed {
+		fillComputed(p, ns, s.trustDomain)
+		return p
+	}
+	c := computePod(p, ns, s.trustDomain)
+	if reflect.DeepEqual(c, p) {
+		return p
+	}
+	return c
+}
+
 // applyNamespaces returns the namespaces whose enrollment flipped: their
 // pods' Enrolled changes.
 func (s *Snapshot) applyNamespaces(base *Snapshot, changes map[string]*Namespace) map[string]bool {
@@ -130,7 +150,7 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 	for k, p := range pending {
 		ch := podChange{old: base.pods.lookup(k)}
 		if p != nil {
-			ch.new = computePod(p, s.namespaces.lookup(p.Namespace), s.trustDomain)
+			ch.new = s.podFor(p)
 		}
 		if ch.old != nil || ch.new != nil {
 			changes[k] = ch
@@ -138,10 +158,10 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 	}
 	if len(flipped) > 0 {
 		// A computed pod holds all of its input, so it recomputes from
-		// itself.
+		// itself (into a copy when its Enrolled changes).
 		for k, p := range base.pods.all() {
 			if _, done := changes[k]; !done && flipped[p.Namespace] {
-				changes[k] = podChange{old: p, new: computePod(p, s.namespaces.lookup(p.Namespace), s.trustDomain)}
+				changes[k] = podChange{old: p, new: s.podFor(p)}
 			}
 		}
 	}

@@ -449,6 +449,9 @@ func randomChange(rng *rand.Rand, tx *Tx, m *model) {
 			return
 		}
 		p := randomPod(rng, k)
+		if old := m.pods[k]; old != nil && rng.IntN(4) == 0 {
+			p = old // the same value again: never rewritten once computed
+		}
 		tx.SetPod(p)
 		m.pods[k] = p
 	case r < 70: // services

@@ -248,8 +248,18 @@ func preferPod(a, b *Pod) bool {
 	return compareKeys(a.Key(), b.Key()) < 0
 }
 
+// computePod returns a copy of p with its computed fields filled in.
 func computePod(p *Pod, ns *Namespace, td spiffeid.TrustDomain) *Pod {
 	c := *p
+	fillComputed(&c, ns, td)
+	return &c
+}
+
+// fillComputed fills in p's computed fields, which depend only on p's own
+// input fields, its namespace's enrollment and the trust domain.
+func fillComputed(c *Pod, ns *Namespace, td spiffeid.TrustDomain) {
+	p := *c // the inputs, read from a copy while c is rewritten
+	c.computed = true
 	c.Problems = nil
 	sa := p.ServiceAccount
 	if sa == "" {
@@ -276,7 +286,6 @@ func computePod(p *Pod, ns *Namespace, td spiffeid.TrustDomain) *Pod {
 	c.Ref = p.Namespace + "/" + p.Name
 	c.Netns = p.Annotations[AnnotationNetns]
 	c.Cgroup = p.Annotations[AnnotationCgroup]
-	return &c
 }
 
 // parsePorts parses "80, 8080" into ports. Any bad element rejects the whole

@@ -108,7 +108,10 @@ func (s *Store) Version() uint64 {
 }
 
 // Update applies fn's changes as one new version. Values passed to the Tx
-// belong to the store afterwards and must not be modified by the caller.
+// belong to the store afterwards and must not be modified by the caller,
+// nor given to another store while this one may still build from them: the
+// store fills a new Pod's computed fields into the value itself (see
+// Pod.computed).
 // Subscribers are told when fn changed anything.
 func (s *Store) Update(fn func(tx *Tx)) {
 	s.mu.Lock()

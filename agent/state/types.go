@@ -150,6 +150,12 @@ type Pod struct {
 	// Ref is "namespace/name", computed once so the connection path does
 	// not build it per lookup.
 	Ref string `json:"-"`
+
+	// computed is set once the store has filled in the computed fields.
+	// The store fills them into the value it was given, once, before any
+	// snapshot holds it, so the informer cache and the snapshot share one
+	// copy of each pod; after that the value is never written again.
+	computed bool
 }
 
 // Key returns the pod's namespace/name.
