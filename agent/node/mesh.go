@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -238,7 +240,7 @@ func (m *mesh) run(ctx context.Context) error {
 // open connections it denies.
 func (m *mesh) updatePolicy(ctx context.Context, snap *state.Snapshot) {
 	if m.polBuilder == nil {
-		m.polBuilder = fromstate.NewBuilder("")
+		m.polBuilder = fromstate.NewBuilder("").WithLocalNode(m.filter.Node, nodeAddrs(m.log))
 	}
 	ps, errs := m.polBuilder.Snapshot(snap)
 	for _, err := range errs {
@@ -341,4 +343,43 @@ func (m *mesh) svidsReady(context.Context) error {
 		return fmt.Errorf("no SVID yet for %s (is the CA at %s reachable?)", strings.Join(missing, ", "), m.n.cfg.CAAddr)
 	}
 	return nil
+}
+
+// nodeAddrs returns a function listing the addresses of this node's
+// network interfaces (the agent runs in the node's network namespace), read
+// again at most once a second: the sources kubelet's probes may come from.
+// Loopback and link-local addresses are left out: no probe to a pod comes
+// from them.
+func nodeAddrs(log *slog.Logger) func() []netip.Addr {
+	var (
+		mu   sync.Mutex
+		last []netip.Addr
+		at   time.Time
+	)
+	return func() []netip.Addr {
+		mu.Lock()
+		defer mu.Unlock()
+		if time.Since(at) < time.Second {
+			return last
+		}
+		at = time.Now()
+		addrs, err := net.InterfaceAddrs()
+		if err != nil {
+			log.Warn("listing the node's addresses for kubelet probes; keeping the last list", "err", err)
+			return last
+		}
+		var out []netip.Addr
+		for _, a := range addrs {
+			n, ok := a.(*net.IPNet)
+			if !ok {
+				continue
+			}
+			ip, ok := netip.AddrFromSlice(n.IP)
+			if ip = ip.Unmap(); ok && !ip.IsLoopback() && !ip.IsLinkLocalUnicast() {
+				out = append(out, ip)
+			}
+		}
+		last = out
+		return last
+	}
 }

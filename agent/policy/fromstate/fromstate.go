@@ -11,6 +11,7 @@ package fromstate
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -43,6 +44,9 @@ func Snapshot(s *state.Snapshot, rootNamespace string) (*policy.Snapshot, []erro
 // converted again, and the policy.Builder re-matches only the pods and
 // namespaces a change touched. Not safe for concurrent use.
 type Builder struct {
+	// localNode and localAddrs: see WithLocalNode.
+	localNode     string
+	localAddrs    func() []netip.Addr
 	rootNamespace string
 	td            string
 	pb            *policy.Builder
@@ -63,6 +67,17 @@ type converted struct {
 // policy.DefaultRootNamespace).
 func NewBuilder(rootNamespace string) *Builder {
 	return &Builder{rootNamespace: rootNamespace}
+}
+
+// WithLocalNode makes addrs (called on every build) more addresses of node
+// name, the node the caller runs on: the addresses of that node's own
+// network interfaces. kubelet's probes to a pod leave from the interface
+// that routes to it, which with a bridge CNI is the bridge's gateway
+// address in the pod range (10.244.0.1 on cni0), not an address of the
+// Node object; without it a NetworkPolicy or STRICT refuses the probes.
+func (b *Builder) WithLocalNode(name string, addrs func() []netip.Addr) *Builder {
+	b.localNode, b.localAddrs = name, addrs
+	return b
 }
 
 // Snapshot builds the policy snapshot of s; see the package's Snapshot.
@@ -91,8 +106,20 @@ func (b *Builder) input(s *state.Snapshot) (policy.Input, []error) {
 	for _, ns := range s.Namespaces() {
 		in.Namespaces = append(in.Namespaces, policy.Namespace{Name: ns.Name, Labels: ns.Labels})
 	}
+	var local []netip.Addr
+	if b.localNode != "" && b.localAddrs != nil {
+		local = b.localAddrs()
+	}
 	for _, n := range s.Nodes() {
-		in.Nodes = append(in.Nodes, policy.Node{Name: n.Name, IPs: n.IPs})
+		ips := n.IPs
+		if n.Name == b.localNode && len(local) > 0 {
+			ips = append(slices.Clip(n.IPs), local...)
+			local = nil
+		}
+		in.Nodes = append(in.Nodes, policy.Node{Name: n.Name, IPs: ips})
+	}
+	if len(local) > 0 { // the Node object is not known (yet)
+		in.Nodes = append(in.Nodes, policy.Node{Name: b.localNode, IPs: local})
 	}
 	// Pods in map order: the engine's result does not depend on it (each
 	// address is attributed to one pod, and host-network pods are not

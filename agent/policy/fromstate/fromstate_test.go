@@ -123,3 +123,50 @@ func TestSnapshotFromState(t *testing.T) {
 		})
 	}
 }
+
+// TestLocalNodeAddresses: kubelet's probes from the node's bridge gateway
+// (an address of the node's own interfaces, not of its Node object) pass a
+// NetworkPolicy and STRICT only through WithLocalNode, and only for pods of
+// that node.
+func TestLocalNodeAddresses(t *testing.T) {
+	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("example.org"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	be, gw := netip.MustParseAddr("10.244.0.5"), netip.MustParseAddr("10.244.0.1")
+	st.Update(func(tx *state.Tx) {
+		tx.SetNamespace(&state.Namespace{Name: "shop", Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
+		tx.SetNode(&state.Node{Name: "n1", IPs: []netip.Addr{netip.MustParseAddr("192.168.0.1")}})
+		tx.SetPod(&state.Pod{Namespace: "shop", Name: "be", Node: "n1", Labels: map[string]string{"app": "be"}, IPs: []netip.Addr{be}, Phase: state.PodRunning, ProbePorts: []uint16{8080}})
+		tx.SetNetworkPolicy(&networkingv1.NetworkPolicy{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "nothing-in"},
+			Spec:       networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{}, PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}},
+		})
+		tx.SetObject(object(t, PeerAuthenticationKind, &v1alpha1.PeerAuthentication{
+			Spec: v1alpha1.PeerAuthenticationSpec{Mtls: &v1alpha1.PeerAuthenticationMTLS{Mode: v1alpha1.MTLSStrict}},
+		}, "shop", "strict"))
+	})
+	probe := policy.Flow{Src: gw, Dst: be, Port: 8080, Protocol: corev1.ProtocolTCP}
+	for _, tc := range []struct {
+		name string
+		b    *Builder
+		want policy.Verdict
+	}{
+		{"no local addresses", NewBuilder(""), policy.Deny},
+		{"the pod's node", NewBuilder("").WithLocalNode("n1", func() []netip.Addr { return []netip.Addr{gw} }), policy.Allow},
+		{"another node", NewBuilder("").WithLocalNode("n2", func() []netip.Addr { return []netip.Addr{gw} }), policy.Deny},
+	} {
+		snap, errs := tc.b.Snapshot(st.Snapshot())
+		if len(errs) > 0 {
+			t.Fatal(errs)
+		}
+		if d := snap.Decide(probe); d.Verdict != tc.want {
+			t.Errorf("%s: %s, want %s\n%s", tc.name, d.Verdict, tc.want, d.Text())
+		}
+		other := probe
+		other.Port = 9090 // not a probe port: the node gets no exemption there
+		if d := snap.Decide(other); d.Allowed() {
+			t.Errorf("%s: plaintext from the node to a non-probe port allowed under STRICT:\n%s", tc.name, d.Text())
+		}
+	}
+}
