@@ -164,9 +164,10 @@ test-lab: deps deps-bench kube-apiserver
 	@echo "== tier 3: lab end-to-end tests (real kube-apiserver)"
 	NODEMESH_AGENT_RACE=1 $(GO) test -count=1 -p 1 -timeout 20m -run '^TestLab' ./...
 
-test-cluster: deps-cluster kube-apiserver kube-node
+# The cluster tests install the images `make image` built, as a user would.
+test-cluster: deps-cluster kube-apiserver kube-node image
 	@echo "== tier 4: cluster tests (real kubelet + containerd nodes, docs/cluster.md)"
-	$(GO) test -count=1 -p 1 -timeout 20m -run '^TestCluster' ./lab/cluster/
+	NODEMESH_IMAGES=$(CURDIR)/bin/images.tar $(GO) test -count=1 -p 1 -timeout 20m -run '^TestCluster' ./lab/cluster/
 
 fuzz:
 	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' .); do \

@@ -26,6 +26,11 @@ import (
 
 const systemNS = "nodemesh-system"
 
+// imagesEnv names an image archive from `make image` to install from
+// (make test-cluster sets it); without it each test builds the images
+// itself with the same code.
+const imagesEnv = "NODEMESH_IMAGES"
+
 // The capabilities the DaemonSet grants the agent (manifests/base/agent):
 // CAP_NET_ADMIN 12, CAP_SYS_PTRACE 19, CAP_SYS_ADMIN 21, CAP_BPF 39.
 const agentCaps = 1<<12 | 1<<19 | 1<<21 | 1<<39
@@ -72,7 +77,12 @@ func upInstalled(t *testing.T, ctx context.Context, nodes int) *installed {
 	if err != nil {
 		t.Fatal(err)
 	}
-	archive := buildImages(t, ctx, root, t.TempDir())
+	archive := os.Getenv(imagesEnv)
+	if archive == "" {
+		archive = buildImages(t, ctx, root, t.TempDir())
+	} else {
+		t.Logf("images from %s=%s (make image)", imagesEnv, archive)
+	}
 	id := newID()
 	dir := cluster.DefaultStateDir(id)
 	start := time.Now()

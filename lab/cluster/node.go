@@ -91,7 +91,9 @@ func (c *Cluster) setupNode(ctx context.Context, n *Node, opts Options, token st
 	// supervisor whose /proc/1/ns links refuse even full root with EACCES.)
 	// --kill-child: if unshare dies, the node's init gets SIGKILL, and with
 	// it every process of the node's PID namespace, containers included.
-	cmd := exec.Command("unshare", "--mount", "--propagation", "slave", "--pid", "--kill-child", "--mount-proc",
+	// And a UTS namespace: the node's hostname is its name, which
+	// host-network pods (the agent) see as theirs.
+	cmd := exec.Command("unshare", "--mount", "--propagation", "slave", "--pid", "--kill-child", "--mount-proc", "--uts",
 		"/bin/sh", filepath.Join(n.Dir, "init.sh"))
 	logf, err := os.OpenFile(filepath.Join(n.Dir, "init.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -309,6 +311,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 set -u
 D=%[2]s
 B=%[3]s
+hostname %[1]s || exit 1
 mount --bind "$D/run" /run || exit 1
 mount --bind "$D/var-lib" /var/lib || exit 1
 mount --bind "$D/var-log" /var/log || exit 1
