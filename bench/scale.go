@@ -308,7 +308,11 @@ func RunScale(ctx context.Context, o ScaleOptions) (res *ScaleResults, err error
 		return res, err
 	}
 	s.mesh, err = labmesh.Start(ctx, s.lab, labmesh.Options{AgentBinary: o.AgentBinary, CABinary: o.CABinary, LogLevel: "warn",
-		Kubeconfig: map[string]string{scaleNode: kc}, Wait: 5 * time.Minute, Log: s.log})
+		Kubeconfig: map[string]string{scaleNode: kc}, Wait: 5 * time.Minute, Log: s.log,
+		// The agent's default: the lab's 2 s would add a discovery read per
+		// absent CRD (the Gateway API's are not installed here) every 2 s,
+		// 60 reads/min that a real agent does not make.
+		CRDRecheck: 30 * time.Second})
 	if err != nil {
 		return res, fmt.Errorf("starting nodemesh: %w", err)
 	}
