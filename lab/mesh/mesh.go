@@ -76,6 +76,9 @@ type Options struct {
 	// DrainDeadline and CRDRecheck set the agents' --drain-deadline and
 	// --crd-recheck; defaults 2s and 2s.
 	DrainDeadline, CRDRecheck time.Duration
+	// SVIDTTL is the CA's --svid-ttl; default 1h (the CA refuses less
+	// than a minute). Tests of an outage past expiry set a short one.
+	SVIDTTL time.Duration
 	// NoAccessLog starts the agents without --access-log (the throughput
 	// benchmark measures without a log line per connection).
 	NoAccessLog bool
@@ -110,6 +113,7 @@ type Mesh struct {
 	Enrolled map[string][]string
 
 	opts   Options
+	caArgv []string
 	tokDir string
 	// extra are the agents StartAgent started besides the node agents.
 	extra []*Agent
@@ -193,13 +197,14 @@ func Start(ctx context.Context, l *lab.Lab, o Options) (_ *Mesh, err error) {
 	if err := m.registerPod(ctx, "nodemesh-ca-"+nodes[0].Name, nodes[0], "nodemesh-ca", "nodemesh-ca", "ca"); err != nil {
 		return nil, err
 	}
-	ca, err := l.StartNodeProcess(ctx, m.CANode, CAProcess, []string{o.CABinary, "--kubeconfig", l.Kubeconfig(),
-		"--namespace", SystemNamespace, "--listen", net.JoinHostPort("", fmt.Sprint(identity.DefaultPort)), "--svid-ttl", "1h", "--log-level", o.LogLevel}, nil)
-	if err != nil {
-		return nil, fmt.Errorf("starting the nodemesh CA on %s: %w", m.CANode, err)
+	if o.SVIDTTL <= 0 {
+		o.SVIDTTL = time.Hour
 	}
-	m.CALog = ca.Log
-	o.Log.Info("CA started", "node", m.CANode, "addr", m.CAAddr, "pid", ca.Pid)
+	m.caArgv = []string{o.CABinary, "--kubeconfig", l.Kubeconfig(),
+		"--namespace", SystemNamespace, "--listen", net.JoinHostPort("", fmt.Sprint(identity.DefaultPort)), "--svid-ttl", o.SVIDTTL.String(), "--log-level", o.LogLevel}
+	if err := m.StartCA(ctx); err != nil {
+		return nil, err
+	}
 	tokDir := filepath.Join(l.StateDir(), "mesh")
 	m.tokDir = tokDir
 	if err := os.MkdirAll(tokDir, 0o700); err != nil {
@@ -703,6 +708,27 @@ func (m *Mesh) Stop(ctx context.Context) error {
 		m.CALog = ""
 	}
 	return errors.Join(errs...)
+}
+
+// StartCA starts the CA process (Start does; after StopCA, again). Its
+// root is kept in a Secret, so a restarted CA signs under the same root.
+func (m *Mesh) StartCA(ctx context.Context) error {
+	ca, err := m.lab.StartNodeProcess(ctx, m.CANode, CAProcess, m.caArgv, nil)
+	if err != nil {
+		return fmt.Errorf("starting the nodemesh CA on %s: %w", m.CANode, err)
+	}
+	m.CALog = ca.Log
+	m.log.Info("CA started", "node", m.CANode, "addr", m.CAAddr, "pid", ca.Pid)
+	return nil
+}
+
+// StopCA stops the CA process (an outage of every CA replica).
+func (m *Mesh) StopCA(ctx context.Context) error {
+	if err := m.lab.StopNodeProcess(ctx, m.CANode, CAProcess, 5*time.Second); err != nil {
+		return fmt.Errorf("stopping the CA: %w", err)
+	}
+	m.CALog = ""
+	return nil
 }
 
 // LogTails returns the ends of the agent and CA logs, for errors.
