@@ -20,6 +20,7 @@ import (
 	l7mesh "github.com/nodemesh/nodemesh/agent/l7/mesh"
 	"github.com/nodemesh/nodemesh/agent/l7/resilience"
 	"github.com/nodemesh/nodemesh/agent/l7/route"
+	"github.com/nodemesh/nodemesh/agent/l7/tracing"
 	"github.com/nodemesh/nodemesh/agent/nodeinfo"
 	"github.com/nodemesh/nodemesh/agent/policy"
 	"github.com/nodemesh/nodemesh/agent/policy/explain"
@@ -48,7 +49,9 @@ type mesh struct {
 	dp         *dataplane.Dataplane
 	// l7 is the optional HTTP layer; its index of claimed inbound ports is
 	// refreshed here on every state change, off the connection path.
-	l7      *l7mesh.Layer
+	l7 *l7mesh.Layer
+	// tracer exports the L7 path\'s spans (nil: tracing off).
+	tracer  *tracing.Tracer
 	filter  workloads.Filter
 	locator *workloads.Locator
 }
@@ -124,7 +127,15 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	obs := telemetry.New(telemetry.Config{Metrics: n.metrics, Ledger: n.ledger, State: n.store.Snapshot,
 		ClusterDomain: cfg.ClusterDomain, ClusterID: cfg.ClusterID})
 	routes, traffic := &l7mesh.Routes{}, &l7mesh.Traffic{}
+	if cfg.OTLPEndpoint != "" {
+		if m.tracer, err = tracing.New(ctx, tracing.Config{Endpoint: cfg.OTLPEndpoint, Sampling: cfg.TraceSampling, Node: cfg.NodeName}); err != nil {
+			return nil, err
+		}
+		tr := m.tracer
+		cleanup = append(cleanup, func() { _ = tr.Shutdown(context.Background()) })
+	}
 	l7layer, err := l7mesh.New(l7mesh.Config{
+		Tracer:         m.tracer,
 		Log:            log.With("component", "l7"),
 		State:          n.store.Snapshot,
 		Routes:         func() *route.Table { return routes.Table(n.store.Snapshot()) },
@@ -291,6 +302,14 @@ func (m *mesh) close() error {
 	err := m.dp.Close()
 	err = errors.Join(err, m.capture.Release())
 	m.ca.Close()
+	if m.tracer != nil {
+		// The spans of the last requests go out before the agent exits.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if terr := m.tracer.Shutdown(ctx); terr != nil {
+			m.log.Warn("exporting the last spans", "err", terr)
+		}
+	}
 	return err
 }
 

@@ -101,6 +101,11 @@ type Config struct {
 	Level *slog.LevelVar // changed at run time through the admin API
 	// AccessLog receives one record per connection; nil: off.
 	AccessLog *slog.Logger
+	// OTLPEndpoint, when set, turns on tracing of the L7 path: spans go
+	// to this OTLP/HTTP collector (agent/l7/tracing); TraceSampling is the
+	// probability that a request starting a trace is recorded.
+	OTLPEndpoint  string
+	TraceSampling float64
 }
 
 // Node owns every long-running part of the agent.

@@ -71,6 +71,8 @@ type Config struct {
 	MetricsScrapers []string
 	LogLevel        string
 	AccessLog       bool
+	OTLPEndpoint    string
+	TraceSampling   float64
 	CRDRecheck      time.Duration
 	// Node mark (agent/rollout): how long peers honour it and how often
 	// it is renewed.
@@ -142,6 +144,8 @@ func flags(c *Config, getenv func(string) string) *flag.FlagSet {
 	})
 	fs.StringVar(&c.LogLevel, "log-level", envOr("LOG_LEVEL", "info"), "debug, info, warn or error (changeable at run time through the admin API)")
 	fs.BoolVar(&c.AccessLog, "access-log", false, "write one JSON line per closed connection to stdout")
+	fs.StringVar(&c.OTLPEndpoint, "otlp-endpoint", "", "OTLP/HTTP collector URL for the L7 path's spans, e.g. http://otel-collector.observability:4318; empty: no tracing")
+	fs.Float64Var(&c.TraceSampling, "trace-sampling", 0.01, "probability (0 to 1) that an L7 request starting a new trace is recorded; requests with a sampled traceparent are always recorded")
 	fs.DurationVar(&c.CRDRecheck, "crd-recheck", 30*time.Second, "how often to look for nodemesh CRDs that were not installed when the agent started")
 	fs.DurationVar(&c.MarkDuration, "node-mark-duration", rollout.DefaultLeaseDuration, "how long peers honour this node's mark (its Lease) without a renewal: how long a crashed agent's node still counts as mesh-capable")
 	fs.StringVar(&c.Procs, "procs", procsDefault(getenv), "GOMAXPROCS: auto (one P at light load, more while the agent keeps them busy, up to the CPUs or the cgroup CPU limit), runtime (the Go runtime's choice; the default when $GOMAXPROCS is set), or a number")
@@ -169,6 +173,15 @@ func (c *Config) Validate() error {
 	}
 	if c.ClusterID == "" {
 		errs = append(errs, errors.New("--cluster-id is empty: give this cluster's name (Istio's default is Kubernetes)"))
+	}
+	if c.TraceSampling < 0 || c.TraceSampling > 1 || c.TraceSampling != c.TraceSampling {
+		errs = append(errs, fmt.Errorf("--trace-sampling %v: want a probability from 0 to 1 (0.01 records 1%% of new traces)", c.TraceSampling))
+	}
+	if c.OTLPEndpoint != "" {
+		if u, err := url.Parse(c.OTLPEndpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") {
+			errs = append(errs, fmt.Errorf("--otlp-endpoint %q: want the collector's OTLP/HTTP base URL, like http://otel-collector:4318 (spans go to /v1/traces)", c.OTLPEndpoint))
+		}
+		c.OTLPEndpoint = strings.TrimSuffix(c.OTLPEndpoint, "/")
 	}
 	td, err := spiffeid.TrustDomainFromString(c.TrustDomain)
 	if err != nil {
@@ -286,6 +299,7 @@ func (c *Config) nodeConfig(rc *rest.Config, log *slog.Logger, level *slog.Level
 		CRDRecheck:      c.CRDRecheck, MarkDuration: c.MarkDuration, MarkRenew: c.MarkRenew,
 		Procs: c.procsN,
 		Log:   log, Level: level, AccessLog: access,
+		OTLPEndpoint: c.OTLPEndpoint, TraceSampling: c.TraceSampling,
 	}
 }
 

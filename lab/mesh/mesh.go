@@ -82,7 +82,10 @@ type Options struct {
 	// NoAccessLog starts the agents without --access-log (the throughput
 	// benchmark measures without a log line per connection).
 	NoAccessLog bool
-	Log         *slog.Logger // progress; nil discards
+	// AgentArgs are added to every agent's command line (e.g. tracing
+	// flags).
+	AgentArgs []string
+	Log       *slog.Logger // progress; nil discards
 }
 
 // Agent is one node's running agent.
@@ -337,6 +340,7 @@ func (m *Mesh) startAgentAs(ctx context.Context, n lab.Node, spec AgentSpec, o O
 	if !o.NoAccessLog {
 		args = append(args, "--access-log")
 	}
+	args = append(args, o.AgentArgs...)
 	if o.MarkDuration > 0 {
 		args = append(args, "--node-mark-duration", o.MarkDuration.String())
 	}

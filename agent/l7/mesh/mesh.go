@@ -33,11 +33,15 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/nodemesh/nodemesh/agent/l7"
 	"github.com/nodemesh/nodemesh/agent/l7/authz"
 	"github.com/nodemesh/nodemesh/agent/l7/resilience"
 	"github.com/nodemesh/nodemesh/agent/l7/retry"
 	"github.com/nodemesh/nodemesh/agent/l7/route"
+	"github.com/nodemesh/nodemesh/agent/l7/tracing"
 	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
@@ -60,6 +64,9 @@ type Config struct {
 	RequestHeaders func() []string
 	// Observer receives every request (nil: none).
 	Observer Observer
+	// Tracer records a span per request and passes the W3C trace context
+	// on (nil: no tracing, traceparent is forwarded untouched).
+	Tracer *tracing.Tracer
 	// DetectTimeout bounds protocol detection on ports that declare no
 	// appProtocol (default l7.DefaultDetectTimeout).
 	DetectTimeout time.Duration
@@ -201,10 +208,16 @@ func (l *Layer) Inbound(i *proxy.L7Inbound) {
 	defer handlers.Wait()
 	rp := l.reverseProxy(up, func(*http.Request) (string, bool) { return i.Flow.Dst.String(), true })
 	flow := i.Flow
+	spanName := "inbound|" + strconv.Itoa(int(flow.Dst.Port())) + "|" + flow.Workload.String()
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rw := &recorder{ResponseWriter: w}
-		defer func() { l.cfg.Observer.Request(l.requestInfo(&flow, r, rw, start, proxy.Inbound)) }()
+		r, span := l.cfg.Tracer.Start(r, trace.SpanKindServer, spanName,
+			attribute.String("peer.principal", flow.SrcIdentity.String()), attribute.String("k8s.pod", flow.Workload.String()))
+		defer func() {
+			span.End(rw.statusOr200(), orDash(rw.flags))
+			l.cfg.Observer.Request(l.requestInfo(&flow, r, rw, start, proxy.Inbound))
+		}()
 		req, err := authz.Prepare(r, l.cfg.RequestHeaders())
 		if err != nil {
 			http.Error(rw, err.Error(), http.StatusBadRequest)
@@ -257,7 +270,8 @@ func (l *Layer) Outbound(o *proxy.L7Outbound) {
 		o.FallbackL4(c)
 		return
 	}
-	out := &outbound{l: l, o: o, log: log}
+	out := &outbound{l: l, o: o, log: log,
+		spanName: o.Target.Name + "." + o.Target.Namespace + ".svc:" + strconv.Itoa(int(o.Target.Port)) + "/*"}
 	out.up = newUpstream(out.dial)
 	var handlers sync.WaitGroup
 	defer handlers.Wait()
@@ -272,11 +286,12 @@ func (l *Layer) Outbound(o *proxy.L7Outbound) {
 const maxRetryBody = 64 << 10
 
 type outbound struct {
-	l   *Layer
-	o   *proxy.L7Outbound
-	log *slog.Logger
-	up  *upstream
-	rp  *httputil.ReverseProxy
+	l        *Layer
+	o        *proxy.L7Outbound
+	log      *slog.Logger
+	up       *upstream
+	rp       *httputil.ReverseProxy
+	spanName string
 }
 
 // routed is what ServeHTTP decided about a request, for RoundTrip.
@@ -304,6 +319,15 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	o := out.o
 	rw := &recorder{ResponseWriter: w}
 	rt := &routed{service: o.Flow.Service, dest: o.Dest, start: start}
+	r, span := out.l.cfg.Tracer.Start(r, trace.SpanKindClient, out.spanName,
+		attribute.String("k8s.pod", o.Flow.Workload.String()), attribute.String("peer.service", o.Target.Namespace+"/"+o.Target.Name))
+	defer func() {
+		attrs := []attribute.KeyValue{attribute.String("upstream_cluster", rt.service)}
+		if rt.picked {
+			attrs = append(attrs, attribute.String("upstream.address", rt.ep.Addr.String()))
+		}
+		span.End(rw.statusOr200(), orDash(rw.flags), attrs...)
+	}()
 	defer func() {
 		f := o.Flow
 		f.Service = rt.service

@@ -82,6 +82,22 @@ type recorder struct {
 	flags  string
 }
 
+// statusOr200 is the status written, 200 for a body without one, 0 for
+// nothing written.
+func (r *recorder) statusOr200() int {
+	if r.status == 0 && r.wrote {
+		return http.StatusOK
+	}
+	return r.status
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
 // setFlags notes Envoy's response flags on w if it is a recorder.
 func setFlags(w http.ResponseWriter, flags string) {
 	if r, ok := w.(*recorder); ok {
