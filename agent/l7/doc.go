@@ -15,6 +15,8 @@
 //     parentRef is a Service) compiled into a per-Service table; matching,
 //     weighted backends, header modifiers, timeouts and retry policy.
 //   - retry: the retry budget that keeps retries from multiplying load.
+//   - tracing: W3C trace context and OTLP span export for the request path.
+//   - mesh: the agent's request path itself (proxy.L7), using all of the above.
 //   - authz: request normalisation and the L7 fields of AuthorizationPolicy.
 //   - resilience: fault injection and local rate limiting from the
 //     TrafficPolicy CRD (types in v1alpha1).
