@@ -234,7 +234,7 @@ func (c *conn) fail(err error) {
 	close(c.done)
 	c.cancel()
 	for _, s := range streams {
-		s.abortWith(fmt.Errorf("%w: %w", errConnClosed, err), http2.ErrCodeCancel, false)
+		s.connClosed(fmt.Errorf("%w: %w", errConnClosed, err))
 	}
 }
 

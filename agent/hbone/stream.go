@@ -411,6 +411,34 @@ func (s *stream) abort(err error, code http2.ErrCode) {
 
 // abortWith ends the stream locally; sendRST says whether to tell the
 // peer (not when the peer reset it, or the connection is gone).
+// connClosed ends s because its connection closed with err. A stream
+// read through Read (no sink) that already received the peer's
+// END_STREAM keeps what it received: its reader gets the data and then
+// EOF, and only its sending side fails. The peer may close the connection
+// right after its last stream's END_STREAM (a drain), before our own
+// END_STREAM was recorded as sent, so such a stream can still be listed.
+// Relayed streams (sink) end as before.
+func (s *stream) connClosed(err error) {
+	s.mu.Lock()
+	keep := s.recvEnd && s.err == nil && s.sink == nil
+	if keep {
+		s.cond.Broadcast()
+	}
+	s.mu.Unlock()
+	if !keep {
+		s.abortWith(err, http2.ErrCodeCancel, false)
+		return
+	}
+	c := s.c
+	c.mu.Lock()
+	if s.sendErr == nil || s.sendErr == errSendClosed {
+		s.sendErr = err
+	}
+	c.flowCond.Broadcast()
+	c.mu.Unlock()
+	c.removeStream(s)
+}
+
 func (s *stream) abortWith(err error, code http2.ErrCode, sendRST bool) {
 	c := s.c
 	s.mu.Lock()
