@@ -409,8 +409,6 @@ func (s *stream) abort(err error, code http2.ErrCode) {
 	s.abortWith(err, code, true)
 }
 
-// abortWith ends the stream locally; sendRST says whether to tell the
-// peer (not when the peer reset it, or the connection is gone).
 // connClosed ends s because its connection closed with err. A stream
 // read through Read (no sink) that already received the peer's
 // END_STREAM keeps what it received: its reader gets the data and then
@@ -439,6 +437,8 @@ func (s *stream) connClosed(err error) {
 	c.removeStream(s)
 }
 
+// abortWith ends the stream locally; sendRST says whether to tell the
+// peer (not when the peer reset it, or the connection is gone).
 func (s *stream) abortWith(err error, code http2.ErrCode, sendRST bool) {
 	c := s.c
 	s.mu.Lock()
