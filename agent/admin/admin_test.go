@@ -191,10 +191,10 @@ func TestMetricsAndAccessLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.SetPoolStats(func() PoolStats {
-		return PoolStats{Hits: 5, Misses: 2, Handshakes: 2, HandshakeErrors: 1, ScaleOuts: 4, ResponseTimeouts: 6, PingTimeouts: 7, Conns: 1, Streams: 3}
+		return PoolStats{Hits: 5, Misses: 2, Handshakes: 2, HandshakeErrors: 1, ScaleOuts: 4, ResponseTimeouts: 6, PingTimeouts: 7, ExpiredConns: 15, Conns: 1, Streams: 3}
 	})
 	m.SetTunnelStats(func() TunnelStats {
-		return TunnelStats{Conns: 2, HandshakesInFlight: 1, Streams: 9, Handshakes: 11, HandshakeErrors: 12,
+		return TunnelStats{Conns: 2, HandshakesInFlight: 1, Streams: 9, Handshakes: 11, HandshakeErrors: 12, ExpiredConns: 16,
 			Limits: map[string]uint64{"flood": 13, "header_size": 14}}
 	})
 	c := &Conn{Reporter: ReporterSource, Src: netip.MustParseAddrPort("10.0.0.1:40000"), Dst: netip.MustParseAddrPort("10.0.0.2:8080"),
@@ -246,6 +246,8 @@ func TestMetricsAndAccessLog(t *testing.T) {
 		`nodemesh_tunnel_limit_hits_total{limit="flood"} 13`,
 		`nodemesh_tunnel_limit_hits_total{limit="header_size"} 14`,
 		`nodemesh_tunnel_limit_hits_total{limit="streams"} 0`,
+		`nodemesh_tunnel_cert_expiry_drains_total{side="client"} 15`,
+		`nodemesh_tunnel_cert_expiry_drains_total{side="server"} 16`,
 		`nodemesh_connection_setup_seconds_count{direction="outbound",outcome="ok"} 1`,
 		`nodemesh_connections_denied_total{direction="inbound",reason="policy"} 2`,
 		`nodemesh_capture_status{namespace="shop",pod="web-0",status="failed"} 1`,

@@ -122,6 +122,7 @@ var ConnLabelNames = []string{
 type PoolStats struct {
 	Hits, Misses, Handshakes, HandshakeErrors uint64
 	ScaleOuts, ResponseTimeouts, PingTimeouts uint64
+	ExpiredConns                              uint64
 	Conns, Streams                            int
 }
 
@@ -129,6 +130,7 @@ type PoolStats struct {
 type TunnelStats struct {
 	Conns, Streams, HandshakesInFlight int
 	Handshakes, HandshakeErrors        uint64
+	ExpiredConns                       uint64
 	// Limits counts what the servers' limits refused or closed, by the
 	// limit label of nodemesh_tunnel_limit_hits_total.
 	Limits map[string]uint64
@@ -362,6 +364,8 @@ var (
 		"HBONE client connections opened because every connection to the peer was busy.", nil, nil)
 	descPoolTimeouts = prometheus.NewDesc("nodemesh_pool_timeouts_total",
 		"HBONE client timeouts: response (a CONNECT not answered in time, reset) or ping (a peer that did not answer a PING, connection closed).", []string{"reason"}, nil)
+	descCertExpiryDrains = prometheus.NewDesc("nodemesh_tunnel_cert_expiry_drains_total",
+		"HBONE connections that stopped taking new streams because a certificate of their handshake expired (GOAWAY, then closed after their last stream), by side: client (this node's pool) or server (port 15008).", []string{"side"}, nil)
 	descTunnelConns = prometheus.NewDesc("nodemesh_tunnel_server_connections",
 		"Open inbound HBONE connections (port 15008), handshaking ones included.", nil, nil)
 	descTunnelStreams = prometheus.NewDesc("nodemesh_tunnel_server_streams",
@@ -382,6 +386,7 @@ func (p poolCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- descPoolStreams
 	ch <- descPoolScaleOuts
 	ch <- descPoolTimeouts
+	ch <- descCertExpiryDrains
 	ch <- descTunnelConns
 	ch <- descTunnelStreams
 	ch <- descTunnelHandshakes
@@ -417,6 +422,8 @@ func (p poolCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descTunnelStreams, prometheus.GaugeValue, float64(t.Streams))
 	ch <- prometheus.MustNewConstMetric(descTunnelHandshakes, prometheus.CounterValue, float64(t.Handshakes), "ok")
 	ch <- prometheus.MustNewConstMetric(descTunnelHandshakes, prometheus.CounterValue, float64(t.HandshakeErrors), "error")
+	ch <- prometheus.MustNewConstMetric(descCertExpiryDrains, prometheus.CounterValue, float64(s.ExpiredConns), "client")
+	ch <- prometheus.MustNewConstMetric(descCertExpiryDrains, prometheus.CounterValue, float64(t.ExpiredConns), "server")
 	for _, l := range TunnelLimits {
 		ch <- prometheus.MustNewConstMetric(descTunnelLimits, prometheus.CounterValue, float64(t.Limits[l]), l)
 	}

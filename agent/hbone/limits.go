@@ -21,6 +21,7 @@ type counters struct {
 	floods                      atomic.Uint64 // connections closed for unproductive frames
 	pingTimeouts                atomic.Uint64 // connections closed: PING unanswered
 	responseTimeouts            atomic.Uint64 // CONNECTs without a response in time (client)
+	certExpired                 atomic.Uint64 // connections drained because a certificate expired
 
 	loggedHandshake, loggedPeer, loggedTimeout, loggedHeader, loggedStreams, loggedFlood atomic.Bool
 }
@@ -120,6 +121,7 @@ func (s *LimitStats) Add(o LimitStats) {
 func (s *ServerStats) AddCounters(o ServerStats) {
 	s.Handshakes += o.Handshakes
 	s.HandshakeErrors += o.HandshakeErrors
+	s.ExpiredConns += o.ExpiredConns
 	s.LimitStats.Add(o.LimitStats)
 }
 
@@ -140,6 +142,7 @@ func (s *PoolStats) AddCounters(o PoolStats) {
 	s.ScaleOuts += o.ScaleOuts
 	s.ResponseTimeouts += o.ResponseTimeouts
 	s.PingTimeouts += o.PingTimeouts
+	s.ExpiredConns += o.ExpiredConns
 }
 
 // Add adds o to s, gauges included.

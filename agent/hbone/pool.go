@@ -121,6 +121,7 @@ type PoolStats struct {
 	ScaleOuts        uint64 // connections opened because every connection of a key was busy
 	ResponseTimeouts uint64 // CONNECTs reset because no response came in time
 	PingTimeouts     uint64 // connections closed because the peer did not answer a PING
+	ExpiredConns     uint64 // connections that stopped taking streams because a certificate of their handshake expired
 	Conns            int    // open connections
 	Streams          int    // open streams
 }
@@ -133,7 +134,9 @@ type PoolStats struct {
 // most MaxStreamsPerConn streams (and no more than the server allows);
 // past that, or after the server's GOAWAY, the next stream opens a new
 // connection. Busy connections scale out (see PoolConfig.ScaleOutStreams).
-// Idle connections are closed after IdleTimeout.
+// Idle connections are closed after IdleTimeout. A connection takes no
+// new streams once a certificate of its handshake (the peer's or ours)
+// has expired; it drains and closes (expiry.go).
 type Pool struct {
 	cfg  PoolConfig
 	log  *slog.Logger
@@ -240,6 +243,7 @@ func (p *Pool) Stats() PoolStats {
 		ScaleOuts:        p.scaleOuts.Load(),
 		ResponseTimeouts: p.ctr.responseTimeouts.Load(),
 		PingTimeouts:     p.ctr.pingTimeouts.Load(),
+		ExpiredConns:     p.ctr.certExpired.Load(),
 	}
 	p.mu.Lock()
 	for _, kc := range p.keys {
@@ -505,6 +509,8 @@ func (p *Pool) handshake(ctx context.Context, key Key) (*conn, error) {
 	}
 	cfg = cfg.Clone()
 	cfg.DynamicRecordSizingDisabled = true
+	var own ownCert
+	own.record(cfg)
 	raw, err := p.cfg.Dial(context.WithValue(ctx, keyCtx{}, key), "tcp", key.Addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("dialing HBONE %s (is port %d open on the destination pod, or is a NetworkPolicy blocking it?): %w", key.Addr, key.Addr.Port(), err)
@@ -519,12 +525,18 @@ func (p *Pool) handshake(ctx context.Context, key Key) (*conn, error) {
 		raw.Close()
 		return nil, fmt.Errorf("TLS handshake for HBONE %s: %w", key.Addr, err)
 	}
+	expiry := certsExpiry(tc.ConnectionState(), &own)
+	if err := expiredAt(expiry); err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("TLS handshake for HBONE %s: %w", key.Addr, err)
+	}
 	c := newConn(p.ctx, tc, bc, p.ccfg, key.Dst, key.Addr)
 	c.log = p.log.With("dst", key.Addr.String())
 	if err := c.start(); err != nil {
 		c.wait()
 		return nil, fmt.Errorf("starting HTTP/2 on HBONE %s: %w", key.Addr, err)
 	}
+	c.drainAt(expiry, &p.ctr.certExpired)
 	p.log.Debug("hbone connection established", "key", key.String())
 	return c, nil
 }
@@ -703,7 +715,7 @@ func (c *conn) openStream(authority string, hdr http.Header) (*stream, chan stru
 	}
 	c.mu.Lock()
 	c.reserved--
-	if c.closed || c.goAwayRecv || c.nextID > 1<<31-1 {
+	if c.closed || c.goAwayRecv || c.goAwaySent || c.nextID > 1<<31-1 {
 		c.mu.Unlock()
 		c.wmu.Unlock()
 		return nil, nil, errRefused

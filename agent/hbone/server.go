@@ -77,6 +77,7 @@ type ServerStats struct {
 	HandshakesInFlight int    // connections in their TLS handshake
 	Handshakes         uint64 // successful TLS handshakes
 	HandshakeErrors    uint64 // failed TLS handshakes and refused identities
+	ExpiredConns       uint64 // connections that stopped taking streams because a certificate of their handshake expired
 	LimitStats
 }
 
@@ -167,6 +168,7 @@ func (s *Server) Stats() ServerStats {
 		HandshakesInFlight: int(s.inHandshake.Load()),
 		Handshakes:         s.ctr.handshakes.Load(),
 		HandshakeErrors:    s.ctr.handshakeErrors.Load(),
+		ExpiredConns:       s.ctr.certExpired.Load(),
 		LimitStats:         s.ctr.limits(),
 	}
 	s.mu.Lock()
@@ -304,7 +306,7 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn) {
 		return
 	}
 	defer s.release(remote.Addr())
-	tc, bc, peer, err := s.handshake(ctx, c, remote)
+	tc, bc, peer, expiry, err := s.handshake(ctx, c, remote)
 	s.inHandshake.Add(-1)
 	if err != nil {
 		s.ctr.handshakeErrors.Add(1)
@@ -331,17 +333,24 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn) {
 	case draining:
 		hc.goAway(http2.ErrCodeNo, "draining")
 	}
+	// Once the client's SVID (or ours) has expired, streams beyond the
+	// GOAWAY are refused: the client must handshake again.
+	hc.drainAt(expiry, &s.ctr.certExpired)
 	hc.serve()
 }
 
-func (s *Server) handshake(ctx context.Context, c net.Conn, remote netip.AddrPort) (*tls.Conn, *batchConn, spiffeid.ID, error) {
+// handshake authenticates the client; it returns the connection, the
+// client's ID and when the first certificate of the handshake expires.
+func (s *Server) handshake(ctx context.Context, c net.Conn, remote netip.AddrPort) (*tls.Conn, *batchConn, spiffeid.ID, time.Time, error) {
 	cfg, err := s.cfg.TLS.ServerTLS(s.cfg.Local)
 	if err != nil {
 		s.log.Error("no TLS config for HBONE listener; refusing connection", "error", err)
-		return nil, nil, spiffeid.ID{}, err
+		return nil, nil, spiffeid.ID{}, time.Time{}, err
 	}
 	cfg = cfg.Clone()
 	cfg.DynamicRecordSizingDisabled = true
+	var own ownCert
+	own.record(cfg)
 	bc := newBatchConn(c)
 	tc := tls.Server(bc, cfg)
 	hctx, cancel := context.WithTimeout(ctx, s.cfg.HandshakeTimeout)
@@ -353,17 +362,21 @@ func (s *Server) handshake(ctx context.Context, c net.Conn, remote netip.AddrPor
 			s.ctr.timeouts.Add(1)
 			s.ctr.logOnce(&s.ctr.loggedTimeout, s.log, "HBONE peer too slow; closing its connection (logged once)", "phase", "TLS handshake", "src", remote.String())
 		}
-		return nil, nil, spiffeid.ID{}, fmt.Errorf("TLS handshake: %w", err)
+		return nil, nil, spiffeid.ID{}, time.Time{}, fmt.Errorf("TLS handshake: %w", err)
 	}
 	cs := tc.ConnectionState()
 	if err := checkConnState(cs); err != nil {
-		return nil, nil, spiffeid.ID{}, err
+		return nil, nil, spiffeid.ID{}, time.Time{}, err
 	}
 	peer, err := PeerID(cs)
 	if err != nil {
-		return nil, nil, spiffeid.ID{}, err
+		return nil, nil, spiffeid.ID{}, time.Time{}, err
 	}
-	return tc, bc, peer, nil
+	expiry := certsExpiry(cs, &own)
+	if err := expiredAt(expiry); err != nil {
+		return nil, nil, spiffeid.ID{}, time.Time{}, err
+	}
+	return tc, bc, peer, expiry, nil
 }
 
 // serveStream runs the handler of a validated CONNECT in its own

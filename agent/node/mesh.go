@@ -168,12 +168,13 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	n.metrics.SetPoolStats(func() admin.PoolStats {
 		s := m.dp.PoolStats()
 		return admin.PoolStats{Hits: s.Hits, Misses: s.Misses, Handshakes: s.Handshakes, HandshakeErrors: s.HandshakeErrors,
-			ScaleOuts: s.ScaleOuts, ResponseTimeouts: s.ResponseTimeouts, PingTimeouts: s.PingTimeouts, Conns: s.Conns, Streams: s.Streams}
+			ScaleOuts: s.ScaleOuts, ResponseTimeouts: s.ResponseTimeouts, PingTimeouts: s.PingTimeouts, ExpiredConns: s.ExpiredConns,
+			Conns: s.Conns, Streams: s.Streams}
 	})
 	n.metrics.SetTunnelStats(func() admin.TunnelStats {
 		s := m.dp.TunnelStats()
 		return admin.TunnelStats{Conns: s.Conns, Streams: s.Streams, HandshakesInFlight: s.HandshakesInFlight,
-			Handshakes: s.Handshakes, HandshakeErrors: s.HandshakeErrors,
+			Handshakes: s.Handshakes, HandshakeErrors: s.HandshakeErrors, ExpiredConns: s.ExpiredConns,
 			Limits: map[string]uint64{
 				"handshakes": s.HandshakeLimit, "peer_connections": s.PeerConnLimit, "timeout": s.Timeouts,
 				"header_size": s.HeaderTooLarge, "streams": s.StreamLimit, "flood": s.Floods, "ping_timeout": s.PingTimeouts,

@@ -82,6 +82,13 @@ func (ca *CA) ID(ns, sa string) spiffeid.ID {
 // SVID issues an X.509 SVID for id, valid for an hour. *x509svid.SVID
 // implements x509svid.Source.
 func (ca *CA) SVID(id spiffeid.ID) (*x509svid.SVID, error) {
+	return ca.SVIDUntil(id, time.Now().Add(time.Hour))
+}
+
+// SVIDUntil issues an X.509 SVID for id that expires at notAfter (X.509
+// keeps whole seconds: it is truncated to the second), for tests of what
+// happens at expiry.
+func (ca *CA) SVIDUntil(id spiffeid.ID, notAfter time.Time) (*x509svid.SVID, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("generating SVID key: %w", err)
@@ -94,7 +101,7 @@ func (ca *CA) SVID(id spiffeid.ID) (*x509svid.SVID, error) {
 		SerialNumber: big.NewInt(serial),
 		URIs:         []*url.URL{id.URL()},
 		NotBefore:    time.Now().Add(-time.Minute),
-		NotAfter:     time.Now().Add(time.Hour),
+		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 	}
