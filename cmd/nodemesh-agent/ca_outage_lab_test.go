@@ -18,8 +18,10 @@ import (
 // TestLabAdversarialCADownPastTTL takes the CA away from real agents for
 // longer than the SVIDs live (issue 14: "the CA down past the TTL"). The
 // agents keep their cached SVIDs until expiry; after it, new tunnels fail
-// closed (no plaintext fallback, nothing on the underlay); when the CA
-// returns, they recover by themselves.
+// closed (no plaintext fallback, nothing on the underlay), and so do new
+// streams on a tunnel pooled before expiry (its connection drains at the
+// first NotAfter of its handshake's certificates); when the CA returns,
+// they recover by themselves.
 func TestLabAdversarialCADownPastTTL(t *testing.T) {
 	l := labtest.TwoNodes(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
@@ -50,9 +52,10 @@ func TestLabAdversarialCADownPastTTL(t *testing.T) {
 	if err := deliveredFrom(r, web2, web1.IP); err != nil {
 		t.Fatal(err)
 	}
-	// latestExpiry is the last NotAfter among the SVIDs both agents hold.
-	latestExpiry := func() time.Time {
-		var last time.Time
+	// expiries returns the last NotAfter among the SVIDs both agents
+	// hold, and the first NotAfter of shop/web's SVIDs (web-1's on
+	// node-1, web-2's on node-2): when the tunnel between them expires.
+	expiries := func() (last, web time.Time) {
 		for _, n := range []string{"node-1", "node-2"} {
 			nd := mustNode(t, l, n)
 			_, body, err := httpGet(nodeClient(nd), "http://127.0.0.1:15000/config_dump/certificates")
@@ -67,9 +70,12 @@ func TestLabAdversarialCADownPastTTL(t *testing.T) {
 				if c.NotAfter.After(last) {
 					last = c.NotAfter
 				}
+				if c.SPIFFEID == "spiffe://cluster.local/ns/shop/sa/web" && (web.IsZero() || c.NotAfter.Before(web)) {
+					web = c.NotAfter
+				}
 			}
 		}
-		return last
+		return last, web
 	}
 	echoTCP := func(msg string) error {
 		out, err := l.Exec(ctx, web1.Key(), []string{"nodemeshctl", "lab", "workload", "tcp", "--timeout", "5s", echo.IP + ":9000", msg})
@@ -87,8 +93,11 @@ func TestLabAdversarialCADownPastTTL(t *testing.T) {
 		t.Fatal(err)
 	}
 	stopped := time.Now()
-	expiry := latestExpiry()
-	t.Logf("CA stopped; the last SVID the agents hold expires in %s", time.Until(expiry).Round(time.Second))
+	expiry, webExpiry := expiries()
+	t.Logf("CA stopped; the last SVID the agents hold expires in %s, web's first in %s", time.Until(expiry).Round(time.Second), time.Until(webExpiry).Round(time.Second))
+	if webExpiry.IsZero() {
+		t.Fatal("neither agent holds an SVID for shop/web")
+	}
 	if time.Until(expiry) > 2*time.Minute {
 		t.Fatalf("SVIDs expire at %s, more than the 1m TTL from now", expiry)
 	}
@@ -103,6 +112,29 @@ func TestLabAdversarialCADownPastTTL(t *testing.T) {
 	} else if err := deliveredFrom(r, web1, web2.IP); err != nil {
 		t.Fatal(err)
 	}
+	// web-1 -> web-2 again shortly before expiry, so that node-1's pool
+	// holds that tunnel (idle for seconds, not the 2 min that would close
+	// it) when the SVIDs expire.
+	if d := time.Until(webExpiry) - 10*time.Second; d > 0 {
+		time.Sleep(d)
+	}
+	// (With SVIDs renewed at half life, the CA stops at least 30 s before
+	// web's SVIDs expire; the steps above take a few seconds.)
+	if time.Until(webExpiry) < 3*time.Second {
+		t.Fatalf("web's SVIDs expire in %s: no time left to pool a tunnel before expiry", time.Until(webExpiry))
+	}
+	if _, out, err := demo.Get(ctx, l, web1.Key(), "http://"+web2.IP+":8080/POOLED"); err != nil {
+		t.Fatalf("web-1 to web-2 shortly before web's SVIDs expire: %v %s", err, out)
+	}
+	n1Before, n2Before := tunnelMetrics(t, node1), tunnelMetrics(t, mustNode(t, l, "node-2"))
+	pooled, err := readUsage(ctx, m, "node-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("node-1 %s before web's SVIDs expire: %s; expiry drains node-1 %v, node-2 %v", time.Until(webExpiry).Round(time.Second), pooled, n1Before, n2Before)
+	if pooled.PoolConns == 0 {
+		t.Fatalf("node-1's pool holds no tunnel before expiry: the pooled-tunnel check below proves nothing")
+	}
 	time.Sleep(time.Until(expiry) + 2*time.Second)
 	marker := fmt.Sprintf("NODEMESH-EXPIRED-%d", time.Now().UnixNano())
 	if err := echoTCP(marker); err == nil {
@@ -110,13 +142,22 @@ func TestLabAdversarialCADownPastTTL(t *testing.T) {
 	} else {
 		t.Logf("after expiry, web-1 to echo-1 fails closed: %v", err)
 	}
-	// The pooled tunnel web-1 -> web-2 opened before expiry (what happens
-	// to streams on it is logged, not asserted: TLS does not re-verify an
-	// established connection).
-	if _, _, err := demo.Get(ctx, l, web1.Key(), "http://"+web2.IP+":8080/"+marker); err != nil {
-		t.Logf("after expiry, web-1 to web-2: fails (%v)", err)
+	// The tunnel web-1 -> web-2 pooled before expiry takes no new stream
+	// (TLS verified its certificates only at the handshake; before the
+	// fix it carried new streams until idle for 2 min). Both ends watch
+	// the same two certificates, so both drain it at the same instant;
+	// when one end's GOAWAY closes the idle connection first, only that
+	// end counts it.
+	if r, out, err := demo.Get(ctx, l, web1.Key(), "http://"+web2.IP+":8080/"+marker); err == nil {
+		t.Errorf("after expiry, web-1 to web-2 still works (%+v %s): a tunnel pooled before expiry carried a new stream", r, out)
 	} else {
-		t.Logf("after expiry, web-1 to web-2 still works over the tunnel opened before")
+		t.Logf("after expiry, web-1 to web-2 fails closed: %v", err)
+	}
+	n1After, n2After := tunnelMetrics(t, node1), tunnelMetrics(t, mustNode(t, l, "node-2"))
+	t.Logf("expiry drains after expiry: node-1 %v, node-2 %v", n1After, n2After)
+	if n1After["expiry_drains_client"]+n2After["expiry_drains_server"] <= n1Before["expiry_drains_client"]+n2Before["expiry_drains_server"] {
+		t.Errorf("neither node-1's pool nor node-2's tunnel server drained the web-1 -> web-2 connection at expiry (node-1 %v -> %v, node-2 %v -> %v)",
+			n1Before, n1After, n2Before, n2After)
 	}
 	for _, n := range []string{"node-1", "node-2"} {
 		if err := m.Ready(ctx, n); err == nil {

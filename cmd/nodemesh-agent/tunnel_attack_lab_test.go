@@ -208,6 +208,7 @@ func tunnelMetrics(t *testing.T, node lab.Node) map[string]float64 {
 			`nodemesh_tunnel_limit_hits_total{limit="`:                       "",
 			`nodemesh_tunnel_server_handshakes_total{result="`:               "handshake_",
 			`nodemesh_connections_denied_total{direction="inbound",reason="`: "denied_",
+			`nodemesh_tunnel_cert_expiry_drains_total{side="`:                "expiry_drains_",
 		} {
 			rest, ok := strings.CutPrefix(line, prefix)
 			if !ok {
