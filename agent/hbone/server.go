@@ -100,6 +100,10 @@ type Server struct {
 }
 
 // NewServer validates cfg.
+// errServerClosed ends the connections of a server that is closed (not
+// drained): their streams are reset.
+var errServerClosed = errors.New("HBONE server closed")
+
 func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.TLS == nil || cfg.Handler == nil {
 		return nil, errors.New("creating HBONE server: ServerConfig.TLS and Handler are required")
@@ -329,7 +333,7 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn) {
 	s.mu.Unlock()
 	switch {
 	case closed && !draining:
-		hc.fail(errors.New("server closed"))
+		hc.fail(errServerClosed)
 	case draining:
 		hc.goAway(http2.ErrCodeNo, "draining")
 	}
@@ -447,7 +451,7 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	for _, c := range conns {
-		c.fail(errors.New("HBONE server closed"))
+		c.fail(errServerClosed)
 	}
 	s.wg.Wait()
 	return nil

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"golang.org/x/net/http2"
 )
@@ -410,15 +411,25 @@ func (s *stream) abort(err error, code http2.ErrCode) {
 }
 
 // connClosed ends s because its connection closed with err. A stream
-// read through Read (no sink) that already received the peer's
-// END_STREAM keeps what it received: its reader gets the data and then
-// EOF, and only its sending side fails. The peer may close the connection
+// that already received the peer's END_STREAM, and whose own sending is
+// over too (or that is read through Read, whose reader only wants what
+// was received), keeps what it received: the reader gets the data and
+// then EOF, or the drainer writes it to the application and half-closes
+// it; only the sending side fails. The peer may close the connection
 // right after its last stream's END_STREAM (a drain), before our own
 // END_STREAM was recorded as sent, so such a stream can still be listed.
-// Relayed streams (sink) end as before.
+// A relayed stream whose application is still sending is reset, because
+// what it sends can no longer arrive; so is every relayed stream when we
+// close the connection ourselves (pool or server closed).
 func (s *stream) connClosed(err error) {
+	c := s.c
+	local := errors.Is(err, ErrPoolClosed) || errors.Is(err, errServerClosed)
+	c.mu.Lock()
+	sendOver := s.sendErr == errSendClosed || s.sendErr == errPeerStopped
+	c.mu.Unlock()
 	s.mu.Lock()
-	keep := s.recvEnd && s.err == nil && s.sink == nil
+	keep := s.recvEnd && s.err == nil && (s.sink == nil || !local && (sendOver || s.sentEnd))
+	sk := s.sink
 	if keep {
 		s.cond.Broadcast()
 	}
@@ -427,15 +438,24 @@ func (s *stream) connClosed(err error) {
 		s.abortWith(err, http2.ErrCodeCancel, false)
 		return
 	}
-	c := s.c
 	c.mu.Lock()
 	if s.sendErr == nil || s.sendErr == errSendClosed {
 		s.sendErr = err
 	}
 	c.flowCond.Broadcast()
 	c.mu.Unlock()
+	if sk != nil {
+		// The drainer may still be writing; an application that stops
+		// reading must not hold the connection's goroutines forever.
+		sk.interruptRead()
+		_ = sk.conn.SetWriteDeadline(time.Now().Add(drainAfterClose))
+	}
 	c.removeStream(s)
 }
+
+// drainAfterClose bounds how long a relayed stream's drainer may still
+// write what it received to the application after the connection closed.
+const drainAfterClose = 10 * time.Second
 
 // abortWith ends the stream locally; sendRST says whether to tell the
 // peer (not when the peer reset it, or the connection is gone).

@@ -8,6 +8,8 @@ package labtest
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -158,7 +160,11 @@ func GoBuild(t testing.TB, pkg string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := filepath.Join(cache, "nodemesh", "labtest-bin")
+	// One directory per module root, so test runs of two checkouts (git
+	// worktrees, a CI clone beside a working copy) never run each other's
+	// binaries.
+	sum := sha256.Sum256([]byte(strings.TrimSpace(string(root))))
+	dir := filepath.Join(cache, "nodemesh", "labtest-bin", hex.EncodeToString(sum[:6]))
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
