@@ -3,12 +3,15 @@ package redirect
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/lab/privtest"
@@ -43,9 +46,12 @@ func TestPrivTransparentDelivery(t *testing.T) {
 	privtest.Root(t)
 	tp := newTopo(t)
 	b, c := tp.pod("b"), tp.pod("c")
+	if err := ProbeTransparentDelivery(); errors.Is(err, ebpf.ErrNotSupported) {
+		t.Skipf("kernel feature missing: %v (TestPrivTransparentDeliveryOff covers the fallback)", err)
+	}
 	capt := loadCaptureT(t, tp.config())
 	if on, why := capt.Transparent(); !on {
-		t.Fatalf("transparent delivery unavailable on this kernel: %s", why)
+		t.Fatalf("transparent delivery unavailable although the kernel probe passed: %s", why)
 	}
 	app := serveLines(t, listenIn(t, b, "tcp", "[::]:8080"), "APPB")
 	ep := enrollT(t, capt, b)
@@ -89,6 +95,23 @@ func TestPrivTransparentDelivery(t *testing.T) {
 			t.Errorf("delivery from %s: %q, want the plain dial", src, got)
 		}
 	}
+}
+
+// TestPrivProbeTransparentDelivery: the feature probe that tests use to
+// expect the agent's behaviour on their kernel agrees with what Load
+// decides on it.
+func TestPrivProbeTransparentDelivery(t *testing.T) {
+	privtest.Root(t)
+	probe := ProbeTransparentDelivery()
+	if probe != nil && !errors.Is(probe, ebpf.ErrNotSupported) {
+		t.Fatalf("the probe could not tell: %v", probe)
+	}
+	tp := newTopo(t)
+	capt := loadCaptureT(t, tp.config())
+	if on, why := capt.Transparent(); on != (probe == nil) {
+		t.Fatalf("Load: transparent %v (%s); probe: %v", on, why, probe)
+	}
+	t.Logf("transparent delivery on this kernel: %v", probe == nil)
 }
 
 func TestPrivTransparentDeliveryOff(t *testing.T) {

@@ -22,9 +22,9 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/nodemesh/nodemesh/lab/cluster"
+	"github.com/nodemesh/nodemesh/lab/demo"
 	"github.com/nodemesh/nodemesh/lab/netns"
 	"github.com/nodemesh/nodemesh/lab/workload"
-	"github.com/nodemesh/nodemesh/redirect"
 )
 
 const demoNS = "demo"
@@ -298,19 +298,13 @@ func readyAt(p *corev1.Pod) time.Time {
 }
 
 // meshed checks a reply came through the agents: the server saw the
-// client's own pod IP, on a socket carrying the agent's delivery mark.
+// client's own pod IP, on a socket carrying the agent's delivery mark (or,
+// on kernels before 5.17, its own IP: demo.CheckDelivered).
 func meshed(r workload.Reply, client *corev1.Pod) error {
-	ap, err := netip.ParseAddrPort(r.Remote)
-	if err != nil {
+	if _, err := netip.ParseAddrPort(r.Remote); err != nil {
 		return fmt.Errorf("server saw remote %q: %w", r.Remote, err)
 	}
-	if ap.Addr().String() != client.Status.PodIP {
-		return fmt.Errorf("server %s saw %s, want the client's pod IP %s", r.Pod, ap.Addr(), client.Status.PodIP)
-	}
-	if r.Mark != redirect.DefaultDeliverMark {
-		return fmt.Errorf("server %s: socket mark %#x, want the agent's delivery mark %#x (not delivered by the mesh)", r.Pod, r.Mark, redirect.DefaultDeliverMark)
-	}
-	return nil
+	return demo.CheckDelivered(r, r.Pod, client.Status.PodIP)
 }
 
 // accessLogs returns the agents' access-log records (JSON lines on their
