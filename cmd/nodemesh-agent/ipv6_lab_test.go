@@ -205,8 +205,7 @@ func TestLabAdversarialIPv6(t *testing.T) {
 
 	// watched runs an attack over IPv6 as a subtest with the underlay
 	// captured throughout, and mesh requests over IPv6 both ways before and
-	// after it, whose payload must not cross it in plaintext (under the
-	// deny-all policy they are refused: they must still not leak).
+	// after it, whose payload must not cross it in plaintext.
 	routes6 := []route{{from: web1, to: web2, v6: true}, {from: web2, to: web1, v6: true}}
 	watched := func(name string, fn func(t *testing.T)) {
 		t.Run(name, func(t *testing.T) {
