@@ -140,8 +140,11 @@ func markdown(res *Results, charts map[string][]byte) string {
 	fmt.Fprintf(&b, "Started %s, took %s. %d round(s), each workload %s after %s warm-up. Machine: %d CPUs, kernel %s, %s.\n\n",
 		res.Started.Format(time.RFC3339), res.Elapsed.Round(time.Second), p.Rounds, p.Duration, p.Warmup, res.Machine.CPUs, res.Machine.Kernel, res.Machine.GoVersion)
 	fmt.Fprintf(&b, "Machine load (1/5/15 min averages) at start %s, at end %s; CPU pressure at start: %s.\n", res.Machine.LoadStart, res.Machine.LoadEnd, orNA(res.Machine.PressureStart))
+	if res.Machine.ForeignMeasured {
+		fmt.Fprintf(&b, "Processes outside the bench (its lab's cgroups and nodemeshctl) used at most %.1f%% of the machine's CPU during any measured run (limit %.0f%%).\n", 100*res.Machine.ForeignCPU, 100*foreignLimit)
+	}
 	if oversubscribed(res.Machine) {
-		b.WriteString("**The machine was oversubscribed (load above its CPU count) during this run: tails (p99, p99.9) mostly measure waiting for a CPU, not the data path. Read medians and ratios, and repeat on an idle machine.**\n")
+		fmt.Fprintf(&b, "**%s: tails (p99, p99.9) mostly measure waiting for a CPU, not the data path. Read medians and ratios, and repeat on an idle machine.**\n", upperFirst(busyNote(res.Machine)))
 	}
 	b.WriteString("\n")
 	b.WriteString("Compare scenarios only within this run: ratios and differences are meaningful, absolute times depend on the machine and its load. See bench/README.md for the methodology.\n\n")

@@ -44,6 +44,13 @@ type Machine struct {
 	LoadEnd       string `json:"loadEnd"`
 	PressureStart string `json:"cpuPressureStart,omitempty"`
 	PressureEnd   string `json:"cpuPressureEnd,omitempty"`
+	// ForeignCPU is the largest share of the machine's CPU capacity that
+	// processes outside the bench (its lab's cgroups and nodemeshctl)
+	// used during one measured run; ForeignMeasured says it was measured
+	// for every run. When measured it, not the load, decides whether the
+	// machine was too busy to judge (foreignLimit).
+	ForeignCPU      float64 `json:"foreignCpu,omitempty"`
+	ForeignMeasured bool    `json:"foreignCpuMeasured,omitempty"`
 }
 
 // Scenario is one way of connecting client and server.
@@ -65,6 +72,9 @@ type RunRecord struct {
 	// Error is set when the run failed as a whole; Result is then nil.
 	Error  string       `json:"error,omitempty"`
 	Result *load.Result `json:"result,omitempty"`
+	// ForeignCPU is the share of the machine's CPU used outside the bench
+	// during the run (see Machine.ForeignCPU).
+	ForeignCPU float64 `json:"foreignCpu,omitempty"`
 	// Proxies are the proxy processes of the scenario during the run.
 	Proxies []ProxyUsage `json:"proxies,omitempty"`
 }
@@ -355,7 +365,7 @@ func judgeTargets(r *Results) []Target {
 			// Contention only lowers throughput: a pass stands, a miss on
 			// an oversubscribed machine does not.
 			if oversubscribed(r.Machine) {
-				t.Status, t.Note = "inconclusive", joinNote("machine oversubscribed", t.Note)
+				t.Status, t.Note = "inconclusive", joinNote(busyNote(r.Machine), t.Note)
 			}
 		}
 	} else {
@@ -395,7 +405,7 @@ func judgeAgainstSidecars(r *Results) []Target {
 			if latency {
 				why = unjudgeable(r, min(mesh.Rounds, side.Rounds))
 			} else if oversubscribed(r.Machine) {
-				why = fmt.Sprintf("machine oversubscribed (load %s on %d CPUs)", r.Machine.LoadStart, r.Machine.CPUs)
+				why = busyNote(r.Machine)
 			}
 			if why != "" {
 				t.Status, t.Note = "inconclusive", joinNote(why, t.Note)
@@ -445,13 +455,27 @@ func unjudgeable(r *Results, rounds int) string {
 		why = append(why, fmt.Sprintf("only %d round(s): p99 differences need repeats (use --profile full)", rounds))
 	}
 	if oversubscribed(r.Machine) {
-		why = append(why, fmt.Sprintf("machine oversubscribed (load %s on %d CPUs)", r.Machine.LoadStart, r.Machine.CPUs))
+		why = append(why, busyNote(r.Machine))
 	}
 	return strings.Join(why, "; ")
 }
 
+// oversubscribed says whether the machine was too busy with other work to
+// judge tails and comparisons: other processes' CPU during the measured
+// runs when that was measured, else the load averages at the start and end.
 func oversubscribed(m Machine) bool {
+	if m.ForeignMeasured {
+		return m.ForeignCPU > foreignLimit
+	}
 	return loadAbove(m.LoadStart, m.CPUs) || loadAbove(m.LoadEnd, m.CPUs)
+}
+
+// busyNote says why oversubscribed holds.
+func busyNote(m Machine) string {
+	if m.ForeignMeasured {
+		return fmt.Sprintf("machine busy with other work: processes outside the bench used up to %.0f%% of its CPU during a measured run (limit %.0f%%)", 100*m.ForeignCPU, 100*foreignLimit)
+	}
+	return fmt.Sprintf("machine oversubscribed (load %s, %s on %d CPUs)", m.LoadStart, m.LoadEnd, m.CPUs)
 }
 
 func passMiss(ok bool) string {

@@ -282,6 +282,12 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 	}
 
 	res.Machine = machineLimits()
+	foreign := newForeignMeter(r.lab.CgroupRoot(), res.Machine.CPUs)
+	if _, err := foreign.sample(); err != nil {
+		r.log.Warn("cannot measure other processes' CPU during runs; judging the machine by its load averages", "err", err)
+		foreign = nil
+	}
+	res.Machine.ForeignMeasured = foreign != nil
 
 	// The sidecar baseline: certificates and HAProxy in client and server.
 	sidecarErr := r.setupSidecars(ctx)
@@ -444,7 +450,24 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 				if o.ProfileDir != "" && round == 1 && sc.Name == scenarioMeshCross && (w.name == workloadBulk || w.name == httpWorkload(p.HTTPRate, 16)) {
 					wait = r.profileAgents(ctx, cfg.Warmup+cfg.Duration, o.ProfileDir, w.name)
 				}
+				var f0 foreignSample
+				if foreign != nil {
+					if f0, err = foreign.sample(); err != nil {
+						r.log.Warn("measuring other processes' CPU", "err", err)
+						res.Machine.ForeignMeasured, foreign = false, nil
+					}
+				}
 				run := r.runOne(ctx, t.client, cfg, t.procs())
+				if foreign != nil {
+					f1, err := foreign.sample()
+					if err != nil {
+						r.log.Warn("measuring other processes' CPU", "err", err)
+						res.Machine.ForeignMeasured, foreign = false, nil
+					} else {
+						run.ForeignCPU = foreign.share(f0, f1)
+						res.Machine.ForeignCPU = max(res.Machine.ForeignCPU, run.ForeignCPU)
+					}
+				}
 				if wait != nil {
 					res.Profiles = append(res.Profiles, wait()...)
 				}
@@ -455,6 +478,9 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		}
 	}
 
+	// The end of the measured runs; the scaling points below start many
+	// pods of their own.
+	res.Machine.LoadEnd, res.Machine.PressureEnd = machineLoad()
 	res.Scaling = r.scaling(ctx, sidecarErr, meshErr, podErr)
 	res.Summary, err = summarize(res.Scenario, res.Runs)
 	if err != nil {
@@ -464,7 +490,6 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		return res, fmt.Errorf("the no-mesh baseline produced no results: see the runs in results.json")
 	}
 	res.Targets = judgeTargets(res)
-	res.Machine.LoadEnd, res.Machine.PressureEnd = machineLoad()
 	res.Elapsed = time.Since(res.Started)
 	return res, nil
 }
