@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -32,7 +33,7 @@ import (
 
 // The installs a user can apply: the default (kubectl apply -k manifests/)
 // and the overlays.
-var installs = []string{".", "overlays/lab", "overlays/production", "overlays/cluster"}
+var installs = []string{".", "overlays/lab", "overlays/production", "overlays/cluster", "overlays/spire"}
 
 // uninstall is the node cleanup applied when uninstalling.
 const uninstall = "uninstall"
@@ -707,6 +708,28 @@ func TestOverlays(t *testing.T) {
 	}
 	if !slices.Equal(dsProd.Args, dsDef.Args) {
 		t.Errorf("production changes the agent's arguments:\n%v\n%v", dsProd.Args, dsDef.Args)
+	}
+
+	// SPIRE: the base's arguments plus the identity source and its
+	// socket, and the SPIRE agent's socket directory mounted from the host.
+	sp := get[*appsv1.DaemonSet](t, render(t, "overlays/spire"), "DaemonSet", ns, "nodemesh-agent").Spec.Template.Spec
+	spc := sp.Containers[0]
+	if src, _ := flag(spc.Args, "identity-source"); src != "spiffe-workload-api" || !slices.Equal(spc.Args[:len(dsDef.Args)], dsDef.Args) {
+		t.Errorf("spire: agent arguments %v, want the base's and --identity-source=spiffe-workload-api", spc.Args)
+	}
+	sock, _ := flag(spc.Args, "spiffe-endpoint-socket")
+	sockDir := path.Dir(strings.TrimPrefix(sock, "unix://"))
+	mounted := false
+	for _, m := range spc.VolumeMounts {
+		if m.MountPath != sockDir {
+			continue
+		}
+		for _, v := range sp.Volumes {
+			mounted = mounted || (v.Name == m.Name && v.HostPath != nil && v.HostPath.Path == sockDir)
+		}
+	}
+	if !strings.HasPrefix(sock, "unix:///") || !mounted {
+		t.Errorf("spire: socket %q, its directory not mounted from the host at the same path (mounts %+v)", sock, spc.VolumeMounts)
 	}
 }
 

@@ -2,6 +2,8 @@ package node
 
 import (
 	"context"
+	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,6 +15,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
 	"github.com/nodemesh/nodemesh/agent/dataplane"
@@ -31,6 +34,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/workloads"
 	identityk8s "github.com/nodemesh/nodemesh/identity/k8s"
 	"github.com/nodemesh/nodemesh/identity/svid"
+	"github.com/nodemesh/nodemesh/identity/workload"
 	"github.com/nodemesh/nodemesh/redirect"
 )
 
@@ -40,9 +44,16 @@ type mesh struct {
 	n       *Node
 	log     *slog.Logger
 	capture *redirect.Capture
-	svids   *svid.Manager
-	ca      *svid.Client
-	pol     atomic.Pointer[policy.Snapshot] // the snapshot enforced
+	// svids is the identity source: the nodemesh CA's SVID manager or the
+	// SPIFFE Workload API (cfg.IdentitySource).
+	svids svidSource
+	// ca and setBundle are the CA's client and the manager's bundle input
+	// (nil with the Workload API, which brings its own bundle).
+	ca        *svid.Client
+	setBundle func([]*x509.Certificate) error
+	// svidHint ends the readiness error for a missing SVID: what to check.
+	svidHint string
+	pol      atomic.Pointer[policy.Snapshot] // the snapshot enforced
 	// polBuilder builds pol from each state version, reusing what the
 	// change did not touch; only run's goroutine uses it.
 	polBuilder *fromstate.Builder
@@ -56,9 +67,39 @@ type mesh struct {
 	locator *workloads.Locator
 }
 
+// svidSource is what the mesh needs of an identity source: the data
+// plane's SVIDs, the identities wanted (for the certificates dump and
+// readiness), expiry metrics, and its loop.
+type svidSource interface {
+	dataplane.SVIDs
+	IDs() []spiffeid.ID
+	Collector() prometheus.Collector
+	Run(ctx context.Context) error
+}
+
 func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	cfg := n.cfg
 	log := n.log.With("component", "dataplane")
+	m := &mesh{n: n, log: log, filter: workloads.Filter{Node: cfg.NodeName, Only: cfg.OnlyPods}}
+	var cleanup []func()
+	defer func() {
+		if err != nil {
+			for i := len(cleanup) - 1; i >= 0; i-- {
+				cleanup[i]()
+			}
+		}
+	}()
+	// The identity source first: a missing SPIRE socket is reported before
+	// anything touches the kernel.
+	if err := m.newSVIDSource(ctx); err != nil {
+		return nil, err
+	}
+	if m.ca != nil {
+		cleanup = append(cleanup, m.ca.Close)
+	}
+	if src, ok := m.svids.(*workload.Source); ok {
+		cleanup = append(cleanup, src.Close)
+	}
 	// Refuse a node that cannot capture, listing everything to fix at once.
 	// Finding pods through /proc needs the host's PID namespace, and pins
 	// on a bpffs that outlives the agent's container.
@@ -80,31 +121,16 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 		}
 		root = report.Hierarchy.Path
 	}
-	m := &mesh{n: n, log: log, filter: workloads.Filter{Node: cfg.NodeName, Only: cfg.OnlyPods}}
 	var scanner workloads.Scanner
 	if host.Scanner != nil {
 		scanner = host.Scanner
 	}
 	m.locator = workloads.NewLocator(cfg.PodNetns, scanner, log)
-	var cleanup []func()
-	defer func() {
-		if err != nil {
-			for i := len(cleanup) - 1; i >= 0; i-- {
-				cleanup[i]()
-			}
-		}
-	}()
 	m.capture, err = redirect.Load(ctx, redirect.Config{CgroupRoot: root, PinDir: cfg.BPFPinDir, Logger: log.With("component", "capture")})
 	if err != nil {
 		return nil, fmt.Errorf("loading capture at cgroup %s: %w", root, err)
 	}
 	cleanup = append(cleanup, func() { _ = m.capture.Release() })
-	m.svids, m.ca, err = svid.NewWithCA(svid.Config{TrustDomain: cfg.TrustDomain, Log: log.With("component", "svid")},
-		svid.ClientConfig{URL: cfg.CAAddr, CAID: cfg.CAID, Token: svid.FileToken(cfg.CATokenFile)})
-	if err != nil {
-		return nil, fmt.Errorf("creating the SVID manager: %w", err)
-	}
-	cleanup = append(cleanup, m.ca.Close)
 	// Capture state (acceleration, per-pod verification, program counters)
 	// and SVID/root expiry, for the shipped dashboard and alerts.
 	for _, c := range []prometheus.Collector{m.capture.Collector(), m.svids.Collector()} {
@@ -181,6 +207,7 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 			}}
 	})
 	n.admin.AddDump("certificates", m.certificates)
+	n.admin.AddDump("identity", m.identityDump)
 	n.admin.AddDump("pools", m.dp.PoolsDump)
 	n.admin.AddDump("capture", m.captureDump)
 	n.admin.SetConnections(m.dp.Connections)
@@ -205,6 +232,32 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	return m, nil
 }
 
+// newSVIDSource creates the identity source cfg.IdentitySource names.
+func (m *mesh) newSVIDSource(ctx context.Context) error {
+	cfg := m.n.cfg
+	switch cfg.IdentitySource {
+	case IdentitySPIFFE:
+		src, err := workload.New(ctx, workload.Config{Addr: cfg.SPIFFEEndpoint, TrustDomain: cfg.TrustDomain, Log: m.log.With("component", "spiffe")})
+		if err != nil {
+			return fmt.Errorf("using the SPIFFE Workload API as the identity source (--spiffe-endpoint-socket): %w", err)
+		}
+		m.svids = src
+		m.svidHint = "does SPIRE have a registration entry for it whose parent is this node's SPIRE agent and whose selectors match this nodemesh agent? Workload API " + src.Addr()
+		m.log.Info("identity source: SPIFFE Workload API", "addr", src.Addr())
+		return nil
+	case IdentityCA, "":
+		mgr, ca, err := svid.NewWithCA(svid.Config{TrustDomain: cfg.TrustDomain, Log: m.log.With("component", "svid")},
+			svid.ClientConfig{URL: cfg.CAAddr, CAID: cfg.CAID, Token: svid.FileToken(cfg.CATokenFile)})
+		if err != nil {
+			return fmt.Errorf("creating the SVID manager: %w", err)
+		}
+		m.svids, m.ca, m.setBundle = mgr, ca, mgr.SetBundle
+		m.svidHint = "is the CA at " + cfg.CAAddr + " reachable?"
+		return nil
+	}
+	return fmt.Errorf("unknown identity source %q (want %s or %s)", cfg.IdentitySource, IdentityCA, IdentitySPIFFE)
+}
+
 // run keeps the mesh in step with the cluster state until ctx ends.
 func (m *mesh) run(ctx context.Context) error {
 	var wg sync.WaitGroup
@@ -212,14 +265,16 @@ func (m *mesh) run(ctx context.Context) error {
 	errc := make(chan error, 2)
 	wg.Go(func() {
 		if err := m.svids.Run(ctx); err != nil && ctx.Err() == nil {
-			errc <- fmt.Errorf("SVID manager: %w", err)
+			errc <- fmt.Errorf("SVID source: %w", err)
 		}
 	})
-	wg.Go(func() {
-		if err := identityk8s.RunBundleWatcher(ctx, m.n.client, m.n.cfg.BundleNamespace, m.n.cfg.BundleName, m.svids.SetBundle, m.log); err != nil && ctx.Err() == nil {
-			errc <- fmt.Errorf("trust bundle watcher: %w", err)
-		}
-	})
+	if m.setBundle != nil {
+		wg.Go(func() {
+			if err := identityk8s.RunBundleWatcher(ctx, m.n.client, m.n.cfg.BundleNamespace, m.n.cfg.BundleName, m.setBundle, m.log); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("trust bundle watcher: %w", err)
+			}
+		})
+	}
 
 	ch, unsub := m.n.store.Subscribe()
 	defer unsub()
@@ -302,7 +357,9 @@ func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) {
 func (m *mesh) close() error {
 	err := m.dp.Close()
 	err = errors.Join(err, m.capture.Release())
-	m.ca.Close()
+	if m.ca != nil {
+		m.ca.Close()
+	}
 	if m.tracer != nil {
 		// The spans of the last requests go out before the agent exits.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -320,7 +377,12 @@ type certDump struct {
 	NotBefore time.Time `json:"notBefore,omitzero"`
 	NotAfter  time.Time `json:"notAfter,omitzero"`
 	Serial    string    `json:"serial,omitempty"`
-	Error     string    `json:"error,omitempty"`
+	// Issuer and AuthorityKeyID name the CA that signed the SVID (the
+	// nodemesh CA's root, or SPIRE's): the key ID is the signer's
+	// SubjectKeyId, hex.
+	Issuer         string `json:"issuer,omitempty"`
+	AuthorityKeyID string `json:"authorityKeyId,omitempty"`
+	Error          string `json:"error,omitempty"`
 }
 
 func (m *mesh) certificates() any {
@@ -333,10 +395,28 @@ func (m *mesh) certificates() any {
 		} else if len(s.Certificates) > 0 {
 			c.NotBefore, c.NotAfter = s.Certificates[0].NotBefore, s.Certificates[0].NotAfter
 			c.Serial = s.Certificates[0].SerialNumber.Text(16)
+			c.Issuer = s.Certificates[0].Issuer.String()
+			c.AuthorityKeyID = hex.EncodeToString(s.Certificates[0].AuthorityKeyId)
 		}
 		out = append(out, c)
 	}
 	return out
+}
+
+// identityDump is the "identity" section of the config dump: where the
+// SVIDs come from and, for the Workload API, which identities it provides
+// this agent (those with a registration entry under this node), whether or
+// not a pod here runs as them.
+func (m *mesh) identityDump() any {
+	d := map[string]any{"source": IdentityCA, "caAddr": m.n.cfg.CAAddr}
+	if src, ok := m.svids.(*workload.Source); ok {
+		provided := []string{}
+		for _, id := range src.Provided() {
+			provided = append(provided, id.String())
+		}
+		d = map[string]any{"source": IdentitySPIFFE, "endpoint": src.Addr(), "provided": provided}
+	}
+	return d
 }
 
 func (m *mesh) captureDump() any {
@@ -360,7 +440,7 @@ func (m *mesh) svidsReady(context.Context) error {
 		}
 	}
 	if len(missing) > 0 {
-		return fmt.Errorf("no SVID yet for %s (is the CA at %s reachable?)", strings.Join(missing, ", "), m.n.cfg.CAAddr)
+		return fmt.Errorf("no SVID yet for %s (%s)", strings.Join(missing, ", "), m.svidHint)
 	}
 	return nil
 }

@@ -40,8 +40,12 @@ import (
 	"github.com/nodemesh/nodemesh/agent/version"
 )
 
-// Config is the agent's validated configuration (cmd/nodemesh-agent
-// validates the flags it comes from).
+// Identity sources (Config.IdentitySource).
+const (
+	IdentityCA     = "ca"
+	IdentitySPIFFE = "spiffe-workload-api"
+)
+
 // Values of Config.Procs besides a fixed number.
 const (
 	ProcsRuntime = 0 // the zero value: leave GOMAXPROCS alone
@@ -51,6 +55,8 @@ const (
 // procsInterval is how often agent/procs samples the CPU use.
 const procsInterval = 500 * time.Millisecond
 
+// Config is the agent's validated configuration (cmd/nodemesh-agent
+// validates the flags it comes from).
 type Config struct {
 	NodeName    string
 	TrustDomain spiffeid.TrustDomain
@@ -65,6 +71,12 @@ type Config struct {
 	// Dataplane: capture, SVIDs and proxying. Off runs only the cluster
 	// state, admin, metrics and readiness (an observer, for debugging).
 	Dataplane bool
+	// IdentitySource is where the pods' SVIDs come from: IdentityCA (the
+	// nodemesh CA, the default when empty) or IdentitySPIFFE (a SPIFFE
+	// Workload API endpoint such as a SPIRE agent, at SPIFFEEndpoint:
+	// "unix:///path", or "" for $SPIFFE_ENDPOINT_SOCKET).
+	IdentitySource string
+	SPIFFEEndpoint string
 	// The nodemesh CA: URL, SPIFFE ID, the agent's token file for it, and
 	// the ConfigMap publishing the trust bundle.
 	CAAddr          string

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -45,6 +46,10 @@ type Config struct {
 	// Dataplane: capture, SVIDs and proxying. Off runs only the cluster
 	// state, admin, metrics and readiness (an observer, for debugging).
 	Dataplane bool
+	// IdentitySource is ca (the nodemesh CA) or spiffe-workload-api (a
+	// SPIRE agent's Workload API at SPIFFEEndpoint).
+	IdentitySource string
+	SPIFFEEndpoint string
 	// CA: the nodemesh CA's URL, SPIFFE ID and the agent's token for it,
 	// and where its trust bundle is published.
 	CAAddr          string
@@ -122,6 +127,8 @@ func flags(c *Config, getenv func(string) string) *flag.FlagSet {
 	fs.StringVar(&c.ClusterDomain, "cluster-domain", envOr("CLUSTER_DOMAIN", telemetry.DefaultClusterDomain), "the cluster's DNS domain: Services are name.namespace.svc.<domain> in the destination_service metric label (default $CLUSTER_DOMAIN)")
 	fs.StringVar(&c.ClusterID, "cluster-id", envOr("CLUSTER_ID", telemetry.DefaultClusterID), "this cluster's name in the source_cluster and destination_cluster metric labels; Istio's default is Kubernetes (default $CLUSTER_ID)")
 	fs.BoolVar(&c.Dataplane, "dataplane", true, "capture, SVIDs and proxying; false runs only state, admin and metrics")
+	fs.StringVar(&c.IdentitySource, "identity-source", node.IdentityCA, "where the pods' SVIDs come from: ca (the nodemesh CA) or spiffe-workload-api (a SPIRE agent on the node, see --spiffe-endpoint-socket; the --ca-* flags and --bundle-configmap are then unused)")
+	fs.StringVar(&c.SPIFFEEndpoint, "spiffe-endpoint-socket", getenv("SPIFFE_ENDPOINT_SOCKET"), "the SPIFFE Workload API socket with --identity-source=spiffe-workload-api, unix:///run/spire/sockets/agent.sock or an absolute path (default $SPIFFE_ENDPOINT_SOCKET)")
 	fs.StringVar(&c.CAAddr, "ca-addr", envOr("CA_ADDR", fmt.Sprintf("https://nodemesh-ca.nodemesh-system.svc:%d", identity.DefaultPort)), "nodemesh CA URL (default $CA_ADDR)")
 	fs.StringVar(&c.CAID, "ca-spiffe-id", "", "SPIFFE ID of the CA's serving certificate (default spiffe://<trust domain>/ns/nodemesh-system/sa/nodemesh-ca)")
 	fs.StringVar(&c.CATokenFile, "ca-token-file", "/var/run/secrets/nodemesh-ca/token", "projected service-account token with audience "+identity.Audience+" (bound to this agent's pod)")
@@ -188,7 +195,17 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("--trust-domain %q: %w", c.TrustDomain, err))
 	}
 	c.td = td
-	if c.Dataplane {
+	switch c.IdentitySource {
+	case node.IdentityCA:
+		// $SPIFFE_ENDPOINT_SOCKET alone does not switch sources.
+	case node.IdentitySPIFFE:
+		if c.Dataplane {
+			errs = append(errs, c.validateSPIFFE()...)
+		}
+	default:
+		errs = append(errs, fmt.Errorf("--identity-source %q: want %s or %s", c.IdentitySource, node.IdentityCA, node.IdentitySPIFFE))
+	}
+	if c.Dataplane && c.IdentitySource == node.IdentityCA {
 		u, err := url.Parse(c.CAAddr)
 		if err != nil || u.Scheme != "https" || u.Host == "" {
 			errs = append(errs, fmt.Errorf("--ca-addr %q: want https://host:port", c.CAAddr))
@@ -214,6 +231,8 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--bundle-configmap %q: want namespace/name", c.BundleConfigMap))
 		}
 		c.bundleNS, c.bundleName = ns, name
+	}
+	if c.Dataplane {
 		switch c.PodNetns {
 		case workloads.NetnsAuto, workloads.NetnsProc, workloads.NetnsAnnotations:
 		default:
@@ -266,6 +285,21 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// validateSPIFFE checks --spiffe-endpoint-socket (a bare absolute path
+// becomes unix://path). That the socket exists is checked at start.
+func (c *Config) validateSPIFFE() []error {
+	if c.SPIFFEEndpoint == "" {
+		return []error{errors.New("--identity-source=spiffe-workload-api needs --spiffe-endpoint-socket (or $SPIFFE_ENDPOINT_SOCKET): the SPIRE agent's socket on this node, e.g. unix:///run/spire/sockets/agent.sock")}
+	}
+	if strings.HasPrefix(c.SPIFFEEndpoint, "/") {
+		c.SPIFFEEndpoint = "unix://" + c.SPIFFEEndpoint
+	}
+	if err := workloadapi.ValidateAddress(c.SPIFFEEndpoint); err != nil {
+		return []error{fmt.Errorf("--spiffe-endpoint-socket %q: %w (want unix:///path/to/agent.sock or an absolute path)", c.SPIFFEEndpoint, err)}
+	}
+	return nil
+}
+
 // restConfig loads the Kubernetes client configuration (nil with
 // --static-dir).
 func (c *Config) restConfig() (*rest.Config, error) {
@@ -291,7 +325,8 @@ func (c *Config) nodeConfig(rc *rest.Config, log *slog.Logger, level *slog.Level
 	return node.Config{
 		NodeName: c.NodeName, TrustDomain: c.td, Rest: rc, StaticDir: c.StaticDir,
 		ClusterDomain: c.ClusterDomain, ClusterID: c.ClusterID,
-		Dataplane: c.Dataplane, CAAddr: c.CAAddr, CAID: c.caID, CATokenFile: c.CATokenFile,
+		Dataplane: c.Dataplane, IdentitySource: c.IdentitySource, SPIFFEEndpoint: c.SPIFFEEndpoint,
+		CAAddr: c.CAAddr, CAID: c.caID, CATokenFile: c.CATokenFile,
 		BundleNamespace: c.bundleNS, BundleName: c.bundleName,
 		CgroupRoot: c.CgroupRoot, PodNetns: c.PodNetns, BPFPinDir: c.BPFPinDir, OnlyPods: c.onlyPods,
 		DrainDeadline: c.DrainDeadline, AdminAddr: c.AdminAddr, MetricsAddr: c.MetricsAddr, ReadinessAddr: c.ReadinessAddr,

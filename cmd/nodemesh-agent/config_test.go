@@ -86,6 +86,33 @@ func TestConfig(t *testing.T) {
 			}},
 		{"cluster labels: bad", []string{"--node-name=n1", "--cluster-domain=.cluster.local", "--cluster-id="}, nil,
 			[]string{"--cluster-domain", "--cluster-id is empty"}, nil},
+		{"identity: SPIRE socket path, CA flags unused", []string{"--node-name=n1", "--identity-source=spiffe-workload-api", "--spiffe-endpoint-socket=/run/spire/sockets/agent.sock",
+			"--ca-addr=http://unused", "--ca-token-file=", "--static-dir=" + dir}, nil, nil, func(t *testing.T, c *Config) {
+			if c.SPIFFEEndpoint != "unix:///run/spire/sockets/agent.sock" {
+				t.Errorf("SPIFFEEndpoint %q", c.SPIFFEEndpoint)
+			}
+			if nc := c.nodeConfig(nil, nil, nil, nil); nc.IdentitySource != node.IdentitySPIFFE || nc.SPIFFEEndpoint != c.SPIFFEEndpoint {
+				t.Errorf("node config %q %q", nc.IdentitySource, nc.SPIFFEEndpoint)
+			}
+		}},
+		{"identity: SPIRE socket from env", []string{"--node-name=n1", "--identity-source=spiffe-workload-api"},
+			map[string]string{"SPIFFE_ENDPOINT_SOCKET": "unix:///tmp/agent.sock"}, nil, func(t *testing.T, c *Config) {
+				if c.SPIFFEEndpoint != "unix:///tmp/agent.sock" {
+					t.Errorf("SPIFFEEndpoint %q", c.SPIFFEEndpoint)
+				}
+			}},
+		{"identity: env socket does not switch from the CA", []string{"--node-name=n1"}, map[string]string{"SPIFFE_ENDPOINT_SOCKET": "unix:///tmp/agent.sock"}, nil,
+			func(t *testing.T, c *Config) {
+				if c.IdentitySource != node.IdentityCA {
+					t.Errorf("IdentitySource %q", c.IdentitySource)
+				}
+			}},
+		{"identity: SPIRE without a socket", []string{"--node-name=n1", "--identity-source=spiffe-workload-api"}, nil,
+			[]string{"needs --spiffe-endpoint-socket"}, nil},
+		{"identity: bad socket address", []string{"--node-name=n1", "--identity-source=spiffe-workload-api", "--spiffe-endpoint-socket=agent.sock"}, nil,
+			[]string{`--spiffe-endpoint-socket "agent.sock"`}, nil},
+		{"identity: unknown source", []string{"--node-name=n1", "--identity-source=vault"}, nil,
+			[]string{`--identity-source "vault": want ca or spiffe-workload-api`}, nil},
 		{"pod-netns proc", []string{"--node-name=n1", "--pod-netns=proc"}, nil, nil, func(t *testing.T, c *Config) {
 			if c.PodNetns != workloads.NetnsProc {
 				t.Errorf("PodNetns %q", c.PodNetns)

@@ -9,7 +9,9 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -35,17 +37,20 @@ var (
 
 // fakeAPI is a SPIFFE Workload API server (the part SPIRE's agent serves):
 // it streams X509SVIDResponses and pushes a new one on every publish.
+// publish(nil) makes it answer as SPIRE does when no entry matches the
+// caller: the stream ends with PermissionDenied "no identity issued".
 type fakeAPI struct {
 	workload.UnimplementedSpiffeWorkloadAPIServer
 	mu      sync.Mutex
 	current *workload.X509SVIDResponse
+	denied  bool
 	changed chan struct{}
 }
 
 func (f *fakeAPI) publish(r *workload.X509SVIDResponse) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.current = r
+	f.current, f.denied = r, r == nil
 	close(f.changed)
 	f.changed = make(chan struct{})
 }
@@ -57,8 +62,11 @@ func (f *fakeAPI) FetchX509SVID(_ *workload.X509SVIDRequest, stream grpc.ServerS
 	}
 	for {
 		f.mu.Lock()
-		cur, ch := f.current, f.changed
+		cur, ch, denied := f.current, f.changed, f.denied
 		f.mu.Unlock()
+		if denied {
+			return status.Error(codes.PermissionDenied, "no identity issued")
+		}
 		if cur != nil {
 			if err := stream.Send(cur); err != nil {
 				return err
@@ -135,9 +143,14 @@ func TestWorkloadAPISource(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	src, err := wl.New(ctx, "unix://"+sock, slog.New(slog.DiscardHandler))
+	src, err := wl.New(ctx, wl.Config{Addr: "unix://" + sock, TrustDomain: td, Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
+	}
+	for owner, id := range map[string]spiffeid.ID{"web-pod": webID, "db-pod": dbID} {
+		if err := src.Add(owner, id); err != nil {
+			t.Fatal(err)
+		}
 	}
 	runCtx, stop := context.WithCancel(ctx)
 	wg.Add(1)
@@ -224,8 +237,11 @@ func TestWorkloadAPIExpiredFailsClosed(t *testing.T) {
 	api.publish(issue(t, newAuthority(t, 2*time.Second), webID))
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	src, err := wl.New(ctx, "unix://"+sock, slog.New(slog.DiscardHandler))
+	src, err := wl.New(ctx, wl.Config{Addr: "unix://" + sock, TrustDomain: td, Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Add("web-pod", webID); err != nil {
 		t.Fatal(err)
 	}
 	wg.Add(1)
@@ -243,8 +259,165 @@ func TestWorkloadAPIExpiredFailsClosed(t *testing.T) {
 	}
 }
 
-func TestNewRejectsBadAddress(t *testing.T) {
-	if _, err := wl.New(context.Background(), "tcp://not-an-ip:1", slog.New(slog.DiscardHandler)); err == nil {
-		t.Fatal("accepted a bad address")
+func TestNewRejectsBadConfig(t *testing.T) {
+	dir := t.TempDir()
+	notSock := filepath.Join(dir, "file")
+	if err := os.WriteFile(notSock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.DiscardHandler)
+	for _, tc := range []struct {
+		name string
+		cfg  wl.Config
+		want string
+	}{
+		{"bad address", wl.Config{Addr: "tcp://not-an-ip:1", TrustDomain: td, Log: log}, "address"},
+		{"socket missing", wl.Config{Addr: "unix://" + filepath.Join(dir, "agent.sock"), TrustDomain: td, Log: log}, "is the SPIRE agent running on this node"},
+		{"not a socket", wl.Config{Addr: "unix://" + notSock, TrustDomain: td, Log: log}, "not a unix socket"},
+		{"no trust domain", wl.Config{Addr: "unix://" + notSock, Log: log}, "no trust domain"},
+		{"no logger", wl.Config{Addr: "unix://" + notSock, TrustDomain: td}, "no logger"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := wl.New(context.Background(), tc.cfg)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+	if _, err := wl.New(context.Background(), wl.Config{Addr: "unix://" + filepath.Join(dir, "agent.sock"), TrustDomain: td, Log: log}); !errors.Is(err, wl.ErrSocketMissing) {
+		t.Fatalf("missing socket: %v, want ErrSocketMissing", err)
+	}
+}
+
+// serve starts api on a unix socket and returns a running Source for it,
+// stopped (and waited for) when the test ends; runErr receives Run's result.
+func serve(t *testing.T, api *fakeAPI, trust spiffeid.TrustDomain) (src *wl.Source, runErr <-chan error) {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "agent.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	workload.RegisterSpiffeWorkloadAPIServer(gs, api)
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = gs.Serve(ln) })
+	ctx, cancel := context.WithCancel(context.Background())
+	src, err = wl.New(ctx, wl.Config{Addr: "unix://" + sock, TrustDomain: trust, Log: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	errc := make(chan error, 1)
+	wg.Go(func() { errc <- src.Run(ctx) })
+	t.Cleanup(func() { cancel(); gs.Stop(); wg.Wait() })
+	return src, errc
+}
+
+func waitUpdate(t *testing.T, ch <-chan struct{}) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no update from the Workload API source")
+	}
+}
+
+// TestWorkloadAPIPermissionDeniedDropsSVIDs: SPIRE ends the stream with
+// PermissionDenied when the caller's last entry is deleted. That is an
+// answer, not an outage: the SVIDs held are dropped at once, and come back
+// when an entry does.
+func TestWorkloadAPIPermissionDeniedDropsSVIDs(t *testing.T) {
+	a := newAuthority(t, time.Hour)
+	api := &fakeAPI{changed: make(chan struct{})}
+	api.publish(issue(t, a, webID))
+	src, _ := serve(t, api, td)
+	if err := src.Add("web-pod", webID); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := src.WaitUntilUpdated(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.SVIDSource(webID).GetX509SVID(); err != nil {
+		t.Fatal(err)
+	}
+	updated := src.Updated()
+	api.publish(nil)
+	waitUpdate(t, updated)
+	if _, err := src.SVIDSource(webID).GetX509SVID(); !errors.Is(err, wl.ErrNoSVID) || !strings.Contains(err.Error(), "no identity issued") {
+		t.Fatalf("after PermissionDenied: %v, want ErrNoSVID naming the refusal", err)
+	}
+	if got := src.Provided(); len(got) != 0 {
+		t.Fatalf("still provided after PermissionDenied: %v", got)
+	}
+	// The entry is back: go-spiffe's watch retries (with backoff) and the
+	// SVID returns without a restart.
+	updated = src.Updated()
+	api.publish(issue(t, a, webID))
+	waitUpdate(t, updated)
+	if _, err := src.SVIDSource(webID).GetX509SVID(); err != nil {
+		t.Fatalf("after the entry came back: %v", err)
+	}
+}
+
+// TestWorkloadAPIOnlyWantedPresented: an SVID the endpoint provides is
+// presented only while a pod of the node runs as that identity.
+func TestWorkloadAPIOnlyWantedPresented(t *testing.T) {
+	api := &fakeAPI{changed: make(chan struct{})}
+	api.publish(issue(t, newAuthority(t, time.Hour), webID, dbID))
+	src, _ := serve(t, api, td)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := src.WaitUntilUpdated(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.SVIDSource(webID).GetX509SVID(); !errors.Is(err, wl.ErrNoSVID) {
+		t.Fatalf("presented an identity no pod runs as: %v", err)
+	}
+	if err := src.Add("pod-a", webID); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Add("pod-b", webID); err != nil {
+		t.Fatal(err)
+	}
+	src.Remove("pod-a")
+	if _, err := src.SVIDSource(webID).GetX509SVID(); err != nil {
+		t.Fatalf("one of two owners left: %v", err)
+	}
+	src.Remove("pod-b")
+	if _, err := src.SVIDSource(webID).GetX509SVID(); !errors.Is(err, wl.ErrNoSVID) {
+		t.Fatalf("presented after its last pod left: %v", err)
+	}
+	if err := src.Add("pod-c", spiffeid.RequireFromString("spiffe://other.org/ns/app/sa/web")); err == nil {
+		t.Fatal("Add accepted an identity of another trust domain")
+	}
+	if err := src.Add("pod-d", spiffeid.RequireFromString("spiffe://cluster.local/not/a/workload")); err == nil {
+		t.Fatal("Add accepted a non-workload ID")
+	}
+	if got := src.Provided(); len(got) != 2 || got[0] != dbID || got[1] != webID {
+		t.Fatalf("Provided = %v", got)
+	}
+}
+
+// TestWorkloadAPITrustDomainMismatch: an endpoint of another trust domain
+// (SPIRE's trust_domain differs from --trust-domain) stops Run with a
+// clear error, and nothing it sent is used.
+func TestWorkloadAPITrustDomainMismatch(t *testing.T) {
+	api := &fakeAPI{changed: make(chan struct{})}
+	api.publish(issue(t, newAuthority(t, time.Hour), webID))
+	other := spiffeid.RequireTrustDomainFromString("example.org")
+	src, runErr := serve(t, api, other)
+	var err error
+	select {
+	case err = <-runErr:
+	case <-time.After(30 * time.Second):
+		t.Fatal("Run did not stop on a trust domain mismatch")
+	}
+	if !errors.Is(err, wl.ErrTrustDomainMismatch) || !strings.Contains(err.Error(), `"example.org"`) || !strings.Contains(err.Error(), "cluster.local") {
+		t.Fatalf("Run: %v, want ErrTrustDomainMismatch naming both trust domains", err)
+	}
+	if _, err := src.GetX509BundleForTrustDomain(other); err == nil {
+		t.Fatal("a bundle is served after the mismatch")
 	}
 }

@@ -85,7 +85,11 @@ type Options struct {
 	// AgentArgs are added to every agent's command line (e.g. tracing
 	// flags).
 	AgentArgs []string
-	Log       *slog.Logger // progress; nil discards
+	// AgentArgsByNode are added to one node's agent command line after
+	// AgentArgs (per-node settings, such as the SPIRE agent socket of
+	// --identity-source=spiffe-workload-api).
+	AgentArgsByNode map[string][]string
+	Log             *slog.Logger // progress; nil discards
 }
 
 // Agent is one node's running agent.
@@ -341,6 +345,7 @@ func (m *Mesh) startAgentAs(ctx context.Context, n lab.Node, spec AgentSpec, o O
 		args = append(args, "--access-log")
 	}
 	args = append(args, o.AgentArgs...)
+	args = append(args, o.AgentArgsByNode[n.Name]...)
 	if o.MarkDuration > 0 {
 		args = append(args, "--node-mark-duration", o.MarkDuration.String())
 	}
