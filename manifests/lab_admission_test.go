@@ -128,8 +128,8 @@ func TestLabAgentLeaseAdmission(t *testing.T) {
 	// Allowed: its own mark, with its node or its pod as holder, or none.
 	leases(agent1).create(ctx, own, "node-1", "")
 	leases(agent1).update(ctx, own, pods["node-1"].Name, "")
-	// A foreign holder is only warned about (the agent names its
-	// hostname, which need not be its node's name).
+	// A foreign holder is only warned about (older agents named the
+	// host's hostname, which need not be their node's name).
 	// The warning policy is a separate binding, which the API server may
 	// start enforcing a moment after the refusing one: retry for a while.
 	var w string

@@ -16,7 +16,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"os"
 	"runtime"
 	"slices"
 	"sync"
@@ -335,11 +334,11 @@ func (n *Node) setupRollout() error {
 	if !n.cfg.Dataplane || len(n.cfg.OnlyPods) > 0 {
 		return nil
 	}
-	holder := n.cfg.NodeName
-	if h, err := os.Hostname(); err == nil && h != "" {
-		holder = h // the pod's name in a DaemonSet
-	}
-	m, err := rollout.NewMark(rollout.MarkConfig{Client: n.client, Node: n.cfg.NodeName, Holder: holder,
+	// The holder is the node name (--node-name), which the admission
+	// policy nodemesh-agent-lease-holder accepts. Not os.Hostname(): with
+	// the host network that is the node's hostname, which differs from the
+	// node name under kubelet's --hostname-override.
+	m, err := rollout.NewMark(rollout.MarkConfig{Client: n.client, Node: n.cfg.NodeName, Holder: n.cfg.NodeName,
 		Duration: n.cfg.MarkDuration, Renew: n.cfg.MarkRenew, Ready: n.terminatesTunnels, Log: n.log.With("component", "rollout")})
 	if err != nil {
 		return err
