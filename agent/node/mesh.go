@@ -407,6 +407,10 @@ func (m *mesh) certificates() any {
 // SVIDs come from and, for the Workload API, which identities it provides
 // this agent (those with a registration entry under this node), whether or
 // not a pod here runs as them.
+//
+// Both sources list the mesh trust domain's roots the agent verifies peers
+// with (the CA's bundle, or SPIRE's), so that `nodemeshctl check` judges
+// root expiry from what the agents use, with or without the CA's ConfigMap.
 func (m *mesh) identityDump() any {
 	d := map[string]any{"source": IdentityCA, "caAddr": m.n.cfg.CAAddr}
 	if src, ok := m.svids.(*workload.Source); ok {
@@ -416,7 +420,24 @@ func (m *mesh) identityDump() any {
 		}
 		d = map[string]any{"source": IdentitySPIFFE, "endpoint": src.Addr(), "provided": provided}
 	}
+	roots := []rootDump{}
+	b, err := m.svids.GetX509BundleForTrustDomain(m.n.cfg.TrustDomain)
+	if err != nil {
+		d["rootsError"] = err.Error()
+	} else {
+		for _, c := range b.X509Authorities() {
+			roots = append(roots, rootDump{Subject: c.Subject.String(), SubjectKeyID: hex.EncodeToString(c.SubjectKeyId), NotAfter: c.NotAfter})
+		}
+	}
+	d["roots"] = roots
 	return d
+}
+
+// rootDump is one root of the trust bundle in the identity dump.
+type rootDump struct {
+	Subject      string    `json:"subject"`
+	SubjectKeyID string    `json:"subjectKeyId,omitempty"`
+	NotAfter     time.Time `json:"notAfter"`
 }
 
 func (m *mesh) captureDump() any {

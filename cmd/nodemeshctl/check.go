@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -30,6 +31,13 @@ const MinKubernetes = "1.32.0"
 const (
 	svidWarn = 5 * time.Minute
 	rootWarn = 30 * 24 * time.Hour
+	// spiffeRootWarn is for roots from a SPIFFE Workload API. SPIRE's CA
+	// is short-lived by design (ca_ttl, default 24h) and rotates itself:
+	// it adds the next root to the bundle at half its CA's life, so the
+	// newest root always has at least ca_ttl/2 left while the server
+	// works. Less than this left on the newest root means rotation
+	// stopped.
+	spiffeRootWarn = 6 * time.Hour
 )
 
 // finding is one result of `check`.
@@ -73,8 +81,11 @@ func newCheckCmd(g *globals) *cobra.Command {
   capture        enrolled pods whose capture failed
   unprotected    enrolled pods on nodes without a ready agent
   svids          SVIDs missing, failing or about to expire
-  root           the trust bundle's roots and when they expire
-  ca             the CA replicas' health and version
+  root           the trust bundle's roots and when they expire: the CA's
+                 ConfigMap, or the roots each agent got from its SPIFFE
+                 Workload API (--identity-source=spiffe-workload-api)
+  ca             the CA replicas' health and version (none needed when
+                 every agent takes its SVIDs from a SPIFFE Workload API)
 
 Exit status 1 when any check fails; warnings do not fail.`,
 		Args: cobra.NoArgs,
@@ -145,11 +156,41 @@ func runChecks(ctx context.Context, g *globals, cl *cluster.Cluster, ck *checker
 		ck.add("kubernetes", "ok", "", "API server %s", sv.GitVersion)
 	}
 	checkAPIs(ctx, cl, ck)
-	checkAgents(ctx, g, cl, ck)
-	checkRoots(ctx, cl, ck)
-	checkCAs(ctx, cl, ck)
+	src := checkAgents(ctx, g, cl, ck)
+	checkRoots(ctx, cl, ck, src)
+	checkCAs(ctx, cl, ck, src)
 	return nil
 }
+
+// sourceSPIFFE is the identity source an agent on a SPIFFE Workload API
+// reports in /config_dump/identity (agent/node; the CA's is "ca").
+const sourceSPIFFE = "spiffe-workload-api"
+
+// identityInfo is an agent's /config_dump/identity.
+type identityInfo struct {
+	Source     string     `json:"source"`
+	Roots      []rootInfo `json:"roots"`
+	RootsError string     `json:"rootsError"`
+}
+
+type rootInfo struct {
+	Subject  string    `json:"subject"`
+	NotAfter time.Time `json:"notAfter"`
+}
+
+// identitySources is what the agents said about where their SVIDs come
+// from: it decides which roots check judges and whether a CA must run.
+type identitySources struct {
+	// ca counts the agents that take SVIDs from the nodemesh CA.
+	ca int
+	// spiffe are the agents on a SPIFFE Workload API (SPIRE), with the
+	// roots each got from it, by node.
+	spiffe map[string]identityInfo
+}
+
+// spiffeOnly reports whether the agents that said anything all use a
+// SPIFFE Workload API, so the nodemesh CA and its bundle are not used.
+func (s identitySources) spiffeOnly() bool { return s.ca == 0 && len(s.spiffe) > 0 }
 
 func checkAPIs(ctx context.Context, cl *cluster.Cluster, ck *checker) {
 	if _, err := cl.Client.AdmissionregistrationV1().ValidatingAdmissionPolicies().List(ctx, metav1.ListOptions{Limit: 1}); err != nil {
@@ -184,10 +225,13 @@ type agentCheck struct {
 	capture captureDump
 	certs   []certInfo
 	rollout rolloutStatus
-	served  [4]bool
+	ident   identityInfo
+	served  [5]bool
 }
 
-func checkAgents(ctx context.Context, g *globals, cl *cluster.Cluster, ck *checker) {
+// checkAgents judges each agent and returns where their SVIDs come from.
+func checkAgents(ctx context.Context, g *globals, cl *cluster.Cluster, ck *checker) identitySources {
+	src := identitySources{spiffe: map[string]identityInfo{}}
 	ds, err := cl.Client.AppsV1().DaemonSets(cl.Namespace).Get(ctx, "nodemesh-agent", metav1.GetOptions{})
 	switch {
 	case apierrors.IsNotFound(err):
@@ -202,14 +246,14 @@ func checkAgents(ctx context.Context, g *globals, cl *cluster.Cluster, ck *check
 	agents, err := g.agents(ctx, "")
 	if err != nil {
 		ck.add("agents", "fail", "", "%v", err)
-		return
+		return src
 	}
-	paths := []string{"/status", "/config_dump/capture", "/config_dump/certificates", "/config_dump/rollout"}
+	paths := []string{"/status", "/config_dump/capture", "/config_dump/certificates", "/config_dump/rollout", "/config_dump/identity"}
 	rs := ask(ctx, agents, func(ctx context.Context, a agent) (agentCheck, [][]byte, error) {
 		var ac agentCheck
 		// An agent without a data plane or an API server does not serve
 		// some sections.
-		raws, err := a.get(ctx, paths, []any{&ac.st, &ac.capture, &ac.certs, &ac.rollout})
+		raws, err := a.get(ctx, paths, []any{&ac.st, &ac.capture, &ac.certs, &ac.rollout, &ac.ident})
 		if err != nil && !errors.Is(err, errNotServed) {
 			return ac, nil, err
 		}
@@ -277,6 +321,17 @@ func checkAgents(ctx context.Context, g *globals, cl *cluster.Cluster, ck *check
 				ck.add("svids", "ok", node, "%d SVIDs valid", len(a.certs))
 			}
 		}
+		if a.served[4] {
+			// An agent without a data plane serves no identity section:
+			// it holds no SVIDs and needs no source.
+			if a.ident.Source == sourceSPIFFE {
+				src.spiffe[node] = a.ident
+			} else {
+				// "ca", or a source this client does not know: the
+				// CA's checks apply.
+				src.ca++
+			}
+		}
 		if a.served[3] && a.rollout.Synced && !synced {
 			synced = true
 			unprotected = a.rollout.Unprotected
@@ -291,6 +346,7 @@ func checkAgents(ctx context.Context, g *globals, cl *cluster.Cluster, ck *check
 	default:
 		ck.add("unprotected", "ok", "", "every enrolled pod's node has a ready agent")
 	}
+	return src
 }
 
 func kernelNote(info map[string]string) string {
@@ -300,15 +356,29 @@ func kernelNote(info map[string]string) string {
 	return ""
 }
 
-func checkRoots(ctx context.Context, cl *cluster.Cluster, ck *checker) {
+// checkRoots judges the roots the agents verify peers with: the nodemesh
+// CA's bundle ConfigMap when any agent uses the CA (or none said), and the
+// roots each SPIFFE Workload API agent reported. A SPIRE-only install has
+// no ConfigMap to read, and needs none.
+func checkRoots(ctx context.Context, cl *cluster.Cluster, ck *checker, src identitySources) {
+	for _, node := range slices.Sorted(maps.Keys(src.spiffe)) {
+		id := src.spiffe[node]
+		if id.RootsError != "" {
+			ck.add("root", "fail", node, "no trust bundle from the SPIFFE Workload API: %s", id.RootsError)
+			continue
+		}
+		judgeSPIFFERoots(ck, node, id.Roots, time.Now())
+	}
+	if src.spiffeOnly() {
+		return
+	}
 	cm, err := cl.Client.CoreV1().ConfigMaps(cl.Namespace).Get(ctx, identity.BundleConfigMap, metav1.GetOptions{})
 	if err != nil {
 		ck.add("root", "fail", "", "reading the trust bundle ConfigMap %s/%s: %v", cl.Namespace, identity.BundleConfigMap, err)
 		return
 	}
 	rest := []byte(cm.Data[identity.BundleKey])
-	var first time.Time
-	n := 0
+	var na []time.Time
 	for {
 		var b *pem.Block
 		b, rest = pem.Decode(rest)
@@ -323,32 +393,67 @@ func checkRoots(ctx context.Context, cl *cluster.Cluster, ck *checker) {
 			ck.add("root", "fail", "", "trust bundle %s: a certificate does not parse: %v", identity.BundleConfigMap, err)
 			return
 		}
-		n++
-		if first.IsZero() || c.NotAfter.Before(first) {
-			first = c.NotAfter
-		}
+		na = append(na, c.NotAfter)
 	}
-	left := time.Until(first)
-	switch {
-	case n == 0:
-		ck.add("root", "fail", "", "trust bundle %s has no certificates under %s", identity.BundleConfigMap, identity.BundleKey)
+	judgeRoots(ck, "", "in the trust bundle "+identity.BundleConfigMap, na, time.Now())
+}
+
+// judgeSPIFFERoots adds the root finding for the roots an agent got from
+// its SPIFFE Workload API, judged by the newest: SPIRE's bundle holds the
+// current root and, from half its life on, the next, and an old root
+// about to expire beside a newer one is SPIRE's normal rotation.
+func judgeSPIFFERoots(ck *checker, node string, roots []rootInfo, now time.Time) {
+	if len(roots) == 0 {
+		ck.add("root", "fail", node, "no root certificates from the SPIFFE Workload API")
+		return
+	}
+	newest := slices.MaxFunc(roots, func(a, b rootInfo) int { return a.NotAfter.Compare(b.NotAfter) }).NotAfter
+	switch left := newest.Sub(now); {
 	case left <= 0:
-		ck.add("root", "fail", "", "a root in the trust bundle expired at %s", first.UTC().Format(time.RFC3339))
-	case left < rootWarn:
-		ck.add("root", "warn", "", "a root in the trust bundle expires in %s (%s): is rotation working?", left.Round(time.Hour), first.UTC().Format(time.RFC3339))
+		ck.add("root", "fail", node, "every root from the SPIFFE Workload API expired; the newest at %s", newest.UTC().Format(time.RFC3339))
+	case left < spiffeRootWarn:
+		ck.add("root", "warn", node, "the newest root from the SPIFFE Workload API expires in %s (%s): is the SPIRE server rotating its CA?", left.Round(time.Minute), newest.UTC().Format(time.RFC3339))
 	default:
-		ck.add("root", "ok", "", "%d root(s); the first expires %s (in %s)", n, first.UTC().Format(time.RFC3339), left.Round(time.Hour))
+		ck.add("root", "ok", node, "%d root(s) from the SPIFFE Workload API; the newest expires %s (in %s; SPIRE rotates its CA itself)", len(roots), newest.UTC().Format(time.RFC3339), left.Round(time.Minute))
 	}
 }
 
-func checkCAs(ctx context.Context, cl *cluster.Cluster, ck *checker) {
+// judgeRoots adds the root finding for a bundle whose roots expire at
+// notAfter; where says which bundle.
+func judgeRoots(ck *checker, node, where string, notAfter []time.Time, now time.Time) {
+	if len(notAfter) == 0 {
+		ck.add("root", "fail", node, "no root certificates %s", where)
+		return
+	}
+	first := slices.MinFunc(notAfter, func(a, b time.Time) int { return a.Compare(b) })
+	switch left := first.Sub(now); {
+	case left <= 0:
+		ck.add("root", "fail", node, "a root %s expired at %s", where, first.UTC().Format(time.RFC3339))
+	case left < rootWarn:
+		ck.add("root", "warn", node, "a root %s expires in %s (%s): is rotation working?", where, left.Round(time.Hour), first.UTC().Format(time.RFC3339))
+	default:
+		ck.add("root", "ok", node, "%d root(s) %s; the first expires %s (in %s)", len(notAfter), where, first.UTC().Format(time.RFC3339), left.Round(time.Hour))
+	}
+}
+
+// checkCAs judges the CA replicas. None is right when every agent takes
+// its SVIDs from a SPIFFE Workload API (SPIRE, the CA scaled to 0), and a
+// failure when an agent depends on the CA.
+func checkCAs(ctx context.Context, cl *cluster.Cluster, ck *checker, src identitySources) {
 	cas, err := cl.CAs(ctx)
 	if err != nil {
 		ck.add("ca", "fail", "", "%v", err)
 		return
 	}
 	if len(cas) == 0 {
-		ck.add("ca", "warn", "", "no nodemesh-ca pods in %s (fine only if agents take SVIDs from another SPIFFE source)", cl.Namespace)
+		switch {
+		case src.ca > 0:
+			ck.add("ca", "fail", "", "no nodemesh-ca pods in %s, but %d agent(s) take their SVIDs from the CA (--identity-source=ca): their SVIDs will expire", cl.Namespace, src.ca)
+		case src.spiffeOnly():
+			ck.add("ca", "ok", "", "no nodemesh-ca pods in %s: not needed, every agent takes its SVIDs from the SPIFFE Workload API", cl.Namespace)
+		default:
+			ck.add("ca", "warn", "", "no nodemesh-ca pods in %s (fine only if agents take SVIDs from another SPIFFE source)", cl.Namespace)
+		}
 		return
 	}
 	for _, p := range cas {
