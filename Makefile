@@ -5,7 +5,7 @@
 #
 # Both install what they need on a fresh Debian machine with Go: missing apt
 # packages, the kube-apiserver (built once from the k8s.io/kubernetes Go
-# module into the user cache, keyed by version) and h2spec (likewise).
+# module into the user cache, keyed by version), h2spec and SPIRE (likewise).
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := build
@@ -32,6 +32,15 @@ H2SPEC_VERSION := v2.2.1
 H2SPEC         := $(CACHE_HOME)/nodemesh/h2spec-$(H2SPEC_VERSION)/h2spec
 export NODEMESH_H2SPEC := $(H2SPEC)
 
+# SPIRE's server and agent, for the lab test of the agents'
+# --identity-source=spiffe-workload-api (lab/spire; keep the version equal
+# to spire.Version there). Built from the Go module proxy in a throw-away
+# module, as h2spec is, with cgo (SPIRE's sqlite datastore), cached by
+# version.
+SPIRE_VERSION  := v1.13.3
+SPIRE_DIR      := $(CACHE_HOME)/nodemesh/spire-$(SPIRE_VERSION)
+export NODEMESH_SPIRE_DIR := $(SPIRE_DIR)
+
 # Debian packages each group of targets needs.
 APT_RUNTIME  := etcd-server iproute2 nftables tcpdump
 APT_GENERATE := clang llvm libbpf-dev bpftool
@@ -41,6 +50,8 @@ APT_BENCH    := haproxy
 # Real nodes: containerd, runc, the reference CNI plugins;
 # busybox-static for the uninstall cleanup image (docker.io cannot be pulled).
 APT_CLUSTER  := containerd runc containernetworking-plugins busybox-static
+# A C compiler for cgo in SPIRE's build.
+APT_SPIRE    := gcc libc6-dev
 
 BINARIES := nodemesh-agent nodemesh-ca nodemeshctl
 # The build version stamped into every binary (cmd/internal/version): the
@@ -50,7 +61,7 @@ LDFLAGS  := -X github.com/nodemesh/nodemesh/agent/version.version=$(VERSION)
 FUZZTIME ?= 10s
 
 .PHONY: build generate generate-check test test-unit test-race test-priv test-lab test-cluster deps-cluster image-docker demo bench lint fuzz \
-        kube-apiserver kube-node h2spec deps deps-generate deps-bench clean lab-down manifests-check image bench-go
+        kube-apiserver kube-node h2spec spire deps deps-generate deps-bench deps-spire clean lab-down manifests-check image bench-go
 
 build:
 	@mkdir -p bin
@@ -79,6 +90,9 @@ deps-bench:
 
 deps-cluster:
 	$(call apt_install,$(APT_RUNTIME) $(APT_CLUSTER))
+
+deps-spire:
+	$(call apt_install,$(APT_SPIRE))
 
 # The real API server, built from the Go module in a separate module under
 # lab/ so the main go.mod never requires k8s.io/kubernetes. No file
@@ -119,6 +133,27 @@ h2spec:
 	  mv "$(H2SPEC).tmp" "$(H2SPEC)"; \
 	fi
 
+# spire-server and spire-agent from github.com/spiffe/spire at
+# SPIRE_VERSION: a throw-away module that requires only SPIRE, so every
+# dependency is at the version SPIRE's own go.mod pins (checked against
+# go.sum's database like any module download), both commands built in one
+# `go build` into a temporary directory renamed into place only when both
+# built. The version is stamped as SPIRE's release build stamps it.
+spire:
+	@if [ ! -x "$(SPIRE_DIR)/spire-server" ] || [ ! -x "$(SPIRE_DIR)/spire-agent" ]; then \
+	  command -v gcc >/dev/null || { echo "building SPIRE needs a C compiler for cgo (sqlite): apt-get install gcc libc6-dev, or sudo make deps-spire"; exit 1; }; \
+	  echo "building spire-server and spire-agent $(SPIRE_VERSION) into $(SPIRE_DIR) (a few minutes, once)"; \
+	  tmp=$$(mktemp -d) && \
+	  printf '%s\n' 'module nodemesh.local/spire-build' 'go 1.26' \
+	    'require github.com/spiffe/spire $(SPIRE_VERSION)' > "$$tmp/go.mod" && \
+	  rm -rf "$(SPIRE_DIR).tmp" && mkdir -p "$(SPIRE_DIR).tmp" && \
+	  (cd "$$tmp" && CGO_ENABLED=1 GOFLAGS=-mod=mod $(GO) build -trimpath \
+	    -ldflags '-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=$(SPIRE_VERSION)' \
+	    -o "$(SPIRE_DIR).tmp/" github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent); \
+	  rc=$$?; rm -rf "$$tmp"; [ $$rc = 0 ] || { rm -rf "$(SPIRE_DIR).tmp"; exit $$rc; }; \
+	  rm -rf "$(SPIRE_DIR)" && mv "$(SPIRE_DIR).tmp" "$(SPIRE_DIR)"; \
+	fi
+
 GENERATED_DIRS := redirect agent/policy/v1alpha1 agent/l7/v1alpha1
 
 # bpf2go for the eBPF objects (needs clang), deepcopy-gen for the CRD types.
@@ -140,7 +175,7 @@ lint:
 # Test tiers, chosen by test name: TestPriv* need root (netns, BPF, cgroups),
 # TestLab* need the lab's real API server, TestCluster* real kubelet +
 # containerd nodes (lab/cluster, docs/cluster.md); everything else is a unit test.
-test: deps deps-bench deps-cluster kube-apiserver kube-node h2spec lint generate-check test-unit test-race test-priv test-lab test-cluster
+test: deps deps-bench deps-cluster deps-spire kube-apiserver kube-node h2spec spire lint generate-check test-unit test-race test-priv test-lab test-cluster
 
 test-unit: h2spec
 	@echo "== tier 1: unit tests"
@@ -160,7 +195,9 @@ test-priv: deps
 
 # The agent end-to-end test runs its agents built with -race
 # (NODEMESH_AGENT_RACE=1); a race they report fails it.
-test-lab: deps deps-bench kube-apiserver
+# TestLabSpireIdentitySource runs a real SPIRE (make spire,
+# $NODEMESH_SPIRE_DIR).
+test-lab: deps deps-bench deps-spire kube-apiserver spire
 	@echo "== tier 3: lab end-to-end tests (real kube-apiserver)"
 	NODEMESH_AGENT_RACE=1 $(GO) test -count=1 -p 1 -timeout 20m -run '^TestLab' ./...
 
