@@ -1,7 +1,7 @@
 // Package admin serves the agent's node-local operator interfaces:
 //
 //   - admin (127.0.0.1:15000): /config_dump (workloads, services, SVIDs,
-//     pools, capture status: sections registered by components),
+//     pools, capture status, L7 routes: sections registered by components),
 //     /connections, /status, /logging (get and set the log level), and
 //     /debug/pprof;
 //   - readiness (:15021): /healthz/ready, 200 only when every registered

@@ -11,11 +11,7 @@ import "github.com/nodemesh/nodemesh/agent/state"
 func ClaimedPorts(snap *state.Snapshot) map[state.Key]map[uint16]Protocol {
 	var ports map[state.Key]map[uint16]Protocol
 	for _, svc := range snap.Services() {
-		var nsLabels map[string]string
-		if ns := snap.Namespace(svc.Namespace); ns != nil {
-			nsLabels = ns.Labels
-		}
-		if !OptedIn(nsLabels, svc.Labels) {
+		if !ServiceOptedIn(snap, svc) {
 			continue
 		}
 		for _, sp := range svc.Ports {
@@ -42,4 +38,14 @@ func ClaimedPorts(snap *state.Snapshot) map[state.Key]map[uint16]Protocol {
 		}
 	}
 	return ports
+}
+
+// ServiceOptedIn reports whether svc is handled at L7, by its own label or
+// its namespace's (OptedIn).
+func ServiceOptedIn(snap *state.Snapshot, svc *state.Service) bool {
+	var nsLabels map[string]string
+	if ns := snap.Namespace(svc.Namespace); ns != nil {
+		nsLabels = ns.Labels
+	}
+	return OptedIn(nsLabels, svc.Labels)
 }

@@ -13,7 +13,8 @@
 //
 //   - route: Gateway API HTTPRoute and GRPCRoute (the GAMMA mesh profile:
 //     parentRef is a Service) compiled into a per-Service table; matching,
-//     weighted backends, header modifiers, timeouts and retry policy.
+//     weighted backends, header modifiers, URL rewrites, redirects,
+//     mirrors, timeouts and retry policy.
 //   - retry: the retry budget that keeps retries from multiplying load.
 //   - tracing: W3C trace context and OTLP span export for the request path.
 //   - mesh: the agent's request path itself (proxy.L7), using all of the above.

@@ -210,6 +210,7 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	n.admin.AddDump("identity", m.identityDump)
 	n.admin.AddDump("pools", m.dp.PoolsDump)
 	n.admin.AddDump("capture", m.captureDump)
+	n.admin.AddDump("l7", func() any { return l7layer.Dump(n.store.Snapshot(), routes, traffic) })
 	n.admin.SetConnections(m.dp.Connections)
 	// Live `nodemeshctl policy explain --agent`: decisions on the snapshot
 	// this agent enforces.

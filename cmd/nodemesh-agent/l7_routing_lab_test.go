@@ -81,14 +81,13 @@ func podService(ctx context.Context, t *testing.T, l *lab.Lab, name string, p la
 	}
 }
 
-// TestLabL7Routing routes through real agents with a Gateway API HTTPRoute
-// attached to the shop/web Service (GAMMA): a weighted canary split
-// measured over many requests, a header match, a request header modifier,
-// and a 404 when routes are attached but none matches.
-func TestLabL7Routing(t *testing.T) {
+// routingLab brings up the two-node lab with the Gateway API CRDs, the
+// shop and client namespaces enrolled, the Services web-v1 (shop/web-1) and
+// web-v2 (shop/web-2) and shop/web opted in to L7, and the agents; it
+// returns the lab, a dynamic client and the base URL of shop/web.
+func routingLab(ctx context.Context, t *testing.T) (*lab.Lab, dynamic.Interface, string) {
+	t.Helper()
 	l := labtest.TwoNodes(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
 	agentBin := labtest.GoBuild(t, "./cmd/nodemesh-agent")
 	caBin := labtest.GoBuild(t, "./cmd/nodemesh-ca")
 	dyn, err := dynamic.NewForConfig(l.Server.REST)
@@ -127,9 +126,34 @@ func TestLabL7Routing(t *testing.T) {
 		t.Fatal(err)
 	}
 	base := fmt.Sprintf("http://%s:80", svc.ClusterIP)
+	return l, dyn, base
+}
 
+// createHTTPRoute creates an HTTPRoute from YAML (retrying while the API
+// server learns the CRD).
+func createHTTPRoute(ctx context.Context, t *testing.T, dyn dynamic.Interface, doc string) {
+	t.Helper()
 	hr := &unstructured.Unstructured{}
-	if err := yaml.Unmarshal([]byte(`
+	if err := yaml.Unmarshal([]byte(doc), &hr.Object); err != nil {
+		t.Fatal(err)
+	}
+	hrGVR := schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "httproutes"}
+	waitfor.NoError(t, 60*time.Second, "HTTPRoute created", func() error {
+		_, err := dyn.Resource(hrGVR).Namespace(hr.GetNamespace()).Create(ctx, hr, metav1.CreateOptions{})
+		return err
+	})
+}
+
+// TestLabL7Routing routes through real agents with a Gateway API HTTPRoute
+// attached to the shop/web Service (GAMMA): a weighted canary split
+// measured over many requests, a header match, a request header modifier,
+// and a 404 when routes are attached but none matches.
+func TestLabL7Routing(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	l, dyn, base := routingLab(ctx, t)
+
+	createHTTPRoute(ctx, t, dyn, `
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: web, namespace: shop}
@@ -170,14 +194,7 @@ spec:
     backendRefs:
     - {name: web, port: 80}
     retry: {codes: [503], attempts: 3, backoff: 10ms}
-`), &hr.Object); err != nil {
-		t.Fatal(err)
-	}
-	hrGVR := schema.GroupVersionResource{Group: "gateway.networking.k8s.io", Version: "v1", Resource: "httproutes"}
-	waitfor.NoError(t, 60*time.Second, "HTTPRoute created", func() error {
-		_, err := dyn.Resource(hrGVR).Namespace("shop").Create(ctx, hr, metav1.CreateOptions{})
-		return err
-	})
+`)
 	waitfor.NoError(t, 90*time.Second, "the route in force (404 outside /api)", func() error {
 		rs := requests(ctx, t, l, "client/client-1", base+"/other")
 		if rs[0].Status != 404 {

@@ -1,7 +1,7 @@
 // Command nodemeshctl is the nodemesh operator tool. It reads kubeconfig as
 // kubectl does and reaches every node's agent through the API server
 // (port-forward), so the diagnostic commands (status, workloads, certs,
-// connections, exposure, policy explain, check, version) work cluster-wide
+// connections, exposure, policy explain, routes, check, version) work cluster-wide
 // or on one --node from a workstation. On a node, --admin (or
 // $NODEMESH_ADMIN) talks to that node's agent directly instead.
 //
@@ -135,7 +135,7 @@ Exit status: 0 success, 1 failure (including failed checks), 2 usage error.`,
 	root.AddGroup(&cobra.Group{ID: "cluster", Title: "Cluster commands:"}, &cobra.Group{ID: "lab", Title: "Lab commands (root, on this machine):"})
 	for _, c := range []*cobra.Command{
 		newCheckCmd(g), newVersionCmd(g), newStatusCmd(g), newWorkloadsCmd(g), newCertsCmd(g),
-		newConnectionsCmd(g), newExposureCmd(g), newPolicyCmd(g),
+		newConnectionsCmd(g), newExposureCmd(g), newPolicyCmd(g), newRoutesCmd(g),
 	} {
 		c.GroupID = "cluster"
 		root.AddCommand(c)

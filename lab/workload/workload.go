@@ -394,13 +394,16 @@ type Result struct {
 	// request used: the connection survived that request's answer.
 	Reused bool   `json:"reused"`
 	Body   string `json:"body"`
-	Error  string `json:"error,omitempty"`
+	// Location is a redirect's target (with --no-follow).
+	Location string `json:"location,omitempty"`
+	Error    string `json:"error,omitempty"`
 }
 
 func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("requests", flag.ContinueOnError)
 	timeout := fs.Duration("timeout", 20*time.Second, "overall deadline")
 	parallel := fs.Int("parallel", 1, "requests in flight at once, each on its own connection")
+	noFollow := fs.Bool("no-follow", false, "report redirects (status and Location) instead of following them")
 	hdr := http.Header{}
 	fs.Func("header", "a request header, name=value (repeatable)", func(s string) error {
 		k, v, ok := strings.Cut(s, "=")
@@ -414,7 +417,7 @@ func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
 		return err
 	}
 	if fs.NArg() == 0 {
-		return errors.New("usage: requests [--timeout D] [--header name=value] [--parallel N] URL [URL ...]")
+		return errors.New("usage: requests [--timeout D] [--header name=value] [--parallel N] [--no-follow] URL [URL ...]")
 	}
 	if *parallel < 1 {
 		return errors.New("--parallel must be at least 1")
@@ -424,6 +427,9 @@ func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
 	tr := &http.Transport{MaxConnsPerHost: *parallel, MaxIdleConnsPerHost: *parallel}
 	defer tr.CloseIdleConnections()
 	hc := &http.Client{Transport: tr}
+	if *noFollow {
+		hc.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	}
 	get := func(u string) (Result, error) {
 		res := Result{URL: u}
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
@@ -442,7 +448,7 @@ func runRequests(ctx context.Context, args []string, stdout io.Writer) error {
 		} else {
 			b, err := io.ReadAll(resp.Body)
 			resp.Body.Close()
-			res.Status, res.Body = resp.StatusCode, string(b)
+			res.Status, res.Body, res.Location = resp.StatusCode, string(b), resp.Header.Get("Location")
 			if err != nil {
 				res.Error = err.Error()
 			}

@@ -73,6 +73,11 @@ type Config struct {
 	// IdleTimeout closes a client connection idle between requests
 	// (default 5 minutes).
 	IdleTimeout time.Duration
+	// MaxMirrors bounds the mirrored requests (RequestMirror) in flight
+	// in the agent; a copy beyond it is dropped (default 64).
+	// MirrorTimeout bounds each one (default 10 s).
+	MaxMirrors    int
+	MirrorTimeout time.Duration
 }
 
 // Layer implements proxy.L7.
@@ -82,6 +87,11 @@ type Layer struct {
 	budgets *retry.Budgets
 	limiter *resilience.Limiter
 	index   atomic.Pointer[inboundIndex]
+	// mirrorSlots holds a token per mirrored request in flight.
+	mirrorSlots chan struct{}
+	// mirrorsDropped counts the copies not sent because every slot was
+	// taken or the body was too large to copy.
+	mirrorsDropped atomic.Uint64
 }
 
 var _ proxy.L7 = (*Layer)(nil)
@@ -114,8 +124,14 @@ func New(cfg Config) (*Layer, error) {
 	if cfg.IdleTimeout <= 0 {
 		cfg.IdleTimeout = 5 * time.Minute
 	}
+	if cfg.MaxMirrors <= 0 {
+		cfg.MaxMirrors = DefaultMaxMirrors
+	}
+	if cfg.MirrorTimeout <= 0 {
+		cfg.MirrorTimeout = DefaultMirrorTimeout
+	}
 	return &Layer{cfg: cfg, log: cfg.Log, budgets: retry.NewBudgets(retry.DefaultPercent, retry.DefaultMinConcurrency),
-		limiter: resilience.NewLimiter(0)}, nil
+		limiter: resilience.NewLimiter(0), mirrorSlots: make(chan struct{}, cfg.MaxMirrors)}, nil
 }
 
 // inboundIndex maps each pod backing an opted-in Service to the target
@@ -274,8 +290,13 @@ func (l *Layer) Outbound(o *proxy.L7Outbound) {
 		spanName: o.Target.Name + "." + o.Target.Namespace + ".svc:" + strconv.Itoa(int(o.Target.Port)) + "/*"}
 	out.up = newUpstream(out.dial)
 	var handlers sync.WaitGroup
-	defer handlers.Wait()
-	defer out.up.close()
+	defer func() {
+		// Mirrors may outlive the client's requests (never longer than
+		// Config.MirrorTimeout) and have connections of their own.
+		out.up.close()
+		handlers.Wait()
+		out.closeMirrors()
+	}()
 	out.rp = l.reverseProxy(out.up, nil)
 	out.rp.Transport = out
 	l7.ServeConn(o.Ctx, c, p, counted(&handlers, out), l.cfg.IdleTimeout)
@@ -292,6 +313,14 @@ type outbound struct {
 	up       *upstream
 	rp       *httputil.ReverseProxy
 	spanName string
+	// mirrors are the mirrored requests in flight; mirrorUp their
+	// connections (created by the first mirror).
+	mirrorMu     sync.Mutex
+	mirrorClosed bool
+	mirrorUp     *upstream
+	mirrors      sync.WaitGroup
+	// mirrorSend sends one copy; nil is roundTripMirror (tests replace it).
+	mirrorSend func(ctx context.Context, up *upstream, c *mirrorCopy, body []byte) error
 }
 
 // routed is what ServeHTTP decided about a request, for RoundTrip.
@@ -376,6 +405,12 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			http.Error(rw, "the route's rule cannot be honoured: "+rule.Refused.Error(), http.StatusInternalServerError)
 			return
 		}
+		if rule.Redirect != nil {
+			rule.ResponseHeaders.Apply(rw.Header())
+			rw.Header().Set("Location", rule.Redirect.Location(r, o.Target.Port, o.Target.Name+"."+o.Target.Namespace+".svc"))
+			rw.WriteHeader(rule.Redirect.Status)
+			return
+		}
 		b := rule.Pick(rand.IntN)
 		if b == nil || b.Invalid != nil {
 			http.Error(rw, "the route's backend cannot be used", http.StatusInternalServerError)
@@ -389,15 +424,38 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		rt.service, rt.dest = b.Service.String(), dest
-		rule.RequestHeaders.Apply(r.Header)
-		b.RequestHeaders.Apply(r.Header)
 		if rule.RequestTimeout > 0 {
 			ctx, cancel := context.WithTimeout(r.Context(), rule.RequestTimeout)
 			defer cancel()
 			r = r.WithContext(ctx)
 		}
+		// The rule's filters, then the backendRef's; each mirror copies
+		// the request as its own filter list leaves it.
+		fwd := r.WithContext(context.WithValue(r.Context(), routedKey{}, rt))
+		rule.RequestHeaders.Apply(fwd.Header)
+		fwd = rewrite(fwd, rule.Rewrite)
+		mirrors := out.sampleMirrors(fwd, rule.Mirrors, nil)
+		b.RequestHeaders.Apply(fwd.Header)
+		fwd = rewrite(fwd, b.Rewrite)
+		mirrors = out.sampleMirrors(fwd, b.Mirrors, mirrors)
+		out.mirror(fwd, mirrors)
+		out.rp.ServeHTTP(rw, fwd)
+		return
 	}
 	out.rp.ServeHTTP(rw, r.WithContext(context.WithValue(r.Context(), routedKey{}, rt)))
+}
+
+// rewrite applies a URLRewrite filter to a copy of r (the original stays
+// as the client sent it, for metrics and access logs).
+func rewrite(r *http.Request, rw *route.URLRewrite) *http.Request {
+	if rw == nil {
+		return r
+	}
+	c := r.WithContext(r.Context())
+	u := *r.URL
+	c.URL = &u
+	rw.Apply(c)
+	return c
 }
 
 // resolveBackend finds the endpoints of a route's backend Service through

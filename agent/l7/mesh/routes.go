@@ -44,7 +44,8 @@ func (tr *Traffic) Set(snap *state.Snapshot) *resilience.Set {
 	for _, o := range snap.Objects(TrafficPolicyKind) {
 		tp := &l7v1alpha1.TrafficPolicy{}
 		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Content, tp); err != nil {
-			problems = append(problems, fmt.Errorf("TrafficPolicy %s: %w", o.Key(), err))
+			problems = append(problems, resilience.Problem{Ref: resilience.Ref{Namespace: o.Namespace, Name: o.Name},
+				Err: fmt.Errorf("decoding: %w", err)})
 			continue
 		}
 		tps = append(tps, tp)
@@ -89,7 +90,8 @@ func (rs *Routes) Table(snap *state.Snapshot) *route.Table {
 	for _, o := range snap.Objects(HTTPRouteKind) {
 		hr := &gwv1.HTTPRoute{}
 		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Content, hr); err != nil {
-			problems = append(problems, fmt.Errorf("HTTPRoute %s: %w", o.Key(), err))
+			problems = append(problems, route.Problem{Route: route.RouteRef{Kind: route.KindHTTPRoute, Namespace: o.Namespace, Name: o.Name},
+				Err: fmt.Errorf("decoding: %w", err)})
 			continue
 		}
 		hrs = append(hrs, hr)
@@ -97,7 +99,8 @@ func (rs *Routes) Table(snap *state.Snapshot) *route.Table {
 	for _, o := range snap.Objects(GRPCRouteKind) {
 		gr := &gwv1.GRPCRoute{}
 		if err := runtime.DefaultUnstructuredConverter.FromUnstructured(o.Content, gr); err != nil {
-			problems = append(problems, fmt.Errorf("GRPCRoute %s: %w", o.Key(), err))
+			problems = append(problems, route.Problem{Route: route.RouteRef{Kind: route.KindGRPCRoute, Namespace: o.Namespace, Name: o.Name},
+				Err: fmt.Errorf("decoding: %w", err)})
 			continue
 		}
 		grs = append(grs, gr)

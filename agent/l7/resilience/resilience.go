@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 	"time"
 
 	lru "github.com/hashicorp/golang-lru/v2"
@@ -79,6 +80,42 @@ func (s *Set) For(svc route.ServiceKey) *Policy { return s.byService[svc] }
 
 // Problems lists the refused and conflicting policies.
 func (s *Set) Problems() []Problem { return s.problems }
+
+// Services lists the Services a policy applies to, sorted.
+func (s *Set) Services() []route.ServiceKey {
+	out := make([]route.ServiceKey, 0, len(s.byService))
+	for k := range s.byService {
+		out = append(out, k)
+	}
+	slices.SortFunc(out, func(a, b route.ServiceKey) int { return cmp.Compare(a.String(), b.String()) })
+	return out
+}
+
+// String says what the policy does, for listings.
+func (p *Policy) String() string {
+	var parts []string
+	if d := p.Delay; d != nil {
+		parts = append(parts, fmt.Sprintf("delay %g%% %s", d.Fraction*100, d.Duration))
+	}
+	if a := p.Abort; a != nil {
+		st := ""
+		if a.HTTPStatus != 0 {
+			st += fmt.Sprintf(" http %d", a.HTTPStatus)
+		}
+		if a.GRPCStatus != 0 {
+			st += fmt.Sprintf(" grpc %d", a.GRPCStatus)
+		}
+		parts = append(parts, fmt.Sprintf("abort %g%%%s", a.Fraction*100, st))
+	}
+	if l := p.Limit; l != nil {
+		per := "per Service"
+		if l.PerSource {
+			per = "per source"
+		}
+		parts = append(parts, fmt.Sprintf("rate limit %g/s burst %d %s", l.PerSecond, l.Burst, per))
+	}
+	return strings.Join(parts, "; ")
+}
 
 // Compile builds the Set. An invalid policy is refused as a whole and does
 // nothing: fault injection and rate limits only ever take traffic away, so

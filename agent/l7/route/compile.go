@@ -46,6 +46,10 @@ func Compile(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) *Table 
 			sortEntries(es)
 		}
 	}
+	slices.SortFunc(t.attachments, func(a, b Attachment) int {
+		return cmp.Or(cmp.Compare(a.Service.String(), b.Service.String()), cmp.Compare(a.Port, b.Port),
+			cmp.Compare(a.Route.String(), b.Route.String()))
+	})
 	slices.SortFunc(t.problems, func(a, b Problem) int {
 		return cmp.Or(cmp.Compare(a.Route.String(), b.Route.String()), cmp.Compare(a.Err.Error(), b.Err.Error()))
 	})
@@ -100,8 +104,13 @@ func (t *Table) serviceParents(ref RouteRef, refs []gwv1.ParentReference) []pare
 // attach records the route's entries under each of its Service parents:
 // as a producer route in the Service's own namespace, as a consumer route
 // (for clients in the route's namespace) elsewhere.
-func (t *Table) attach(ref RouteRef, parents []parent, entries []*entry, grpc bool) {
+func (t *Table) attach(ref RouteRef, parents []parent, entries []*entry, rules []*Rule, grpc bool) {
 	for _, p := range parents {
+		a := Attachment{Service: p.svc, Port: p.port, Route: ref, Rules: rules}
+		if p.svc.Namespace != ref.Namespace {
+			a.ClientNamespace = ref.Namespace
+		}
+		t.attachments = append(t.attachments, a)
 		sr := t.services[p.svc]
 		if sr == nil {
 			sr = &serviceRoutes{}
@@ -139,17 +148,25 @@ func (t *Table) addHTTPRoute(hr *gwv1.HTTPRoute) {
 		return
 	}
 	var entries []*entry
+	var rules []*Rule
 	for ri := range hr.Spec.Rules {
 		r := &hr.Spec.Rules[ri]
 		rule := &Rule{Route: ref, Index: ri}
+		rules = append(rules, rule)
 		if r.Name != nil {
 			rule.Name = string(*r.Name)
 		}
 		var errs []error
+		prefix, hasPrefix := rulePrefix(r.Matches)
 		for fi := range r.Filters {
-			if err := compileHTTPFilter(&r.Filters[fi], &rule.RequestHeaders, &rule.ResponseHeaders); err != nil {
+			fs := filterSet{req: &rule.RequestHeaders, resp: &rule.ResponseHeaders, rewrite: &rule.Rewrite, redirect: &rule.Redirect,
+				mirrors: &rule.Mirrors, prefix: prefix, hasPrefix: hasPrefix}
+			if err := t.compileHTTPFilter(ref, fmt.Sprintf("spec.rules[%d].filters[%d]", ri, fi), &r.Filters[fi], fs); err != nil {
 				errs = append(errs, fmt.Errorf("filters[%d]: %w", fi, err))
 			}
+		}
+		if rule.Redirect != nil && len(r.BackendRefs) > 0 {
+			errs = append(errs, errors.New("a RequestRedirect filter cannot be used together with backendRefs"))
 		}
 		if r.Timeouts != nil {
 			var err error
@@ -174,7 +191,10 @@ func (t *Table) addHTTPRoute(hr *gwv1.HTTPRoute) {
 			b := &r.BackendRefs[bi]
 			be := compileBackendRef(ref, &b.BackendRef)
 			for fi := range b.Filters {
-				if err := compileHTTPFilter(&b.Filters[fi], &be.RequestHeaders, &be.ResponseHeaders); err != nil && be.Invalid == nil {
+				fs := filterSet{req: &be.RequestHeaders, resp: &be.ResponseHeaders, rewrite: &be.Rewrite, mirrors: &be.Mirrors,
+					prefix: prefix, hasPrefix: hasPrefix}
+				where := fmt.Sprintf("spec.rules[%d].backendRefs[%d].filters[%d]", ri, bi, fi)
+				if err := t.compileHTTPFilter(ref, where, &b.Filters[fi], fs); err != nil && be.Invalid == nil {
 					be.Invalid = fmt.Errorf("filters[%d]: %w", fi, err)
 				}
 			}
@@ -189,6 +209,7 @@ func (t *Table) addHTTPRoute(hr *gwv1.HTTPRoute) {
 		}
 		var rentries []*entry
 		for mi := range ms {
+			rule.Matches = append(rule.Matches, describeHTTPMatch(&ms[mi]))
 			e, err := compileHTTPMatch(&ms[mi])
 			if err != nil {
 				errs = append(errs, fmt.Errorf("matches[%d]: %w", mi, err))
@@ -208,7 +229,7 @@ func (t *Table) addHTTPRoute(hr *gwv1.HTTPRoute) {
 		}
 		entries = append(entries, rentries...)
 	}
-	t.attach(ref, parents, entries, false)
+	t.attach(ref, parents, entries, rules, false)
 }
 
 func (t *Table) addGRPCRoute(gr *gwv1.GRPCRoute) {
@@ -218,9 +239,11 @@ func (t *Table) addGRPCRoute(gr *gwv1.GRPCRoute) {
 		return
 	}
 	var entries []*entry
+	var rules []*Rule
 	for ri := range gr.Spec.Rules {
 		r := &gr.Spec.Rules[ri]
 		rule := &Rule{Route: ref, Index: ri, GRPC: true}
+		rules = append(rules, rule)
 		if r.Name != nil {
 			rule.Name = string(*r.Name)
 		}
@@ -249,6 +272,7 @@ func (t *Table) addGRPCRoute(gr *gwv1.GRPCRoute) {
 		}
 		var rentries []*entry
 		for mi := range ms {
+			rule.Matches = append(rule.Matches, describeGRPCMatch(&ms[mi]))
 			e, err := compileGRPCMatch(&ms[mi])
 			if err != nil {
 				errs = append(errs, fmt.Errorf("matches[%d]: %w", mi, err))
@@ -266,7 +290,7 @@ func (t *Table) addGRPCRoute(gr *gwv1.GRPCRoute) {
 		}
 		entries = append(entries, rentries...)
 	}
-	t.attach(ref, parents, entries, true)
+	t.attach(ref, parents, entries, rules, true)
 }
 
 func compileBackendRef(ref RouteRef, b *gwv1.BackendRef) *Backend {
@@ -291,6 +315,7 @@ func compileBackendRef(ref RouteRef, b *gwv1.BackendRef) *Backend {
 		// A cross-namespace reference needs a ReferenceGrant, which
 		// nodemesh does not read yet: refuse rather than trust it.
 		be.Invalid = fmt.Errorf("backend in namespace %q: cross-namespace backendRefs are not supported yet", *b.Namespace)
+		be.Service.Namespace = string(*b.Namespace) // for listings; never used
 	case b.Name == "":
 		be.Invalid = errors.New("backend name is empty")
 	case b.Port == nil:
@@ -301,22 +326,6 @@ func compileBackendRef(ref RouteRef, b *gwv1.BackendRef) *Backend {
 		be.Port = uint16(*b.Port)
 	}
 	return be
-}
-
-func compileHTTPFilter(f *gwv1.HTTPRouteFilter, req, resp *HeaderFilter) error {
-	switch f.Type {
-	case gwv1.HTTPRouteFilterRequestHeaderModifier:
-		if f.RequestHeaderModifier == nil {
-			return errors.New("type RequestHeaderModifier without requestHeaderModifier")
-		}
-		return req.merge(f.RequestHeaderModifier)
-	case gwv1.HTTPRouteFilterResponseHeaderModifier:
-		if f.ResponseHeaderModifier == nil {
-			return errors.New("type ResponseHeaderModifier without responseHeaderModifier")
-		}
-		return resp.merge(f.ResponseHeaderModifier)
-	}
-	return fmt.Errorf("filter type %q is not supported by nodemesh (supported: RequestHeaderModifier, ResponseHeaderModifier)", f.Type)
 }
 
 func compileGRPCFilter(f *gwv1.GRPCRouteFilter, req, resp *HeaderFilter) error {
@@ -332,7 +341,7 @@ func compileGRPCFilter(f *gwv1.GRPCRouteFilter, req, resp *HeaderFilter) error {
 		}
 		return resp.merge(f.ResponseHeaderModifier)
 	}
-	return fmt.Errorf("filter type %q is not supported by nodemesh (supported: RequestHeaderModifier, ResponseHeaderModifier)", f.Type)
+	return fmt.Errorf("filter type %q is not supported by nodemesh on a GRPCRoute (supported: RequestHeaderModifier, ResponseHeaderModifier)", f.Type)
 }
 
 // merge adds a Gateway API header filter to h. Two filters of one type on a

@@ -6,8 +6,11 @@
 // The package is pure logic over net/http values: Compile turns the API
 // objects into an immutable Table (refusing what it cannot honour, see
 // Compile), Table.Match finds the rule for a request, Rule.Pick draws a
-// weighted backend, HeaderFilter.Apply modifies headers, and RetryPolicy and
-// Backoff describe retries. Sending requests, endpoints and tunnels belong to
+// weighted backend, HeaderFilter.Apply modifies headers, URLRewrite.Apply
+// and Redirect.Location do the URLRewrite and RequestRedirect filters,
+// Mirror.Sample picks the requests a RequestMirror copies, and RetryPolicy
+// and Backoff describe retries. Table.Attachments lists what is attached
+// where, for the agent's config dump. Sending requests, endpoints and tunnels belong to
 // the caller; the retry budget is package agent/l7/retry.
 //
 // What is supported and how precedence works is documented for users in
@@ -115,6 +118,10 @@ type Backend struct {
 	// RequestHeaders and ResponseHeaders are the backendRef's own filters,
 	// applied after the rule's.
 	RequestHeaders, ResponseHeaders HeaderFilter
+	// Rewrite and Mirrors are the backendRef's URLRewrite and
+	// RequestMirror filters (nil: none), applied after the rule's.
+	Rewrite *URLRewrite
+	Mirrors []*Mirror
 	// Invalid says why the backend cannot be used; requests that pick it
 	// get 500 (as the Gateway API specifies for invalid backendRefs).
 	Invalid error
@@ -129,6 +136,12 @@ type Rule struct {
 	// Backends are the weighted backendRefs. None: requests get 500.
 	Backends                        []*Backend
 	RequestHeaders, ResponseHeaders HeaderFilter
+	// Redirect, when set, answers every matching request with a redirect
+	// (the rule then has no backends). Rewrite changes the Host and path
+	// forwarded; Mirrors send copies of requests elsewhere.
+	Redirect *Redirect
+	Rewrite  *URLRewrite
+	Mirrors  []*Mirror
 	// RequestTimeout bounds the whole exchange (all attempts), and
 	// BackendTimeout each attempt; 0 means no timeout.
 	RequestTimeout, BackendTimeout time.Duration
@@ -138,6 +151,9 @@ type Rule struct {
 	// an invalid timeout); matching requests get 500 rather than a
 	// half-applied rule.
 	Refused error
+	// Matches describe the rule's matches, for listings
+	// (nodemeshctl routes).
+	Matches []string
 }
 
 // Pick draws a backend with probability proportional to its weight. intn
@@ -254,9 +270,26 @@ func (e *entry) matches(r *http.Request, port uint16, query func() url.Values) b
 // Table is the compiled routes of a cluster. It is immutable and safe for
 // concurrent use.
 type Table struct {
-	services map[ServiceKey]*serviceRoutes
-	problems []Problem
+	services    map[ServiceKey]*serviceRoutes
+	problems    []Problem
+	attachments []Attachment
 }
+
+// Attachment is one route attached to one Service, for listings: every
+// rule of the route, refused ones included.
+type Attachment struct {
+	Service ServiceKey
+	Port    uint16 // the parentRef's port; 0 for every port
+	Route   RouteRef
+	// ClientNamespace is set for a consumer route (written in another
+	// namespace than the Service's): it applies to clients there only.
+	ClientNamespace string
+	Rules           []*Rule
+}
+
+// Attachments lists the routes attached to Services, sorted by Service,
+// port, kind and route.
+func (t *Table) Attachments() []Attachment { return t.attachments }
 
 type serviceRoutes struct {
 	httpProducer, grpcProducer []*entry

@@ -266,7 +266,7 @@ spec:
   parentRefs: [{kind: Service, group: "", name: reviews}]
   rules:
   - matches: [{path: {type: PathPrefix, value: /rewrite}}]
-    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /x}}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Thing, name: x}}]
     backendRefs: [{name: a, port: 80}]
   - matches: [{path: {type: PathPrefix, value: /timeout}}]
     timeouts: {request: 1s, backendRequest: 2s}
@@ -287,7 +287,7 @@ spec:
 `)
 	tbl := Compile([]*gwv1.HTTPRoute{hr}, nil)
 	probs := tbl.Problems()
-	want := []string{"URLRewrite", "longer than timeouts.request", "cross-namespace", "port is required", "only Services", "error parsing regexp", "managed by the proxy"}
+	want := []string{`filter type "ExtensionRef" is not supported`, "longer than timeouts.request", "cross-namespace", "port is required", "only Services", "error parsing regexp", "managed by the proxy"}
 	all := ""
 	for _, p := range probs {
 		all += p.Error() + "\n"
