@@ -29,141 +29,6 @@ import (
 
 const demoNS = "demo"
 
-// workloads is an enrolled namespace with a server Deployment (readiness
-// and liveness probes) behind a Service, a client and an intruder, and a
-// non-enrolled namespace with an outsider; all run nodemeshctl's lab
-// workloads from the workload image. serverReplicas and the node of each
-// client are filled in by the caller.
-const workloads = `apiVersion: v1
-kind: Namespace
-metadata:
-  name: demo
-  labels:
-    nodemesh.io/mode: enabled
----
-apiVersion: v1
-kind: Namespace
-metadata:
-  name: plain
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: server, namespace: demo}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: client, namespace: demo}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: intruder, namespace: demo}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata:
-  name: server
-  namespace: demo
-spec:
-  replicas: %[1]d
-  selector:
-    matchLabels: {app: server}
-  template:
-    metadata:
-      labels: {app: server}
-    spec:
-      serviceAccountName: server
-      terminationGracePeriodSeconds: 2
-      # One per node where there are several.
-      topologySpreadConstraints:
-        - maxSkew: 1
-          topologyKey: kubernetes.io/hostname
-          whenUnsatisfiable: ScheduleAnyway
-          labelSelector:
-            matchLabels: {app: server}
-      containers:
-        - name: http
-          image: localhost/nodemesh-workload:dev
-          imagePullPolicy: Never
-          args: [http, --port, "8080"]
-          env: &env
-            - name: NODEMESH_POD_NAME
-              valueFrom: {fieldRef: {fieldPath: metadata.name}}
-            - name: NODEMESH_POD_NAMESPACE
-              valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
-            - name: NODEMESH_POD_IP
-              valueFrom: {fieldRef: {fieldPath: status.podIP}}
-            - name: NODEMESH_NODE_NAME
-              valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
-          ports:
-            - {name: http, containerPort: 8080}
-          # kubelet probes from the node: they must pass under STRICT.
-          readinessProbe:
-            httpGet: {path: /ready, port: 8080}
-            periodSeconds: 2
-            failureThreshold: 2
-          livenessProbe:
-            tcpSocket: {port: 8080}
-            periodSeconds: 2
-            failureThreshold: 2
----
-apiVersion: v1
-kind: Service
-metadata:
-  name: server
-  namespace: demo
-spec:
-  selector: {app: server}
-  ports:
-    - {name: http, port: 80, targetPort: 8080}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: client
-  namespace: demo
-  labels: {app: client}
-spec:
-  serviceAccountName: client
-  nodeName: %[2]s
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: sleep
-      image: localhost/nodemesh-workload:dev
-      imagePullPolicy: Never
-      args: [sleep]
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: intruder
-  namespace: demo
-  labels: {app: intruder}
-spec:
-  serviceAccountName: intruder
-  nodeName: %[2]s
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: sleep
-      image: localhost/nodemesh-workload:dev
-      imagePullPolicy: Never
-      args: [sleep]
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: outsider
-  namespace: plain
-  labels: {app: outsider}
-spec:
-  nodeName: %[2]s
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: sleep
-      image: localhost/nodemesh-workload:dev
-      imagePullPolicy: Never
-      args: [sleep]
-`
-
 // netpol: STRICT mTLS in demo, and only the client may reach the server.
 const netpol = `apiVersion: security.nodemesh.io/v1alpha1
 kind: PeerAuthentication
@@ -327,88 +192,140 @@ func (in *installed) accessLogs(t *testing.T, ctx context.Context) map[string][]
 	return out
 }
 
+// demoPods are the workloads of proveMesh as the API server had them once
+// they were Ready.
+type demoPods struct {
+	client    *corev1.Pod
+	servers   []*corev1.Pod
+	clusterIP string // the server Service's
+	nodes     map[string]*cluster.Node
+}
+
+// traffic makes requests from the client to every server by pod IP (same
+// node and across nodes) and to the Service's ClusterIP until every server
+// answered once, each through the mesh (meshed).
+func (d *demoPods) traffic(t *testing.T, ctx context.Context, c *cluster.Cluster, phase string) {
+	t.Helper()
+	for _, s := range d.servers {
+		r, err := get(ctx, c, demoNS, "client", "http://"+net.JoinHostPort(s.Status.PodIP, "8080")+"/by-pod-ip")
+		if err == nil {
+			err = meshed(r, d.client)
+		}
+		if err != nil {
+			t.Errorf("%s: client → %s (%s) by pod IP: %v", phase, s.Name, s.Spec.NodeName, err)
+		} else {
+			t.Logf("%s: client (%s) → %s (%s) by pod IP: through the mesh, source %s", phase, d.client.Spec.NodeName, s.Name, s.Spec.NodeName, r.Remote)
+		}
+	}
+	seen := map[string]bool{}
+	for i := 0; i < 4*len(d.servers) && len(seen) < len(d.servers); i++ {
+		r, err := get(ctx, c, demoNS, "client", "http://"+net.JoinHostPort(d.clusterIP, "80")+"/by-cluster-ip")
+		if err == nil {
+			err = meshed(r, d.client)
+		}
+		if err != nil {
+			t.Errorf("%s: client → ClusterIP %s: %v", phase, d.clusterIP, err)
+			break
+		}
+		seen[r.Pod] = true
+	}
+	t.Logf("%s: client → ClusterIP %s reached %d of %d servers through the mesh", phase, d.clusterIP, len(seen), len(d.servers))
+}
+
+// verified waits until every demo pod's capture is verified by its node's
+// agent.
+func (d *demoPods) verified(t *testing.T, ctx context.Context) {
+	t.Helper()
+	for _, p := range append([]*corev1.Pod{d.client}, d.servers...) {
+		capturedAt(t, ctx, d.nodes[p.Spec.NodeName], demoNS, p.Name)
+	}
+}
+
+// stillReady checks the client and the servers kept Ready since proveMesh
+// saw them first, with no container restart: kubelet's probes got through
+// the whole time (they fail after two missed periods of 2 s).
+func (d *demoPods) stillReady(t *testing.T, ctx context.Context, c *cluster.Cluster, phase string) {
+	t.Helper()
+	problems, err := d.readyProblems(ctx, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range problems {
+		t.Errorf("%s: %s", phase, p)
+	}
+}
+
+// readyProblems lists the client and servers that are not Ready, turned
+// Ready again since proveMesh saw them, or restarted.
+func (d *demoPods) readyProblems(ctx context.Context, c *cluster.Cluster) ([]string, error) {
+	var out []string
+	for _, s := range append([]*corev1.Pod{d.client}, d.servers...) {
+		p, err := c.Server.Client.CoreV1().Pods(demoNS).Get(ctx, s.Name, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("reading pod %s: %w", s.Name, err)
+		}
+		if at := readyAt(p); at.IsZero() || restarts(p) != 0 || at.After(readyAt(s)) {
+			out = append(out, fmt.Sprintf("pod %s: Ready since %v (was %v), %d restarts", s.Name, at, readyAt(s), restarts(p)))
+		}
+	}
+	return out, nil
+}
+
 // proveMesh runs the mesh proofs on kubelet-made pods: capture verified
 // on real containerd sandboxes (--pod-netns=proc), with the time from pod
 // Ready; traffic by pod IP (same node and across nodes) and by ClusterIP
 // through the agents, with no plaintext on the underlay; a NetworkPolicy
 // denying an enrolled and a plaintext client; kubelet probes keeping the
-// servers Ready; the SPIFFE IDs in both agents' access logs.
-func (in *installed) proveMesh(t *testing.T, ctx context.Context) {
+// servers Ready; the SPIFFE IDs in both agents' access logs. It returns
+// the workloads for the checks that follow.
+func (in *installed) proveMesh(t *testing.T, ctx context.Context) *demoPods {
 	c := in.c
-	clientNode := c.Nodes[0]
 	start := time.Now()
-	kubectl(t, c, fmt.Sprintf(workloads, len(c.Nodes)+1, clientNode.Name), "apply", "-f", "-")
-	kubectl(t, c, "", "-n", demoNS, "rollout", "status", "deployment/server", "--timeout=3m")
-	kubectl(t, c, "", "-n", demoNS, "wait", "--for=condition=Ready", "pod/client", "pod/intruder", "--timeout=3m")
-	kubectl(t, c, "", "-n", "plain", "wait", "--for=condition=Ready", "pod/outsider", "--timeout=3m")
+	// The demo's workloads (cluster.DemoManifest): three servers, so one
+	// shares node1 with the client and another is on node2.
+	if err := c.Demo(ctx, testWriter{t}); err != nil {
+		t.Fatal(err)
+	}
 	t.Logf("workloads Ready after %s", time.Since(start).Round(time.Millisecond))
 
 	pods, err := c.Server.Client.CoreV1().Pods(demoNS).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	nodes := map[string]*cluster.Node{}
+	d := &demoPods{nodes: map[string]*cluster.Node{}}
 	for _, n := range c.Nodes {
-		nodes[n.Name] = n
+		d.nodes[n.Name] = n
 	}
-	var client *corev1.Pod
-	var servers []*corev1.Pod
 	for i := range pods.Items {
 		p := &pods.Items[i]
 		switch p.Labels["app"] {
 		case "client":
-			client = p
+			d.client = p
 		case "server":
-			servers = append(servers, p)
+			d.servers = append(d.servers, p)
 		}
 		// --pod-netns=proc: the agent found the pod's containerd sandbox
 		// from /proc and proved capture in it.
-		at := capturedAt(t, ctx, nodes[p.Spec.NodeName], demoNS, p.Name)
+		at := capturedAt(t, ctx, d.nodes[p.Spec.NodeName], demoNS, p.Name)
 		t.Logf("pod %s on %s (%s): Ready → capture verified seen %s later", p.Name, p.Spec.NodeName, p.Status.PodIP, at.Sub(readyAt(p)).Round(time.Millisecond))
 	}
-	if client == nil || len(servers) == 0 {
-		t.Fatalf("client %v, servers %d", client, len(servers))
+	if d.client == nil || len(d.servers) == 0 {
+		t.Fatalf("client %v, servers %d", d.client, len(d.servers))
 	}
 	svc, err := c.Server.Client.CoreV1().Services(demoNS).Get(ctx, "server", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
+	d.clusterIP = svc.Spec.ClusterIP
+	client, servers := d.client, d.servers
 
-	// By pod IP, to every server (same node and across nodes), and by
-	// ClusterIP.
-	check := func(phase string) {
-		for _, s := range servers {
-			r, err := get(ctx, c, demoNS, "client", "http://"+net.JoinHostPort(s.Status.PodIP, "8080")+"/by-pod-ip")
-			if err == nil {
-				err = meshed(r, client)
-			}
-			if err != nil {
-				t.Errorf("%s: client → %s (%s) by pod IP: %v", phase, s.Name, s.Spec.NodeName, err)
-			} else {
-				t.Logf("%s: client (%s) → %s (%s) by pod IP: through the mesh, source %s", phase, client.Spec.NodeName, s.Name, s.Spec.NodeName, r.Remote)
-			}
-		}
-		seen := map[string]bool{}
-		for i := 0; i < 4*len(servers) && len(seen) < len(servers); i++ {
-			r, err := get(ctx, c, demoNS, "client", "http://"+net.JoinHostPort(svc.Spec.ClusterIP, "80")+"/by-cluster-ip")
-			if err == nil {
-				err = meshed(r, client)
-			}
-			if err != nil {
-				t.Errorf("%s: client → ClusterIP %s: %v", phase, svc.Spec.ClusterIP, err)
-				break
-			}
-			seen[r.Pod] = true
-		}
-		t.Logf("%s: client → ClusterIP %s reached %d of %d servers through the mesh", phase, svc.Spec.ClusterIP, len(seen), len(servers))
-	}
 	// Traffic by pod IP and ClusterIP while the underlay bridge between
 	// the nodes is captured: nothing of it may cross in plaintext.
 	var stopCapture func() []byte
 	if len(c.Nodes) > 1 {
 		stopCapture = underlayCapture(t, ctx, c)
 	}
-	check("mesh")
+	d.traffic(t, ctx, c, "mesh")
 	if stopCapture != nil {
 		pcap := stopCapture()
 		crossed := false
@@ -420,15 +337,7 @@ func (in *installed) proveMesh(t *testing.T, ctx context.Context) {
 		if !crossed {
 			t.Error("no server on another node than the client: nothing crossed the underlay")
 		}
-		for _, marker := range []string{"GET /by-", "X-Nodemesh-Pod", `"podIP"`} {
-			if strings.Contains(string(pcap), marker) {
-				t.Errorf("plaintext %q on the underlay bridge %s", marker, c.Bridge())
-			}
-		}
-		if !strings.Contains(string(pcap), ".15008") {
-			t.Errorf("no HBONE (port 15008) traffic on the underlay bridge:\n%s", tail(pcap, 2000))
-		}
-		t.Logf("underlay capture: %d bytes of tcpdump -A, HBONE on 15008, none of the request's plaintext", len(pcap))
+		checkNoPlaintext(t, c, pcap, "GET /by-", "X-Nodemesh-Pod", `"podIP"`)
 	}
 
 	// STRICT and a NetworkPolicy that admits only the client: the intruder
@@ -449,20 +358,12 @@ func (in *installed) proveMesh(t *testing.T, ctx context.Context) {
 			t.Error(err)
 		}
 	}
-	check("STRICT+NetworkPolicy")
+	d.traffic(t, ctx, c, "STRICT+NetworkPolicy")
 	// kubelet's probes (plaintext from the node's cni0 address, through the
 	// agents' inbound capture) keep the servers Ready under STRICT and the
 	// NetworkPolicy: several probe periods, no restart, no Ready flap.
 	time.Sleep(6 * time.Second)
-	for _, s := range servers {
-		p, err := c.Server.Client.CoreV1().Pods(demoNS).Get(ctx, s.Name, metav1.GetOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if at := readyAt(p); at.IsZero() || p.Status.ContainerStatuses[0].RestartCount != 0 || at.After(readyAt(s)) {
-			t.Errorf("server %s: Ready since %v (was %v), %d restarts", s.Name, at, readyAt(s), p.Status.ContainerStatuses[0].RestartCount)
-		}
-	}
+	d.stillReady(t, ctx, c, "STRICT+NetworkPolicy")
 	var byPolicy, byStrict float64
 	for _, n := range c.Nodes {
 		m, err := metrics(ctx, n)
@@ -498,6 +399,22 @@ func (in *installed) proveMesh(t *testing.T, ctx context.Context) {
 			}
 		}
 	}
+	return d
+}
+
+// checkNoPlaintext checks a text dump of the underlay (underlayCapture)
+// holds HBONE (port 15008) and none of markers, the requests' plaintext.
+func checkNoPlaintext(t *testing.T, c *cluster.Cluster, pcap []byte, markers ...string) {
+	t.Helper()
+	for _, marker := range markers {
+		if strings.Contains(string(pcap), marker) {
+			t.Errorf("plaintext %q on the underlay bridge %s", marker, c.Bridge())
+		}
+	}
+	if !strings.Contains(string(pcap), ".15008") {
+		t.Errorf("no HBONE (port 15008) traffic on the underlay bridge:\n%s", tail(pcap, 2000))
+	}
+	t.Logf("underlay capture: %d bytes of tcpdump -A, HBONE on 15008, none of the requests' plaintext", len(pcap))
 }
 
 // underlayCapture starts tcpdump on the cluster's underlay bridge (every
@@ -534,14 +451,29 @@ func tail(b []byte, n int) []byte {
 	return b
 }
 
-// TestClusterMesh installs nodemesh on two real nodes and proves the mesh
-// on kubelet-made pods (proveMesh), then uninstalls.
+// TestClusterMesh installs nodemesh as a user would on two real nodes:
+// the images built without Docker (make image's code) and imported into
+// the nodes' containerd, `kubectl apply -k manifests/overlays/cluster`, the
+// CA Deployment and the agent DaemonSet Running and Ready through the real
+// controllers and kubelets; the agents' containers hold exactly the
+// manifest's capabilities. Then it proves the mesh on kubelet-made pods
+// (proveMesh) and runs what an operator does to a meshed cluster: a live
+// policy explain, a containerd restart, a rolling restart of the agents
+// under traffic and pod churn. At last the documented uninstall leaves
+// nothing on the nodes.
 func TestClusterMesh(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
 	in := upInstalled(t, ctx, 2)
+	t.Log(kubectl(t, in.c, "", "get", "pods", "-A", "-o", "wide"))
 	in.checkAgentProcesses(t, ctx)
-	in.proveMesh(t, ctx)
+	d := in.proveMesh(t, ctx)
+	if !t.Failed() {
+		t.Run("PolicyExplain", func(t *testing.T) { in.explainDenial(t, ctx, d) })
+		t.Run("ContainerdRestart", func(t *testing.T) { in.restartContainerd(t, ctx, d) })
+		t.Run("AgentRollout", func(t *testing.T) { in.rolloutRestart(t, ctx, d) })
+		t.Run("Churn", func(t *testing.T) { in.churn(t, ctx, d) })
+	}
 	in.uninstall(t, ctx)
 }
 

@@ -36,6 +36,11 @@ func (c *Cluster) newNode(i int) *Node {
 	}
 }
 
+// Hostname is node n's hostname (nm-<id>-nodeN), which differs from its
+// node name, as under kubelet's --hostname-override: nothing of nodemesh may
+// take one for the other.
+func (c *Cluster) Hostname(n *Node) string { return c.prefix + "-" + n.Name }
+
 // cgroupRoot is the node's kubelet --cgroup-root: the same relative path in
 // the v2 hierarchy (Node.Cgroup) and in every v1 hierarchy.
 func (c *Cluster) cgroupRoot(n *Node) string { return "/" + c.prefix + "/" + n.Name }
@@ -91,8 +96,9 @@ func (c *Cluster) setupNode(ctx context.Context, n *Node, opts Options, token st
 	// supervisor whose /proc/1/ns links refuse even full root with EACCES.)
 	// --kill-child: if unshare dies, the node's init gets SIGKILL, and with
 	// it every process of the node's PID namespace, containers included.
-	// And a UTS namespace: the node's hostname is its name, which
-	// host-network pods (the agent) see as theirs.
+	// And a UTS namespace, whose hostname host-network pods (the agent)
+	// see as theirs: Hostname, not the node name, as on a real node
+	// whose kubelet runs with --hostname-override (as these do).
 	cmd := exec.Command("unshare", "--mount", "--propagation", "slave", "--pid", "--kill-child", "--mount-proc", "--uts",
 		"/bin/sh", filepath.Join(n.Dir, "init.sh"))
 	logf, err := os.OpenFile(filepath.Join(n.Dir, "init.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
@@ -311,7 +317,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 set -u
 D=%[2]s
 B=%[3]s
-hostname %[1]s || exit 1
+hostname %[6]s || exit 1
 mount --bind "$D/run" /run || exit 1
 mount --bind "$D/var-lib" /var/lib || exit 1
 mount --bind "$D/var-log" /var/log || exit 1
@@ -352,7 +358,7 @@ stop() {
 }
 trap stop TERM INT
 wait
-`, n.Name, shq(n.Dir), shq(c.BinDir), binds.String(), n.IP))
+`, n.Name, shq(n.Dir), shq(c.BinDir), binds.String(), n.IP, c.Hostname(n)))
 	for name, b := range files {
 		if err := os.WriteFile(filepath.Join(n.Dir, name), b, 0o600); err != nil {
 			return fmt.Errorf("writing node %s's %s: %w", n.Name, name, err)
