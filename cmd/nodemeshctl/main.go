@@ -5,7 +5,8 @@
 // or on one --node from a workstation. On a node, --admin (or
 // $NODEMESH_ADMIN) talks to that node's agent directly instead.
 //
-// `lab` and `bench` build and drive the local multi-node lab (root only).
+// `lab` and `bench` build and drive the local multi-node lab, `cluster` a
+// real kubelet + containerd cluster on this machine (root only).
 // Each command group lives in its own file and is added to the root in
 // newRoot.
 package main
@@ -140,7 +141,7 @@ Exit status: 0 success, 1 failure (including failed checks), 2 usage error.`,
 		c.GroupID = "cluster"
 		root.AddCommand(c)
 	}
-	for _, c := range []*cobra.Command{newLabCmd(), newBenchCmd()} {
+	for _, c := range []*cobra.Command{newLabCmd(), newClusterCmd(), newBenchCmd()} {
 		c.GroupID = "lab"
 		root.AddCommand(c)
 	}

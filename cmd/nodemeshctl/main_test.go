@@ -72,7 +72,8 @@ func TestNotRootOneLine(t *testing.T) {
 		}
 		cred = &syscall.Credential{Uid: 65534, Gid: 65534}
 	}
-	for _, args := range [][]string{{"lab", "up"}, {"lab", "down"}, {"lab", "status"}, {"lab", "exec", "a/b", "--", "true"}} {
+	for _, args := range [][]string{{"lab", "up"}, {"lab", "down"}, {"lab", "status"}, {"lab", "exec", "a/b", "--", "true"},
+		{"cluster", "up"}, {"cluster", "down"}, {"cluster", "status"}} {
 		cmd := exec.Command(exe, args...)
 		cmd.Env = []string{"NODEMESHCTL_TEST_MAIN=1", "PATH=/usr/bin:/bin"}
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
@@ -128,7 +129,7 @@ func TestHelp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, args := range [][]string{{"lab", "--help"}, {"lab", "workload", "-h"}, {"lab", "workload", "http", "-h"}, {"lab", "demo", "-h"}, {"bench", "-h"}} {
+	for _, args := range [][]string{{"lab", "--help"}, {"lab", "workload", "-h"}, {"lab", "workload", "http", "-h"}, {"lab", "demo", "-h"}, {"cluster", "--help"}, {"cluster", "up", "-h"}, {"bench", "-h"}} {
 		cmd := exec.Command(exe, args...)
 		cmd.Env = append(os.Environ(), "NODEMESHCTL_TEST_MAIN=1")
 		b, err := cmd.CombinedOutput()

@@ -78,6 +78,11 @@ type Options struct {
 	// exits (nodemeshctl cluster up); Down or Sweep ends it. The nodes and
 	// controllers always outlive a killed caller until Sweep.
 	Detach bool
+	// Owner is the process whose exit makes the cluster stale, for the
+	// tests' sweep of clusters left by killed test processes (the creator
+	// file). 0 means the calling process, or, with Detach, none: then only
+	// Down or Sweep ends it.
+	Owner int
 	// Log receives progress; nil discards it.
 	Log *slog.Logger
 }
@@ -120,6 +125,8 @@ type Cluster struct {
 	log      *slog.Logger
 	procs    []*exec.Cmd
 	tokens   map[string]string // bearer token by user
+	// loaded: attached by Load, so this process started none of it.
+	loaded bool
 }
 
 // Kubeconfig is the admin kubeconfig.
@@ -176,7 +183,10 @@ func Up(ctx context.Context, opts Options) (_ *Cluster, err error) {
 	// The creator's pid tells test runs whether a cluster's creator died
 	// (then it is swept); a detached cluster has no creator to wait for.
 	creator := strconv.Itoa(os.Getpid())
-	if opts.Detach {
+	switch {
+	case opts.Owner > 0:
+		creator = strconv.Itoa(opts.Owner)
+	case opts.Detach:
 		creator = "detached"
 	}
 	if err := os.WriteFile(filepath.Join(opts.StateDir, "creator"), []byte(creator), 0o600); err != nil {
@@ -562,7 +572,7 @@ func Load(stateDir string) (*Cluster, error) {
 	return &Cluster{
 		ID: st.ID, Dir: stateDir, Server: srv, Nodes: st.Nodes, BinDir: st.BinDir, HostIP: st.HostIP,
 		prefix: lab.Prefix + st.ID, underlay: under, cgroup: filepath.Join(cg2, lab.Prefix+st.ID),
-		log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		log: slog.New(slog.NewTextHandler(io.Discard, nil)), loaded: true,
 	}, nil
 }
 
@@ -589,7 +599,9 @@ func (c *Cluster) Down(ctx context.Context) error {
 			waitOrKill(p, 10*time.Second)
 		}
 	}
-	if c.Server != nil {
+	// A loaded server has no processes of ours to stop, and Stop would
+	// remove the pid files Sweep kills it by.
+	if c.Server != nil && !c.loaded {
 		if err := c.Server.Stop(); err != nil {
 			errs = append(errs, err)
 		}

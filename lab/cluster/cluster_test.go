@@ -4,17 +4,17 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"log/slog"
+	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"github.com/nodemesh/nodemesh/lab/cluster"
+	"github.com/nodemesh/nodemesh/lab/labtest"
 	"github.com/nodemesh/nodemesh/lab/privtest"
 )
 
@@ -102,26 +102,37 @@ func kubectl(t *testing.T, c *cluster.Cluster, stdin string, args ...string) str
 }
 
 // TestClusterBringUp brings up one real node (kubelet, containerd, CNI,
-// kube-proxy) with the controller manager and scheduler, checks it is
-// Ready with the versions it reports, and sweeps it as after a crash.
+// kube-proxy) with the controller manager and scheduler as a user does,
+// with `nodemeshctl cluster up`; checks with `cluster status` that it is
+// Ready with the versions it reports; and takes it down with `cluster
+// down`, which sweeps it as after a crash, leaving nothing.
 func TestClusterBringUp(t *testing.T) {
 	privtest.Root(t)
 	sweepStale(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
-	bins, err := cluster.BinDir(ctx)
-	if err != nil {
+	if _, err := cluster.BinDir(ctx); err != nil {
 		t.Fatal(err)
 	}
+	ctl := labtest.GoBuild(t, "./cmd/nodemeshctl")
 	id := newID()
 	dir := cluster.DefaultStateDir(id)
-	start := time.Now()
-	c, err := cluster.Up(ctx, cluster.Options{ID: id, Nodes: 1, BinDir: bins, Log: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
-	if err != nil {
-		t.Fatalf("cluster up: %v", err)
+	run := func(args ...string) []byte {
+		t.Helper()
+		args = append([]string{"cluster"}, append(args, "--id", id)...)
+		cmd := exec.CommandContext(ctx, ctl, args...)
+		// This test owns the cluster: if it is killed, the next run's
+		// sweepStale removes it.
+		cmd.Env = append(os.Environ(), "NODEMESH_CLUSTER_OWNER="+strconv.Itoa(os.Getpid()))
+		var errb bytes.Buffer
+		cmd.Stderr = &errb
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("nodemeshctl %s: %v\n%s%s", strings.Join(args, " "), err, out, errb.String())
+		}
+		return out
 	}
-	t.Logf("cluster %s up with 1 node in %s", id, time.Since(start).Round(time.Millisecond))
-	defer func() {
+	t.Cleanup(func() {
 		if t.Failed() {
 			keepLogs(t, dir)
 		}
@@ -131,14 +142,29 @@ func TestClusterBringUp(t *testing.T) {
 		if left, err := cluster.Leftovers(id, dir); err != nil || len(left) > 0 {
 			t.Errorf("cluster %s left %v (%v)", id, left, err)
 		}
-	}()
-	t.Log(kubectl(t, c, "", "get", "nodes", "-o", "wide"))
-	n, err := c.Server.Client.CoreV1().Nodes().Get(ctx, "node1", metav1.GetOptions{})
+	})
+	start := time.Now()
+	out := run("up", "--nodes", "1")
+	t.Logf("nodemeshctl cluster up --nodes 1 (%s):\n%s", time.Since(start).Round(time.Millisecond), out)
+	var st cluster.Status
+	if err := json.Unmarshal(run("status", "-o", "json"), &st); err != nil {
+		t.Fatalf("cluster status -o json: %v", err)
+	}
+	c, err := cluster.Load(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("node1: kubelet %s, runtime %s, kernel %s, pod CIDR %s", n.Status.NodeInfo.KubeletVersion, n.Status.NodeInfo.ContainerRuntimeVersion, n.Status.NodeInfo.KernelVersion, n.Spec.PodCIDR)
-	if !strings.HasPrefix(n.Status.NodeInfo.ContainerRuntimeVersion, "containerd://1.") || n.Status.NodeInfo.KubeletVersion != "v1.34.2" {
-		t.Errorf("node1 reports kubelet %q and runtime %q", n.Status.NodeInfo.KubeletVersion, n.Status.NodeInfo.ContainerRuntimeVersion)
+	t.Log(kubectl(t, c, "", "get", "nodes", "-o", "wide"))
+	if len(st.Nodes) != 1 {
+		t.Fatalf("cluster status lists %d nodes, want 1: %+v", len(st.Nodes), st)
+	}
+	n := st.Nodes[0]
+	t.Logf("%s: Ready %s, kubelet %s, runtime %s, pod CIDR %s, hostname %s", n.Name, n.Ready, n.Kubelet, n.Runtime, n.PodCIDR, n.Hostname)
+	if n.Name != "node1" || n.Ready != "True" || !strings.HasPrefix(n.Runtime, "containerd://1.") || n.Kubelet != "v1.34.2" || st.Kubeconfig != c.Kubeconfig() {
+		t.Errorf("cluster status: %+v", st)
+	}
+	t.Logf("%s", run("down"))
+	if left, err := cluster.Leftovers(id, dir); err != nil || len(left) > 0 {
+		t.Errorf("cluster down left %v (%v)", left, err)
 	}
 }
