@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -143,6 +145,14 @@ func markdown(res *Results, charts map[string][]byte) string {
 	if res.Machine.ForeignMeasured {
 		fmt.Fprintf(&b, "Processes outside the bench (its lab's cgroups and nodemeshctl) used at most %.1f%% of the machine's CPU during any measured run (limit %.0f%%).\n", 100*res.Machine.ForeignCPU, 100*foreignLimit)
 	}
+	leftOut, busy := disturbance(res.Runs)
+	if d := roundList(res.Runs, leftOut); d != "" {
+		fmt.Fprintf(&b, "Rounds during which they used more are left out of every scenario's figures for that workload, so comparisons stay paired: %s.\n", d)
+	}
+	if len(busy) > 0 {
+		ws := slices.Sorted(maps.Keys(busy))
+		fmt.Fprintf(&b, "**Every round of %s was disturbed: those figures are kept, but they measure waiting for a CPU, and the targets that read them are inconclusive. Repeat on an idle machine.**\n", strings.Join(ws, ", "))
+	}
 	if oversubscribed(res.Machine) {
 		fmt.Fprintf(&b, "**%s: tails (p99, p99.9) mostly measure waiting for a CPU, not the data path. Read medians and ratios, and repeat on an idle machine.**\n", upperFirst(busyNote(res.Machine)))
 	}
@@ -190,6 +200,12 @@ func markdown(res *Results, charts map[string][]byte) string {
 			rounds := fmt.Sprint(s.Rounds)
 			if s.Failed > 0 {
 				rounds += fmt.Sprintf(" (+%d failed)", s.Failed)
+			}
+			if s.Disturbed > 0 {
+				rounds += fmt.Sprintf(" (+%d disturbed, left out)", s.Disturbed)
+			}
+			if s.Busy {
+				rounds += " (all disturbed)"
 			}
 			if s.Rounds == 0 {
 				fmt.Fprintf(&b, "| %s | %s | failed: %s |\n", sc.Name, rounds, esc(firstRunError(res, sc.Name, w)))
@@ -260,6 +276,40 @@ func markdown(res *Results, charts map[string][]byte) string {
 	return b.String()
 }
 
+// roundList names the rounds in d, per workload in the order the runs
+// came: "http-1000rps-1c rounds 1, 2; bulk round 1".
+func roundList(runs []RunRecord, d map[roundKey]bool) string {
+	var order []string
+	rounds := map[string][]int{}
+	for _, r := range runs {
+		k := roundKey{r.Workload, r.Round}
+		if !d[k] {
+			continue
+		}
+		if _, ok := rounds[r.Workload]; !ok {
+			order = append(order, r.Workload)
+		}
+		if !slices.Contains(rounds[r.Workload], r.Round) {
+			rounds[r.Workload] = append(rounds[r.Workload], r.Round)
+		}
+	}
+	var parts []string
+	for _, w := range order {
+		rs := rounds[w]
+		slices.Sort(rs)
+		word := "round"
+		if len(rs) > 1 {
+			word = "rounds"
+		}
+		nums := make([]string, len(rs))
+		for i, n := range rs {
+			nums[i] = strconv.Itoa(n)
+		}
+		parts = append(parts, fmt.Sprintf("%s %s %s", w, word, strings.Join(nums, ", ")))
+	}
+	return strings.Join(parts, "; ")
+}
+
 func orNA(s string) string {
 	if s == "" {
 		return "n/a"
@@ -296,11 +346,12 @@ func firstRunError(res *Results, scenario, workload string) string {
 }
 
 // proxyCPUPerGB is the median over rounds of proxy CPU seconds per GB
-// carried in a bulk run.
+// carried in a bulk run, disturbed rounds left out as in summarize.
 func proxyCPUPerGB(res *Results, scenario, workload string) float64 {
 	var v []float64
+	leftOut, _ := disturbance(res.Runs)
 	for _, r := range res.Runs {
-		if r.Scenario != scenario || r.Workload != workload || r.Result == nil || r.Result.BytesPerSec <= 0 {
+		if r.Scenario != scenario || r.Workload != workload || r.Result == nil || r.Result.BytesPerSec <= 0 || leftOut[roundKey{r.Workload, r.Round}] {
 			continue
 		}
 		var c int64

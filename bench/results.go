@@ -1,8 +1,10 @@
 package bench
 
 import (
+	"encoding/json"
 	"fmt"
 	"math"
+	"os"
 	"sort"
 	"strings"
 	"time"
@@ -47,8 +49,9 @@ type Machine struct {
 	// ForeignCPU is the largest share of the machine's CPU capacity that
 	// processes outside the bench (its lab's cgroups and nodemeshctl)
 	// used during one measured run; ForeignMeasured says it was measured
-	// for every run. When measured it, not the load, decides whether the
-	// machine was too busy to judge (foreignLimit).
+	// for every run. When measured, rounds during which it exceeded
+	// foreignLimit are left out (disturbedRounds), and the load averages
+	// no longer decide whether the machine was too busy to judge.
 	ForeignCPU      float64 `json:"foreignCpu,omitempty"`
 	ForeignMeasured bool    `json:"foreignCpuMeasured,omitempty"`
 }
@@ -101,7 +104,15 @@ type Summary struct {
 	Workload string `json:"workload"`
 	Rounds   int    `json:"rounds"`
 	Failed   int    `json:"failed"`
-	Errors   uint64 `json:"errors"`
+	// Disturbed counts the rounds left out because processes outside the
+	// bench used more than foreignLimit of the machine's CPU during this
+	// workload's round (in any scenario's run: the round is left out of
+	// every scenario's figures, so comparisons stay paired). Busy says
+	// every round of the workload was disturbed: they are all kept, and
+	// the figures cannot judge a target.
+	Disturbed int    `json:"disturbed,omitempty"`
+	Busy      bool   `json:"busy,omitempty"`
+	Errors    uint64 `json:"errors"`
 	// Latency percentiles in microseconds.
 	P50    float64 `json:"p50us"`
 	P90    float64 `json:"p90us"`
@@ -174,6 +185,43 @@ func median(v []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
+// roundKey names one round of one workload, across scenarios.
+type roundKey struct {
+	workload string
+	round    int
+}
+
+// disturbance sorts out the rounds during which processes outside the
+// bench used more than foreignLimit of the machine in some scenario's run
+// of a workload: their tails measure waiting for a CPU. Such a round is
+// left out of every scenario's figures for that workload (leftOut), as
+// long as the workload keeps an undisturbed round; a workload whose every
+// round was disturbed keeps them all and is busy, which makes the targets
+// that read it inconclusive.
+func disturbance(runs []RunRecord) (leftOut map[roundKey]bool, busy map[string]bool) {
+	disturbed := map[roundKey]bool{}
+	clean := map[string]bool{}
+	for _, r := range runs {
+		if r.ForeignCPU > foreignLimit {
+			disturbed[roundKey{r.Workload, r.Round}] = true
+		}
+	}
+	for _, r := range runs {
+		if !disturbed[roundKey{r.Workload, r.Round}] {
+			clean[r.Workload] = true
+		}
+	}
+	leftOut, busy = map[roundKey]bool{}, map[string]bool{}
+	for k := range disturbed {
+		if clean[k.workload] {
+			leftOut[k] = true
+		} else {
+			busy[k.workload] = true
+		}
+	}
+	return leftOut, busy
+}
+
 // summarize aggregates runs per scenario and workload, in the order of
 // scenarios and of workloads' first appearance.
 func summarize(scenarios []Scenario, runs []RunRecord) ([]Summary, error) {
@@ -181,6 +229,7 @@ func summarize(scenarios []Scenario, runs []RunRecord) ([]Summary, error) {
 	byKey := map[key][]RunRecord{}
 	var workloads []string
 	seenW := map[string]bool{}
+	leftOut, busy := disturbance(runs)
 	for _, r := range runs {
 		byKey[key{r.Scenario, r.Workload}] = append(byKey[key{r.Scenario, r.Workload}], r)
 		if !seenW[r.Workload] {
@@ -196,9 +245,13 @@ func summarize(scenarios []Scenario, runs []RunRecord) ([]Summary, error) {
 			if len(rs) == 0 {
 				continue
 			}
-			s := Summary{Scenario: sc.Name, Workload: w}
+			s := Summary{Scenario: sc.Name, Workload: w, Busy: busy[w]}
 			var p50, p90, p99, p999, rps, bps, lag, cpu []float64
 			for _, r := range rs {
+				if leftOut[roundKey{r.Workload, r.Round}] {
+					s.Disturbed++
+					continue
+				}
 				if r.Result == nil {
 					s.Failed++
 					continue
@@ -283,6 +336,34 @@ func scenarioByName(scs []Scenario, name string) (Scenario, bool) {
 	return Scenario{}, false
 }
 
+// ReadResults reads a run's results.json.
+func ReadResults(path string) (*Results, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading results: %w", err)
+	}
+	var res Results
+	if err := json.Unmarshal(b, &res); err != nil {
+		return nil, fmt.Errorf("%s is not a bench results.json: %w", path, err)
+	}
+	if len(res.Runs) == 0 || len(res.Scenario) == 0 {
+		return nil, fmt.Errorf("%s holds no runs or scenarios: is it a bench results.json?", path)
+	}
+	return &res, nil
+}
+
+// Rejudge recomputes the summary and the targets of recorded results with
+// this version's rules (nodemeshctl bench --rejudge).
+func Rejudge(res *Results) error {
+	sum, err := summarize(res.Scenario, res.Runs)
+	if err != nil {
+		return err
+	}
+	res.Summary = sum
+	res.Targets = judgeTargets(res)
+	return nil
+}
+
 // judgeTargets reports the issue's targets as ratios of this run.
 func judgeTargets(r *Results) []Target {
 	headline := httpWorkload(r.Profile.HTTPRate, 16)
@@ -298,7 +379,7 @@ func judgeTargets(r *Results) []Target {
 		if s.AddedP99 > 100 {
 			t.Note = fmt.Sprintf("missed by %.0f µs", s.AddedP99-100)
 		}
-		if why := unjudgeable(r, s.Rounds); why != "" {
+		if why := unjudgeable(r, s); why != "" {
 			t.Status, t.Note = "inconclusive", joinNote(why, t.Note)
 		}
 	} else {
@@ -364,8 +445,8 @@ func judgeTargets(r *Results) []Target {
 			t.Note = fmt.Sprintf("missed by %.0f MB/s", (0.5*aes-s.BytesPerSec)/1e6)
 			// Contention only lowers throughput: a pass stands, a miss on
 			// an oversubscribed machine does not.
-			if oversubscribed(r.Machine) {
-				t.Status, t.Note = "inconclusive", joinNote(busyNote(r.Machine), t.Note)
+			if why := busyWhy(r, s); why != "" {
+				t.Status, t.Note = "inconclusive", joinNote(why, t.Note)
 			}
 		}
 	} else {
@@ -403,9 +484,9 @@ func judgeAgainstSidecars(r *Results) []Target {
 			t.Status = passMiss(better)
 			why := ""
 			if latency {
-				why = unjudgeable(r, min(mesh.Rounds, side.Rounds))
-			} else if oversubscribed(r.Machine) {
-				why = busyNote(r.Machine)
+				why = joinNote(unjudgeable(r, mesh), unjudgeable(r, side))
+			} else {
+				why = joinNote(busyWhy(r, mesh), busyWhy(r, side))
 			}
 			if why != "" {
 				t.Status, t.Note = "inconclusive", joinNote(why, t.Note)
@@ -447,34 +528,50 @@ func judgeAgainstSidecars(r *Results) []Target {
 	return out
 }
 
-// unjudgeable says why a latency comparison cannot be judged: fewer than
-// three rounds, or a machine busier than its CPUs.
-func unjudgeable(r *Results, rounds int) string {
+// unjudgeable says why a latency figure cannot judge a target: fewer than
+// three rounds (disturbed ones left out), or a busy machine.
+func unjudgeable(r *Results, s Summary) string {
 	var why []string
-	if rounds < 3 {
-		why = append(why, fmt.Sprintf("only %d round(s): p99 differences need repeats (use --profile full)", rounds))
+	if s.Rounds < 3 {
+		w := fmt.Sprintf("only %d round(s) of %s: p99 differences need repeats (use --profile full)", s.Rounds, s.Scenario)
+		if s.Disturbed > 0 {
+			w = fmt.Sprintf("only %d round(s) of %s left after %d were disturbed by processes outside the bench: p99 differences need 3; repeat on an idle machine", s.Rounds, s.Scenario, s.Disturbed)
+		}
+		why = append(why, w)
 	}
-	if oversubscribed(r.Machine) {
-		why = append(why, busyNote(r.Machine))
+	if b := busyWhy(r, s); b != "" {
+		why = append(why, b)
 	}
 	return strings.Join(why, "; ")
 }
 
-// oversubscribed says whether the machine was too busy with other work to
-// judge tails and comparisons: other processes' CPU during the measured
-// runs when that was measured, else the load averages at the start and end.
+// busyWhy says why s was measured on a machine too busy to judge: every
+// round of its workload disturbed by other processes, or, where those were
+// not measured, the load averages.
+func busyWhy(r *Results, s Summary) string {
+	if s.Busy {
+		return fmt.Sprintf("every round of %s was disturbed by processes outside the bench (over %.0f%% of the CPU); repeat on an idle machine", s.Workload, 100*foreignLimit)
+	}
+	if oversubscribed(r.Machine) {
+		return busyNote(r.Machine)
+	}
+	return ""
+}
+
+// oversubscribed says whether the whole run was too busy to judge
+// comparisons. That is decided by the load averages at the start and end
+// only when other processes' CPU was not measured for every run: when it
+// was, summarize leaves out the rounds they disturbed, and each target
+// judges the rounds it has left.
 func oversubscribed(m Machine) bool {
 	if m.ForeignMeasured {
-		return m.ForeignCPU > foreignLimit
+		return false
 	}
 	return loadAbove(m.LoadStart, m.CPUs) || loadAbove(m.LoadEnd, m.CPUs)
 }
 
 // busyNote says why oversubscribed holds.
 func busyNote(m Machine) string {
-	if m.ForeignMeasured {
-		return fmt.Sprintf("machine busy with other work: processes outside the bench used up to %.0f%% of its CPU during a measured run (limit %.0f%%)", 100*m.ForeignCPU, 100*foreignLimit)
-	}
 	return fmt.Sprintf("machine oversubscribed (load %s, %s on %d CPUs)", m.LoadStart, m.LoadEnd, m.CPUs)
 }
 
@@ -486,8 +583,11 @@ func passMiss(ok bool) string {
 }
 
 func joinNote(a, b string) string {
-	if a == "" {
+	switch {
+	case a == "" || a == b:
 		return b
+	case b == "":
+		return a
 	}
 	return a + "; " + b
 }

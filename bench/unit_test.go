@@ -220,9 +220,94 @@ func TestTargetsAgainstSidecars(t *testing.T) {
 	if got := byName()["tcp-rr rate"]; got.Status != "pass" {
 		t.Errorf("high load from the bench itself, 3%% other CPU: %+v", got)
 	}
-	res.Machine.ForeignCPU = 0.25
-	if got := byName()["tcp-rr rate"]; got.Status != "inconclusive" || !strings.Contains(got.Note, "25% of its CPU") {
-		t.Errorf("25%% of the CPU used by other work: %+v", got)
+	// Rounds they disturbed are left out by summarize; a workload whose
+	// every round they disturbed cannot judge a target.
+	for i := range res.Summary {
+		if res.Summary[i].Workload == workloadRR {
+			res.Summary[i].Busy = true
+		}
+	}
+	if got := byName()["tcp-rr rate"]; got.Status != "inconclusive" || !strings.Contains(got.Note, "every round of tcp-rr was disturbed") {
+		t.Errorf("every round disturbed by other work: %+v", got)
+	}
+}
+
+// TestDisturbedRoundsLeftOut: a round of a workload during which other
+// processes used more than the limit in any scenario's run is left out of
+// every scenario's figures for that workload, and only of that workload;
+// the report names it, and --rejudge applies the rule to a recorded run.
+func TestDisturbedRoundsLeftOut(t *testing.T) {
+	res := synthetic()
+	hw := httpWorkload(res.Profile.HTTPRate, 16)
+	res.Machine.ForeignMeasured = true
+	for i := range res.Runs {
+		r := &res.Runs[i]
+		r.ForeignCPU = 0.02
+		if r.Round == 2 && r.Workload == hw && r.Scenario == scenarioHAProxy {
+			// A slow round of the sidecars only, while other work ran:
+			// kept, it would be their p99.
+			r.ForeignCPU = 0.4
+			r.Result = result(9_000_000, 1000, 2e6)
+		}
+	}
+	if err := Rejudge(res); err != nil {
+		t.Fatal(err)
+	}
+	side, _ := find(res.Summary, scenarioHAProxy, hw)
+	base, _ := find(res.Summary, scenarioNoMesh, hw)
+	bulk, _ := find(res.Summary, scenarioNoMesh, workloadBulk)
+	if side.Rounds != 2 || side.Disturbed != 1 || base.Rounds != 2 || base.Disturbed != 1 {
+		t.Errorf("round 2 of %s: sidecars %d rounds (%d disturbed), no mesh %d (%d); want 2 (1) each", hw, side.Rounds, side.Disturbed, base.Rounds, base.Disturbed)
+	}
+	if side.P99Max > 5000 {
+		t.Errorf("the disturbed round's p99 is in the figures: max p99 %.0f µs", side.P99Max)
+	}
+	if bulk.Rounds != 3 || bulk.Disturbed != 0 {
+		t.Errorf("bulk was not disturbed: %d rounds, %d disturbed", bulk.Rounds, bulk.Disturbed)
+	}
+	dir := t.TempDir()
+	if err := WriteOutput(dir, res); err != nil {
+		t.Fatal(err)
+	}
+	again, err := ReadResults(filepath.Join(dir, "results.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Rejudge(again); err != nil {
+		t.Fatal(err)
+	}
+	if s, _ := find(again.Summary, scenarioHAProxy, hw); s != side {
+		t.Errorf("rejudged from results.json: %+v, want %+v", s, side)
+	}
+	md, _ := os.ReadFile(filepath.Join(dir, "report.md"))
+	for _, want := range []string{"left out of every scenario's figures for that workload, so comparisons stay paired: " + hw + " round 2.", "| d-haproxy-sidecar | 2 (+1 failed) (+1 disturbed, left out) |"} {
+		if !bytes.Contains(md, []byte(want)) {
+			t.Errorf("report.md lacks %q", want)
+		}
+	}
+	// Every round of bulk disturbed: nothing is left out (the run still
+	// has figures), the workload is marked busy and its targets cannot
+	// be judged.
+	for i := range res.Runs {
+		if res.Runs[i].Workload == workloadBulk {
+			res.Runs[i].ForeignCPU = 0.5
+		}
+	}
+	if err := Rejudge(res); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := find(res.Summary, scenarioNoMesh, workloadBulk); b.Rounds != 3 || b.Disturbed != 0 || !b.Busy {
+		t.Errorf("every bulk round disturbed: %+v", b)
+	}
+	if err := WriteOutput(dir, res); err != nil {
+		t.Fatal(err)
+	}
+	md, _ = os.ReadFile(filepath.Join(dir, "report.md"))
+	if !bytes.Contains(md, []byte("Every round of bulk was disturbed")) || !bytes.Contains(md, []byte("| 3 (all disturbed) |")) {
+		t.Errorf("report.md does not say every bulk round was disturbed:\n%s", md)
+	}
+	if _, err := ReadResults(filepath.Join(dir, "report.md")); err == nil {
+		t.Error("report.md read as results: no error")
 	}
 }
 

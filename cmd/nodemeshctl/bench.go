@@ -18,6 +18,7 @@ import (
 
 const benchUsage = `usage: nodemeshctl bench [--profile quick|full|scale|scale-smoke] [--out DIR] [--dir STATEDIR]
                         [--agent-bin PATH] [--ca-bin PATH] [-v]
+       nodemeshctl bench --rejudge RESULTS.json [--out DIR]
 
 Brings up a benchmark lab (needs root), runs every scenario - no mesh,
 HAProxy mTLS sidecars, nodemesh - over the same workloads in interleaved
@@ -27,6 +28,10 @@ charts to DIR. Methodology: bench/README.md.
 --profile scale measures one agent against an API server loaded with a
 synthetic cluster (1k, 10k, 100k pods; scale:1k,20k picks other points);
 scale-smoke is its tiny CI point.
+
+--rejudge recomputes the figures, targets and report of an earlier run
+from its results.json with this version's rules, into DIR; it runs
+nothing and needs no root.
 
   nodemeshctl bench worker ...   runs an in-pod benchmark program (internal)
 `
@@ -48,6 +53,7 @@ func runBench(args []string) error {
 	out := fs.String("out", "bench-results", "directory for report.md, results.json and charts")
 	dir := fs.String("dir", "/run/nodemesh-bench", "state directory of the benchmark's own lab")
 	verbose := fs.Bool("v", false, "log every run")
+	rejudge := fs.String("rejudge", "", "an earlier run's results.json: recompute its figures, targets and report into --out, run nothing")
 	exe, _ := os.Executable()
 	agentBin := fs.String("agent-bin", filepath.Join(filepath.Dir(exe), "nodemesh-agent"), "the nodemesh-agent binary (default: next to nodemeshctl)")
 	caBin := fs.String("ca-bin", filepath.Join(filepath.Dir(exe), "nodemesh-ca"), "the nodemesh-ca binary (default: next to nodemeshctl)")
@@ -56,6 +62,20 @@ func runBench(args []string) error {
 	}
 	if fs.NArg() > 0 {
 		return usagef("unexpected argument %q", fs.Arg(0))
+	}
+	if *rejudge != "" {
+		res, err := bench.ReadResults(*rejudge)
+		if err != nil {
+			return err
+		}
+		if err := bench.Rejudge(res); err != nil {
+			return err
+		}
+		if err := bench.WriteOutput(*out, res); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "wrote %s\n", filepath.Join(*out, "report.md"))
+		return nil
 	}
 	var p bench.Profile
 	var sp bench.ScaleProfile
