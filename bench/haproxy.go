@@ -14,19 +14,24 @@ import (
 	"github.com/nodemesh/nodemesh/bench/load"
 )
 
-// Sidecar ports. A client sidecar listens on loopback, three ports per
-// upstream server (HTTP, echo, sink); a server sidecar terminates mTLS on
-// three ports and forwards to the app on loopback.
+// Sidecar ports. A client sidecar listens on loopback, four ports per
+// upstream server (HTTP, echo and sink in TCP mode, HTTP in HTTP mode); a
+// server sidecar terminates mTLS on four ports and forwards to the app on
+// loopback.
 const (
-	sidecarOutBase = 15001
-	sidecarInHTTP  = 15443
-	sidecarInEcho  = 15444
-	sidecarInSink  = 15445
+	sidecarOutBase   = 15001
+	sidecarInHTTP    = 15443
+	sidecarInEcho    = 15444
+	sidecarInSink    = 15445
+	sidecarInHTTPL7  = 15446
+	portHTTPMode     = 3 // outPort's kind of the HTTP-mode listener
+	sidecarPortKinds = 4
 )
 
 // outPort is the client sidecar's local port for upstream i and the
-// given workload port kind (0 HTTP, 1 echo, 2 sink).
-func outPort(i, kind int) int { return sidecarOutBase + 3*i + kind }
+// given workload port kind (0 HTTP, 1 echo, 2 sink: TCP mode; 3 HTTP in
+// HTTP mode).
+func outPort(i, kind int) int { return sidecarOutBase + sidecarPortKinds*i + kind }
 
 type haproxyUpstream struct {
 	Index int
@@ -45,11 +50,14 @@ type haproxyConf struct {
 }
 
 // The sidecars run one thread each (a per-pod proxy is sized for its
-// pod; Istio's default sidecar concurrency is 2), TCP mode (L4, like
-// nodemesh's L4 path), TLS 1.3 only, and verify the peer's certificate
-// chain against the bundle. HAProxy cannot match a SPIFFE URI SAN, so it
-// checks the chain but not the peer's exact identity: slightly less work
-// than nodemesh does, which favours the baseline.
+// pod; Istio's default sidecar concurrency is 2), TLS 1.3 only, and verify
+// the peer's certificate chain against the bundle. HAProxy cannot match a
+// SPIFFE URI SAN, so it checks the chain but not the peer's exact
+// identity: slightly less work than nodemesh does, which favours the
+// baseline. The TCP-mode listeners (L4, like nodemesh's L4 path) serve
+// scenario (d); the HTTP-mode pair serves scenario (e): both sidecars
+// parse every request and response, keep connections to the next hop
+// alive and reuse them, as an L7 sidecar does.
 var haproxyTmpl = template.Must(template.New("haproxy").Funcs(template.FuncMap{"out": outPort}).Parse(`global
   nbthread 1
   maxconn 4000
@@ -71,6 +79,11 @@ listen out-{{.Index}}-echo
 listen out-{{.Index}}-sink
   bind 127.0.0.1:{{out .Index 2}}
   server s {{.IP}}:15445 ssl crt {{$.Cert}} ca-file {{$.Bundle}} verify required
+listen out-{{.Index}}-http-mode
+  mode http
+  option http-keep-alive
+  bind 127.0.0.1:{{out .Index 3}}
+  server s {{.IP}}:15446 ssl crt {{$.Cert}} ca-file {{$.Bundle}} verify required
 {{- end}}
 {{- if .Server}}
 listen in-http
@@ -82,6 +95,11 @@ listen in-echo
 listen in-sink
   bind :15445 ssl crt {{.Cert}} ca-file {{.Bundle}} verify required
   server app 127.0.0.1:{{.AppSink}}
+listen in-http-mode
+  mode http
+  option http-keep-alive
+  bind :15446 ssl crt {{.Cert}} ca-file {{.Bundle}} verify required
+  server app 127.0.0.1:{{.AppHTTP}}
 {{- end}}
 `))
 

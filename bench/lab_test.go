@@ -49,7 +49,7 @@ func TestLabBenchQuick(t *testing.T) {
 	// The figures of the sidecar comparison, for the CI log.
 	for _, s := range got.Summary {
 		switch s.Scenario {
-		case scenarioNoMesh, scenarioMeshCross, scenarioMeshSide, scenarioHAProxy:
+		case scenarioNoMesh, scenarioMeshCross, scenarioMeshSide, scenarioHAProxy, scenarioL7, scenarioHAProxyL7:
 			t.Logf("%-20s %-18s p50 %6.0fµs p99 %7.0fµs +p99 %7.0fµs %8.1f MB/s cpu/1000 %.3fs peakRSS %5.1fMiB proxies %d",
 				s.Scenario, s.Workload, s.P50, s.P99, s.AddedP99, s.BytesPerSec/1e6, s.ProxyCPUPer1000, float64(s.ProxyPeakRSS)/(1<<20), s.Proxies)
 		}
@@ -80,6 +80,18 @@ func TestLabBenchQuick(t *testing.T) {
 			if s.Proxies == 0 || s.ProxyPeakRSS <= 0 {
 				t.Errorf("%s %s: agents not sampled", name, w)
 			}
+		}
+	}
+	// nodemesh L7 (scenario e): every HTTP workload went through both
+	// agents. Errors are not judged here: at 1000 requests/s a busy
+	// machine may not carry the L7 path, which the report shows.
+	if sc, _ := scenarioByName(got.Scenario, scenarioL7); sc.NotAvailable != "" {
+		t.Fatalf("%s did not run: %s", scenarioL7, sc.NotAvailable)
+	}
+	for _, c := range got.Profile.HTTPConns {
+		w := httpWorkload(got.Profile.HTTPRate, c)
+		if s, ok := find(got.Summary, scenarioL7, w); !ok || s.Rounds == 0 || s.Proxies != 2 || s.ProxyPeakRSS <= 0 {
+			t.Errorf("%s %s: %+v %s", scenarioL7, w, s, firstRunError(got, scenarioL7, w))
 		}
 	}
 	for _, p := range got.Scaling {
@@ -130,6 +142,13 @@ func TestLabBenchQuick(t *testing.T) {
 			}
 			if s.Proxies != 2 || s.ProxyPeakRSS <= 0 {
 				t.Errorf("sidecars %s: %d proxies sampled, peak RSS %d", w, s.Proxies, s.ProxyPeakRSS)
+			}
+		}
+		// Their HTTP-mode listeners, the L7 baseline of scenario (e).
+		for _, c := range got.Profile.HTTPConns {
+			w := httpWorkload(got.Profile.HTTPRate, c)
+			if s, ok := find(got.Summary, scenarioHAProxyL7, w); !ok || s.Rounds == 0 || s.Proxies != 2 {
+				t.Errorf("HTTP-mode sidecars %s: %+v %s", w, s, firstRunError(got, scenarioHAProxyL7, w))
 			}
 		}
 		var points int

@@ -24,6 +24,7 @@ func methodNotes() []string {
 		"Proxy CPU: on-CPU time of every proxy process summed over its threads from /proc/<pid>/task/*/schedstat, read at the edges of each run's measured window by the load generator, per 1000 requests (transactions) of that window. Memory: VmRSS and VmHWM from /proc/<pid>/status.",
 		"Machine limits in the same run: loopback inside one pod without any proxy, and single-core AES-128-GCM sealing of 16 kB records with Go's crypto per CPU second of the measuring thread.",
 		"Sidecars: HAProxy 1 thread per pod, TCP mode, TLS 1.3, ECDSA P-256 SVIDs with spiffe:// URI SANs from a bench CA; the client app dials its sidecar on loopback (no capture rules), the server sidecar forwards to the app on loopback. HAProxy verifies the chain, not the exact SPIFFE ID.",
+		"Scenario (e), HTTP workloads only: nodemesh L7 is the L4 scenario's client calling the ClusterIP of a Service labelled nodemesh.io/l7=enabled, whose only pod is a server of its own on node-2 (so no pod of the L4 scenarios is handled at L7); both agents parse every request with net/http, the client's routes it and picks the endpoint per request, the server's authorises it. The L7 sidecar baseline is the same HAProxy pair through a second pair of listeners in HTTP mode (keep-alive, connection reuse to the next hop), mTLS between them as in (d).",
 	}
 }
 
@@ -159,7 +160,7 @@ func markdown(res *Results, charts map[string][]byte) string {
 	b.WriteString("\n")
 	b.WriteString("Compare scenarios only within this run: ratios and differences are meaningful, absolute times depend on the machine and its load. See bench/README.md for the methodology.\n\n")
 
-	b.WriteString("## Targets\n\nIssue 8 set the first three; issue 12 compares nodemesh L4 across nodes with the HAProxy mTLS sidecars of this run.\n\n| issue | target | goal | measured | status | note |\n|---|---|---|---|---|---|\n")
+	b.WriteString("## Targets\n\nIssue 8 set the first three; issue 12 compares nodemesh L4 across nodes with the HAProxy mTLS sidecars of this run; issue 15 compares nodemesh L7 (a Service opted in to L7) with the same sidecars' HTTP-mode listeners.\n\n| issue | target | goal | measured | status | note |\n|---|---|---|---|---|---|\n")
 	for _, t := range res.Targets {
 		fmt.Fprintf(&b, "| %d | %s | %s | %s | **%s** | %s |\n", t.Issue, t.Name, esc(t.Goal), esc(t.Measured), t.Status, esc(t.Note))
 	}

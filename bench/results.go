@@ -459,73 +459,108 @@ func judgeTargets(r *Results) []Target {
 	return append(out, judgeAgainstSidecars(r)...)
 }
 
+// pair compares a nodemesh scenario with a sidecar scenario of the same
+// run, for one issue's targets.
+type pair struct {
+	r          *Results
+	issue      int
+	mesh, side string // scenario names
+	// meshName and sideName name them in the measured figures; meshRun
+	// and sideRun in "no successful ... run".
+	meshName, sideName string
+	meshRun, sideRun   string
+	out                []Target
+}
+
+// compare judges one figure: better is true when nodemesh's value is at
+// least as good as the sidecars'; latency comparisons need repeated
+// rounds, every comparison a machine that was not oversubscribed.
+func (p *pair) compare(name, goal, workload string, latency bool, judge func(mesh, side Summary) (measured string, better bool, note string)) {
+	r := p.r
+	t := Target{Issue: p.issue, Name: name, Goal: goal}
+	mesh, okm := find(r.Summary, p.mesh, workload)
+	side, oks := find(r.Summary, p.side, workload)
+	switch {
+	case !okm || mesh.Rounds == 0:
+		t.Status, t.Measured = "not available", "no successful "+p.meshRun+" run"
+		if sc, _ := scenarioByName(r.Scenario, p.mesh); sc.NotAvailable != "" {
+			t.Measured = sc.NotAvailable
+		}
+	case !oks || side.Rounds == 0:
+		t.Status, t.Measured = "not available", "no successful "+p.sideRun+" run to compare with"
+		if sc, _ := scenarioByName(r.Scenario, p.side); sc.NotAvailable != "" {
+			t.Measured = p.sideRun + ": " + sc.NotAvailable
+		}
+	default:
+		var better bool
+		t.Measured, better, t.Note = judge(mesh, side)
+		t.Status = passMiss(better)
+		why := ""
+		if latency {
+			why = joinNote(unjudgeable(r, mesh), unjudgeable(r, side))
+		} else {
+			why = joinNote(busyWhy(r, mesh), busyWhy(r, side))
+		}
+		if why != "" {
+			t.Status, t.Note = "inconclusive", joinNote(why, t.Note)
+		}
+	}
+	p.out = append(p.out, t)
+}
+
+// cpu judges proxy CPU per 1000 requests.
+func (p *pair) cpu(mesh, side Summary) (string, bool, string) {
+	if mesh.ProxyCPUPer1000 <= 0 || side.ProxyCPUPer1000 <= 0 {
+		return "no CPU figure", false, "the proxies' CPU was not measured"
+	}
+	return fmt.Sprintf("%s %.3f s, %s %.3f s per 1000 (%.2fx)", p.meshName, mesh.ProxyCPUPer1000, p.sideName, side.ProxyCPUPer1000, mesh.ProxyCPUPer1000/side.ProxyCPUPer1000),
+		mesh.ProxyCPUPer1000 <= side.ProxyCPUPer1000, ""
+}
+
+// latency judges added p50 and p99; the note says when they are half of
+// the sidecars' (issue 12's stretch goal).
+func (p *pair) latency(mesh, side Summary) (string, bool, string) {
+	m := fmt.Sprintf("added p50 / p99: %s %+.0f / %+.0f µs, %s %+.0f / %+.0f µs", p.meshName, mesh.AddedP50, mesh.AddedP99, p.sideName, side.AddedP50, side.AddedP99)
+	note := ""
+	if mesh.AddedP50 <= side.AddedP50/2 && mesh.AddedP99 <= side.AddedP99/2 {
+		note = "half of the sidecars' added latency: reached"
+	}
+	return m, mesh.AddedP50 <= side.AddedP50 && mesh.AddedP99 <= side.AddedP99, note
+}
+
 // judgeAgainstSidecars states issue 12's targets: nodemesh L4 across nodes
-// against the HAProxy mTLS sidecars of the same run.
+// against the HAProxy mTLS sidecars of the same run; and issue 15's:
+// nodemesh L7 against the HAProxy HTTP-mode sidecars.
 func judgeAgainstSidecars(r *Results) []Target {
-	var out []Target
-	// compare judges one figure: better is true when nodemesh's value is
-	// at least as good as the sidecars'; latency comparisons need repeated
-	// rounds, every comparison a machine that was not oversubscribed.
-	compare := func(name, goal, workload string, latency bool, judge func(mesh, side Summary) (measured string, better bool, note string)) {
-		t := Target{Issue: 12, Name: name, Goal: goal}
-		mesh, okm := find(r.Summary, scenarioMeshCross, workload)
-		side, oks := find(r.Summary, scenarioHAProxy, workload)
-		switch {
-		case !okm || mesh.Rounds == 0:
-			t.Status, t.Measured = "not available", "no successful nodemesh L4 run"
-			if sc, _ := scenarioByName(r.Scenario, scenarioMeshCross); sc.NotAvailable != "" {
-				t.Measured = sc.NotAvailable
-			}
-		case !oks || side.Rounds == 0:
-			t.Status, t.Measured = "not available", "no successful HAProxy sidecar run to compare with"
-		default:
-			var better bool
-			t.Measured, better, t.Note = judge(mesh, side)
-			t.Status = passMiss(better)
-			why := ""
-			if latency {
-				why = joinNote(unjudgeable(r, mesh), unjudgeable(r, side))
-			} else {
-				why = joinNote(busyWhy(r, mesh), busyWhy(r, side))
-			}
-			if why != "" {
-				t.Status, t.Note = "inconclusive", joinNote(why, t.Note)
-			}
-		}
-		out = append(out, t)
-	}
-	cpu := func(mesh, side Summary) (string, bool, string) {
-		if mesh.ProxyCPUPer1000 <= 0 || side.ProxyCPUPer1000 <= 0 {
-			return "no CPU figure", false, "the proxies' CPU was not measured"
-		}
-		return fmt.Sprintf("nodemesh %.3f s, sidecars %.3f s per 1000 (%.2fx)", mesh.ProxyCPUPer1000, side.ProxyCPUPer1000, mesh.ProxyCPUPer1000/side.ProxyCPUPer1000),
-			mesh.ProxyCPUPer1000 <= side.ProxyCPUPer1000, ""
-	}
+	p := &pair{r: r, issue: 12, mesh: scenarioMeshCross, side: scenarioHAProxy, meshName: "nodemesh", sideName: "sidecars",
+		meshRun: "nodemesh L4", sideRun: "HAProxy sidecar"}
 	headline := httpWorkload(r.Profile.HTTPRate, 16)
-	compare("proxy CPU, "+headline, "nodemesh L4's proxy CPU per 1000 requests at or below the sidecars'", headline, false, cpu)
-	compare("proxy CPU, "+workloadRR, "nodemesh L4's proxy CPU per 1000 transactions at or below the sidecars'", workloadRR, false, cpu)
+	p.compare("proxy CPU, "+headline, "nodemesh L4's proxy CPU per 1000 requests at or below the sidecars'", headline, false, p.cpu)
+	p.compare("proxy CPU, "+workloadRR, "nodemesh L4's proxy CPU per 1000 transactions at or below the sidecars'", workloadRR, false, p.cpu)
 	for _, c := range r.Profile.HTTPConns {
 		w := httpWorkload(r.Profile.HTTPRate, c)
-		compare("added latency, "+w, "nodemesh L4's added p50 and p99 (over no mesh) at or below the sidecars'; beyond that, half of theirs", w, true, func(mesh, side Summary) (string, bool, string) {
-			m := fmt.Sprintf("added p50 / p99: nodemesh %+.0f / %+.0f µs, sidecars %+.0f / %+.0f µs", mesh.AddedP50, mesh.AddedP99, side.AddedP50, side.AddedP99)
-			note := ""
-			if mesh.AddedP50 <= side.AddedP50/2 && mesh.AddedP99 <= side.AddedP99/2 {
-				note = "half of the sidecars' added latency: reached"
-			}
-			return m, mesh.AddedP50 <= side.AddedP50 && mesh.AddedP99 <= side.AddedP99, note
-		})
+		p.compare("added latency, "+w, "nodemesh L4's added p50 and p99 (over no mesh) at or below the sidecars'; beyond that, half of theirs", w, true, p.latency)
 	}
 	rate := func(unit string) func(mesh, side Summary) (string, bool, string) {
 		return func(mesh, side Summary) (string, bool, string) {
 			return fmt.Sprintf("nodemesh %.0f, sidecars %.0f %s (%.2fx)", mesh.RPS, side.RPS, unit, mesh.RPS/side.RPS), mesh.RPS >= side.RPS, ""
 		}
 	}
-	compare(workloadRR+" rate", "nodemesh L4's transactions/s at or above the sidecars'", workloadRR, false, rate("transactions/s"))
-	compare(workloadBulk+" throughput", "nodemesh L4's single-stream throughput at or above the sidecars'", workloadBulk, false, func(mesh, side Summary) (string, bool, string) {
+	p.compare(workloadRR+" rate", "nodemesh L4's transactions/s at or above the sidecars'", workloadRR, false, rate("transactions/s"))
+	p.compare(workloadBulk+" throughput", "nodemesh L4's single-stream throughput at or above the sidecars'", workloadBulk, false, func(mesh, side Summary) (string, bool, string) {
 		return fmt.Sprintf("nodemesh %.0f MB/s, sidecars %.0f MB/s (%.2fx)", mesh.BytesPerSec/1e6, side.BytesPerSec/1e6, mesh.BytesPerSec/side.BytesPerSec), mesh.BytesPerSec >= side.BytesPerSec, ""
 	})
-	compare(workloadCRR+" lead", "nodemesh L4 keeps its lead in connections/s over the sidecars", workloadCRR, false, rate("connections/s"))
-	return out
+	p.compare(workloadCRR+" lead", "nodemesh L4 keeps its lead in connections/s over the sidecars", workloadCRR, false, rate("connections/s"))
+
+	// Issue 15: L7 against L7, both parsing every request.
+	l7p := &pair{r: r, issue: 15, mesh: scenarioL7, side: scenarioHAProxyL7, meshName: "nodemesh L7", sideName: "HTTP sidecars",
+		meshRun: "nodemesh L7", sideRun: "HAProxy HTTP-mode sidecar"}
+	l7p.compare("L7 proxy CPU, "+headline, "nodemesh L7's proxy CPU per 1000 requests at or below the HAProxy HTTP-mode sidecar pair's", headline, false, l7p.cpu)
+	for _, c := range r.Profile.HTTPConns {
+		w := httpWorkload(r.Profile.HTTPRate, c)
+		l7p.compare("L7 added latency, "+w, "nodemesh L7's added p50 and p99 (over no mesh) at or below the HAProxy HTTP-mode sidecar pair's", w, true, l7p.latency)
+	}
+	return append(p.out, l7p.out...)
 }
 
 // unjudgeable says why a latency figure cannot judge a target: fewer than

@@ -17,6 +17,9 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/nodemesh/nodemesh/agent/l7"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/bench/load"
 	"github.com/nodemesh/nodemesh/lab"
@@ -36,6 +39,7 @@ const (
 	scenarioHAProxy   = "d-haproxy-sidecar"
 	scenarioMeshSide  = "d-nodemesh-sidecar"
 	scenarioL7        = "e-nodemesh-l7"
+	scenarioHAProxyL7 = "e-haproxy-http-sidecar"
 )
 
 // Workload names.
@@ -80,7 +84,8 @@ func scenarios() []Scenario {
 		{Name: scenarioSkMsgOff, Title: "(c) nodemesh on one node, sk_msg off", Baseline: scenarioNoMeshLoc, NotAvailable: meshUnavailable},
 		{Name: scenarioHAProxy, Title: "(d) HAProxy mTLS sidecars across nodes", Baseline: scenarioNoMesh},
 		{Name: scenarioMeshSide, Title: "(d) nodemesh proxy as per-pod sidecars across nodes (one agent per pod, --only-pod)", Baseline: scenarioNoMesh, NotAvailable: meshUnavailable},
-		{Name: scenarioL7, Title: "(e) nodemesh with L7", Baseline: scenarioNoMesh, NotAvailable: "not wired into the benchmark yet: the agents have L7 (agent/l7, docs/l7.md), but the bench lab opts no Service in and has no HAProxy HTTP-mode sidecar baseline (issue 15)"},
+		{Name: scenarioL7, Title: "(e) nodemesh L7 across nodes: a Service opted in to L7, each request parsed and routed by the client's agent and authorised by the server's", Baseline: scenarioNoMesh, NotAvailable: meshUnavailable},
+		{Name: scenarioHAProxyL7, Title: "(e) HAProxy HTTP-mode mTLS sidecars across nodes: the L7 sidecar baseline", Baseline: scenarioNoMesh},
 	}
 }
 
@@ -95,6 +100,14 @@ const (
 	podMeshClient  = meshNS + "/mesh-client"
 	podMeshServer  = meshNS + "/mesh-server"
 	podMeshServerL = meshNS + "/mesh-server-local"
+
+	// The L7 scenario's server and the Service that opts it in. It has a
+	// pod of its own, so that no pod of the L4 scenarios backs an
+	// opted-in Service: their ports are never claimed for L7 and their
+	// figures are those of the L4 path (TestL4PodsNotOptedIn).
+	podMeshServerL7 = meshNS + "/mesh-server-l7"
+	svcMeshL7       = meshNS + "/mesh-l7"
+	svcMeshL7Port   = 80
 )
 
 // Spec returns the lab the benchmark runs on: four nodes; a client on
@@ -153,6 +166,17 @@ func Spec(worker string, sidecarServers int) (*spec.Spec, error) {
 	for i := 2; i <= sidecarServers; i++ {
 		sp.Pods = append(sp.Pods, inMesh(server(fmt.Sprintf("mesh-server-%d", i), node2, "bench-server")))
 	}
+	// Scenario (e): an L7 server on node-2 behind a Service labelled for
+	// L7 (undeclared appProtocol: the agents detect HTTP/1.1).
+	l7Server := inMesh(server("mesh-server-l7", node2, "bench-server"))
+	l7Server.Labels = map[string]string{"app": "bench-server-l7"}
+	sp.Pods = append(sp.Pods, l7Server)
+	_, l7Name, _ := strings.Cut(svcMeshL7, "/")
+	sp.Services = append(sp.Services, spec.Service{
+		Name: l7Name, Namespace: meshNS, Labels: map[string]string{l7.LabelL7: l7.ValueEnabled},
+		Selector: map[string]string{"app": "bench-server-l7"},
+		Ports:    []spec.ServicePort{{Name: "http", Port: svcMeshL7Port, TargetPort: intstr.FromInt32(load.DefaultHTTPPort)}},
+	})
 	// nodemesh in per-pod sidecar mode, on nodes of its own (podmesh.go).
 	sp.Pods = append(sp.Pods,
 		inMesh(client("ps-client", node3)),
@@ -170,7 +194,7 @@ func Spec(worker string, sidecarServers int) (*spec.Spec, error) {
 
 // meshPods returns the mesh scenario's pods for n server pods per node.
 func meshPods(n int) []string {
-	out := []string{podMeshClient, podMeshServerL}
+	out := []string{podMeshClient, podMeshServerL, podMeshServerL7}
 	return append(out, meshServerPods(n)...)
 }
 
@@ -208,6 +232,10 @@ type Options struct {
 	// without them the nodemesh scenarios report why they did not run.
 	AgentBinary string
 	CABinary    string
+	// Scenarios, when set, runs only these scenarios (names or letters a
+	// to e, SelectScenarios) and their baselines; the others are reported
+	// as not selected, and nothing is started for them.
+	Scenarios []string
 	// ProfileDir, when set, receives CPU profiles of the agents taken
 	// during the first round of the nodemesh runs of the headline HTTP
 	// workload and of bulk (pprof format; `go tool pprof -top FILE`).
@@ -228,6 +256,8 @@ type runner struct {
 	sidecars map[string]int
 	serial   int64
 	mesh     *mesh
+	// sel is the scenarios to run; nil: all.
+	sel map[string]bool
 }
 
 // Run runs the benchmark and returns its results. A scenario that cannot
@@ -241,8 +271,18 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
+	if len(o.Scenarios) > 0 {
+		if r.sel, err = SelectScenarios(o.Scenarios); err != nil {
+			return nil, err
+		}
+	}
 	res = &Results{Profile: o.Profile, Started: time.Now().UTC(), Scenario: scenarios()}
 	res.Method = methodNotes()
+	for i := range res.Scenario {
+		if !r.selected(res.Scenario[i].Name) {
+			res.Scenario[i].NotAvailable = notSelected
+		}
+	}
 
 	r.work = o.WorkDir
 	if r.work == "" {
@@ -289,19 +329,27 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 	}
 	res.Machine.ForeignMeasured = foreign != nil
 
-	// The sidecar baseline: certificates and HAProxy in client and server.
-	sidecarErr := r.setupSidecars(ctx)
+	// The sidecar baselines: certificates and HAProxy in client and
+	// server, with TCP-mode (d) and HTTP-mode (e) listeners.
+	sidecarErr := errors.New(notSelected)
+	if r.selected(scenarioHAProxy, scenarioHAProxyL7) {
+		sidecarErr = r.setupSidecars(ctx)
+	}
 	if sidecarErr != nil {
-		r.log.Warn("HAProxy sidecar scenario not available", "err", sidecarErr)
+		r.log.Warn("HAProxy sidecar scenarios not available", "err", sidecarErr)
 		for i := range res.Scenario {
-			if res.Scenario[i].Name == scenarioHAProxy {
+			if n := res.Scenario[i].Name; (n == scenarioHAProxy || n == scenarioHAProxyL7) && r.selected(n) {
 				res.Scenario[i].NotAvailable = sidecarErr.Error()
 			}
 		}
 	}
 
 	// nodemesh: the CA and an agent per node.
-	m, meshErr := r.startMesh(ctx)
+	var m *mesh
+	meshErr := errors.New(notSelected)
+	if r.selected(scenarioMeshCross, scenarioMeshLocal, scenarioSkMsgOn, scenarioSkMsgOff, scenarioMeshSide, scenarioL7) {
+		m, meshErr = r.startMesh(ctx)
+	}
 	r.mesh = m
 	defer r.stopMesh(m)
 	if meshErr != nil {
@@ -310,14 +358,21 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 	// nodemesh in per-pod sidecar mode: one agent per pod.
 	podErr := meshErr
 	if meshErr == nil {
-		if podErr = r.startPodSidecars(ctx, m); podErr != nil {
+		podErr = errors.New(notSelected)
+		if r.selected(scenarioMeshSide) {
+			podErr = r.startPodSidecars(ctx, m)
+		}
+		if podErr != nil {
 			r.log.Warn("nodemesh sidecar scenario not available", "err", podErr)
 		}
 	}
 	for i := range res.Scenario {
 		sc := &res.Scenario[i]
+		if !r.selected(sc.Name) {
+			continue
+		}
 		switch sc.Name {
-		case scenarioMeshCross, scenarioMeshLocal:
+		case scenarioMeshCross, scenarioMeshLocal, scenarioL7:
 			sc.NotAvailable = ""
 			if meshErr != nil {
 				sc.NotAvailable = "nodemesh did not start: " + meshErr.Error()
@@ -389,6 +444,13 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 				return map[string]int{"haproxy " + podSCClient: r.sidecars[podSCClient], "haproxy " + podSCServer: r.sidecars[podSCServer]}
 			},
 		}
+		// The same sidecar processes, through their HTTP-mode listeners:
+		// HTTP workloads only.
+		targets[scenarioHAProxyL7] = target{
+			client: podSCClient,
+			addrs:  map[string]string{load.KindHTTP: net.JoinHostPort(lo, strconv.Itoa(outPort(0, portHTTPMode)))},
+			procs:  targets[scenarioHAProxy].procs,
+		}
 	}
 
 	if meshErr == nil {
@@ -406,6 +468,14 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 		targets[scenarioMeshLocal] = target{client: podMeshClient, addrs: direct(meshLocalIP), procs: func() map[string]int {
 			return map[string]int{"agent " + node1: m.Agents[node1].Pid}
 		}}
+		// L7: the opted-in Service's ClusterIP, HTTP workloads only.
+		if svc, err := r.lab.Service(svcMeshL7); err != nil {
+			setNotAvailable(res.Scenario, scenarioL7, "the bench lab has no L7 Service: "+err.Error())
+		} else {
+			targets[scenarioL7] = target{client: podMeshClient,
+				addrs: map[string]string{load.KindHTTP: net.JoinHostPort(svc.ClusterIP, strconv.Itoa(svcMeshL7Port))},
+				procs: targets[scenarioMeshCross].procs}
+		}
 	}
 	if podErr == nil {
 		psIP, err := podIP(podPSServer)
@@ -446,6 +516,9 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 				}
 				cfg := w.cfg
 				cfg.Addr = t.addrs[cfg.Kind]
+				if cfg.Addr == "" {
+					continue // (e) runs the HTTP workloads only
+				}
 				var wait func() []string
 				if o.ProfileDir != "" && round == 1 && sc.Name == scenarioMeshCross && (w.name == workloadBulk || w.name == httpWorkload(p.HTTPRate, 16)) {
 					wait = r.profileAgents(ctx, cfg.Warmup+cfg.Duration, o.ProfileDir, w.name)
@@ -492,6 +565,15 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 	res.Targets = judgeTargets(res)
 	res.Elapsed = time.Since(res.Started)
 	return res, nil
+}
+
+// setNotAvailable marks a scenario as not available for why.
+func setNotAvailable(scs []Scenario, name, why string) {
+	for i := range scs {
+		if scs[i].Name == name {
+			scs[i].NotAvailable = why
+		}
+	}
 }
 
 // LinkWorker makes (or replaces) the WorkerName symlink to this
@@ -678,6 +760,9 @@ func (r *runner) stopSidecars() {
 func (r *runner) scaling(ctx context.Context, sidecarErr, meshErr, podErr error) []ScalePoint {
 	var out []ScalePoint
 	p := r.o.Profile
+	if !r.selected(scenarioMeshCross, scenarioMeshSide, scenarioHAProxy) {
+		return nil // nothing selected has cost points
+	}
 	for _, n := range p.PodsPerNode {
 		if err := r.growLab(ctx, n); err != nil {
 			out = append(out, ScalePoint{Scenario: scenarioMeshCross, PodsPerNode: n, Error: err.Error()},
@@ -686,7 +771,9 @@ func (r *runner) scaling(ctx context.Context, sidecarErr, meshErr, podErr error)
 			continue
 		}
 		mp := ScalePoint{Scenario: scenarioMeshCross, PodsPerNode: n}
-		if meshErr != nil {
+		if !r.selected(scenarioMeshCross) {
+			mp.NotAvailable = notSelected
+		} else if meshErr != nil {
 			mp.NotAvailable = "nodemesh did not start: " + meshErr.Error()
 		} else if err := r.scaleMesh(ctx, n, &mp); err != nil {
 			mp.Error = err.Error()
@@ -694,7 +781,9 @@ func (r *runner) scaling(ctx context.Context, sidecarErr, meshErr, podErr error)
 		}
 		out = append(out, mp)
 		pp := ScalePoint{Scenario: scenarioMeshSide, PodsPerNode: n}
-		if podErr != nil {
+		if !r.selected(scenarioMeshSide) {
+			pp.NotAvailable = notSelected
+		} else if podErr != nil {
 			pp.NotAvailable = "the per-pod agents did not start: " + podErr.Error()
 		} else if err := r.scalePodSidecars(ctx, n, &pp); err != nil {
 			pp.Error = err.Error()
@@ -702,6 +791,11 @@ func (r *runner) scaling(ctx context.Context, sidecarErr, meshErr, podErr error)
 		}
 		out = append(out, pp)
 		pt := ScalePoint{Scenario: scenarioHAProxy, PodsPerNode: n}
+		if !r.selected(scenarioHAProxy) {
+			pt.NotAvailable = notSelected
+			out = append(out, pt)
+			continue
+		}
 		if sidecarErr != nil {
 			pt.NotAvailable = sidecarErr.Error()
 			out = append(out, pt)

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"encoding/xml"
+	"fmt"
 	"io"
 	"math"
 	"os"
@@ -16,8 +17,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nodemesh/nodemesh/agent/l7"
 	"github.com/nodemesh/nodemesh/bench/hist"
 	"github.com/nodemesh/nodemesh/bench/load"
+	"github.com/nodemesh/nodemesh/lab/spec"
 )
 
 func snap(vals ...int64) hist.Snapshot {
@@ -41,7 +44,7 @@ func synthetic() *Results {
 	p := Profiles["quick"]
 	res := &Results{Profile: p, Scenario: scenarios(), Machine: Machine{CPUs: 2, AESGCMBytesPerCPUSecond: 2e9, LoadStart: "0.5 0.4 0.3", LoadEnd: "3.5 1 1"}}
 	for i := range res.Scenario {
-		if n := res.Scenario[i].Name; n == scenarioLoopback || n == scenarioNoMeshLoc {
+		if n := res.Scenario[i].Name; n == scenarioLoopback || n == scenarioNoMeshLoc || n == scenarioHAProxyL7 {
 			res.Scenario[i].NotAvailable = "not part of this synthetic run"
 		}
 	}
@@ -103,7 +106,8 @@ func TestTargetsNeverPassWithoutNodemesh(t *testing.T) {
 	res := synthetic()
 	// Issue 8's three, and issue 12's: CPU at 16c and tcp-rr, latency at
 	// each HTTP workload, tcp-rr rate, bulk, tcp-crr.
-	if want := 3 + 2 + len(res.Profile.HTTPConns) + 3; len(res.Targets) != want {
+	// Issue 15's: L7 CPU at 16c, L7 latency at each HTTP workload.
+	if want := 3 + 2 + len(res.Profile.HTTPConns) + 3 + 1 + len(res.Profile.HTTPConns); len(res.Targets) != want {
 		t.Fatalf("%d targets, want %d", len(res.Targets), want)
 	}
 	for _, tg := range res.Targets {
@@ -497,8 +501,16 @@ func TestHAProxyConfig(t *testing.T) {
 		if c.Server && !strings.Contains(s, "server app 127.0.0.1:8080") {
 			t.Errorf("server sidecar does not forward to the app:\n%s", s)
 		}
-		if !c.Server && !strings.Contains(s, "bind 127.0.0.1:15004") || !c.Server && !strings.Contains(s, "10.244.2.3:15444") {
+		if !c.Server && !strings.Contains(s, "bind 127.0.0.1:15005") || !c.Server && !strings.Contains(s, "10.244.2.3:15444") {
 			t.Errorf("client sidecar ports:\n%s", s)
+		}
+		// Scenario (e): an HTTP-mode listener pair, mTLS between them.
+		httpMode := "listen out-1-http-mode\n  mode http\n  option http-keep-alive\n  bind 127.0.0.1:" + fmt.Sprint(outPort(1, portHTTPMode)) + "\n  server s 10.244.2.3:15446 ssl"
+		if c.Server {
+			httpMode = "listen in-http-mode\n  mode http\n  option http-keep-alive\n  bind :15446 ssl crt " + f.Cert
+		}
+		if !strings.Contains(s, httpMode) {
+			t.Errorf("%s sidecar lacks the HTTP-mode listener %q:\n%s", name, httpMode, s)
 		}
 		// HAProxy itself must accept the config, certificates included.
 		if bin, err := haproxyBinary(); err == nil {
@@ -581,9 +593,9 @@ func TestSpecAndProfiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	// 5 base pods + 9 more sidecar servers, 3 mesh pods + 9 more servers,
-	// 2 per-pod-agent pods + 9 more servers.
-	if got := len(sp.Pods); got != 37 {
-		t.Errorf("%d pods for 10 servers per node, want 37", got)
+	// the L7 server, 2 per-pod-agent pods + 9 more servers.
+	if got := len(sp.Pods); got != 38 {
+		t.Errorf("%d pods for 10 servers per node, want 38", got)
 	}
 	if len(sp.Nodes) != 4 {
 		t.Errorf("%d nodes, want 4 (node-3 and node-4 host the per-pod agents' pods)", len(sp.Nodes))
@@ -591,7 +603,7 @@ func TestSpecAndProfiles(t *testing.T) {
 	if ps := podSidecarServerPods(10); len(ps) != 10 || ps[0] != podPSServer || ps[9] != meshNS+"/ps-server-10" {
 		t.Errorf("per-pod sidecar server pod list %q", ps)
 	}
-	if len(meshPods(10)) != 12 {
+	if len(meshPods(10)) != 13 {
 		t.Error("mesh pod list")
 	}
 	if len(sidecarServerPods(10)) != 10 {
@@ -628,5 +640,147 @@ func TestWorkerMainUsage(t *testing.T) {
 func TestAESGCMThroughput(t *testing.T) {
 	if v := aesGCMThroughput(); !(v > 0) {
 		t.Errorf("AES-GCM throughput %v", v)
+	}
+}
+
+// The L4 scenarios' figures must not change with L7 in the lab: no pod of
+// an L4 scenario backs a Service opted in to L7, so the agents never claim
+// their ports (agent/l7.ClaimedPorts) and their connections never reach
+// the L7 code; the L7 scenario has a server and a Service of its own.
+func TestL4PodsNotOptedIn(t *testing.T) {
+	sp, err := Spec("/tmp/x/"+WorkerName, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var optedIn []spec.Service
+	for _, svc := range sp.Services {
+		if svc.Labels[l7.LabelL7] == l7.ValueEnabled {
+			optedIn = append(optedIn, svc)
+		}
+	}
+	if len(optedIn) != 1 || optedIn[0].Key() != svcMeshL7 {
+		t.Fatalf("opted-in Services %v, want only %s", optedIn, svcMeshL7)
+	}
+	for _, ns := range sp.Namespaces {
+		if ns.Labels[l7.LabelL7] != "" {
+			t.Errorf("namespace %s carries %s: it would opt every Service in", ns.Name, l7.LabelL7)
+		}
+	}
+	var backends []string
+	for i := range sp.Pods {
+		if optedIn[0].Selects(&sp.Pods[i]) {
+			backends = append(backends, sp.Pods[i].Key())
+		}
+	}
+	if len(backends) != 1 || backends[0] != podMeshServerL7 {
+		t.Errorf("the L7 Service selects %v, want only %s", backends, podMeshServerL7)
+	}
+	if p, err := podOf(sp, podMeshServerL7); err != nil || p.Node != node2 {
+		t.Errorf("L7 server %+v %v: want it on %s, across nodes from the client like the L4 server", p, err, node2)
+	}
+}
+
+func podOf(sp *spec.Spec, key string) (spec.Pod, error) {
+	for _, p := range sp.Pods {
+		if p.Key() == key {
+			return p, nil
+		}
+	}
+	return spec.Pod{}, fmt.Errorf("no pod %s", key)
+}
+
+func TestSelectScenarios(t *testing.T) {
+	for _, tc := range []struct {
+		list []string
+		want []string
+	}{
+		{[]string{"e"}, []string{scenarioNoMesh, scenarioL7, scenarioHAProxyL7}},
+		{[]string{"e-nodemesh-l7"}, []string{scenarioNoMesh, scenarioL7}},
+		{[]string{"b-nodemesh-l4-same-node"}, []string{scenarioNoMesh, scenarioNoMeshLoc, scenarioMeshLocal}},
+		{[]string{"c"}, []string{scenarioNoMesh, scenarioNoMeshLoc, scenarioSkMsgOn, scenarioSkMsgOff}},
+		{[]string{"loopback", " d-haproxy-sidecar"}, []string{scenarioLoopback, scenarioNoMesh, scenarioHAProxy}},
+	} {
+		sel, err := SelectScenarios(tc.list)
+		if err != nil {
+			t.Errorf("%v: %v", tc.list, err)
+			continue
+		}
+		var got []string
+		for _, sc := range scenarios() {
+			if sel[sc.Name] {
+				got = append(got, sc.Name)
+			}
+		}
+		if strings.Join(got, ",") != strings.Join(tc.want, ",") {
+			t.Errorf("%v selects %v, want %v", tc.list, got, tc.want)
+		}
+	}
+	if sel, err := SelectScenarios(nil); err != nil || len(sel) != len(scenarios()) {
+		t.Errorf("no list: %d of %d selected, %v", len(sel), len(scenarios()), err)
+	}
+	for _, bad := range [][]string{{"f"}, {"e-nodemesh"}, {""}} {
+		if _, err := SelectScenarios(bad); err == nil || !strings.Contains(err.Error(), "unknown scenario") {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+	r := &runner{}
+	if !r.selected(scenarioL7) {
+		t.Error("without a selection every scenario runs")
+	}
+	r.sel, _ = SelectScenarios([]string{"e"})
+	if r.selected(scenarioMeshCross, scenarioMeshSide) || !r.selected(scenarioMeshCross, scenarioL7) {
+		t.Error("selected() with e")
+	}
+}
+
+// TestTargetsL7 checks issue 15's comparison: nodemesh L7 against the
+// HAProxy HTTP-mode sidecars of the same run.
+func TestTargetsL7(t *testing.T) {
+	res := synthetic()
+	res.Machine.LoadStart, res.Machine.LoadEnd = "0.5 0.5 0.5", "1.0 0.5 0.5"
+	hw := httpWorkload(1000, 16)
+	h1 := httpWorkload(1000, 1)
+	res.Summary = append(res.Summary,
+		Summary{Scenario: scenarioL7, Workload: hw, Rounds: 3, AddedP50: 150, AddedP99: 400, ProxyCPUPer1000: 0.30},
+		Summary{Scenario: scenarioHAProxyL7, Workload: hw, Rounds: 3, AddedP50: 200, AddedP99: 500, ProxyCPUPer1000: 0.35},
+		Summary{Scenario: scenarioL7, Workload: h1, Rounds: 3, AddedP50: 250, AddedP99: 400},
+		Summary{Scenario: scenarioHAProxyL7, Workload: h1, Rounds: 3, AddedP50: 200, AddedP99: 500},
+	)
+	byName := func() map[string]Target {
+		m := map[string]Target{}
+		for _, tg := range judgeTargets(res) {
+			if tg.Issue == 15 {
+				m[tg.Name] = tg
+			}
+		}
+		return m
+	}
+	tg := byName()
+	for name, st := range map[string]string{
+		"L7 proxy CPU, " + hw:                         "pass", // 0.30 against 0.35
+		"L7 added latency, " + hw:                     "pass",
+		"L7 added latency, " + h1:                     "miss", // p50 250 against 200
+		"L7 added latency, " + httpWorkload(1000, 64): "not available",
+	} {
+		if tg[name].Status != st {
+			t.Errorf("%s: %+v, want %s", name, tg[name], st)
+		}
+	}
+	if m := tg["L7 proxy CPU, "+hw].Measured; !strings.Contains(m, "nodemesh L7 0.300 s, HTTP sidecars 0.350 s per 1000 (0.86x)") {
+		t.Errorf("measured %q", m)
+	}
+	res.Summary[len(res.Summary)-4].ProxyCPUPer1000 = 0.4
+	if got := byName()["L7 proxy CPU, "+hw]; got.Status != "miss" {
+		t.Errorf("0.4 against 0.35: %+v", got)
+	}
+	// Only nodemesh ran (the sidecars were not selected): says why.
+	for i := range res.Scenario {
+		if res.Scenario[i].Name == scenarioHAProxyL7 {
+			res.Scenario[i].NotAvailable = notSelected
+		}
+	}
+	res.Summary = append(res.Summary[:len(res.Summary)-4], Summary{Scenario: scenarioL7, Workload: hw, Rounds: 3, ProxyCPUPer1000: 0.3})
+	if got := byName()["L7 proxy CPU, "+hw]; got.Status != "not available" || got.Measured != "HAProxy HTTP-mode sidecar: "+notSelected {
+		t.Errorf("no sidecar runs: %+v", got)
 	}
 }
