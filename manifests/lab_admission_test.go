@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient/apiclienttest"
 	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/manifests"
 )
@@ -173,7 +174,7 @@ func TestLabAgentLeaseAdmission(t *testing.T) {
 func holdsMark(ctx context.Context, t *testing.T, c kubernetes.Interface, node string, want bool) {
 	t.Helper()
 	var log lockedBuffer
-	m, err := rollout.NewMark(rollout.MarkConfig{Client: c, Namespace: ns, Node: node,
+	m, err := rollout.NewMark(rollout.MarkConfig{Client: apiclienttest.FromClientset(c), Namespace: ns, Node: node,
 		Ready: func(context.Context) bool { return true }, Log: slog.New(slog.NewTextHandler(&log, nil))})
 	if err != nil {
 		t.Fatal(err)

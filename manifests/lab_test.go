@@ -47,6 +47,7 @@ import (
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	agentk8s "github.com/nodemesh/nodemesh/agent/k8s"
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient/apiclienttest"
 	"github.com/nodemesh/nodemesh/agent/nodeinfo"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
@@ -429,10 +430,11 @@ func runAgentWatchers(ctx context.Context, t *testing.T, cfg *rest.Config) <-cha
 
 	bundles := make(chan []*x509.Certificate, 1)
 	log := slog.New(slog.NewTextHandler(testWriter{t}, nil))
+	api := apiclienttest.New(t, cfg)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		err := idk8s.RunBundleWatcher(ctx, kubernetes.NewForConfigOrDie(cfg), ns, identity.BundleConfigMap, func(roots []*x509.Certificate) error {
+		err := idk8s.RunBundleWatcher(ctx, api, ns, identity.BundleConfigMap, func(roots []*x509.Certificate) error {
 			select {
 			case bundles <- roots:
 			default:
@@ -457,7 +459,7 @@ func runAgentInformers(ctx context.Context, t *testing.T, cfg *rest.Config) {
 	}
 	var logBuf lockedBuffer
 	in := &agentk8s.Informers{
-		Client:  kubernetes.NewForConfigOrDie(cfg),
+		Client:  apiclienttest.New(t, cfg),
 		Dynamic: dynamic.NewForConfigOrDie(cfg),
 		Store:   store,
 		Log:     slog.New(slog.NewTextHandler(&logBuf, nil)),

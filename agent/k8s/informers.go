@@ -15,11 +15,9 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/dynamic/dynamicinformer"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient"
 	l7v1alpha1 "github.com/nodemesh/nodemesh/agent/l7/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
@@ -44,7 +42,7 @@ var DefaultCustomResources = []schema.GroupVersionResource{
 
 // Informers feeds a store from the API server with client-go informers.
 type Informers struct {
-	Client kubernetes.Interface
+	Client apiclient.Interface
 	// Dynamic watches CustomResources; nil watches none.
 	Dynamic dynamic.Interface
 	Store   *state.Store
@@ -75,9 +73,14 @@ func (in *Informers) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	f := informers.NewSharedInformerFactoryWithOptions(in.Client, in.Resync, informers.WithTransform(Transform))
+	var run informerRuns
+	defer run.wait()
+	defer cancel() // before the wait: the informers stop with ctx
 	var synced []cache.InformerSynced
 	add := func(kind string, inf cache.SharedIndexInformer, h cache.ResourceEventHandler) error {
+		if err := inf.SetTransform(Transform); err != nil {
+			return fmt.Errorf("setting %s transform: %w", kind, err)
+		}
 		if err := inf.SetWatchErrorHandlerWithContext(watchErrorLogger(log, kind)); err != nil {
 			return fmt.Errorf("setting %s watch error handler: %w", kind, err)
 		}
@@ -86,18 +89,20 @@ func (in *Informers) Run(ctx context.Context) error {
 			return fmt.Errorf("adding %s event handler: %w", kind, err)
 		}
 		synced = append(synced, reg.HasSynced)
+		run.start(ctx, inf)
 		return nil
 	}
+	api, resync := in.Client, in.Resync
 	st := in.Store
 	handlers := []struct {
 		kind string
 		inf  cache.SharedIndexInformer
 		h    cache.ResourceEventHandler
 	}{
-		{"namespaces", f.Core().V1().Namespaces().Informer(), handler(st, log, "namespace",
+		{"namespaces", apiclient.NewInformer(api.Namespaces(), &corev1.Namespace{}, resync, nil), handler(st, log, "namespace",
 			func(tx *state.Tx, n *corev1.Namespace) error { tx.SetNamespace(ConvertNamespace(n)); return nil },
 			func(tx *state.Tx, n *corev1.Namespace) { tx.DeleteNamespace(n.Name) })},
-		{"nodes", f.Core().V1().Nodes().Informer(), handler(st, log, "node",
+		{"nodes", apiclient.NewInformer(api.Nodes(), &corev1.Node{}, resync, nil), handler(st, log, "node",
 			func(tx *state.Tx, n *corev1.Node) error {
 				c, err := ConvertNode(n)
 				if err == nil {
@@ -106,8 +111,8 @@ func (in *Informers) Run(ctx context.Context) error {
 				return err
 			},
 			func(tx *state.Tx, n *corev1.Node) { tx.DeleteNode(n.Name) })},
-		{"pods", f.Core().V1().Pods().Informer(), handler(st, log, "pod", setCachedPod, deleteCachedPod)},
-		{"services", f.Core().V1().Services().Informer(), handler(st, log, "service",
+		{"pods", apiclient.NewInformer(api.Pods(""), &corev1.Pod{}, resync, nil), handler(st, log, "pod", setCachedPod, deleteCachedPod)},
+		{"services", apiclient.NewInformer(api.Services(""), &corev1.Service{}, resync, nil), handler(st, log, "service",
 			func(tx *state.Tx, s *corev1.Service) error {
 				c, err := ConvertService(s)
 				if err == nil {
@@ -118,7 +123,7 @@ func (in *Informers) Run(ctx context.Context) error {
 			func(tx *state.Tx, s *corev1.Service) {
 				tx.DeleteService(state.Key{Namespace: s.Namespace, Name: s.Name})
 			})},
-		{"endpointslices", f.Discovery().V1().EndpointSlices().Informer(), handler(st, log, "endpointslice",
+		{"endpointslices", apiclient.NewInformer(api.EndpointSlices(""), &discoveryv1.EndpointSlice{}, resync, nil), handler(st, log, "endpointslice",
 			func(tx *state.Tx, es *discoveryv1.EndpointSlice) error {
 				c, err := ConvertEndpointSlice(es)
 				if err == nil {
@@ -129,7 +134,7 @@ func (in *Informers) Run(ctx context.Context) error {
 			func(tx *state.Tx, es *discoveryv1.EndpointSlice) {
 				tx.DeleteEndpointSlice(state.Key{Namespace: es.Namespace, Name: es.Name})
 			})},
-		{"networkpolicies", f.Networking().V1().NetworkPolicies().Informer(), handler(st, log, "networkpolicy",
+		{"networkpolicies", apiclient.NewInformer(api.NetworkPolicies(""), &networkingv1.NetworkPolicy{}, resync, nil), handler(st, log, "networkpolicy",
 			func(tx *state.Tx, np *networkingv1.NetworkPolicy) error { tx.SetNetworkPolicy(np); return nil },
 			func(tx *state.Tx, np *networkingv1.NetworkPolicy) {
 				tx.DeleteNetworkPolicy(state.Key{Namespace: np.Namespace, Name: np.Name})
@@ -141,10 +146,8 @@ func (in *Informers) Run(ctx context.Context) error {
 		}
 	}
 
-	var df dynamicinformer.DynamicSharedInformerFactory
 	var missing []schema.GroupVersionResource
 	if in.Dynamic != nil {
-		df = dynamicinformer.NewDynamicSharedInformerFactory(in.Dynamic, in.Resync)
 		crs := in.CustomResources
 		if crs == nil {
 			crs = DefaultCustomResources
@@ -165,7 +168,7 @@ func (in *Informers) Run(ctx context.Context) error {
 				missing = append(missing, gvr)
 				continue
 			}
-			if err := in.addCustom(df, gvr, log, func(s cache.InformerSynced) { synced = append(synced, s) }); err != nil {
+			if err := in.addCustom(ctx, &run, gvr, log, func(s cache.InformerSynced) { synced = append(synced, s) }); err != nil {
 				return err
 			}
 		}
@@ -173,12 +176,6 @@ func (in *Informers) Run(ctx context.Context) error {
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	defer f.Shutdown()
-	f.Start(ctx.Done())
-	if df != nil {
-		defer df.Shutdown()
-		df.Start(ctx.Done())
-	}
 	start := time.Now()
 	log.Info("waiting for the informers' initial list")
 	if !cache.WaitForCacheSync(ctx.Done(), synced...) {
@@ -188,14 +185,14 @@ func (in *Informers) Run(ctx context.Context) error {
 	log.Info("cluster state synced", "version", st.Version(), "took", time.Since(start).Round(time.Millisecond))
 
 	if len(missing) > 0 {
-		wg.Go(func() { in.recheckCRDs(ctx, df, missing, log) })
+		wg.Go(func() { in.recheckCRDs(ctx, &run, missing, log) })
 	}
 	<-ctx.Done()
 	return nil
 }
 
 func (in *Informers) served(gvr schema.GroupVersionResource) (bool, error) {
-	list, err := in.Client.Discovery().ServerResourcesForGroupVersion(gvr.GroupVersion().String())
+	list, err := in.Client.ServerResourcesForGroupVersion(gvr.GroupVersion().String())
 	if apierrors.IsNotFound(err) {
 		return false, nil
 	}
@@ -210,8 +207,8 @@ func (in *Informers) served(gvr schema.GroupVersionResource) (bool, error) {
 	return false, nil
 }
 
-func (in *Informers) addCustom(df dynamicinformer.DynamicSharedInformerFactory, gvr schema.GroupVersionResource, log *slog.Logger, onSynced func(cache.InformerSynced)) error {
-	inf := df.ForResource(gvr).Informer()
+func (in *Informers) addCustom(ctx context.Context, run *informerRuns, gvr schema.GroupVersionResource, log *slog.Logger, onSynced func(cache.InformerSynced)) error {
+	inf := apiclient.NewInformer(in.Dynamic.Resource(gvr), &unstructured.Unstructured{}, in.Resync, nil)
 	if err := inf.SetTransform(Transform); err != nil {
 		return fmt.Errorf("setting %s transform: %w", gvr.Resource, err)
 	}
@@ -228,12 +225,13 @@ func (in *Informers) addCustom(df dynamicinformer.DynamicSharedInformerFactory, 
 		return fmt.Errorf("adding %s event handler: %w", gvr.Resource, err)
 	}
 	onSynced(reg.HasSynced)
+	run.start(ctx, inf)
 	return nil
 }
 
 // recheckCRDs starts informers for custom resources whose CRDs appear after
 // the agent started.
-func (in *Informers) recheckCRDs(ctx context.Context, df dynamicinformer.DynamicSharedInformerFactory, missing []schema.GroupVersionResource, log *slog.Logger) {
+func (in *Informers) recheckCRDs(ctx context.Context, run *informerRuns, missing []schema.GroupVersionResource, log *slog.Logger) {
 	every := in.CRDRecheck
 	if every <= 0 {
 		every = 30 * time.Second
@@ -250,7 +248,7 @@ func (in *Informers) recheckCRDs(ctx context.Context, df dynamicinformer.Dynamic
 		for _, gvr := range missing {
 			ok, err := in.served(gvr)
 			if err == nil && ok {
-				err = in.addCustom(df, gvr, log, func(cache.InformerSynced) {})
+				err = in.addCustom(ctx, run, gvr, log, func(cache.InformerSynced) {})
 			}
 			if err != nil || !ok {
 				if err != nil {
@@ -261,10 +259,19 @@ func (in *Informers) recheckCRDs(ctx context.Context, df dynamicinformer.Dynamic
 			}
 			log.Info("custom resource appeared, watching it", "resource", gvr.String())
 		}
-		df.Start(ctx.Done())
 		missing = still
 	}
 }
+
+// informerRuns runs informers until their context ends.
+type informerRuns struct{ wg sync.WaitGroup }
+
+func (r *informerRuns) start(ctx context.Context, inf cache.SharedIndexInformer) {
+	r.wg.Go(func() { inf.RunWithContext(ctx) })
+}
+
+// wait returns once every informer started has stopped.
+func (r *informerRuns) wait() { r.wg.Wait() }
 
 // setCachedPod stores the pod the transform converted (CompactPod), or
 // returns its conversion error.

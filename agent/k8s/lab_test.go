@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/dynamic"
 	"k8s.io/utils/ptr"
 
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient/apiclienttest"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/lab/labtest"
 )
@@ -56,7 +57,7 @@ func TestLabInformers(t *testing.T) {
 
 	st := newStore(t)
 	seen := newLogSeen(slog.NewTextHandler(testWriter{t}, nil))
-	inf := &Informers{Client: c, Dynamic: dyn, Store: st, Log: slog.New(seen), CRDRecheck: 500 * time.Millisecond}
+	inf := &Informers{Client: apiclienttest.New(t, srv.REST), Dynamic: dyn, Store: st, Log: slog.New(seen), CRDRecheck: 500 * time.Millisecond}
 	runCtx, stopRun := context.WithCancel(ctx)
 	runDone := make(chan error, 1)
 	go func() { runDone <- inf.Run(runCtx) }()

@@ -11,9 +11,9 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
@@ -57,7 +57,7 @@ func TestInformersWatchWithBookmarksFromTheListedVersion(t *testing.T) {
 		<-r.Context().Done()
 	}))
 	defer srv.Close()
-	client, err := kubernetes.NewForConfig(&rest.Config{Host: srv.URL})
+	client, err := apiclient.New(&rest.Config{Host: srv.URL})
 	if err != nil {
 		t.Fatal(err)
 	}

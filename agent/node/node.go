@@ -27,12 +27,12 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sys/unix"
 	"k8s.io/client-go/dynamic"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
 	"github.com/nodemesh/nodemesh/agent/exposure"
 	"github.com/nodemesh/nodemesh/agent/k8s"
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient"
 	"github.com/nodemesh/nodemesh/agent/procs"
 	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/agent/state"
@@ -128,7 +128,7 @@ type Node struct {
 	metrics *admin.Metrics
 	admin   *admin.Server
 
-	client  kubernetes.Interface // nil with StaticDir
+	client  apiclient.Interface // nil with StaticDir
 	dynamic dynamic.Interface
 	source  interface{ Run(context.Context) error }
 
@@ -173,7 +173,7 @@ func New(cfg Config) (*Node, error) {
 		}
 		rc := rest.CopyConfig(cfg.Rest)
 		rc.UserAgent = "nodemesh-agent/" + cfg.NodeName
-		if n.client, err = kubernetes.NewForConfig(rc); err != nil {
+		if n.client, err = apiclient.New(rc); err != nil {
 			return nil, fmt.Errorf("creating Kubernetes client: %w", err)
 		}
 		if n.dynamic, err = dynamic.NewForConfig(rc); err != nil {

@@ -11,6 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient/apiclienttest"
 	"github.com/nodemesh/nodemesh/lab/labtest"
 	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
@@ -27,13 +28,14 @@ func TestLabMark(t *testing.T) {
 	if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: DefaultNamespace}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	peers := NewPeers(c, "")
+	api := apiclienttest.New(t, srv.REST)
+	peers := NewPeers(api, "")
 	pctx, stopPeers := context.WithCancel(ctx)
 	pdone := make(chan error, 1)
 	go func() { pdone <- peers.Run(pctx) }()
 	defer func() { stopPeers(); <-pdone }()
 
-	m, err := NewMark(MarkConfig{Client: c, Node: "node-a", Holder: "nodemesh-agent-xyz", Duration: 4 * time.Second, Renew: time.Second,
+	m, err := NewMark(MarkConfig{Client: api, Node: "node-a", Holder: "nodemesh-agent-xyz", Duration: 4 * time.Second, Renew: time.Second,
 		Ready: func(context.Context) bool { return true }, Log: slog.Default()})
 	if err != nil {
 		t.Fatal(err)

@@ -21,10 +21,10 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/utils/ptr"
+
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient"
 )
 
 // Defaults.
@@ -46,7 +46,7 @@ func LeaseName(node string) string { return LeasePrefix + node }
 
 // MarkConfig configures a Mark.
 type MarkConfig struct {
-	Client    kubernetes.Interface
+	Client    apiclient.Interface
 	Namespace string // "" = DefaultNamespace
 	Node      string
 	Holder    string // holderIdentity; "" = Node
@@ -134,7 +134,7 @@ func (m *Mark) step(ctx context.Context) {
 }
 
 func (m *Mark) renew(ctx context.Context) error {
-	leases := m.cfg.Client.CoordinationV1().Leases(m.cfg.Namespace)
+	leases := m.cfg.Client.Leases(m.cfg.Namespace)
 	now := metav1.NewMicroTime(time.Now())
 	name := LeaseName(m.cfg.Node)
 	if m.last != nil {
@@ -189,7 +189,7 @@ func (m *Mark) renewed(l *coordinationv1.Lease, now metav1.MicroTime) *coordinat
 // withdraw deletes the Lease. Not found is success.
 func (m *Mark) withdraw(ctx context.Context) error {
 	name := LeaseName(m.cfg.Node)
-	err := m.cfg.Client.CoordinationV1().Leases(m.cfg.Namespace).Delete(ctx, name, metav1.DeleteOptions{})
+	err := m.cfg.Client.Leases(m.cfg.Namespace).Delete(ctx, name, metav1.DeleteOptions{})
 	if err != nil && !apierrors.IsNotFound(err) {
 		return fmt.Errorf("withdrawing the node mark (deleting lease %s/%s): %w", m.cfg.Namespace, name, err)
 	}
@@ -212,7 +212,6 @@ type NodeStatus struct {
 
 // Peers watches the marks of every node.
 type Peers struct {
-	factory  informers.SharedInformerFactory
 	informer cache.SharedIndexInformer
 	ns       string
 	now      func() time.Time
@@ -221,16 +220,16 @@ type Peers struct {
 }
 
 // NewPeers watches the Leases in namespace ("" = DefaultNamespace).
-func NewPeers(client kubernetes.Interface, namespace string) *Peers {
+func NewPeers(client apiclient.Interface, namespace string) *Peers {
 	ns := cmp.Or(namespace, DefaultNamespace)
-	f := informers.NewSharedInformerFactoryWithOptions(client, 0, informers.WithNamespace(ns))
-	return &Peers{factory: f, informer: f.Coordination().V1().Leases().Informer(), ns: ns, now: time.Now}
+	return &Peers{informer: apiclient.NewInformer(client.Leases(ns), &coordinationv1.Lease{}, 0, nil), ns: ns, now: time.Now}
 }
 
 // Run watches until ctx ends.
 func (p *Peers) Run(ctx context.Context) error {
-	p.factory.Start(ctx.Done())
-	defer p.factory.Shutdown()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { p.informer.RunWithContext(ctx) })
 	if !cache.WaitForCacheSync(ctx.Done(), p.informer.HasSynced) {
 		return ctx.Err()
 	}

@@ -19,6 +19,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/utils/ptr"
 
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient/apiclienttest"
 	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
@@ -60,10 +61,10 @@ func TestFresh(t *testing.T) {
 func TestNewMarkRejectsBadConfig(t *testing.T) {
 	c := fake.NewClientset()
 	ready := func(context.Context) bool { return true }
-	if _, err := NewMark(MarkConfig{Client: c, Ready: ready, Log: slog.Default()}); err == nil {
+	if _, err := NewMark(MarkConfig{Client: apiclienttest.FromClientset(c), Ready: ready, Log: slog.Default()}); err == nil {
 		t.Error("no node: want an error")
 	}
-	if _, err := NewMark(MarkConfig{Client: c, Node: "n", Ready: ready, Log: slog.Default(), Duration: 4 * time.Second, Renew: 3 * time.Second}); err == nil {
+	if _, err := NewMark(MarkConfig{Client: apiclienttest.FromClientset(c), Node: "n", Ready: ready, Log: slog.Default(), Duration: 4 * time.Second, Renew: 3 * time.Second}); err == nil {
 		t.Error("renew > duration/2: want an error")
 	}
 }
@@ -86,14 +87,14 @@ func getLease(t *testing.T, c kubernetes.Interface, node string) *coordinationv1
 func TestMarkFollowsReadiness(t *testing.T) {
 	c := fake.NewClientset()
 	var ready atomic.Bool
-	m, err := NewMark(MarkConfig{Client: c, Node: "n1", Holder: "agent-abc", Duration: 2 * time.Second, Renew: 50 * time.Millisecond,
+	m, err := NewMark(MarkConfig{Client: apiclienttest.FromClientset(c), Node: "n1", Holder: "agent-abc", Duration: 2 * time.Second, Renew: 50 * time.Millisecond,
 		Ready: func(context.Context) bool { return ready.Load() }, Log: slog.Default()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	peers := NewPeers(c, "")
+	peers := NewPeers(apiclienttest.FromClientset(c), "")
 	pdone := make(chan error, 1)
 	go func() { pdone <- peers.Run(ctx) }()
 	defer func() { cancel(); <-pdone }()
@@ -145,7 +146,7 @@ func TestPeersStaleLease(t *testing.T) {
 	l := lease("ghost", now, 10)
 	l.Name, l.Namespace = LeaseName("n3"), DefaultNamespace
 	c := fake.NewClientset(l)
-	peers := NewPeers(c, "")
+	peers := NewPeers(apiclienttest.FromClientset(c), "")
 	clock := now
 	peers.now = func() time.Time { return clock }
 	ctx, cancel := context.WithCancel(context.Background())
@@ -172,7 +173,7 @@ func TestPeersStaleLease(t *testing.T) {
 // again.
 func TestMarkRenewsWithOneRequest(t *testing.T) {
 	c := fake.NewClientset()
-	m, err := NewMark(MarkConfig{Client: c, Node: "n1", Ready: func(context.Context) bool { return true }, Log: slog.New(slog.DiscardHandler)})
+	m, err := NewMark(MarkConfig{Client: apiclienttest.FromClientset(c), Node: "n1", Ready: func(context.Context) bool { return true }, Log: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

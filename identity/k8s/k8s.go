@@ -16,10 +16,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient"
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -32,7 +31,7 @@ type Wanter interface {
 
 // PodWatcherConfig configures RunPodWatcher.
 type PodWatcherConfig struct {
-	Client      kubernetes.Interface
+	Client      apiclient.Interface
 	Node        string
 	TrustDomain spiffeid.TrustDomain
 	Target      Wanter
@@ -60,11 +59,9 @@ func RunPodWatcher(ctx context.Context, cfg PodWatcherConfig) error {
 	if cfg.Resync == 0 {
 		cfg.Resync = 10 * time.Minute
 	}
-	f := informers.NewSharedInformerFactoryWithOptions(cfg.Client, cfg.Resync,
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", cfg.Node).String()
-		}))
-	inf := f.Core().V1().Pods().Informer()
+	inf := apiclient.NewInformer(cfg.Client.Pods(""), &corev1.Pod{}, cfg.Resync, func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", cfg.Node).String()
+	})
 	sync := func(obj any) {
 		pod, ok := obj.(*corev1.Pod)
 		if !ok {
@@ -104,9 +101,7 @@ func RunPodWatcher(ctx context.Context, cfg PodWatcherConfig) error {
 	if err != nil {
 		return fmt.Errorf("running pod watcher: adding handler: %w", err)
 	}
-	f.Start(ctx.Done())
-	<-ctx.Done()
-	f.Shutdown()
+	inf.RunWithContext(ctx)
 	return nil
 }
 
@@ -126,15 +121,13 @@ type BundleSetter func(roots []*x509.Certificate) error
 // RunBundleWatcher watches ConfigMap namespace/name (the CA publishes
 // identity.BundleConfigMap) and calls set with its roots on every change.
 // A malformed bundle is logged and ignored: the last good one stays.
-func RunBundleWatcher(ctx context.Context, c kubernetes.Interface, namespace, name string, set BundleSetter, log *slog.Logger) error {
+func RunBundleWatcher(ctx context.Context, c apiclient.Interface, namespace, name string, set BundleSetter, log *slog.Logger) error {
 	if c == nil || set == nil || log == nil {
 		return errors.New("running bundle watcher: client, setter and logger are required")
 	}
-	f := informers.NewSharedInformerFactoryWithOptions(c, 10*time.Minute, informers.WithNamespace(namespace),
-		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
-		}))
-	inf := f.Core().V1().ConfigMaps().Informer()
+	inf := apiclient.NewInformer(c.ConfigMaps(namespace), &corev1.ConfigMap{}, 10*time.Minute, func(o *metav1.ListOptions) {
+		o.FieldSelector = fields.OneTermEqualSelector("metadata.name", name).String()
+	})
 	load := func(obj any) {
 		cm, ok := obj.(*corev1.ConfigMap)
 		if !ok || cm.Name != name {
@@ -159,9 +152,7 @@ func RunBundleWatcher(ctx context.Context, c kubernetes.Interface, namespace, na
 	if err != nil {
 		return fmt.Errorf("running bundle watcher: adding handler: %w", err)
 	}
-	f.Start(ctx.Done())
-	<-ctx.Done()
-	f.Shutdown()
+	inf.RunWithContext(ctx)
 	return nil
 }
 

@@ -16,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
 
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient/apiclienttest"
 	"github.com/nodemesh/nodemesh/identity/ca"
 	"github.com/nodemesh/nodemesh/identity/k8s"
 	"github.com/nodemesh/nodemesh/lab/waitfor"
@@ -96,7 +97,7 @@ func TestPodWatcherWantedSet(t *testing.T) {
 	done := make(chan error, 1)
 	go func() {
 		done <- k8s.RunPodWatcher(ctx, k8s.PodWatcherConfig{
-			Client: c, Node: "n1", TrustDomain: td, Target: r, Log: slog.New(slog.DiscardHandler),
+			Client: apiclienttest.FromClientset(c), Node: "n1", TrustDomain: td, Target: r, Log: slog.New(slog.DiscardHandler),
 			Filter: func(p *corev1.Pod) bool { return p.Name != "optout" },
 		})
 	}()
@@ -118,7 +119,7 @@ func TestPodWatcherWantedSet(t *testing.T) {
 		}
 		return nil
 	})
-	if err := k8s.RunPodWatcher(ctx, k8s.PodWatcherConfig{Client: c, TrustDomain: td, Target: r, Log: slog.New(slog.DiscardHandler)}); err == nil || !strings.Contains(err.Error(), "NODE_NAME") {
+	if err := k8s.RunPodWatcher(ctx, k8s.PodWatcherConfig{Client: apiclienttest.FromClientset(c), TrustDomain: td, Target: r, Log: slog.New(slog.DiscardHandler)}); err == nil || !strings.Contains(err.Error(), "NODE_NAME") {
 		t.Fatalf("empty node: %v", err)
 	}
 }

@@ -32,6 +32,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient/apiclienttest"
 	"github.com/nodemesh/nodemesh/identity"
 	"github.com/nodemesh/nodemesh/identity/ca"
 	"github.com/nodemesh/nodemesh/identity/identitytest"
@@ -463,12 +464,13 @@ func startAgent(t *testing.T, cl *cluster, c *identitytest.CA, node string, agen
 			}
 		}()
 	}
+	api := apiclienttest.New(t, cl.s.REST)
 	run(func() error { return m.Run(ctx) })
 	run(func() error {
-		return k8s.RunBundleWatcher(ctx, cl.c, agentNS, identity.BundleConfigMap, m.SetBundle, log)
+		return k8s.RunBundleWatcher(ctx, api, agentNS, identity.BundleConfigMap, m.SetBundle, log)
 	})
 	run(func() error {
-		return k8s.RunPodWatcher(ctx, k8s.PodWatcherConfig{Client: cl.c, Node: node, TrustDomain: td, Target: m, Log: log})
+		return k8s.RunPodWatcher(ctx, k8s.PodWatcherConfig{Client: api, Node: node, TrustDomain: td, Target: m, Log: log})
 	})
 	t.Cleanup(func() { cancel(); wg.Wait(); client.Close() })
 	return &agent{m: m, client: client}

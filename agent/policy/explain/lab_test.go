@@ -21,6 +21,7 @@ import (
 	"k8s.io/client-go/dynamic"
 
 	"github.com/nodemesh/nodemesh/agent/k8s"
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient/apiclienttest"
 	"github.com/nodemesh/nodemesh/agent/k8s/yamljson"
 	"github.com/nodemesh/nodemesh/agent/policy"
 	"github.com/nodemesh/nodemesh/agent/policy/fromstate"
@@ -117,10 +118,11 @@ func TestLabExplainMatchesAgent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	api := apiclienttest.New(t, srv.REST)
 	runCtx, stop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		inf := &k8s.Informers{Client: srv.Client, Dynamic: dyn, Store: store, CRDRecheck: time.Second}
+		inf := &k8s.Informers{Client: api, Dynamic: dyn, Store: store, CRDRecheck: time.Second}
 		if err := inf.Run(runCtx); err != nil {
 			t.Errorf("informers: %v", err)
 		}

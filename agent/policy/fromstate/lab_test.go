@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/dynamic"
 
 	"github.com/nodemesh/nodemesh/agent/k8s"
+	"github.com/nodemesh/nodemesh/agent/k8s/apiclient/apiclienttest"
 	"github.com/nodemesh/nodemesh/agent/policy"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 	"github.com/nodemesh/nodemesh/agent/state"
@@ -85,12 +86,13 @@ func TestLabPolicyFollowsTheAPIServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	api := apiclienttest.New(t, srv.REST)
 	runCtx, stop := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		inf := &k8s.Informers{Client: c, Dynamic: dyn, Store: store, CRDRecheck: time.Second}
+		inf := &k8s.Informers{Client: api, Dynamic: dyn, Store: store, CRDRecheck: time.Second}
 		if err := inf.Run(runCtx); err != nil {
 			t.Errorf("informers: %v", err)
 		}
