@@ -51,7 +51,9 @@ func TestMemoryPerPodAtScale(t *testing.T) {
 			tx.SetNamespace(&state.Namespace{Name: fmt.Sprintf("ns-%03d", ns), Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
 		}
 	})
-	idx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
+	// No index: apiclient.NewInformer builds the agent's informers without
+	// the namespace index client-go's factory adds.
+	idx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{})
 	start := heap()
 	for i := range n {
 		obj, err := Transform(scalePod(t, i))
