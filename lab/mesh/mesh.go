@@ -539,8 +539,9 @@ func (m *Mesh) EnrolledPods(ctx context.Context) (map[string][]string, error) {
 	return out, nil
 }
 
-// WaitReady waits until every agent is ready and reports every enrolled
-// pod of its node as verified (and no other pod as captured).
+// WaitReady waits until every agent is ready, reports every enrolled pod
+// of its node as verified (and no other pod as captured), and sees every
+// other agent's node mark.
 func (m *Mesh) WaitReady(ctx context.Context) error {
 	var last error
 	for {
@@ -592,7 +593,51 @@ func (m *Mesh) checkReady(ctx context.Context) error {
 			return fmt.Errorf("agent on %s captures %s, which is not enrolled", node, k)
 		}
 	}
+	if err := m.checkMarks(ctx); err != nil {
+		return err
+	}
 	m.Enrolled = want
+	return nil
+}
+
+// checkMarks: every node agent sees every other node agent's node mark as
+// fresh. An agent becomes ready, then writes its mark, and its peers learn
+// of it from their watch: until then they treat its node as unmeshed and
+// send its PERMISSIVE pods plaintext (docs/rollout.md). A mesh is ready
+// for a test once that has settled. Agents without a rollout section (no
+// API server) are skipped.
+func (m *Mesh) checkMarks(ctx context.Context) error {
+	for node := range m.Agents {
+		b, err := m.Get(ctx, node, "/config_dump/rollout")
+		if err != nil {
+			if strings.Contains(err.Error(), "404 Not Found") {
+				continue
+			}
+			return err
+		}
+		var d struct {
+			Synced bool `json:"synced"`
+			Marks  []struct {
+				Node  string `json:"node"`
+				Fresh bool   `json:"meshCapable"`
+			} `json:"marks"`
+		}
+		if err := json.Unmarshal(b, &d); err != nil {
+			return fmt.Errorf("decoding the rollout dump of the agent on %s: %w", node, err)
+		}
+		if !d.Synced {
+			return fmt.Errorf("agent on %s has not listed the node marks yet", node)
+		}
+		fresh := map[string]bool{}
+		for _, mk := range d.Marks {
+			fresh[mk.Node] = mk.Fresh
+		}
+		for other := range m.Agents {
+			if other != node && !fresh[other] {
+				return fmt.Errorf("agent on %s does not see %s's node mark yet", node, other)
+			}
+		}
+	}
 	return nil
 }
 
