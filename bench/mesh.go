@@ -61,9 +61,15 @@ func (r *runner) agentGet(ctx context.Context, node, path string, timeout time.D
 }
 
 // profileAgents records a CPU profile of every agent for d while the
-// caller runs a workload; wait returns the files written.
-func (r *runner) profileAgents(ctx context.Context, d time.Duration, dir, label string) (wait func() []string) {
+// caller runs a workload; wait returns the files written. With trace set
+// it records a Go execution trace instead (`go tool trace FILE`), which
+// shows what held the agent's Ps when a request waited.
+func (r *runner) profileAgents(ctx context.Context, d time.Duration, dir, label string, trace bool) (wait func() []string) {
 	secs := max(1, int(d/time.Second))
+	endpoint, ext := "profile", "pprof"
+	if trace {
+		endpoint, ext = "trace", "trace"
+	}
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var files []string
@@ -71,12 +77,12 @@ func (r *runner) profileAgents(ctx context.Context, d time.Duration, dir, label 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			b, err := r.agentGet(ctx, node, fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs), d+time.Minute)
+			b, err := r.agentGet(ctx, node, fmt.Sprintf("/debug/pprof/%s?seconds=%d", endpoint, secs), d+time.Minute)
 			if err != nil {
 				r.log.Warn("profiling the agent failed", "node", node, "err", err)
 				return
 			}
-			name := fmt.Sprintf("agent-%s-%s.pprof", node, label)
+			name := fmt.Sprintf("agent-%s-%s.%s", node, label, ext)
 			if err := os.MkdirAll(dir, 0o755); err != nil {
 				r.log.Warn("creating the profile directory", "err", err)
 				return

@@ -264,7 +264,7 @@ func markdown(res *Results, charts map[string][]byte) string {
 	b.WriteString("\n![proxy memory vs pods per node](cost-memory.svg)\n\n![proxy CPU vs pods per node](cost-cpu.svg)\n")
 
 	if len(res.Profiles) > 0 {
-		b.WriteString("\n## Agent CPU profiles\n\nTaken during round 1 of the nodemesh runs (cross-node), in profiles/: read them with `go tool pprof -top <file>`.\n\n")
+		b.WriteString("\n## Agent CPU profiles and traces\n\nTaken during round 1 of the nodemesh runs (cross-node), in profiles/: read the CPU profiles (`.pprof`) with `go tool pprof -top <file>` and the execution traces (`.trace`) with `go tool trace <file>`.\n\n")
 		for _, f := range res.Profiles {
 			fmt.Fprintf(&b, "- [%s](profiles/%s)\n", f, f)
 		}

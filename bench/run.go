@@ -238,7 +238,9 @@ type Options struct {
 	Scenarios []string
 	// ProfileDir, when set, receives CPU profiles of the agents taken
 	// during the first round of the nodemesh runs of the headline HTTP
-	// workload and of bulk (pprof format; `go tool pprof -top FILE`).
+	// workload and of bulk (pprof format; `go tool pprof -top FILE`), and
+	// Go execution traces during the one-connection HTTP workload, whose
+	// tail latency is the agent's scheduling (`go tool trace FILE`).
 	ProfileDir string
 	Log        *slog.Logger
 }
@@ -520,8 +522,13 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 					continue // (e) runs the HTTP workloads only
 				}
 				var wait func() []string
-				if o.ProfileDir != "" && round == 1 && sc.Name == scenarioMeshCross && (w.name == workloadBulk || w.name == httpWorkload(p.HTTPRate, 16)) {
-					wait = r.profileAgents(ctx, cfg.Warmup+cfg.Duration, o.ProfileDir, w.name)
+				if o.ProfileDir != "" && round == 1 && sc.Name == scenarioMeshCross {
+					switch w.name {
+					case workloadBulk, httpWorkload(p.HTTPRate, 16):
+						wait = r.profileAgents(ctx, cfg.Warmup+cfg.Duration, o.ProfileDir, w.name, false)
+					case httpWorkload(p.HTTPRate, 1):
+						wait = r.profileAgents(ctx, cfg.Warmup+cfg.Duration, o.ProfileDir, w.name, true)
+					}
 				}
 				var f0 foreignSample
 				if foreign != nil {
