@@ -462,7 +462,84 @@ func (c *Capture) Close() error {
 func (c *Capture) allMaps() []*ebpf.Map {
 	m := c.objs.captureMaps
 	return []*ebpf.Map{m.AccelProbe, m.Enrolled, m.Excluded, m.Inbound, m.InboundExcluded, m.InboundSocks,
-		m.LookupStats, m.Origdst, m.Pending, m.Settings, m.Sockhash, m.Stats, m.Taint}
+		m.LookupStats, m.NodeAddrs, m.NodeProbePorts, m.Origdst, m.Pending, m.Settings, m.Sockhash, m.Stats, m.Taint}
+}
+
+// SetNodeAddrs makes addrs the node's own addresses: the sources from
+// which connections to an enrolled pod's probe ports (Pod.NodeProbePorts)
+// reach the pod directly while the agent's inbound listener is absent.
+// Pass the addresses of the node's interfaces, where kubelet's probes come
+// from; loopback, link-local, multicast and unspecified addresses are left
+// out (no probe comes from them, and a link-local source is not the node's
+// alone). The set is pinned: it outlives the agent, which is the point.
+// It returns whether the set changed.
+func (c *Capture) SetNodeAddrs(addrs []netip.Addr) (bool, error) {
+	want := map[captureIpKey]bool{}
+	for _, a := range addrs {
+		a = a.Unmap()
+		if !a.IsValid() || a.IsUnspecified() || a.IsLoopback() || a.IsLinkLocalUnicast() || a.IsMulticast() || a.IsLinkLocalMulticast() {
+			continue
+		}
+		fam, k := keyFromIP(a)
+		want[captureIpKey{Family: fam, Addr: k}] = true
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return false, ErrClosed
+	}
+	var k captureIpKey
+	var v uint8
+	have := map[captureIpKey]bool{}
+	it := c.objs.NodeAddrs.Iterate()
+	for it.Next(&k, &v) {
+		have[k] = true
+	}
+	if err := it.Err(); err != nil {
+		return false, fmt.Errorf("reading the node's addresses: %w", err)
+	}
+	changed := false
+	for k := range want {
+		if have[k] {
+			continue
+		}
+		if err := c.objs.NodeAddrs.Put(k, uint8(1)); err != nil {
+			return changed, fmt.Errorf("adding node address %v: %w", ipFromKey(k.Family, k.Addr), err)
+		}
+		changed = true
+	}
+	for k := range have {
+		if want[k] {
+			continue
+		}
+		if err := c.objs.NodeAddrs.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return changed, fmt.Errorf("removing node address %v: %w", ipFromKey(k.Family, k.Addr), err)
+		}
+		changed = true
+	}
+	return changed, nil
+}
+
+// NodeAddrs returns the node addresses SetNodeAddrs last stored (by this
+// agent or a previous one).
+func (c *Capture) NodeAddrs() ([]netip.Addr, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, ErrClosed
+	}
+	var out []netip.Addr
+	var k captureIpKey
+	var v uint8
+	it := c.objs.NodeAddrs.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, ipFromKey(k.Family, k.Addr))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("reading the node's addresses: %w", err)
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out, nil
 }
 
 // Stats returns the capture programs' counters summed over CPUs.
@@ -481,7 +558,7 @@ func (c *Capture) Stats() (map[string]uint64, error) {
 		}
 		out[n] = sum
 	}
-	for i, n := range []string{"lookup_unknown_dropped", "lookup_excluded"} {
+	for i, n := range []string{"lookup_unknown_dropped", "lookup_excluded", "lookup_node_passed"} {
 		var per []uint64
 		if err := c.objs.LookupStats.Lookup(uint32(i), &per); err != nil {
 			return nil, fmt.Errorf("reading capture stats: %w", err)

@@ -82,6 +82,8 @@ const (
 	captureMapInboundExcluded = "inbound_excluded"
 	captureMapInboundSocks    = "inbound_socks"
 	captureMapLookupStats     = "lookup_stats"
+	captureMapNodeAddrs       = "node_addrs"
+	captureMapNodeProbePorts  = "node_probe_ports"
 	captureMapOrigdst         = "origdst"
 	captureMapPending         = "pending"
 	captureMapSettings        = "settings"
@@ -158,6 +160,8 @@ type captureMapSpecs struct {
 	InboundExcluded *ebpf.MapSpec `ebpf:"inbound_excluded"`
 	InboundSocks    *ebpf.MapSpec `ebpf:"inbound_socks"`
 	LookupStats     *ebpf.MapSpec `ebpf:"lookup_stats"`
+	NodeAddrs       *ebpf.MapSpec `ebpf:"node_addrs"`
+	NodeProbePorts  *ebpf.MapSpec `ebpf:"node_probe_ports"`
 	Origdst         *ebpf.MapSpec `ebpf:"origdst"`
 	Pending         *ebpf.MapSpec `ebpf:"pending"`
 	Settings        *ebpf.MapSpec `ebpf:"settings"`
@@ -202,6 +206,8 @@ type captureMaps struct {
 	InboundExcluded *ebpf.Map `ebpf:"inbound_excluded"`
 	InboundSocks    *ebpf.Map `ebpf:"inbound_socks"`
 	LookupStats     *ebpf.Map `ebpf:"lookup_stats"`
+	NodeAddrs       *ebpf.Map `ebpf:"node_addrs"`
+	NodeProbePorts  *ebpf.Map `ebpf:"node_probe_ports"`
 	Origdst         *ebpf.Map `ebpf:"origdst"`
 	Pending         *ebpf.Map `ebpf:"pending"`
 	Settings        *ebpf.Map `ebpf:"settings"`
@@ -219,6 +225,8 @@ func (m *captureMaps) Close() error {
 		m.InboundExcluded,
 		m.InboundSocks,
 		m.LookupStats,
+		m.NodeAddrs,
+		m.NodeProbePorts,
 		m.Origdst,
 		m.Pending,
 		m.Settings,

@@ -107,8 +107,8 @@ func TestPrivSkLookupDecisions(t *testing.T) {
 	put(3, ln4)
 	put(4, ln6)
 	pod4, pod6 := netip.MustParseAddr("10.99.0.5"), netip.MustParseAddr("fd00:99::5")
-	gone4 := netip.MustParseAddr("10.99.0.6")
-	for ip, slot := range map[netip.Addr]uint32{pod4: 3, pod6: 4, gone4: 7 /* empty slot: agent gone */} {
+	gone4, gone6 := netip.MustParseAddr("10.99.0.6"), netip.MustParseAddr("fd00:99::6")
+	for ip, slot := range map[netip.Addr]uint32{pod4: 3, pod6: 4, gone4: 7, gone6: 8 /* empty slots: agent gone */} {
 		fam, a := keyFromIP(ip)
 		if err := objs.Inbound.Put(captureIpKey{Family: fam, Addr: a}, captureInboundVal{Slot: slot, Netns: 1}); err != nil {
 			t.Fatal(err)
@@ -116,6 +116,18 @@ func TestPrivSkLookupDecisions(t *testing.T) {
 	}
 	// Port 9090 of the pod (netns cookie 1) is excluded from inbound capture.
 	if err := objs.InboundExcluded.Put(capturePortKey{Netns: 1, Port: 9090}, uint8(1)); err != nil {
+		t.Fatal(err)
+	}
+	// The node's addresses, and port 8081 probed by kubelet: open to the
+	// node while the listener is absent.
+	node4, node6 := netip.MustParseAddr("10.99.0.1"), netip.MustParseAddr("fd00:99::1")
+	for _, ip := range []netip.Addr{node4, node6} {
+		fam, a := keyFromIP(ip)
+		if err := objs.NodeAddrs.Put(captureIpKey{Family: fam, Addr: a}, uint8(1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := objs.NodeProbePorts.Put(capturePortKey{Netns: 1, Port: 8081}, uint8(1)); err != nil {
 		t.Fatal(err)
 	}
 	c4, c6 := socketCookie(t, ln4), socketCookie(t, ln6)
@@ -140,6 +152,17 @@ func TestPrivSkLookupDecisions(t *testing.T) {
 		{"v4 excluded port untouched", unix.IPPROTO_TCP, ap(peer4, 40000), ap(pod4, 9090), 1, 0},
 		{"v4 excluded port, UDP untouched", unix.IPPROTO_UDP, ap(peer4, 40000), ap(pod4, 9090), 1, 0},
 		{"v4 listener gone: refused", unix.IPPROTO_TCP, ap(peer4, 40000), ap(gone4, 8080), 0, 0},
+		{"v4 listener gone, another pod to a probe port: refused", unix.IPPROTO_TCP, ap(peer4, 40000), ap(gone4, 8081), 0, 0},
+		{"v4 listener gone, node to a probe port: the app", unix.IPPROTO_TCP, ap(node4, 40000), ap(gone4, 8081), 1, 0},
+		{"v4 listener gone, node to another port: refused", unix.IPPROTO_TCP, ap(node4, 40000), ap(gone4, 8080), 0, 0},
+		{"v4 listener there, node to a probe port: steered", unix.IPPROTO_TCP, ap(node4, 40000), ap(pod4, 8081), 1, c4},
+		{"v4 node to an unregistered address: dropped", unix.IPPROTO_TCP, ap(node4, 40000), ap(netip.MustParseAddr("10.99.0.77"), 8081), 0, 0},
+		{"v6 listener gone, node to a probe port: the app", unix.IPPROTO_TCP, ap(node6, 40000), ap(gone6, 8081), 1, 0},
+		{"v6 listener gone, node to another port: refused", unix.IPPROTO_TCP, ap(node6, 40000), ap(gone6, 8080), 0, 0},
+		{"v6 listener gone, another pod to a probe port: refused", unix.IPPROTO_TCP, ap(peer6, 40000), ap(gone6, 8081), 0, 0},
+		{"v6 listener gone, v4-mapped node address: refused", unix.IPPROTO_TCP, ap(netip.MustParseAddr("::ffff:10.99.0.1"), 40000), ap(gone6, 8081), 0, 0},
+		{"v6 listener there, node to a probe port: steered", unix.IPPROTO_TCP, ap(node6, 40000), ap(pod6, 8081), 1, c6},
+		{"v6 node to a link-local address: dropped", unix.IPPROTO_TCP, ap(node6, 40000), ap(netip.MustParseAddr("fe80::5"), 8081), 0, 0},
 		{"v6 app port steered to 15006", unix.IPPROTO_TCP, ap(peer6, 40000), ap(pod6, 8080), 1, c6},
 		{"v6 HBONE port untouched", unix.IPPROTO_TCP, ap(peer6, 40000), ap(pod6, 15008), 1, 0},
 		{"v6 from the pod itself untouched", unix.IPPROTO_TCP, ap(pod6, 40000), ap(pod6, 8080), 1, 0},

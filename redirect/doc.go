@@ -17,7 +17,11 @@
 //
 // Enrollment is keyed by network namespace cookie. Everything is pinned on
 // bpffs, so capture stays in force (and fails closed) while the agent is
-// down, and a restarted agent adopts it with atomic link updates.
+// down, and a restarted agent adopts it with atomic link updates. The one
+// exception to failing closed: connections from the node's own addresses
+// (SetNodeAddrs) to a pod's kubelet probe ports (Pod.NodeProbePorts) reach
+// the pod while its 15006 listener is absent, so that an agent restart
+// does not fail kubelet's probes.
 //
 // Typical use by the agent:
 //

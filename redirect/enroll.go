@@ -41,6 +41,13 @@ type Pod struct {
 	// nodemesh.io/exclude-inbound-ports). Source agents send plaintext to
 	// them too, so the destination must let it through.
 	ExcludeInboundPorts []uint16
+	// NodeProbePorts are the pod's ports that connections from the node's
+	// own addresses (SetNodeAddrs) reach directly while the agent's
+	// inbound listener is absent (the agent restarting): kubelet's probe
+	// ports, which the policy admits from the node in plaintext even
+	// under STRICT. While the agent listens they go through it like every
+	// other connection. Agent ports and 0 are ignored.
+	NodeProbePorts []uint16
 }
 
 // EnrolledPod is a pod whose TCP traffic is captured, with the agent's
@@ -67,13 +74,14 @@ type deliveryState struct {
 }
 
 type podState struct {
-	cookie  uint64
-	link    link.Link // sk_lookup link in the pod's netns, pinned
-	ips     []netip.Addr
-	slots   []uint32
-	ep      *EnrolledPod // nil for a pod adopted but not re-enrolled yet
-	ports   []uint16     // excluded outbound
-	inPorts []uint16     // excluded inbound
+	cookie    uint64
+	link      link.Link // sk_lookup link in the pod's netns, pinned
+	ips       []netip.Addr
+	slots     []uint32
+	ep        *EnrolledPod // nil for a pod adopted but not re-enrolled yet
+	ports     []uint16     // excluded outbound
+	inPorts   []uint16     // excluded inbound
+	nodePorts []uint16     // probe ports open to the node without a listener
 }
 
 func (p *podState) closeListeners() {
@@ -310,6 +318,8 @@ func (c *Capture) enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 		return nil, fmt.Errorf("enrolling pod %s: excluded inbound ports %v include 0, an agent port (15000, 15001, 15006, 15008, 15020, 15021) or the self-check probe port %d", pod.Name, pod.ExcludeInboundPorts, ProbePort)
 	}
 
+	nodePorts := nodeProbePorts(pod.NodeProbePorts)
+
 	cookie, err := inpod.Cookie(pod.Netns)
 	if err != nil {
 		return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
@@ -317,7 +327,7 @@ func (c *Capture) enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 	c.mu.Lock()
 	if p := c.pods[cookie]; p != nil && p.ep != nil {
 		defer c.mu.Unlock()
-		return c.updateLocked(p, pod, ports, inPorts)
+		return c.updateLocked(p, pod, ports, inPorts, nodePorts)
 	}
 	c.mu.Unlock()
 
@@ -325,6 +335,7 @@ func (c *Capture) enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 	if err != nil {
 		return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
 	}
+	pod.NodeProbePorts = nodePorts
 	ep := &EnrolledPod{Pod: pod, Cookie: ls.Cookie, Listeners: ls, c: c}
 	ep.probes.init(c, ep)
 
@@ -335,7 +346,7 @@ func (c *Capture) enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 		return nil, ErrClosed
 	}
 	old := c.pods[ls.Cookie]
-	st := &podState{cookie: ls.Cookie, ep: ep, ports: ports, inPorts: inPorts}
+	st := &podState{cookie: ls.Cookie, ep: ep, ports: ports, inPorts: inPorts, nodePorts: nodePorts}
 	prevInbound := map[captureIpKey]*captureInboundVal{} // to restore on error
 	defer func() {
 		if err != nil {
@@ -417,8 +428,8 @@ func (c *Capture) enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 			return nil, fmt.Errorf("enrolling pod %s: pinning sk_lookup link: %w", pod.Name, err)
 		}
 	}
-	// Excluded ports: add the new set, then drop what is no longer excluded.
-	if err := c.setExcluded(ls.Cookie, ports, inPorts); err != nil {
+	// Excluded and probe ports: add the new sets, then drop the rest.
+	if err := c.setExcluded(ls.Cookie, ports, inPorts, nodePorts); err != nil {
 		return nil, fmt.Errorf("enrolling pod %s: %w", pod.Name, err)
 	}
 	// Outbound capture on, now that 15001 is listening.
@@ -447,7 +458,7 @@ func (c *Capture) enroll(ctx context.Context, pod Pod) (_ *EnrolledPod, err erro
 
 // updateLocked applies new settings to a pod that is enrolled and served:
 // its listeners stay as they are.
-func (c *Capture) updateLocked(p *podState, pod Pod, ports, inPorts []uint16) (*EnrolledPod, error) {
+func (c *Capture) updateLocked(p *podState, pod Pod, ports, inPorts, nodePorts []uint16) (*EnrolledPod, error) {
 	if c.closed {
 		return nil, ErrClosed
 	}
@@ -458,25 +469,36 @@ func (c *Capture) updateLocked(p *podState, pod Pod, ports, inPorts []uint16) (*
 	if !slices.Equal(ips, p.ips) {
 		return nil, fmt.Errorf("updating pod %s: its IPs changed from %v to %v; unenroll it and enroll it again", pod.Name, p.ips, ips)
 	}
-	if err := c.setExcluded(p.cookie, ports, inPorts); err != nil {
+	if err := c.setExcluded(p.cookie, ports, inPorts, nodePorts); err != nil {
 		return nil, fmt.Errorf("updating pod %s: %w", pod.Name, err)
 	}
-	p.ports, p.inPorts = ports, inPorts
+	p.ports, p.inPorts, p.nodePorts = ports, inPorts, nodePorts
 	p.ep.ExcludeOutboundPorts = slices.Clone(ports)
 	p.ep.ExcludeInboundPorts = slices.Clone(inPorts)
-	c.log.Info("pod enrollment updated", "pod", pod.Name, "netns_cookie", p.cookie, "excluded_ports", ports, "excluded_inbound_ports", inPorts)
+	p.ep.NodeProbePorts = slices.Clone(nodePorts)
+	c.log.Info("pod enrollment updated", "pod", pod.Name, "netns_cookie", p.cookie, "excluded_ports", ports,
+		"excluded_inbound_ports", inPorts, "node_probe_ports", nodePorts)
 	return p.ep, nil
 }
 
-// setExcluded makes the pod's excluded outbound and inbound ports exactly
-// out and in: it adds the new ones first, then drops the others, so a
-// port excluded before and after is never captured in between.
-func (c *Capture) setExcluded(cookie uint64, out, in []uint16) error {
+// nodeProbePorts returns ports without 0, the agent's ports and the
+// self-check port, none of which may ever reach an application around the
+// agent.
+func nodeProbePorts(ports []uint16) []uint16 {
+	out := slices.Clone(ports)
+	return slices.DeleteFunc(out, func(p uint16) bool { return p == ProbePort || p == 0 || agentPort(p) })
+}
+
+// setExcluded makes the pod's excluded outbound and inbound ports, and its
+// probe ports open to the node, exactly out, in and node: it adds the new
+// ones first, then drops the others, so a port in a set before and after
+// is never out of it in between.
+func (c *Capture) setExcluded(cookie uint64, out, in, node []uint16) error {
 	for _, set := range []struct {
 		m     *ebpf.Map
 		ports []uint16
 		what  string
-	}{{c.objs.Excluded, out, "outbound"}, {c.objs.InboundExcluded, in, "inbound"}} {
+	}{{c.objs.Excluded, out, "outbound"}, {c.objs.InboundExcluded, in, "inbound"}, {c.objs.NodeProbePorts, node, "node probe"}} {
 		for _, port := range set.ports {
 			if err := set.m.Update(capturePortKey{Netns: cookie, Port: uint32(port)}, uint8(1), ebpf.UpdateAny); err != nil {
 				return fmt.Errorf("excluding %s port %d: %w", set.what, port, err)
@@ -559,7 +581,8 @@ func (c *Capture) dropPod(cookie uint64, p *podState) error {
 		return err
 	}
 	errs = append(errs, ignore(c.objs.Enrolled.Delete(cookie)))
-	errs = append(errs, pruneExcluded(c.objs.Excluded, cookie, nil), pruneExcluded(c.objs.InboundExcluded, cookie, nil))
+	errs = append(errs, pruneExcluded(c.objs.Excluded, cookie, nil), pruneExcluded(c.objs.InboundExcluded, cookie, nil),
+		pruneExcluded(c.objs.NodeProbePorts, cookie, nil))
 	for _, ip := range p.ips {
 		// The address may belong to a newer pod by now; leave its entry.
 		fam, a := keyFromIP(ip)

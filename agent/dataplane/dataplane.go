@@ -58,6 +58,14 @@ type Config struct {
 	// SelfCheckBackoff is the first delay between self-check attempts; it
 	// grows linearly over 10 attempts (default 200 ms).
 	SelfCheckBackoff time.Duration
+	// NodeProbePorts returns the ports of a pod that connections from the
+	// node reach directly while the agent is away
+	// (redirect.Pod.NodeProbePorts): the probe ports the current policy
+	// admits from the node whatever the connection carries
+	// (policy.Snapshot.NodeProbePorts). Nil: none, every probe fails
+	// closed while the agent is away. Called from Apply and
+	// RefreshNodeProbePorts only.
+	NodeProbePorts func(p *state.Pod) []uint16
 }
 
 // Dataplane serves the pods of one node. Apply is called by one goroutine
@@ -94,6 +102,7 @@ type pod struct {
 	status               telemetry.CaptureStatus
 	problem              string
 	excluded, excludedIn []uint16
+	nodePorts            []uint16 // in capture now (redirect.Pod.NodeProbePorts)
 }
 
 // New checks cfg and returns a Dataplane serving no pod.
@@ -164,12 +173,13 @@ func (d *Dataplane) Apply(ctx context.Context, actions []workloads.Action) {
 			if pd == nil {
 				continue
 			}
-			if err := d.cfg.Capture.Update(ctx, capturePod(a.Pod)); err != nil {
+			cp := d.capturePod(a.Pod)
+			if err := d.cfg.Capture.Update(ctx, cp); err != nil {
 				d.log.Error("updating the pod's excluded ports", "pod", a.Key.String(), "err", err)
 				continue
 			}
 			d.mu.Lock()
-			pd.excluded, pd.excludedIn = a.Pod.ExcludeOutboundPorts, a.Pod.ExcludeInboundPorts
+			pd.excluded, pd.excludedIn, pd.nodePorts = a.Pod.ExcludeOutboundPorts, a.Pod.ExcludeInboundPorts, cp.NodeProbePorts
 			d.mu.Unlock()
 		}
 	}
@@ -189,9 +199,47 @@ func (d *Dataplane) take(k state.Key) *pod {
 	return pd
 }
 
-func capturePod(p *state.Pod) redirect.Pod {
+func (d *Dataplane) capturePod(p *state.Pod) redirect.Pod {
+	var nodePorts []uint16
+	if d.cfg.NodeProbePorts != nil {
+		nodePorts = d.cfg.NodeProbePorts(p)
+	}
 	return redirect.Pod{Name: p.Key().String(), Netns: p.Netns, Cgroup: p.Cgroup, IPs: p.IPs,
-		ExcludeOutboundPorts: p.ExcludeOutboundPorts, ExcludeInboundPorts: p.ExcludeInboundPorts}
+		ExcludeOutboundPorts: p.ExcludeOutboundPorts, ExcludeInboundPorts: p.ExcludeInboundPorts, NodeProbePorts: nodePorts}
+}
+
+// RefreshNodeProbePorts asks NodeProbePorts again for every captured pod
+// (after a policy change) and updates capture where the answer changed.
+// Called by the goroutine that calls Apply.
+func (d *Dataplane) RefreshNodeProbePorts(ctx context.Context) {
+	if d.cfg.NodeProbePorts == nil {
+		return
+	}
+	d.mu.Lock()
+	pods := make([]*pod, 0, len(d.pods))
+	for _, pd := range d.pods {
+		if pd.captured != nil {
+			pods = append(pods, pd)
+		}
+	}
+	d.mu.Unlock()
+	for _, pd := range pods {
+		cp := d.capturePod(pd.p)
+		d.mu.Lock()
+		same := slices.Equal(cp.NodeProbePorts, pd.nodePorts)
+		d.mu.Unlock()
+		if same {
+			continue
+		}
+		if err := d.cfg.Capture.Update(ctx, cp); err != nil {
+			d.log.Error("updating the pod's probe ports open to the node", "pod", pd.p.Key().String(), "err", err)
+			continue
+		}
+		d.mu.Lock()
+		pd.nodePorts = cp.NodeProbePorts
+		d.mu.Unlock()
+		d.log.Info("probe ports open to the node while the agent is away changed", "pod", pd.p.Key().String(), "ports", fmt.Sprint(cp.NodeProbePorts))
+	}
 }
 
 // owner names a pod's claim on its SVID.
@@ -228,7 +276,9 @@ func (d *Dataplane) enroll(ctx context.Context, p *state.Pod) {
 		d.publish(pd, telemetry.CaptureFailed, err.Error())
 		return
 	}
-	captured, err := d.cfg.Capture.Enroll(ctx, capturePod(p))
+	cp := d.capturePod(p)
+	pd.nodePorts = cp.NodeProbePorts
+	captured, err := d.cfg.Capture.Enroll(ctx, cp)
 	if err != nil {
 		// Retried on the next plan; the pod keeps whatever capture it had
 		// (none, or pinned and failing closed).

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -31,6 +32,8 @@ type fixture struct {
 	dp      *dataplane.Dataplane
 	echo    netip.AddrPort
 	resolve atomic.Pointer[proxy.ResolverFunc]
+	// nodePorts answers Config.NodeProbePorts for every pod (nil: none).
+	nodePorts atomic.Pointer[[]uint16]
 
 	mu     sync.Mutex
 	status map[string]telemetry.CaptureStatus
@@ -77,6 +80,12 @@ func newFixture(t *testing.T, obs ...proxy.Observer) *fixture {
 		},
 		SelfCheckBackoff: time.Millisecond,
 		DrainDeadline:    time.Second,
+		NodeProbePorts: func(*state.Pod) []uint16 {
+			if p := f.nodePorts.Load(); p != nil {
+				return *p
+			}
+			return nil
+		},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -357,5 +366,35 @@ func TestDrainAndClose(t *testing.T) {
 func TestConfigRequired(t *testing.T) {
 	if _, err := dataplane.New(dataplane.Config{}); err == nil {
 		t.Fatal("New with an empty config succeeded")
+	}
+}
+
+// TestNodeProbePortsFollowPolicy: a pod is enrolled with the probe ports
+// the policy opens to the node, and RefreshNodeProbePorts (after a policy
+// change) updates capture only when they changed.
+func TestNodeProbePortsFollowPolicy(t *testing.T) {
+	f := newFixture(t)
+	ports := []uint16{8081}
+	f.nodePorts.Store(&ports)
+	a := f.pod("a", "127.0.0.11")
+	f.apply(a)
+	f.waitStatus("mesh/a", telemetry.CaptureVerified)
+	if got := f.capture.Pod("mesh/a").Spec.NodeProbePorts; !slices.Equal(got, ports) {
+		t.Fatalf("enrolled with node probe ports %v, want %v", got, ports)
+	}
+	f.dp.RefreshNodeProbePorts(context.Background())
+	if n := len(f.capture.Updates()); n != 0 {
+		t.Fatalf("%d updates although nothing changed", n)
+	}
+	// A DENY AuthorizationPolicy now selects the pod: none.
+	f.nodePorts.Store(nil)
+	f.dp.RefreshNodeProbePorts(context.Background())
+	up := f.capture.Updates()
+	if len(up) != 1 || up[0].Name != "mesh/a" || up[0].NodeProbePorts != nil {
+		t.Fatalf("updates %+v, want one for mesh/a without node probe ports", up)
+	}
+	f.dp.RefreshNodeProbePorts(context.Background())
+	if n := len(f.capture.Updates()); n != 1 {
+		t.Errorf("%d updates, want still 1", n)
 	}
 }

@@ -186,6 +186,13 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 			n.metrics.SetCaptureStatus(ns, name, string(s))
 		},
 		DrainDeadline: cfg.DrainDeadline,
+		// kubelet's probes survive an agent restart (docs/security.md).
+		NodeProbePorts: func(p *state.Pod) []uint16 {
+			if ps := m.pol.Load(); ps != nil {
+				return ps.NodeProbePorts(p.Key().String())
+			}
+			return nil
+		},
 	})
 	if err != nil {
 		return nil, err
@@ -308,7 +315,7 @@ func (m *mesh) run(ctx context.Context) error {
 // open connections it denies.
 func (m *mesh) updatePolicy(ctx context.Context, snap *state.Snapshot) {
 	if m.polBuilder == nil {
-		m.polBuilder = fromstate.NewBuilder("").WithLocalNode(m.filter.Node, nodeAddrs(m.log))
+		m.polBuilder = fromstate.NewBuilder("").WithLocalNode(m.filter.Node, m.syncNodeAddrs(nodeAddrs(m.log)))
 	}
 	ps, errs := m.polBuilder.Snapshot(snap)
 	for _, err := range errs {
@@ -318,6 +325,26 @@ func (m *mesh) updatePolicy(ctx context.Context, snap *state.Snapshot) {
 		if n := m.dp.Reevaluate(ctx); n > 0 {
 			m.log.Info("closed connections denied by the new policy", "connections", n)
 		}
+	}
+	m.dp.RefreshNodeProbePorts(ctx)
+}
+
+// syncNodeAddrs wraps addrs (the node's interface addresses, which the
+// policy counts as the node) so that capture gets every new list too: the
+// sources whose connections to a pod's probe ports reach it while the
+// agent is away (redirect.Capture.SetNodeAddrs).
+func (m *mesh) syncNodeAddrs(addrs func() []netip.Addr) func() []netip.Addr {
+	return func() []netip.Addr {
+		a := addrs()
+		if len(a) == 0 {
+			return a // unreadable: keep the pinned list rather than empty it
+		}
+		if changed, err := m.capture.SetNodeAddrs(a); err != nil {
+			m.log.Warn("telling capture the node's addresses; kubelet's probes may fail while the agent restarts", "err", err)
+		} else if changed {
+			m.log.Info("node addresses for kubelet probes while the agent is away", "addrs", fmt.Sprint(a))
+		}
+		return a
 	}
 }
 
@@ -450,7 +477,11 @@ func (m *mesh) captureDump() any {
 			source[p.Name] = map[string]any{"preserved": p.SourcePreserved, "reason": p.SourceReason}
 		}
 	}
+	// The node's addresses whose connections reach the pods' probe ports
+	// while no agent listens (docs/security.md).
+	probeSources, _ := m.capture.NodeAddrs()
 	return map[string]any{"pods": m.dp.Pods(), "adopted": m.capture.Adopted(), "acceleration": on, "accelerationReason": why,
+		"probeSourceAddrs":    probeSources,
 		"transparentDelivery": st.Transparent, "transparentDeliveryReason": st.TransparentReason, "inboundSource": source}
 }
 

@@ -243,3 +243,28 @@ func (s *Snapshot) MTLSMode(pod string, port uint16) (mode v1alpha1.MTLSMode, by
 	}
 	return m, by, true
 }
+
+// NodeProbePorts returns the probe ports of pod ("namespace/name") that a
+// plaintext TCP connection from the pod's own node reaches under every
+// policy, whatever else the connection carries: the ports capture may open
+// to the node while the pod's agent is away (redirect.Pod.NodeProbePorts),
+// so that kubelet's probes survive an agent restart. The mTLS mode admits
+// such a probe even when STRICT, NetworkPolicy always admits the pod's own
+// node, and ALLOW AuthorizationPolicies exempt probes (evalIngress); a DENY
+// AuthorizationPolicy may match the node's address or an HTTP request,
+// which only the agent can judge, so a pod that one selects gets none
+// (its probes then fail while the agent is away, as before). None either
+// for a pod that is not in the snapshot or not in the mesh.
+func (s *Snapshot) NodeProbePorts(pod string) []uint16 {
+	p, ok := s.pods[pod]
+	if !ok || p.Unmeshed || p.HostNetwork || len(p.denyAZ) > 0 {
+		return nil
+	}
+	var out []uint16
+	for _, port := range p.ProbePorts {
+		if port > 0 && port <= 65535 {
+			out = append(out, uint16(port))
+		}
+	}
+	return out
+}

@@ -44,6 +44,15 @@
 //     address of an enrolled pod reaches the application around the agent.
 //     Counters of these two verdicts are in `lookup_stats`, apart from
 //     `stats` so that maps pinned by older agents stay compatible.
+//     One exception to failing closed: when the 15006 listener is absent
+//     (its slot empty because the agent's socket closed, or sk_assign
+//     fails), a connection whose source is one of the node's own addresses
+//     (`node_addrs`, kept by the agent) to one of the pod's kubelet probe
+//     ports (`node_probe_ports`) goes to the pod's own socket (SK_PASS):
+//     kubelet's probes, which STRICT admits in plaintext from the node
+//     anyway, keep working while the agent restarts. Counted as
+//     `lookup_node_passed`. With the listener there, such connections go
+//     to the agent as every other.
 
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -232,6 +241,7 @@ struct {
 enum {
 	LSTAT_UNKNOWN_DROPPED, // a local address not in `inbound`
 	LSTAT_EXCLUDED,        // an excluded inbound port, passed to the application
+	LSTAT_NODE_PASSED,     // no listener; from the node to a probe port, passed to the application
 	LSTAT_MAX = 8,         // room for more without changing the pinned map
 };
 
@@ -242,6 +252,28 @@ struct {
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lookup_stats SEC(".maps");
+
+// The node's own addresses (the agent writes the addresses of its node's
+// interfaces but loopback and link-local ones): the sources of kubelet's
+// probes. Pinned, so they outlive the agent.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, struct ip_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} node_addrs SEC(".maps");
+
+// The TCP ports kubelet probes per pod, keyed by its netns cookie: the
+// ports that connections from the node reach directly while the pod's
+// 15006 listener is absent.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct port_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} node_probe_ports SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
@@ -569,6 +601,30 @@ int nm_skmsg(struct sk_msg_md *msg)
 	return SK_PASS;
 }
 
+// no_listener decides a connection to an enrolled pod whose 15006 listener
+// is absent: SK_DROP (fail closed), except from one of the node's own
+// addresses to one of the pod's probe ports, which goes to the pod's own
+// socket (SK_PASS, the kernel's normal lookup).
+static __always_inline int no_listener(struct bpf_sk_lookup *ctx, __u64 netns)
+{
+	struct ip_key src = { .family = ctx->family };
+	if (ctx->family == AF_INET) {
+		src.addr[0] = ctx->remote_ip4;
+	} else {
+		src.addr[0] = ctx->remote_ip6[0];
+		src.addr[1] = ctx->remote_ip6[1];
+		src.addr[2] = ctx->remote_ip6[2];
+		src.addr[3] = ctx->remote_ip6[3];
+	}
+	struct port_key pk = { .netns = netns, .port = ctx->local_port };
+	if (bpf_map_lookup_elem(&node_addrs, &src) && bpf_map_lookup_elem(&node_probe_ports, &pk)) {
+		lcount(LSTAT_NODE_PASSED);
+		return SK_PASS;
+	}
+	count(STAT_LOOKUP_DROPPED);
+	return SK_DROP;
+}
+
 SEC("sk_lookup")
 int nm_sklookup(struct bpf_sk_lookup *ctx)
 {
@@ -623,17 +679,14 @@ int nm_sklookup(struct bpf_sk_lookup *ctx)
 	}
 
 	__u32 idx = v->slot;
+	__u64 netns = v->netns;
 	struct bpf_sock *sk = bpf_map_lookup_elem(&inbound_socks, &idx);
-	if (!sk) {
-		count(STAT_LOOKUP_DROPPED);
-		return SK_DROP;
-	}
+	if (!sk)
+		return no_listener(ctx, netns);
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
-	if (err) {
-		count(STAT_LOOKUP_DROPPED);
-		return SK_DROP;
-	}
+	if (err)
+		return no_listener(ctx, netns);
 	count(STAT_LOOKUP_ASSIGNED);
 	return SK_PASS;
 }
