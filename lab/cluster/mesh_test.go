@@ -255,6 +255,25 @@ func (d *demoPods) stillReady(t *testing.T, ctx context.Context, c *cluster.Clus
 	}
 }
 
+// refreshed returns d with the client and servers read again from the API
+// server, for readyProblems to compare against from now on.
+func (d *demoPods) refreshed(ctx context.Context, c *cluster.Cluster) (*demoPods, error) {
+	out := *d
+	out.servers = nil
+	for _, s := range append([]*corev1.Pod{d.client}, d.servers...) {
+		p, err := c.Server.Client.CoreV1().Pods(demoNS).Get(ctx, s.Name, metav1.GetOptions{})
+		if err != nil {
+			return nil, fmt.Errorf("reading pod %s: %w", s.Name, err)
+		}
+		if s == d.client {
+			out.client = p
+		} else {
+			out.servers = append(out.servers, p)
+		}
+	}
+	return &out, nil
+}
+
 // readyProblems lists the client and servers that are not Ready, turned
 // Ready again since proveMesh saw them, or restarted.
 func (d *demoPods) readyProblems(ctx context.Context, c *cluster.Cluster) ([]string, error) {
@@ -264,8 +283,8 @@ func (d *demoPods) readyProblems(ctx context.Context, c *cluster.Cluster) ([]str
 		if err != nil {
 			return nil, fmt.Errorf("reading pod %s: %w", s.Name, err)
 		}
-		if at := readyAt(p); at.IsZero() || restarts(p) != 0 || at.After(readyAt(s)) {
-			out = append(out, fmt.Sprintf("pod %s: Ready since %v (was %v), %d restarts", s.Name, at, readyAt(s), restarts(p)))
+		if at := readyAt(p); at.IsZero() || restarts(p) != restarts(s) || at.After(readyAt(s)) {
+			out = append(out, fmt.Sprintf("pod %s: Ready since %v (was %v), %d restarts (was %d)", s.Name, at, readyAt(s), restarts(p), restarts(s)))
 		}
 	}
 	return out, nil
