@@ -1,0 +1,170 @@
+package proxy_test
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/l7"
+	"github.com/nodemesh/nodemesh/agent/l7/authz"
+	"github.com/nodemesh/nodemesh/agent/l7/mesh"
+	"github.com/nodemesh/nodemesh/agent/proxy"
+	"github.com/nodemesh/nodemesh/agent/state"
+	"github.com/nodemesh/nodemesh/agent/telemetry"
+	"github.com/nodemesh/nodemesh/lab/waitfor"
+)
+
+// claimingLayer is the real L7 layer (agent/l7/mesh) with the inbound
+// claim decided by the test: the fixture's application ports are
+// ephemeral, so no Service in the cluster state targets them.
+type claimingLayer struct {
+	*mesh.Layer
+	claim func(port uint16) bool
+}
+
+func (l *claimingLayer) InboundPort(_ *proxy.Workload, port uint16) (l7.Protocol, bool) {
+	return l7.HTTP1, l.claim(port)
+}
+
+// httpApp answers every HTTP/1.1 request on c with a 2-byte body, as a
+// minimal backend would, until the client closes.
+func httpApp(c net.Conn) {
+	br := bufio.NewReader(c)
+	bw := bufio.NewWriter(c)
+	for {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, req.Body)
+		req.Body.Close()
+		bw.WriteString("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+		if bw.Flush() != nil {
+			return
+		}
+	}
+}
+
+// newL7Bench builds the fixture's two nodes with the real L7 layer on
+// both, the Service svcL7VIP opted in and its pods' application ports
+// claimed, and returns an HTTP client whose connections go through pod A's
+// outbound listener to svcL7VIP. With metrics set, both agents record
+// Istio's request metrics (telemetry.Observer with admin.Metrics) as the
+// agent does.
+func newL7Bench(tb testing.TB, metrics bool) (*fixture, *http.Client) {
+	tb.Helper()
+	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cfg := mesh.Config{
+		State: st.Snapshot,
+		// A decision per request, as enforce.Policy.CheckRequest makes.
+		Authorize: func(_ *proxy.Flow, r *authz.Request) proxy.Decision {
+			if r.Method == http.MethodGet {
+				return proxy.Decision{Allow: true, Reason: "GET allowed"}
+			}
+			return proxy.Decision{Reason: "only GET"}
+		},
+	}
+	if metrics {
+		m, err := admin.NewMetrics(prometheus.NewRegistry(), nil)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		cfg.Observer = telemetry.New(telemetry.Config{Metrics: m, State: st.Snapshot})
+	}
+	layer, err := mesh.New(cfg)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	cl := &claimingLayer{Layer: layer}
+	f := newFixture(tb, fixtureOpts{l7: cl, app: httpApp})
+	cl.claim = func(port uint16) bool { return port == f.b1.app.Port() || port == f.b2.app.Port() }
+	tr := &http.Transport{
+		DialContext: func(context.Context, string, string) (net.Conn, error) {
+			return f.dial(svcL7VIP), nil
+		},
+		MaxIdleConnsPerHost: 4,
+		DisableCompression:  true,
+	}
+	tb.Cleanup(tr.CloseIdleConnections)
+	return f, &http.Client{Transport: tr, Timeout: 30 * time.Second}
+}
+
+func l7Get(tb testing.TB, c *http.Client) {
+	resp, err := c.Get("http://b.default.svc.cluster.local/api/items?id=7")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || string(body) != "ok" {
+		tb.Fatalf("status %d, body %q, error %v", resp.StatusCode, body, err)
+	}
+}
+
+// TestL7Path sends requests on one keep-alive connection through both
+// agents' L7 layers, as BenchmarkL7 does, and checks they arrive.
+// The tunnels the requests took are listed while open and reported as
+// closed cleanly, with their bytes, once the client is gone.
+func TestL7Path(t *testing.T) {
+	f, c := newL7Bench(t, true)
+	for range 20 {
+		l7Get(t, c)
+	}
+	// One tunnel per endpoint the balancer picked (the Service has two);
+	// the source node also lists the client's connection.
+	n1, n2 := len(f.node1.Connections()), len(f.node2.Connections())
+	if n2 < 1 || n2 > 2 || n1 != n2+1 {
+		t.Errorf("%d connections listed on the source node and %d tunnels on the destination, want 1 or 2 tunnels and the client's connection", n1, n2)
+	}
+	c.Transport.(*http.Transport).CloseIdleConnections()
+	waitfor.True(t, 20*time.Second, "the tunnels to be untracked", func() bool {
+		return len(f.node1.Connections())+len(f.node2.Connections()) == 0
+	})
+	for i, obs := range []*recorder{f.obs1, f.obs2} {
+		_, closed, refused, bytes := obs.snapshot()
+		if len(closed) != n2 || len(refused) != 0 {
+			t.Errorf("node %d: closed %v, refused %v; want %d closed", i+1, closed, refused, n2)
+		}
+		for j := range closed {
+			if closed[j] != proxy.CloseEOF || bytes[j] == 0 {
+				t.Errorf("node %d: a tunnel closed with %q after %d bytes, want a clean close with bytes", i+1, closed[j], bytes[j])
+			}
+		}
+	}
+}
+
+// BenchmarkL7 is one HTTP/1.1 GET per op on a keep-alive connection,
+// through the whole in-process L7 path: client -> source agent (net/http
+// server, routing, balancer, http.Transport) -> HBONE tunnel (mTLS 1.3,
+// HTTP/2) -> destination agent (net/http server, L7 authorization,
+// reverse proxy) -> the application. cpu-us/op is the CPU time of the
+// whole process (client, both agents, application) per request.
+func BenchmarkL7(b *testing.B) {
+	for _, v := range []struct {
+		name    string
+		metrics bool
+	}{{"metrics", true}, {"nometrics", false}} {
+		b.Run(v.name, func(b *testing.B) {
+			_, c := newL7Bench(b, v.metrics)
+			l7Get(b, c) // connections and tunnel set up
+			b.ReportAllocs()
+			b.ResetTimer()
+			cpu0 := cpuTime()
+			for b.Loop() {
+				l7Get(b, c)
+			}
+			b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
+		})
+	}
+}
