@@ -790,13 +790,19 @@ func (c *conn) onData(f *http2.DataFrame) error {
 	c.recvWin -= int64(flowLen)
 	s := c.streams[f.StreamID]
 	idle := s == nil && c.idleStreamLocked(f.StreamID)
+	// DATA the peer sent before it saw our RST_STREAM is ignored (RFC 9113
+	// section 5.1, "closed"): answering each frame with another RST_STREAM
+	// would only spend the peer's flood budget.
+	wasReset := s == nil && c.wasResetLocked(f.StreamID)
 	c.mu.Unlock()
 	if idle {
 		return protoError{http2.ErrCodeProtocol, "DATA on an idle stream"}
 	}
 	if s == nil {
 		c.consumed(flowLen, false)
-		c.writeRST(false, f.StreamID, http2.ErrCodeStreamClosed)
+		if !wasReset {
+			c.writeRST(false, f.StreamID, http2.ErrCodeStreamClosed)
+		}
 		return nil
 	}
 	s.onData(data, flowLen, f.StreamEnded())

@@ -700,6 +700,25 @@ func (s *Stream) Close() error {
 
 var errStreamClosed = errors.New("hbone stream closed")
 
+// closeAfterPeer is Close for a stream whose sending side is over
+// (StreamConn.Close): it returns the slot now and lets the stream end by
+// itself when the peer's END_STREAM arrives, without RST_STREAM. A peer
+// that has not ended its side within drainAfterClose is reset.
+func (s *Stream) closeAfterPeer() {
+	s.once.Do(func() {
+		s.stop()
+		st := s.s
+		if st.recvOpen() {
+			time.AfterFunc(drainAfterClose, func() {
+				if st.recvOpen() {
+					st.abort(errStreamClosed, http2.ErrCodeCancel)
+				}
+			})
+		}
+		s.release()
+	})
+}
+
 // openStream sends a CONNECT for authority on a slot taken with reserve.
 // It returns the stream and a channel closed when the response arrived or
 // the stream failed.

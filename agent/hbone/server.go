@@ -544,9 +544,14 @@ func (t *Tunnel) finish(log *slog.Logger, req *Request) {
 }
 
 // ResetConn closes c with an RST rather than a FIN where possible (a
-// *net.TCPConn gets SO_LINGER 0), so that the peer sees a failure instead
+// *net.TCPConn gets SO_LINGER 0, a StreamConn RST_STREAM), so that the peer sees a failure instead
 // of a clean end of stream. agent/proxy uses it for its plain connections.
 func ResetConn(c net.Conn) {
+	if sc, ok := c.(*StreamConn); ok {
+		sc.Reset()
+		sc.Close()
+		return
+	}
 	if l, ok := c.(interface{ SetLinger(int) error }); ok {
 		_ = l.SetLinger(0)
 	}

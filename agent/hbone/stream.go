@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"sync"
 	"time"
 
@@ -35,7 +36,8 @@ type stream struct {
 
 	// Guarded by c.mu.
 	sendWin int64
-	sendErr error // the sending direction is over
+	sendErr error     // the sending direction is over
+	wdl     *deadline // StreamConn: Write's deadline
 
 	mu      sync.Mutex
 	cond    sync.Cond
@@ -49,6 +51,9 @@ type stream struct {
 	sink    *sink
 	writing bool // a drainer is writing rbuf to sink
 	sinkEOF bool // the peer's END_STREAM was passed on to sink
+	// StreamConn: Read's deadline, and whether Close was called.
+	rdl     *deadline
+	rclosed bool
 
 	// Client: the response. respCh is closed when it arrived or the
 	// stream failed first.
@@ -244,8 +249,16 @@ func (s *stream) drain() {
 // read is Read in pipe mode.
 func (s *stream) read(p []byte) (int, error) {
 	s.mu.Lock()
-	for s.buffered() == 0 && !s.recvEnd && s.err == nil {
+	for s.buffered() == 0 && !s.recvEnd && s.err == nil && !s.rclosed && !s.rdl.passed() {
 		s.cond.Wait()
+	}
+	if s.rclosed {
+		s.mu.Unlock()
+		return 0, net.ErrClosed
+	}
+	if s.rdl.passed() {
+		s.mu.Unlock()
+		return 0, errDeadline
 	}
 	if s.buffered() > 0 && s.err == nil {
 		n := copy(p, s.rbuf[s.roff:])
@@ -277,6 +290,9 @@ func (s *stream) awaitWindow(want int) (int, error) {
 		}
 		if c.closed {
 			return 0, fmt.Errorf("%w: %w", errConnClosed, c.err)
+		}
+		if s.wdl.passed() {
+			return 0, errDeadline
 		}
 		n := min(int64(want), s.sendWin, c.sendWin, int64(c.peerMaxFrame))
 		if n > 0 {
@@ -527,6 +543,14 @@ func (s *stream) peerReset(code http2.ErrCode, err error) {
 		return
 	}
 	s.abortWith(err, code, false)
+}
+
+// recvOpen reports whether the peer may still send: neither its
+// END_STREAM nor a reset has come.
+func (s *stream) recvOpen() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.recvEnd && s.err == nil
 }
 
 // recvDone reports whether the receiving direction is over: reset, or the

@@ -67,6 +67,15 @@ type replayConn struct {
 	prefix []byte
 }
 
+// CloseWrite half-closes c if it can (a TCP socket, a tunnel stream), so
+// that a connection that fell back to L4 keeps its half-close.
+func (r *replayConn) CloseWrite() error {
+	if cw, ok := r.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.ErrUnsupported
+}
+
 func (r *replayConn) Read(b []byte) (int, error) {
 	if len(r.prefix) > 0 {
 		n := copy(b, r.prefix)

@@ -5,10 +5,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
@@ -127,7 +125,9 @@ func (o *L7Outbound) Dial(ctx context.Context, service string, ep Endpoint) (net
 		p.report(&c.flow, start, FailedTunnel, "opening the tunnel: "+err.Error())
 		return nil, fmt.Errorf("opening the tunnel to %s: %w", ep.Addr, err)
 	}
-	mine, theirs, err := socketPair()
+	// The L7 layer's transport reads and writes the stream itself
+	// (hbone.StreamConn): no socket or copy goroutine in between.
+	sc, err := s.Conn(addrOf(c.flow.Src), addrOf(ep.Addr), &c.recv, &c.sent)
 	if err != nil {
 		cancel()
 		s.Close()
@@ -135,32 +135,22 @@ func (o *L7Outbound) Dial(ctx context.Context, service string, ep Endpoint) (net
 	}
 	c.kill = func() {
 		cancel()
-		hbone.ResetConn(mine)
+		sc.Reset()
 	}
-	p.trk.add(c)
-	relayed := make(chan struct{})
-	if !p.goOwned(func() {
-		defer close(relayed)
-		defer p.trk.remove(c)
-		defer cancel()
-		if err := s.Relay(mine, &c.sent, &c.recv); err != nil {
-			c.failed.Store(true)
-			s.Close()
-			hbone.ResetConn(mine)
-			return
-		}
-		s.Close()
-		mine.Close()
-	}) {
-		close(relayed)
+	if !p.enter() {
 		cancel()
-		s.Close()
-		mine.Close()
-		theirs.Close()
-		p.trk.remove(c)
+		sc.Close()
 		return nil, ErrStopped
 	}
-	return &countedConn{Conn: theirs, done: func() { <-relayed }}, nil
+	p.wg.Done()
+	p.trk.add(c)
+	return &countedConn{Conn: sc, done: func() {
+		cancel()
+		if sc.Failed() {
+			c.failed.Store(true)
+		}
+		p.trk.remove(c)
+	}}, nil
 }
 
 // FallbackL4 handles the connection at L4 after all (it turned out not to
@@ -230,46 +220,30 @@ func (p *Proxy) outboundL7(app net.Conn, pre *Flow, d Destination, start time.Ti
 	p.cfg.L7.Outbound(o)
 }
 
-// inboundL7 serves an accepted tunnel through the L7 layer: the tunnel is
-// relayed into one end of a socket pair and the L7 layer serves the other,
-// so it sees an ordinary net.Conn (with deadlines, which net/http needs).
+// inboundL7 serves an accepted tunnel through the L7 layer, which reads
+// and writes the stream itself (hbone.StreamConn): a net.Conn with
+// deadlines and half-close, as net/http needs, without a socket or copy
+// goroutine in between.
 func (p *Proxy) inboundL7(ctx context.Context, t *hbone.Tunnel, c *conn, proto l7.Protocol) {
-	mine, theirs, err := socketPair()
+	sc, err := t.Conn(addrOf(c.flow.Dst), addrOf(c.flow.Src), &c.recv, &c.sent)
 	if err != nil {
-		p.log.Warn("L7 inbound: creating a socket pair", "error", err)
+		p.log.Warn("L7 inbound: using the tunnel as a connection", "error", err)
 		t.Reset()
 		return
 	}
-	c.kill = func() { hbone.ResetConn(mine) }
+	c.kill = sc.Reset
 	p.trk.add(c)
 	defer p.trk.remove(c)
-	var wg sync.WaitGroup
-	wg.Go(func() {
-		p.cfg.L7.Inbound(&L7Inbound{Ctx: ctx, Conn: theirs, Flow: c.flow, Protocol: proto, p: p, start: c.start})
-		theirs.Close()
-	})
-	if err := t.Relay(mine, &c.recv, &c.sent); err != nil {
+	p.cfg.L7.Inbound(&L7Inbound{Ctx: ctx, Conn: sc, Flow: c.flow, Protocol: proto, p: p, start: c.start})
+	sc.Close()
+	if sc.Failed() {
 		c.failed.Store(true)
-		t.Reset()
-		hbone.ResetConn(mine)
-	} else {
-		mine.Close()
 	}
-	wg.Wait()
 }
 
-// goOwned runs f on a goroutine the proxy waits for in Close, unless the
-// proxy is closed already (then it returns false and f does not run).
-func (p *Proxy) goOwned(f func()) bool {
-	if !p.enter() {
-		return false
-	}
-	go func() {
-		defer p.wg.Done()
-		f()
-	}()
-	return true
-}
+// addrOf returns a as a net.Addr (LocalAddr, RemoteAddr of a tunnel used
+// as a connection).
+func addrOf(a netip.AddrPort) net.Addr { return net.TCPAddrFromAddrPort(a) }
 
 // countedConn is an upstream connection lent to the L7 layer; done runs
 // once after Close.
@@ -300,30 +274,4 @@ func (u *countedConn) Close() error {
 	err := u.Conn.Close()
 	u.once.Do(u.done)
 	return err
-}
-
-// socketPair returns the two ends of a connected AF_UNIX stream socket
-// pair: real sockets, so both ends have deadlines and half-close.
-func socketPair() (net.Conn, net.Conn, error) {
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, nil, fmt.Errorf("creating a socket pair for L7: %w", err)
-	}
-	conns := make([]net.Conn, 2)
-	for i, fd := range fds {
-		f := os.NewFile(uintptr(fd), "l7-socketpair")
-		c, err := net.FileConn(f) // dups fd
-		f.Close()
-		if err != nil {
-			for _, c := range conns[:i] {
-				c.Close()
-			}
-			if i == 0 {
-				syscall.Close(fds[1])
-			}
-			return nil, nil, fmt.Errorf("creating a socket pair for L7: %w", err)
-		}
-		conns[i] = c
-	}
-	return conns[0], conns[1], nil
 }
