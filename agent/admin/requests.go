@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -46,6 +47,98 @@ type Request struct {
 type requestMetrics struct {
 	total                       *prometheus.CounterVec
 	duration, reqSize, respSize *prometheus.HistogramVec
+
+	// series caches each label set's four series: a request looks them up
+	// by its label values (a comparable array, no allocation) instead of
+	// building a label map and hashing it in each vector. Request series
+	// are never deleted, so the cache holds what the vectors hold.
+	mu     sync.RWMutex
+	series map[requestKey]*requestSeries
+}
+
+// requestKey is one request's label values, in RequestLabelNames' order
+// (25 of them; TestRequestSeriesLabels checks that).
+type requestKey [25]string
+
+type requestSeries struct {
+	total                       prometheus.Counter
+	duration, reqSize, respSize prometheus.Observer
+}
+
+// key returns r's label values in RequestLabelNames' order (the order of
+// Conn.labels' names in ConnLabelNames, then response_code and
+// grpc_response_status; TestRequestSeriesLabels checks it).
+func (r *Request) key() requestKey {
+	c := r.Conn
+	return requestKey{
+		orUnknown(c.Reporter),
+		orUnknown(c.Source.Workload),
+		orUnknown(c.Source.CanonicalService),
+		orUnknown(c.Source.CanonicalRevision),
+		orUnknown(c.Source.Namespace),
+		orUnknown(c.Source.Principal),
+		orUnknown(c.Source.CanonicalService),
+		orUnknown(c.Source.CanonicalRevision),
+		orUnknown(c.Source.Cluster),
+		orUnknown(c.DstService),
+		orUnknown(c.DstServiceNamespace),
+		orUnknown(c.DstServiceName),
+		orUnknown(c.Destination.Workload),
+		orUnknown(c.Destination.CanonicalService),
+		orUnknown(c.Destination.CanonicalRevision),
+		orUnknown(c.Destination.Namespace),
+		orUnknown(c.Destination.Principal),
+		orUnknown(c.Destination.CanonicalService),
+		orUnknown(c.Destination.CanonicalRevision),
+		orUnknown(c.Destination.Cluster),
+		r.Protocol,
+		orFlags(r.Flags),
+		orUnknown(c.SecurityPolicy),
+		statusLabel(r.Status),
+		r.GRPCStatus,
+	}
+}
+
+// statusLabel is strconv.Itoa without an allocation for the usual codes.
+func statusLabel(code int) string {
+	if code >= 0 && code < len(statusLabels) {
+		return statusLabels[code]
+	}
+	return strconv.Itoa(code)
+}
+
+var statusLabels = func() []string {
+	s := make([]string, 600)
+	for i := range s {
+		s[i] = strconv.Itoa(i)
+	}
+	return s
+}()
+
+// seriesFor returns the series of k, creating them on first use.
+func (r *requestMetrics) seriesFor(k *requestKey) *requestSeries {
+	r.mu.RLock()
+	s := r.series[*k]
+	r.mu.RUnlock()
+	if s != nil {
+		return s
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if s := r.series[*k]; s != nil {
+		return s
+	}
+	s = &requestSeries{
+		total:    r.total.WithLabelValues(k[:]...),
+		duration: r.duration.WithLabelValues(k[:]...),
+		reqSize:  r.reqSize.WithLabelValues(k[:]...),
+		respSize: r.respSize.WithLabelValues(k[:]...),
+	}
+	if r.series == nil {
+		r.series = make(map[requestKey]*requestSeries)
+	}
+	r.series[*k] = s
+	return s
 }
 
 func newRequestMetrics() *requestMetrics {
@@ -67,15 +160,12 @@ func (r *requestMetrics) collectors() []prometheus.Collector {
 
 // Request counts one request in Istio's request metrics and access-logs it.
 func (m *Metrics) Request(r *Request) {
-	l := r.Conn.labels()
-	l["request_protocol"] = r.Protocol
-	l["response_flags"] = orFlags(r.Flags)
-	l["response_code"] = strconv.Itoa(r.Status)
-	l["grpc_response_status"] = r.GRPCStatus
-	m.requests.total.With(l).Inc()
-	m.requests.duration.With(l).Observe(float64(r.Duration.Microseconds()) / 1000)
-	m.requests.reqSize.With(l).Observe(float64(r.RequestBytes))
-	m.requests.respSize.With(l).Observe(float64(r.ResponseBytes))
+	k := r.key()
+	s := m.requests.seriesFor(&k)
+	s.total.Inc()
+	s.duration.Observe(float64(r.Duration.Microseconds()) / 1000)
+	s.reqSize.Observe(float64(r.RequestBytes))
+	s.respSize.Observe(float64(r.ResponseBytes))
 	if m.access != nil {
 		c := r.Conn
 		m.access.LogAttrs(context.Background(), slog.LevelInfo, "request",
