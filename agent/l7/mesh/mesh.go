@@ -92,6 +92,8 @@ type Layer struct {
 	// mirrorsDropped counts the copies not sent because every slot was
 	// taken or the body was too large to copy.
 	mirrorsDropped atomic.Uint64
+	// buffers are the reverse proxies' copy buffers.
+	buffers bufferPool
 }
 
 var _ proxy.L7 = (*Layer)(nil)
@@ -222,14 +224,21 @@ func (l *Layer) Inbound(i *proxy.L7Inbound) {
 	defer up.close()
 	var handlers sync.WaitGroup
 	defer handlers.Wait()
-	rp := l.reverseProxy(up, func(*http.Request) (string, bool) { return i.Flow.Dst.String(), true })
+	app := i.Flow.Dst.String()
+	rp := l.reverseProxy(up, func(*http.Request) (string, bool) { return app, true })
 	flow := i.Flow
-	spanName := "inbound|" + strconv.Itoa(int(flow.Dst.Port())) + "|" + flow.Workload.String()
+	// The span's name and attributes are the connection's: built once,
+	// and only when tracing is on.
+	var spanName string
+	var spanAttrs []attribute.KeyValue
+	if l.cfg.Tracer != nil {
+		spanName = "inbound|" + strconv.Itoa(int(flow.Dst.Port())) + "|" + flow.Workload.String()
+		spanAttrs = []attribute.KeyValue{attribute.String("peer.principal", flow.SrcIdentity.String()), attribute.String("k8s.pod", flow.Workload.String())}
+	}
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
 		rw := &recorder{ResponseWriter: w}
-		r, span := l.cfg.Tracer.Start(r, trace.SpanKindServer, spanName,
-			attribute.String("peer.principal", flow.SrcIdentity.String()), attribute.String("k8s.pod", flow.Workload.String()))
+		r, span := l.cfg.Tracer.Start(r, trace.SpanKindServer, spanName, spanAttrs...)
 		defer func() {
 			span.End(rw.statusOr200(), orDash(rw.flags))
 			l.cfg.Observer.Request(l.requestInfo(&flow, r, rw, start, proxy.Inbound))
@@ -286,8 +295,14 @@ func (l *Layer) Outbound(o *proxy.L7Outbound) {
 		o.FallbackL4(c)
 		return
 	}
-	out := &outbound{l: l, o: o, log: log,
-		spanName: o.Target.Name + "." + o.Target.Namespace + ".svc:" + strconv.Itoa(int(o.Target.Port)) + "/*"}
+	out := &outbound{l: l, o: o, log: log}
+	if l.cfg.Tracer != nil {
+		// The span's name and attributes are the connection's: built
+		// once, and only when tracing is on.
+		out.spanName = o.Target.Name + "." + o.Target.Namespace + ".svc:" + strconv.Itoa(int(o.Target.Port)) + "/*"
+		out.spanAttrs = []attribute.KeyValue{attribute.String("k8s.pod", o.Flow.Workload.String()),
+			attribute.String("peer.service", o.Target.Namespace+"/"+o.Target.Name)}
+	}
 	out.up = newUpstream(out.dial)
 	var handlers sync.WaitGroup
 	defer func() {
@@ -313,6 +328,9 @@ type outbound struct {
 	up       *upstream
 	rp       *httputil.ReverseProxy
 	spanName string
+	// spanAttrs are the connection's span attributes (nil without a
+	// tracer).
+	spanAttrs []attribute.KeyValue
 	// mirrors are the mirrored requests in flight; mirrorUp their
 	// connections (created by the first mirror).
 	mirrorMu     sync.Mutex
@@ -348,9 +366,11 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	o := out.o
 	rw := &recorder{ResponseWriter: w}
 	rt := &routed{service: o.Flow.Service, dest: o.Dest, start: start}
-	r, span := out.l.cfg.Tracer.Start(r, trace.SpanKindClient, out.spanName,
-		attribute.String("k8s.pod", o.Flow.Workload.String()), attribute.String("peer.service", o.Target.Namespace+"/"+o.Target.Name))
+	r, span := out.l.cfg.Tracer.Start(r, trace.SpanKindClient, out.spanName, out.spanAttrs...)
 	defer func() {
+		if span == nil {
+			return
+		}
 		attrs := []attribute.KeyValue{attribute.String("upstream_cluster", rt.service)}
 		if rt.picked {
 			attrs = append(attrs, attribute.String("upstream.address", rt.ep.Addr.String()))
@@ -561,8 +581,12 @@ func (out *outbound) attempt(req *http.Request, rt *routed, body []byte, replay 
 	if timeout > 0 {
 		ctx, cancel = context.WithTimeout(ctx, timeout)
 	}
-	r := req.Clone(ctx)
-	r.URL.Host = ep.Addr.String()
+	// A shallow copy with its own URL: nothing below changes the header,
+	// so the attempts can share the one ReverseProxy already copied.
+	r := req.WithContext(ctx)
+	u := *req.URL
+	u.Host = ep.Addr.String()
+	r.URL = &u
 	if replay {
 		if body != nil {
 			r.Body = io.NopCloser(bytes.NewReader(body))
@@ -623,8 +647,14 @@ func (l *Layer) reverseProxy(up *upstream, host func(*http.Request) (string, boo
 				}
 			}
 		},
-		Transport:     up,
-		FlushInterval: -1, // gRPC and streaming responses are not held back
+		Transport:  up,
+		BufferPool: &l.buffers,
+		// Nothing is held back longer than flushInterval. ReverseProxy
+		// itself flushes every write of a response without a length
+		// (gRPC, streaming, server-sent events). A negative interval would
+		// also flush each response's header in a goroutine of its own,
+		// before the body: one write(2) more per request.
+		FlushInterval: flushInterval,
 		ErrorLog:      nil,
 		ErrorHandler:  l.proxyError,
 		ModifyResponse: func(resp *http.Response) error {
@@ -636,6 +666,24 @@ func (l *Layer) reverseProxy(up *upstream, host func(*http.Request) (string, boo
 		},
 	}
 }
+
+// flushInterval bounds how long the reverse proxies keep a response's
+// header or body bytes before writing them to the client when its upstream
+// pauses mid-response.
+const flushInterval = time.Millisecond
+
+// bufferPool lends the reverse proxies their body copy buffers, which
+// they would otherwise allocate (32 KiB) for every response.
+type bufferPool struct{ p sync.Pool }
+
+func (b *bufferPool) Get() []byte {
+	if bp, ok := b.p.Get().(*[]byte); ok {
+		return *bp
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *bufferPool) Put(buf []byte) { b.p.Put(&buf) }
 
 // proxyError answers a request that got no response, with Envoy's texts.
 func (l *Layer) proxyError(w http.ResponseWriter, r *http.Request, err error) {
