@@ -3,9 +3,11 @@ package proxy_test
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"runtime"
 	"testing"
 	"time"
 
@@ -93,7 +95,7 @@ func newL7Bench(tb testing.TB, metrics bool) (*fixture, *http.Client) {
 		DialContext: func(context.Context, string, string) (net.Conn, error) {
 			return f.dial(svcL7VIP), nil
 		},
-		MaxIdleConnsPerHost: 4,
+		MaxIdleConnsPerHost: 64,
 		DisableCompression:  true,
 	}
 	tb.Cleanup(tr.CloseIdleConnections)
@@ -101,19 +103,26 @@ func newL7Bench(tb testing.TB, metrics bool) (*fixture, *http.Client) {
 }
 
 func l7Get(tb testing.TB, c *http.Client) {
+	tb.Helper()
+	if err := l7Request(c); err != nil {
+		tb.Fatal(err)
+	}
+}
+
+// l7Request sends one GET through c and checks the answer.
+func l7Request(c *http.Client) error {
 	resp, err := c.Get("http://b.default.svc.cluster.local/api/items?id=7")
 	if err != nil {
-		tb.Fatal(err)
+		return err
 	}
 	body, err := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if err != nil || resp.StatusCode != http.StatusOK || string(body) != "ok" {
-		tb.Fatalf("status %d, body %q, error %v", resp.StatusCode, body, err)
+		return fmt.Errorf("status %d, body %q, error %v", resp.StatusCode, body, err)
 	}
+	return nil
 }
 
-// TestL7Path sends requests on one keep-alive connection through both
-// agents' L7 layers, as BenchmarkL7 does, and checks they arrive.
 // The tunnels the requests took are listed while open and reported as
 // closed cleanly, with their bytes, once the client is gone.
 func TestL7Path(t *testing.T) {
@@ -142,6 +151,28 @@ func TestL7Path(t *testing.T) {
 			}
 		}
 	}
+}
+
+// BenchmarkL7Parallel is BenchmarkL7/metrics from 16 goroutines, each
+// with its own keep-alive connection, as the benchmark's headline workload
+// (http-1000rps-16c) has 16: many streams on the agents' shared HBONE
+// connections at once.
+func BenchmarkL7Parallel(b *testing.B) {
+	_, c := newL7Bench(b, true)
+	l7Get(b, c)
+	b.SetParallelism(max(1, 16/runtime.GOMAXPROCS(0)))
+	b.ReportAllocs()
+	b.ResetTimer()
+	cpu0 := cpuTime()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := l7Request(c); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
 }
 
 // BenchmarkL7 is one HTTP/1.1 GET per op on a keep-alive connection,
