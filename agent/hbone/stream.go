@@ -246,6 +246,11 @@ func (s *stream) drain() {
 	}
 }
 
+// readKeepBuf is the largest receive buffer a stream read with Read keeps
+// once everything in it was read: enough for a request's or response's
+// header, so that small messages reuse it.
+const readKeepBuf = 4 << 10
+
 // read is Read in pipe mode.
 func (s *stream) read(p []byte) (int, error) {
 	s.mu.Lock()
@@ -263,6 +268,11 @@ func (s *stream) read(p []byte) (int, error) {
 	if s.buffered() > 0 && s.err == nil {
 		n := copy(p, s.rbuf[s.roff:])
 		s.consumeLocked(n)
+		if s.buffered() == 0 && cap(s.rbuf) > readKeepBuf {
+			// A stream read this way is often idle between messages (a
+			// kept-alive L7 tunnel): it keeps no large buffer meanwhile.
+			s.rbuf = nil
+		}
 		inc := s.creditLocked(n)
 		s.mu.Unlock()
 		if inc > 0 {
