@@ -191,3 +191,31 @@ func TestStreamConnDeadlineMoved(t *testing.T) {
 		t.Fatalf("Read with the deadline cleared: %d, %v", n, err)
 	}
 }
+
+// Closing the client's end while the server has not ended its side is a
+// clean close, not a reset: the server still reads everything the client
+// sent, then EOF, even when it reads only after the close went out (a
+// RST_STREAM would have discarded what it had not read yet).
+func TestStreamConnClientCloseIsClean(t *testing.T) {
+	p := newStreamConnPair(t)
+	client, server, release := p.open(t)
+	defer release()
+	if _, err := client.Write([]byte("last words")); err != nil {
+		t.Fatal(err)
+	}
+	client.Close()
+	time.Sleep(100 * time.Millisecond) // what the close sends has arrived
+	got, err := io.ReadAll(server)
+	if err != nil || string(got) != "last words" {
+		t.Fatalf("server read %q, %v; want everything, then EOF", got, err)
+	}
+	// The server's answer after the client's close is dropped, not an
+	// error for the server.
+	if _, err := server.Write([]byte("too late")); err != nil {
+		t.Fatalf("server Write after the client's clean close: %v", err)
+	}
+	server.Close()
+	if client.Failed() || server.Failed() {
+		t.Errorf("a clean close counted as failed (client %v, server %v)", client.Failed(), server.Failed())
+	}
+}
