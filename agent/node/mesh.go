@@ -65,6 +65,11 @@ type mesh struct {
 	tracer  *tracing.Tracer
 	filter  workloads.Filter
 	locator *workloads.Locator
+	// pending schedules retries of the pods not captured yet; failed
+	// wakes run when a pod's capture fails outside a reconcile (its
+	// self-check).
+	pending *pendingPods
+	failed  chan struct{}
 }
 
 // svidSource is what the mesh needs of an identity source: the data
@@ -80,7 +85,8 @@ type svidSource interface {
 func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	cfg := n.cfg
 	log := n.log.With("component", "dataplane")
-	m := &mesh{n: n, log: log, filter: workloads.Filter{Node: cfg.NodeName, Only: cfg.OnlyPods}}
+	m := &mesh{n: n, log: log, filter: workloads.Filter{Node: cfg.NodeName, Only: cfg.OnlyPods},
+		pending: newPendingPods(log), failed: make(chan struct{}, 1)}
 	var cleanup []func()
 	defer func() {
 		if err != nil {
@@ -184,6 +190,12 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 		Observer: obs,
 		Status: func(ns, name string, s telemetry.CaptureStatus) {
 			n.metrics.SetCaptureStatus(ns, name, string(s))
+			if s == telemetry.CaptureFailed {
+				select {
+				case m.failed <- struct{}{}:
+				default:
+				}
+			}
 		},
 		DrainDeadline: cfg.DrainDeadline,
 		// kubelet's probes survive an agent restart (docs/security.md).
@@ -286,17 +298,24 @@ func (m *mesh) run(ctx context.Context) error {
 
 	ch, unsub := m.n.store.Subscribe()
 	defer unsub()
-	var applied, policyVersion uint64
+	var (
+		applied, policyVersion uint64
+		retry                  = time.NewTimer(time.Hour)
+		retryDue               bool
+	)
+	retry.Stop()
+	defer retry.Stop()
 	for {
 		snap := m.n.store.Snapshot()
 		m.l7.Refresh(snap)
-		if snap.Synced() && snap.Version() != applied {
+		if snap.Synced() && (snap.Version() != applied || retryDue) {
 			if snap.Version() != policyVersion {
 				m.updatePolicy(ctx, snap)
 				policyVersion = snap.Version()
 			}
-			m.reconcile(ctx, snap)
-			applied = snap.Version()
+			next := m.pending.update(time.Now(), m.reconcile(ctx, snap))
+			applied, retryDue = snap.Version(), false
+			resetTimer(retry, next)
 		}
 		select {
 		case <-ctx.Done():
@@ -304,11 +323,37 @@ func (m *mesh) run(ctx context.Context) error {
 		case err := <-errc:
 			return err
 		case <-ch:
+		case <-retry.C:
+			// Retry the pods not captured yet (pendingPods).
+			retryDue = true
+		case <-m.failed:
+			// A capture failed (a self-check, or the reconcile's own
+			// enrollments): schedule the retry of pods not pending yet.
+			resetTimer(retry, m.pending.add(time.Now(), m.failedPods()))
 		case <-time.After(10 * time.Second):
-			// Retry pods whose enrollment failed.
-			applied = 0
+			// A full reconcile after a quiet while, whatever is pending.
+			retryDue = true
 		}
 	}
+}
+
+// resetTimer makes t fire at next (stopped if next is zero).
+func resetTimer(t *time.Timer, next time.Time) {
+	t.Stop()
+	if !next.IsZero() {
+		t.Reset(time.Until(next))
+	}
+}
+
+// failedPods lists the pods whose capture failed, for pendingPods.
+func (m *mesh) failedPods() map[state.Key]pendingReason {
+	out := make(map[state.Key]pendingReason)
+	for k, s := range m.dp.Served() {
+		if s.Failed {
+			out[k] = pendingReason{UID: s.Pod.UID, Reason: "capture failed"}
+		}
+	}
+	return out
 }
 
 // updatePolicy enforces the policy of a new state snapshot and closes the
@@ -352,16 +397,25 @@ func (m *mesh) syncNodeAddrs(addrs func() []netip.Addr) func() []netip.Addr {
 // then releases pods a previous agent left captured that are no longer
 // wanted. A pod that should be enrolled but failed to re-enroll stays
 // captured (failing closed) for the retry, never released to plaintext.
-func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) {
+// It returns the pods to retry: enrolled pods with an address whose network
+// namespace is not found yet, and wanted pods whose capture failed.
+func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) map[state.Key]pendingReason {
 	var want []*state.Pod
+	pending := make(map[state.Key]pendingReason)
 	for _, p := range m.locator.Locate(snap.PodsOnNode(m.filter.Node)) {
 		if m.filter.Wanted(p) {
 			want = append(want, p)
-		} else if p.Enrolled && p.Live() && p.Netns == "" {
-			m.log.Debug("enrolled pod without a network namespace yet", "pod", p.Key().String())
+		} else if waitsForNetns(m.filter, p) {
+			pending[p.Key()] = pendingReason{UID: p.UID, Reason: "network namespace not found yet"}
 		}
 	}
 	m.dp.Apply(ctx, workloads.Plan(m.dp.Served(), want))
+	served := m.dp.Served()
+	for _, p := range want {
+		if s, ok := served[p.Key()]; ok && s.Failed {
+			pending[p.Key()] = pendingReason{UID: p.UID, Reason: "capture failed"}
+		}
+	}
 	wanted := workloads.WantedIPs(want)
 	for _, p := range m.capture.AdoptedPods() {
 		keep := false
@@ -378,6 +432,18 @@ func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) {
 		}
 		m.log.Info("released a pod left captured by a previous agent", "ips", fmt.Sprint(p.IPs))
 	}
+	return pending
+}
+
+// waitsForNetns reports whether f would want p but for its network
+// namespace, which the locator has not found yet.
+func waitsForNetns(f workloads.Filter, p *state.Pod) bool {
+	if p.Netns != "" || p.UID == "" {
+		return false
+	}
+	q := *p
+	q.Netns = "(not found yet)"
+	return f.Wanted(&q)
 }
 
 // close stops serving, leaving capture pinned (Release) so enrolled pods
