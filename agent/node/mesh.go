@@ -436,9 +436,10 @@ func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) map[state.Ke
 }
 
 // waitsForNetns reports whether f would want p but for its network
-// namespace, which the locator has not found yet.
+// namespace, which the locator has not found yet. A terminating pod whose
+// sandbox is gone is not waited for.
 func waitsForNetns(f workloads.Filter, p *state.Pod) bool {
-	if p.Netns != "" || p.UID == "" {
+	if p.Netns != "" || p.UID == "" || p.Terminating {
 		return false
 	}
 	q := *p

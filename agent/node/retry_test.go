@@ -122,6 +122,7 @@ func TestWaitsForNetns(t *testing.T) {
 		{"no address yet", mod(func(p *state.Pod) { p.IPs = nil }), false},
 		{"no identity", mod(func(p *state.Pod) { p.Identity = spiffeid.ID{} }), false},
 		{"no UID", mod(func(p *state.Pod) { p.UID = "" }), false},
+		{"terminating", mod(func(p *state.Pod) { p.Terminating = true }), false},
 	} {
 		if got := waitsForNetns(f, tc.pod); got != tc.want {
 			t.Errorf("%s: waitsForNetns = %v, want %v", tc.name, got, tc.want)
