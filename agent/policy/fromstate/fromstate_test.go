@@ -17,7 +17,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/state"
 )
 
-func object(t *testing.T, gk state.GroupKind, obj runtime.Object, ns, name string) *state.Object {
+func object(t testing.TB, gk state.GroupKind, obj runtime.Object, ns, name string) *state.Object {
 	t.Helper()
 	m, err := runtime.DefaultUnstructuredConverter.ToUnstructured(obj)
 	if err != nil {
