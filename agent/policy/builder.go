@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"maps"
@@ -11,39 +12,114 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
+	"github.com/nodemesh/nodemesh/agent/internal/pmap"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 )
 
-// Builder builds successive snapshots of one changing cluster, reusing what
-// did not change since its previous Build:
+// Builder keeps the policy snapshot of one changing cluster up to date:
+// callers tell it what changed (SetPod, DeleteNamespace,
+// SetNetworkPolicy, ...) and Snapshot applies those changes to the
+// previous snapshot. The snapshot's maps are sharded copy-on-write maps
+// (agent/internal/pmap) that a new snapshot shares with the one before
+// except for the shards a change touches, so the cost of a change is what
+// it touches, not the cluster's size:
 //
-//   - a policy object given by the same pointer as last time is not
-//     compiled again (inputs are immutable: a changed object is a new one);
-//   - a pod whose value is unchanged, in a namespace whose set of policies
-//     (its NetworkPolicies, AuthorizationPolicies and PeerAuthentications,
-//     and the root namespace's mesh-wide ones) is unchanged, keeps its entry
-//     (the policies that select it) without matching a selector again.
+//   - a pod change builds that pod's entry (the policies that select it)
+//     and updates the addresses it had and has;
+//   - a policy change compiles that policy, and re-matches the pods of its
+//     namespace only if the namespace's list of policies changed (every
+//     pod only for a mesh-wide policy of the root namespace);
+//   - a namespace or node change replaces its labels or addresses.
 //
-// A change to one pod thus re-matches that pod only, and a change to a
-// policy re-matches the pods of its namespace only (all pods for a
-// mesh-wide one). The rest of a build is map work linear in the number of
-// pods. Reused entries are shared with the previous snapshot, which is
-// what lets an Engine keep the decisions a change cannot affect.
+// Every other pod keeps its entry, shared with the previous snapshot,
+// which is what lets an Engine keep the decisions a change cannot affect.
 //
-// Build(v, in) returns a snapshot that decides exactly as NewSnapshot(v, in,
-// opts) does (TestBuilderMatchesFullRebuild checks it over random changes).
-// A Builder is not safe for concurrent use; its snapshots are.
+// Build(v, in) takes a whole Input instead, finds what differs from the
+// previous one and applies that: NewSnapshot is a fresh Builder's first
+// Build, so the incremental and the full path are one implementation
+// (TestBuilderMatchesFullRebuild compares them over random changes).
+//
+// Policy inputs are immutable: a changed object is a new pointer, and one
+// given again by the same pointer is not compiled again. A Builder is not
+// safe for concurrent use; its snapshots are.
 type Builder struct {
 	opts Options
-	prev *Snapshot
-	// nsPolicies of the previous build, by namespace.
-	prevNS map[string]*nsPolicies
-	// namespace labels of the previous build: the input map and the
-	// snapshot's copy (with the name label).
-	nsIn, nsOut map[string]map[string]string
-	nps         map[*networkingv1.NetworkPolicy]*netPol
-	azs         map[*v1alpha1.AuthorizationPolicy]*authzPolicy
-	pas         map[*v1alpha1.PeerAuthentication]*peerAuthn
+	prev *Snapshot // the last snapshot built, nil before the first
+	next *Snapshot // prev's maps, being edited; nil until a change needs them
+
+	nss map[string]*nsState
+	// ipClaims lists, for a pod address two or more pods claim, every
+	// claimant by key; an address with one claimant is only in podsByIP.
+	ipClaims map[netip.Addr][]string
+
+	// Changes pending for the next Snapshot: pods by key (nil: deleted),
+	// namespaces whose policies changed, whether the root namespace's did.
+	pods      map[string]*Pod
+	dirtyNS   map[string]bool
+	rootDirty bool
+	// policiesChanged: problems, counts or request headers to recompute.
+	policiesChanged bool
+
+	// The policy inputs by ref, to recognise one given again.
+	npIn  map[PolicyRef]*networkingv1.NetworkPolicy
+	azIn  map[PolicyRef]*v1alpha1.AuthorizationPolicy
+	paIn  map[PolicyRef]*v1alpha1.PeerAuthentication
+	unrIn map[PolicyRef]unreadableIn
+
+	problems map[polKey]Problem
+	headers  map[string]int // request headers named by conditions, with the number of policies naming each
+	netpols  int
+	authzs   int
+	pas      int
+	rootAZs  []*authzPolicy // the root namespace's selector-less ones: every pod
+	rootPAs  []*peerAuthn
+}
+
+// polKey names a policy of a namespace: a readable one and an unreadable
+// stand-in may share a ref.
+type polKey struct {
+	ref        PolicyRef
+	unreadable bool
+}
+
+func (a polKey) compare(b polKey) int {
+	if c := a.ref.compare(b.ref); c != 0 {
+		return c
+	}
+	switch {
+	case a.unreadable == b.unreadable:
+		return 0
+	case b.unreadable:
+		return -1
+	default:
+		return 1
+	}
+}
+
+type unreadableIn struct {
+	action v1alpha1.Action
+	err    string
+}
+
+// nsState is what the Builder knows about one namespace.
+type nsState struct {
+	// given: the namespace is an input; out is its labels as the snapshot
+	// has them (with the name label). synth is the snapshot's labels of a
+	// namespace that is not an input but has pods.
+	given bool
+	in    map[string]string
+	out   map[string]string
+	synth map[string]string
+	pods  map[*podEntry]struct{}
+	nps   map[polKey]*netPol
+	azs   map[polKey]*authzPolicy
+	pas   map[polKey]*peerAuthn
+	// pol are the policies its pods are matched against; nil until needed.
+	pol *nsPolicies
+}
+
+func (st *nsState) empty() bool {
+	return !st.given && len(st.pods) == 0 && len(st.nps)+len(st.azs)+len(st.pas) == 0
 }
 
 // NewBuilder returns a Builder with nothing to reuse yet.
@@ -54,7 +130,13 @@ func NewBuilder(opts Options) *Builder {
 	if opts.TrustDomain == "" {
 		opts.TrustDomain = DefaultTrustDomain
 	}
-	return &Builder{opts: opts}
+	return &Builder{
+		opts: opts, nss: map[string]*nsState{}, ipClaims: map[netip.Addr][]string{},
+		pods: map[string]*Pod{}, dirtyNS: map[string]bool{},
+		npIn: map[PolicyRef]*networkingv1.NetworkPolicy{}, azIn: map[PolicyRef]*v1alpha1.AuthorizationPolicy{},
+		paIn: map[PolicyRef]*v1alpha1.PeerAuthentication{}, unrIn: map[PolicyRef]unreadableIn{},
+		problems: map[polKey]Problem{}, headers: map[string]int{},
+	}
 }
 
 // nsPolicies are the policies that can select the pods of one namespace,
@@ -77,210 +159,628 @@ func (a *nsPolicies) equal(b *nsPolicies) bool {
 // even when their versions are equal.
 var snapshotIDs atomic.Uint64
 
-// Build indexes in as version, reusing what is unchanged since the
-// previous Build.
-func (b *Builder) Build(version uint64, in Input) *Snapshot {
-	opts := b.opts
-	s := &Snapshot{
-		id:         snapshotIDs.Add(1),
-		version:    version,
+func emptySnapshot(opts Options) *Snapshot {
+	return &Snapshot{
 		opts:       opts,
-		namespaces: make(map[string]map[string]string, len(in.Namespaces)),
-		pods:       make(map[string]*podEntry, len(in.Pods)),
-		podsByIP:   make(map[netip.Addr]*podEntry, len(in.Pods)),
-		nodeByIP:   make(map[netip.Addr]string, len(in.Nodes)),
-		nodeIPs:    make(map[string][]netip.Addr, len(in.Nodes)),
+		namespaces: pmap.New[string, map[string]string](pmap.String),
+		pods:       pmap.New[string, *podEntry](pmap.String),
+		podsByIP:   pmap.New[netip.Addr, *podEntry](pmap.Addr),
+		nodeIPs:    pmap.New[string, []netip.Addr](pmap.String),
 	}
-	nsIn := make(map[string]map[string]string, len(in.Namespaces))
-	for _, ns := range in.Namespaces {
-		nsIn[ns.Name] = ns.Labels
-		if old, ok := b.nsIn[ns.Name]; ok && maps.Equal(old, ns.Labels) {
-			s.namespaces[ns.Name] = b.nsOut[ns.Name]
-			continue
-		}
-		l := make(map[string]string, len(ns.Labels)+1)
-		maps.Copy(l, ns.Labels)
-		l[NamespaceNameLabel] = ns.Name
-		s.namespaces[ns.Name] = l
-	}
-	for _, n := range in.Nodes {
-		for _, ip := range n.IPs {
-			s.nodeByIP[ip.Unmap()] = n.Name
-		}
-		s.nodeIPs[n.Name] = append(s.nodeIPs[n.Name], n.IPs...)
-	}
+}
 
-	// Compile the policies (or take last build's), with the stand-ins for
-	// unreadable ones.
-	npsCache := make(map[*networkingv1.NetworkPolicy]*netPol, len(in.NetworkPolicies))
-	nps := make([]*netPol, 0, len(in.NetworkPolicies))
-	for _, np := range in.NetworkPolicies {
-		if np == nil {
-			continue
+// edit returns the snapshot being edited, starting it from the previous one.
+func (b *Builder) edit() *Snapshot {
+	if b.next == nil {
+		base := b.prev
+		if base == nil {
+			base = emptySnapshot(b.opts)
 		}
-		c, ok := b.nps[np]
-		if !ok {
-			c, _ = compileNetworkPolicy(np)
-		}
-		npsCache[np] = c
-		if c.refused != nil {
-			s.problems = append(s.problems, Problem{Ref: c.ref, Err: c.refused})
-		}
-		nps = append(nps, c)
+		n := *base
+		n.namespaces = base.namespaces.Edit()
+		n.pods = base.pods.Edit()
+		n.podsByIP = base.podsByIP.Edit()
+		n.nodeIPs = base.nodeIPs.Edit()
+		b.next = &n
 	}
-	var unreadableAZ []*authzPolicy
-	var unreadablePA []*peerAuthn
-	for _, u := range in.Unreadable {
-		err := fmt.Errorf("unreadable: %w", u.Err)
-		if u.Err == nil {
-			err = errors.New("unreadable")
+	return b.next
+}
+
+// ns returns the state of namespace name, creating it.
+func (b *Builder) ns(name string) *nsState {
+	st := b.nss[name]
+	if st == nil {
+		st = &nsState{pods: map[*podEntry]struct{}{}, nps: map[polKey]*netPol{}, azs: map[polKey]*authzPolicy{}, pas: map[polKey]*peerAuthn{}}
+		b.nss[name] = st
+	}
+	return st
+}
+
+// current returns the entry of pod key in the last snapshot built.
+func (b *Builder) current(key string) *podEntry {
+	if b.prev == nil {
+		return nil
+	}
+	return b.prev.pods.Lookup(key)
+}
+
+// SetPod adds or replaces a pod. Its label map and slices are kept as
+// given: do not modify them afterwards.
+func (b *Builder) SetPod(p Pod) {
+	key := p.Key()
+	if e := b.current(key); e != nil && e.Pod.equal(&p) {
+		delete(b.pods, key) // unchanged (again)
+		return
+	}
+	b.pods[key] = &p
+}
+
+// DeletePod removes the pod "namespace/name".
+func (b *Builder) DeletePod(key string) {
+	if b.current(key) == nil {
+		delete(b.pods, key)
+		return
+	}
+	b.pods[key] = nil
+}
+
+// SetNamespace adds or replaces a namespace. Its label map is kept (to
+// recognise the same labels given again): do not modify it afterwards.
+func (b *Builder) SetNamespace(ns Namespace) {
+	st := b.ns(ns.Name)
+	if st.given && maps.Equal(st.in, ns.Labels) {
+		return
+	}
+	l := make(map[string]string, len(ns.Labels)+1)
+	maps.Copy(l, ns.Labels)
+	l[NamespaceNameLabel] = ns.Name
+	st.given, st.in, st.out = true, ns.Labels, l
+	b.setNamespaceLabels(ns.Name, st)
+}
+
+// DeleteNamespace removes a namespace. Its pods and policies stay; its
+// pods' namespace then has only the kubernetes.io/metadata.name label.
+func (b *Builder) DeleteNamespace(name string) {
+	st := b.nss[name]
+	if st == nil || !st.given {
+		return
+	}
+	st.given, st.in, st.out = false, nil, nil
+	b.setNamespaceLabels(name, st)
+}
+
+// setNamespaceLabels puts a namespace's labels in the snapshot being
+// edited: its input's, else, while it has pods, only the name label.
+func (b *Builder) setNamespaceLabels(name string, st *nsState) {
+	s := b.edit()
+	switch {
+	case st.given:
+		s.namespaces.Set(name, st.out)
+	case len(st.pods) > 0:
+		if st.synth == nil {
+			st.synth = map[string]string{NamespaceNameLabel: name}
 		}
-		s.problems = append(s.problems, Problem{Ref: u.Ref, Err: err})
-		switch u.Ref.Kind {
-		case KindNetworkPolicy:
-			nps = append(nps, &netPol{ref: u.Ref, podSel: labels.Everything(), ingress: true, egress: true, refused: err})
-		case KindAuthorizationPolicy:
-			c := &authzPolicy{ref: u.Ref, refused: err}
-			switch u.Action {
-			case v1alpha1.ActionAllow:
-				c.action = v1alpha1.ActionAllow
-			case v1alpha1.ActionAudit:
-				c.action = v1alpha1.ActionAudit
-			default:
-				c.action = v1alpha1.ActionDeny
-				c.rules = []azRule{{}}
+		s.namespaces.Set(name, st.synth)
+	default:
+		s.namespaces.Del(name)
+	}
+	if st.empty() {
+		delete(b.nss, name)
+	}
+}
+
+// SetNode adds or replaces a node and its addresses.
+func (b *Builder) SetNode(n Node) {
+	s := b.edit()
+	if old, ok := s.nodeIPs.Get(n.Name); ok && slices.Equal(old, n.IPs) {
+		return
+	}
+	s.nodeIPs.Set(n.Name, slices.Clone(n.IPs))
+}
+
+// DeleteNode removes a node.
+func (b *Builder) DeleteNode(name string) {
+	if _, ok := b.edit().nodeIPs.Get(name); ok {
+		b.next.nodeIPs.Del(name)
+	}
+}
+
+// SetNetworkPolicy adds or replaces a NetworkPolicy (nil is ignored).
+func (b *Builder) SetNetworkPolicy(np *networkingv1.NetworkPolicy) {
+	if np == nil {
+		return
+	}
+	ref := PolicyRef{Kind: KindNetworkPolicy, Namespace: np.Namespace, Name: np.Name}
+	if b.npIn[ref] == np {
+		return
+	}
+	b.npIn[ref] = np
+	c, _ := compileNetworkPolicy(np)
+	b.setNP(polKey{ref: ref}, c)
+}
+
+// DeleteNetworkPolicy removes a NetworkPolicy.
+func (b *Builder) DeleteNetworkPolicy(namespace, name string) {
+	ref := PolicyRef{Kind: KindNetworkPolicy, Namespace: namespace, Name: name}
+	if _, ok := b.npIn[ref]; ok {
+		delete(b.npIn, ref)
+		b.setNP(polKey{ref: ref}, nil)
+	}
+}
+
+// SetAuthorizationPolicy adds or replaces an AuthorizationPolicy (nil is
+// ignored).
+func (b *Builder) SetAuthorizationPolicy(ap *v1alpha1.AuthorizationPolicy) {
+	if ap == nil {
+		return
+	}
+	ref := PolicyRef{Kind: KindAuthorizationPolicy, Namespace: ap.Namespace, Name: ap.Name}
+	if b.azIn[ref] == ap {
+		return
+	}
+	b.azIn[ref] = ap
+	c, _ := compileAuthorizationPolicy(ap)
+	b.setAZ(polKey{ref: ref}, c)
+}
+
+// DeleteAuthorizationPolicy removes an AuthorizationPolicy.
+func (b *Builder) DeleteAuthorizationPolicy(namespace, name string) {
+	ref := PolicyRef{Kind: KindAuthorizationPolicy, Namespace: namespace, Name: name}
+	if _, ok := b.azIn[ref]; ok {
+		delete(b.azIn, ref)
+		b.setAZ(polKey{ref: ref}, nil)
+	}
+}
+
+// SetPeerAuthentication adds or replaces a PeerAuthentication (nil is
+// ignored).
+func (b *Builder) SetPeerAuthentication(pa *v1alpha1.PeerAuthentication) {
+	if pa == nil {
+		return
+	}
+	ref := PolicyRef{Kind: KindPeerAuthentication, Namespace: pa.Namespace, Name: pa.Name}
+	if b.paIn[ref] == pa {
+		return
+	}
+	b.paIn[ref] = pa
+	c, _ := compilePeerAuthentication(pa)
+	b.setPA(polKey{ref: ref}, c)
+}
+
+// DeletePeerAuthentication removes a PeerAuthentication.
+func (b *Builder) DeletePeerAuthentication(namespace, name string) {
+	ref := PolicyRef{Kind: KindPeerAuthentication, Namespace: namespace, Name: name}
+	if _, ok := b.paIn[ref]; ok {
+		delete(b.paIn, ref)
+		b.setPA(polKey{ref: ref}, nil)
+	}
+}
+
+// SetUnreadable adds or replaces an unreadable policy object (see
+// Unreadable), by its Ref.
+func (b *Builder) SetUnreadable(u Unreadable) {
+	err := fmt.Errorf("unreadable: %w", u.Err)
+	if u.Err == nil {
+		err = errors.New("unreadable")
+	}
+	in := unreadableIn{action: u.Action, err: err.Error()}
+	if old, ok := b.unrIn[u.Ref]; ok && old == in {
+		return
+	}
+	b.DeleteUnreadable(u.Ref)
+	b.unrIn[u.Ref] = in
+	k := polKey{ref: u.Ref, unreadable: true}
+	switch u.Ref.Kind {
+	case KindNetworkPolicy:
+		b.setNP(k, &netPol{ref: u.Ref, podSel: labels.Everything(), ingress: true, egress: true, refused: err})
+	case KindAuthorizationPolicy:
+		c := &authzPolicy{ref: u.Ref, refused: err}
+		switch u.Action {
+		case v1alpha1.ActionAllow:
+			c.action = v1alpha1.ActionAllow
+		case v1alpha1.ActionAudit:
+			c.action = v1alpha1.ActionAudit
+		default:
+			c.action = v1alpha1.ActionDeny
+			c.rules = []azRule{{}}
+		}
+		b.setAZ(k, c)
+	case KindPeerAuthentication:
+		b.setPA(k, &peerAuthn{ref: u.Ref, mode: v1alpha1.MTLSStrict, refused: err})
+	default: // no stand-in, but still a problem
+		b.problems[k] = Problem{Ref: u.Ref, Err: err}
+		b.policiesChanged = true
+	}
+}
+
+// DeleteUnreadable removes the unreadable policy object ref.
+func (b *Builder) DeleteUnreadable(ref PolicyRef) {
+	if _, ok := b.unrIn[ref]; !ok {
+		return
+	}
+	delete(b.unrIn, ref)
+	k := polKey{ref: ref, unreadable: true}
+	switch ref.Kind {
+	case KindNetworkPolicy:
+		b.setNP(k, nil)
+	case KindAuthorizationPolicy:
+		b.setAZ(k, nil)
+	case KindPeerAuthentication:
+		b.setPA(k, nil)
+	default:
+		delete(b.problems, k)
+		b.policiesChanged = true
+	}
+}
+
+// setNP sets (c nil: removes) a compiled NetworkPolicy of a namespace.
+func (b *Builder) setNP(k polKey, c *netPol) {
+	st := b.ns(k.ref.Namespace)
+	_, had := st.nps[k]
+	if c == nil {
+		delete(st.nps, k)
+	} else {
+		st.nps[k] = c
+	}
+	b.netpols += count(had, c != nil)
+	b.policyChanged(k, st, c != nil && c.refused != nil, func() error { return c.refused })
+}
+
+func (b *Builder) setAZ(k polKey, c *authzPolicy) {
+	st := b.ns(k.ref.Namespace)
+	old, had := st.azs[k]
+	if had {
+		for _, h := range headersOf(old) {
+			if b.headers[h]--; b.headers[h] == 0 {
+				delete(b.headers, h)
 			}
-			unreadableAZ = append(unreadableAZ, c)
-		case KindPeerAuthentication:
-			unreadablePA = append(unreadablePA, &peerAuthn{ref: u.Ref, mode: v1alpha1.MTLSStrict, refused: err})
 		}
 	}
-	slices.SortFunc(nps, func(a, b *netPol) int { return a.ref.compare(b.ref) })
-	s.netpolCount = len(nps)
+	if c == nil {
+		delete(st.azs, k)
+	} else {
+		st.azs[k] = c
+		for _, h := range headersOf(c) {
+			b.headers[h]++
+		}
+	}
+	b.authzs += count(had, c != nil)
+	b.policyChanged(k, st, c != nil && c.refused != nil, func() error { return c.refused })
+}
 
-	azsCache := make(map[*v1alpha1.AuthorizationPolicy]*authzPolicy, len(in.AuthorizationPolicies))
-	azs := make([]*authzPolicy, 0, len(in.AuthorizationPolicies))
-	for _, ap := range in.AuthorizationPolicies {
-		if ap == nil {
-			continue
+func (b *Builder) setPA(k polKey, c *peerAuthn) {
+	st := b.ns(k.ref.Namespace)
+	_, had := st.pas[k]
+	if c == nil {
+		delete(st.pas, k)
+	} else {
+		st.pas[k] = c
+	}
+	b.pas += count(had, c != nil)
+	b.policyChanged(k, st, c != nil && c.refused != nil, func() error { return c.refused })
+}
+
+func count(had, has bool) int {
+	switch {
+	case had && !has:
+		return -1
+	case has && !had:
+		return 1
+	}
+	return 0
+}
+
+// policyChanged records that policy k of namespace st changed.
+func (b *Builder) policyChanged(k polKey, st *nsState, refused bool, err func() error) {
+	if refused {
+		b.problems[k] = Problem{Ref: k.ref, Err: err()}
+	} else {
+		delete(b.problems, k)
+	}
+	b.policiesChanged = true
+	b.dirtyNS[k.ref.Namespace] = true
+	if k.ref.Namespace == b.opts.RootNamespace && k.ref.Kind != KindNetworkPolicy {
+		b.rootDirty = true
+	}
+	if st.empty() {
+		delete(b.nss, k.ref.Namespace)
+	}
+}
+
+// headersOf returns the request headers an AuthorizationPolicy's
+// conditions name, each once.
+func headersOf(c *authzPolicy) []string {
+	var out []string
+	for _, r := range c.rules {
+		for _, w := range r.when {
+			if !slices.Contains(out, w.Header) {
+				out = append(out, w.Header)
+			}
 		}
-		c, ok := b.azs[ap]
-		if !ok {
-			c, _ = compileAuthorizationPolicy(ap)
+	}
+	return out
+}
+
+// policiesOf lists the policies that can select the pods of namespace
+// name, in the order they are attached.
+func (b *Builder) policiesOf(name string, st *nsState) *nsPolicies {
+	p := &nsPolicies{nps: sortedPolicies(st.nps), pas: sortedPAs(st.pas, nil)}
+	own := sortedPolicies(st.azs)
+	if name == b.opts.RootNamespace {
+		p.azs = own
+	} else {
+		p.azs = mergeByRef(b.rootAZs, own)
+		p.rootPAs = b.rootPAs
+	}
+	return p
+}
+
+// sortedPolicies returns a namespace's policies by ref.
+func sortedPolicies[T any](m map[polKey]T) []T {
+	keys := slices.SortedFunc(maps.Keys(m), polKey.compare)
+	out := make([]T, len(keys))
+	for i, k := range keys {
+		out[i] = m[k]
+	}
+	return out
+}
+
+// sortedPAs returns PeerAuthentications oldest first, as Istio resolves
+// conflicts, then by name for stability; only those keep accepts, if set.
+func sortedPAs(m map[polKey]*peerAuthn, keep func(*peerAuthn) bool) []*peerAuthn {
+	type kv struct {
+		k polKey
+		v *peerAuthn
+	}
+	var list []kv
+	for k, v := range m {
+		if keep == nil || keep(v) {
+			list = append(list, kv{k, v})
 		}
-		azsCache[ap] = c
-		if c.refused != nil {
-			s.problems = append(s.problems, Problem{Ref: c.ref, Err: c.refused})
-		}
-		for _, r := range c.rules {
-			for _, w := range r.when {
-				if !slices.Contains(s.requestHeaders, w.Header) {
-					s.requestHeaders = append(s.requestHeaders, w.Header)
+	}
+	slices.SortFunc(list, func(a, b kv) int { return cmp.Or(a.v.created.Compare(b.v.created), a.k.compare(b.k)) })
+	out := make([]*peerAuthn, len(list))
+	for i, e := range list {
+		out[i] = e.v
+	}
+	return out
+}
+
+// Snapshot applies the changes since the previous snapshot and returns the
+// new one, as version.
+func (b *Builder) Snapshot(version uint64) *Snapshot {
+	s := b.edit()
+
+	// The root namespace's mesh-wide policies apply to every namespace.
+	if b.rootDirty {
+		b.rootDirty = false
+		var azs []*authzPolicy
+		var pas map[polKey]*peerAuthn
+		if root := b.nss[b.opts.RootNamespace]; root != nil {
+			for _, az := range sortedPolicies(root.azs) {
+				if az.selector == nil {
+					azs = append(azs, az)
 				}
 			}
+			pas = root.pas
 		}
-		azs = append(azs, c)
+		rootPAs := sortedPAs(pas, func(pa *peerAuthn) bool { return pa.selector == nil })
+		if !slices.Equal(azs, b.rootAZs) || !slices.Equal(rootPAs, b.rootPAs) {
+			b.rootAZs, b.rootPAs = azs, rootPAs
+			for name := range b.nss {
+				b.dirtyNS[name] = true
+			}
+		}
 	}
-	slices.Sort(s.requestHeaders)
-	azs = append(azs, unreadableAZ...)
-	slices.SortFunc(azs, func(a, b *authzPolicy) int { return a.ref.compare(b.ref) })
-	s.authzCount = len(azs)
-
-	pasCache := make(map[*v1alpha1.PeerAuthentication]*peerAuthn, len(in.PeerAuthentications))
-	pas := make([]*peerAuthn, 0, len(in.PeerAuthentications))
-	for _, pa := range in.PeerAuthentications {
-		if pa == nil {
+	// Namespaces whose policies changed: their pods are matched again.
+	for name := range b.dirtyNS {
+		st := b.nss[name]
+		if st == nil {
 			continue
 		}
-		c, ok := b.pas[pa]
-		if !ok {
-			c, _ = compilePeerAuthentication(pa)
+		pol := b.policiesOf(name, st)
+		if pol.equal(st.pol) {
+			continue
 		}
-		pasCache[pa] = c
-		if c.refused != nil {
-			s.problems = append(s.problems, Problem{Ref: c.ref, Err: c.refused})
-		}
-		pas = append(pas, c)
-	}
-	pas = append(pas, unreadablePA...)
-	// Oldest first, as Istio resolves conflicts, then by name for stability.
-	slices.SortFunc(pas, func(a, b *peerAuthn) int {
-		if c := a.created.Compare(b.created); c != 0 {
-			return c
-		}
-		return a.ref.compare(b.ref)
-	})
-	s.paCount = len(pas)
-	slices.SortFunc(s.problems, func(a, b Problem) int { return a.Ref.compare(b.Ref) })
-
-	// Group the policies by the namespaces whose pods they can select.
-	npsByNS := map[string][]*netPol{}
-	for _, np := range nps {
-		npsByNS[np.ref.Namespace] = append(npsByNS[np.ref.Namespace], np)
-	}
-	azsByNS := map[string][]*authzPolicy{}
-	var rootAZs []*authzPolicy // the root's selector-less ones: every pod
-	for _, az := range azs {
-		azsByNS[az.ref.Namespace] = append(azsByNS[az.ref.Namespace], az)
-		if az.ref.Namespace == opts.RootNamespace && az.selector == nil {
-			rootAZs = append(rootAZs, az)
-		}
-	}
-	pasByNS := map[string][]*peerAuthn{}
-	var rootPAs []*peerAuthn
-	for _, pa := range pas {
-		pasByNS[pa.ref.Namespace] = append(pasByNS[pa.ref.Namespace], pa)
-		if pa.ref.Namespace == opts.RootNamespace && pa.selector == nil {
-			rootPAs = append(rootPAs, pa)
-		}
-	}
-	curNS := map[string]*nsPolicies{}
-	reusable := map[string]bool{}
-	policiesOf := func(ns string) (*nsPolicies, bool) {
-		if p, ok := curNS[ns]; ok {
-			return p, reusable[ns]
-		}
-		p := &nsPolicies{nps: npsByNS[ns], pas: pasByNS[ns]}
-		if ns == opts.RootNamespace {
-			p.azs = azsByNS[ns]
-		} else {
-			p.azs = mergeByRef(rootAZs, azsByNS[ns])
-			p.rootPAs = rootPAs
-		}
-		curNS[ns] = p
-		reusable[ns] = p.equal(b.prevNS[ns])
-		return p, reusable[ns]
-	}
-
-	for i := range in.Pods {
-		p := &in.Pods[i]
-		if _, ok := s.namespaces[p.Namespace]; !ok {
-			s.namespaces[p.Namespace] = map[string]string{NamespaceNameLabel: p.Namespace}
-		}
-		pol, same := policiesOf(p.Namespace)
-		key := p.Key()
-		var e *podEntry
-		if b.prev != nil && same {
-			if old := b.prev.pods[key]; old != nil && old.Pod.equal(p) {
-				e = old
-			}
-		}
-		if e == nil {
-			e = &podEntry{Pod: *p, spiffeID: s.SPIFFEID(*p)}
-			attach(e, pol)
-		}
-		s.pods[key] = e
-		if !p.HostNetwork {
-			for _, ip := range p.IPs {
-				s.podsByIP[ip.Unmap()] = e
+		st.pol = pol
+		for e := range st.pods {
+			if _, ok := b.pods[e.Key()]; !ok {
+				b.pods[e.Key()] = &e.Pod
 			}
 		}
 	}
+	clear(b.dirtyNS)
 
-	b.prev, b.prevNS = s, curNS
-	b.nsIn, b.nsOut = nsIn, s.namespaces
-	b.nps, b.azs, b.pas = npsCache, azsCache, pasCache
+	// Pods: new entries, then the owners of the addresses they had and have.
+	addrs := map[netip.Addr][]string{}
+	touch := func(e *podEntry, key string) {
+		if !e.HostNetwork {
+			for _, ip := range e.IPs {
+				addrs[ip.Unmap()] = append(addrs[ip.Unmap()], key)
+			}
+		}
+	}
+	var podsOf []string // namespaces that gained their first pod or lost their last
+	for key, p := range b.pods {
+		if old := s.pods.Lookup(key); old != nil {
+			st := b.nss[old.Namespace]
+			delete(st.pods, old)
+			if len(st.pods) == 0 {
+				podsOf = append(podsOf, old.Namespace)
+			}
+			touch(old, key)
+		}
+		if p == nil {
+			s.pods.Del(key)
+			continue
+		}
+		st := b.ns(p.Namespace)
+		if st.pol == nil {
+			st.pol = b.policiesOf(p.Namespace, st)
+		}
+		e := &podEntry{Pod: *p, spiffeID: s.SPIFFEID(*p)}
+		attach(e, st.pol)
+		s.pods.Set(key, e)
+		if len(st.pods) == 0 {
+			podsOf = append(podsOf, p.Namespace)
+		}
+		st.pods[e] = struct{}{}
+		touch(e, key)
+	}
+	clear(b.pods)
+	for ip, keys := range addrs {
+		b.ownAddress(s, ip, keys)
+	}
+	for _, name := range podsOf {
+		if st := b.nss[name]; st != nil && !st.given {
+			b.setNamespaceLabels(name, st)
+		}
+	}
+
+	if b.policiesChanged {
+		b.policiesChanged = false
+		s.problems = slices.SortedFunc(maps.Values(b.problems), func(a, b Problem) int {
+			return cmp.Or(a.Ref.compare(b.Ref), cmp.Compare(a.Err.Error(), b.Err.Error()))
+		})
+		s.requestHeaders = slices.Sorted(maps.Keys(b.headers))
+		s.netpolCount, s.authzCount, s.paCount = b.netpols, b.authzs, b.pas
+	}
+
+	s.namespaces.Freeze()
+	s.pods.Freeze()
+	s.podsByIP.Freeze()
+	s.nodeIPs.Freeze()
+	s.id, s.version = snapshotIDs.Add(1), version
+	b.prev, b.next = s, nil
 	return s
+}
+
+// ownAddress gives ip to its owner among its claimants: the pods that
+// claimed it before (its owner and the claimants remembered when there
+// were several) and the changed pods keys that claimed it or claim it now.
+// Several pods claim one address only in unusual inputs (a finished pod and
+// its successor, when the caller does not resolve them); the last by
+// namespace/name wins, as the last in a sorted Input.
+func (b *Builder) ownAddress(s *Snapshot, ip netip.Addr, keys []string) {
+	cands := append(keys, b.ipClaims[ip]...)
+	if e := s.podsByIP.Lookup(ip); e != nil {
+		cands = append(cands, e.Key())
+	}
+	slices.Sort(cands)
+	cands = slices.Compact(cands)
+	var owner *podEntry
+	claims := cands[:0]
+	for _, k := range cands {
+		e := s.pods.Lookup(k)
+		if e == nil || e.HostNetwork || !slices.ContainsFunc(e.IPs, func(a netip.Addr) bool { return a.Unmap() == ip }) {
+			continue
+		}
+		claims = append(claims, k)
+		owner = e // cands are sorted: the last wins
+	}
+	if owner == nil {
+		s.podsByIP.Del(ip)
+	} else {
+		s.podsByIP.Set(ip, owner)
+	}
+	if len(claims) > 1 {
+		b.ipClaims[ip] = slices.Clone(claims)
+	} else {
+		delete(b.ipClaims, ip)
+	}
+}
+
+// Build makes the builder's input in and returns its snapshot as version:
+// it applies what differs between in and the previous input.
+func (b *Builder) Build(version uint64, in Input) *Snapshot {
+	cur := b.edit()
+
+	seenNS := make(map[string]bool, len(in.Namespaces))
+	for _, ns := range in.Namespaces {
+		b.SetNamespace(ns)
+		seenNS[ns.Name] = true
+	}
+	for name, st := range b.nss {
+		if st.given && !seenNS[name] {
+			b.DeleteNamespace(name)
+		}
+	}
+
+	nodes := make(map[string][]netip.Addr, len(in.Nodes))
+	for _, n := range in.Nodes {
+		nodes[n.Name] = append(nodes[n.Name], n.IPs...)
+	}
+	var gone []string
+	for name := range cur.nodeIPs.All() {
+		if _, ok := nodes[name]; !ok {
+			gone = append(gone, name)
+		}
+	}
+	for _, name := range gone {
+		b.DeleteNode(name)
+	}
+	for name, ips := range nodes {
+		b.SetNode(Node{Name: name, IPs: ips})
+	}
+
+	seenPods := make(map[string]bool, len(in.Pods))
+	for _, p := range in.Pods {
+		b.SetPod(p)
+		seenPods[p.Key()] = true
+	}
+	if b.prev != nil {
+		for key := range b.prev.pods.All() {
+			if !seenPods[key] {
+				b.DeletePod(key)
+			}
+		}
+	}
+
+	seen := map[PolicyRef]bool{}
+	for _, np := range in.NetworkPolicies {
+		if np != nil {
+			b.SetNetworkPolicy(np)
+			seen[PolicyRef{Kind: KindNetworkPolicy, Namespace: np.Namespace, Name: np.Name}] = true
+		}
+	}
+	for _, ap := range in.AuthorizationPolicies {
+		if ap != nil {
+			b.SetAuthorizationPolicy(ap)
+			seen[PolicyRef{Kind: KindAuthorizationPolicy, Namespace: ap.Namespace, Name: ap.Name}] = true
+		}
+	}
+	for _, pa := range in.PeerAuthentications {
+		if pa != nil {
+			b.SetPeerAuthentication(pa)
+			seen[PolicyRef{Kind: KindPeerAuthentication, Namespace: pa.Namespace, Name: pa.Name}] = true
+		}
+	}
+	for _, ref := range slices.Collect(maps.Keys(b.npIn)) {
+		if !seen[ref] {
+			b.DeleteNetworkPolicy(ref.Namespace, ref.Name)
+		}
+	}
+	for _, ref := range slices.Collect(maps.Keys(b.azIn)) {
+		if !seen[ref] {
+			b.DeleteAuthorizationPolicy(ref.Namespace, ref.Name)
+		}
+	}
+	for _, ref := range slices.Collect(maps.Keys(b.paIn)) {
+		if !seen[ref] {
+			b.DeletePeerAuthentication(ref.Namespace, ref.Name)
+		}
+	}
+	seenUnr := map[PolicyRef]bool{}
+	for _, u := range in.Unreadable {
+		b.SetUnreadable(u)
+		seenUnr[u.Ref] = true
+	}
+	for _, ref := range slices.Collect(maps.Keys(b.unrIn)) {
+		if !seenUnr[ref] {
+			b.DeleteUnreadable(ref)
+		}
+	}
+	return b.Snapshot(version)
 }
 
 // attach records in e the policies of pol that select its pod, in pol's

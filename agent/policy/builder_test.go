@@ -1,7 +1,9 @@
 package policy
 
 import (
+	"cmp"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -12,6 +14,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 )
@@ -315,10 +318,16 @@ func TestBuilderMatchesFullRebuild(t *testing.T) {
 		in := w.input()
 		version := uint64(step + 1)
 		inc := b.Build(version, in)
-		full := NewSnapshot(version, in, Options{})
+		full := referenceSnapshot(version, in, Options{})
+		if a, b := snapshotJSON(t, NewSnapshot(version, in, Options{})), snapshotJSON(t, full); a != b {
+			t.Fatalf("step %d (seed %d): a fresh Builder's snapshot differs from the reference:\n%s\n%s", step, seed, a, b)
+		}
+		if a, b := snapshotJSON(t, inc), snapshotJSON(t, full); a != b {
+			t.Fatalf("step %d (seed %d, last changes %s): the incremental snapshot differs from the reference:\n%s\n%s", step, seed, strings.Join(history, "; "), a, b)
+		}
 		if prev != nil {
-			for k, e := range inc.pods {
-				if prev.pods[k] == e {
+			for k, e := range inc.pods.All() {
+				if prev.pods.Lookup(k) == e {
 					kept++
 				}
 			}
@@ -373,4 +382,264 @@ func TestBuilderMatchesFullRebuild(t *testing.T) {
 	if reused == 0 || kept == 0 {
 		t.Fatal("nothing was carried across a change: the test does not exercise reuse")
 	}
+}
+
+// referenceSnapshot builds a snapshot of in the simplest way, straight
+// from the definition and independently of Builder: every policy compiled,
+// every pod matched against every policy of its namespace and the root's
+// mesh-wide ones. It is the oracle TestBuilderMatchesFullRebuild checks the
+// Builder (incremental or fresh) against.
+func referenceSnapshot(version uint64, in Input, opts Options) *Snapshot {
+	if opts.RootNamespace == "" {
+		opts.RootNamespace = DefaultRootNamespace
+	}
+	if opts.TrustDomain == "" {
+		opts.TrustDomain = DefaultTrustDomain
+	}
+	s := emptySnapshot(opts)
+	s.id, s.version = snapshotIDs.Add(1), version
+	for _, m := range []interface{ Freeze() }{&s.namespaces, &s.pods, &s.podsByIP, &s.nodeIPs} {
+		defer m.Freeze()
+	}
+	s.namespaces, s.pods, s.podsByIP, s.nodeIPs = s.namespaces.Edit(), s.pods.Edit(), s.podsByIP.Edit(), s.nodeIPs.Edit()
+	for _, ns := range in.Namespaces {
+		l := map[string]string{}
+		for k, v := range ns.Labels {
+			l[k] = v
+		}
+		l[NamespaceNameLabel] = ns.Name
+		s.namespaces.Set(ns.Name, l)
+	}
+	for _, n := range in.Nodes {
+		s.nodeIPs.Set(n.Name, append(s.nodeIPs.Lookup(n.Name), n.IPs...))
+	}
+	var nps []*netPol
+	var azs []*authzPolicy
+	var pas []*peerAuthn
+	headers := map[string]bool{}
+	for _, np := range in.NetworkPolicies {
+		if np != nil {
+			c, _ := compileNetworkPolicy(np)
+			nps = append(nps, c)
+		}
+	}
+	for _, ap := range in.AuthorizationPolicies {
+		if ap != nil {
+			c, _ := compileAuthorizationPolicy(ap)
+			azs = append(azs, c)
+			for _, h := range headersOf(c) {
+				headers[h] = true
+			}
+		}
+	}
+	for _, pa := range in.PeerAuthentications {
+		if pa != nil {
+			c, _ := compilePeerAuthentication(pa)
+			pas = append(pas, c)
+		}
+	}
+	for _, c := range nps {
+		if c.refused != nil {
+			s.problems = append(s.problems, Problem{Ref: c.ref, Err: c.refused})
+		}
+	}
+	for _, c := range azs {
+		if c.refused != nil {
+			s.problems = append(s.problems, Problem{Ref: c.ref, Err: c.refused})
+		}
+	}
+	for _, c := range pas {
+		if c.refused != nil {
+			s.problems = append(s.problems, Problem{Ref: c.ref, Err: c.refused})
+		}
+	}
+	// The stand-ins of unreadable objects sort after readable ones of the
+	// same name.
+	unreadable := map[any]bool{}
+	for _, u := range in.Unreadable {
+		err := errors.New("unreadable")
+		if u.Err != nil {
+			err = fmt.Errorf("unreadable: %w", u.Err)
+		}
+		s.problems = append(s.problems, Problem{Ref: u.Ref, Err: err})
+		switch u.Ref.Kind {
+		case KindNetworkPolicy:
+			c := &netPol{ref: u.Ref, podSel: labels.Everything(), ingress: true, egress: true, refused: err}
+			unreadable[c] = true
+			nps = append(nps, c)
+		case KindAuthorizationPolicy:
+			c := &authzPolicy{ref: u.Ref, refused: err, action: v1alpha1.ActionDeny, rules: []azRule{{}}}
+			if u.Action == v1alpha1.ActionAllow || u.Action == v1alpha1.ActionAudit {
+				c.action, c.rules = u.Action, nil
+			}
+			unreadable[c] = true
+			azs = append(azs, c)
+		case KindPeerAuthentication:
+			c := &peerAuthn{ref: u.Ref, mode: v1alpha1.MTLSStrict, refused: err}
+			unreadable[c] = true
+			pas = append(pas, c)
+		}
+	}
+	byRef := func(a, b PolicyRef, ua, ub bool) int {
+		if c := a.compare(b); c != 0 {
+			return c
+		}
+		return cmp.Compare(b2i(ua), b2i(ub))
+	}
+	slices.SortStableFunc(nps, func(a, b *netPol) int { return byRef(a.ref, b.ref, unreadable[a], unreadable[b]) })
+	slices.SortStableFunc(azs, func(a, b *authzPolicy) int { return byRef(a.ref, b.ref, unreadable[a], unreadable[b]) })
+	slices.SortStableFunc(pas, func(a, b *peerAuthn) int {
+		return cmp.Or(a.created.Compare(b.created), byRef(a.ref, b.ref, unreadable[a], unreadable[b]))
+	})
+	slices.SortStableFunc(s.problems, func(a, b Problem) int { return cmp.Or(a.Ref.compare(b.Ref), cmp.Compare(a.Err.Error(), b.Err.Error())) })
+	s.netpolCount, s.authzCount, s.paCount = len(nps), len(azs), len(pas)
+	for h := range headers {
+		s.requestHeaders = append(s.requestHeaders, h)
+	}
+	slices.Sort(s.requestHeaders)
+
+	for _, p := range in.Pods {
+		if _, ok := s.namespaces.Get(p.Namespace); !ok {
+			s.namespaces.Set(p.Namespace, map[string]string{NamespaceNameLabel: p.Namespace})
+		}
+		e := &podEntry{Pod: p, spiffeID: s.SPIFFEID(p)}
+		ls := labelSet(p.Labels)
+		for _, np := range nps {
+			if np.ref.Namespace != p.Namespace || !np.podSel.Matches(ls) {
+				continue
+			}
+			if np.ingress {
+				e.ingressNPs = append(e.ingressNPs, np)
+			}
+			if np.egress {
+				e.egressNPs = append(e.egressNPs, np)
+			}
+		}
+		for _, az := range azs {
+			meshWide := az.ref.Namespace == opts.RootNamespace && az.selector == nil
+			if az.ref.Namespace != p.Namespace && !meshWide || az.selector != nil && !az.selector.Matches(ls) {
+				continue
+			}
+			switch az.action {
+			case v1alpha1.ActionDeny:
+				e.denyAZ = append(e.denyAZ, az)
+			case v1alpha1.ActionAudit:
+				e.auditAZ = append(e.auditAZ, az)
+			default:
+				e.allowAZ = append(e.allowAZ, az)
+			}
+		}
+		var workload, nsWide, mesh *peerAuthn
+		for _, pa := range pas {
+			switch {
+			case pa.ref.Namespace == p.Namespace && pa.selector != nil && pa.selector.Matches(ls):
+				if workload == nil {
+					workload = pa
+				}
+			case pa.ref.Namespace == p.Namespace && pa.selector == nil:
+				if nsWide == nil {
+					nsWide = pa
+				}
+			case pa.ref.Namespace == opts.RootNamespace && p.Namespace != opts.RootNamespace && pa.selector == nil:
+				if mesh == nil {
+					mesh = pa
+				}
+			}
+		}
+		for _, pa := range []*peerAuthn{workload, nsWide, mesh} {
+			if pa != nil {
+				e.mtls = append(e.mtls, pa)
+			}
+		}
+		s.pods.Set(p.Key(), e)
+	}
+	// An address claimed by several pods is the last one's by key.
+	for _, p := range s.pods.All() {
+		if p.HostNetwork {
+			continue
+		}
+		for _, ip := range p.IPs {
+			if o := s.podsByIP.Lookup(ip.Unmap()); o == nil || o.Key() < p.Key() {
+				s.podsByIP.Set(ip.Unmap(), p)
+			}
+		}
+	}
+	return s
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// snapshotJSON describes everything a snapshot holds, in a stable order:
+// each pod's entry with the policies attached to it, the namespaces'
+// labels, the nodes' addresses, the owner of each address, problems,
+// counts and request headers.
+func snapshotJSON(t *testing.T, s *Snapshot) string {
+	refs := func(list ...any) [][]string {
+		var out [][]string
+		for _, l := range list {
+			var names []string
+			switch l := l.(type) {
+			case []*netPol:
+				for _, p := range l {
+					names = append(names, p.ref.String())
+				}
+			case []*authzPolicy:
+				for _, p := range l {
+					names = append(names, p.ref.String())
+				}
+			case []*peerAuthn:
+				for _, p := range l {
+					names = append(names, p.ref.String())
+				}
+			}
+			out = append(out, names)
+		}
+		return out
+	}
+	type podOut struct {
+		Pod      Pod
+		SPIFFEID string
+		Policies [][]string
+	}
+	out := struct {
+		Pods       map[string]podOut
+		Namespaces map[string]map[string]string
+		Nodes      map[string][]netip.Addr
+		Owners     map[netip.Addr]string
+		Problems   []string
+		Counts     []int
+		Headers    []string
+	}{Pods: map[string]podOut{}, Namespaces: map[string]map[string]string{}, Nodes: map[string][]netip.Addr{}, Owners: map[netip.Addr]string{}}
+	for k, e := range s.pods.All() {
+		out.Pods[k] = podOut{e.Pod, e.spiffeID, refs(e.ingressNPs, e.egressNPs, e.denyAZ, e.allowAZ, e.auditAZ, e.mtls)}
+	}
+	for k, v := range s.namespaces.All() {
+		out.Namespaces[k] = v
+	}
+	for k, v := range s.nodeIPs.All() {
+		out.Nodes[k] = v
+	}
+	for k, v := range s.podsByIP.All() {
+		out.Owners[k] = v.Key()
+	}
+	for _, p := range s.problems {
+		out.Problems = append(out.Problems, p.Error())
+	}
+	out.Counts = []int{s.pods.Len(), s.netpolCount, s.authzCount, s.paCount}
+	out.Headers = s.requestHeaders
+	for _, m := range []interface{ Check() error }{&s.namespaces, &s.pods, &s.podsByIP, &s.nodeIPs} {
+		if err := m.Check(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b, err := json.MarshalIndent(out, "", " ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
 }

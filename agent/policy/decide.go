@@ -153,7 +153,7 @@ func (s *Snapshot) DecideIngress(f Flow) *Decision { return s.decide(f, evalIngr
 func (s *Snapshot) resolve(key string, ip netip.Addr) (endpoint, error) {
 	ip = ip.Unmap()
 	if key != "" {
-		p, ok := s.pods[key]
+		p, ok := s.pods.Get(key)
 		if !ok {
 			return endpoint{}, fmt.Errorf("pod %s is not in the snapshot", key)
 		}
@@ -177,7 +177,7 @@ func (s *Snapshot) resolve(key string, ip netip.Addr) (endpoint, error) {
 	if !ip.IsValid() {
 		return endpoint{}, fmt.Errorf("neither a pod nor an address given")
 	}
-	return endpoint{ip: ip, pod: s.podsByIP[ip]}, nil
+	return endpoint{ip: ip, pod: s.podsByIP.Lookup(ip)}, nil
 }
 
 func describe(e endpoint) string {
@@ -297,7 +297,7 @@ func (s *Snapshot) isNodeSource(src endpoint, dst *podEntry, f *Flow) bool {
 	if f.Principal != "" || src.pod != nil || dst.Node == "" {
 		return false
 	}
-	for _, ip := range s.nodeIPs[dst.Node] {
+	for _, ip := range s.nodeIPs.Lookup(dst.Node) {
 		if ip.Unmap() == src.ip {
 			return true
 		}

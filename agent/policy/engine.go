@@ -60,18 +60,18 @@ func (s *Snapshot) depsOf(f *Flow) deps {
 	var d deps
 	lookup := func(key string, ip netip.Addr) *podEntry {
 		if key != "" {
-			return s.pods[key]
+			return s.pods.Lookup(key)
 		}
-		return s.podsByIP[ip.Unmap()]
+		return s.podsByIP.Lookup(ip.Unmap())
 	}
 	src, dst := lookup(f.SrcPod, f.Src), lookup(f.DstPod, f.Dst)
 	d.src, d.dst = weak.Make(src), weak.Make(dst)
 	if src != nil {
-		d.srcNS = s.namespaces[src.Namespace]
+		d.srcNS = s.namespaces.Lookup(src.Namespace)
 	}
 	if dst != nil {
-		d.dstNS = s.namespaces[dst.Namespace]
-		d.dstNodeIPs = s.nodeIPs[dst.Node]
+		d.dstNS = s.namespaces.Lookup(dst.Namespace)
+		d.dstNodeIPs = s.nodeIPs.Lookup(dst.Node)
 	}
 	return d
 }

@@ -145,7 +145,7 @@ func TestEngineDoesNotKeepOldSnapshotsAlive(t *testing.T) {
 	}
 	s := shopSnapshot(t, "")
 	e.Decide(s, Flow{Src: ipFE, Dst: ipBE, Port: 8080, Protocol: corev1.ProtocolTCP})
-	be := weak.Make(s.pods["shop/be"])
+	be := weak.Make(s.pods.Lookup("shop/be"))
 	s = nil
 	for range 20 {
 		runtime.GC()

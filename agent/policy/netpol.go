@@ -278,7 +278,7 @@ func (s *Snapshot) peerMatches(policyNS string, p *npPeer, peer endpoint) bool {
 		return false
 	}
 	if p.nsSel != nil {
-		if !p.nsSel.Matches(labelSet(s.namespaces[peer.pod.Namespace])) {
+		if !p.nsSel.Matches(labelSet(s.namespaces.Lookup(peer.pod.Namespace))) {
 			return false
 		}
 	} else if peer.pod.Namespace != policyNS {

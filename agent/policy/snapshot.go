@@ -10,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 
+	"github.com/nodemesh/nodemesh/agent/internal/pmap"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 )
 
@@ -69,10 +70,13 @@ type Node struct {
 }
 
 // Input is everything a snapshot is built from. The snapshot does not keep
-// references to the policy objects' mutable parts; callers may reuse them.
-// Pods are kept as given, their label maps and slices included, so that
-// pods sharing an interned label set (agent/k8s) share it here too: callers
-// must not modify a pod's maps or slices after NewSnapshot.
+// references to the policy objects' mutable parts. Pods are kept as given,
+// their label maps and slices included, so that pods sharing an interned
+// label set (agent/k8s) share it here too: callers must not modify a pod's
+// maps or slices after NewSnapshot, nor, with a Builder, any input (it
+// recognises an unchanged one by its pointer or value). An address that
+// several pods (not on the host network) claim is the last one's by
+// namespace/name.
 type Input struct {
 	Namespaces            []Namespace
 	Pods                  []Pod
@@ -122,14 +126,15 @@ func (p Problem) Error() string { return fmt.Sprintf("%s: %v", p.Ref, p.Err) }
 // Snapshot is an immutable, indexed view of the cluster's policy state.
 // It is safe for concurrent use.
 type Snapshot struct {
-	id          uint64 // unique per snapshot (see Engine)
-	version     uint64
-	opts        Options
-	namespaces  map[string]map[string]string
-	pods        map[string]*podEntry
-	podsByIP    map[netip.Addr]*podEntry
-	nodeByIP    map[netip.Addr]string
-	nodeIPs     map[string][]netip.Addr
+	id      uint64 // unique per snapshot (see Engine)
+	version uint64
+	opts    Options
+	// The indexes are shared with the snapshots before and after, except
+	// for the shards a change touched (see Builder).
+	namespaces  pmap.Map[string, map[string]string]
+	pods        pmap.Map[string, *podEntry]
+	podsByIP    pmap.Map[netip.Addr, *podEntry]
+	nodeIPs     pmap.Map[string, []netip.Addr]
 	problems    []Problem
 	netpolCount int
 	authzCount  int
@@ -164,12 +169,12 @@ func (s *Snapshot) Problems() []Problem { return slices.Clone(s.problems) }
 // Counts returns the numbers of pods, NetworkPolicies, AuthorizationPolicies
 // and PeerAuthentications in the snapshot.
 func (s *Snapshot) Counts() (pods, netpols, authz, peerAuthn int) {
-	return len(s.pods), s.netpolCount, s.authzCount, s.paCount
+	return s.pods.Len(), s.netpolCount, s.authzCount, s.paCount
 }
 
 // Pod returns the pod "ns/name".
 func (s *Snapshot) Pod(key string) (Pod, bool) {
-	p, ok := s.pods[key]
+	p, ok := s.pods.Get(key)
 	if !ok {
 		return Pod{}, false
 	}
@@ -178,7 +183,7 @@ func (s *Snapshot) Pod(key string) (Pod, bool) {
 
 // PodByIP returns the pod (not host-network) that owns ip.
 func (s *Snapshot) PodByIP(ip netip.Addr) (Pod, bool) {
-	p, ok := s.podsByIP[ip.Unmap()]
+	p, ok := s.podsByIP.Get(ip.Unmap())
 	if !ok {
 		return Pod{}, false
 	}
@@ -233,7 +238,7 @@ func (r PolicyRef) compare(o PolicyRef) int {
 // PeerAuthentication that set it (zero for the default). ok is false for an
 // unknown pod.
 func (s *Snapshot) MTLSMode(pod string, port uint16) (mode v1alpha1.MTLSMode, by PolicyRef, ok bool) {
-	p, ok := s.pods[pod]
+	p, ok := s.pods.Get(pod)
 	if !ok {
 		return "", PolicyRef{}, false
 	}
@@ -256,7 +261,7 @@ func (s *Snapshot) MTLSMode(pod string, port uint16) (mode v1alpha1.MTLSMode, by
 // (its probes then fail while the agent is away, as before). None either
 // for a pod that is not in the snapshot or not in the mesh.
 func (s *Snapshot) NodeProbePorts(pod string) []uint16 {
-	p, ok := s.pods[pod]
+	p, ok := s.pods.Get(pod)
 	if !ok || p.Unmeshed || p.HostNetwork || len(p.denyAZ) > 0 {
 		return nil
 	}

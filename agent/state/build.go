@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
+
+	"github.com/nodemesh/nodemesh/agent/internal/pmap"
 )
 
 // buildIndex is what the store keeps beside its last snapshot so that the
@@ -20,12 +22,16 @@ type buildIndex struct {
 	vipClaims map[netip.AddrPort][]Key
 	// slicesOf lists the EndpointSlices labelled with each Service.
 	slicesOf map[Key]map[Key]struct{}
+	// podsOf lists the pods of each namespace by name, for the one change
+	// that touches them all: a flip of the namespace's enrollment.
+	podsOf map[string]map[string]struct{}
 }
 
 func (x *buildIndex) reset() {
 	x.ipClaims = make(map[netip.Addr][]Key)
 	x.vipClaims = make(map[netip.AddrPort][]Key)
 	x.slicesOf = make(map[Key]map[Key]struct{})
+	x.podsOf = make(map[string]map[string]struct{})
 }
 
 // build applies the pending changes to base and returns the new snapshot;
@@ -34,7 +40,7 @@ func (x *buildIndex) reset() {
 //   - a pod: its entry, the addresses it had and has (podsByIP), the nodes
 //     it was and is on (podsByNode);
 //   - a namespace: its entry, and, when its enrollment flips, its pods
-//     (the one change whose cost grows with the cluster: it scans the pods);
+//     (found by the namespace's index of pod names);
 //   - a Service: its entry, the VIPs it had and has, its backends;
 //   - an EndpointSlice: its entry and the backends of the Services it was
 //     and is labelled with;
@@ -48,16 +54,16 @@ func build(base *Snapshot, pend *pending, idx *buildIndex, version uint64, synce
 		version:     version,
 		synced:      synced,
 		trustDomain: base.trustDomain,
-		namespaces:  base.namespaces.edit(),
-		nodes:       base.nodes.edit(),
-		pods:        base.pods.edit(),
-		podsByIP:    base.podsByIP.edit(),
-		podsByNode:  base.podsByNode.edit(),
-		services:    base.services.edit(),
-		vips:        base.vips.edit(),
-		slices:      base.slices.edit(),
-		backends:    base.backends.edit(),
-		netpols:     base.netpols.edit(),
+		namespaces:  base.namespaces.Edit(),
+		nodes:       base.nodes.Edit(),
+		pods:        base.pods.Edit(),
+		podsByIP:    base.podsByIP.Edit(),
+		podsByNode:  base.podsByNode.Edit(),
+		services:    base.services.Edit(),
+		vips:        base.vips.Edit(),
+		slices:      base.slices.Edit(),
+		backends:    base.backends.Edit(),
+		netpols:     base.netpols.Edit(),
 		objects:     maps.Clone(base.objects),
 	}
 	flipped := s.applyNamespaces(base, pend.namespaces)
@@ -66,12 +72,12 @@ func build(base *Snapshot, pend *pending, idx *buildIndex, version uint64, synce
 	for gk, changes := range pend.objects {
 		m, ok := s.objects[gk]
 		if !ok {
-			m = newPmap[Key, *Object](hashKey)
+			m = pmap.New[Key, *Object](hashKey)
 		}
-		m = m.edit()
+		m = m.Edit()
 		applySimple(&m, changes)
-		m.freeze()
-		if m.len() == 0 {
+		m.Freeze()
+		if m.Len() == 0 {
 			delete(s.objects, gk)
 		} else {
 			s.objects[gk] = m
@@ -80,20 +86,20 @@ func build(base *Snapshot, pend *pending, idx *buildIndex, version uint64, synce
 	s.applyPods(base, pend.pods, flipped, idx)
 	s.applyServices(base, pend.services, pend.slices, idx)
 
-	for _, m := range []interface{ freeze() }{&s.namespaces, &s.nodes, &s.pods, &s.podsByIP, &s.podsByNode,
+	for _, m := range []interface{ Freeze() }{&s.namespaces, &s.nodes, &s.pods, &s.podsByIP, &s.podsByNode,
 		&s.services, &s.vips, &s.slices, &s.backends, &s.netpols} {
-		m.freeze()
+		m.Freeze()
 	}
 	return s
 }
 
 // applySimple applies changes to a map no other index depends on.
-func applySimple[K comparable, V any](m *pmap[K, *V], changes map[K]*V) {
+func applySimple[K comparable, V any](m *pmap.Map[K, *V], changes map[K]*V) {
 	for k, v := range changes {
 		if v == nil {
-			m.del(k)
+			m.Del(k)
 		} else {
-			m.set(k, v)
+			m.Set(k, v)
 		}
 	}
 }
@@ -105,7 +111,7 @@ func applySimple[K comparable, V any](m *pmap[K, *V], changes map[K]*V) {
 // written again: it is reused when its computed fields are still right,
 // else copied.
 func (s *Snapshot) podFor(p *Pod) *Pod {
-	ns := s.namespaces.lookup(p.Namespace)
+	ns := s.namespaces.Lookup(p.Namespace)
 	if !p.computed {
 		fillComputed(p, ns, s.trustDomain)
 		return p
@@ -122,16 +128,16 @@ func (s *Snapshot) podFor(p *Pod) *Pod {
 func (s *Snapshot) applyNamespaces(base *Snapshot, changes map[string]*Namespace) map[string]bool {
 	var flipped map[string]bool
 	for name, n := range changes {
-		old := base.namespaces.lookup(name)
+		old := base.namespaces.Lookup(name)
 		was := old != nil && old.Enrolled
 		is := false
 		if n == nil {
-			s.namespaces.del(name)
+			s.namespaces.Del(name)
 		} else {
 			c := *n
 			c.Enrolled = n.Labels[LabelMode] == ModeEnabled
 			is = c.Enrolled
-			s.namespaces.set(name, &c)
+			s.namespaces.Set(name, &c)
 		}
 		if was != is {
 			if flipped == nil {
@@ -148,7 +154,7 @@ type podChange struct{ old, new *Pod }
 func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[string]bool, idx *buildIndex) {
 	changes := make(map[Key]podChange, len(pending))
 	for k, p := range pending {
-		ch := podChange{old: base.pods.lookup(k)}
+		ch := podChange{old: base.pods.Lookup(k)}
 		if p != nil {
 			ch.new = s.podFor(p)
 		}
@@ -156,11 +162,13 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 			changes[k] = ch
 		}
 	}
-	if len(flipped) > 0 {
-		// A computed pod holds all of its input, so it recomputes from
-		// itself (into a copy when its Enrolled changes).
-		for k, p := range base.pods.all() {
-			if _, done := changes[k]; !done && flipped[p.Namespace] {
+	// A computed pod holds all of its input, so it recomputes from itself
+	// (into a copy when its Enrolled changes).
+	for ns := range flipped {
+		for name := range idx.podsOf[ns] {
+			k := Key{ns, name}
+			if _, done := changes[k]; !done {
+				p := base.pods.Lookup(k)
 				changes[k] = podChange{old: p, new: s.podFor(p)}
 			}
 		}
@@ -189,9 +197,21 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 	}
 	for k, ch := range changes {
 		if ch.new == nil {
-			s.pods.del(k)
+			s.pods.Del(k)
+			if names := idx.podsOf[k.Namespace]; names != nil {
+				delete(names, k.Name)
+				if len(names) == 0 {
+					delete(idx.podsOf, k.Namespace)
+				}
+			}
 		} else {
-			s.pods.set(k, ch.new)
+			s.pods.Set(k, ch.new)
+			names := idx.podsOf[k.Namespace]
+			if names == nil {
+				names = make(map[string]struct{})
+				idx.podsOf[k.Namespace] = names
+			}
+			names[k.Name] = struct{}{}
 		}
 		touch(ch.old, k, false)
 		touch(ch.new, k, true)
@@ -200,7 +220,7 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 	// podsByNode: each touched node's list without the changed pods, plus
 	// their new versions on it.
 	for node, added := range nodes {
-		old := base.podsByNode.lookup(node)
+		old := base.podsByNode.Lookup(node)
 		list := make([]*Pod, 0, len(old)+len(added))
 		for _, p := range old {
 			if _, changed := changes[p.Key()]; !changed {
@@ -209,18 +229,18 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 		}
 		list = append(list, added...)
 		if len(list) == 0 {
-			s.podsByNode.del(node)
+			s.podsByNode.Del(node)
 			continue
 		}
 		slices.SortFunc(list, func(a, b *Pod) int { return compareKeys(a.Key(), b.Key()) })
-		s.podsByNode.set(node, slices.Clip(list))
+		s.podsByNode.Set(node, slices.Clip(list))
 	}
 
 	// podsByIP: each touched address's owner among its claimants, which are
 	// its previous claimants and the changed pods that claim it now.
 	for ip, keys := range addrs {
 		cands := append(keys, idx.ipClaims[ip]...)
-		if p := base.podsByIP.lookup(ip); p != nil {
+		if p := base.podsByIP.Lookup(ip); p != nil {
 			cands = append(cands, p.Key())
 		}
 		slices.SortFunc(cands, compareKeys)
@@ -228,7 +248,7 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 		var owner *Pod
 		claims := cands[:0]
 		for _, k := range cands {
-			p := s.pods.lookup(k)
+			p := s.pods.Lookup(k)
 			if p == nil || p.HostNetwork || !slices.Contains(p.IPs, ip) {
 				continue
 			}
@@ -238,9 +258,9 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 			}
 		}
 		if owner == nil {
-			s.podsByIP.del(ip)
+			s.podsByIP.Del(ip)
 		} else {
-			s.podsByIP.set(ip, owner)
+			s.podsByIP.Set(ip, owner)
 		}
 		if len(claims) > 1 {
 			idx.ipClaims[ip] = slices.Clone(claims)
@@ -268,18 +288,18 @@ func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slic
 		}
 	}
 	for k, svc := range services {
-		old := base.services.lookup(k)
+		old := base.services.Lookup(k)
 		if svc == nil {
-			s.services.del(k)
+			s.services.Del(k)
 		} else {
-			s.services.set(k, svc)
+			s.services.Set(k, svc)
 		}
 		touch(old, k)
 		touch(svc, k)
 		dirty[k] = true
 	}
 	for k, es := range slicesPending {
-		if old := base.slices.lookup(k); old != nil && old.Service != "" {
+		if old := base.slices.Lookup(k); old != nil && old.Service != "" {
 			sk := Key{old.Namespace, old.Service}
 			delete(idx.slicesOf[sk], k)
 			if len(idx.slicesOf[sk]) == 0 {
@@ -288,10 +308,10 @@ func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slic
 			dirty[sk] = true
 		}
 		if es == nil {
-			s.slices.del(k)
+			s.slices.Del(k)
 			continue
 		}
-		s.slices.set(k, es)
+		s.slices.Set(k, es)
 		if es.Service != "" {
 			sk := Key{es.Namespace, es.Service}
 			if idx.slicesOf[sk] == nil {
@@ -307,7 +327,7 @@ func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slic
 	// static files might).
 	for ap, keys := range vipKeys {
 		cands := append(keys, idx.vipClaims[ap]...)
-		if v, ok := base.vips.get(ap); ok {
+		if v, ok := base.vips.Get(ap); ok {
 			cands = append(cands, v.svc.Key())
 		}
 		slices.SortFunc(cands, compareKeys)
@@ -315,7 +335,7 @@ func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slic
 		var owner vip
 		claims := cands[:0]
 		for _, k := range cands {
-			svc := s.services.lookup(k)
+			svc := s.services.Lookup(k)
 			if svc == nil {
 				continue
 			}
@@ -329,9 +349,9 @@ func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slic
 			}
 		}
 		if owner.svc == nil {
-			s.vips.del(ap)
+			s.vips.Del(ap)
 		} else {
-			s.vips.set(ap, owner)
+			s.vips.Set(ap, owner)
 		}
 		if len(claims) > 1 {
 			idx.vipClaims[ap] = slices.Clone(claims)
@@ -341,25 +361,25 @@ func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slic
 	}
 
 	for k := range dirty {
-		if old := base.services.lookup(k); old != nil {
+		if old := base.services.Lookup(k); old != nil {
 			for _, sp := range old.Ports {
-				s.backends.del(servicePortKey{k, sp.Name})
+				s.backends.Del(servicePortKey{k, sp.Name})
 			}
 		}
-		svc := s.services.lookup(k)
+		svc := s.services.Lookup(k)
 		if svc == nil {
 			continue
 		}
 		list := make([]*EndpointSlice, 0, len(idx.slicesOf[k]))
 		for sk := range idx.slicesOf[k] {
-			list = append(list, s.slices.lookup(sk))
+			list = append(list, s.slices.Lookup(sk))
 		}
 		// Slices in a fixed order, so that an endpoint listed twice keeps
 		// the same entry whatever the order of changes.
 		slices.SortFunc(list, func(a, b *EndpointSlice) int { return compareKeys(a.Key(), b.Key()) })
 		for _, sp := range svc.Ports {
 			if bs := backendsOf(sp, list); len(bs) > 0 {
-				s.backends.set(servicePortKey{k, sp.Name}, bs)
+				s.backends.Set(servicePortKey{k, sp.Name}, bs)
 			}
 		}
 	}

@@ -11,6 +11,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/nodemesh/nodemesh/agent/internal/pmap"
 )
 
 // model is the cluster as a test sees it: the inputs last set.
@@ -173,8 +175,8 @@ func compareWithReference(s *Snapshot, m *model, r *reference) []string {
 	checkPmap(&s.backends, bad, "backends")
 	checkPmap(&s.netpols, bad, "netpols")
 
-	if s.namespaces.len() != len(r.namespaces) {
-		bad("%d namespaces, want %d", s.namespaces.len(), len(r.namespaces))
+	if s.namespaces.Len() != len(r.namespaces) {
+		bad("%d namespaces, want %d", s.namespaces.Len(), len(r.namespaces))
 	}
 	for name, want := range r.namespaces {
 		if got := s.Namespace(name); got == nil || !reflect.DeepEqual(*got, *want) {
@@ -202,34 +204,34 @@ func compareWithReference(s *Snapshot, m *model, r *reference) []string {
 		bad("%d object kinds, want %d", len(s.objects), kinds)
 	}
 
-	if s.pods.len() != len(r.pods) {
-		bad("%d pods, want %d", s.pods.len(), len(r.pods))
+	if s.pods.Len() != len(r.pods) {
+		bad("%d pods, want %d", s.pods.Len(), len(r.pods))
 	}
 	for k, want := range r.pods {
-		if got := s.pods.lookup(k); got == nil || !reflect.DeepEqual(*got, *want) {
+		if got := s.pods.Lookup(k); got == nil || !reflect.DeepEqual(*got, *want) {
 			bad("pod %s: %+v, want %+v", k, got, want)
 		}
 	}
 	// Every index holds the snapshot's own pod values, never an older
 	// version of a pod.
 	own := func(where string, p *Pod) {
-		if p != s.pods.lookup(p.Key()) {
+		if p != s.pods.Lookup(p.Key()) {
 			bad("%s holds a pod %s that is not the snapshot's", where, p.Key())
 		}
 	}
-	if s.podsByIP.len() != len(r.podsByIP) {
-		bad("%d addresses, want %d", s.podsByIP.len(), len(r.podsByIP))
+	if s.podsByIP.Len() != len(r.podsByIP) {
+		bad("%d addresses, want %d", s.podsByIP.Len(), len(r.podsByIP))
 	}
 	for ip, want := range r.podsByIP {
-		got := s.podsByIP.lookup(ip) // raw: PodByIP unmaps its argument
+		got := s.podsByIP.Lookup(ip) // raw: PodByIP unmaps its argument
 		if got == nil || got.Key() != want.Key() {
 			bad("PodByIP(%s) = %v, want %s", ip, keyOf(got), want.Key())
 			continue
 		}
 		own("podsByIP", got)
 	}
-	if s.podsByNode.len() != len(r.podsByNode) {
-		bad("%d nodes with pods, want %d", s.podsByNode.len(), len(r.podsByNode))
+	if s.podsByNode.Len() != len(r.podsByNode) {
+		bad("%d nodes with pods, want %d", s.podsByNode.Len(), len(r.podsByNode))
 	}
 	for node, want := range r.podsByNode {
 		got := s.PodsOnNode(node)
@@ -240,20 +242,20 @@ func compareWithReference(s *Snapshot, m *model, r *reference) []string {
 			own("podsByNode", p)
 		}
 	}
-	if s.vips.len() != len(r.vips) {
-		bad("%d VIPs, want %d", s.vips.len(), len(r.vips))
+	if s.vips.Len() != len(r.vips) {
+		bad("%d VIPs, want %d", s.vips.Len(), len(r.vips))
 	}
 	for ap, want := range r.vips {
-		got, ok := s.vips.get(ap)
+		got, ok := s.vips.Get(ap)
 		if !ok || got.svc != want.svc || got.port != want.port {
 			bad("VIP %s: %v, want %s port %d", ap, got, want.svc.Key(), want.port)
 		}
 	}
-	if s.backends.len() != len(r.backends) {
-		bad("%d backend lists, want %d", s.backends.len(), len(r.backends))
+	if s.backends.Len() != len(r.backends) {
+		bad("%d backend lists, want %d", s.backends.Len(), len(r.backends))
 	}
 	for k, want := range r.backends {
-		got := s.backends.lookup(k)
+		got := s.backends.Lookup(k)
 		if !slices.EqualFunc(got, want, func(a, b Backend) bool {
 			return a.Addr == b.Addr && a.Node == b.Node && a.Terminating == b.Terminating && a.ref == b.ref
 		}) {
@@ -278,32 +280,18 @@ func compareWithReference(s *Snapshot, m *model, r *reference) []string {
 
 // checkPmap checks a map's own bookkeeping: the count, and that every
 // entry is in the shard its hash picks.
-func checkPmap[K comparable, V any](m *pmap[K, V], bad func(string, ...any), name string) {
-	if m.owned != nil {
-		bad("%s: not frozen", name)
-	}
-	n := 0
-	if m.shards != nil {
-		for i, sh := range m.shards {
-			for k := range sh {
-				n++
-				if m.shard(k) != i {
-					bad("%s: %v in shard %d, hashes to %d", name, k, i, m.shard(k))
-				}
-			}
-		}
-	}
-	if n != m.len() {
-		bad("%s: len %d, holds %d", name, m.len(), n)
+func checkPmap[K comparable, V any](m *pmap.Map[K, V], bad func(string, ...any), name string) {
+	if err := m.Check(); err != nil {
+		bad("%s: %v", name, err)
 	}
 }
 
-func samePointers[K comparable, V any](bad func(string, ...any), what string, got *pmap[K, *V], want map[K]*V) {
-	if got.len() != len(want) {
-		bad("%d %ss, want %d", got.len(), what, len(want))
+func samePointers[K comparable, V any](bad func(string, ...any), what string, got *pmap.Map[K, *V], want map[K]*V) {
+	if got.Len() != len(want) {
+		bad("%d %ss, want %d", got.Len(), what, len(want))
 	}
 	for k, v := range want {
-		if g := got.lookup(k); g != v {
+		if g := got.Lookup(k); g != v {
 			bad("%s %v: not the value set", what, k)
 		}
 	}

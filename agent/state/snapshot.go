@@ -10,6 +10,8 @@ import (
 	"strings"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/nodemesh/nodemesh/agent/internal/pmap"
 )
 
 // Snapshot is one immutable, indexed version of the cluster state. All
@@ -19,33 +21,33 @@ type Snapshot struct {
 	synced      bool
 	trustDomain spiffeid.TrustDomain
 
-	namespaces pmap[string, *Namespace]
-	nodes      pmap[string, *Node]
-	pods       pmap[Key, *Pod]
-	podsByIP   pmap[netip.Addr, *Pod]
-	podsByNode pmap[string, []*Pod]
-	services   pmap[Key, *Service]
-	vips       pmap[netip.AddrPort, vip]
-	slices     pmap[Key, *EndpointSlice]
-	backends   pmap[servicePortKey, []Backend]
-	netpols    pmap[Key, *NetworkPolicy]
-	objects    map[GroupKind]pmap[Key, *Object]
+	namespaces pmap.Map[string, *Namespace]
+	nodes      pmap.Map[string, *Node]
+	pods       pmap.Map[Key, *Pod]
+	podsByIP   pmap.Map[netip.Addr, *Pod]
+	podsByNode pmap.Map[string, []*Pod]
+	services   pmap.Map[Key, *Service]
+	vips       pmap.Map[netip.AddrPort, vip]
+	slices     pmap.Map[Key, *EndpointSlice]
+	backends   pmap.Map[servicePortKey, []Backend]
+	netpols    pmap.Map[Key, *NetworkPolicy]
+	objects    map[GroupKind]pmap.Map[Key, *Object]
 }
 
 func emptySnapshot(td spiffeid.TrustDomain) *Snapshot {
 	return &Snapshot{
 		trustDomain: td,
-		namespaces:  newPmap[string, *Namespace](hashString),
-		nodes:       newPmap[string, *Node](hashString),
-		pods:        newPmap[Key, *Pod](hashKey),
-		podsByIP:    newPmap[netip.Addr, *Pod](hashAddr),
-		podsByNode:  newPmap[string, []*Pod](hashString),
-		services:    newPmap[Key, *Service](hashKey),
-		vips:        newPmap[netip.AddrPort, vip](hashAddrPort),
-		slices:      newPmap[Key, *EndpointSlice](hashKey),
-		backends:    newPmap[servicePortKey, []Backend](hashServicePort),
-		netpols:     newPmap[Key, *NetworkPolicy](hashKey),
-		objects:     map[GroupKind]pmap[Key, *Object]{},
+		namespaces:  pmap.New[string, *Namespace](pmap.String),
+		nodes:       pmap.New[string, *Node](pmap.String),
+		pods:        pmap.New[Key, *Pod](hashKey),
+		podsByIP:    pmap.New[netip.Addr, *Pod](pmap.Addr),
+		podsByNode:  pmap.New[string, []*Pod](pmap.String),
+		services:    pmap.New[Key, *Service](hashKey),
+		vips:        pmap.New[netip.AddrPort, vip](pmap.AddrPort),
+		slices:      pmap.New[Key, *EndpointSlice](hashKey),
+		backends:    pmap.New[servicePortKey, []Backend](hashServicePort),
+		netpols:     pmap.New[Key, *NetworkPolicy](hashKey),
+		objects:     map[GroupKind]pmap.Map[Key, *Object]{},
 	}
 }
 
@@ -85,13 +87,13 @@ func (s *Snapshot) TrustDomain() spiffeid.TrustDomain { return s.trustDomain }
 
 // PodByIP returns the live pod that owns ip, or nil. Host-network pods are
 // never returned: they share the node's address.
-func (s *Snapshot) PodByIP(ip netip.Addr) *Pod { return s.podsByIP.lookup(ip.Unmap()) }
+func (s *Snapshot) PodByIP(ip netip.Addr) *Pod { return s.podsByIP.Lookup(ip.Unmap()) }
 
 // Pod returns a pod by namespace and name, or nil.
-func (s *Snapshot) Pod(namespace, name string) *Pod { return s.pods.lookup(Key{namespace, name}) }
+func (s *Snapshot) Pod(namespace, name string) *Pod { return s.pods.Lookup(Key{namespace, name}) }
 
 // PodsOnNode returns the pods scheduled on node, sorted by namespace/name.
-func (s *Snapshot) PodsOnNode(node string) []*Pod { return s.podsByNode.lookup(node) }
+func (s *Snapshot) PodsOnNode(node string) []*Pod { return s.podsByNode.Lookup(node) }
 
 // Pods returns every pod, sorted by namespace/name.
 func (s *Snapshot) Pods() []*Pod { return sortedValues(&s.pods) }
@@ -100,7 +102,7 @@ func (s *Snapshot) Pods() []*Pod { return sortedValues(&s.pods) }
 // sorting them.
 func (s *Snapshot) AllPods() iter.Seq[*Pod] {
 	return func(yield func(*Pod) bool) {
-		for _, p := range s.pods.all() {
+		for _, p := range s.pods.All() {
 			if !yield(p) {
 				return
 			}
@@ -109,12 +111,12 @@ func (s *Snapshot) AllPods() iter.Seq[*Pod] {
 }
 
 // Namespace returns a namespace by name, or nil.
-func (s *Snapshot) Namespace(name string) *Namespace { return s.namespaces.lookup(name) }
+func (s *Snapshot) Namespace(name string) *Namespace { return s.namespaces.Lookup(name) }
 
 // Namespaces returns every namespace, sorted by name.
 func (s *Snapshot) Namespaces() []*Namespace {
-	out := make([]*Namespace, 0, s.namespaces.len())
-	for _, n := range s.namespaces.all() {
+	out := make([]*Namespace, 0, s.namespaces.Len())
+	for _, n := range s.namespaces.All() {
 		out = append(out, n)
 	}
 	slices.SortFunc(out, func(a, b *Namespace) int { return cmp.Compare(a.Name, b.Name) })
@@ -122,12 +124,12 @@ func (s *Snapshot) Namespaces() []*Namespace {
 }
 
 // Node returns a node by name, or nil.
-func (s *Snapshot) Node(name string) *Node { return s.nodes.lookup(name) }
+func (s *Snapshot) Node(name string) *Node { return s.nodes.Lookup(name) }
 
 // Nodes returns every node, sorted by name.
 func (s *Snapshot) Nodes() []*Node {
-	out := make([]*Node, 0, s.nodes.len())
-	for _, n := range s.nodes.all() {
+	out := make([]*Node, 0, s.nodes.Len())
+	for _, n := range s.nodes.All() {
 		out = append(out, n)
 	}
 	slices.SortFunc(out, func(a, b *Node) int { return cmp.Compare(a.Name, b.Name) })
@@ -136,7 +138,7 @@ func (s *Snapshot) Nodes() []*Node {
 
 // Service returns a service by namespace and name, or nil.
 func (s *Snapshot) Service(namespace, name string) *Service {
-	return s.services.lookup(Key{namespace, name})
+	return s.services.Lookup(Key{namespace, name})
 }
 
 // Services returns every service, sorted by namespace/name.
@@ -144,7 +146,7 @@ func (s *Snapshot) Services() []*Service { return sortedValues(&s.services) }
 
 // ServiceByVIP returns the service and TCP port that own a ClusterIP:port.
 func (s *Snapshot) ServiceByVIP(ap netip.AddrPort) (*Service, ServicePort, bool) {
-	v, ok := s.vips.get(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
+	v, ok := s.vips.Get(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
 	if !ok {
 		return nil, ServicePort{}, false
 	}
@@ -156,7 +158,7 @@ func (s *Snapshot) ServiceByVIP(ap netip.AddrPort) (*Service, ServicePort, bool)
 // terminating (kube-proxy's rule, so connections drain instead of failing).
 // Endpoints listed by several slices appear once.
 func (s *Snapshot) Backends(svc *Service, port ServicePort) []Backend {
-	return s.backends.lookup(servicePortKey{svc.Key(), port.Name})
+	return s.backends.Lookup(servicePortKey{svc.Key(), port.Name})
 }
 
 // BackendPod returns the pod behind a backend of this snapshot: the pod
@@ -165,11 +167,11 @@ func (s *Snapshot) Backends(svc *Service, port ServicePort) []Backend {
 // yet seen).
 func (s *Snapshot) BackendPod(b Backend) *Pod {
 	if b.ref != nil {
-		if p := s.pods.lookup(*b.ref); p != nil {
+		if p := s.pods.Lookup(*b.ref); p != nil {
 			return p
 		}
 	}
-	return s.podsByIP.lookup(b.Addr.Addr())
+	return s.podsByIP.Lookup(b.Addr.Addr())
 }
 
 // EndpointSlices returns every slice, sorted by namespace/name.
@@ -179,7 +181,7 @@ func (s *Snapshot) EndpointSlices() []*EndpointSlice { return sortedValues(&s.sl
 // sorted by namespace/name.
 func (s *Snapshot) NetworkPolicies(namespace string) []*NetworkPolicy {
 	var out []*NetworkPolicy
-	for k, p := range s.netpols.all() {
+	for k, p := range s.netpols.All() {
 		if namespace == "" || k.Namespace == namespace {
 			out = append(out, p)
 		}
@@ -188,6 +190,20 @@ func (s *Snapshot) NetworkPolicies(namespace string) []*NetworkPolicy {
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
 	return out
+}
+
+// NetworkPolicy returns a NetworkPolicy by namespace and name, or nil.
+func (s *Snapshot) NetworkPolicy(namespace, name string) *NetworkPolicy {
+	return s.netpols.Lookup(Key{namespace, name})
+}
+
+// Object returns a custom object of a kind by key, or nil.
+func (s *Snapshot) Object(gk GroupKind, k Key) *Object {
+	m, ok := s.objects[gk]
+	if !ok {
+		return nil
+	}
+	return m.Lookup(k)
 }
 
 // Objects returns the custom objects of a kind, sorted by namespace/name.
@@ -211,9 +227,9 @@ func (s *Snapshot) ObjectKinds() []GroupKind {
 
 type keyed interface{ Key() Key }
 
-func sortedValues[T keyed](m *pmap[Key, T]) []T {
-	out := make([]T, 0, m.len())
-	for _, v := range m.all() {
+func sortedValues[T keyed](m *pmap.Map[Key, T]) []T {
+	out := make([]T, 0, m.Len())
+	for _, v := range m.All() {
 		out = append(out, v)
 	}
 	slices.SortFunc(out, func(a, b T) int { return compareKeys(a.Key(), b.Key()) })

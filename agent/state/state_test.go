@@ -309,7 +309,7 @@ func TestServiceByVIP(t *testing.T) {
 func TestHeadlessServiceHasNoVIP(t *testing.T) {
 	s := newStore(t)
 	s.Update(func(tx *Tx) { tx.SetService(web()) })
-	if s.Snapshot().vips.len() != 0 {
+	if s.Snapshot().vips.Len() != 0 {
 		t.Fatal("headless service indexed by VIP")
 	}
 }

@@ -212,7 +212,7 @@ func (tx *Tx) SetNamespace(n *Namespace) {
 
 // DeleteNamespace removes a namespace.
 func (tx *Tx) DeleteNamespace(name string) {
-	remove(tx, tx.s.pend.namespaces, name, func(b *Snapshot) bool { _, ok := b.namespaces.get(name); return ok })
+	remove(tx, tx.s.pend.namespaces, name, func(b *Snapshot) bool { _, ok := b.namespaces.Get(name); return ok })
 }
 
 // SetNode adds or replaces a node.
@@ -223,7 +223,7 @@ func (tx *Tx) SetNode(n *Node) {
 
 // DeleteNode removes a node.
 func (tx *Tx) DeleteNode(name string) {
-	remove(tx, tx.s.pend.nodes, name, func(b *Snapshot) bool { _, ok := b.nodes.get(name); return ok })
+	remove(tx, tx.s.pend.nodes, name, func(b *Snapshot) bool { _, ok := b.nodes.Get(name); return ok })
 }
 
 // SetPod adds or replaces a pod.
@@ -234,7 +234,7 @@ func (tx *Tx) SetPod(p *Pod) {
 
 // DeletePod removes a pod.
 func (tx *Tx) DeletePod(k Key) {
-	remove(tx, tx.s.pend.pods, k, func(b *Snapshot) bool { _, ok := b.pods.get(k); return ok })
+	remove(tx, tx.s.pend.pods, k, func(b *Snapshot) bool { _, ok := b.pods.Get(k); return ok })
 }
 
 // SetService adds or replaces a service.
@@ -245,7 +245,7 @@ func (tx *Tx) SetService(svc *Service) {
 
 // DeleteService removes a service.
 func (tx *Tx) DeleteService(k Key) {
-	remove(tx, tx.s.pend.services, k, func(b *Snapshot) bool { _, ok := b.services.get(k); return ok })
+	remove(tx, tx.s.pend.services, k, func(b *Snapshot) bool { _, ok := b.services.Get(k); return ok })
 }
 
 // SetEndpointSlice adds or replaces an EndpointSlice.
@@ -256,7 +256,7 @@ func (tx *Tx) SetEndpointSlice(es *EndpointSlice) {
 
 // DeleteEndpointSlice removes an EndpointSlice.
 func (tx *Tx) DeleteEndpointSlice(k Key) {
-	remove(tx, tx.s.pend.slices, k, func(b *Snapshot) bool { _, ok := b.slices.get(k); return ok })
+	remove(tx, tx.s.pend.slices, k, func(b *Snapshot) bool { _, ok := b.slices.Get(k); return ok })
 }
 
 // SetNetworkPolicy adds or replaces a NetworkPolicy.
@@ -267,7 +267,7 @@ func (tx *Tx) SetNetworkPolicy(np *NetworkPolicy) {
 
 // DeleteNetworkPolicy removes a NetworkPolicy.
 func (tx *Tx) DeleteNetworkPolicy(k Key) {
-	remove(tx, tx.s.pend.netpols, k, func(b *Snapshot) bool { _, ok := b.netpols.get(k); return ok })
+	remove(tx, tx.s.pend.netpols, k, func(b *Snapshot) bool { _, ok := b.netpols.Get(k); return ok })
 }
 
 // SetObject adds or replaces a custom object.
@@ -293,7 +293,7 @@ func (tx *Tx) DeleteObject(gk GroupKind, k Key) {
 		if !ok {
 			return false
 		}
-		_, ok = objs.get(k)
+		_, ok = objs.Get(k)
 		return ok
 	})
 }

@@ -9,7 +9,9 @@
 package fromstate
 
 import (
+	"cmp"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 
@@ -38,11 +40,13 @@ func Snapshot(s *state.Snapshot, rootNamespace string) (*policy.Snapshot, []erro
 	return NewBuilder(rootNamespace).Snapshot(s)
 }
 
-// Builder builds the policy snapshots of successive state snapshots,
-// reusing what did not change: a state object or pod with the same pointer
-// as last time (the state never modifies one; a change replaces it) is not
-// converted again, and the policy.Builder re-matches only the pods and
-// namespaces a change touched. Not safe for concurrent use.
+// Builder builds the policy snapshots of successive state snapshots of
+// one store. It keeps the state snapshot it converted last and asks the
+// new one what changed since (state.Snapshot.ChangesSince, which compares
+// only the shards of the state's maps that differ), then tells its
+// policy.Builder only those changes: a change to one object costs that
+// object's conversion and the policy snapshot's update, not a pass over
+// the cluster. Not safe for concurrent use.
 type Builder struct {
 	// localNode and localAddrs: see WithLocalNode.
 	localNode     string
@@ -50,8 +54,15 @@ type Builder struct {
 	rootNamespace string
 	td            string
 	pb            *policy.Builder
-	objs          map[*state.Object]converted
-	pods          map[*state.Pod]policy.Pod
+	prev          *state.Snapshot // the state snapshot converted last
+	local         []netip.Addr    // localAddrs' answer then
+	// unreadable are the custom objects that did not convert, with why.
+	unreadable map[objectKey]error
+}
+
+type objectKey struct {
+	kind state.GroupKind
+	key  state.Key
 }
 
 // converted is one custom object's conversion: a typed policy or an
@@ -81,15 +92,137 @@ func (b *Builder) WithLocalNode(name string, addrs func() []netip.Addr) *Builder
 }
 
 // Snapshot builds the policy snapshot of s; see the package's Snapshot.
+// s must be a snapshot of the same store as the previous call's, or the
+// first (a snapshot of another store is converted from scratch only if it
+// has another trust domain).
 func (b *Builder) Snapshot(s *state.Snapshot) (*policy.Snapshot, []error) {
 	td := s.TrustDomain().Name()
 	if b.pb == nil || td != b.td {
 		b.td = td
 		b.pb = policy.NewBuilder(policy.Options{RootNamespace: b.rootNamespace, TrustDomain: td})
-		b.objs, b.pods = nil, nil
+		b.prev, b.local, b.unreadable = nil, nil, map[objectKey]error{}
 	}
-	in, errs := b.input(s)
-	return b.pb.Build(s.Version(), in), errs
+	c := s.ChangesSince(b.prev)
+	for _, name := range c.Namespaces {
+		if ns := s.Namespace(name); ns != nil {
+			b.pb.SetNamespace(policy.Namespace{Name: ns.Name, Labels: ns.Labels})
+		} else {
+			b.pb.DeleteNamespace(name)
+		}
+	}
+	b.nodes(s, c.Nodes)
+	// A pod is converted again when it changed, or when an address it had
+	// or has changed owner (only the addresses the state attributes to a
+	// pod are its in the policy snapshot).
+	pods := make(map[state.Key]bool, len(c.Pods))
+	for _, k := range c.Pods {
+		pods[k] = true
+	}
+	for _, ip := range c.Addresses {
+		for _, snap := range []*state.Snapshot{b.prev, s} {
+			if snap == nil {
+				continue
+			}
+			if p := snap.PodByIP(ip); p != nil {
+				pods[p.Key()] = true
+			}
+		}
+	}
+	for k := range pods {
+		if p := s.Pod(k.Namespace, k.Name); p != nil {
+			b.pb.SetPod(convertPod(s, p))
+		} else {
+			b.pb.DeletePod(k.Namespace + "/" + k.Name)
+		}
+	}
+	for _, k := range c.NetworkPolicies {
+		if np := s.NetworkPolicy(k.Namespace, k.Name); np != nil {
+			b.pb.SetNetworkPolicy(np)
+		} else {
+			b.pb.DeleteNetworkPolicy(k.Namespace, k.Name)
+		}
+	}
+	for _, kind := range []state.GroupKind{AuthorizationPolicyKind, PeerAuthenticationKind} {
+		for _, k := range c.Objects[kind] {
+			b.object(s, kind, k)
+		}
+	}
+	b.prev = s
+	return b.pb.Snapshot(s.Version()), b.errors()
+}
+
+// nodes updates the changed nodes, and the local node when its interfaces'
+// addresses changed.
+func (b *Builder) nodes(s *state.Snapshot, changed []string) {
+	var local []netip.Addr
+	if b.localNode != "" && b.localAddrs != nil {
+		local = b.localAddrs()
+	}
+	if !slices.Equal(local, b.local) && !slices.Contains(changed, b.localNode) {
+		changed = append(changed, b.localNode)
+	}
+	b.local = local
+	for _, name := range changed {
+		n := s.Node(name)
+		var ips []netip.Addr
+		if n != nil {
+			ips = n.IPs
+		}
+		if name == b.localNode && len(local) > 0 {
+			ips = append(slices.Clip(ips), local...)
+		}
+		if n == nil && (name != b.localNode || len(local) == 0) {
+			b.pb.DeleteNode(name)
+			continue
+		}
+		b.pb.SetNode(policy.Node{Name: name, IPs: ips})
+	}
+}
+
+// object converts a changed custom object, or removes it.
+func (b *Builder) object(s *state.Snapshot, kind state.GroupKind, k state.Key) {
+	ok := objectKey{kind, k}
+	ref := policy.PolicyRef{Kind: policy.KindAuthorizationPolicy, Namespace: k.Namespace, Name: k.Name}
+	if kind == PeerAuthenticationKind {
+		ref.Kind = policy.KindPeerAuthentication
+	}
+	o := s.Object(kind, k)
+	var c converted
+	if o != nil {
+		c = convertObject(o)
+	}
+	if c.unreadable == nil {
+		delete(b.unreadable, ok)
+		b.pb.DeleteUnreadable(ref)
+	}
+	if c.ap == nil && ref.Kind == policy.KindAuthorizationPolicy {
+		b.pb.DeleteAuthorizationPolicy(k.Namespace, k.Name)
+	}
+	if c.pa == nil && ref.Kind == policy.KindPeerAuthentication {
+		b.pb.DeletePeerAuthentication(k.Namespace, k.Name)
+	}
+	switch {
+	case c.unreadable != nil:
+		b.unreadable[ok] = c.err
+		b.pb.SetUnreadable(*c.unreadable)
+	case c.ap != nil:
+		b.pb.SetAuthorizationPolicy(c.ap)
+	case c.pa != nil:
+		b.pb.SetPeerAuthentication(c.pa)
+	}
+}
+
+// errors describes the unreadable objects, AuthorizationPolicies first,
+// each kind by namespace and name.
+func (b *Builder) errors() []error {
+	keys := slices.SortedFunc(maps.Keys(b.unreadable), func(a, c objectKey) int {
+		return cmp.Or(cmp.Compare(a.kind.Kind, c.kind.Kind), cmp.Compare(a.key.Namespace, c.key.Namespace), cmp.Compare(a.key.Name, c.key.Name))
+	})
+	var errs []error
+	for _, k := range keys {
+		errs = append(errs, b.unreadable[k])
+	}
+	return errs
 }
 
 // Input converts a state snapshot. A custom object that does not convert to
@@ -97,52 +230,21 @@ func (b *Builder) Snapshot(s *state.Snapshot) (*policy.Snapshot, []error) {
 // for the object's namespace (explanations name it); the returned errors
 // describe each such object.
 func Input(s *state.Snapshot) (policy.Input, []error) {
-	return (&Builder{}).input(s)
-}
-
-func (b *Builder) input(s *state.Snapshot) (policy.Input, []error) {
 	var in policy.Input
 	var errs []error
 	for _, ns := range s.Namespaces() {
 		in.Namespaces = append(in.Namespaces, policy.Namespace{Name: ns.Name, Labels: ns.Labels})
 	}
-	var local []netip.Addr
-	if b.localNode != "" && b.localAddrs != nil {
-		local = b.localAddrs()
-	}
 	for _, n := range s.Nodes() {
-		ips := n.IPs
-		if n.Name == b.localNode && len(local) > 0 {
-			ips = append(slices.Clip(n.IPs), local...)
-			local = nil
-		}
-		in.Nodes = append(in.Nodes, policy.Node{Name: n.Name, IPs: ips})
+		in.Nodes = append(in.Nodes, policy.Node{Name: n.Name, IPs: n.IPs})
 	}
-	if len(local) > 0 { // the Node object is not known (yet)
-		in.Nodes = append(in.Nodes, policy.Node{Name: b.localNode, IPs: local})
-	}
-	// Pods in map order: the engine's result does not depend on it (each
-	// address is attributed to one pod, and host-network pods are not
-	// indexed by address), and sorting 100,000 pods per change is not free.
-	pods := make(map[*state.Pod]policy.Pod, len(b.pods))
 	for p := range s.AllPods() {
-		pp, ok := b.pods[p]
-		if !ok || !sameAttribution(s, p, pp.IPs) {
-			pp = convertPod(s, p)
-		}
-		pods[p] = pp
-		in.Pods = append(in.Pods, pp)
+		in.Pods = append(in.Pods, convertPod(s, p))
 	}
-	b.pods = pods
 	in.NetworkPolicies = s.NetworkPolicies("")
-	objs := make(map[*state.Object]converted, len(b.objs))
 	for _, kind := range []state.GroupKind{AuthorizationPolicyKind, PeerAuthenticationKind} {
 		for _, o := range s.Objects(kind) {
-			c, ok := b.objs[o]
-			if !ok {
-				c = convertObject(o)
-			}
-			objs[o] = c
+			c := convertObject(o)
 			switch {
 			case c.unreadable != nil:
 				errs = append(errs, c.err)
@@ -154,7 +256,6 @@ func (b *Builder) input(s *state.Snapshot) (policy.Input, []error) {
 			}
 		}
 	}
-	b.objs = objs
 	return in, errs
 }
 
@@ -162,21 +263,6 @@ func (b *Builder) input(s *state.Snapshot) (policy.Input, []error) {
 // already belong to a new pod.
 func attributed(s *state.Snapshot, p *state.Pod, ip netip.Addr) bool {
 	return p.HostNetwork || s.PodByIP(ip) == p
-}
-
-// sameAttribution reports whether the addresses s attributes to p are ips.
-func sameAttribution(s *state.Snapshot, p *state.Pod, ips []netip.Addr) bool {
-	i := 0
-	for _, ip := range p.IPs {
-		if !attributed(s, p, ip) {
-			continue
-		}
-		if i >= len(ips) || ips[i] != ip {
-			return false
-		}
-		i++
-	}
-	return i == len(ips)
 }
 
 func convertPod(s *state.Snapshot, p *state.Pod) policy.Pod {

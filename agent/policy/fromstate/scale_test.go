@@ -127,6 +127,14 @@ func BenchmarkPolicyChange(b *testing.B) {
 				n := (i * 7) % nss
 				tx.SetNamespace(scaleNamespace(n, n%10+1+i%2))
 			}},
+			{"namespace-enrollment-flip", func(tx *state.Tx, i int) {
+				n := (i / 2 * 7) % nss
+				ns := scaleNamespace(n, n%10)
+				if i%2 == 0 {
+					delete(ns.Labels, state.LabelMode)
+				}
+				tx.SetNamespace(ns)
+			}},
 			{"netpol-change", func(tx *state.Tx, i int) {
 				n := (i * 7) % nss
 				tx.SetNetworkPolicy(scaleNetpol(n, i%scaleNetpolsPerNS, (i+1+i%2)%10))
