@@ -400,16 +400,25 @@ func (m *mesh) syncNodeAddrs(addrs func() []netip.Addr) func() []netip.Addr {
 // It returns the pods to retry: enrolled pods with an address whose network
 // namespace is not found yet, and wanted pods whose capture failed.
 func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) map[state.Key]pendingReason {
+	start := time.Now()
 	var want []*state.Pod
 	pending := make(map[state.Key]pendingReason)
-	for _, p := range m.locator.Locate(snap.PodsOnNode(m.filter.Node)) {
+	located := m.locator.Locate(snap.PodsOnNode(m.filter.Node))
+	locateTook := time.Since(start)
+	for _, p := range located {
 		if m.filter.Wanted(p) {
 			want = append(want, p)
 		} else if waitsForNetns(m.filter, p) {
 			pending[p.Key()] = pendingReason{UID: p.UID, Reason: "network namespace not found yet"}
 		}
 	}
-	m.dp.Apply(ctx, workloads.Plan(m.dp.Served(), want))
+	plan := workloads.Plan(m.dp.Served(), want)
+	m.dp.Apply(ctx, plan)
+	if took := time.Since(start); took >= slowReconcile {
+		// Where a new pod's wait for capture goes (docs/cluster.md, Churn).
+		m.log.Info("slow reconcile", "took", took.Round(time.Millisecond), "locate", locateTook.Round(time.Millisecond),
+			"actions", len(plan), "pods", len(located), "state_version", snap.Version())
+	}
 	served := m.dp.Served()
 	for _, p := range want {
 		if s, ok := served[p.Key()]; ok && s.Failed {
@@ -434,6 +443,9 @@ func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) map[state.Ke
 	}
 	return pending
 }
+
+// slowReconcile is how long a reconcile may take before it is logged.
+const slowReconcile = time.Second
 
 // waitsForNetns reports whether f would want p but for its network
 // namespace, which the locator has not found yet. A terminating pod whose
