@@ -138,7 +138,10 @@ h2spec:
 # dependency is at the version SPIRE's own go.mod pins (checked against
 # go.sum's database like any module download), both commands built in one
 # `go build` into a temporary directory renamed into place only when both
-# built. The version is stamped as SPIRE's release build stamps it.
+# built. The version is stamped as SPIRE's release build stamps it:
+# without the leading v (SPIRE's datastore parses it as semver at start, and
+# panics on "v1.13.3"); both binaries must then print it before the build
+# counts.
 spire:
 	@if [ ! -x "$(SPIRE_DIR)/spire-server" ] || [ ! -x "$(SPIRE_DIR)/spire-agent" ]; then \
 	  command -v gcc >/dev/null || { echo "building SPIRE needs a C compiler for cgo (sqlite): apt-get install gcc libc6-dev, or sudo make deps-spire"; exit 1; }; \
@@ -148,9 +151,13 @@ spire:
 	    'require github.com/spiffe/spire $(SPIRE_VERSION)' > "$$tmp/go.mod" && \
 	  rm -rf "$(SPIRE_DIR).tmp" && mkdir -p "$(SPIRE_DIR).tmp" && \
 	  (cd "$$tmp" && CGO_ENABLED=1 GOFLAGS=-mod=mod $(GO) build -trimpath \
-	    -ldflags '-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=$(SPIRE_VERSION)' \
+	    -ldflags '-s -w -X github.com/spiffe/spire/pkg/common/version.gittag=$(SPIRE_VERSION:v%=%)' \
 	    -o "$(SPIRE_DIR).tmp/" github.com/spiffe/spire/cmd/spire-server github.com/spiffe/spire/cmd/spire-agent); \
 	  rc=$$?; rm -rf "$$tmp"; [ $$rc = 0 ] || { rm -rf "$(SPIRE_DIR).tmp"; exit $$rc; }; \
+	  for b in spire-server spire-agent; do \
+	    v=$$("$(SPIRE_DIR).tmp/$$b" --version 2>&1); \
+	    [ "$$v" = "$(SPIRE_VERSION:v%=%)" ] || { echo "the $$b just built does not run: $$v"; rm -rf "$(SPIRE_DIR).tmp"; exit 1; }; \
+	  done; \
 	  rm -rf "$(SPIRE_DIR)" && mv "$(SPIRE_DIR).tmp" "$(SPIRE_DIR)"; \
 	fi
 
