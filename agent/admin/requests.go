@@ -67,7 +67,11 @@ type requestSeries struct {
 
 // key returns r's label values in RequestLabelNames' order (the order of
 // Conn.labels' names in ConnLabelNames, then response_code and
-// grpc_response_status; TestRequestSeriesLabels checks it).
+// grpc_response_status; TestRequestSeriesLabels checks it). The canonical
+// service and revision appear twice per side: once as
+// *_canonical_service/*_canonical_revision and once as *_app/*_version,
+// Istio's older label names for the same values, which its dashboards
+// still read.
 func (r *Request) key() requestKey {
 	c := r.Conn
 	return requestKey{
