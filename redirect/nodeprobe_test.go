@@ -1,9 +1,7 @@
 package redirect
 
 import (
-	"bufio"
 	"context"
-	"fmt"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -30,13 +28,11 @@ func nodeDial(t *testing.T, tp *topo, addr string) string {
 		return "error: " + err.Error()
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(3 * time.Second))
-	fmt.Fprintln(c, "probe")
-	line, err := bufio.NewReader(c).ReadString('\n')
+	line, err := exchangeLine(c, "probe", 3*time.Second)
 	if err != nil {
 		return "error: " + err.Error()
 	}
-	return strings.TrimSpace(line)
+	return line
 }
 
 // TestPrivNodeProbesWhileAgentDown: kubelet's probes of an enrolled pod

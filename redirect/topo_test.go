@@ -253,6 +253,17 @@ func helperTalk(c net.Conn, err error) {
 	}
 }
 
+// exchangeLine sends msg as one line on c and returns the first line of
+// the reply, with its newline trimmed, all within d.
+func exchangeLine(c net.Conn, msg string, d time.Duration) (string, error) {
+	c.SetDeadline(time.Now().Add(d))
+	if _, err := fmt.Fprintln(c, msg); err != nil {
+		return "", err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSpace(line), err
+}
+
 // ---- servers and an agent-like proxy in the test process ----
 
 // serveLines serves ln: for each connection, reads a line and answers

@@ -29,13 +29,11 @@ func deliver(t *testing.T, ep *EnrolledPod, src, dst netip.AddrPort) string {
 		return "error: " + err.Error()
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	fmt.Fprintln(c, "x")
-	line, err := bufio.NewReader(c).ReadString('\n')
+	line, err := exchangeLine(c, "x", 5*time.Second)
 	if err != nil {
 		return "read: " + err.Error()
 	}
-	return strings.TrimSpace(line)
+	return line
 }
 
 // TestPrivTransparentDelivery: an inbound connection reaches the pod's
