@@ -22,7 +22,7 @@ func ServeConn(ctx context.Context, c net.Conn, p Protocol, h http.Handler, idle
 	base := &http.Server{
 		Handler:           h,
 		IdleTimeout:       idle,
-		ReadHeaderTimeout: 30 * time.Second,
+		ReadHeaderTimeout: ReadHeaderTimeout,
 		// Errors from malformed requests are the client's, per request;
 		// the agent's logger is not the place for them.
 		ErrorLog: nil,

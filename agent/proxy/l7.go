@@ -270,6 +270,11 @@ func (u *countedConn) Write(b []byte) (int, error) {
 	return n, err
 }
 
+// NetConn returns the connection lent (a socket or a tunnel stream), for
+// a look at its state (the L7 layer peeks at an idle socket before reusing
+// it). Reads and writes must go through u.
+func (u *countedConn) NetConn() net.Conn { return u.Conn }
+
 func (u *countedConn) Close() error {
 	err := u.Conn.Close()
 	u.once.Do(u.done)

@@ -55,14 +55,24 @@ func httpApp(c net.Conn) {
 	}
 }
 
-// newL7Bench builds the fixture's two nodes with the real L7 layer on
+// l7Opts varies the L7 fixture.
+type l7Opts struct {
+	metrics bool
+	// netHTTPOnly turns the lean HTTP/1.1 path off (mesh.Config.NetHTTPOnly).
+	netHTTPOnly bool
+	// app serves the application connections (default httpApp).
+	app func(net.Conn)
+}
+
+// newL7Fixture builds the fixture's two nodes with the real L7 layer on
 // both, the Service svcL7VIP opted in and its pods' application ports
 // claimed, and returns an HTTP client whose connections go through pod A's
 // outbound listener to svcL7VIP. With metrics set, both agents record
 // Istio's request metrics (telemetry.Observer with admin.Metrics) as the
-// agent does.
-func newL7Bench(tb testing.TB, metrics bool) (*fixture, *http.Client) {
+// agent does; o varies it.
+func newL7Fixture(tb testing.TB, o l7Opts) (*fixture, *http.Client) {
 	tb.Helper()
+	metrics := o.metrics
 	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
 	if err != nil {
 		tb.Fatal(err)
@@ -76,6 +86,7 @@ func newL7Bench(tb testing.TB, metrics bool) (*fixture, *http.Client) {
 			}
 			return proxy.Decision{Reason: "only GET"}
 		},
+		NetHTTPOnly: o.netHTTPOnly,
 	}
 	if metrics {
 		m, err := admin.NewMetrics(prometheus.NewRegistry(), nil)
@@ -89,7 +100,10 @@ func newL7Bench(tb testing.TB, metrics bool) (*fixture, *http.Client) {
 		tb.Fatal(err)
 	}
 	cl := &claimingLayer{Layer: layer}
-	f := newFixture(tb, fixtureOpts{l7: cl, app: httpApp})
+	if o.app == nil {
+		o.app = httpApp
+	}
+	f := newFixture(tb, fixtureOpts{l7: cl, app: o.app})
 	cl.claim = func(port uint16) bool { return port == f.b1.app.Port() || port == f.b2.app.Port() }
 	tr := &http.Transport{
 		DialContext: func(context.Context, string, string) (net.Conn, error) {
@@ -126,7 +140,13 @@ func l7Request(c *http.Client) error {
 // The tunnels the requests took are listed while open and reported as
 // closed cleanly, with their bytes, once the client is gone.
 func TestL7Path(t *testing.T) {
-	f, c := newL7Bench(t, true)
+	for _, netHTTPOnly := range []bool{false, true} {
+		t.Run(fmt.Sprintf("netHTTPOnly=%v", netHTTPOnly), func(t *testing.T) { testL7Path(t, netHTTPOnly) })
+	}
+}
+
+func testL7Path(t *testing.T, netHTTPOnly bool) {
+	f, c := newL7Fixture(t, l7Opts{metrics: true, netHTTPOnly: netHTTPOnly})
 	for range 20 {
 		l7Get(t, c)
 	}
@@ -153,26 +173,33 @@ func TestL7Path(t *testing.T) {
 	}
 }
 
-// BenchmarkL7Parallel is BenchmarkL7/metrics from 16 goroutines, each
-// with its own keep-alive connection, as the benchmark's headline workload
-// (http-1000rps-16c) has 16: many streams on the agents' shared HBONE
-// connections at once.
+// BenchmarkL7Parallel is BenchmarkL7/metrics (and metrics-nethttp) from
+// 16 goroutines, each with its own keep-alive connection, as the
+// benchmark's headline workload (http-1000rps-16c) has 16: many streams on
+// the agents' shared HBONE connections at once.
 func BenchmarkL7Parallel(b *testing.B) {
-	_, c := newL7Bench(b, true)
-	l7Get(b, c)
-	b.SetParallelism(max(1, 16/runtime.GOMAXPROCS(0)))
-	b.ReportAllocs()
-	b.ResetTimer()
-	cpu0 := cpuTime()
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			if err := l7Request(c); err != nil {
-				b.Error(err)
-				return
-			}
-		}
-	})
-	b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
+	for _, v := range []struct {
+		name        string
+		netHTTPOnly bool
+	}{{"metrics", false}, {"metrics-nethttp", true}} {
+		b.Run(v.name, func(b *testing.B) {
+			_, c := newL7Fixture(b, l7Opts{metrics: true, netHTTPOnly: v.netHTTPOnly})
+			l7Get(b, c)
+			b.SetParallelism(max(1, 16/runtime.GOMAXPROCS(0)))
+			b.ReportAllocs()
+			b.ResetTimer()
+			cpu0 := cpuTime()
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					if err := l7Request(c); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+			b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
+		})
+	}
 }
 
 // BenchmarkL7 is one HTTP/1.1 GET per op on a keep-alive connection,
@@ -183,11 +210,12 @@ func BenchmarkL7Parallel(b *testing.B) {
 // whole process (client, both agents, application) per request.
 func BenchmarkL7(b *testing.B) {
 	for _, v := range []struct {
-		name    string
-		metrics bool
-	}{{"metrics", true}, {"nometrics", false}} {
+		name        string
+		metrics     bool
+		netHTTPOnly bool
+	}{{"metrics", true, false}, {"nometrics", false, false}, {"metrics-nethttp", true, true}} {
 		b.Run(v.name, func(b *testing.B) {
-			_, c := newL7Bench(b, v.metrics)
+			_, c := newL7Fixture(b, l7Opts{metrics: v.metrics, netHTTPOnly: v.netHTTPOnly})
 			l7Get(b, c) // connections and tunnel set up
 			b.ReportAllocs()
 			b.ResetTimer()

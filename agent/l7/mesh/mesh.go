@@ -78,6 +78,11 @@ type Config struct {
 	// MirrorTimeout bounds each one (default 10 s).
 	MaxMirrors    int
 	MirrorTimeout time.Duration
+	// NetHTTPOnly serves every connection with net/http's server and
+	// forwards with its ReverseProxy and Transport, without the lean
+	// HTTP/1.1 path (l7.ServeHTTP1, docs/l7.md). The lean path falls back
+	// to that for what it does not handle; tests run both.
+	NetHTTPOnly bool
 }
 
 // Layer implements proxy.L7.
@@ -222,6 +227,9 @@ func (l *Layer) Inbound(i *proxy.L7Inbound) {
 	}
 	up := newUpstream(func(ctx context.Context, _ string) (net.Conn, error) { return i.DialApp(ctx) })
 	defer up.close()
+	pool := newLeanPool(func(ctx context.Context, _ string, _ proxy.Endpoint) (net.Conn, error) { return i.DialApp(ctx) })
+	defer pool.close()
+	leanRoundTrip := func(r *http.Request) (*http.Response, error) { return pool.roundTrip(r, "", proxy.Endpoint{}) }
 	var handlers sync.WaitGroup
 	defer handlers.Wait()
 	app := i.Flow.Dst.String()
@@ -254,9 +262,25 @@ func (l *Layer) Inbound(i *proxy.L7Inbound) {
 			writeDenied(rw, r)
 			return
 		}
+		if lw, ok := w.(*l7.LeanWriter); ok {
+			r.URL.Host = app
+			l.forwardLean(rw, lw, r, pool, leanRoundTrip)
+			return
+		}
 		rp.ServeHTTP(rw, r)
 	})
-	l7.ServeConn(i.Ctx, c, p, counted(&handlers, h), l.cfg.IdleTimeout)
+	l.serve(i.Ctx, c, p, counted(&handlers, h))
+}
+
+// serve serves a client connection: HTTP/1.x on the lean path, which
+// falls back to net/http's server for what it does not handle, and
+// HTTP/2 with net/http's server.
+func (l *Layer) serve(ctx context.Context, c net.Conn, p l7.Protocol, h http.Handler) {
+	if p == l7.HTTP1 && !l.cfg.NetHTTPOnly {
+		l7.ServeHTTP1(ctx, c, h, l.cfg.IdleTimeout)
+		return
+	}
+	l7.ServeConn(ctx, c, p, h, l.cfg.IdleTimeout)
 }
 
 // writeDenied answers 403 as Istio's proxies do (gRPC: PERMISSION_DENIED).
@@ -304,17 +328,19 @@ func (l *Layer) Outbound(o *proxy.L7Outbound) {
 			attribute.String("peer.service", o.Target.Namespace+"/"+o.Target.Name)}
 	}
 	out.up = newUpstream(out.dial)
+	out.lean = newLeanPool(o.Dial)
 	var handlers sync.WaitGroup
 	defer func() {
 		// Mirrors may outlive the client's requests (never longer than
 		// Config.MirrorTimeout) and have connections of their own.
+		out.lean.close()
 		out.up.close()
 		handlers.Wait()
 		out.closeMirrors()
 	}()
 	out.rp = l.reverseProxy(out.up, nil)
 	out.rp.Transport = out
-	l7.ServeConn(o.Ctx, c, p, counted(&handlers, out), l.cfg.IdleTimeout)
+	l.serve(o.Ctx, c, p, counted(&handlers, out))
 }
 
 // maxRetryBody is the largest request body buffered so that it can be
@@ -322,11 +348,13 @@ func (l *Layer) Outbound(o *proxy.L7Outbound) {
 const maxRetryBody = 64 << 10
 
 type outbound struct {
-	l        *Layer
-	o        *proxy.L7Outbound
-	log      *slog.Logger
-	up       *upstream
-	rp       *httputil.ReverseProxy
+	l   *Layer
+	o   *proxy.L7Outbound
+	log *slog.Logger
+	up  *upstream
+	rp  *httputil.ReverseProxy
+	// lean is the upstream connections of requests on the lean path.
+	lean     *leanPool
 	spanName string
 	// spanAttrs are the connection's span attributes (nil without a
 	// tracer).
@@ -350,6 +378,9 @@ type routed struct {
 	start   time.Time
 	ep      proxy.Endpoint // the last attempt's endpoint
 	picked  bool
+	// lean: the request came on the lean path; it goes out on the
+	// outbound's leanPool.
+	lean bool
 }
 
 type routedKey struct{}
@@ -365,7 +396,8 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	o := out.o
 	rw := &recorder{ResponseWriter: w}
-	rt := &routed{service: o.Flow.Service, dest: o.Dest, start: start}
+	lw, _ := w.(*l7.LeanWriter)
+	rt := &routed{service: o.Flow.Service, dest: o.Dest, start: start, lean: lw != nil}
 	r, span := out.l.cfg.Tracer.Start(r, trace.SpanKindClient, out.spanName, out.spanAttrs...)
 	defer func() {
 		if span == nil {
@@ -459,10 +491,20 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		fwd = rewrite(fwd, b.Rewrite)
 		mirrors = out.sampleMirrors(fwd, b.Mirrors, mirrors)
 		out.mirror(fwd, mirrors)
-		out.rp.ServeHTTP(rw, fwd)
+		out.forward(rw, lw, fwd)
 		return
 	}
-	out.rp.ServeHTTP(rw, r.WithContext(context.WithValue(r.Context(), routedKey{}, rt)))
+	out.forward(rw, lw, r.WithContext(context.WithValue(r.Context(), routedKey{}, rt)))
+}
+
+// forward sends a routed request: on the lean path when it came on it (lw
+// is not nil), else with the ReverseProxy.
+func (out *outbound) forward(rw *recorder, lw *l7.LeanWriter, r *http.Request) {
+	if lw != nil {
+		out.l.forwardLean(rw, lw, r, out.lean, out.RoundTrip)
+		return
+	}
+	out.rp.ServeHTTP(rw, r)
 }
 
 // rewrite applies a URLRewrite filter to a copy of r (the original stays
@@ -576,7 +618,11 @@ func retryLoop(ctx context.Context, budget *retry.Budget, pol *route.RetryPolicy
 func (out *outbound) attempt(req *http.Request, rt *routed, body []byte, replay bool, timeout time.Duration) (*http.Response, error) {
 	ep, release := out.o.Pick(rt.dest.Endpoints)
 	rt.ep, rt.picked = ep, true
-	ctx := context.WithValue(req.Context(), endpointKey{}, endpointFor{service: rt.service, ep: ep})
+	ctx := req.Context()
+	if !rt.lean {
+		// For the transport's dial.
+		ctx = context.WithValue(ctx, endpointKey{}, endpointFor{service: rt.service, ep: ep})
+	}
 	cancel := context.CancelFunc(func() {})
 	if timeout > 0 {
 		ctx, cancel = context.WithTimeout(ctx, timeout)
@@ -595,7 +641,13 @@ func (out *outbound) attempt(req *http.Request, rt *routed, body []byte, replay 
 			r.Body = http.NoBody
 		}
 	}
-	resp, err := out.up.transport(req.ProtoMajor).RoundTrip(r)
+	var resp *http.Response
+	var err error
+	if rt.lean {
+		resp, err = out.lean.roundTrip(r, rt.service, ep)
+	} else {
+		resp, err = out.up.transport(req.ProtoMajor).RoundTrip(r)
+	}
 	if err != nil {
 		cancel()
 		release()
@@ -654,17 +706,20 @@ func (l *Layer) reverseProxy(up *upstream, host func(*http.Request) (string, boo
 		// (gRPC, streaming, server-sent events). A negative interval would
 		// also flush each response's header in a goroutine of its own,
 		// before the body: one write(2) more per request.
-		FlushInterval: flushInterval,
-		ErrorLog:      nil,
-		ErrorHandler:  l.proxyError,
-		ModifyResponse: func(resp *http.Response) error {
-			if rt, _ := resp.Request.Context().Value(routedKey{}).(*routed); rt != nil && rt.rule != nil {
-				rt.rule.ResponseHeaders.Apply(resp.Header)
-				rt.backend.ResponseHeaders.Apply(resp.Header)
-			}
-			return nil
-		},
+		FlushInterval:  flushInterval,
+		ErrorLog:       nil,
+		ErrorHandler:   l.proxyError,
+		ModifyResponse: modifyResponse,
 	}
+}
+
+// modifyResponse applies the route's response header modifiers.
+func modifyResponse(resp *http.Response) error {
+	if rt, _ := resp.Request.Context().Value(routedKey{}).(*routed); rt != nil && rt.rule != nil {
+		rt.rule.ResponseHeaders.Apply(resp.Header)
+		rt.backend.ResponseHeaders.Apply(resp.Header)
+	}
+	return nil
 }
 
 // flushInterval bounds how long the reverse proxies keep a response's
