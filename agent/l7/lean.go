@@ -76,6 +76,8 @@ type leanConn struct {
 	// afterPOST: the last request was a POST (net/http's server then
 	// skips a stray CR LF that old clients send after the body).
 	afterPOST bool
+	// served counts the requests served.
+	served int
 }
 
 var (
@@ -175,6 +177,7 @@ func (lc *leanConn) serve(ctx context.Context, h http.Handler) (rest net.Conn) {
 		}
 		w := &LeanWriter{lc: lc, req: req, close: req.Close}
 		lc.afterPOST = req.Method == http.MethodPost
+		lc.served++
 		h.ServeHTTP(w, req.WithContext(ctx))
 		if err := w.finish(); err != nil || w.close {
 			return nil
@@ -194,13 +197,17 @@ func (lc *leanConn) next() (req *http.Request, replay []byte, over bool) {
 	}
 	t.on = true
 	defer func() { t.on = false }()
-	if lc.br.Buffered() == 0 {
-		var dl time.Time
-		if lc.idle > 0 {
-			dl = time.Now().Add(lc.idle)
+	if lc.served > 0 {
+		// Between requests, as net/http's server: the idle timeout, and
+		// a connection that ends before 4 more bytes is closed quietly.
+		if lc.br.Buffered() < 4 {
+			var dl time.Time
+			if lc.idle > 0 {
+				dl = time.Now().Add(lc.idle)
+			}
+			_ = lc.c.SetReadDeadline(dl)
 		}
-		_ = lc.c.SetReadDeadline(dl)
-		if _, err := lc.br.Peek(1); err != nil {
+		if _, err := lc.br.Peek(4); err != nil {
 			return nil, nil, true // closed, failed, or idle too long
 		}
 	}

@@ -222,6 +222,14 @@ func TestServeHTTP1IdleTimeout(t *testing.T) {
 		defer close(done)
 		ServeHTTP1(context.Background(), server, http.HandlerFunc(echoPath), 50*time.Millisecond)
 	}()
+	// The idle timeout applies between requests (before the first, the
+	// header timeout does, as in net/http's server).
+	if _, err := io.WriteString(client, "GET /a HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := http.ReadResponse(bufio.NewReader(client), nil); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("%v %v", resp, err)
+	}
 	select {
 	case <-done:
 	case <-time.After(10 * time.Second):
