@@ -53,7 +53,7 @@ APT_CLUSTER  := containerd runc containernetworking-plugins busybox-static
 # A C compiler for cgo in SPIRE's build.
 APT_SPIRE    := gcc libc6-dev
 
-BINARIES := nodemesh-agent nodemesh-ca nodemeshctl
+BINARIES := nodemesh-agent nodemesh-ca nodemeshctl nodemesh-cni
 # The build version stamped into every binary (cmd/internal/version): the
 # git tag, or the commit when untagged; override with make VERSION=v1.2.3.
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)

@@ -70,6 +70,10 @@ type mesh struct {
 	// self-check).
 	pending *pendingPods
 	failed  chan struct{}
+	// reported are the sandboxes the CNI plugin handed over (agent/cni);
+	// cniWake asks run for a reconcile when one arrives or leaves.
+	reported *workloads.Reported
+	cniWake  chan struct{}
 }
 
 // svidSource is what the mesh needs of an identity source: the data
@@ -86,7 +90,8 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	cfg := n.cfg
 	log := n.log.With("component", "dataplane")
 	m := &mesh{n: n, log: log, filter: workloads.Filter{Node: cfg.NodeName, Only: cfg.OnlyPods},
-		pending: newPendingPods(log), failed: make(chan struct{}, 1)}
+		pending: newPendingPods(log), failed: make(chan struct{}, 1),
+		reported: workloads.NewReported(cfg.DrainDeadline), cniWake: make(chan struct{}, 1)}
 	var cleanup []func()
 	defer func() {
 		if err != nil {
@@ -132,6 +137,7 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 		scanner = host.Scanner
 	}
 	m.locator = workloads.NewLocator(cfg.PodNetns, scanner, log)
+	m.locator.UseReported(m.reported)
 	m.capture, err = redirect.Load(ctx, redirect.Config{CgroupRoot: root, PinDir: cfg.BPFPinDir, Logger: log.With("component", "capture")})
 	if err != nil {
 		return nil, fmt.Errorf("loading capture at cgroup %s: %w", root, err)
@@ -326,6 +332,9 @@ func (m *mesh) run(ctx context.Context) error {
 		case <-retry.C:
 			// Retry the pods not captured yet (pendingPods).
 			retryDue = true
+		case <-m.cniWake:
+			// A sandbox reported by the CNI plugin, whose ADD waits.
+			retryDue = true
 		case <-m.failed:
 			// A capture failed (a self-check, or the reconcile's own
 			// enrollments): schedule the retry of pods not pending yet.
@@ -463,6 +472,7 @@ func waitsForNetns(f workloads.Filter, p *state.Pod) bool {
 // fail closed until the next agent adopts them.
 func (m *mesh) close() error {
 	err := m.dp.Close()
+	m.reported.Close()
 	err = errors.Join(err, m.capture.Release())
 	if m.ca != nil {
 		m.ca.Close()
@@ -561,6 +571,7 @@ func (m *mesh) captureDump() any {
 	probeSources, _ := m.capture.NodeAddrs()
 	return map[string]any{"pods": m.dp.Pods(), "adopted": m.capture.Adopted(), "acceleration": on, "accelerationReason": why,
 		"probeSourceAddrs":    probeSources,
+		"cniSandboxes":        m.reported.Len(),
 		"transparentDelivery": st.Transparent, "transparentDeliveryReason": st.TransparentReason, "inboundSource": source}
 }
 

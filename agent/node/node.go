@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"runtime"
 	"slices"
@@ -30,6 +31,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/cni"
 	"github.com/nodemesh/nodemesh/agent/exposure"
 	"github.com/nodemesh/nodemesh/agent/k8s"
 	"github.com/nodemesh/nodemesh/agent/k8s/apiclient"
@@ -50,6 +52,10 @@ const (
 	ProcsRuntime = 0 // the zero value: leave GOMAXPROCS alone
 	ProcsAuto    = -1
 )
+
+// cniRecheck is how often the agent checks that its CNI plugin is still
+// chained (the network plugin may rewrite its configuration).
+const cniRecheck = 5 * time.Second
 
 // procsInterval is how often agent/procs samples the CPU use.
 const procsInterval = 500 * time.Millisecond
@@ -86,6 +92,12 @@ type Config struct {
 	CgroupRoot      string // "" = the cgroup2 mount point
 	PodNetns        string // workloads.Netns*
 	BPFPinDir       string // "" = redirect's default
+	// CNISocket is where the nodemesh CNI plugin reaches the agent
+	// (agent/cni); "" serves no plugin.
+	CNISocket string
+	// CNIInstall, when set, installs the plugin on the node and keeps it
+	// chained (after the socket listens); nil: installed by other means.
+	CNIInstall *cni.InstallConfig
 	// OnlyPods ("namespace/name") restricts the agent to these pods of its
 	// node: per-pod (sidecar) mode. Per-pod agents do not hold the node
 	// mark: several on one node would overwrite each other's holder, and
@@ -277,12 +289,45 @@ func (n *Node) Run(ctx context.Context) error {
 		if m, err = n.newMesh(ctx); err != nil {
 			return err
 		}
+		// The CNI plugin's socket (agent/cni), stopped with the mesh: it
+		// goes away before the data plane closes, and the plugin fails
+		// closed until the next agent listens.
+		var (
+			srv *cni.Server
+			ln  *net.UnixListener
+		)
+		if n.cfg.CNISocket != "" {
+			if srv, err = cni.NewServer(cni.ServerConfig{Path: n.cfg.CNISocket, Enroller: m, Log: n.log.With("component", "cni")}); err == nil {
+				ln, err = srv.Listen()
+			}
+			if err != nil {
+				if cerr := m.close(); cerr != nil {
+					n.log.Warn("closing the data plane", "err", cerr)
+				}
+				return err
+			}
+		}
 		n.meshUp.Store(true)
 		meshWG.Go(func() {
 			if err := m.run(meshCtx); err != nil && meshCtx.Err() == nil {
 				errc <- fmt.Errorf("data plane: %w", err)
 			}
 		})
+		if srv != nil {
+			meshWG.Go(func() {
+				if err := srv.Serve(meshCtx, ln); err != nil && meshCtx.Err() == nil {
+					errc <- fmt.Errorf("CNI plugin socket: %w", err)
+				}
+			})
+		}
+		if ic := n.cfg.CNIInstall; ic != nil {
+			// Left in place when the agent stops (a restart must not let
+			// pods start uncaptured); removed by the uninstall
+			// (nodemesh-agent cni-uninstall).
+			icfg := *ic
+			icfg.Log = n.log.With("component", "cni")
+			wg.Go(func() { cni.KeepInstalled(bg, icfg, cniRecheck) })
+		}
 	} else {
 		n.log.Warn("data plane off (--dataplane=false): no capture, no SVIDs, no proxying")
 	}

@@ -37,7 +37,15 @@ type Locator struct {
 	// alive checks a cached sandbox (stillThere; tests replace it).
 	alive   func(nodeinfo.Sandbox) bool
 	located map[string]nodeinfo.Sandbox
+	// reported are the sandboxes the CNI plugin reported (nil: none);
+	// they come first.
+	reported *Reported
 }
+
+// UseReported makes the Locator take a pod's network namespace, and its
+// addresses while the API has none yet, from r (the CNI plugin's reports)
+// before any other source.
+func (l *Locator) UseReported(r *Reported) { l.reported = r }
 
 // NewLocator returns a Locator for mode (Netns*); scanner is not used with
 // NetnsAnnotations and may be nil then.
@@ -89,6 +97,7 @@ func (l *Locator) Locate(pods []*state.Pod) []*state.Pod {
 			delete(l.located, uid)
 		}
 	}
+	l.reported.Keep(seen)
 	return out
 }
 
@@ -97,7 +106,22 @@ func (l *Locator) Locate(pods []*state.Pod) []*state.Pod {
 // another pod: capture binds 15008 to the pod's own IP inside the
 // namespace, which fails elsewhere.)
 func (l *Locator) locate(p *state.Pod, scan func() map[string]nodeinfo.Sandbox) *state.Pod {
-	if !p.Enrolled || !p.Live() || len(p.IPs) == 0 {
+	if !p.Enrolled || !p.Live() {
+		return p
+	}
+	// The runtime's own word, given before the pod's first process: the
+	// namespace the CNI plugin passed, kept for the pod's life (a path
+	// that changed would re-enroll it), and its addresses until the API
+	// has them.
+	if rep, ok := l.reported.Get(p.UID); ok {
+		cp := *p
+		cp.Netns, cp.Cgroup = rep.Netns, ""
+		if len(cp.IPs) == 0 {
+			cp.IPs = rep.IPs
+		}
+		return &cp
+	}
+	if len(p.IPs) == 0 {
 		return p
 	}
 	if p.Netns != "" && l.mode != NetnsProc {

@@ -19,6 +19,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
+	"github.com/nodemesh/nodemesh/agent/cni"
 	"github.com/nodemesh/nodemesh/agent/node"
 	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/agent/telemetry"
@@ -63,6 +64,19 @@ type Config struct {
 	// "auto" (annotations where present, else /proc).
 	PodNetns  string
 	BPFPinDir string // "" = redirect's default
+	// CNISocket is the unix socket the nodemesh CNI plugin reaches the
+	// agent on (agent/cni); "" serves none.
+	CNISocket string
+	// CNIConfDir and CNIBinDir are the node's CNI directories (hostPath
+	// mounts): with both set the agent installs the plugin (CNIPlugin)
+	// there and chains it into the network configuration, and keeps it
+	// so. CNIExclude are the plugin's excludeNamespaces.
+	CNIConfDir string
+	CNIBinDir  string
+	CNIPlugin  string
+	// CNIExcludeList is --cni-exclude-namespaces as given.
+	CNIExcludeList string
+	CNIExclude     []string
 	// OnlyPods (--only-pod NAMESPACE/NAME, repeatable) restricts the agent
 	// to these pods of its node: per-pod (sidecar) mode, see onlypod.go.
 	OnlyPods []string
@@ -136,6 +150,11 @@ func flags(c *Config, getenv func(string) string) *flag.FlagSet {
 	fs.StringVar(&c.CgroupRoot, "cgroup-root", "", "cgroup v2 directory above every pod (default: the cgroup2 mount point from /proc/self/mountinfo)")
 	fs.StringVar(&c.PodNetns, "pod-netns", workloads.NetnsAuto, "how pods' network namespaces are found: proc (real nodes; needs hostPID), annotations (the lab), or auto (annotations where present, else proc)")
 	fs.StringVar(&c.BPFPinDir, "bpf-pin-dir", "", "bpffs directory for pinned capture maps and links (default: redirect's)")
+	fs.StringVar(&c.CNISocket, "cni-socket", "", "serve the nodemesh CNI plugin on this unix socket (absolute path; its directory is made root-only): pods are enrolled at sandbox creation, before their containers start (empty: no plugin)")
+	fs.StringVar(&c.CNIConfDir, "cni-conf-dir", "", "install the CNI plugin: the node's CNI configuration directory as mounted (e.g. /host/etc/cni/net.d); the plugin becomes the last of its network configuration (needs --cni-socket and --cni-bin-dir; empty: no install)")
+	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", "", "the node's CNI plugin directory as mounted (e.g. /host/opt/cni/bin), where --cni-plugin is copied")
+	fs.StringVar(&c.CNIPlugin, "cni-plugin", "/usr/local/bin/nodemesh-cni", "the nodemesh-cni binary to install")
+	fs.StringVar(&c.CNIExcludeList, "cni-exclude-namespaces", "kube-system,"+envOr("POD_NAMESPACE", "nodemesh-system"), "comma-separated namespaces whose pods the CNI plugin never holds back, even with the agent down (default: kube-system and $POD_NAMESPACE, the agent's own)")
 	fs.Var(onlyPodFlag{c}, "only-pod", "serve only this pod of the node, NAMESPACE/NAME (repeatable): per-pod sidecar mode; give each such agent its own --cgroup-root, --bpf-pin-dir and addresses")
 	fs.DurationVar(&c.DrainDeadline, "drain-deadline", 30*time.Second, "on SIGTERM, how long open connections may finish before they are reset")
 	fs.StringVar(&c.AdminAddr, "admin-addr", admin.DefaultAdminAddr, "admin API address (keep it on loopback)")
@@ -239,6 +258,30 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("--pod-netns %q: want proc, annotations or auto", c.PodNetns))
 		}
 	}
+	if c.CNISocket != "" {
+		switch {
+		case !c.Dataplane:
+			errs = append(errs, errors.New("--cni-socket needs the data plane (--dataplane=true): without it no pod can be enrolled"))
+		case !strings.HasPrefix(c.CNISocket, "/"):
+			errs = append(errs, fmt.Errorf("--cni-socket %q: want an absolute path", c.CNISocket))
+		}
+	}
+	c.CNIExclude = nil
+	for ns := range strings.SplitSeq(c.CNIExcludeList, ",") {
+		if ns = strings.TrimSpace(ns); ns != "" {
+			c.CNIExclude = append(c.CNIExclude, ns)
+		}
+	}
+	if c.CNIConfDir != "" || c.CNIBinDir != "" {
+		if c.CNIConfDir == "" || c.CNIBinDir == "" || c.CNISocket == "" {
+			errs = append(errs, errors.New("installing the CNI plugin needs --cni-conf-dir, --cni-bin-dir and --cni-socket together"))
+		}
+		for _, ns := range c.CNIExclude {
+			if msgs := validation.IsDNS1123Label(ns); len(msgs) > 0 {
+				errs = append(errs, fmt.Errorf("--cni-exclude-namespaces: %q: %s", ns, strings.Join(msgs, "; ")))
+			}
+		}
+	}
 	errs = append(errs, c.validateOnlyPods()...)
 	if c.CRDRecheck < time.Second {
 		errs = append(errs, fmt.Errorf("--crd-recheck %s: at least 1s", c.CRDRecheck))
@@ -328,7 +371,7 @@ func (c *Config) nodeConfig(rc *rest.Config, log *slog.Logger, level *slog.Level
 		Dataplane: c.Dataplane, IdentitySource: c.IdentitySource, SPIFFEEndpoint: c.SPIFFEEndpoint,
 		CAAddr: c.CAAddr, CAID: c.caID, CATokenFile: c.CATokenFile,
 		BundleNamespace: c.bundleNS, BundleName: c.bundleName,
-		CgroupRoot: c.CgroupRoot, PodNetns: c.PodNetns, BPFPinDir: c.BPFPinDir, OnlyPods: c.onlyPods,
+		CgroupRoot: c.CgroupRoot, PodNetns: c.PodNetns, BPFPinDir: c.BPFPinDir, CNISocket: c.CNISocket, CNIInstall: c.cniInstall(), OnlyPods: c.onlyPods,
 		DrainDeadline: c.DrainDeadline, AdminAddr: c.AdminAddr, MetricsAddr: c.MetricsAddr, ReadinessAddr: c.ReadinessAddr,
 		MetricsScrapers: c.MetricsScrapers,
 		CRDRecheck:      c.CRDRecheck, MarkDuration: c.MarkDuration, MarkRenew: c.MarkRenew,
@@ -359,4 +402,13 @@ func (c *Config) procs() (int, error) {
 		return 0, fmt.Errorf("--procs %q: want auto, runtime, or a number of Ps from 1 to 1024", c.Procs)
 	}
 	return n, nil
+}
+
+// cniInstall is where the agent installs the CNI plugin (nil: it does not).
+func (c *Config) cniInstall() *cni.InstallConfig {
+	if c.CNIConfDir == "" {
+		return nil
+	}
+	return &cni.InstallConfig{Plugin: c.CNIPlugin, BinDir: c.CNIBinDir, ConfDir: c.CNIConfDir,
+		Socket: c.CNISocket, ExcludeNamespaces: c.CNIExclude}
 }

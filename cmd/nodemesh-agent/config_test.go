@@ -46,6 +46,23 @@ func TestConfig(t *testing.T) {
 				"must listen on loopback", "--metrics-addr", "--log-level", "--bundle-configmap", "--static-dir cannot provide"}, nil},
 		{"bad CA ID", []string{"--node-name=n1", "--ca-spiffe-id=https://x"}, nil, []string{"--ca-spiffe-id"}, nil},
 		{"bad pod-netns", []string{"--node-name=n1", "--pod-netns=cni"}, nil, []string{"--pod-netns"}, nil},
+		{"cni socket relative", []string{"--node-name=n1", "--cni-socket=run/cni.sock"}, nil, []string{"--cni-socket \"run/cni.sock\": want an absolute path"}, nil},
+		{"cni socket without data plane", []string{"--node-name=n1", "--static-dir=" + dir, "--dataplane=false", "--cni-socket=/run/nodemesh/cni.sock"}, nil, []string{"--cni-socket needs the data plane"}, nil},
+		{"cni socket", []string{"--node-name=n1", "--cni-socket=/var/run/nodemesh/cni.sock"}, nil, nil, func(t *testing.T, c *Config) {
+			if c.CNISocket != "/var/run/nodemesh/cni.sock" {
+				t.Errorf("CNISocket %q", c.CNISocket)
+			}
+		}},
+		{"cni install", []string{"--node-name=n1", "--cni-socket=/var/run/nodemesh/cni.sock", "--cni-conf-dir=/host/etc/cni/net.d", "--cni-bin-dir=/host/opt/cni/bin"},
+			map[string]string{"POD_NAMESPACE": "mesh-system"}, nil, func(t *testing.T, c *Config) {
+				ic := c.cniInstall()
+				if ic == nil || ic.ConfDir != "/host/etc/cni/net.d" || ic.BinDir != "/host/opt/cni/bin" || ic.Plugin != "/usr/local/bin/nodemesh-cni" ||
+					ic.Socket != "/var/run/nodemesh/cni.sock" || strings.Join(ic.ExcludeNamespaces, ",") != "kube-system,mesh-system" {
+					t.Errorf("install %+v", ic)
+				}
+			}},
+		{"cni install incomplete", []string{"--node-name=n1", "--cni-conf-dir=/etc/cni/net.d", "--cni-exclude-namespaces=ok,Not_OK"}, nil,
+			[]string{"--cni-conf-dir, --cni-bin-dir and --cni-socket together", `"Not_OK"`}, nil},
 		{"only-pod", []string{"--node-name=n1", "--only-pod=mesh/web-0", "--only-pod=mesh/a.b", "--only-pod=web", "--only-pod=Bad_NS/x", "--only-pod=ns/x/y"}, nil,
 			[]string{`--only-pod "web": want NAMESPACE/NAME`, `--only-pod "Bad_NS/x": namespace`, `--only-pod "ns/x/y"`}, nil},
 		{"procs: auto by default", []string{"--node-name=n1"}, nil, nil, func(t *testing.T, c *Config) {
