@@ -14,6 +14,7 @@ import (
 
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 
+	interned "github.com/nodemesh/nodemesh/agent/internal/intern"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
 
@@ -62,10 +63,23 @@ func (c *CachedPod) GetObjectMeta() metav1.Object {
 
 // CompactPod converts an API pod to its cached form (ConvertPod), with the
 // strings many pods repeat interned (package unique: namespace, node,
-// service account, workload, port names and protocols) and the label map
-// itself interned: the pods of one workload share one map. Interned values
-// are freed when no pod uses them any more, so churn cannot grow a table.
-func CompactPod(p *corev1.Pod) *CachedPod {
+// service account, workload, phase, port names and protocols) and the
+// label map and the port list themselves interned: the pods of one
+// workload share one map and one list. Interned values are freed when no
+// pod uses them any more, so churn cannot grow a table.
+// It keeps every pod's node-local detail; see CompactPodFor.
+func CompactPod(p *corev1.Pod) *CachedPod { return CompactPodFor(p, "") }
+
+// CompactPodFor is CompactPod for the agent of node: a pod scheduled on
+// another node (or on none yet) is cached without what only its own
+// node's agent reads (state.Pod's node-local fields: its UID and the lab's
+// netns and cgroup annotations, see state.NodeLocalAnnotation), which is
+// most of what a remote pod would cost beyond its identity, labels,
+// addresses and ports. A pod's node never changes once it is bound, and
+// binding arrives as an update that is compacted again from the full
+// object, so the agent's own pods always keep theirs. node "" keeps every
+// pod's detail.
+func CompactPodFor(p *corev1.Pod, node string) *CachedPod {
 	out := &CachedPod{ResourceVersion: p.ResourceVersion}
 	c, err := ConvertPod(p)
 	if err != nil {
@@ -73,17 +87,19 @@ func CompactPod(p *corev1.Pod) *CachedPod {
 		out.Err = err
 		return out
 	}
+	if node != "" && c.Node != node {
+		stripNodeLocal(c)
+	}
 	c.Namespace = intern(c.Namespace)
 	c.Node = intern(c.Node)
 	c.ServiceAccount = intern(c.ServiceAccount)
 	c.Workload = intern(c.Workload)
-	if len(c.Ports) > 0 {
-		c.Ports = slices.Clip(c.Ports)
-		for i := range c.Ports {
-			c.Ports[i].Name = intern(c.Ports[i].Name)
-			c.Ports[i].Protocol = intern(c.Ports[i].Protocol)
-		}
+	c.Phase = state.PodPhase(intern(string(c.Phase)))
+	for i := range c.Ports {
+		c.Ports[i].Name = intern(c.Ports[i].Name)
+		c.Ports[i].Protocol = intern(c.Ports[i].Protocol)
 	}
+	c.Ports = internPorts(c.Ports)
 	c.IPs = slices.Clip(c.IPs)
 	c.ProbePorts = slices.Clip(c.ProbePorts)
 	out.labels = internLabelSet(c.Labels)
@@ -93,6 +109,43 @@ func CompactPod(p *corev1.Pod) *CachedPod {
 	}
 	out.Pod = c
 	return out
+}
+
+// stripNodeLocal drops from a pod of another node what only its own
+// node's agent reads.
+func stripNodeLocal(c *state.Pod) {
+	c.UID = ""
+	for k := range c.Annotations {
+		if state.NodeLocalAnnotation(k) {
+			delete(c.Annotations, k)
+		}
+	}
+	if len(c.Annotations) == 0 {
+		c.Annotations = nil
+	}
+}
+
+// portLists interns pods' port lists: the pods of one workload declare
+// the same ports.
+var portLists interned.Slices[state.ContainerPort]
+
+// internPorts returns the shared list equal to ports (nil for none).
+func internPorts(ports []state.ContainerPort) []state.ContainerPort {
+	if len(ports) == 0 {
+		return nil
+	}
+	b := make([]byte, 0, 24*len(ports))
+	for _, p := range ports {
+		b = strconv.AppendInt(b, int64(len(p.Name)), 10)
+		b = append(b, ':')
+		b = append(b, p.Name...)
+		b = strconv.AppendUint(b, uint64(p.Port), 10)
+		b = append(b, '/')
+		b = strconv.AppendInt(b, int64(len(p.Protocol)), 10)
+		b = append(b, ':')
+		b = append(b, p.Protocol...)
+	}
+	return portLists.Make(string(b), ports)
 }
 
 // labelSet is one interned label map. Pods hold the map; their CachedPod

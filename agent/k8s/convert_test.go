@@ -191,6 +191,59 @@ func TestCompactPodIsConvertPod(t *testing.T) {
 	}
 }
 
+// The agent of a node caches the pods of other nodes without what only
+// their own node's agent reads, and its own pods whole.
+func TestCompactPodForDropsNodeLocalDetailOfRemotePods(t *testing.T) {
+	p := fullPod(t, 1) // on node-1
+	p.Annotations[state.AnnotationExcludeInboundPorts] = "9100"
+	p.Annotations[state.AnnotationCgroup] = "/sys/fs/cgroup/x"
+	whole, err := ConvertPod(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, node := range []string{"", "node-1"} {
+		obj, err := TransformFor(node)(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a, _ := json.Marshal(whole)
+		b, _ := json.Marshal(obj.(*CachedPod).Pod)
+		if string(a) != string(b) {
+			t.Errorf("transform for node %q changed a pod of its node:\nconverted %s\ncached    %s", node, a, b)
+		}
+	}
+	remote := func(p *corev1.Pod) *state.Pod {
+		t.Helper()
+		obj, err := TransformFor("node-2")(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return obj.(*CachedPod).Pod
+	}
+	got := remote(p)
+	want := *whole
+	want.UID = ""
+	want.Annotations = map[string]string{state.AnnotationExcludeInboundPorts: "9100"}
+	a, _ := json.Marshal(&want)
+	b, _ := json.Marshal(got)
+	if string(a) != string(b) {
+		t.Errorf("remote pod:\ngot  %s\nwant %s", b, a)
+	}
+	// A pod with only node-local annotations keeps none (no empty map); a
+	// pod not yet scheduled is another node's.
+	p = fullPod(t, 2)
+	p.Spec.NodeName = ""
+	if got := remote(p); got.Annotations != nil || got.UID != "" || got.Node != "" {
+		t.Errorf("unscheduled pod kept node-local detail: %+v", got)
+	}
+	// A store computes the remote pod's exclusions from what is left.
+	st := newStore(t)
+	st.Update(func(tx *state.Tx) { tx.SetPod(got) })
+	if sp := st.Snapshot().Pod("shop", "web-1"); sp == nil || !slices.Equal(sp.ExcludeInboundPorts, []uint16{9100}) || sp.Netns != "" {
+		t.Errorf("stored remote pod %+v", sp)
+	}
+}
+
 // A pod that does not convert is cached with its error, so the store drops
 // it instead of keeping its old version.
 func TestCompactPodKeepsConversionError(t *testing.T) {
@@ -233,6 +286,10 @@ func TestCompactPodInternsRepeatedValues(t *testing.T) {
 	if reflect.ValueOf(a.Pod.Labels).UnsafePointer() != reflect.ValueOf(b.Pod.Labels).UnsafePointer() {
 		t.Error("pods with equal labels hold separate label maps")
 	}
+	if unsafe.SliceData(a.Pod.Ports) != unsafe.SliceData(b.Pod.Ports) {
+		t.Error("pods with equal ports hold separate port lists")
+	}
+	same("phase", string(a.Pod.Phase), string(b.Pod.Phase))
 	for k := range a.Pod.Labels {
 		for k2 := range b.Pod.Labels {
 			if k == k2 {

@@ -56,6 +56,10 @@ type Informers struct {
 	// Resync is the informers' resync period; 0 (the default) disables it:
 	// the store is level-based already.
 	Resync time.Duration
+	// Node is the node the agent runs on: pods of other nodes are cached
+	// and stored without the detail only their own node's agent reads
+	// (TransformFor). "" keeps every pod's detail.
+	Node string
 }
 
 // Run starts the informers, marks the store synced once every cache has
@@ -78,7 +82,7 @@ func (in *Informers) Run(ctx context.Context) error {
 	defer cancel() // before the wait: the informers stop with ctx
 	var synced []cache.InformerSynced
 	add := func(kind string, inf cache.SharedIndexInformer, h cache.ResourceEventHandler) error {
-		if err := inf.SetTransform(Transform); err != nil {
+		if err := inf.SetTransform(TransformFor(in.Node)); err != nil {
 			return fmt.Errorf("setting %s transform: %w", kind, err)
 		}
 		if err := inf.SetWatchErrorHandlerWithContext(watchErrorLogger(log, kind)); err != nil {
@@ -209,7 +213,7 @@ func (in *Informers) served(gvr schema.GroupVersionResource) (bool, error) {
 
 func (in *Informers) addCustom(ctx context.Context, run *informerRuns, gvr schema.GroupVersionResource, log *slog.Logger, onSynced func(cache.InformerSynced)) error {
 	inf := apiclient.NewInformer(in.Dynamic.Resource(gvr), &unstructured.Unstructured{}, in.Resync, nil)
-	if err := inf.SetTransform(Transform); err != nil {
+	if err := inf.SetTransform(TransformFor(in.Node)); err != nil {
 		return fmt.Errorf("setting %s transform: %w", gvr.Resource, err)
 	}
 	if err := inf.SetWatchErrorHandlerWithContext(watchErrorLogger(log, gvr.Resource)); err != nil {

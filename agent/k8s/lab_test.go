@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -57,7 +58,8 @@ func TestLabInformers(t *testing.T) {
 
 	st := newStore(t)
 	seen := newLogSeen(slog.NewTextHandler(testWriter{t}, nil))
-	inf := &Informers{Client: apiclienttest.New(t, srv.REST), Dynamic: dyn, Store: st, Log: slog.New(seen), CRDRecheck: 500 * time.Millisecond}
+	inf := &Informers{Client: apiclienttest.New(t, srv.REST), Dynamic: dyn, Store: st, Log: slog.New(seen), CRDRecheck: 500 * time.Millisecond,
+		Node: "nmtk8s-node1"}
 	runCtx, stopRun := context.WithCancel(ctx)
 	runDone := make(chan error, 1)
 	go func() { runDone <- inf.Run(runCtx) }()
@@ -102,6 +104,19 @@ func TestLabInformers(t *testing.T) {
 	}
 	if n := snap.Node("nmtk8s-node1"); n == nil || len(n.IPs) != 1 {
 		t.Fatalf("node in the store: %+v", n)
+	}
+	// A pod of another node is stored without the detail only its own
+	// node's agent reads, and with everything else.
+	must(c.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web-remote", Labels: map[string]string{"app": "web"},
+			Annotations: map[string]string{state.AnnotationNetns: "/run/netns/nmtk8s-web-remote", state.AnnotationExcludeInboundPorts: "9100"}},
+		Spec: corev1.PodSpec{NodeName: "nmtk8s-node2", ServiceAccountName: "web", Containers: []corev1.Container{{
+			Name: "app", Image: "nginx", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}}},
+	}, metav1.CreateOptions{}))
+	snap = wait("the other node's pod is stored", func(s *state.Snapshot) bool { return s.Pod(ns, "web-remote") != nil })
+	if r := snap.Pod(ns, "web-remote"); r.UID != "" || r.Netns != "" || !r.Enrolled || r.Node != "nmtk8s-node2" ||
+		!slices.Equal(r.ExcludeInboundPorts, []uint16{9100}) || len(r.Ports) != 1 || r.Labels["app"] != "web" {
+		t.Fatalf("other node's pod in the store: %+v", r)
 	}
 
 	// A service and its EndpointSlice, as the lab's controllers write them.

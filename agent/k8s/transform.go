@@ -14,11 +14,21 @@ import (
 // the store), every other object loses its managed fields and the
 // last-applied-configuration annotation, which the agent never reads and
 // which often outweigh the rest of the object. It is idempotent, as
-// client-go requires.
-func Transform(obj any) (any, error) {
+// client-go requires. It keeps every pod's node-local detail; an agent
+// uses TransformFor its node.
+func Transform(obj any) (any, error) { return transform(obj, "") }
+
+// TransformFor returns the transform of the agent of node: Transform, with
+// pods of other nodes cached without their node-local detail
+// (CompactPodFor). node "" is Transform.
+func TransformFor(node string) cache.TransformFunc {
+	return func(obj any) (any, error) { return transform(obj, node) }
+}
+
+func transform(obj any, node string) (any, error) {
 	switch o := obj.(type) {
 	case *corev1.Pod:
-		return CompactPod(o), nil
+		return CompactPodFor(o, node), nil
 	case *CachedPod:
 		return o, nil
 	case cache.DeletedFinalStateUnknown:

@@ -191,7 +191,8 @@ func New(cfg Config) (*Node, error) {
 		if n.dynamic, err = dynamic.NewForConfig(rc); err != nil {
 			return nil, fmt.Errorf("creating Kubernetes dynamic client: %w", err)
 		}
-		n.source = &k8s.Informers{Client: n.client, Dynamic: n.dynamic, Store: n.store, Log: n.log.With("component", "state"), CRDRecheck: cfg.CRDRecheck}
+		n.source = &k8s.Informers{Client: n.client, Dynamic: n.dynamic, Store: n.store, Log: n.log.With("component", "state"),
+			CRDRecheck: cfg.CRDRecheck, Node: cfg.NodeName}
 	}
 	if n.admin, err = admin.New(admin.Config{
 		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadinessAddr: cfg.ReadinessAddr,

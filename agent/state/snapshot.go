@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"unique"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -285,7 +286,8 @@ func fillComputed(c *Pod, ns *Namespace, td spiffeid.TrustDomain) {
 	if err != nil {
 		c.Problems = append(c.Problems, fmt.Sprintf("building SPIFFE ID for service account %q: %v", sa, err))
 	}
-	c.Identity = id
+	// Interned: the pods of one service account share the ID's strings.
+	c.Identity = unique.Make(id).Value()
 	c.Enrolled = ns != nil && ns.Enrolled && p.Labels[LabelMode] != ModeDisabled && !p.HostNetwork
 	c.ExcludeInboundPorts, err = parsePorts(p.Annotations[AnnotationExcludeInboundPorts])
 	if err == nil {

@@ -60,6 +60,11 @@ func KeepAnnotation(key string) bool {
 	return false
 }
 
+// NodeLocalAnnotation reports whether only the agent of the pod's own node
+// reads annotation key: the lab's netns and cgroup paths, which locate the
+// pod on its node. Sources may drop them from pods of other nodes.
+func NodeLocalAnnotation(key string) bool { return strings.HasPrefix(key, "lab.nodemesh.io/") }
+
 // Key names a namespaced object.
 type Key struct {
 	Namespace, Name string
@@ -107,13 +112,17 @@ type ContainerPort struct {
 // Pod is what the agent knows about a pod. Sources fill the input fields;
 // the snapshot fills the computed ones.
 type Pod struct {
-	Namespace      string            `json:"namespace"`
-	Name           string            `json:"name"`
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
+	// UID is node-local detail: empty for a pod of another node when the
+	// source drops that (agent/k8s TransformFor).
 	UID            string            `json:"uid"`
 	ServiceAccount string            `json:"serviceAccount"`
 	Node           string            `json:"node"`
 	Labels         map[string]string `json:"labels,omitempty"`
-	// Annotations holds only the keys KeepAnnotation accepts.
+	// Annotations holds only the keys KeepAnnotation accepts, without the
+	// NodeLocalAnnotation ones for a pod of another node when the source
+	// drops those.
 	Annotations map[string]string `json:"annotations,omitempty"`
 	IPs         []netip.Addr      `json:"ips"`
 	Ports       []ContainerPort   `json:"ports,omitempty"`
