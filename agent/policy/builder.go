@@ -6,12 +6,17 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"reflect"
 	"slices"
+	"strconv"
 	"sync/atomic"
+	"unique"
+	"unsafe"
 
 	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
+	"github.com/nodemesh/nodemesh/agent/internal/intern"
 	"github.com/nodemesh/nodemesh/agent/internal/pmap"
 	"github.com/nodemesh/nodemesh/agent/policy/v1alpha1"
 )
@@ -116,6 +121,10 @@ type nsState struct {
 	pas   map[polKey]*peerAuthn
 	// pol are the policies its pods are matched against; nil until needed.
 	pol *nsPolicies
+	// att are the policies of pol that select its pods, per label map
+	// (keyed by the map's address; see attach), each held by at least one
+	// of its pods' entries. Matched again when pol changes (rematch).
+	att map[unsafe.Pointer]*attached
 }
 
 func (st *nsState) empty() bool {
@@ -578,15 +587,8 @@ func (b *Builder) Snapshot(version uint64) *Snapshot {
 		if st == nil {
 			continue
 		}
-		pol := b.policiesOf(name, st)
-		if pol.equal(st.pol) {
-			continue
-		}
-		st.pol = pol
-		for e := range st.pods {
-			if _, ok := b.pods[e.Key()]; !ok {
-				b.pods[e.Key()] = &e.Pod
-			}
+		if pol := b.policiesOf(name, st); !pol.equal(st.pol) {
+			b.rematch(st, pol)
 		}
 	}
 	clear(b.dirtyNS)
@@ -602,24 +604,31 @@ func (b *Builder) Snapshot(version uint64) *Snapshot {
 	}
 	var podsOf []string // namespaces that gained their first pod or lost their last
 	for key, p := range b.pods {
+		var e *podEntry
+		var st *nsState
+		if p != nil {
+			st = b.ns(p.Namespace)
+			if st.pol == nil {
+				st.pol = b.policiesOf(p.Namespace, st)
+			}
+			// The new entry takes its policies before the old one gives
+			// its own back, so a pod that kept its labels keeps them.
+			e = &podEntry{Pod: *p, spiffeID: unique.Make(s.SPIFFEID(*p)).Value(), attached: st.attach(p.Labels)}
+			e.Ports = internPorts(p.Ports)
+		}
 		if old := s.pods.Lookup(key); old != nil {
-			st := b.nss[old.Namespace]
-			delete(st.pods, old)
-			if len(st.pods) == 0 {
+			ost := b.nss[old.Namespace]
+			delete(ost.pods, old)
+			ost.release(old.attached)
+			if len(ost.pods) == 0 {
 				podsOf = append(podsOf, old.Namespace)
 			}
 			touch(old, key)
 		}
-		if p == nil {
+		if e == nil {
 			s.pods.Del(key)
 			continue
 		}
-		st := b.ns(p.Namespace)
-		if st.pol == nil {
-			st.pol = b.policiesOf(p.Namespace, st)
-		}
-		e := &podEntry{Pod: *p, spiffeID: s.SPIFFEID(*p)}
-		attach(e, st.pol)
 		s.pods.Set(key, e)
 		if len(st.pods) == 0 {
 			podsOf = append(podsOf, p.Namespace)
@@ -783,19 +792,95 @@ func (b *Builder) Build(version uint64, in Input) *Snapshot {
 	return b.Snapshot(version)
 }
 
-// attach records in e the policies of pol that select its pod, in pol's
-// order.
-func attach(e *podEntry, pol *nsPolicies) {
-	ls := labelSet(e.Labels)
+// rematch gives namespace st the policies pol. Each label map its pods
+// use is matched against pol once; only the pods whose lists of policies
+// that select them change get new entries. The others keep theirs, so a
+// policy change copies only the shards of the pods it can matter to, and
+// an Engine keeps its decisions about the rest: a decision reads a pod's
+// policies only through those lists (NetworkPolicies, Authorization-
+// Policies and the PeerAuthentication candidates that select it).
+func (b *Builder) rematch(st *nsState, pol *nsPolicies) {
+	st.pol = pol
+	var changed map[*attached]bool
+	for k, a := range st.att {
+		n := &attached{labels: a.labels}
+		n.match(pol)
+		if n.sameLists(a) {
+			continue
+		}
+		// Its pods take lists matched again (attach) and give this one
+		// back, which is no longer in the table.
+		delete(st.att, k)
+		if changed == nil {
+			changed = map[*attached]bool{}
+		}
+		changed[a] = true
+	}
+	for e := range st.pods {
+		if !changed[e.attached] {
+			continue
+		}
+		if _, ok := b.pods[e.Key()]; !ok {
+			b.pods[e.Key()] = &e.Pod
+		}
+	}
+}
+
+// sameLists reports whether a and o list the same policies.
+func (a *attached) sameLists(o *attached) bool {
+	return slices.Equal(a.ingressNPs, o.ingressNPs) && slices.Equal(a.egressNPs, o.egressNPs) &&
+		slices.Equal(a.denyAZ, o.denyAZ) && slices.Equal(a.allowAZ, o.allowAZ) &&
+		slices.Equal(a.auditAZ, o.auditAZ) && slices.Equal(a.mtls, o.mtls)
+}
+
+// attach returns the policies of the namespace's pol that select a pod
+// with labels, taking a reference. Pods whose label maps are one map (the
+// agent interns label sets, so the pods of one workload share theirs)
+// share one list: it depends only on the labels and pol. The key is the
+// map's address; the entry holds the map, so no other map can take that
+// address while it lives, and inputs are immutable, so one address means
+// one content. Equal maps at different addresses just get lists of their
+// own.
+func (st *nsState) attach(labels map[string]string) *attached {
+	k := reflect.ValueOf(labels).UnsafePointer() // nil for a nil map
+	a := st.att[k]
+	if a == nil {
+		a = &attached{labels: labels}
+		a.match(st.pol)
+		if st.att == nil {
+			st.att = map[unsafe.Pointer]*attached{}
+		}
+		st.att[k] = a
+	}
+	a.refs++
+	return a
+}
+
+// release gives back a pod entry's reference to its policies; the last
+// one removes them from the namespace's table, unless pol changed since
+// (then they are no longer in it).
+func (st *nsState) release(a *attached) {
+	if a.refs--; a.refs > 0 {
+		return
+	}
+	if k := reflect.ValueOf(a.labels).UnsafePointer(); st.att[k] == a {
+		delete(st.att, k)
+	}
+}
+
+// match records in a the policies of pol that select pods with its
+// labels, in pol's order.
+func (a *attached) match(pol *nsPolicies) {
+	ls := labelSet(a.labels)
 	for _, np := range pol.nps {
 		if !np.podSel.Matches(ls) {
 			continue
 		}
 		if np.ingress {
-			e.ingressNPs = append(e.ingressNPs, np)
+			a.ingressNPs = append(a.ingressNPs, np)
 		}
 		if np.egress {
-			e.egressNPs = append(e.egressNPs, np)
+			a.egressNPs = append(a.egressNPs, np)
 		}
 	}
 	for _, az := range pol.azs {
@@ -804,11 +889,11 @@ func attach(e *podEntry, pol *nsPolicies) {
 		}
 		switch az.action {
 		case v1alpha1.ActionDeny:
-			e.denyAZ = append(e.denyAZ, az)
+			a.denyAZ = append(a.denyAZ, az)
 		case v1alpha1.ActionAudit:
-			e.auditAZ = append(e.auditAZ, az)
+			a.auditAZ = append(a.auditAZ, az)
 		default:
-			e.allowAZ = append(e.allowAZ, az)
+			a.allowAZ = append(a.allowAZ, az)
 		}
 	}
 	// PeerAuthentications: candidates narrowest first; the oldest of each
@@ -826,12 +911,35 @@ func attach(e *podEntry, pol *nsPolicies) {
 	}
 	for _, pa := range []*peerAuthn{workload, nsWide} {
 		if pa != nil {
-			e.mtls = append(e.mtls, pa)
+			a.mtls = append(a.mtls, pa)
 		}
 	}
 	if len(pol.rootPAs) > 0 {
-		e.mtls = append(e.mtls, pol.rootPAs[0])
+		a.mtls = append(a.mtls, pol.rootPAs[0])
 	}
+}
+
+// portLists interns the pod entries' port lists: the pods of one workload
+// declare the same ports.
+var portLists intern.Slices[ContainerPort]
+
+// internPorts returns the shared list equal to ports (nil for none).
+func internPorts(ports []ContainerPort) []ContainerPort {
+	if len(ports) == 0 {
+		return nil
+	}
+	b := make([]byte, 0, 24*len(ports))
+	for _, p := range ports {
+		b = strconv.AppendInt(b, int64(len(p.Name)), 10)
+		b = append(b, ':')
+		b = append(b, p.Name...)
+		b = strconv.AppendInt(b, int64(p.Port), 10)
+		b = append(b, '/')
+		b = strconv.AppendInt(b, int64(len(p.Protocol)), 10)
+		b = append(b, ':')
+		b = append(b, p.Protocol...)
+	}
+	return portLists.Make(string(b), ports)
 }
 
 // mergeByRef merges two lists sorted by ref.

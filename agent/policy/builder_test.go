@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
+	"unsafe"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -32,7 +34,11 @@ type randomWorld struct {
 	azs   map[string]*v1alpha1.AuthorizationPolicy
 	pas   map[string]*v1alpha1.PeerAuthentication
 	unr   map[string]Unreadable
-	pool  struct {
+	// labelSets are the label maps given so far by contents: most pods
+	// with equal labels get one map, as the agent's interning gives them
+	// (the Builder shares their policy lists), some a map of their own.
+	labelSets map[string]map[string]string
+	pool      struct {
 		nps []*networkingv1.NetworkPolicy
 		azs []*v1alpha1.AuthorizationPolicy
 		pas []*v1alpha1.PeerAuthentication
@@ -45,6 +51,22 @@ var (
 )
 
 func (w *randomWorld) pick(list []string) string { return list[w.rnd.IntN(len(list))] }
+
+// labels returns l, or the map with l's contents given before.
+func (w *randomWorld) labels(l map[string]string) map[string]string {
+	if w.rnd.IntN(4) == 0 {
+		return l
+	}
+	key := fmt.Sprint(l) // sorted by key
+	if m, ok := w.labelSets[key]; ok {
+		return m
+	}
+	if w.labelSets == nil {
+		w.labelSets = map[string]map[string]string{}
+	}
+	w.labelSets[key] = l
+	return l
+}
 
 func rwIP(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 0, 0, byte(1 + i)}) }
 
@@ -62,6 +84,7 @@ func (w *randomWorld) randomPod(ns, name string) Pod {
 	if w.rnd.IntN(2) == 0 {
 		p.Labels["tier"] = w.pick([]string{"x", "y"})
 	}
+	p.Labels = w.labels(p.Labels)
 	if w.rnd.IntN(2) == 0 {
 		p.Ports = []ContainerPort{{Name: "http", Port: []int32{80, 8080}[w.rnd.IntN(2)], Protocol: corev1.ProtocolTCP}}
 	}
@@ -124,7 +147,7 @@ func (w *randomWorld) change() string {
 		return "pod " + ns + "/" + name
 	case k < 45: // relabel a pod (new map, same everything else)
 		for key, p := range w.pods {
-			p.Labels = map[string]string{"app": w.pick(rwApps)}
+			p.Labels = w.labels(map[string]string{"app": w.pick(rwApps)})
 			w.pods[key] = p
 			return "relabel " + key
 		}
@@ -309,7 +332,7 @@ func TestBuilderMatchesFullRebuild(t *testing.T) {
 	}
 	var history []string
 	var prev *Snapshot
-	reused, kept := 0, 0
+	reused, kept, shared := 0, 0, 0
 	for step := range steps {
 		history = append(history, w.change())
 		if len(history) > 5 {
@@ -333,6 +356,14 @@ func TestBuilderMatchesFullRebuild(t *testing.T) {
 			}
 		}
 		prev = inc
+		if err := checkAttached(b, inc); err != nil {
+			t.Fatalf("step %d (seed %d, last changes %s): %v", step, seed, strings.Join(history, "; "), err)
+		}
+		for _, e := range inc.pods.All() {
+			if e.refs > 1 {
+				shared++
+			}
+		}
 		fail := func(format string, args ...any) {
 			t.Helper()
 			t.Fatalf("step %d (seed %d, last changes %s): %s", step, seed, strings.Join(history, "; "), fmt.Sprintf(format, args...))
@@ -378,10 +409,44 @@ func TestBuilderMatchesFullRebuild(t *testing.T) {
 			}
 		}
 	}
-	t.Logf("%d steps; %d pod entries and %d cached decisions carried over from an earlier snapshot", steps, kept, reused)
-	if reused == 0 || kept == 0 {
-		t.Fatal("nothing was carried across a change: the test does not exercise reuse")
+	t.Logf("%d steps; %d pod entries and %d cached decisions carried over from an earlier snapshot; %d pod entries shared their policy lists", steps, kept, reused, shared)
+	if reused == 0 || kept == 0 || shared == 0 {
+		t.Fatal("nothing was carried across a change or shared: the test does not exercise reuse")
 	}
+}
+
+// checkAttached checks the Builder's tables of shared policy lists
+// against its last snapshot s: each namespace's table holds exactly the
+// lists its pods' entries hold under the namespace's current policies,
+// each with as many references as entries, so churn cannot grow it.
+func checkAttached(b *Builder, s *Snapshot) error {
+	holders := map[*attached]int{}
+	for k, e := range s.pods.All() {
+		st := b.nss[e.Namespace]
+		if st == nil {
+			return fmt.Errorf("pod %s: no namespace state", k)
+		}
+		if _, ok := st.pods[e]; !ok {
+			return fmt.Errorf("pod %s: entry not in its namespace's set", k)
+		}
+		holders[e.attached]++
+	}
+	for a, n := range holders {
+		if a.refs != n {
+			return fmt.Errorf("policy list for labels %v: %d references, held by %d entries", a.labels, a.refs, n)
+		}
+	}
+	for name, st := range b.nss {
+		for k, a := range st.att {
+			if holders[a] == 0 {
+				return fmt.Errorf("namespace %s: policy list for labels %v kept with no entry holding it", name, a.labels)
+			}
+			if k != reflect.ValueOf(a.labels).UnsafePointer() {
+				return fmt.Errorf("namespace %s: policy list for labels %v under another map's key", name, a.labels)
+			}
+		}
+	}
+	return nil
 }
 
 // referenceSnapshot builds a snapshot of in the simplest way, straight
@@ -502,7 +567,7 @@ func referenceSnapshot(version uint64, in Input, opts Options) *Snapshot {
 		if _, ok := s.namespaces.Get(p.Namespace); !ok {
 			s.namespaces.Set(p.Namespace, map[string]string{NamespaceNameLabel: p.Namespace})
 		}
-		e := &podEntry{Pod: p, spiffeID: s.SPIFFEID(p)}
+		e := &podEntry{Pod: p, spiffeID: s.SPIFFEID(p), attached: &attached{}}
 		ls := labelSet(p.Labels)
 		for _, np := range nps {
 			if np.ref.Namespace != p.Namespace || !np.podSel.Matches(ls) {
@@ -642,4 +707,12 @@ func snapshotJSON(t *testing.T, s *Snapshot) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// A pod entry stays in the 176-byte size class: the policy snapshot holds
+// one per pod in the cluster (docs/scale.md).
+func TestPodEntrySize(t *testing.T) {
+	if n := unsafe.Sizeof(podEntry{}); n > 176 {
+		t.Fatalf("podEntry is %d bytes, more than the 176 of its size class", n)
+	}
 }

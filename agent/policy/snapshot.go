@@ -48,12 +48,13 @@ type Pod struct {
 	ServiceAccount string
 	Node           string
 	HostNetwork    bool
-	Ports          []ContainerPort
 	// Unmeshed marks a pod that is not enrolled in the mesh (or opted out):
 	// no agent terminates its inbound traffic, so only NetworkPolicy applies
 	// to connections to it; mTLS mode and AuthorizationPolicy do not. The
-	// zero value (meshed) is the stricter one.
+	// zero value (meshed) is the stricter one. (Beside HostNetwork: two
+	// bools in one word keep a snapshot's pod entry in a smaller size class.)
 	Unmeshed bool
+	Ports    []ContainerPort
 	// ProbePorts are the TCP ports the pod's HTTP, TCP and gRPC probes target
 	// (named probe ports already resolved). Kubelet probes from the pod's node
 	// to these ports pass STRICT mTLS.
@@ -151,13 +152,30 @@ func (s *Snapshot) RequestHeaders() []string { return s.requestHeaders }
 
 type podEntry struct {
 	Pod
-	spiffeID   string
+	spiffeID string // interned: the pods of one service account share it
+	// *attached are the policies that select the pod, shared by the pods
+	// of its namespace that have the same label map (see nsState.attach):
+	// a pod entry is then a fixed 176 bytes however many policies select
+	// it. Never nil.
+	*attached
+}
+
+// attached lists the policies that select the pods of one namespace with
+// one label map, in the order decisions read them. It is immutable once
+// built, except for refs, which only the Builder reads.
+type attached struct {
 	ingressNPs []*netPol // NetworkPolicies selecting the pod with policyTypes Ingress
 	egressNPs  []*netPol
 	denyAZ     []*authzPolicy
 	allowAZ    []*authzPolicy
 	auditAZ    []*authzPolicy
 	mtls       []*peerAuthn // candidates, narrowest first
+
+	// labels is the label map the policies were matched against (held, so
+	// that its address, the Builder's key, is not reused while the entry
+	// lives); refs counts the Builder's current pod entries holding it.
+	labels map[string]string
+	refs   int
 }
 
 // Version returns the version the snapshot was built with.

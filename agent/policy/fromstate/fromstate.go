@@ -275,10 +275,16 @@ func convertPod(s *state.Snapshot, p *state.Pod) policy.Pod {
 		HostNetwork:    p.HostNetwork,
 		Unmeshed:       !p.Enrolled,
 	}
-	// Only the addresses the state attributes to this pod.
-	for _, ip := range p.IPs {
-		if attributed(s, p, ip) {
-			pp.IPs = append(pp.IPs, ip)
+	// Only the addresses the state attributes to this pod: the state's own
+	// slice (immutable, so the policy snapshot may share it) when that is
+	// all of them, as it nearly always is.
+	if len(p.IPs) > 0 && !slices.ContainsFunc(p.IPs, func(ip netip.Addr) bool { return !attributed(s, p, ip) }) {
+		pp.IPs = slices.Clip(p.IPs)
+	} else {
+		for _, ip := range p.IPs {
+			if attributed(s, p, ip) {
+				pp.IPs = append(pp.IPs, ip)
+			}
 		}
 	}
 	for _, cp := range p.Ports {
