@@ -62,7 +62,7 @@ const (
 	CodeTokenInvalid     Code = "token_invalid"         // TokenReview rejected it (forged, revoked, bound object gone)
 	CodeNotAgent         Code = "caller_not_agent"      // token of another service account
 	CodeTokenNotBound    Code = "token_not_node_bound"  // token carries no node and no pod to find one
-	CodeNoWorkload       Code = "no_workload_on_node"   // no running pod with ns/sa on the caller's node
+	CodeNoWorkload       Code = "no_workload_on_node"   // no running or starting pod with ns/sa on the caller's node
 	CodeBadIdentity      Code = "bad_identity"          // requested ID is not a workload ID
 	CodeWrongTrustDomain Code = "wrong_trust_domain"    // requested ID is in another trust domain
 	CodeBadCSR           Code = "bad_csr"               // CSR does not parse

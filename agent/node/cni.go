@@ -49,6 +49,7 @@ func (m *mesh) EnrollPod(ctx context.Context, sb cni.Sandbox) (result, reason st
 	for {
 		if s, ok := m.dp.Served()[key]; ok && s.Pod.UID == sb.UID && s.Pod.Netns == rep.Netns {
 			if s.Captured && !s.Failed {
+				m.waitSVID(ctx, s.Pod)
 				return cni.ResultEnrolled, "", nil
 			}
 			problem = "its capture failed (the agent retries; see its log and nodemeshctl check)"
@@ -56,6 +57,31 @@ func (m *mesh) EnrollPod(ctx context.Context, sb cni.Sandbox) (result, reason st
 		select {
 		case <-ctx.Done():
 			return "", "", fmt.Errorf("pod %s not captured in time: %s: %w", key, problem, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// svidWait bounds how long a captured pod's sandbox waits for the pod's
+// SVID: its tunnels fail closed until the SVID is there, and its app may
+// be Ready a second after it starts, but a CA outage must not stop pods
+// from starting (capture is in place either way).
+const svidWait = 5 * time.Second
+
+// waitSVID waits up to svidWait until the pod's SVID is there.
+func (m *mesh) waitSVID(ctx context.Context, p *state.Pod) {
+	ctx, cancel := context.WithTimeout(ctx, svidWait)
+	defer cancel()
+	tick := time.NewTicker(cniPoll)
+	defer tick.Stop()
+	for {
+		if _, err := m.svids.SVIDSource(p.Identity).GetX509SVID(); err == nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			m.log.Warn("pod starts before its SVID is there; its tunnels fail closed until it is", "pod", p.Key().String(), "spiffe_id", p.Identity.String(), "hint", m.svidHint)
+			return
 		case <-tick.C:
 		}
 	}

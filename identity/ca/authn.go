@@ -33,8 +33,8 @@ type Authenticator interface {
 	Authenticate(ctx context.Context, token string) (Caller, error)
 }
 
-// PodFinder looks for a running pod of workload w scheduled on node. It
-// returns the pod's name, "" when there is none, or an error when it cannot
+// PodFinder looks for a running or starting (Pending) pod of workload w
+// scheduled on node. It returns the pod's name, "" when there is none, or an error when it cannot
 // tell (the CA then refuses with CodeUnavailable: fail closed).
 type PodFinder interface {
 	RunningPod(ctx context.Context, node string, w identity.Workload) (string, error)
@@ -319,13 +319,17 @@ func peekClaims(token string) tokenClaims {
 // scheduled a moment ago is found and a deleted one is not).
 type KubePods struct{ Client kubernetes.Interface }
 
-// RunningPod implements PodFinder.
+// RunningPod implements PodFinder. A Pending pod counts: it is bound to
+// the node, whose kubelet is starting it (Kubernetes' node authorizer
+// trusts a node with its bound pods alike), and the nodemesh CNI plugin
+// enrolls pods, and so wants their SVIDs, before they run.
 func (k KubePods) RunningPod(ctx context.Context, node string, w identity.Workload) (string, error) {
-	sel := fields.Set{
+	sel := fields.AndSelectors(fields.Set{
 		"spec.nodeName":           node,
 		"spec.serviceAccountName": w.ServiceAccount,
-		"status.phase":            string(corev1.PodRunning),
-	}.AsSelector().String()
+	}.AsSelector(),
+		fields.OneTermNotEqualSelector("status.phase", string(corev1.PodSucceeded)),
+		fields.OneTermNotEqualSelector("status.phase", string(corev1.PodFailed))).String()
 	pods, err := k.Client.CoreV1().Pods(w.Namespace).List(ctx, metav1.ListOptions{FieldSelector: sel})
 	if err != nil {
 		return "", fmt.Errorf("listing pods of %s on node %s: %w", w, node, err)
@@ -333,7 +337,7 @@ func (k KubePods) RunningPod(ctx context.Context, node string, w identity.Worklo
 	for _, p := range pods.Items {
 		// Re-check what the selector promised, and skip terminating pods.
 		if p.Spec.NodeName == node && p.Spec.ServiceAccountName == w.ServiceAccount &&
-			p.Status.Phase == corev1.PodRunning && p.DeletionTimestamp == nil {
+			(p.Status.Phase == corev1.PodRunning || p.Status.Phase == corev1.PodPending) && p.DeletionTimestamp == nil {
 			return p.Name, nil
 		}
 	}

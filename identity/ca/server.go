@@ -388,7 +388,7 @@ func (s *Server) decide(ctx context.Context, caller Caller, body []byte, remote 
 		return nil, ref
 	}
 	if pod == "" {
-		ref := refuse(identity.CodeNoWorkload, "no running pod with service account %s is scheduled on node %s (the caller's node); an agent gets SVIDs only for its own node's workloads", req.Workload, caller.Node)
+		ref := refuse(identity.CodeNoWorkload, "no running or starting pod with service account %s is scheduled on node %s (the caller's node); an agent gets SVIDs only for its own node's workloads", req.Workload, caller.Node)
 		s.audit(ctx, caller, req.ID.String(), ref, remote)
 		return nil, ref
 	}

@@ -117,7 +117,7 @@ func newCluster(t *testing.T, prefix string) *cluster {
 		_, err := cl.c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
 		ignoreExists(t, err)
 	}
-	for _, sa := range [][2]string{{agentNS, agentSA}, {agentNS, "intruder"}, {cl.app, "web"}, {cl.app, "db"}, {cl.app, "api"}} {
+	for _, sa := range [][2]string{{agentNS, agentSA}, {agentNS, "intruder"}, {cl.app, "web"}, {cl.app, "db"}, {cl.app, "api"}, {cl.app, "batch"}} {
 		_, err := cl.c.CoreV1().ServiceAccounts(sa[0]).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa[1]}}, metav1.CreateOptions{})
 		ignoreExists(t, err)
 	}
@@ -259,7 +259,10 @@ func TestLabIssuanceAndRefusals(t *testing.T) {
 	defer cancel()
 	cl.pod(t, cl.app, "web-1", "web", cl.nodeA, corev1.PodRunning)
 	cl.pod(t, cl.app, "db-1", "db", cl.nodeB, corev1.PodRunning)
+	// Starting (the CNI plugin enrolls pods before they run): served.
 	cl.pod(t, cl.app, "api-1", "api", cl.nodeA, corev1.PodPending)
+	// Finished: refused.
+	cl.pod(t, cl.app, "batch-1", "batch", cl.nodeA, corev1.PodSucceeded)
 	c := startCA(t, cl, time.Hour)
 
 	tokA := cl.token(t, agentSA, cl.agentA, identity.Audience)
@@ -273,6 +276,7 @@ func TestLabIssuanceAndRefusals(t *testing.T) {
 	webID := "spiffe://cluster.local/ns/" + cl.app + "/sa/web"
 	dbID := "spiffe://cluster.local/ns/" + cl.app + "/sa/db"
 	apiID := "spiffe://cluster.local/ns/" + cl.app + "/sa/api"
+	batchID := "spiffe://cluster.local/ns/" + cl.app + "/sa/batch"
 	sa := apiServerSigningKey(t, cl.s)
 	forgeKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	expired := resign(t, tokA, sa, func(c map[string]any) {
@@ -297,7 +301,8 @@ func TestLabIssuanceAndRefusals(t *testing.T) {
 	}{
 		{"pod on caller's node", tokA, webID, csr(t), "", cl.nodeA},
 		{"pod on another node", tokA, dbID, csr(t), identity.CodeNoWorkload, cl.nodeA},
-		{"pod not running yet", tokA, apiID, csr(t), identity.CodeNoWorkload, cl.nodeA},
+		{"pod starting (Pending)", tokA, apiID, csr(t), "", cl.nodeA},
+		{"pod finished", tokA, batchID, csr(t), identity.CodeNoWorkload, cl.nodeA},
 		{"other service account", cl.token(t, "intruder", cl.intruderA, identity.Audience), webID, csr(t), identity.CodeNotAgent, ""},
 		{"wrong audience", cl.token(t, agentSA, cl.agentA, "https://kubernetes.default.svc"), webID, csr(t), identity.CodeTokenAudience, ""},
 		{"token bound to nothing", cl.token(t, agentSA, nil, identity.Audience), webID, csr(t), identity.CodeTokenNotBound, ""},
