@@ -789,6 +789,11 @@ func runAgentBinary(ctx context.Context, t *testing.T, c *cluster, def []*unstru
 		"bpf-pin-dir":   pins,
 		// The lab plays kubelet through pod annotations; real nodes use proc.
 		"pod-netns": "annotations",
+		// The CNI plugin's socket and the node's CNI directories, private
+		// to this test (nothing is chained: no network configuration).
+		"cni-socket":   filepath.Join(t.TempDir(), "cni", "cni.sock"),
+		"cni-conf-dir": t.TempDir(),
+		"cni-bin-dir":  t.TempDir(),
 	}
 	for i, a := range args {
 		name, _, _ := strings.Cut(strings.TrimPrefix(a, "--"), "=")

@@ -130,6 +130,21 @@ func dumpState(t *testing.T, c *cluster.Cluster) {
 	t.Logf("agent logs:\n%s", out)
 }
 
+// agentLogs logs the agents' logs without the access log lines, while the
+// agents still run.
+func agentLogs(t *testing.T, c *cluster.Cluster) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, _ := c.Kubectl(ctx, "-n", systemNS, "logs", "--tail=-1", "-l", "app.kubernetes.io/name=nodemesh-agent", "--all-containers", "--prefix").CombinedOutput()
+	var keep []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if !strings.Contains(l, `"msg":"connection"`) {
+			keep = append(keep, l)
+		}
+	}
+	t.Logf("agent logs before the uninstall:\n%s", strings.Join(keep, "\n"))
+}
+
 // rootProgs returns the IDs of the BPF programs attached at the cgroup v2
 // root, where the agents attach capture.
 func rootProgs(t *testing.T) map[string]bool {
@@ -276,6 +291,13 @@ func (in *installed) uninstall(t *testing.T, ctx context.Context) {
 	if len(rootProgs(t)) == len(in.before) {
 		t.Error("no program of the agents attached at the cgroup v2 root before uninstall")
 	}
+	// The agents installed the CNI plugin on their node: binary, conflist
+	// entry, socket.
+	for _, n := range in.c.Nodes {
+		if left := cniLeft(t, n); len(left) != 3 {
+			t.Errorf("node %s: the CNI install is incomplete before uninstall: %v", n.Name, left)
+		}
+	}
 	start := time.Now()
 	overlay := filepath.Join(in.root, "manifests", "overlays", "cluster")
 	un := filepath.Join(overlay, "uninstall")
@@ -316,6 +338,32 @@ func (in *installed) uninstall(t *testing.T, ctx context.Context) {
 	if pids := procsByComm(t, "nodemesh-agent", in.c.ID); len(pids) > 0 {
 		t.Errorf("agent processes left: %v", pids)
 	}
+	for _, n := range in.c.Nodes {
+		if left := cniLeft(t, n); len(left) > 0 {
+			t.Errorf("node %s: CNI install left after uninstall: %v", n.Name, left)
+		}
+	}
+}
+
+// cniLeft lists what of the agent's CNI install is on node n: the plugin
+// binary, its entry in the node's network configuration, the socket.
+func cniLeft(t *testing.T, n *cluster.Node) []string {
+	t.Helper()
+	var left []string
+	host := func(p string) string { return filepath.Join(n.Dir, "var-lib", strings.TrimPrefix(p, "/var/lib/")) }
+	if _, err := os.Stat(filepath.Join(host(cluster.NodeCNIBinDir), "nodemesh-cni")); err == nil {
+		left = append(left, "plugin binary")
+	}
+	b, err := os.ReadFile(filepath.Join(host(cluster.NodeCNIConfDir), "10-nodemesh.conflist"))
+	if err != nil {
+		t.Errorf("node %s: reading its network configuration: %v", n.Name, err)
+	} else if strings.Contains(string(b), `"nodemesh-cni"`) {
+		left = append(left, "conflist entry")
+	}
+	if _, err := os.Stat(filepath.Join(n.Dir, "run", "nodemesh", "cni.sock")); err == nil {
+		left = append(left, "socket")
+	}
+	return left
 }
 
 // procsByComm lists the processes named comm in cluster id's cgroups.

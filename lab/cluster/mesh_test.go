@@ -478,7 +478,8 @@ func tail(b []byte, n int) []byte {
 // manifest's capabilities. Then it proves the mesh on kubelet-made pods
 // (proveMesh) and runs what an operator does to a meshed cluster: a live
 // policy explain, a containerd restart, a rolling restart of the agents
-// under traffic and pod churn. At last the documented uninstall leaves
+// under traffic, new STRICT pods under plaintext from outside the mesh,
+// and pod churn. At last the documented uninstall leaves
 // nothing on the nodes.
 func TestClusterMesh(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
@@ -491,7 +492,12 @@ func TestClusterMesh(t *testing.T) {
 		t.Run("PolicyExplain", func(t *testing.T) { in.explainDenial(t, ctx, d) })
 		t.Run("ContainerdRestart", func(t *testing.T) { in.restartContainerd(t, ctx, d) })
 		t.Run("AgentRollout", func(t *testing.T) { in.rolloutRestart(t, ctx, d) })
+		t.Run("NewStrictPod", func(t *testing.T) { in.newStrictPods(t, ctx) })
 		t.Run("Churn", func(t *testing.T) { in.churn(t, ctx, d) })
+	}
+	if t.Failed() {
+		// The agents' logs go with the uninstall.
+		agentLogs(t, in.c)
 	}
 	in.uninstall(t, ctx)
 }

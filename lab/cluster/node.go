@@ -81,10 +81,13 @@ func (c *Cluster) setupNode(ctx context.Context, n *Node, opts Options, token st
 	if err := c.makeCgroups(n); err != nil {
 		return err
 	}
-	for _, d := range []string{"run", "var-lib", "var-log", "cni", "sysctl"} {
+	for _, d := range []string{"run", "var-lib", "var-log", "sysctl", n.hostPath(NodeCNIConfDir), n.hostPath(NodeCNIBinDir)} {
 		if err := os.MkdirAll(filepath.Join(n.Dir, d), 0o755); err != nil {
 			return fmt.Errorf("creating node %s's directories: %w", n.Name, err)
 		}
+	}
+	if err := linkCNIPlugins(filepath.Join(n.Dir, n.hostPath(NodeCNIBinDir))); err != nil {
+		return fmt.Errorf("node %s: %w", n.Name, err)
 	}
 	if err := c.writeNodeConfig(n, token); err != nil {
 		return err
@@ -231,10 +234,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         # kubelet's cgroupDriver is cgroupfs (no systemd on these nodes).
         SystemdCgroup = false
+  # The node's own CNI directories (NodeCNIConfDir, NodeCNIBinDir, in the
+  # node's /var/lib): nodemesh's agent chains its plugin in there.
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = %[3]q
-`, n.Name, image.Pause, filepath.Join(n.Dir, "cni"))
+    bin_dir = %[3]q
+    conf_dir = %[4]q
+`, n.Name, image.Pause, NodeCNIBinDir, NodeCNIConfDir)
 	files := map[string][]byte{"containerd.toml": []byte(containerd)}
 
 	kubelet := map[string]any{
@@ -389,11 +394,47 @@ func writeCNI(n *Node) error {
 	if err != nil {
 		return fmt.Errorf("encoding the CNI configuration: %w", err)
 	}
-	p := filepath.Join(n.Dir, "cni", "10-nodemesh.conflist")
+	p := filepath.Join(n.Dir, n.hostPath(NodeCNIConfDir), "10-nodemesh.conflist")
 	if err := os.WriteFile(p+".tmp", b, 0o644); err != nil {
 		return fmt.Errorf("writing %s: %w", p, err)
 	}
 	return os.Rename(p+".tmp", p)
+}
+
+// Where each node keeps its CNI configuration and plugins, as the node's
+// processes (containerd, kubelet's hostPath volumes) see them: under the
+// node's own /var/lib, which init.sh binds to Node.Dir/var-lib, so every
+// node has its own behind one path. The real nodes' /etc/cni/net.d and
+// /opt/cni/bin are the host's here; manifests/overlays/cluster points the
+// agent's CNI volumes at these instead (as on distributions that move
+// them).
+const (
+	NodeCNIConfDir = "/var/lib/nodemesh-cluster/cni/net.d"
+	NodeCNIBinDir  = "/var/lib/nodemesh-cluster/cni/bin"
+)
+
+// hostPath returns where the node path p (below /var/lib) is in Node.Dir.
+func (n *Node) hostPath(p string) string {
+	rel, _ := strings.CutPrefix(p, "/var/lib/")
+	return filepath.Join("var-lib", rel)
+}
+
+// cniPlugins are the reference plugins the nodes' network uses.
+var cniPlugins = []string{"bridge", "host-local", "loopback", "portmap"}
+
+// linkCNIPlugins links the reference plugins from /usr/lib/cni into a
+// node's CNI bin directory.
+func linkCNIPlugins(dir string) error {
+	for _, p := range cniPlugins {
+		dst := filepath.Join(dir, p)
+		if _, err := os.Lstat(dst); err == nil {
+			continue
+		}
+		if err := os.Symlink(filepath.Join("/usr/lib/cni", p), dst); err != nil {
+			return fmt.Errorf("linking the CNI plugin %s: %w", p, err)
+		}
+	}
+	return nil
 }
 
 func shq(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }

@@ -15,10 +15,12 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 
@@ -51,6 +53,9 @@ type Image struct {
 	// Links are more names of the binary (symbolic links), e.g. /bin/rm
 	// for busybox.
 	Links []string
+	// Extras are more Go binaries in the image (the agent image carries
+	// the CNI plugin it installs on its node).
+	Extras []Extra
 	// Entrypoint is the image's entrypoint; its first element is where
 	// the binary goes.
 	Entrypoint []string
@@ -58,12 +63,18 @@ type Image struct {
 	User string
 }
 
+// Extra is one more binary of an image: Package built to Path.
+type Extra struct {
+	Package, Path string
+}
+
 // Nodemesh returns the images of a nodemesh install with tag: the agent,
 // the CA, the sandbox image and the workload image (nodemeshctl's built-in
 // lab workloads, for test pods).
 func Nodemesh(tag string) []Image {
 	return []Image{
-		{Ref: Registry + "nodemesh-agent:" + tag, Package: "./cmd/nodemesh-agent", Entrypoint: []string{"/usr/local/bin/nodemesh-agent"}, User: "0:0"},
+		{Ref: Registry + "nodemesh-agent:" + tag, Package: "./cmd/nodemesh-agent", Entrypoint: []string{"/usr/local/bin/nodemesh-agent"}, User: "0:0",
+			Extras: []Extra{{Package: "./cmd/nodemesh-cni", Path: "/usr/local/bin/nodemesh-cni"}}},
 		{Ref: Registry + "nodemesh-ca:" + tag, Package: "./cmd/nodemesh-ca", Entrypoint: []string{"/usr/local/bin/nodemesh-ca"}, User: "65532:65532"},
 		{Ref: Registry + "nodemesh-workload:" + tag, Package: "./cmd/nodemeshctl", Entrypoint: []string{"/usr/local/bin/nodemeshctl", "lab", "workload"}, User: "65532:65532"},
 		{Ref: Pause, Package: "./lab/cluster/pause", Entrypoint: []string{"/pause"}, User: "65535:65535"},
@@ -94,16 +105,33 @@ func Build(ctx context.Context, moduleRoot, out string, imgs []Image, log io.Wri
 		}
 		bin := im.File
 		start := time.Now()
-		if bin == "" {
-			bin = filepath.Join(tmp, filepath.Base(im.Entrypoint[0]))
-			cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w "+im.LDFlags, "-o", bin, im.Package)
+		build := func(pkg, out string) error {
+			cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags=-s -w "+im.LDFlags, "-o", out, pkg)
 			cmd.Dir = moduleRoot
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH="+runtime.GOARCH)
 			if b, err := cmd.CombinedOutput(); err != nil {
-				return fmt.Errorf("building %s for image %s: %w\n%s", im.Package, im.Ref, err, b)
+				return fmt.Errorf("building %s for image %s: %w\n%s", pkg, im.Ref, err, b)
+			}
+			return nil
+		}
+		if bin == "" {
+			bin = filepath.Join(tmp, filepath.Base(im.Entrypoint[0]))
+			if err := build(im.Package, bin); err != nil {
+				return err
 			}
 		}
-		img, err := FromBinary(bin, im.Entrypoint, im.User, im.Links...)
+		extras := map[string]string{}
+		for _, e := range im.Extras {
+			if !strings.HasPrefix(e.Path, "/") {
+				return fmt.Errorf("image %s: extra binary path %q must be absolute", im.Ref, e.Path)
+			}
+			out := filepath.Join(tmp, "extra-"+filepath.Base(e.Path))
+			if err := build(e.Package, out); err != nil {
+				return err
+			}
+			extras[e.Path] = out
+		}
+		img, err := fromFiles(bin, extras, im.Entrypoint, im.User, im.Links...)
 		if err != nil {
 			return fmt.Errorf("image %s: %w", im.Ref, err)
 		}
@@ -138,17 +166,24 @@ func Busybox() Image {
 // entrypoint, user and a PATH, for this machine's architecture.
 // Timestamps are zero so equal binaries give equal images.
 func FromBinary(bin string, entrypoint []string, user string, links ...string) (v1.Image, error) {
+	return fromFiles(bin, nil, entrypoint, user, links...)
+}
+
+// fromFiles is FromBinary with more binaries: extras maps each one's path
+// in the image to the file on disk.
+func fromFiles(bin string, extras map[string]string, entrypoint []string, user string, links ...string) (v1.Image, error) {
 	data, err := os.ReadFile(bin)
 	if err != nil {
 		return nil, fmt.Errorf("reading the binary: %w", err)
 	}
+	extraPaths := slices.Sorted(maps.Keys(extras))
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	target := strings.TrimPrefix(entrypoint[0], "/")
 	// Parent directories first, so the runtime creates them with sane modes.
 	seen := map[string]bool{}
 	var dirs []string
-	for _, p := range append([]string{target}, links...) {
+	for _, p := range append(append([]string{target}, links...), extraPaths...) {
 		var chain []string
 		for d := filepath.Dir(strings.TrimPrefix(p, "/")); d != "." && d != "/"; d = filepath.Dir(d) {
 			chain = append([]string{d}, chain...)
@@ -174,6 +209,18 @@ func FromBinary(bin string, entrypoint []string, user string, links ...string) (
 	}
 	if _, err := tw.Write(data); err != nil {
 		return nil, fmt.Errorf("writing the layer: %w", err)
+	}
+	for _, p := range extraPaths {
+		b, err := os.ReadFile(extras[p])
+		if err != nil {
+			return nil, fmt.Errorf("reading %s: %w", extras[p], err)
+		}
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeReg, Name: strings.TrimPrefix(p, "/"), Mode: 0o755, Size: int64(len(b)), Format: tar.FormatPAX}); err != nil {
+			return nil, fmt.Errorf("writing the layer: %w", err)
+		}
+		if _, err := tw.Write(b); err != nil {
+			return nil, fmt.Errorf("writing the layer: %w", err)
+		}
 	}
 	for _, l := range links {
 		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeSymlink, Name: strings.TrimPrefix(l, "/"), Linkname: entrypoint[0], Mode: 0o777, Format: tar.FormatPAX}); err != nil {

@@ -83,3 +83,44 @@ func TestBuildRefusesRelativeEntrypoint(t *testing.T) {
 		t.Fatal("Build accepted a relative entrypoint")
 	}
 }
+
+func TestFromFilesExtras(t *testing.T) {
+	dir := t.TempDir()
+	bin, plugin := filepath.Join(dir, "agent"), filepath.Join(dir, "plugin")
+	for f, body := range map[string]string{bin: "agent", plugin: "plugin"} {
+		if err := os.WriteFile(f, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	img, err := fromFiles(bin, map[string]string{"/usr/local/bin/nodemesh-cni": plugin}, []string{"/usr/local/bin/nodemesh-agent"}, "0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	layers, err := img.Layers()
+	if err != nil || len(layers) != 1 {
+		t.Fatalf("layers: %d, %v", len(layers), err)
+	}
+	rc, err := layers[0].Uncompressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	files := map[string]string{}
+	tr := tar.NewReader(rc)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.Typeflag == tar.TypeReg {
+			b, _ := io.ReadAll(tr)
+			files[h.Name] = string(b)
+		}
+	}
+	if files["usr/local/bin/nodemesh-agent"] != "agent" || files["usr/local/bin/nodemesh-cni"] != "plugin" || len(files) != 2 {
+		t.Fatalf("files %v", files)
+	}
+}
