@@ -137,6 +137,11 @@ func TestLabInstallUninstall(t *testing.T) {
 			"bpf-pin-dir":   pinDir(l, n),
 			// The lab plays kubelet through pod annotations; real nodes use proc.
 			"pod-netns": "annotations",
+			// Each node's CNI socket and directories, private to this test
+			// (nothing is chained: no network configuration).
+			"cni-socket":   filepath.Join(dir, "cni-"+n.Name, "cni.sock"),
+			"cni-conf-dir": t.TempDir(),
+			"cni-bin-dir":  t.TempDir(),
 		})
 		args = append(args, "--cgroup-root="+n.Cgroup,
 			"--kubeconfig="+labKubeconfig(t, l, token(ctx, t, admin, pod.Spec.ServiceAccountName, nil, nil), filepath.Join(dir, "agent-"+n.Name+".kubeconfig")))
