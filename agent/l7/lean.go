@@ -27,6 +27,10 @@ const maxHeaderRead = http.DefaultMaxHeaderBytes + 4096
 // byte has arrived, on both paths.
 const ReadHeaderTimeout = 30 * time.Second
 
+// MaxLeanBody is the largest request body (with a Content-Length) served
+// on the lean path; a larger or chunked one goes to net/http's server.
+const MaxLeanBody = 64 << 10
+
 // maxLocalBody bounds the body of a response the handler writes itself on
 // the lean path (the agent's own answers: 403, 404, 503 texts).
 const maxLocalBody = 64 << 10
@@ -40,8 +44,9 @@ const maxLocalBody = 64 << 10
 // handler that forwards the request writes the upstream's response with
 // LeanWriter.WriteResponse.
 //
-// A request is served this way when it is HTTP/1.1, carries no body, is
-// not HEAD or CONNECT, asks for no upgrade and sends no Expect, and passes
+// A request is served this way when it is HTTP/1.1, carries no body or
+// one of at most MaxLeanBody bytes with a Content-Length, is not HEAD or
+// CONNECT, asks for no upgrade and sends no Expect, and passes
 // the checks net/http's server makes after parsing (one valid Host, valid
 // header names and values). The first request that is anything else, or
 // that net/http cannot parse, and every request after it on the
@@ -182,6 +187,12 @@ func (lc *leanConn) serve(ctx context.Context, h http.Handler) (rest net.Conn) {
 		if err := w.finish(); err != nil || w.close {
 			return nil
 		}
+		// What the handler left of the body (at most MaxLeanBody) is
+		// read and dropped, as net/http's server does, so that the next
+		// request starts where it should.
+		if err := req.Body.Close(); err != nil {
+			return nil
+		}
 	}
 }
 
@@ -244,7 +255,10 @@ func (lc *leanConn) next() (req *http.Request, replay []byte, over bool) {
 // repeated one): with a request target in origin form ("/path"), a
 // non-empty req.Host is the one Host header the server requires.
 func leanRequest(req *http.Request) bool {
-	if req.ProtoMajor != 1 || req.ProtoMinor != 1 || req.Body != http.NoBody {
+	if req.ProtoMajor != 1 || req.ProtoMinor != 1 {
+		return false
+	}
+	if req.Body != http.NoBody && (len(req.TransferEncoding) > 0 || req.ContentLength <= 0 || req.ContentLength > MaxLeanBody) {
 		return false
 	}
 	switch req.Method {

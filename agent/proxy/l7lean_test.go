@@ -124,7 +124,7 @@ func TestL7LeanLikeReverseProxy(t *testing.T) {
 		{"early hints", []string{get("/early")}},
 		{"denied keeps the connection", []string{"POST /p HTTP/1.1\r\nHost: b.default.svc.cluster.local\r\nContent-Length: 0\r\n\r\n", get("/after")}},
 		{"client closes", []string{get("/a", "Connection: close\r\n")}},
-		{"body falls back", []string{get("/a"), "GET /g HTTP/1.1\r\nHost: b.default.svc.cluster.local\r\nContent-Length: 3\r\n\r\nabc", get("/after")}},
+		{"small body", []string{get("/a"), "GET /g HTTP/1.1\r\nHost: b.default.svc.cluster.local\r\nContent-Length: 3\r\n\r\nabc", get("/after")}},
 		{"HEAD falls back", []string{"HEAD /a HTTP/1.1\r\nHost: b.default.svc.cluster.local\r\n\r\n", get("/after")}},
 	}
 	fixtures := map[bool]*fixture{}

@@ -161,7 +161,7 @@ func idempotent(req *http.Request) bool {
 	return k1 || k2
 }
 
-// roundTrip sends req (bodiless, prepared by leanRequest) to ep on a
+// roundTrip sends req (prepared by leanRequest) to ep on a
 // connection of the pool, dialled if there is none, and returns the
 // response, whose body must be closed before the next roundTrip. A reused
 // connection that fails before any byte of a response arrives (the
@@ -172,7 +172,9 @@ func idempotent(req *http.Request) bool {
 func (p *leanPool) roundTrip(req *http.Request, service string, ep proxy.Endpoint) (*http.Response, error) {
 	ctx := req.Context()
 	key := leanKey{service: service, addr: ep.Addr}
-	again := idempotent(req)
+	// A body is read as it is sent: a request with one is never sent
+	// twice (it gets a reused connection only if that looks open).
+	again := idempotent(req) && (req.Body == nil || req.Body == http.NoBody)
 	for try := 0; ; try++ {
 		u := p.take(key, time.Now())
 		if u != nil && !again && !u.open() {
