@@ -186,12 +186,21 @@ func TestLabBenchScaleSmoke(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	log := slog.New(slog.NewTextHandler(testLog{t}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	out := t.TempDir()
 	res, err := RunScale(ctx, ScaleOptions{Profile: ScaleProfiles["scale-smoke"], Lab: l, WorkDir: work, Log: log,
-		AgentBinary: labtest.GoBuild(t, "./cmd/nodemesh-agent"), CABinary: labtest.GoBuild(t, "./cmd/nodemesh-ca")})
+		AgentBinary: labtest.GoBuild(t, "./cmd/nodemesh-agent"), CABinary: labtest.GoBuild(t, "./cmd/nodemesh-ca"),
+		ProfileDir: filepath.Join(out, "profiles")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := t.TempDir()
+	if len(res.Profiles) != 1 {
+		t.Errorf("profiles %v, want one of the churn window", res.Profiles)
+	}
+	for _, f := range res.Profiles {
+		if st, err := os.Stat(filepath.Join(out, "profiles", f)); err != nil || st.Size() == 0 {
+			t.Errorf("churn profile %s: %v", f, err)
+		}
+	}
 	if err := WriteScaleOutput(out, res); err != nil {
 		t.Fatal(err)
 	}

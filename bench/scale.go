@@ -117,6 +117,10 @@ type ScaleOptions struct {
 	// and leaves it up.
 	Lab     *lab.Lab
 	WorkDir string
+	// ProfileDir, when set, receives a CPU profile of the agent over each
+	// point's churn window (agent-<pods>pods-churn.pprof), which says
+	// where the CPU per change goes.
+	ProfileDir string
 }
 
 // ScaleResults is everything a scale run measured.
@@ -129,6 +133,8 @@ type ScaleResults struct {
 	LoadBefore string      `json:"loadBefore"`
 	Points     []ScaleSize `json:"points"`
 	Notes      []string    `json:"notes,omitempty"`
+	// Profiles are the agent CPU profiles written to ScaleOptions.ProfileDir.
+	Profiles []string `json:"profiles,omitempty"`
 }
 
 // ScaleSize is one cluster size of a scale run.
@@ -239,6 +245,8 @@ type scaleRun struct {
 	api    *apiCounter
 	c      kubernetes.Interface
 	worker string
+	// profiles are the files profileChurn wrote, for ScaleResults.
+	profiles []string
 }
 
 // RunScale runs a scale profile. It returns what it measured even on
@@ -322,6 +330,7 @@ func RunScale(ctx context.Context, o ScaleOptions) (res *ScaleResults, err error
 		}
 	}()
 	ld := &loader{c: s.c, dyn: dyn, workers: o.Profile.Workers}
+	defer func() { res.Profiles = s.profiles }()
 	for _, pods := range o.Profile.Points {
 		pt, err := s.point(ctx, ld, pods)
 		if err != nil {
@@ -387,7 +396,12 @@ func (s *scaleRun) point(ctx context.Context, ld *loader, pods int) (ScaleSize, 
 		return pt, fmt.Errorf("at rest: %w", err)
 	}
 	ch := &churner{c: s.c, pods: pods, rate: s.o.Profile.ChurnRate, workers: s.o.Profile.Workers}
-	if pt.Churn, err = s.measure(ctx, ch); err != nil {
+	wait := s.profileChurn(ctx, pods)
+	pt.Churn, err = s.measure(ctx, ch)
+	if f := wait(); f != "" {
+		s.profiles = append(s.profiles, f)
+	}
+	if err != nil {
 		return pt, fmt.Errorf("under churn: %w", err)
 	}
 	before := s.api.read()
@@ -409,6 +423,34 @@ func (s *scaleRun) point(ctx context.Context, ld *loader, pods int) (ScaleSize, 
 	pt.RestartAPI = s.api.read().minus(before)
 	s.log.Info("point done", "pods", pods, "restart", pt.Restart.Round(time.Millisecond))
 	return pt, nil
+}
+
+// profileChurn starts a CPU profile of the agent over the churn window
+// that measure is about to run, if ScaleOptions.ProfileDir is set; wait
+// returns the file written ("" if none). The profiler's own cost (a
+// sample 100 times a second) is in the churn figures.
+func (s *scaleRun) profileChurn(ctx context.Context, pods int) (wait func() string) {
+	if s.o.ProfileDir == "" {
+		return func() string { return "" }
+	}
+	secs := max(1, int(s.o.Profile.Churn/time.Second))
+	done := make(chan string, 1)
+	go func() {
+		name := fmt.Sprintf("agent-%dpods-churn.pprof", pods)
+		b, err := s.mesh.Fetch(ctx, scaleNode, labmesh.AdminURL+fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs), s.o.Profile.Churn+time.Minute)
+		if err == nil {
+			err = os.MkdirAll(s.o.ProfileDir, 0o755)
+		}
+		if err == nil {
+			err = os.WriteFile(filepath.Join(s.o.ProfileDir, name), b, 0o644)
+		}
+		if err != nil {
+			s.log.Warn("profiling the agent under churn failed", "pods", pods, "err", err)
+			name = ""
+		}
+		done <- name
+	}()
+	return func() string { return <-done }
 }
 
 // measure runs one condition: the agent's CPU, memory and API traffic

@@ -165,6 +165,16 @@ func scaleMarkdown(res *ScaleResults) string {
 			fmt.Fprintf(&b, "\n**%d pods failed:** %s\n", pt.Pods, pt.Error)
 		}
 	}
+	if len(res.Profiles) > 0 {
+		b.WriteString("\nCPU profiles of the agent over each churn window (`go tool pprof -top FILE`; the profiler's own cost is in the churn figures): ")
+		for i, f := range res.Profiles {
+			if i > 0 {
+				b.WriteString(", ")
+			}
+			fmt.Fprintf(&b, "profiles/%s", f)
+		}
+		b.WriteString(".\n")
+	}
 	fmt.Fprintf(&b, "\n![memory](%s)\n![cpu](%s)\n![enforcement](%s)\n", chartScaleMemory, chartScaleCPU, chartScaleLatency)
 	b.WriteString("\nSamples per cell: change→enforcement has 2×" + fmt.Sprint(p.Probes) +
 		" samples per kind and condition, so its p99 is the largest but one or the largest; each is timed from just before the API call until the agent's " +

@@ -117,7 +117,8 @@ func runBench(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if sp.Name != "" {
-		res, err := bench.RunScale(ctx, bench.ScaleOptions{Profile: sp, StateDir: *dir, ID: cmp.Or(*id, "scale"), AgentBinary: *agentBin, CABinary: *caBin, Log: log})
+		res, err := bench.RunScale(ctx, bench.ScaleOptions{Profile: sp, StateDir: *dir, ID: cmp.Or(*id, "scale"), AgentBinary: *agentBin, CABinary: *caBin, Log: log,
+			ProfileDir: filepath.Join(*out, "profiles")})
 		if res != nil {
 			if werr := bench.WriteScaleOutput(*out, res); werr != nil {
 				return errors.Join(err, werr)
