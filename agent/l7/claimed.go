@@ -1,6 +1,10 @@
 package l7
 
-import "github.com/nodemesh/nodemesh/agent/state"
+import (
+	"slices"
+
+	"github.com/nodemesh/nodemesh/agent/state"
+)
 
 // ClaimedPorts returns, for each pod that backs an opted-in Service, the
 // target ports handled at L7 and their protocol: what the destination
@@ -10,10 +14,17 @@ import "github.com/nodemesh/nodemesh/agent/state"
 // has opted in.
 func ClaimedPorts(snap *state.Snapshot) map[state.Key]map[uint16]Protocol {
 	var ports map[state.Key]map[uint16]Protocol
-	for _, svc := range snap.Services() {
-		if !ServiceOptedIn(snap, svc) {
-			continue
+	// The agent refreshes this on every state change: filter first (few
+	// Services opt in), then sort only those, for the declared-wins rule's
+	// order.
+	var opted []*state.Service
+	for svc := range snap.AllServices() {
+		if ServiceOptedIn(snap, svc) {
+			opted = append(opted, svc)
 		}
+	}
+	slices.SortFunc(opted, func(a, b *state.Service) int { return a.Key().Compare(b.Key()) })
+	for _, svc := range opted {
 		for _, sp := range svc.Ports {
 			p := DeclaredProtocol(sp.AppProtocol)
 			if p == TCP || sp.Protocol != "TCP" {

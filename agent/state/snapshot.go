@@ -145,6 +145,23 @@ func (s *Snapshot) Service(namespace, name string) *Service {
 // Services returns every service, sorted by namespace/name.
 func (s *Snapshot) Services() []*Service { return sortedValues(&s.services) }
 
+// AllServices yields every service in no particular order: for callers
+// that look at each one and need no order, without the sort of Services
+// (which dominates at thousands of services).
+func (s *Snapshot) AllServices() iter.Seq[*Service] {
+	return func(yield func(*Service) bool) {
+		for _, v := range s.services.All() {
+			if !yield(v) {
+				return
+			}
+		}
+	}
+}
+
+// Compare orders keys by namespace, then name (the order of Services,
+// Pods and the other sorted lists).
+func (k Key) Compare(o Key) int { return compareKeys(k, o) }
+
 // ServiceByVIP returns the service and TCP port that own a ClusterIP:port.
 func (s *Snapshot) ServiceByVIP(ap netip.AddrPort) (*Service, ServicePort, bool) {
 	v, ok := s.vips.Get(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
