@@ -15,6 +15,7 @@ import (
 	"github.com/nodemesh/nodemesh/agent/dataplane"
 	"github.com/nodemesh/nodemesh/agent/dataplane/dataplanetest"
 	"github.com/nodemesh/nodemesh/agent/hbone/hbonetest"
+	"github.com/nodemesh/nodemesh/agent/internal/leaktest"
 	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/agent/telemetry"
@@ -22,7 +23,7 @@ import (
 	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
-func TestMain(m *testing.M) { hbonetest.Main(m) }
+func TestMain(m *testing.M) { leaktest.Main(m) }
 
 type fixture struct {
 	t       *testing.T

@@ -24,10 +24,11 @@ import (
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
 	"github.com/nodemesh/nodemesh/agent/hbone/hbonetest"
+	"github.com/nodemesh/nodemesh/agent/internal/leaktest"
 	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
-func TestMain(m *testing.M) { hbonetest.Main(m) }
+func TestMain(m *testing.M) { leaktest.Main(m) }
 
 // env is one trust domain with a client and a server workload.
 type env struct {

@@ -19,14 +19,14 @@ import (
 	"time"
 
 	"github.com/nodemesh/nodemesh/agent/hbone"
-	"github.com/nodemesh/nodemesh/agent/hbone/hbonetest"
+	"github.com/nodemesh/nodemesh/agent/internal/leaktest"
 	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/lab/waitfor"
 )
 
 func TestMain(m *testing.M) {
 	sweepNetns()
-	hbonetest.Main(m)
+	leaktest.Main(m)
 }
 
 func randomBytes(t testing.TB, n int) []byte {

@@ -1,4 +1,6 @@
-package hbonetest
+// Package leaktest fails a test binary whose tests leave goroutines or
+// file descriptors behind.
+package leaktest
 
 import (
 	"fmt"
@@ -20,7 +22,7 @@ var leakMarkers = []string{
 
 // Main runs the tests of m and then fails the binary if goroutines from
 // nodemesh, x/net/http2 or crypto/tls, or file descriptors, outlive them.
-// Use it as `func TestMain(m *testing.M) { hbonetest.Main(m) }`.
+// Use it as `func TestMain(m *testing.M) { leaktest.Main(m) }`.
 func Main(m *testing.M) {
 	// Start the runtime's network poller first: its epoll descriptors
 	// live for the whole process and are no leak.
@@ -66,7 +68,7 @@ func leakedGoroutines() []string {
 	}
 	var leaked []string
 	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "hbonetest.leakedGoroutines") || strings.Contains(g, "hbonetest.Main") {
+		if strings.Contains(g, "leaktest.leakedGoroutines") || strings.Contains(g, "leaktest.Main") {
 			continue
 		}
 		for _, m := range leakMarkers {
