@@ -65,6 +65,21 @@ func build(base *Snapshot, pend *pending, idx *buildIndex, version uint64, synce
 		backends:    base.backends.Edit(),
 		netpols:     base.netpols.Edit(),
 		objects:     maps.Clone(base.objects),
+		lineage:     idx,
+	}
+	t := &touched{
+		namespaces: slices.Collect(maps.Keys(pend.namespaces)),
+		nodes:      slices.Collect(maps.Keys(pend.nodes)),
+		netpols:    slices.Collect(maps.Keys(pend.netpols)),
+		services:   slices.Collect(maps.Keys(pend.services)),
+	}
+	for gk, changes := range pend.objects {
+		if len(changes) > 0 {
+			if t.objects == nil {
+				t.objects = make(map[GroupKind][]Key)
+			}
+			t.objects[gk] = slices.Collect(maps.Keys(changes))
+		}
 	}
 	flipped := s.applyNamespaces(base, pend.namespaces)
 	applySimple(&s.nodes, pend.nodes)
@@ -83,8 +98,9 @@ func build(base *Snapshot, pend *pending, idx *buildIndex, version uint64, synce
 			s.objects[gk] = m
 		}
 	}
-	s.applyPods(base, pend.pods, flipped, idx)
-	s.applyServices(base, pend.services, pend.slices, idx)
+	s.applyPods(base, pend.pods, flipped, idx, t)
+	s.applyServices(base, pend.services, pend.slices, idx, t)
+	s.record(base, t, !pend.reset)
 
 	for _, m := range []interface{ Freeze() }{&s.namespaces, &s.nodes, &s.pods, &s.podsByIP, &s.podsByNode,
 		&s.services, &s.vips, &s.slices, &s.backends, &s.netpols} {
@@ -151,7 +167,7 @@ func (s *Snapshot) applyNamespaces(base *Snapshot, changes map[string]*Namespace
 
 type podChange struct{ old, new *Pod }
 
-func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[string]bool, idx *buildIndex) {
+func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[string]bool, idx *buildIndex, t *touched) {
 	changes := make(map[Key]podChange, len(pending))
 	for k, p := range pending {
 		ch := podChange{old: base.pods.Lookup(k)}
@@ -176,6 +192,7 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 	if len(changes) == 0 {
 		return
 	}
+	t.pods = slices.Collect(maps.Keys(changes))
 	addrs := make(map[netip.Addr][]Key)
 	nodes := make(map[string][]*Pod) // touched nodes: their changed pods' new versions
 	touch := func(p *Pod, k Key, isNew bool) {
@@ -238,6 +255,7 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 
 	// podsByIP: each touched address's owner among its claimants, which are
 	// its previous claimants and the changed pods that claim it now.
+	t.addrs = slices.Collect(maps.Keys(addrs))
 	for ip, keys := range addrs {
 		cands := append(keys, idx.ipClaims[ip]...)
 		if p := base.podsByIP.Lookup(ip); p != nil {
@@ -270,7 +288,7 @@ func (s *Snapshot) applyPods(base *Snapshot, pending map[Key]*Pod, flipped map[s
 	}
 }
 
-func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slicesPending map[Key]*EndpointSlice, idx *buildIndex) {
+func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slicesPending map[Key]*EndpointSlice, idx *buildIndex, t *touched) {
 	dirty := make(map[Key]bool)
 	vipKeys := make(map[netip.AddrPort][]Key)
 	touch := func(svc *Service, k Key) {
@@ -360,15 +378,20 @@ func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slic
 		}
 	}
 
+	ports := make(map[servicePortKey]bool)
 	for k := range dirty {
 		if old := base.services.Lookup(k); old != nil {
 			for _, sp := range old.Ports {
 				s.backends.Del(servicePortKey{k, sp.Name})
+				ports[servicePortKey{k, sp.Name}] = true
 			}
 		}
 		svc := s.services.Lookup(k)
 		if svc == nil {
 			continue
+		}
+		for _, sp := range svc.Ports {
+			ports[servicePortKey{k, sp.Name}] = true
 		}
 		list := make([]*EndpointSlice, 0, len(idx.slicesOf[k]))
 		for sk := range idx.slicesOf[k] {
@@ -383,6 +406,7 @@ func (s *Snapshot) applyServices(base *Snapshot, services map[Key]*Service, slic
 			}
 		}
 	}
+	t.backends = slices.Collect(maps.Keys(ports))
 }
 
 // vipPort is the index of the TCP port that ap names on one of the

@@ -332,6 +332,7 @@ func TestIncrementalMatchesFullRebuild(t *testing.T) {
 	var prev *Snapshot
 	var prevRef *reference
 	var prevModel *model
+	var recent []*Snapshot // the last snapshots, oldest first
 	for step := range steps {
 		for range 1 + rng.IntN(3) {
 			s.Update(func(tx *Tx) {
@@ -350,8 +351,33 @@ func TestIncrementalMatchesFullRebuild(t *testing.T) {
 				t.Fatalf("seed %d, step %d: building changed the previous snapshot:\n%s", seed, step, joinLines(diffs))
 			}
 		}
+		// ChangesSince from the snapshots before, through the builds'
+		// records where it can, must say what comparing the maps says.
+		for i, old := range recent {
+			if got, want := sortedChanges(snap.ChangesSince(old)), sortedChanges(snap.diffSince(old)); !reflect.DeepEqual(got, want) {
+				t.Fatalf("seed %d, step %d: ChangesSince the snapshot %d builds before = %+v, comparing the maps gives %+v", seed, step, len(recent)-i, got, want)
+			}
+		}
+		recent = append(recent, snap)
+		if len(recent) > historyDepth+2 {
+			recent = recent[1:]
+		}
 		prev, prevRef, prevModel = snap, ref, m.clone()
 	}
+}
+
+// sortedChanges puts c's lists in order, for comparing.
+func sortedChanges(c Changes) Changes {
+	slices.Sort(c.Namespaces)
+	slices.Sort(c.Nodes)
+	for _, l := range [][]Key{c.Pods, c.NetworkPolicies, c.Services, c.Backends} {
+		slices.SortFunc(l, compareKeys)
+	}
+	for _, l := range c.Objects {
+		slices.SortFunc(l, compareKeys)
+	}
+	slices.SortFunc(c.Addresses, netip.Addr.Compare)
+	return c
 }
 
 func joinLines(lines []string) string {

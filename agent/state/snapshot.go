@@ -33,6 +33,12 @@ type Snapshot struct {
 	backends   pmap.Map[servicePortKey, []Backend]
 	netpols    pmap.Map[Key, *NetworkPolicy]
 	objects    map[GroupKind]pmap.Map[Key, *Object]
+
+	// lineage is the store that built the snapshot (its build index), nil
+	// for an empty one; history records what the last builds touched
+	// (ChangesSince), oldest first.
+	lineage *buildIndex
+	history []delta
 }
 
 func emptySnapshot(td spiffeid.TrustDomain) *Snapshot {
@@ -74,6 +80,16 @@ type Backend struct {
 	// Terminating is set when the backend is only serving while
 	// terminating (used when a port has no ready endpoint at all).
 	Terminating bool `json:"terminating,omitempty"`
+}
+
+// PodRef returns the pod the backend's endpoint references (its
+// targetRef), if any. BackendPod resolves the backend to that pod when the
+// snapshot has it, else to the owner of the backend's address.
+func (b Backend) PodRef() (Key, bool) {
+	if b.ref == nil {
+		return Key{}, false
+	}
+	return *b.ref, true
 }
 
 // Version increases with every change the store applied.

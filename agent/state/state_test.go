@@ -392,6 +392,12 @@ func TestBackendPods(t *testing.T) {
 	if snap.BackendPod(bs[0]) == nil || snap.BackendPod(bs[0]).Name != "a" || snap.BackendPod(bs[1]) == nil || snap.BackendPod(bs[1]).Name != "b" || snap.BackendPod(bs[2]) != nil {
 		t.Fatalf("backend pods wrong: %+v", bs)
 	}
+	if k, ok := bs[0].PodRef(); !ok || k != (Key{"ns", "a"}) {
+		t.Errorf("PodRef of the referencing backend = %v, %t", k, ok)
+	}
+	if _, ok := bs[1].PodRef(); ok {
+		t.Errorf("PodRef of a backend without a targetRef reports one")
+	}
 }
 
 func TestDeleteAndReset(t *testing.T) {
