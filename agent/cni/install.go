@@ -35,7 +35,10 @@ type InstallConfig struct {
 	ExcludeNamespaces []string
 	// Timeout is the plugin's wait for the agent ("" = its default).
 	Timeout time.Duration
-	Log     *slog.Logger
+	// HoldWhenAgentDown is the plugin's holdWhenAgentDown (HoldMeshed,
+	// HoldAll; "" = the plugin's default, HoldMeshed).
+	HoldWhenAgentDown string
+	Log               *slog.Logger
 }
 
 // ErrNoNetworkConfig: the node has no CNI configuration yet to chain to
@@ -87,8 +90,9 @@ func Install(cfg InstallConfig) (string, error) {
 }
 
 // Uninstall removes the plugin's entry from every configuration in
-// ConfDir, the plugin binary and a socket left at Socket. Missing pieces
-// are not an error: it also cleans up after a partial install.
+// ConfDir, the plugin binary, and a socket and namespace table left beside
+// Socket. Missing pieces are not an error: it also cleans up after a
+// partial install.
 func Uninstall(cfg InstallConfig) error {
 	var errs []error
 	ents, err := os.ReadDir(cfg.ConfDir)
@@ -113,8 +117,12 @@ func Uninstall(cfg InstallConfig) error {
 			errs = append(errs, err)
 		}
 	}
-	for _, p := range []string{filepath.Join(cfg.BinDir, PluginType), cfg.Socket} {
-		if p == "" || p == PluginType {
+	rm := []string{filepath.Join(cfg.BinDir, PluginType)}
+	if cfg.Socket != "" {
+		rm = append(rm, cfg.Socket, NamespaceTablePath(cfg.Socket))
+	}
+	for _, p := range rm {
+		if p == PluginType {
 			continue
 		}
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -180,6 +188,9 @@ func entryOf(cfg InstallConfig) map[string]any {
 	}
 	if cfg.Timeout > 0 {
 		e["timeout"] = cfg.Timeout.String()
+	}
+	if cfg.HoldWhenAgentDown != "" {
+		e["holdWhenAgentDown"] = cfg.HoldWhenAgentDown
 	}
 	return e
 }

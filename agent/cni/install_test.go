@@ -126,9 +126,22 @@ func TestInstallChainsIdempotentlyAndUninstalls(t *testing.T) {
 	if ps := plugins(t, conf); len(ps) != 3 {
 		t.Fatalf("plugins after the rewrite: %v", ps)
 	}
-	// A stale socket and everything else go with Uninstall.
+	// The hold mode goes into the entry.
+	cfg.HoldWhenAgentDown = HoldAll
+	if _, err := Install(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if ps := plugins(t, conf); len(ps) != 3 || ps[2]["holdWhenAgentDown"] != HoldAll {
+		t.Fatalf("plugins after setting holdWhenAgentDown: %v", ps)
+	}
+	// A stale socket, the namespace table and everything else go with
+	// Uninstall.
 	sock := filepath.Join(t.TempDir(), "cni.sock")
 	if err := os.WriteFile(sock, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	table := NamespaceTablePath(sock)
+	if err := WriteNamespaceTable(table, NamespaceTable{Unmeshed: []string{"default"}}); err != nil {
 		t.Fatal(err)
 	}
 	cfg.Socket = sock
@@ -138,7 +151,7 @@ func TestInstallChainsIdempotentlyAndUninstalls(t *testing.T) {
 	if ps := plugins(t, conf); len(ps) != 2 || ps[1]["type"] != "portmap" {
 		t.Fatalf("plugins after Uninstall: %v", ps)
 	}
-	for _, p := range []string{filepath.Join(cfg.BinDir, PluginType), sock} {
+	for _, p := range []string{filepath.Join(cfg.BinDir, PluginType), sock, table} {
 		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("%s left after Uninstall", p)
 		}

@@ -1,9 +1,15 @@
 package node
 
 import (
+	"context"
+	"errors"
+	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -59,5 +65,64 @@ func TestCNISkip(t *testing.T) {
 				t.Fatalf("skip %q, want %q", skip, tc.skip)
 			}
 		})
+	}
+}
+
+// TestNamespaceTable: the CNI plugin's table lists every namespace of the
+// state by mode, and keepNamespaceTable writes it once synced and again
+// only when a namespace changes.
+func TestNamespaceTable(t *testing.T) {
+	store, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := cni.NamespaceTablePath(filepath.Join(t.TempDir(), "cni.sock"))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { keepNamespaceTable(ctx, store, path, slog.New(slog.DiscardHandler)); close(done) }()
+	defer func() { cancel(); <-done }()
+
+	set := func(name string, enrolled bool) {
+		labels := map[string]string{}
+		if enrolled {
+			labels[state.LabelMode] = state.ModeEnabled
+		}
+		store.Update(func(tx *state.Tx) { tx.SetNamespace(&state.Namespace{Name: name, Labels: labels}) })
+	}
+	set("shop", true)
+	set("tools", false)
+	time.Sleep(3 * cniTableInterval)
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("table written before the state was synced (err %v)", err)
+	}
+	store.MarkSynced()
+	want := func(meshed, unmeshed string) cni.NamespaceTable {
+		t.Helper()
+		deadline := time.Now().Add(20 * cniTableInterval)
+		for {
+			got, err := cni.ReadNamespaceTable(path)
+			if err == nil && strings.Join(got.Meshed, ",") == meshed && strings.Join(got.Unmeshed, ",") == unmeshed {
+				return got
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("table %+v (err %v); want meshed %q, unmeshed %q", got, err, meshed, unmeshed)
+			}
+			time.Sleep(cniTableInterval / 10)
+		}
+	}
+	first := want("shop", "tools")
+	set("bank", true)
+	want("bank,shop", "tools")
+	set("tools", true)
+	second := want("bank,shop,tools", "")
+	if !second.Written.After(first.Written) {
+		t.Errorf("written %v, then %v", first.Written, second.Written)
+	}
+	// A change that moves no namespace does not rewrite the file.
+	st1, _ := os.Stat(path)
+	set("tools", true)
+	time.Sleep(3 * cniTableInterval)
+	if st2, _ := os.Stat(path); !os.SameFile(st1, st2) {
+		t.Error("the table was rewritten although no namespace changed mode")
 	}
 }

@@ -320,6 +320,9 @@ func (n *Node) Run(ctx context.Context) error {
 					errc <- fmt.Errorf("CNI plugin socket: %w", err)
 				}
 			})
+			meshWG.Go(func() {
+				keepNamespaceTable(meshCtx, n.store, cni.NamespaceTablePath(n.cfg.CNISocket), n.log.With("component", "cni"))
+			})
 		}
 		if ic := n.cfg.CNIInstall; ic != nil {
 			// Left in place when the agent stops (a restart must not let

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -19,6 +20,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/nodemesh/nodemesh/agent/cni"
 	"github.com/nodemesh/nodemesh/agent/inpod"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/lab/labtest"
@@ -32,7 +34,8 @@ import (
 // agent must already serve the pod (its HBONE listener answers inside the
 // namespace, capture reports it), although nothing ever ran there. Then the
 // plugin fails closed when the agent is gone, and the agent leaves no
-// socket behind.
+// socket behind, but the namespace table it left lets a pod of a namespace
+// outside the mesh start (and without the table that pod waits too).
 func TestLabCNIEnrollsBeforeFirstProcess(t *testing.T) {
 	l := labtest.TwoNodes(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -166,12 +169,33 @@ func TestLabCNIEnrollsBeforeFirstProcess(t *testing.T) {
 	t.Cleanup(func() {
 		_ = l.Server.Client.CoreV1().Pods("client").Delete(context.Background(), "cni-plain", metav1.DeleteOptions{})
 	})
-	c := exec.CommandContext(ctx, plugin)
-	c.Env = []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=sandbox-plain", "CNI_NETNS=" + nsPath, "CNI_IFNAME=eth0",
-		"CNI_ARGS=K8S_POD_NAMESPACE=client;K8S_POD_NAME=cni-plain;K8S_POD_UID=" + string(plainPod.UID)}
-	c.Stdin = strings.NewReader(conf(sock))
-	if b, err := c.CombinedOutput(); err != nil {
-		t.Fatalf("ADD of a pod outside the mesh: %v\n%s", err, b)
+	addPlain := func() (string, error) {
+		c := exec.CommandContext(ctx, plugin)
+		c.Env = []string{"CNI_COMMAND=ADD", "CNI_CONTAINERID=sandbox-plain", "CNI_NETNS=" + nsPath, "CNI_IFNAME=eth0",
+			"CNI_ARGS=K8S_POD_NAMESPACE=client;K8S_POD_NAME=cni-plain;K8S_POD_UID=" + string(plainPod.UID)}
+		c.Stdin = strings.NewReader(conf(sock))
+		var out bytes.Buffer
+		c.Stdout = &out
+		err := c.Run()
+		return out.String(), err
+	}
+	if out, err := addPlain(); err != nil {
+		t.Fatalf("ADD of a pod outside the mesh: %v\n%s", err, out)
+	}
+	// The agent keeps the plugin's namespace table beside the socket,
+	// root-only, for the plugin to read while the agent is down.
+	table := cni.NamespaceTablePath(sock)
+	var nst cni.NamespaceTable
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if nst, err = cni.ReadNamespaceTable(table); err == nil && slices.Contains(nst.Meshed, "shop") && slices.Contains(nst.Unmeshed, "client") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("namespace table %s: %+v, err %v; want shop meshed and client not", table, nst, err)
+		}
+	}
+	if st, err := os.Stat(table); err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("namespace table %s: mode %v, err %v; want 0600", table, st.Mode().Perm(), err)
 	}
 
 	// DEL: the agent drops the sandbox; the pod is no longer served from it.
@@ -196,6 +220,18 @@ func TestLabCNIEnrollsBeforeFirstProcess(t *testing.T) {
 		t.Fatalf("ADD with the agent down: exit %d, %s; want a CNI error with code 11", code, out)
 	}
 	t.Logf("agent down: %s", ce.Msg)
+	// The pod of a namespace outside the mesh still starts, from the
+	// table the agent left; without the table it waits too.
+	if out, err := addPlain(); err != nil {
+		t.Fatalf("ADD of a pod outside the mesh with the agent down: %v\n%s", err, out)
+	}
+	if err := os.Remove(table); err != nil {
+		t.Fatal(err)
+	}
+	out, err = addPlain()
+	if err == nil || json.Unmarshal([]byte(out), &ce) != nil || ce.Code != 11 {
+		t.Fatalf("ADD of a pod outside the mesh with the agent down and no namespace table: %v, %s; want a CNI error with code 11", err, out)
+	}
 }
 
 // pidsIn lists the processes whose network namespace is the one at path.

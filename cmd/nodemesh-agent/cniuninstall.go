@@ -10,7 +10,7 @@ import (
 
 // cniUninstall is `nodemesh-agent cni-uninstall`: it removes what the
 // agent's CNI install put on the node (the plugin's conflist entry, its
-// binary, a socket left behind). The uninstall's node cleanup runs it
+// binary, a socket and namespace table left behind). The uninstall's node cleanup runs it
 // (manifests/uninstall) as an init container.
 func cniUninstall(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("nodemesh-agent cni-uninstall", flag.ContinueOnError)
@@ -18,7 +18,7 @@ func cniUninstall(args []string, stdout, stderr io.Writer) int {
 	var cfg cni.InstallConfig
 	fs.StringVar(&cfg.ConfDir, "cni-conf-dir", "", "the node's CNI configuration directory as mounted")
 	fs.StringVar(&cfg.BinDir, "cni-bin-dir", "", "the node's CNI plugin directory as mounted")
-	fs.StringVar(&cfg.Socket, "cni-socket", "", "the agent's CNI socket, removed if left behind")
+	fs.StringVar(&cfg.Socket, "cni-socket", "", "the agent's CNI socket, removed if left behind with the namespace table beside it")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}

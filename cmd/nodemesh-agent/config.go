@@ -77,6 +77,9 @@ type Config struct {
 	// CNIExcludeList is --cni-exclude-namespaces as given.
 	CNIExcludeList string
 	CNIExclude     []string
+	// CNIHold is the plugin's holdWhenAgentDown (cni.HoldMeshed or
+	// cni.HoldAll).
+	CNIHold string
 	// OnlyPods (--only-pod NAMESPACE/NAME, repeatable) restricts the agent
 	// to these pods of its node: per-pod (sidecar) mode, see onlypod.go.
 	OnlyPods []string
@@ -154,6 +157,7 @@ func flags(c *Config, getenv func(string) string) *flag.FlagSet {
 	fs.StringVar(&c.CNIConfDir, "cni-conf-dir", "", "install the CNI plugin: the node's CNI configuration directory as mounted (e.g. /host/etc/cni/net.d); the plugin becomes the last of its network configuration (needs --cni-socket and --cni-bin-dir; empty: no install)")
 	fs.StringVar(&c.CNIBinDir, "cni-bin-dir", "", "the node's CNI plugin directory as mounted (e.g. /host/opt/cni/bin), where --cni-plugin is copied")
 	fs.StringVar(&c.CNIPlugin, "cni-plugin", "/usr/local/bin/nodemesh-cni", "the nodemesh-cni binary to install")
+	fs.StringVar(&c.CNIHold, "cni-hold-when-down", cni.HoldMeshed, "which new pods the CNI plugin holds back while this agent is down: meshed (those of namespaces the agent last saw in the mesh or did not know; the others start outside the mesh) or all (every pod outside --cni-exclude-namespaces)")
 	fs.StringVar(&c.CNIExcludeList, "cni-exclude-namespaces", "kube-system,"+envOr("POD_NAMESPACE", "nodemesh-system"), "comma-separated namespaces whose pods the CNI plugin never holds back, even with the agent down (default: kube-system and $POD_NAMESPACE, the agent's own)")
 	fs.Var(onlyPodFlag{c}, "only-pod", "serve only this pod of the node, NAMESPACE/NAME (repeatable): per-pod sidecar mode; give each such agent its own --cgroup-root, --bpf-pin-dir and addresses")
 	fs.DurationVar(&c.DrainDeadline, "drain-deadline", 30*time.Second, "on SIGTERM, how long open connections may finish before they are reset")
@@ -275,6 +279,9 @@ func (c *Config) Validate() error {
 	if c.CNIConfDir != "" || c.CNIBinDir != "" {
 		if c.CNIConfDir == "" || c.CNIBinDir == "" || c.CNISocket == "" {
 			errs = append(errs, errors.New("installing the CNI plugin needs --cni-conf-dir, --cni-bin-dir and --cni-socket together"))
+		}
+		if c.CNIHold != cni.HoldMeshed && c.CNIHold != cni.HoldAll {
+			errs = append(errs, fmt.Errorf("--cni-hold-when-down %q: want %s or %s", c.CNIHold, cni.HoldMeshed, cni.HoldAll))
 		}
 		for _, ns := range c.CNIExclude {
 			if msgs := validation.IsDNS1123Label(ns); len(msgs) > 0 {
@@ -410,5 +417,5 @@ func (c *Config) cniInstall() *cni.InstallConfig {
 		return nil
 	}
 	return &cni.InstallConfig{Plugin: c.CNIPlugin, BinDir: c.CNIBinDir, ConfDir: c.CNIConfDir,
-		Socket: c.CNISocket, ExcludeNamespaces: c.CNIExclude}
+		Socket: c.CNISocket, ExcludeNamespaces: c.CNIExclude, HoldWhenAgentDown: c.CNIHold}
 }

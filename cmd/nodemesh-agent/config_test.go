@@ -57,12 +57,13 @@ func TestConfig(t *testing.T) {
 			map[string]string{"POD_NAMESPACE": "mesh-system"}, nil, func(t *testing.T, c *Config) {
 				ic := c.cniInstall()
 				if ic == nil || ic.ConfDir != "/host/etc/cni/net.d" || ic.BinDir != "/host/opt/cni/bin" || ic.Plugin != "/usr/local/bin/nodemesh-cni" ||
-					ic.Socket != "/var/run/nodemesh/cni.sock" || strings.Join(ic.ExcludeNamespaces, ",") != "kube-system,mesh-system" {
+					ic.Socket != "/var/run/nodemesh/cni.sock" || strings.Join(ic.ExcludeNamespaces, ",") != "kube-system,mesh-system" ||
+					ic.HoldWhenAgentDown != "meshed" {
 					t.Errorf("install %+v", ic)
 				}
 			}},
-		{"cni install incomplete", []string{"--node-name=n1", "--cni-conf-dir=/etc/cni/net.d", "--cni-exclude-namespaces=ok,Not_OK"}, nil,
-			[]string{"--cni-conf-dir, --cni-bin-dir and --cni-socket together", `"Not_OK"`}, nil},
+		{"cni install incomplete", []string{"--node-name=n1", "--cni-conf-dir=/etc/cni/net.d", "--cni-exclude-namespaces=ok,Not_OK", "--cni-hold-when-down=some"}, nil,
+			[]string{"--cni-conf-dir, --cni-bin-dir and --cni-socket together", `"Not_OK"`, `--cni-hold-when-down "some": want meshed or all`}, nil},
 		{"only-pod", []string{"--node-name=n1", "--only-pod=mesh/web-0", "--only-pod=mesh/a.b", "--only-pod=web", "--only-pod=Bad_NS/x", "--only-pod=ns/x/y"}, nil,
 			[]string{`--only-pod "web": want NAMESPACE/NAME`, `--only-pod "Bad_NS/x": namespace`, `--only-pod "ns/x/y"`}, nil},
 		{"procs: auto by default", []string{"--node-name=n1"}, nil, nil, func(t *testing.T, c *Config) {

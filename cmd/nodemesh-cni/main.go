@@ -4,17 +4,19 @@
 // (agent/cni) and returns only once the agent has enrolled the pod in
 // capture, or has answered that it does not mesh the pod, so no container
 // of a meshed pod ever runs before its capture. When the agent cannot be
-// reached the ADD fails ("try again later") for every pod outside
-// excludeNamespaces: the plugin has no API access of its own to tell a
-// meshed pod from another, so it fails closed, and kubelet retries the
-// sandbox until the agent is back. The previous plugin's result is passed
-// through unchanged.
+// reached the plugin has no API access of its own: it reads the agent's
+// last namespace table (agent/cni.NamespaceTable, beside the socket) and
+// starts the pods of namespaces listed there outside the mesh; every other
+// pod outside excludeNamespaces fails its ADD ("try again later", fail
+// closed) and kubelet retries the sandbox until the agent is back. The
+// previous plugin's result is passed through unchanged.
 //
 // Configuration (the entry the agent's installer adds to the node's
 // conflist; docs/capture.md):
 //
 //	{"type": "nodemesh-cni", "socket": "/var/run/nodemesh/cni.sock",
-//	 "excludeNamespaces": ["kube-system", "nodemesh-system"], "timeout": "30s"}
+//	 "excludeNamespaces": ["kube-system", "nodemesh-system"], "timeout": "30s",
+//	 "holdWhenAgentDown": "meshed"}
 package main
 
 import (
@@ -46,7 +48,7 @@ func run(getenv func(string) string, stdin io.Reader, stdout, stderr io.Writer) 
 		fmt.Fprintln(stderr, "nodemesh-cni is a CNI plugin: the container runtime runs it with CNI_COMMAND set (docs/capture.md)")
 		return 2
 	}
-	out, err := handle(cmd, getenv, stdin)
+	out, err := handle(cmd, getenv, stdin, stderr)
 	if err != nil {
 		var ce *cniError
 		if !errors.As(err, &ce) {
@@ -65,7 +67,7 @@ func run(getenv func(string) string, stdin io.Reader, stdout, stderr io.Writer) 
 }
 
 // handle runs one command and returns what to print on success.
-func handle(cmd string, getenv func(string) string, stdin io.Reader) ([]byte, error) {
+func handle(cmd string, getenv func(string) string, stdin io.Reader, stderr io.Writer) ([]byte, error) {
 	b, err := io.ReadAll(io.LimitReader(stdin, 1<<20))
 	if err != nil {
 		return nil, errorf(codeDecoding, "reading the network configuration", err)
@@ -84,7 +86,7 @@ func handle(cmd string, getenv func(string) string, stdin io.Reader) ([]byte, er
 	}
 	switch cmd {
 	case "ADD":
-		out, err := add(conf, getenv)
+		out, err := add(conf, getenv, stderr)
 		return out, withVersion(err)
 	case "DEL":
 		del(conf, getenv)
@@ -102,7 +104,7 @@ func handle(cmd string, getenv func(string) string, stdin io.Reader) ([]byte, er
 
 // add is CNI ADD: pass the previous result through once the agent has the
 // pod enrolled or does not mesh it.
-func add(conf *netConf, getenv func(string) string) ([]byte, error) {
+func add(conf *netConf, getenv func(string) string, stderr io.Writer) ([]byte, error) {
 	if len(conf.PrevResult) == 0 {
 		return nil, errorf(codeInvalidConfig, "no prevResult: nodemesh-cni must be chained after the pod network's plugin in a conflist", nil)
 	}
@@ -137,7 +139,12 @@ func add(conf *netConf, getenv func(string) string) ([]byte, error) {
 	rep, err := cni.Send(ctx, conf.Socket, req, netns)
 	if err != nil {
 		if errors.Is(err, cni.ErrAgentUnreachable) {
-			return nil, errorf(codeTryAgainLater, fmt.Sprintf("pod %s not started: the nodemesh agent is not reachable, and the pod must not run outside the mesh (kubelet retries; is the nodemesh-agent pod running on this node?)", req.Pod()), err)
+			why := startWithoutAgent(conf, req.Namespace)
+			if why == "" {
+				fmt.Fprintf(stderr, "nodemesh-cni: pod %s started without the agent (unreachable: %v): its namespace is outside the mesh in the agent's last namespace table\n", req.Pod(), err)
+				return out, nil
+			}
+			return nil, errorf(codeTryAgainLater, fmt.Sprintf("pod %s not started: the nodemesh agent is not reachable, and %s (kubelet retries; is the nodemesh-agent pod running on this node?)", req.Pod(), why), err)
 		}
 		return nil, errorf(codeNotEnrolled, fmt.Sprintf("pod %s not started: not enrolled in the mesh in time", req.Pod()), err)
 	}
@@ -148,6 +155,23 @@ func add(conf *netConf, getenv func(string) string) ([]byte, error) {
 		return out, nil
 	}
 	return nil, errorf(codeNotEnrolled, fmt.Sprintf("pod %s not started: unexpected answer %q from the nodemesh agent", req.Pod(), rep.Result), nil)
+}
+
+// startWithoutAgent decides a pod's ADD while the agent cannot be reached:
+// "" lets the pod start, anything else says why it must wait.
+func startWithoutAgent(conf *netConf, namespace string) string {
+	if conf.HoldWhenAgentDown == cni.HoldAll {
+		return "the plugin holds every pod back while the agent is down (holdWhenAgentDown: all)"
+	}
+	path := cni.NamespaceTablePath(conf.Socket)
+	t, err := cni.ReadNamespaceTable(path)
+	if err != nil {
+		return fmt.Sprintf("the agent's namespace table cannot tell whether the pod is meshed (%v)", err)
+	}
+	if !t.IsUnmeshed(namespace) {
+		return fmt.Sprintf("namespace %s is in the mesh (or unknown) in the agent's namespace table of %s", namespace, t.Written.UTC().Format(time.RFC3339))
+	}
+	return ""
 }
 
 // addRequest checks the environment of an ADD and builds the request.

@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/nodemesh/nodemesh/agent/cni"
 )
 
 // Supported CNI spec versions. The plugin passes the previous result
@@ -67,6 +69,11 @@ type netConf struct {
 	ExcludeNamespaces []string `json:"excludeNamespaces,omitempty"`
 	// Timeout bounds the wait for the agent (a Go duration, default 30s).
 	Timeout string `json:"timeout,omitempty"`
+	// HoldWhenAgentDown says which pods wait while the agent cannot be
+	// reached: "meshed" (default) those the agent's namespace table
+	// (agent/cni.NamespaceTable, beside the socket) does not list outside
+	// the mesh, "all" every pod outside ExcludeNamespaces.
+	HoldWhenAgentDown string `json:"holdWhenAgentDown,omitempty"`
 	// PrevResult is the result of the plugins before this one.
 	PrevResult json.RawMessage `json:"prevResult,omitempty"`
 
@@ -93,6 +100,13 @@ func parseConf(b []byte) (*netConf, error) {
 	}
 	if !strings.HasPrefix(c.Socket, "/") {
 		return nil, errorf(codeInvalidConfig, fmt.Sprintf("socket %q: want an absolute path", c.Socket), nil)
+	}
+	switch c.HoldWhenAgentDown {
+	case "":
+		c.HoldWhenAgentDown = cni.HoldMeshed
+	case cni.HoldMeshed, cni.HoldAll:
+	default:
+		return nil, errorf(codeInvalidConfig, fmt.Sprintf("holdWhenAgentDown %q: want %q or %q", c.HoldWhenAgentDown, cni.HoldMeshed, cni.HoldAll), nil)
 	}
 	c.timeout = DefaultTimeout
 	if c.Timeout != "" {

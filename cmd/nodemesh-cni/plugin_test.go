@@ -193,6 +193,60 @@ func TestAddPassesWithoutAgent(t *testing.T) {
 	}
 }
 
+// TestAddWithAgentDown: with the agent unreachable, only a pod of a
+// namespace the agent's last namespace table lists outside the mesh
+// starts; a meshed or unknown namespace, a missing or broken table, and
+// holdWhenAgentDown "all" hold the pod back (code 11).
+func TestAddWithAgentDown(t *testing.T) {
+	dir := t.TempDir()
+	down := filepath.Join(dir, "no-agent.sock")
+	table := cni.NamespaceTablePath(down)
+	inNS := func(ns string) map[string]string {
+		env := podEnv("ADD")
+		env["CNI_ARGS"] = "K8S_POD_NAMESPACE=" + ns + ";K8S_POD_NAME=p-0;K8S_POD_UID=u-9"
+		return env
+	}
+	writeTable := func() {
+		t.Helper()
+		if err := cni.WriteNamespaceTable(table, cni.NamespaceTable{Written: time.Now(), Meshed: []string{"shop"}, Unmeshed: []string{"tools"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		setup func()
+		env   map[string]string
+		extra string
+		start bool
+		msg   string
+	}{
+		{"no table", func() { _ = os.Remove(table) }, inNS("tools"), "", false, "cannot tell"},
+		{"unmeshed namespace", writeTable, inNS("tools"), "", true, ""},
+		{"meshed namespace", writeTable, inNS("shop"), "", false, "namespace shop is in the mesh"},
+		{"namespace the table does not know", writeTable, inNS("new"), "", false, "namespace new is in the mesh (or unknown)"},
+		{"hold all", writeTable, inNS("tools"), `,"holdWhenAgentDown":"all"`, false, "holdWhenAgentDown: all"},
+		{"broken table", func() { _ = os.WriteFile(table, []byte(`{"version":1,"unmeshed":["tools"`), 0o600) }, inNS("tools"), "", false, "cannot tell"},
+		{"table of another version", func() { _ = os.WriteFile(table, []byte(`{"version":7,"unmeshed":["tools"]}`), 0o600) }, inNS("tools"), "", false, "format version 7"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.setup()
+			code, out, ce := runPlugin(t, tc.env, conf(down, prev04, tc.extra))
+			if tc.start {
+				if code != 0 || !strings.Contains(out, "10.244.1.7/24") {
+					t.Fatalf("exit %d (%+v), stdout %q: want the previous result", code, ce, out)
+				}
+				return
+			}
+			if code == 0 || ce.Code != codeTryAgainLater || !strings.Contains(ce.Error(), tc.msg) {
+				t.Fatalf("exit %d, error %+v; want code %d with %q", code, ce, codeTryAgainLater, tc.msg)
+			}
+		})
+	}
+	if code, _, ce := runPlugin(t, inNS("tools"), conf(down, prev04, `,"holdWhenAgentDown":"some"`)); code == 0 || ce.Code != codeInvalidConfig {
+		t.Fatalf("holdWhenAgentDown some: exit %d, %+v; want an invalid-configuration error", code, ce)
+	}
+}
+
 func TestAddWaitsNoLongerThanTimeout(t *testing.T) {
 	// An agent that never answers: the plugin gives up at its timeout.
 	a := &slowAgent{}

@@ -363,6 +363,9 @@ func cniLeft(t *testing.T, n *cluster.Node) []string {
 	if _, err := os.Stat(filepath.Join(n.Dir, "run", "nodemesh", "cni.sock")); err == nil {
 		left = append(left, "socket")
 	}
+	if _, err := os.Stat(filepath.Join(n.Dir, "run", "nodemesh", "namespaces.json")); err == nil {
+		left = append(left, "namespace table")
+	}
 	return left
 }
 
