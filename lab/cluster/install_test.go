@@ -292,9 +292,9 @@ func (in *installed) uninstall(t *testing.T, ctx context.Context) {
 		t.Error("no program of the agents attached at the cgroup v2 root before uninstall")
 	}
 	// The agents installed the CNI plugin on their node: binary, conflist
-	// entry, socket.
+	// entry, socket, namespace table.
 	for _, n := range in.c.Nodes {
-		if left := cniLeft(t, n); len(left) != 3 {
+		if left := cniLeft(t, n); len(left) != 4 {
 			t.Errorf("node %s: the CNI install is incomplete before uninstall: %v", n.Name, left)
 		}
 	}
