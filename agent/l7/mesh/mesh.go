@@ -92,6 +92,9 @@ type Layer struct {
 	budgets *retry.Budgets
 	limiter *resilience.Limiter
 	index   atomic.Pointer[inboundIndex]
+	// refreshMu serialises Refresh, which updates claims.
+	refreshMu sync.Mutex
+	claims    l7.ClaimIndex
 	// mirrorSlots holds a token per mirrored request in flight.
 	mirrorSlots chan struct{}
 	// mirrorsDropped counts the copies not sent because every slot was
@@ -141,50 +144,45 @@ func New(cfg Config) (*Layer, error) {
 		limiter: resilience.NewLimiter(0), mirrorSlots: make(chan struct{}, cfg.MaxMirrors)}, nil
 }
 
-// inboundIndex maps each pod backing an opted-in Service to the target
-// ports handled at L7 (l7.ClaimedPorts), for one state snapshot version.
-// ports is nil when nothing has opted in.
+// inboundIndex is the claimed inbound ports (l7.ClaimedPorts) of one
+// state snapshot version.
 type inboundIndex struct {
 	version uint64
-	ports   map[state.Key]map[uint16]l7.Protocol
+	claims  l7.Claims
 }
 
-// Refresh rebuilds the index of claimed inbound ports from snap if it is
-// newer than the index. The agent calls it on every change of the cluster
-// state, off the connection path, so that InboundPort never rebuilds.
+// Refresh brings the index of claimed inbound ports to snap if it is newer
+// than the index. The agent calls it on every change of the cluster
+// state, off the connection path, so that InboundPort never does; it
+// updates only what the change touched (l7.ClaimIndex).
 func (l *Layer) Refresh(snap *state.Snapshot) {
 	if idx := l.index.Load(); idx != nil && idx.version >= snap.Version() {
 		return
 	}
-	next := &inboundIndex{version: snap.Version(), ports: l7.ClaimedPorts(snap)}
-	for {
-		// Never replace a newer index (two callers racing).
-		cur := l.index.Load()
-		if cur != nil && cur.version >= next.version {
-			return
-		}
-		if l.index.CompareAndSwap(cur, next) {
-			return
-		}
+	l.refreshMu.Lock()
+	defer l.refreshMu.Unlock()
+	// Never replace a newer index (two callers racing).
+	if idx := l.index.Load(); idx != nil && idx.version >= snap.Version() {
+		return
 	}
+	l.index.Store(&inboundIndex{version: snap.Version(), claims: l.claims.Update(snap)})
 }
 
 // InboundPort implements proxy.L7: the target ports of opted-in Services
 // whose backends include w, as of the last Refresh (the first call builds
 // the index from Config.State if Refresh was never called). It is on the
 // path of every inbound tunnel: when nothing has opted in it is one atomic
-// load and a nil check.
+// load and a count.
 func (l *Layer) InboundPort(w *proxy.Workload, port uint16) (l7.Protocol, bool) {
 	idx := l.index.Load()
 	if idx == nil {
 		l.Refresh(l.cfg.State())
 		idx = l.index.Load()
 	}
-	if idx.ports == nil {
+	if idx.claims.Pods() == 0 {
 		return 0, false
 	}
-	p, ok := idx.ports[state.Key{Namespace: w.Namespace, Name: w.Name}][port]
-	return p, ok
+	return idx.claims.Port(state.Key{Namespace: w.Namespace, Name: w.Name}, port)
 }
 
 // Claims reports whether the layer handles a pod's port at L7, as

@@ -63,13 +63,13 @@ func TestInboundPort(t *testing.T) {
 	if _, ok := layer.InboundPort(w, 8080); ok {
 		t.Error("port still claimed after the Service opted out")
 	}
-	if idx := layer.index.Load(); idx.ports != nil {
-		t.Errorf("nothing is opted in, but the index holds %v (the L4 path should find a nil map)", idx.ports)
+	if idx := layer.index.Load(); idx.claims.Pods() != 0 {
+		t.Errorf("nothing is opted in, but the index holds %d pods (the L4 path should find none)", idx.claims.Pods())
 	}
 }
 
-// With nothing opted in, the L4 path's InboundPort is a load and a nil
-// check: no allocation, no rebuild per state version.
+// With nothing opted in, the L4 path's InboundPort is a load and a
+// count: no allocation, no rebuild per state version.
 func BenchmarkInboundPortNothingOptedIn(b *testing.B) {
 	st, err := state.NewStore(spiffeid.RequireTrustDomainFromString("cluster.local"))
 	if err != nil {
