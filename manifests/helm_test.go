@@ -275,6 +275,7 @@ func TestHelmValues(t *testing.T) {
 		"agent.image.pullPolicy=Always",
 		"agent.resources.requests.cpu=250m",
 		"agent.resources.limits.memory=2Gi",
+		"agent.maxUnavailable=5%",
 		"agent.metricsScrapers={monitoring/prometheus,obs/vm-agent}",
 		"string:agent.podAnnotations.prometheus\\.io/scrape=true",
 		"ca.image.repository=registry.example.com:5000/nodemesh-ca",
@@ -316,6 +317,10 @@ func TestHelmValues(t *testing.T) {
 		t.Error("default agent has --metrics-scrapers")
 	}
 	ds := get[*appsv1.DaemonSet](t, in, "DaemonSet", ns, "nodemesh-agent")
+	if ru := ds.Spec.UpdateStrategy.RollingUpdate; ru == nil || ru.MaxUnavailable == nil || ru.MaxUnavailable.String() != "5%" ||
+		ru.MaxSurge == nil || ru.MaxSurge.IntValue() != 0 {
+		t.Errorf("agent update strategy %+v, want maxUnavailable 5%%, maxSurge 0", ds.Spec.UpdateStrategy)
+	}
 	if ds.Spec.Template.Annotations["prometheus.io/scrape"] != "true" || ds.Spec.Template.Annotations["kubectl.kubernetes.io/default-container"] != "agent" {
 		t.Errorf("agent pod annotations %v", ds.Spec.Template.Annotations)
 	}
@@ -367,6 +372,9 @@ func TestHelmRejectsBadValues(t *testing.T) {
 		{"bad quantity", ns, []string{"agent.resources.requests.cpu=lots"}, []string{"agent/resources/requests/cpu"}},
 		{"scraper without namespace", ns, []string{"agent.metricsScrapers={prometheus}"}, []string{"agent/metricsScrapers/0"}},
 		{"no CA", ns, []string{"ca.replicas=0"}, []string{"ca/replicas"}},
+		{"no agent may be replaced", ns, []string{"agent.maxUnavailable=0"}, []string{"agent/maxUnavailable"}},
+		{"max unavailable not a percentage", ns, []string{"agent.maxUnavailable=lots"}, []string{"agent/maxUnavailable"}},
+		{"max unavailable over 100%", ns, []string{"agent.maxUnavailable=150%"}, []string{"agent/maxUnavailable"}},
 		{"log level", ns, []string{"logLevel=verbose"}, []string{"logLevel"}},
 		{"cluster domain with a trailing dot", ns, []string{"clusterDomain=cluster.local."}, []string{"clusterDomain", "does not match pattern"}},
 		{"empty cluster ID", ns, []string{"clusterID="}, []string{"clusterID", "minLength"}},
