@@ -238,7 +238,8 @@ type Options struct {
 	Scenarios []string
 	// ProfileDir, when set, receives CPU profiles of the agents taken
 	// during the first round of the nodemesh runs of the headline HTTP
-	// workload and of bulk (pprof format; `go tool pprof -top FILE`), and
+	// workload (L4 and L7: agent-NODE-l7-WORKLOAD.pprof) and of bulk
+	// (pprof format; `go tool pprof -top FILE`), and
 	// Go execution traces during the one-connection HTTP workload, whose
 	// tail latency is the agent's scheduling (`go tool trace FILE`).
 	ProfileDir string
@@ -529,6 +530,11 @@ func Run(ctx context.Context, o Options) (res *Results, err error) {
 					case httpWorkload(p.HTTPRate, 1):
 						wait = r.profileAgents(ctx, cfg.Warmup+cfg.Duration, o.ProfileDir, w.name, true)
 					}
+				}
+				if o.ProfileDir != "" && round == 1 && sc.Name == scenarioL7 && w.name == httpWorkload(p.HTTPRate, 16) {
+					// Issue 15's headline: where the L7 agents' CPU per
+					// request goes.
+					wait = r.profileAgents(ctx, cfg.Warmup+cfg.Duration, o.ProfileDir, "l7-"+w.name, false)
 				}
 				var f0 foreignSample
 				if foreign != nil {

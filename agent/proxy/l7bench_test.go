@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -55,6 +56,27 @@ func httpApp(c net.Conn) {
 	}
 }
 
+// httpApp1k answers every HTTP/1.1 request on c with a 1 kB body, as
+// the benchmark's HTTP server does (bench/load), until the client closes.
+func httpApp1k(c net.Conn) {
+	br := bufio.NewReader(c)
+	bw := bufio.NewWriter(c)
+	body := bytes.Repeat([]byte("x"), 1024)
+	for {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		_, _ = io.Copy(io.Discard, req.Body)
+		req.Body.Close()
+		bw.WriteString("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1024\r\n\r\n")
+		bw.Write(body)
+		if bw.Flush() != nil {
+			return
+		}
+	}
+}
+
 // l7Opts varies the L7 fixture.
 type l7Opts struct {
 	metrics bool
@@ -81,10 +103,10 @@ func newL7Fixture(tb testing.TB, o l7Opts) (*fixture, *http.Client) {
 		State: st.Snapshot,
 		// A decision per request, as enforce.Policy.CheckRequest makes.
 		Authorize: func(_ *proxy.Flow, r *authz.Request) proxy.Decision {
-			if r.Method == http.MethodGet {
-				return proxy.Decision{Allow: true, Reason: "GET allowed"}
+			if r.Method == http.MethodGet || r.Method == http.MethodPost && r.Path == "/bench" {
+				return proxy.Decision{Allow: true, Reason: "GET, and POST to /bench, allowed"}
 			}
-			return proxy.Decision{Reason: "only GET"}
+			return proxy.Decision{Reason: "only GET, and POST to /bench"}
 		},
 		NetHTTPOnly: o.netHTTPOnly,
 	}
@@ -133,6 +155,22 @@ func l7Request(c *http.Client) error {
 	resp.Body.Close()
 	if err != nil || resp.StatusCode != http.StatusOK || string(body) != "ok" {
 		return fmt.Errorf("status %d, body %q, error %v", resp.StatusCode, body, err)
+	}
+	return nil
+}
+
+// l7Post1k sends one POST with a 1 kB body through c, as the benchmark's
+// HTTP workloads do (bench/load: POST /bench, 1 kB each way), and checks
+// the 1 kB answer.
+func l7Post1k(c *http.Client, body []byte) error {
+	resp, err := c.Post("http://b.default.svc.cluster.local/bench", "application/octet-stream", bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	n, err := io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || n != 1024 {
+		return fmt.Errorf("status %d, %d body bytes, error %v", resp.StatusCode, n, err)
 	}
 	return nil
 }
@@ -208,14 +246,39 @@ func BenchmarkL7Parallel(b *testing.B) {
 // HTTP/2) -> destination agent (net/http server, L7 authorization,
 // reverse proxy) -> the application. cpu-us/op is the CPU time of the
 // whole process (client, both agents, application) per request.
+// metrics-post1k is the benchmark's own exchange (bench/load): a POST with
+// a 1 kB body, answered with 1 kB.
 func BenchmarkL7(b *testing.B) {
 	for _, v := range []struct {
 		name        string
 		metrics     bool
 		netHTTPOnly bool
-	}{{"metrics", true, false}, {"nometrics", false, false}, {"metrics-nethttp", true, true}} {
+		post1k      bool
+	}{{"metrics", true, false, false}, {"nometrics", false, false, false}, {"metrics-nethttp", true, true, false},
+		{"metrics-post1k", true, false, true}} {
 		b.Run(v.name, func(b *testing.B) {
-			_, c := newL7Fixture(b, l7Opts{metrics: v.metrics, netHTTPOnly: v.netHTTPOnly})
+			o := l7Opts{metrics: v.metrics, netHTTPOnly: v.netHTTPOnly}
+			if v.post1k {
+				o.app = httpApp1k
+			}
+			_, c := newL7Fixture(b, o)
+			if v.post1k {
+				body := bytes.Repeat([]byte("y"), 1024)
+				do := func() {
+					if err := l7Post1k(c, body); err != nil {
+						b.Fatal(err)
+					}
+				}
+				do()
+				b.ReportAllocs()
+				b.ResetTimer()
+				cpu0 := cpuTime()
+				for b.Loop() {
+					do()
+				}
+				b.ReportMetric(float64(cpuTime()-cpu0)/float64(time.Microsecond)/float64(b.N), "cpu-us/op")
+				return
+			}
 			l7Get(b, c) // connections and tunnel set up
 			b.ReportAllocs()
 			b.ResetTimer()
