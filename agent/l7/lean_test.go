@@ -314,3 +314,69 @@ func FuzzServeHTTP1(f *testing.F) {
 		}
 	})
 }
+
+// writeCounter counts the writes made to it.
+type writeCounter struct {
+	writes int
+	buf    strings.Builder
+}
+
+func (w *writeCounter) Write(p []byte) (int, error) {
+	w.writes++
+	return w.buf.Write(p)
+}
+
+// A small request body that arrived with its header is handed to the
+// handler in memory, so that forwarding the request (Request.Write) takes
+// one write, not a write of the header and another of the body; a body
+// still on its way is streamed as before. Either way the body is the one
+// sent, and the next request on the connection is served.
+func TestLeanBodyInMemory(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		split  bool // the body arrives after the header
+		writes int
+	}{{"with its header", false, 1}, {"after its header", true, 2}} {
+		t.Run(tc.name, func(t *testing.T) {
+			client, server := net.Pipe()
+			defer client.Close()
+			forwarded := make(chan *writeCounter, 2)
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				ServeHTTP1(context.Background(), server, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					r.RequestURI = ""
+					wc := &writeCounter{}
+					bw := bufio.NewWriter(wc)
+					if err := r.Write(bw); err != nil {
+						t.Error(err)
+					}
+					_ = bw.Flush()
+					forwarded <- wc
+				}), 0)
+			}()
+			br := bufio.NewReader(client)
+			for i := range 2 {
+				head := "POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\n"
+				if tc.split {
+					go func() {
+						_, _ = io.WriteString(client, head)
+						time.Sleep(20 * time.Millisecond)
+						_, _ = io.WriteString(client, "hello")
+					}()
+				} else {
+					go func() { _, _ = io.WriteString(client, head+"hello") }()
+				}
+				wc := <-forwarded
+				if resp, err := http.ReadResponse(br, nil); err != nil || resp.StatusCode != http.StatusOK {
+					t.Fatalf("request %d: %v %v", i, resp, err)
+				}
+				if !strings.HasSuffix(wc.buf.String(), "\r\n\r\nhello") || wc.writes != tc.writes {
+					t.Errorf("request %d forwarded in %d writes (want %d): %q", i, wc.writes, tc.writes, wc.buf.String())
+				}
+			}
+			client.Close()
+			<-done
+		})
+	}
+}
