@@ -61,6 +61,9 @@ type mesh struct {
 	// l7 is the optional HTTP layer; its index of claimed inbound ports is
 	// refreshed here on every state change, off the connection path.
 	l7 *l7mesh.Layer
+	// obs labels the connections' metrics; its index of the Services of
+	// inbound connections is refreshed here too.
+	obs *telemetry.Observer
 	// tracer exports the L7 path\'s spans (nil: tracing off).
 	tracer  *tracing.Tracer
 	filter  workloads.Filter
@@ -185,7 +188,7 @@ func (n *Node) newMesh(ctx context.Context) (_ *mesh, err error) {
 	if err != nil {
 		return nil, err
 	}
-	m.l7 = l7layer
+	m.l7, m.obs = l7layer, obs
 	m.dp, err = dataplane.New(dataplane.Config{
 		L7:       l7layer,
 		Log:      log,
@@ -314,6 +317,7 @@ func (m *mesh) run(ctx context.Context) error {
 	for {
 		snap := m.n.store.Snapshot()
 		m.l7.Refresh(snap)
+		m.obs.Refresh(snap)
 		if snap.Synced() && (snap.Version() != applied || retryDue) {
 			if snap.Version() != policyVersion {
 				m.updatePolicy(ctx, snap)

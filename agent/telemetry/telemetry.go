@@ -117,6 +117,12 @@ func New(cfg Config) *Observer {
 	return o
 }
 
+// Refresh brings the index the Observer guesses inbound connections'
+// Services from to snap, off the connection path; the agent calls it on
+// every state change. It does nothing until the first inbound connection
+// has built the index.
+func (o *Observer) Refresh(snap *state.Snapshot) { o.inbound.refresh(snap) }
+
 // Opened implements proxy.Observer.
 func (o *Observer) Opened(c *proxy.ConnInfo) {
 	conn := o.conn(&c.Flow, c.Start)
