@@ -60,6 +60,9 @@ const maxLocalBody = 64 << 10
 // request); the handler's timeouts still bound it, and the answer's write
 // fails.
 func ServeHTTP1(ctx context.Context, c net.Conn, h http.Handler, idle time.Duration) {
+	// The client's socket is read and written with raw system calls
+	// (RawIO), here and by ServeConn after a fallback.
+	c = RawIO(c)
 	lc := newLeanConn(c, idle)
 	stop := context.AfterFunc(ctx, func() { c.Close() })
 	rest := lc.serve(ctx, h)

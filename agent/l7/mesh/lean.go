@@ -187,9 +187,13 @@ func (p *leanPool) roundTrip(req *http.Request, service string, ep proxy.Endpoin
 				return nil, err
 			}
 			u = &leanUp{key: key, conn: c}
-			u.cr.r = c
+			// An application socket (at the destination agent) is read
+			// and written with raw system calls (l7.RawIO); a tunnel
+			// stream and a counted plaintext upstream stay as they are.
+			rw := l7.RawIO(c)
+			u.cr.r = rw
 			u.br = bufio.NewReaderSize(&u.cr, 4096)
-			u.bw = bufio.NewWriterSize(writerOnly{c}, 4096)
+			u.bw = bufio.NewWriterSize(writerOnly{rw}, 4096)
 		}
 		read := u.cr.n
 		resp, err := u.exchange(ctx, req, p.client)
