@@ -15,6 +15,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/sys/unix"
@@ -290,8 +291,11 @@ func (u *leanUp) open() bool {
 	open := false
 	var b [1]byte
 	err = rc.Read(func(fd uintptr) bool {
-		_, _, rerr := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		open = errors.Is(rerr, unix.EAGAIN)
+		// A raw system call, as the lean path's other socket calls
+		// (l7.RawIO): it cannot wait (MSG_DONTWAIT), and syscall.Syscall
+		// would wake the runtime's monitor thread at every request.
+		_, _, e := syscall.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1, unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+		open = e == unix.EAGAIN
 		return true
 	})
 	return err == nil && open
