@@ -29,8 +29,12 @@ type Map[K comparable, V any] struct {
 	hash   func(K) uint64
 	shards *[Shards]map[K]V
 	n      int
-	// owned marks the shards this edit has already copied; nil once frozen.
-	owned *[Shards]bool
+	// editing is set from Edit to Freeze. owned marks the shards this edit
+	// has already copied, and is nil until its first write: until then the
+	// edit shares its shard table with the version it came from too, so
+	// that a snapshot's maps no change touched cost nothing.
+	editing bool
+	owned   *[Shards]bool
 }
 
 // 256 shards: at 100,000 entries a shard holds about 400, so copying one
@@ -85,18 +89,26 @@ func (m *Map[K, V]) All() iter.Seq2[K, V] {
 // Edit returns an editable copy of m for the next version; m itself is
 // unchanged, and stays so whatever is done to the copy.
 func (m Map[K, V]) Edit() Map[K, V] {
-	t := new([Shards]map[K]V)
-	if m.shards != nil {
-		*t = *m.shards
-	}
-	m.shards, m.owned = t, new([Shards]bool)
+	m.editing, m.owned = true, nil
 	return m
 }
 
 // Freeze ends the edit: the map is shared from now on.
-func (m *Map[K, V]) Freeze() { m.owned = nil }
+func (m *Map[K, V]) Freeze() { m.editing, m.owned = false, nil }
 
+// own returns shard i for writing: the edit's own copy of the shard table
+// on the first write, then its own copy of the shard on the shard's first.
 func (m *Map[K, V]) own(i int) map[K]V {
+	if !m.editing {
+		panic("pmap: write to a frozen Map")
+	}
+	if m.owned == nil {
+		t := new([Shards]map[K]V)
+		if m.shards != nil {
+			*t = *m.shards
+		}
+		m.shards, m.owned = t, new([Shards]bool)
+	}
 	s := m.shards[i]
 	if !m.owned[i] {
 		s = maps.Clone(s) // nil stays nil
@@ -121,6 +133,9 @@ func (m *Map[K, V]) Set(k K, v V) {
 // Del removes k, if present. The map must be editable.
 func (m *Map[K, V]) Del(k K) {
 	i := m.shard(k)
+	if m.shards == nil {
+		return
+	}
 	if _, ok := m.shards[i][k]; !ok {
 		return
 	}
@@ -176,7 +191,7 @@ func sameMap[K comparable, V any](a, b map[K]V) bool {
 // count is right, and every entry is in the shard its hash picks.
 func (m *Map[K, V]) Check() error {
 	var errs []error
-	if m.owned != nil {
+	if m.editing || m.owned != nil {
 		errs = append(errs, errors.New("not frozen"))
 	}
 	n := 0

@@ -67,3 +67,44 @@ func TestEditAndDiff(t *testing.T) {
 		t.Fatalf("Diff from the zero Map reported %d keys, want %d", len(all), len(want[len(want)-1]))
 	}
 }
+
+// An edit that writes nothing shares the version's shard table (a
+// snapshot's untouched maps cost no copy), a deletion of a missing key is
+// no write, and a write to a frozen map panics rather than change a
+// published version.
+func TestEditWithoutWritesSharesTheTable(t *testing.T) {
+	e := New[int, int](hashInt).Edit()
+	e.Del(1) // on an empty map
+	e.Freeze()
+	if e.shards != nil || e.Len() != 0 {
+		t.Fatal("deleting from an empty map wrote to it")
+	}
+	m := New[int, int](hashInt).Edit()
+	for i := range 100 {
+		m.Set(i, i)
+	}
+	m.Freeze()
+	n := m.Edit()
+	n.Del(1000)
+	n.Freeze()
+	if n.shards != m.shards {
+		t.Error("an edit without writes copied the shard table")
+	}
+	n = n.Edit()
+	n.Set(1, 2)
+	n.Freeze()
+	if n.shards == m.shards || m.Lookup(1) != 1 || n.Lookup(1) != 2 {
+		t.Error("a write did not copy the table, or changed the version it came from")
+	}
+	var got []int
+	n.Diff(&m, func(a, b int) bool { return a == b }, func(k int) { got = append(got, k) })
+	if !slices.Equal(got, []int{1}) {
+		t.Errorf("Diff = %v, want [1]", got)
+	}
+	defer func() {
+		if recover() == nil {
+			t.Error("Set on a frozen map did not panic")
+		}
+	}()
+	m.Set(5, 5)
+}
