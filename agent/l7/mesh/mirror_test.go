@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -34,27 +35,47 @@ func testOutbound(t *testing.T, cfg Config, send func(ctx context.Context, up *u
 var shadow = &route.Mirror{Backend: &route.Backend{Service: route.ServiceKey{Namespace: "shop", Name: "shadow"}, Port: 80}, Num: 1, Den: 1}
 
 // A mirror that never answers costs the client nothing and pins nothing:
-// copies beyond MaxMirrors are dropped, each copy ends at MirrorTimeout,
-// and closing the client's connection waits for them and no longer.
+// copies beyond MaxMirrors are dropped, each copy gets MirrorTimeout as its
+// deadline, and closing the client's connection waits for them. Nothing
+// here depends on the machine's speed: the mirrors hold until the test
+// releases them, so a client that waited for one would never finish.
 func TestMirrorBounded(t *testing.T) {
-	const slots, timeout = 4, 300 * time.Millisecond
-	var mu sync.Mutex
-	started := 0
+	const slots, timeout = 4, time.Hour
+	var (
+		mu        sync.Mutex
+		started   int
+		deadlines []time.Duration
+		release   = make(chan struct{})
+	)
 	out, l := testOutbound(t, Config{MaxMirrors: slots, MirrorTimeout: timeout}, func(ctx context.Context, _ *upstream, _ *mirrorCopy, _ []byte) error {
+		dl, ok := ctx.Deadline()
 		mu.Lock()
 		started++
+		if ok {
+			deadlines = append(deadlines, time.Until(dl))
+		}
 		mu.Unlock()
-		<-ctx.Done() // a dead mirror
-		return ctx.Err()
+		select { // a dead mirror, until released
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-release:
+			return nil
+		}
+	})
+	// A client that waited for a mirror would hang here: after a minute
+	// the watchdog releases the mirrors and fails the test.
+	var stuck atomic.Bool
+	watchdog := time.AfterFunc(time.Minute, func() {
+		stuck.Store(true)
+		close(release)
 	})
 	goroutines := runtime.NumGoroutine()
-	begin := time.Now()
 	for range 1000 {
 		r := httptest.NewRequest("GET", "/x", nil)
 		out.mirror(r, out.sampleMirrors(r, []*route.Mirror{shadow}, nil))
 	}
-	if d := time.Since(begin); d > timeout/2 {
-		t.Errorf("1000 requests took %s to hand their copies over: the client waited for the mirror", d)
+	if !watchdog.Stop() || stuck.Load() {
+		t.Fatal("1000 requests did not hand their copies over while the mirrors hung: the client waits for the mirror")
 	}
 	if n := runtime.NumGoroutine() - goroutines; n > slots {
 		t.Errorf("%d goroutines for mirrors, want at most %d", n, slots)
@@ -62,15 +83,25 @@ func TestMirrorBounded(t *testing.T) {
 	if got := l.mirrorsDropped.Load(); got != 1000-slots {
 		t.Errorf("%d copies dropped, want %d", got, 1000-slots)
 	}
-	out.closeMirrors()
-	if d := time.Since(begin); d < timeout || d > 3*timeout {
-		t.Errorf("closing waited until %s, want about the mirror timeout %s", d, timeout)
-	}
 	mu.Lock()
-	if started != slots {
-		t.Errorf("%d copies sent, want %d", started, slots)
+	if started != slots || len(deadlines) != slots {
+		t.Errorf("%d copies sent (%d with a deadline), want %d", started, len(deadlines), slots)
+	}
+	for _, d := range deadlines {
+		if d > timeout || d < timeout-10*time.Minute {
+			t.Errorf("a copy's deadline is %s away, want the mirror timeout %s", d, timeout)
+		}
 	}
 	mu.Unlock()
+	closed := make(chan struct{})
+	go func() { out.closeMirrors(); close(closed) }()
+	select {
+	case <-closed:
+		t.Fatal("closing did not wait for the copies in flight")
+	case <-time.After(50 * time.Millisecond):
+	}
+	close(release)
+	<-closed
 	if n := len(l.mirrorSlots); n != 0 {
 		t.Errorf("%d mirror slots still taken", n)
 	}
@@ -80,6 +111,33 @@ func TestMirrorBounded(t *testing.T) {
 	out.mirror(r, out.sampleMirrors(r, []*route.Mirror{shadow}, nil))
 	if n := len(l.mirrorSlots); n != 0 {
 		t.Errorf("a copy started after the connection ended")
+	}
+}
+
+// A copy that never answers ends at MirrorTimeout, and closing the
+// client's connection waits for that and no longer.
+func TestMirrorTimeout(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	ended := make(chan error, 1)
+	out, _ := testOutbound(t, Config{MirrorTimeout: timeout}, func(ctx context.Context, _ *upstream, _ *mirrorCopy, _ []byte) error {
+		<-ctx.Done() // a dead mirror
+		ended <- ctx.Err()
+		return ctx.Err()
+	})
+	begin := time.Now()
+	r := httptest.NewRequest("GET", "/x", nil)
+	out.mirror(r, out.sampleMirrors(r, []*route.Mirror{shadow}, nil))
+	out.closeMirrors()
+	if d := time.Since(begin); d < timeout {
+		t.Errorf("closing returned after %s, before the copy's timeout %s", d, timeout)
+	}
+	select {
+	case err := <-ended:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("the copy ended with %v, want its deadline", err)
+		}
+	default:
+		t.Error("closing returned before the copy in flight ended")
 	}
 }
 
