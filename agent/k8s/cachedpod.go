@@ -99,7 +99,7 @@ func CompactPodFor(p *corev1.Pod, node string) *CachedPod {
 		c.Ports[i].Name = intern(c.Ports[i].Name)
 		c.Ports[i].Protocol = intern(c.Ports[i].Protocol)
 	}
-	c.Ports = internPorts(c.Ports)
+	c.Ports = portLists.Make(c.Ports)
 	c.IPs = slices.Clip(c.IPs)
 	c.ProbePorts = slices.Clip(c.ProbePorts)
 	out.labels = internLabelSet(c.Labels)
@@ -127,26 +127,9 @@ func stripNodeLocal(c *state.Pod) {
 
 // portLists interns pods' port lists: the pods of one workload declare
 // the same ports.
-var portLists interned.Slices[state.ContainerPort]
-
-// internPorts returns the shared list equal to ports (nil for none).
-func internPorts(ports []state.ContainerPort) []state.ContainerPort {
-	if len(ports) == 0 {
-		return nil
-	}
-	b := make([]byte, 0, 24*len(ports))
-	for _, p := range ports {
-		b = strconv.AppendInt(b, int64(len(p.Name)), 10)
-		b = append(b, ':')
-		b = append(b, p.Name...)
-		b = strconv.AppendUint(b, uint64(p.Port), 10)
-		b = append(b, '/')
-		b = strconv.AppendInt(b, int64(len(p.Protocol)), 10)
-		b = append(b, ':')
-		b = append(b, p.Protocol...)
-	}
-	return portLists.Make(string(b), ports)
-}
+var portLists = interned.NewPorts(func(p state.ContainerPort) (string, int64, string) {
+	return p.Name, int64(p.Port), p.Protocol
+})
 
 // labelSet is one interned label map. Pods hold the map; their CachedPod
 // holds the set, which keeps the table entry alive.

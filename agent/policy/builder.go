@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"reflect"
 	"slices"
-	"strconv"
 	"sync/atomic"
 	"unique"
 	"unsafe"
@@ -614,7 +613,7 @@ func (b *Builder) Snapshot(version uint64) *Snapshot {
 			// The new entry takes its policies before the old one gives
 			// its own back, so a pod that kept its labels keeps them.
 			e = &podEntry{Pod: *p, spiffeID: unique.Make(s.SPIFFEID(*p)).Value(), attached: st.attach(p.Labels)}
-			e.Ports = internPorts(p.Ports)
+			e.Ports = portLists.Make(p.Ports)
 		}
 		if old := s.pods.Lookup(key); old != nil {
 			ost := b.nss[old.Namespace]
@@ -921,26 +920,9 @@ func (a *attached) match(pol *nsPolicies) {
 
 // portLists interns the pod entries' port lists: the pods of one workload
 // declare the same ports.
-var portLists intern.Slices[ContainerPort]
-
-// internPorts returns the shared list equal to ports (nil for none).
-func internPorts(ports []ContainerPort) []ContainerPort {
-	if len(ports) == 0 {
-		return nil
-	}
-	b := make([]byte, 0, 24*len(ports))
-	for _, p := range ports {
-		b = strconv.AppendInt(b, int64(len(p.Name)), 10)
-		b = append(b, ':')
-		b = append(b, p.Name...)
-		b = strconv.AppendInt(b, int64(p.Port), 10)
-		b = append(b, '/')
-		b = strconv.AppendInt(b, int64(len(p.Protocol)), 10)
-		b = append(b, ':')
-		b = append(b, p.Protocol...)
-	}
-	return portLists.Make(string(b), ports)
-}
+var portLists = intern.NewPorts(func(p ContainerPort) (string, int64, string) {
+	return p.Name, int64(p.Port), string(p.Protocol)
+})
 
 // mergeByRef merges two lists sorted by ref.
 func mergeByRef(a, b []*authzPolicy) []*authzPolicy {

@@ -10,6 +10,7 @@ package intern
 
 import (
 	"runtime"
+	"strconv"
 	"sync"
 	"unsafe"
 	"weak"
@@ -63,3 +64,44 @@ func (t *Slices[E]) Len() int {
 	defer t.mu.Unlock()
 	return len(t.m)
 }
+
+// Ports interns lists of ports whose elements are each a name, a number
+// and a protocol (a container's declared ports, in the state's or the
+// policy's type), keyed by those three. Make it with NewPorts; it is safe
+// for concurrent use.
+type Ports[E any] struct {
+	fields func(E) (name string, number int64, protocol string)
+	tab    Slices[E]
+}
+
+// NewPorts returns a table of port lists whose elements fields describes.
+func NewPorts[E any](fields func(E) (name string, number int64, protocol string)) *Ports[E] {
+	return &Ports[E]{fields: fields}
+}
+
+// Make returns the shared list equal to ports (nil for none), as
+// Slices.Make does.
+func (t *Ports[E]) Make(ports []E) []E {
+	if len(ports) == 0 {
+		return nil
+	}
+	// Each string is preceded by its length, so two lists have one key
+	// exactly when their elements are equal.
+	b := make([]byte, 0, 24*len(ports))
+	for _, p := range ports {
+		name, number, protocol := t.fields(p)
+		b = strconv.AppendInt(b, int64(len(name)), 10)
+		b = append(b, ':')
+		b = append(b, name...)
+		b = strconv.AppendInt(b, number, 10)
+		b = append(b, '/')
+		b = strconv.AppendInt(b, int64(len(protocol)), 10)
+		b = append(b, ':')
+		b = append(b, protocol...)
+	}
+	return t.tab.Make(string(b), ports)
+}
+
+// Len returns the number of entries, live or awaiting their cleanup, for
+// tests.
+func (t *Ports[E]) Len() int { return t.tab.Len() }

@@ -54,3 +54,33 @@ func TestSlicesDropsUnreachableEntries(t *testing.T) {
 	}
 	runtime.KeepAlive(keep)
 }
+
+// Port lists share an array exactly when their names, numbers and
+// protocols are equal; a name cannot run into the number after it.
+func TestPortsKeyOnEveryField(t *testing.T) {
+	type cp struct {
+		name, proto string
+		n           int32
+	}
+	tab := NewPorts(func(p cp) (string, int64, string) { return p.name, int64(p.n), p.proto })
+	a := tab.Make([]cp{{"http", "TCP", 80}, {"dns", "UDP", 53}})
+	b := tab.Make([]cp{{"http", "TCP", 80}, {"dns", "UDP", 53}})
+	if unsafe.SliceData(a) != unsafe.SliceData(b) {
+		t.Error("equal lists gave separate arrays")
+	}
+	for _, other := range [][]cp{
+		{{"http", "TCP", 80}},
+		{{"http", "TCP", 81}, {"dns", "UDP", 53}},
+		{{"http", "UDP", 80}, {"dns", "UDP", 53}},
+		{{"http8", "TCP", 0}, {"dns", "UDP", 53}},
+		{{"dns", "UDP", 53}, {"http", "TCP", 80}},
+	} {
+		if c := tab.Make(other); unsafe.SliceData(c) == unsafe.SliceData(a) || len(c) != len(other) || c[0] != other[0] {
+			t.Errorf("%v interned as %v, sharing %v's array", other, c, a)
+		}
+	}
+	if got := tab.Make(nil); got != nil {
+		t.Errorf("no ports interned as %v", got)
+	}
+	runtime.KeepAlive(b)
+}
