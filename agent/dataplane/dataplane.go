@@ -179,7 +179,7 @@ func (d *Dataplane) Apply(ctx context.Context, actions []workloads.Action) {
 				continue
 			}
 			d.mu.Lock()
-			pd.excluded, pd.excludedIn, pd.nodePorts = a.Pod.ExcludeOutboundPorts, a.Pod.ExcludeInboundPorts, cp.NodeProbePorts
+			pd.excluded, pd.excludedIn, pd.nodePorts = a.Pod.ExcludeOutboundPorts(), a.Pod.ExcludeInboundPorts(), cp.NodeProbePorts
 			d.mu.Unlock()
 		}
 	}
@@ -204,8 +204,8 @@ func (d *Dataplane) capturePod(p *state.Pod) redirect.Pod {
 	if d.cfg.NodeProbePorts != nil {
 		nodePorts = d.cfg.NodeProbePorts(p)
 	}
-	return redirect.Pod{Name: p.Key().String(), Netns: p.Netns, Cgroup: p.Cgroup, IPs: p.IPs,
-		ExcludeOutboundPorts: p.ExcludeOutboundPorts, ExcludeInboundPorts: p.ExcludeInboundPorts, NodeProbePorts: nodePorts}
+	return redirect.Pod{Name: p.Key().String(), Netns: p.Netns(), Cgroup: p.Cgroup(), IPs: p.IPs,
+		ExcludeOutboundPorts: p.ExcludeOutboundPorts(), ExcludeInboundPorts: p.ExcludeInboundPorts(), NodeProbePorts: nodePorts}
 }
 
 // RefreshNodeProbePorts asks NodeProbePorts again for every captured pod
@@ -244,8 +244,8 @@ func (d *Dataplane) RefreshNodeProbePorts(ctx context.Context) {
 
 // owner names a pod's claim on its SVID.
 func owner(p *state.Pod) string {
-	if p.UID != "" {
-		return p.UID
+	if p.UID() != "" {
+		return p.UID()
 	}
 	return p.Key().String()
 }
@@ -269,8 +269,8 @@ func (d *Dataplane) setStatus(pd *pod, status telemetry.CaptureStatus, problem s
 // visible to the other methods only complete (or failed).
 func (d *Dataplane) enroll(ctx context.Context, p *state.Pod) {
 	log := d.log.With("pod", p.Key().String())
-	pd := &pod{p: p, excluded: p.ExcludeOutboundPorts, excludedIn: p.ExcludeInboundPorts,
-		w: &proxy.Workload{Namespace: p.Namespace, Name: p.Name, Identity: p.Identity, IPs: p.IPs, Netns: p.Netns}}
+	pd := &pod{p: p, excluded: p.ExcludeOutboundPorts(), excludedIn: p.ExcludeInboundPorts(),
+		w: &proxy.Workload{Namespace: p.Namespace, Name: p.Name, Identity: p.Identity, IPs: p.IPs, Netns: p.Netns()}}
 	if err := d.cfg.SVIDs.Add(owner(p), p.Identity); err != nil {
 		log.Error("requesting the pod's SVID", "spiffe_id", p.Identity.String(), "err", err)
 		d.publish(pd, telemetry.CaptureFailed, err.Error())
@@ -301,7 +301,7 @@ func (d *Dataplane) enroll(ctx context.Context, p *state.Pod) {
 
 // serve creates pd's pool and proxy and starts serving its sockets.
 func (d *Dataplane) serve(pd *pod, captured CapturedPod, log *slog.Logger) error {
-	dial := d.cfg.Capture.Dialer(pd.p.Netns)
+	dial := d.cfg.Capture.Dialer(pd.p.Netns())
 	pool, err := hbone.NewPool(hbone.PoolConfig{TLS: d.tls, Logger: log.With("component", "pool"), Dial: dial.DialContext})
 	if err != nil {
 		return err
@@ -491,7 +491,7 @@ func (d *Dataplane) Pods() []PodStatus {
 	d.mu.Lock()
 	out := make([]PodStatus, 0, len(d.pods))
 	for _, pd := range d.pods {
-		s := PodStatus{Pod: pd.p.Key().String(), SPIFFEID: pd.p.Identity.String(), Netns: pd.p.Netns,
+		s := PodStatus{Pod: pd.p.Key().String(), SPIFFEID: pd.p.Identity.String(), Netns: pd.p.Netns(),
 			Status: pd.status, Problem: pd.problem}
 		for _, ip := range pd.p.IPs {
 			s.IPs = append(s.IPs, ip.String())

@@ -117,8 +117,8 @@ func (f *fixture) tunneledPair() (a, b *state.Pod) {
 }
 
 func (f *fixture) pod(name, ip string) *state.Pod {
-	return &state.Pod{Namespace: "mesh", Name: name, UID: "uid-" + name, Enrolled: true, Phase: state.PodRunning,
-		IPs: []netip.Addr{netip.MustParseAddr(ip)}, Netns: "/fake/" + name, Identity: f.ca.ID("mesh", name), Ref: "mesh/" + name}
+	return state.WithDetail(state.Pod{Namespace: "mesh", Name: name, Enrolled: true, Phase: state.PodRunning,
+		IPs: []netip.Addr{netip.MustParseAddr(ip)}, Identity: f.ca.ID("mesh", name), Ref: "mesh/" + name}, state.PodDetail{UID: "uid-" + name, Netns: "/fake/" + name})
 }
 
 // apply plans and applies, as the node's reconcile loop does.
@@ -304,7 +304,9 @@ func TestExcludedPortsUpdatedInPlace(t *testing.T) {
 	f.apply(a)
 	captured := f.capture.Pod("mesh/a")
 	b := *a
-	b.ExcludeOutboundPorts = []uint16{5432}
+	d := b.Detail()
+	d.ExcludeOutboundPorts = []uint16{5432}
+	b.SetDetail(d)
 	f.apply(&b)
 	if f.capture.Pod("mesh/a") != captured {
 		t.Fatal("changing excluded ports re-enrolled the pod")

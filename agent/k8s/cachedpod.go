@@ -10,7 +10,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
-	"k8s.io/apimachinery/pkg/types"
 
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 
@@ -56,9 +55,13 @@ func (c *CachedPod) DeepCopyObject() k8sruntime.Object {
 }
 
 // GetObjectMeta implements metav1.ObjectMetaAccessor, which the cache's key
-// and namespace index functions read through meta.Accessor.
+// function and the informer's update handling (resource versions) read
+// through meta.Accessor. It leaves out the UID, which nothing reads there
+// (a remote pod has none anyway): the pod's UID sits in its detail, which
+// the store fills in place while the informer may be reading this
+// (state.Pod.computed).
 func (c *CachedPod) GetObjectMeta() metav1.Object {
-	return &metav1.ObjectMeta{Namespace: c.Pod.Namespace, Name: c.Pod.Name, UID: types.UID(c.Pod.UID), ResourceVersion: c.ResourceVersion}
+	return &metav1.ObjectMeta{Namespace: c.Pod.Namespace, Name: c.Pod.Name, ResourceVersion: c.ResourceVersion}
 }
 
 // CompactPod converts an API pod to its cached form (ConvertPod), with the
@@ -83,7 +86,8 @@ func CompactPodFor(p *corev1.Pod, node string) *CachedPod {
 	out := &CachedPod{ResourceVersion: p.ResourceVersion}
 	c, err := ConvertPod(p)
 	if err != nil {
-		out.Pod = &state.Pod{Namespace: intern(p.Namespace), Name: p.Name, UID: string(p.UID)}
+		out.Pod = &state.Pod{Namespace: intern(p.Namespace), Name: p.Name}
+		out.Pod.SetUID(string(p.UID))
 		out.Err = err
 		return out
 	}
@@ -114,15 +118,17 @@ func CompactPodFor(p *corev1.Pod, node string) *CachedPod {
 // stripNodeLocal drops from a pod of another node what only its own
 // node's agent reads.
 func stripNodeLocal(c *state.Pod) {
-	c.UID = ""
-	for k := range c.Annotations {
+	d := c.Detail()
+	d.UID = ""
+	for k := range d.Annotations { // ConvertPod's own map: nothing shares it yet
 		if state.NodeLocalAnnotation(k) {
-			delete(c.Annotations, k)
+			delete(d.Annotations, k)
 		}
 	}
-	if len(c.Annotations) == 0 {
-		c.Annotations = nil
+	if len(d.Annotations) == 0 {
+		d.Annotations = nil
 	}
+	c.SetDetail(d)
 }
 
 // portLists interns pods' port lists: the pods of one workload declare

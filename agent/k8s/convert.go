@@ -78,17 +78,16 @@ func ConvertPod(p *corev1.Pod) (*state.Pod, error) {
 	out := &state.Pod{
 		Namespace:      p.Namespace,
 		Name:           p.Name,
-		UID:            string(p.UID),
 		ServiceAccount: p.Spec.ServiceAccountName,
 		Node:           p.Spec.NodeName,
 		Labels:         p.Labels,
-		Annotations:    keepAnnotations(p.Annotations),
 		IPs:            ips,
 		Phase:          state.PodPhase(p.Status.Phase),
 		HostNetwork:    p.Spec.HostNetwork,
 		Terminating:    p.DeletionTimestamp != nil,
 		Workload:       workloadName(p),
 	}
+	out.SetDetail(state.PodDetail{UID: string(p.UID), Annotations: keepAnnotations(p.Annotations)})
 	named := make(map[string]uint16)
 	serving := servingContainers(&p.Spec)
 	for _, c := range serving {

@@ -175,7 +175,7 @@ func TestCompactPodIsConvertPod(t *testing.T) {
 		t.Fatalf("the cached form differs from the converted pod:\nconverted %s\ncached    %s", a, b)
 	}
 	if !c.Pod.Terminating || !slices.Equal(c.Pod.ProbePorts, []uint16{8080}) || len(c.Pod.Ports) != 2 ||
-		c.Pod.IPs[0] != netip.MustParseAddr("10.0.0.1") || c.Pod.Annotations[state.AnnotationNetns] == "" {
+		c.Pod.IPs[0] != netip.MustParseAddr("10.0.0.1") || c.Pod.Annotations()[state.AnnotationNetns] == "" {
 		t.Fatalf("converted pod lost fields: %+v", c.Pod)
 	}
 	// Idempotent, as client-go requires of a transform.
@@ -222,8 +222,8 @@ func TestCompactPodForDropsNodeLocalDetailOfRemotePods(t *testing.T) {
 	}
 	got := remote(p)
 	want := *whole
-	want.UID = ""
-	want.Annotations = map[string]string{state.AnnotationExcludeInboundPorts: "9100"}
+	want.SetUID("")
+	want.SetAnnotations(map[string]string{state.AnnotationExcludeInboundPorts: "9100"})
 	a, _ := json.Marshal(&want)
 	b, _ := json.Marshal(got)
 	if string(a) != string(b) {
@@ -233,13 +233,13 @@ func TestCompactPodForDropsNodeLocalDetailOfRemotePods(t *testing.T) {
 	// pod not yet scheduled is another node's.
 	p = fullPod(t, 2)
 	p.Spec.NodeName = ""
-	if got := remote(p); got.Annotations != nil || got.UID != "" || got.Node != "" {
+	if got := remote(p); got.Annotations() != nil || got.UID() != "" || got.Node != "" {
 		t.Errorf("unscheduled pod kept node-local detail: %+v", got)
 	}
 	// A store computes the remote pod's exclusions from what is left.
 	st := newStore(t)
 	st.Update(func(tx *state.Tx) { tx.SetPod(got) })
-	if sp := st.Snapshot().Pod("shop", "web-1"); sp == nil || !slices.Equal(sp.ExcludeInboundPorts, []uint16{9100}) || sp.Netns != "" {
+	if sp := st.Snapshot().Pod("shop", "web-1"); sp == nil || !slices.Equal(sp.ExcludeInboundPorts(), []uint16{9100}) || sp.Netns() != "" {
 		t.Errorf("stored remote pod %+v", sp)
 	}
 }

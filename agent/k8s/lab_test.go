@@ -99,7 +99,7 @@ func TestLabInformers(t *testing.T) {
 	snap := wait("the pod is indexed by IP", func(s *state.Snapshot) bool { return s.PodByIP(podIP) != nil })
 	got := snap.PodByIP(podIP)
 	if !got.Enrolled || got.Identity.String() != "spiffe://cluster.local/ns/"+ns+"/sa/web" || got.Node != "nmtk8s-node1" ||
-		got.Netns != "/run/netns/nmtk8s-web-0" || len(got.Annotations) != 1 || len(got.Ports) != 1 {
+		got.Netns() != "/run/netns/nmtk8s-web-0" || len(got.Annotations()) != 1 || len(got.Ports) != 1 {
 		t.Fatalf("pod in the store: %+v", got)
 	}
 	if n := snap.Node("nmtk8s-node1"); n == nil || len(n.IPs) != 1 {
@@ -114,8 +114,8 @@ func TestLabInformers(t *testing.T) {
 			Name: "app", Image: "nginx", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}}},
 	}, metav1.CreateOptions{}))
 	snap = wait("the other node's pod is stored", func(s *state.Snapshot) bool { return s.Pod(ns, "web-remote") != nil })
-	if r := snap.Pod(ns, "web-remote"); r.UID != "" || r.Netns != "" || !r.Enrolled || r.Node != "nmtk8s-node2" ||
-		!slices.Equal(r.ExcludeInboundPorts, []uint16{9100}) || len(r.Ports) != 1 || r.Labels["app"] != "web" {
+	if r := snap.Pod(ns, "web-remote"); r.UID() != "" || r.Netns() != "" || !r.Enrolled || r.Node != "nmtk8s-node2" ||
+		!slices.Equal(r.ExcludeInboundPorts(), []uint16{9100}) || len(r.Ports) != 1 || r.Labels["app"] != "web" {
 		t.Fatalf("other node's pod in the store: %+v", r)
 	}
 

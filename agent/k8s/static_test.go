@@ -41,14 +41,14 @@ func TestLoadDirTestdata(t *testing.T) {
 	if !web0.Enrolled || web0.Identity.String() != "spiffe://cluster.local/ns/shop/sa/web" {
 		t.Errorf("web-0 enrolled %t identity %s", web0.Enrolled, web0.Identity)
 	}
-	if web0.Netns != "/run/netns/nm-pod-web-0" || web0.Cgroup != "/sys/fs/cgroup/nm/web-0" {
-		t.Errorf("lab annotations: %q %q", web0.Netns, web0.Cgroup)
+	if web0.Netns() != "/run/netns/nm-pod-web-0" || web0.Cgroup() != "/sys/fs/cgroup/nm/web-0" {
+		t.Errorf("lab annotations: %q %q", web0.Netns(), web0.Cgroup())
 	}
-	if _, ok := web0.Annotations["kubectl.kubernetes.io/last-applied-configuration"]; ok {
+	if _, ok := web0.Annotations()["kubectl.kubernetes.io/last-applied-configuration"]; ok {
 		t.Error("unneeded annotation kept")
 	}
-	if !slices.Equal(web0.ExcludeInboundPorts, []uint16{9100}) || !slices.Equal(web0.ProbePorts, []uint16{8080}) {
-		t.Errorf("excluded %v probe ports %v", web0.ExcludeInboundPorts, web0.ProbePorts)
+	if !slices.Equal(web0.ExcludeInboundPorts(), []uint16{9100}) || !slices.Equal(web0.ProbePorts, []uint16{8080}) {
+		t.Errorf("excluded %v probe ports %v", web0.ExcludeInboundPorts(), web0.ProbePorts)
 	}
 	if p := snap.Pod("shop", "web-1"); p == nil || p.Enrolled {
 		t.Errorf("web-1 (opted out) = %+v", p)

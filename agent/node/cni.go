@@ -38,7 +38,7 @@ func (m *mesh) EnrollPod(ctx context.Context, sb cni.Sandbox) (result, reason st
 		}
 		return cni.ResultSkipped, why, nil
 	}
-	sb.UID = p.UID
+	sb.UID = p.UID()
 	rep := m.reported.Put(workloads.Report{UID: sb.UID, Namespace: sb.Namespace, Name: sb.Name,
 		ContainerID: sb.ContainerID, IPs: sb.IPs}, sb.Netns, sb.Netns.Fd())
 	owned = false
@@ -47,7 +47,7 @@ func (m *mesh) EnrollPod(ctx context.Context, sb cni.Sandbox) (result, reason st
 	defer tick.Stop()
 	problem := "not enrolled yet"
 	for {
-		if s, ok := m.dp.Served()[key]; ok && s.Pod.UID == sb.UID && s.Pod.Netns == rep.Netns {
+		if s, ok := m.dp.Served()[key]; ok && s.Pod.UID() == sb.UID && s.Pod.Netns() == rep.Netns {
 			if s.Captured && !s.Failed {
 				m.waitSVID(ctx, s.Pod)
 				return cni.ResultEnrolled, "", nil
@@ -112,11 +112,11 @@ func (m *mesh) waitPod(ctx context.Context, key state.Key, uid string) (*state.P
 		var seen string
 		if snap.Synced() {
 			p := snap.Pod(key.Namespace, key.Name)
-			if p != nil && (p.UID == uid || uid == "" && !p.Terminating) {
+			if p != nil && (p.UID() == uid || uid == "" && !p.Terminating) {
 				return p, nil
 			}
 			if p != nil {
-				seen = " (the state has uid " + p.UID + " under that name)"
+				seen = " (the state has uid " + p.UID() + " under that name)"
 			}
 		}
 		select {
@@ -152,7 +152,7 @@ func (m *mesh) cniSkip(p *state.Pod, sb cni.Sandbox) (string, error) {
 		return "", fmt.Errorf("pod %s has no SPIFFE identity (no service account?)", p.Key())
 	}
 	q := *p
-	q.Netns = "(reported)"
+	q.SetLocation("(reported)", q.Cgroup())
 	if len(q.IPs) == 0 {
 		q.IPs = sb.IPs
 	}

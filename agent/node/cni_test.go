@@ -22,7 +22,7 @@ func TestCNISkip(t *testing.T) {
 	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/a")
 	ip := []netip.Addr{netip.MustParseAddr("10.244.1.9")}
 	pod := func(f func(p *state.Pod)) *state.Pod {
-		p := &state.Pod{Namespace: "demo", Name: "a", UID: "u", Node: "self", Enrolled: true, Phase: state.PodPending, Identity: id}
+		p := state.WithDetail(state.Pod{Namespace: "demo", Name: "a", Node: "self", Enrolled: true, Phase: state.PodPending, Identity: id}, state.PodDetail{UID: "u"})
 		if f != nil {
 			f(p)
 		}

@@ -364,7 +364,7 @@ func (m *mesh) failedPods() map[state.Key]pendingReason {
 	out := make(map[state.Key]pendingReason)
 	for k, s := range m.dp.Served() {
 		if s.Failed {
-			out[k] = pendingReason{UID: s.Pod.UID, Reason: "capture failed"}
+			out[k] = pendingReason{UID: s.Pod.UID(), Reason: "capture failed"}
 		}
 	}
 	return out
@@ -435,7 +435,7 @@ func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) map[state.Ke
 		if m.filter.Wanted(p) {
 			want = append(want, p)
 		} else if waitsForNetns(m.filter, p) {
-			pending[p.Key()] = pendingReason{UID: p.UID, Reason: "network namespace not found yet"}
+			pending[p.Key()] = pendingReason{UID: p.UID(), Reason: "network namespace not found yet"}
 		}
 	}
 	plan := workloads.Plan(m.dp.Served(), want)
@@ -448,7 +448,7 @@ func (m *mesh) reconcile(ctx context.Context, snap *state.Snapshot) map[state.Ke
 	served := m.dp.Served()
 	for _, p := range want {
 		if s, ok := served[p.Key()]; ok && s.Failed {
-			pending[p.Key()] = pendingReason{UID: p.UID, Reason: "capture failed"}
+			pending[p.Key()] = pendingReason{UID: p.UID(), Reason: "capture failed"}
 		}
 	}
 	wanted := workloads.WantedIPs(want)
@@ -477,11 +477,11 @@ const slowReconcile = time.Second
 // namespace, which the locator has not found yet. A terminating pod whose
 // sandbox is gone is not waited for.
 func waitsForNetns(f workloads.Filter, p *state.Pod) bool {
-	if p.Netns != "" || p.UID == "" || p.Terminating {
+	if p.Netns() != "" || p.UID() == "" || p.Terminating {
 		return false
 	}
 	q := *p
-	q.Netns = "(not found yet)"
+	q.SetLocation("(not found yet)", q.Cgroup())
 	return f.Wanted(&q)
 }
 

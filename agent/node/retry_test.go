@@ -109,7 +109,7 @@ func TestWaitsForNetns(t *testing.T) {
 	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/demo/sa/a")
 	ip := []netip.Addr{netip.MustParseAddr("10.244.0.9")}
 	f := workloads.Filter{Node: "n1"}
-	base := state.Pod{Namespace: "demo", Name: "a", UID: "u", Enrolled: true, Phase: state.PodRunning, IPs: ip, Identity: id}
+	base := *state.WithDetail(state.Pod{Namespace: "demo", Name: "a", Enrolled: true, Phase: state.PodRunning, IPs: ip, Identity: id}, state.PodDetail{UID: "u"})
 	mod := func(f func(*state.Pod)) *state.Pod { p := base; f(&p); return &p }
 	for _, tc := range []struct {
 		name string
@@ -117,11 +117,11 @@ func TestWaitsForNetns(t *testing.T) {
 		want bool
 	}{
 		{"running without netns", &base, true},
-		{"netns found", mod(func(p *state.Pod) { p.Netns = "/proc/1/ns/net" }), false},
+		{"netns found", mod(func(p *state.Pod) { p.SetLocation("/proc/1/ns/net", "") }), false},
 		{"not enrolled", mod(func(p *state.Pod) { p.Enrolled = false }), false},
 		{"no address yet", mod(func(p *state.Pod) { p.IPs = nil }), false},
 		{"no identity", mod(func(p *state.Pod) { p.Identity = spiffeid.ID{} }), false},
-		{"no UID", mod(func(p *state.Pod) { p.UID = "" }), false},
+		{"no UID", mod(func(p *state.Pod) { p.SetUID("") }), false},
 		{"terminating", mod(func(p *state.Pod) { p.Terminating = true }), false},
 	} {
 		if got := waitsForNetns(f, tc.pod); got != tc.want {

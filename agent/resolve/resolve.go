@@ -103,7 +103,7 @@ func (r *Resolver) endpoint(addr netip.AddrPort, p *state.Pod) (proxy.Endpoint, 
 	ep.Workload = p.Ref
 	// Host-network pods are never in PodByIP; a pod that excluded the
 	// port from inbound capture is reached in plaintext.
-	if !p.Enrolled || p.Identity.IsZero() || slices.Contains(p.ExcludeInboundPorts, addr.Port()) {
+	if !p.Enrolled || p.Identity.IsZero() || slices.Contains(p.ExcludeInboundPorts(), addr.Port()) {
 		return ep, nil
 	}
 	if r.cfg.MeshCapable(p.Node) {

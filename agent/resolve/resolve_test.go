@@ -35,8 +35,7 @@ func TestResolve(t *testing.T) {
 	st.Update(func(tx *state.Tx) {
 		tx.SetNamespace(&state.Namespace{Name: "mesh", Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
 		tx.SetNamespace(&state.Namespace{Name: "plain"})
-		tx.SetPod(&state.Pod{Namespace: "mesh", Name: "web", ServiceAccount: "web", Phase: state.PodRunning, IPs: []netip.Addr{ip("10.0.0.1")},
-			Annotations: map[string]string{state.AnnotationExcludeInboundPorts: "9100"}})
+		tx.SetPod(state.WithDetail(state.Pod{Namespace: "mesh", Name: "web", ServiceAccount: "web", Phase: state.PodRunning, IPs: []netip.Addr{ip("10.0.0.1")}}, state.PodDetail{Annotations: map[string]string{state.AnnotationExcludeInboundPorts: "9100"}}))
 		tx.SetPod(&state.Pod{Namespace: "plain", Name: "old", Phase: state.PodRunning, IPs: []netip.Addr{ip("10.0.0.2")}})
 		tx.SetService(&state.Service{Namespace: "mesh", Name: "web", ClusterIPs: []netip.Addr{ip("10.96.0.1")},
 			Ports: []state.ServicePort{{Name: "http", Port: 80, TargetPort: 8080}}})
@@ -89,7 +88,7 @@ func TestEndpointRollout(t *testing.T) {
 	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/a/sa/default")
 	addr := netip.MustParseAddrPort("10.0.1.5:8080")
 	pod := func(node string, enrolled bool, exclude ...uint16) *state.Pod {
-		p := &state.Pod{Namespace: "a", Name: "p", Node: node, Enrolled: enrolled, ExcludeInboundPorts: exclude, Ref: "a/p"}
+		p := state.WithDetail(state.Pod{Namespace: "a", Name: "p", Node: node, Enrolled: enrolled, Ref: "a/p"}, state.PodDetail{ExcludeInboundPorts: exclude})
 		if enrolled {
 			p.Identity = id
 		}

@@ -546,8 +546,8 @@ func randomPod(rng *rand.Rand, k Key) *Pod {
 		p.Labels[LabelMode] = ModeDisabled
 	}
 	if rng.IntN(4) == 0 {
-		p.Annotations = map[string]string{AnnotationExcludeInboundPorts: pick(rng, []string{"8080", "15008", "x"}),
-			AnnotationNetns: "/run/netns/" + k.Name}
+		p.SetAnnotations(map[string]string{AnnotationExcludeInboundPorts: pick(rng, []string{"8080", "15008", "x"}),
+			AnnotationNetns: "/run/netns/" + k.Name})
 	}
 	return p
 }

@@ -309,34 +309,36 @@ func computePod(p *Pod, ns *Namespace, td spiffeid.TrustDomain) *Pod {
 // input fields, its namespace's enrollment and the trust domain.
 func fillComputed(c *Pod, ns *Namespace, td spiffeid.TrustDomain) {
 	p := *c // the inputs, read from a copy while c is rewritten
+	d := p.Detail()
 	c.computed = true
-	c.Problems = nil
+	d.Problems = nil
 	sa := p.ServiceAccount
 	if sa == "" {
 		sa = "default" // what the API server fills in
 	}
 	id, err := spiffeid.FromSegments(td, "ns", p.Namespace, "sa", sa)
 	if err != nil {
-		c.Problems = append(c.Problems, fmt.Sprintf("building SPIFFE ID for service account %q: %v", sa, err))
+		d.Problems = append(d.Problems, fmt.Sprintf("building SPIFFE ID for service account %q: %v", sa, err))
 	}
 	// Interned: the pods of one service account share the ID's strings.
 	c.Identity = unique.Make(id).Value()
 	c.Enrolled = ns != nil && ns.Enrolled && p.Labels[LabelMode] != ModeDisabled && !p.HostNetwork
-	c.ExcludeInboundPorts, err = parsePorts(p.Annotations[AnnotationExcludeInboundPorts])
+	d.ExcludeInboundPorts, err = parsePorts(d.Annotations[AnnotationExcludeInboundPorts])
 	if err == nil {
-		err = checkInboundExclusions(c.ExcludeInboundPorts)
+		err = checkInboundExclusions(d.ExcludeInboundPorts)
 	}
 	if err != nil {
-		c.ExcludeInboundPorts = nil
-		c.Problems = append(c.Problems, fmt.Sprintf("annotation %s ignored (nothing excluded): %v", AnnotationExcludeInboundPorts, err))
+		d.ExcludeInboundPorts = nil
+		d.Problems = append(d.Problems, fmt.Sprintf("annotation %s ignored (nothing excluded): %v", AnnotationExcludeInboundPorts, err))
 	}
-	c.ExcludeOutboundPorts, err = parsePorts(p.Annotations[AnnotationExcludeOutboundPorts])
+	d.ExcludeOutboundPorts, err = parsePorts(d.Annotations[AnnotationExcludeOutboundPorts])
 	if err != nil {
-		c.Problems = append(c.Problems, fmt.Sprintf("annotation %s ignored (nothing excluded): %v", AnnotationExcludeOutboundPorts, err))
+		d.Problems = append(d.Problems, fmt.Sprintf("annotation %s ignored (nothing excluded): %v", AnnotationExcludeOutboundPorts, err))
 	}
 	c.Ref = p.Namespace + "/" + p.Name
-	c.Netns = p.Annotations[AnnotationNetns]
-	c.Cgroup = p.Annotations[AnnotationCgroup]
+	d.Netns = d.Annotations[AnnotationNetns]
+	d.Cgroup = d.Annotations[AnnotationCgroup]
+	c.SetDetail(d)
 }
 
 // parsePorts parses "80, 8080" into ports. Any bad element rejects the whole

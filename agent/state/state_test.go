@@ -208,15 +208,15 @@ func TestExcludedPortAnnotations(t *testing.T) {
 			s := newStore(t)
 			s.Update(func(tx *Tx) {
 				tx.SetPod(pod("ns", "a", "10.0.0.1", func(p *Pod) {
-					p.Annotations = map[string]string{AnnotationExcludeInboundPorts: tt.value, AnnotationExcludeOutboundPorts: tt.value}
+					p.SetAnnotations(map[string]string{AnnotationExcludeInboundPorts: tt.value, AnnotationExcludeOutboundPorts: tt.value})
 				}))
 			})
 			p := s.Snapshot().Pod("ns", "a")
-			if !slices.Equal(p.ExcludeInboundPorts, tt.want) || !slices.Equal(p.ExcludeOutboundPorts, tt.want) {
-				t.Fatalf("excluded in %v out %v, want %v", p.ExcludeInboundPorts, p.ExcludeOutboundPorts, tt.want)
+			if !slices.Equal(p.ExcludeInboundPorts(), tt.want) || !slices.Equal(p.ExcludeOutboundPorts(), tt.want) {
+				t.Fatalf("excluded in %v out %v, want %v", p.ExcludeInboundPorts(), p.ExcludeOutboundPorts(), tt.want)
 			}
-			if len(p.Problems) != 2*tt.problems {
-				t.Fatalf("problems %q, want %d", p.Problems, 2*tt.problems)
+			if len(p.Problems()) != 2*tt.problems {
+				t.Fatalf("problems %q, want %d", p.Problems(), 2*tt.problems)
 			}
 		})
 	}
@@ -230,12 +230,12 @@ func TestInboundExclusionOfAgentPorts(t *testing.T) {
 		s := newStore(t)
 		s.Update(func(tx *Tx) {
 			tx.SetPod(pod("ns", "a", "10.0.0.1", func(p *Pod) {
-				p.Annotations = map[string]string{AnnotationExcludeInboundPorts: v}
+				p.SetAnnotations(map[string]string{AnnotationExcludeInboundPorts: v})
 			}))
 		})
 		p := s.Snapshot().Pod("ns", "a")
-		if p.ExcludeInboundPorts != nil || len(p.Problems) != 1 || !strings.Contains(p.Problems[0], "reserved for the nodemesh agent") {
-			t.Errorf("exclude-inbound-ports %q: excluded %v, problems %q; want nothing excluded and one problem", v, p.ExcludeInboundPorts, p.Problems)
+		if p.ExcludeInboundPorts() != nil || len(p.Problems()) != 1 || !strings.Contains(p.Problems()[0], "reserved for the nodemesh agent") {
+			t.Errorf("exclude-inbound-ports %q: excluded %v, problems %q; want nothing excluded and one problem", v, p.ExcludeInboundPorts(), p.Problems())
 		}
 	}
 }
@@ -244,12 +244,12 @@ func TestNetnsAndCgroupAnnotations(t *testing.T) {
 	s := newStore(t)
 	s.Update(func(tx *Tx) {
 		tx.SetPod(pod("ns", "a", "10.0.0.1", func(p *Pod) {
-			p.Annotations = map[string]string{AnnotationNetns: "/run/netns/x", AnnotationCgroup: "/sys/fs/cgroup/x"}
+			p.SetAnnotations(map[string]string{AnnotationNetns: "/run/netns/x", AnnotationCgroup: "/sys/fs/cgroup/x"})
 		}))
 	})
 	p := s.Snapshot().Pod("ns", "a")
-	if p.Netns != "/run/netns/x" || p.Cgroup != "/sys/fs/cgroup/x" {
-		t.Fatalf("netns %q cgroup %q", p.Netns, p.Cgroup)
+	if p.Netns() != "/run/netns/x" || p.Cgroup() != "/sys/fs/cgroup/x" {
+		t.Fatalf("netns %q cgroup %q", p.Netns(), p.Cgroup())
 	}
 }
 

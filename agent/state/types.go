@@ -14,6 +14,7 @@
 package state
 
 import (
+	"encoding/json"
 	"net/netip"
 	"strings"
 
@@ -111,41 +112,71 @@ type ContainerPort struct {
 
 // Pod is what the agent knows about a pod. Sources fill the input fields;
 // the snapshot fills the computed ones.
+//
+// The agent keeps one for every pod in the cluster, so its size is most of
+// what a remote pod costs: what most pods leave empty or only the pod's
+// own node reads (PodDetail) sits behind one pointer, read with UID,
+// Annotations, ExcludeInboundPorts, ExcludeOutboundPorts, Netns, Cgroup and
+// Problems and written with SetDetail, SetUID and SetAnnotations, which
+// leave a copy's detail alone. That keeps the struct in the 240-byte size
+// class instead of 384 (TestPodSize).
 type Pod struct {
-	Namespace string `json:"namespace"`
-	Name      string `json:"name"`
-	// UID is node-local detail: empty for a pod of another node when the
-	// source drops that (agent/k8s TransformFor).
-	UID            string            `json:"uid"`
+	Namespace      string            `json:"namespace"`
+	Name           string            `json:"name"`
 	ServiceAccount string            `json:"serviceAccount"`
 	Node           string            `json:"node"`
 	Labels         map[string]string `json:"labels,omitempty"`
-	// Annotations holds only the keys KeepAnnotation accepts, without the
-	// NodeLocalAnnotation ones for a pod of another node when the source
-	// drops those.
-	Annotations map[string]string `json:"annotations,omitempty"`
-	IPs         []netip.Addr      `json:"ips"`
-	Ports       []ContainerPort   `json:"ports,omitempty"`
+	IPs            []netip.Addr      `json:"ips"`
+	Ports          []ContainerPort   `json:"ports,omitempty"`
 	// ProbePorts are the TCP ports kubelet's HTTP, TCP and gRPC probes
 	// target (named ports resolved), for policy's probe exemption.
-	ProbePorts  []uint16 `json:"probePorts,omitempty"`
-	Phase       PodPhase `json:"phase"`
-	HostNetwork bool     `json:"hostNetwork,omitempty"`
-	// Terminating is set once the pod has a deletion timestamp.
-	Terminating bool `json:"terminating,omitempty"`
+	ProbePorts []uint16 `json:"probePorts,omitempty"`
+	Phase      PodPhase `json:"phase"`
 	// Workload is the name of the pod's controller as Istio reports it in
 	// source_workload/destination_workload: the Deployment for a pod of a
 	// ReplicaSet, the StatefulSet, DaemonSet or Job, else the pod's name.
 	// Empty means the pod's name.
-	Workload string `json:"workload,omitempty"`
+	Workload    string `json:"workload,omitempty"`
+	HostNetwork bool   `json:"hostNetwork,omitempty"`
+	// Terminating is set once the pod has a deletion timestamp.
+	Terminating bool `json:"terminating,omitempty"`
 
 	// Computed by the snapshot.
 
-	// Identity is spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
-	Identity spiffeid.ID `json:"identity"`
 	// Enrolled: the namespace is enabled, the pod has not opted out, and it
 	// is not on the host network.
 	Enrolled bool `json:"enrolled"`
+	// computed is set once the store has filled in the computed fields.
+	// The store fills them into the value it was given, once, before any
+	// snapshot holds it, so the informer cache and the snapshot share one
+	// copy of each pod; after that the value is never written again.
+	computed bool
+	// Identity is spiffe://<trust domain>/ns/<namespace>/sa/<service account>.
+	Identity spiffeid.ID `json:"identity"`
+	// Ref is "namespace/name", computed once so the connection path does
+	// not build it per lookup.
+	Ref string `json:"-"`
+
+	// detail is nil when every field of it is empty. The value it points
+	// to is never written once set: copies of a pod share it, and the
+	// setters replace it.
+	detail *PodDetail
+}
+
+// PodDetail is the part of a Pod that most pods leave empty, or that only
+// the agent of the pod's own node reads (sources may drop that from pods
+// of other nodes, see agent/k8s TransformFor).
+type PodDetail struct {
+	// UID is node-local detail: empty for a pod of another node when the
+	// source drops that.
+	UID string `json:"uid"`
+	// Annotations holds only the keys KeepAnnotation accepts, without the
+	// NodeLocalAnnotation ones for a pod of another node when the source
+	// drops those.
+	Annotations map[string]string `json:"annotations,omitempty"`
+
+	// Computed by the snapshot.
+
 	// ExcludeInboundPorts and ExcludeOutboundPorts come from the annotations.
 	// An annotation that does not parse excludes nothing (fail closed: the
 	// traffic stays in the mesh) and is reported in Problems.
@@ -156,15 +187,106 @@ type Pod struct {
 	Cgroup string `json:"cgroup,omitempty"`
 	// Problems lists input the snapshot could not use, for the config dump.
 	Problems []string `json:"problems,omitempty"`
-	// Ref is "namespace/name", computed once so the connection path does
-	// not build it per lookup.
-	Ref string `json:"-"`
+}
 
-	// computed is set once the store has filled in the computed fields.
-	// The store fills them into the value it was given, once, before any
-	// snapshot holds it, so the informer cache and the snapshot share one
-	// copy of each pod; after that the value is never written again.
-	computed bool
+func (d *PodDetail) empty() bool {
+	return d.UID == "" && len(d.Annotations) == 0 && len(d.ExcludeInboundPorts) == 0 && len(d.ExcludeOutboundPorts) == 0 &&
+		d.Netns == "" && d.Cgroup == "" && len(d.Problems) == 0
+}
+
+// noDetail is what a pod without detail reads.
+var noDetail PodDetail
+
+func (p *Pod) d() *PodDetail {
+	if p.detail == nil {
+		return &noDetail
+	}
+	return p.detail
+}
+
+// Detail returns a copy of the pod's detail (its maps and slices shared,
+// and as read-only as the pod's own).
+func (p *Pod) Detail() PodDetail { return *p.d() }
+
+// SetDetail replaces the pod's detail with a copy of d. Copies of the pod
+// made before keep theirs.
+func (p *Pod) SetDetail(d PodDetail) {
+	if d.empty() {
+		p.detail = nil
+		return
+	}
+	p.detail = &d
+}
+
+// SetUID sets the pod's UID; copies of the pod made before keep theirs.
+func (p *Pod) SetUID(uid string) {
+	d := p.Detail()
+	d.UID = uid
+	p.SetDetail(d)
+}
+
+// SetAnnotations sets the pod's annotations (which the caller must not
+// modify afterwards); copies of the pod made before keep theirs.
+func (p *Pod) SetAnnotations(a map[string]string) {
+	d := p.Detail()
+	d.Annotations = a
+	p.SetDetail(d)
+}
+
+// SetLocation sets the pod's netns and cgroup paths; copies of the pod
+// made before keep theirs.
+func (p *Pod) SetLocation(netns, cgroup string) {
+	d := p.Detail()
+	d.Netns, d.Cgroup = netns, cgroup
+	p.SetDetail(d)
+}
+
+// UID returns the pod's UID (PodDetail.UID).
+func (p *Pod) UID() string { return p.d().UID }
+
+// Annotations returns the pod's kept annotations (PodDetail.Annotations).
+func (p *Pod) Annotations() map[string]string { return p.d().Annotations }
+
+// ExcludeInboundPorts returns PodDetail.ExcludeInboundPorts.
+func (p *Pod) ExcludeInboundPorts() []uint16 { return p.d().ExcludeInboundPorts }
+
+// ExcludeOutboundPorts returns PodDetail.ExcludeOutboundPorts.
+func (p *Pod) ExcludeOutboundPorts() []uint16 { return p.d().ExcludeOutboundPorts }
+
+// Netns returns the lab's netns path (PodDetail.Netns).
+func (p *Pod) Netns() string { return p.d().Netns }
+
+// Cgroup returns the lab's cgroup path (PodDetail.Cgroup).
+func (p *Pod) Cgroup() string { return p.d().Cgroup }
+
+// Problems returns PodDetail.Problems.
+func (p *Pod) Problems() []string { return p.d().Problems }
+
+// podJSON is a Pod's encoding: its fields and its detail's, flat, as
+// before the detail moved behind a pointer.
+type podJSON struct {
+	*podFields
+	*PodDetail
+}
+
+type podFields Pod // without Pod's methods
+
+// MarshalJSON encodes the pod with its detail's fields beside its own.
+func (p *Pod) MarshalJSON() ([]byte, error) {
+	d := p.Detail()
+	return json.Marshal(podJSON{(*podFields)(p), &d})
+}
+
+// UnmarshalJSON decodes what MarshalJSON encodes.
+func (p *Pod) UnmarshalJSON(b []byte) error {
+	var d PodDetail
+	var f podFields
+	if err := json.Unmarshal(b, &podJSON{&f, &d}); err != nil {
+		return err
+	}
+	*p = Pod(f)
+	p.SetDetail(d)
+	return nil
 }
 
 // Key returns the pod's namespace/name.
@@ -278,3 +400,10 @@ func (o *Object) Key() Key { return Key{o.Namespace, o.Name} }
 // converts it to its own input, and keeping the original preserves every
 // field of NetworkPolicy's exact meaning.
 type NetworkPolicy = networkingv1.NetworkPolicy
+
+// WithDetail returns a copy of p with detail d, for building pods in
+// tests and static sources.
+func WithDetail(p Pod, d PodDetail) *Pod {
+	p.SetDetail(d)
+	return &p
+}

@@ -19,8 +19,8 @@ func TestExposureEvent(t *testing.T) {
 	st.Update(func(tx *state.Tx) {
 		tx.SetNamespace(&state.Namespace{Name: "shop", Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
 		tx.SetNamespace(&state.Namespace{Name: "outside"})
-		tx.SetPod(&state.Pod{Namespace: "shop", Name: "web-3", UID: "u1", ServiceAccount: "web", Node: "n3", IPs: []netip.Addr{netip.MustParseAddr("10.0.3.2")}, Phase: state.PodRunning})
-		tx.SetPod(&state.Pod{Namespace: "outside", Name: "o-3", UID: "u2", ServiceAccount: "o", Node: "n3", IPs: []netip.Addr{netip.MustParseAddr("10.0.3.3")}, Phase: state.PodRunning})
+		tx.SetPod(state.WithDetail(state.Pod{Namespace: "shop", Name: "web-3", ServiceAccount: "web", Node: "n3", IPs: []netip.Addr{netip.MustParseAddr("10.0.3.2")}, Phase: state.PodRunning}, state.PodDetail{UID: "u1"}))
+		tx.SetPod(state.WithDetail(state.Pod{Namespace: "outside", Name: "o-3", ServiceAccount: "o", Node: "n3", IPs: []netip.Addr{netip.MustParseAddr("10.0.3.3")}, Phase: state.PodRunning}, state.PodDetail{UID: "u2"}))
 	})
 	client := &proxy.Workload{Namespace: "client", Name: "c1"}
 	web2 := &proxy.Workload{Namespace: "shop", Name: "web-2"}

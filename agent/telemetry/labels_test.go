@@ -72,11 +72,11 @@ func labelFixture(t *testing.T, cfg Config) (*Observer, *prometheus.Registry) {
 	webKey := state.Key{Namespace: "shop", Name: "web-7d9f-x2"}
 	st.Update(func(tx *state.Tx) {
 		tx.SetNamespace(&state.Namespace{Name: "shop", Labels: map[string]string{state.LabelMode: state.ModeEnabled}})
-		tx.SetPod(&state.Pod{Namespace: "shop", Name: "client-0", UID: "u1", ServiceAccount: "client", Node: "n1", Phase: state.PodRunning,
-			IPs: []netip.Addr{netip.MustParseAddr("10.0.1.5")}, Workload: "client", Labels: map[string]string{"app": "client"}})
-		tx.SetPod(&state.Pod{Namespace: "shop", Name: webKey.Name, UID: "u2", ServiceAccount: "web", Node: "n2", Phase: state.PodRunning,
+		tx.SetPod(state.WithDetail(state.Pod{Namespace: "shop", Name: "client-0", ServiceAccount: "client", Node: "n1", Phase: state.PodRunning,
+			IPs: []netip.Addr{netip.MustParseAddr("10.0.1.5")}, Workload: "client", Labels: map[string]string{"app": "client"}}, state.PodDetail{UID: "u1"}))
+		tx.SetPod(state.WithDetail(state.Pod{Namespace: "shop", Name: webKey.Name, ServiceAccount: "web", Node: "n2", Phase: state.PodRunning,
 			IPs: []netip.Addr{netip.MustParseAddr("10.0.2.7")}, Workload: "web",
-			Labels: map[string]string{"app.kubernetes.io/name": "storefront", "app.kubernetes.io/version": "1.4.0"}})
+			Labels: map[string]string{"app.kubernetes.io/name": "storefront", "app.kubernetes.io/version": "1.4.0"}}, state.PodDetail{UID: "u2"}))
 		tx.SetService(&state.Service{Namespace: "shop", Name: "web", ClusterIPs: []netip.Addr{netip.MustParseAddr("10.96.0.10")},
 			Ports: []state.ServicePort{{Name: "http", Protocol: "TCP", Port: 80, TargetPort: 8080}}})
 		tx.SetEndpointSlice(&state.EndpointSlice{Namespace: "shop", Name: "web-abc", Service: "web", AddressType: "IPv4",

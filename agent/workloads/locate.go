@@ -89,7 +89,7 @@ func (l *Locator) Locate(pods []*state.Pod) []*state.Pod {
 	out := make([]*state.Pod, 0, len(pods))
 	seen := make(map[string]bool, len(pods))
 	for _, p := range pods {
-		seen[p.UID] = true
+		seen[p.UID()] = true
 		out = append(out, l.locate(p, scan))
 	}
 	for uid := range l.located {
@@ -113,9 +113,9 @@ func (l *Locator) locate(p *state.Pod, scan func() map[string]nodeinfo.Sandbox) 
 	// namespace the CNI plugin passed, kept for the pod's life (a path
 	// that changed would re-enroll it), and its addresses until the API
 	// has them.
-	if rep, ok := l.reported.Get(p.UID); ok {
+	if rep, ok := l.reported.Get(p.UID()); ok {
 		cp := *p
-		cp.Netns, cp.Cgroup = rep.Netns, ""
+		cp.SetLocation(rep.Netns, "")
 		if len(cp.IPs) == 0 {
 			cp.IPs = rep.IPs
 		}
@@ -124,21 +124,21 @@ func (l *Locator) locate(p *state.Pod, scan func() map[string]nodeinfo.Sandbox) 
 	if len(p.IPs) == 0 {
 		return p
 	}
-	if p.Netns != "" && l.mode != NetnsProc {
+	if p.Netns() != "" && l.mode != NetnsProc {
 		return p
 	}
 	cp := *p
-	cp.Netns, cp.Cgroup = "", ""
-	if p.UID == "" {
+	cp.SetLocation("", "")
+	if p.UID() == "" {
 		return &cp
 	}
-	sb, ok := l.located[p.UID]
+	sb, ok := l.located[p.UID()]
 	if !ok || !l.alive(sb) {
-		sb, ok = scan()[p.UID]
+		sb, ok = scan()[p.UID()]
 	}
 	if ok {
-		l.located[p.UID] = sb
-		cp.Netns, cp.Cgroup = sb.Netns, sb.Cgroup
+		l.located[p.UID()] = sb
+		cp.SetLocation(sb.Netns, sb.Cgroup)
 	}
 	return &cp
 }

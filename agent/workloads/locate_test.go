@@ -24,10 +24,10 @@ func (f *fakeScanner) Scan() (map[string]nodeinfo.Sandbox, map[string]error, err
 
 func TestLocatePodNetns(t *testing.T) {
 	ip := []netip.Addr{netip.MustParseAddr("10.244.1.5")}
-	annotated := &state.Pod{UID: "u1", Enrolled: true, Phase: state.PodRunning, IPs: ip, Netns: "/run/netns/nm-x", Cgroup: "/sys/fs/cgroup/nm-x"}
-	bare := &state.Pod{UID: "u2", Enrolled: true, Phase: state.PodRunning, IPs: ip}
-	notEnrolled := &state.Pod{UID: "u3", Phase: state.PodRunning, IPs: ip}
-	noIP := &state.Pod{UID: "u2", Enrolled: true, Phase: state.PodPending}
+	annotated := state.WithDetail(state.Pod{Enrolled: true, Phase: state.PodRunning, IPs: ip}, state.PodDetail{UID: "u1", Netns: "/run/netns/nm-x", Cgroup: "/sys/fs/cgroup/nm-x"})
+	bare := state.WithDetail(state.Pod{Enrolled: true, Phase: state.PodRunning, IPs: ip}, state.PodDetail{UID: "u2"})
+	notEnrolled := state.WithDetail(state.Pod{Phase: state.PodRunning, IPs: ip}, state.PodDetail{UID: "u3"})
+	noIP := state.WithDetail(state.Pod{Enrolled: true, Phase: state.PodPending}, state.PodDetail{UID: "u2"})
 	found := map[string]nodeinfo.Sandbox{
 		"u1": {UID: "u1", Netns: "/proc/10/ns/net", Cgroup: "/sys/fs/cgroup/kubepods/pod-u1"},
 		"u2": {UID: "u2", Netns: "/proc/20/ns/net", Cgroup: "/sys/fs/cgroup/kubepods/pod-u2"},
@@ -52,13 +52,13 @@ func TestLocatePodNetns(t *testing.T) {
 			l := NewLocator(tc.mode, fs, nil)
 			before := *tc.pod
 			got := l.Locate([]*state.Pod{tc.pod})[0]
-			if got.Netns != tc.wantNetns || got.Cgroup != tc.wantCgroup {
-				t.Errorf("located (%q, %q), want (%q, %q)", got.Netns, got.Cgroup, tc.wantNetns, tc.wantCgroup)
+			if got.Netns() != tc.wantNetns || got.Cgroup() != tc.wantCgroup {
+				t.Errorf("located (%q, %q), want (%q, %q)", got.Netns(), got.Cgroup(), tc.wantNetns, tc.wantCgroup)
 			}
 			if (fs.calls > 0) != tc.wantScan {
 				t.Errorf("scanned /proc %d times, want scan=%v", fs.calls, tc.wantScan)
 			}
-			if tc.pod.Netns != before.Netns || tc.pod.Cgroup != before.Cgroup {
+			if tc.pod.Netns() != before.Netns() || tc.pod.Cgroup() != before.Cgroup() {
 				t.Errorf("locate modified the snapshot's pod")
 			}
 		})
@@ -67,8 +67,8 @@ func TestLocatePodNetns(t *testing.T) {
 	t.Run("pod not found stays unlocated, and a failing scan never guesses", func(t *testing.T) {
 		for _, fs := range []*fakeScanner{{found: map[string]nodeinfo.Sandbox{}}, {err: errors.New("permission denied")}} {
 			l := NewLocator(NetnsProc, fs, nil)
-			if got := l.Locate([]*state.Pod{annotated})[0]; got.Netns != "" || (Filter{}).Wanted(got) {
-				t.Errorf("pod located at %q (wanted=%v) without a sandbox", got.Netns, (Filter{}).Wanted(got))
+			if got := l.Locate([]*state.Pod{annotated})[0]; got.Netns() != "" || (Filter{}).Wanted(got) {
+				t.Errorf("pod located at %q (wanted=%v) without a sandbox", got.Netns(), (Filter{}).Wanted(got))
 			}
 		}
 	})
@@ -88,13 +88,13 @@ func TestLocatePodNetns(t *testing.T) {
 		l := NewLocator(NetnsProc, fs, nil)
 		l.alive = func(sb nodeinfo.Sandbox) bool { return live[sb.UID] }
 		l.Locate([]*state.Pod{bare})
-		if got := l.Locate([]*state.Pod{bare})[0]; got.Netns != "/proc/20/ns/net" || fs.calls != 1 {
-			t.Errorf("second reconcile: netns %q after %d scans, want the cached sandbox and 1 scan", got.Netns, fs.calls)
+		if got := l.Locate([]*state.Pod{bare})[0]; got.Netns() != "/proc/20/ns/net" || fs.calls != 1 {
+			t.Errorf("second reconcile: netns %q after %d scans, want the cached sandbox and 1 scan", got.Netns(), fs.calls)
 		}
 		live["u2"] = false // the sandbox process exited: its pid may be reused
 		fs.found = map[string]nodeinfo.Sandbox{"u2": {UID: "u2", Netns: "/proc/30/ns/net"}}
-		if got := l.Locate([]*state.Pod{bare})[0]; got.Netns != "/proc/30/ns/net" || fs.calls != 2 {
-			t.Errorf("after the sandbox went: netns %q after %d scans, want a rescan", got.Netns, fs.calls)
+		if got := l.Locate([]*state.Pod{bare})[0]; got.Netns() != "/proc/30/ns/net" || fs.calls != 2 {
+			t.Errorf("after the sandbox went: netns %q after %d scans, want a rescan", got.Netns(), fs.calls)
 		}
 		l.Locate(nil)
 		if len(l.located) != 0 {
@@ -105,8 +105,8 @@ func TestLocatePodNetns(t *testing.T) {
 	t.Run("annotations mode never scans", func(t *testing.T) {
 		fs := &fakeScanner{found: found}
 		l := NewLocator(NetnsAnnotations, fs, nil)
-		if got := l.Locate([]*state.Pod{bare})[0]; got.Netns != "" || fs.calls != 0 {
-			t.Errorf("located %q after %d scans in annotations mode", got.Netns, fs.calls)
+		if got := l.Locate([]*state.Pod{bare})[0]; got.Netns() != "" || fs.calls != 0 {
+			t.Errorf("located %q after %d scans in annotations mode", got.Netns(), fs.calls)
 		}
 	})
 }

@@ -27,24 +27,24 @@ func TestLocateReportedSandbox(t *testing.T) {
 	l.UseReported(r)
 	// Kubelet has not written the pod's IP yet (Pending, no IPs), and no
 	// process of the pod exists: the report places it all the same.
-	pending := &state.Pod{UID: "u2", Namespace: "shop", Name: "web-0", Enrolled: true, Phase: state.PodPending}
+	pending := state.WithDetail(state.Pod{Namespace: "shop", Name: "web-0", Enrolled: true, Phase: state.PodPending}, state.PodDetail{UID: "u2"})
 	got := l.Locate([]*state.Pod{pending})[0]
-	if got.Netns != "/proc/self/fd/42" || got.Cgroup != "" || !slices.Equal(got.IPs, []netip.Addr{ip}) || fs.calls != 0 {
+	if got.Netns() != "/proc/self/fd/42" || got.Cgroup() != "" || !slices.Equal(got.IPs, []netip.Addr{ip}) || fs.calls != 0 {
 		t.Fatalf("located %+v (scans %d)", got, fs.calls)
 	}
-	if len(pending.IPs) != 0 || pending.Netns != "" {
+	if len(pending.IPs) != 0 || pending.Netns() != "" {
 		t.Fatal("Locate changed the snapshot's pod")
 	}
 	// Once the API has the IPs, they are the API's; the path stays the
 	// reported one, so the plan does not re-enroll the pod.
-	running := &state.Pod{UID: "u2", Namespace: "shop", Name: "web-0", Enrolled: true, Phase: state.PodRunning, IPs: []netip.Addr{ip}}
-	if got := l.Locate([]*state.Pod{running})[0]; got.Netns != "/proc/self/fd/42" || fs.calls != 0 {
+	running := state.WithDetail(state.Pod{Namespace: "shop", Name: "web-0", Enrolled: true, Phase: state.PodRunning, IPs: []netip.Addr{ip}}, state.PodDetail{UID: "u2"})
+	if got := l.Locate([]*state.Pod{running})[0]; got.Netns() != "/proc/self/fd/42" || fs.calls != 0 {
 		t.Fatalf("located %+v", got)
 	}
 	// Not enrolled: left alone.
-	plain := &state.Pod{UID: "u2", Phase: state.PodRunning}
-	if got := l.Locate([]*state.Pod{plain})[0]; got.Netns != "" {
-		t.Fatalf("unenrolled pod located at %q", got.Netns)
+	plain := state.WithDetail(state.Pod{Phase: state.PodRunning}, state.PodDetail{UID: "u2"})
+	if got := l.Locate([]*state.Pod{plain})[0]; got.Netns() != "" {
+		t.Fatalf("unenrolled pod located at %q", got.Netns())
 	}
 	if f.closed != 0 {
 		t.Fatal("descriptor closed while the report is in use")

@@ -26,7 +26,7 @@ type Filter struct {
 // Wanted reports whether the agent should capture p, a pod of its node
 // that Locator has located.
 func (f Filter) Wanted(p *state.Pod) bool {
-	return p.Enrolled && p.Live() && len(p.IPs) > 0 && p.Netns != "" && !p.Identity.IsZero() && f.serves(p)
+	return p.Enrolled && p.Live() && len(p.IPs) > 0 && p.Netns() != "" && !p.Identity.IsZero() && f.serves(p)
 }
 
 func (f Filter) serves(p *state.Pod) bool {
@@ -119,7 +119,7 @@ func Plan(served map[state.Key]Served, want []*state.Pod) []Action {
 	gone := make(map[state.Key]bool)
 	for k, s := range served {
 		p, ok := wanted[k]
-		if !ok || p.UID != s.Pod.UID || p.Netns != s.Pod.Netns || !slices.Equal(p.IPs, s.Pod.IPs) {
+		if !ok || p.UID() != s.Pod.UID() || p.Netns() != s.Pod.Netns() || !slices.Equal(p.IPs, s.Pod.IPs) {
 			out = append(out, Action{Kind: Unenroll, Key: k})
 			gone[k] = true
 		}
@@ -133,7 +133,7 @@ func Plan(served map[state.Key]Served, want []*state.Pod) []Action {
 			out = append(out, Action{Kind: Retry, Key: k, Pod: p})
 		case s.Failed:
 			out = append(out, Action{Kind: Recheck, Key: k, Pod: p})
-		case !slices.Equal(s.Excluded, p.ExcludeOutboundPorts) || !slices.Equal(s.ExcludedIn, p.ExcludeInboundPorts):
+		case !slices.Equal(s.Excluded, p.ExcludeOutboundPorts()) || !slices.Equal(s.ExcludedIn, p.ExcludeInboundPorts()):
 			out = append(out, Action{Kind: UpdateExcluded, Key: k, Pod: p})
 		}
 	}

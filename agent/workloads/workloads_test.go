@@ -13,8 +13,8 @@ import (
 func TestFilter(t *testing.T) {
 	id := spiffeid.RequireFromString("spiffe://cluster.local/ns/mesh/sa/web")
 	pod := func(ns, name string) *state.Pod {
-		return &state.Pod{Namespace: ns, Name: name, Enrolled: true, Netns: "/run/netns/x", Identity: id,
-			IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}, Phase: state.PodRunning}
+		return state.WithDetail(state.Pod{Namespace: ns, Name: name, Enrolled: true, Identity: id,
+			IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")}, Phase: state.PodRunning}, state.PodDetail{Netns: "/run/netns/x"})
 	}
 	node := Filter{Node: "n1"}
 	one := Filter{Node: "n1", Only: map[string]bool{"mesh/web-0": true, "mesh/web-1": true}}
@@ -34,7 +34,7 @@ func TestFilter(t *testing.T) {
 	// The filter narrows, never widens.
 	for name, change := range map[string]func(*state.Pod){
 		"unenrolled":      func(p *state.Pod) { p.Enrolled = false },
-		"not located yet": func(p *state.Pod) { p.Netns = "" },
+		"not located yet": func(p *state.Pod) { p.SetLocation("", p.Cgroup()) },
 		"no IP":           func(p *state.Pod) { p.IPs = nil },
 		"no identity":     func(p *state.Pod) { p.Identity = spiffeid.ID{} },
 		"finished":        func(p *state.Pod) { p.Phase = state.PodSucceeded },
@@ -50,7 +50,7 @@ func TestFilter(t *testing.T) {
 func TestPlan(t *testing.T) {
 	ip := func(s string) []netip.Addr { return []netip.Addr{netip.MustParseAddr(s)} }
 	pod := func(name, uid, netns, addr string, exclude ...uint16) *state.Pod {
-		return &state.Pod{Namespace: "ns", Name: name, UID: uid, Netns: netns, IPs: ip(addr), ExcludeOutboundPorts: exclude}
+		return state.WithDetail(state.Pod{Namespace: "ns", Name: name, IPs: ip(addr)}, state.PodDetail{UID: uid, Netns: netns, ExcludeOutboundPorts: exclude})
 	}
 	a := pod("a", "ua", "/n/a", "10.0.0.1")
 	b := pod("b", "ub", "/n/b", "10.0.0.2")
