@@ -193,8 +193,8 @@ func TestLabBenchScaleSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(res.Profiles) != 1 {
-		t.Errorf("profiles %v, want one of the churn window", res.Profiles)
+	if len(res.Profiles) != 3 {
+		t.Errorf("profiles %v, want the churn window's and two heap profiles (before loading, at the point)", res.Profiles)
 	}
 	for _, f := range res.Profiles {
 		if st, err := os.Stat(filepath.Join(out, "profiles", f)); err != nil || st.Size() == 0 {
@@ -215,6 +215,10 @@ func TestLabBenchScaleSmoke(t *testing.T) {
 	pt := res.Points[0]
 	if pt.Load.Objects == 0 || pt.Restart <= 0 {
 		t.Errorf("point not loaded or no restart: %+v", pt)
+	}
+	t.Logf("live heap: %.1f MiB before loading, %.1f MiB at %d pods", float64(res.BaseLiveHeap)/(1<<20), float64(pt.LiveHeap)/(1<<20), pt.Pods)
+	if res.BaseLiveHeap <= 0 || pt.LiveHeap <= 0 {
+		t.Errorf("live heap not sampled: %d before loading, %d at the point", res.BaseLiveHeap, pt.LiveHeap)
 	}
 	for name, c := range map[string]ScaleCond{"rest": pt.Rest, "churn": pt.Churn} {
 		t.Logf("%s: RSS %.1f MiB heap %.1f MiB cpu %.3f netpol p99 %s label p99 %s crr p99 %s api %+v",

@@ -119,7 +119,9 @@ type ScaleOptions struct {
 	WorkDir string
 	// ProfileDir, when set, receives a CPU profile of the agent over each
 	// point's churn window (agent-<pods>pods-churn.pprof), which says
-	// where the CPU per change goes.
+	// where the CPU per change goes, and a heap profile of it before
+	// loading and at each point at rest (agent-<pods>pods-heap.pprof),
+	// which says where its live heap goes.
 	ProfileDir string
 }
 
@@ -133,8 +135,14 @@ type ScaleResults struct {
 	LoadBefore string      `json:"loadBefore"`
 	Points     []ScaleSize `json:"points"`
 	Notes      []string    `json:"notes,omitempty"`
-	// Profiles are the agent CPU profiles written to ScaleOptions.ProfileDir.
+	// Profiles are the agent CPU and heap profiles written to
+	// ScaleOptions.ProfileDir.
 	Profiles []string `json:"profiles,omitempty"`
+	// BaseLiveHeap is the agent's live heap (LiveHeap) before any
+	// synthetic object was loaded: the lab's own few objects and its two
+	// real pods. A point's LiveHeap minus this, over its pods, is the
+	// agent's memory per synthetic pod.
+	BaseLiveHeap int64 `json:"baseLiveHeap"`
 }
 
 // ScaleSize is one cluster size of a scale run.
@@ -154,7 +162,12 @@ type ScaleSize struct {
 	// and the last pod known.
 	Restart    time.Duration `json:"restart"`
 	RestartAPI apiCount      `json:"restartAPI"`
-	Error      string        `json:"error,omitempty"`
+	// LiveHeap is the agent's live heap at rest, after the rest window:
+	// the Go heap's allocated bytes right after a forced collection
+	// (HeapAlloc from /debug/pprof/heap?gc=1), so, unlike RSS and heap in
+	// use, it holds no garbage the collector has not reclaimed yet.
+	LiveHeap int64  `json:"liveHeap"`
+	Error    string `json:"error,omitempty"`
 }
 
 // ScaleCond is the agent measured in one condition (at rest or churn).
@@ -329,6 +342,12 @@ func RunScale(ctx context.Context, o ScaleOptions) (res *ScaleResults, err error
 			err = errors.Join(err, serr)
 		}
 	}()
+	// The agent before any synthetic object, settled: what a point's live
+	// heap is compared with.
+	if err := sleepCtx(ctx, 5*time.Second); err != nil {
+		return res, err
+	}
+	res.BaseLiveHeap = s.liveHeap(ctx, "agent-0pods-heap.pprof")
 	ld := &loader{c: s.c, dyn: dyn, workers: o.Profile.Workers}
 	defer func() { res.Profiles = s.profiles }()
 	for _, pods := range o.Profile.Points {
@@ -395,6 +414,7 @@ func (s *scaleRun) point(ctx context.Context, ld *loader, pods int) (ScaleSize, 
 	if pt.Rest, err = s.measure(ctx, nil); err != nil {
 		return pt, fmt.Errorf("at rest: %w", err)
 	}
+	pt.LiveHeap = s.liveHeap(ctx, fmt.Sprintf("agent-%dpods-heap.pprof", pods))
 	ch := &churner{c: s.c, pods: pods, rate: s.o.Profile.ChurnRate, workers: s.o.Profile.Workers}
 	wait := s.profileChurn(ctx, pods)
 	pt.Churn, err = s.measure(ctx, ch)
@@ -526,6 +546,54 @@ func (s *scaleRun) heapInuse(ctx context.Context) int64 {
 			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
 			if err == nil {
 				return int64(f)
+			}
+		}
+	}
+	return -1
+}
+
+// liveHeap returns the agent's live heap: HeapAlloc right after a forced
+// collection, read from the runtime.MemStats that the heap profile's text
+// form ends with (/debug/pprof/heap?gc=1&debug=1 runs runtime.GC first).
+// With ScaleOptions.ProfileDir set it also saves a heap profile, taken
+// after another collection, as name (go tool pprof -sample_index=inuse_space),
+// to say where that memory goes. -1 if it cannot be read.
+func (s *scaleRun) liveHeap(ctx context.Context, name string) int64 {
+	b, err := s.mesh.Fetch(ctx, scaleNode, labmesh.AdminURL+"/debug/pprof/heap?gc=1&debug=1", time.Minute)
+	if err != nil {
+		s.log.Warn("reading the agent's live heap failed", "err", err)
+		return -1
+	}
+	live := parseHeapAlloc(b)
+	if live < 0 {
+		s.log.Warn("no HeapAlloc in the agent's heap profile")
+	}
+	if s.o.ProfileDir != "" {
+		b, err := s.mesh.Fetch(ctx, scaleNode, labmesh.AdminURL+"/debug/pprof/heap?gc=1", time.Minute)
+		if err == nil {
+			err = os.MkdirAll(s.o.ProfileDir, 0o755)
+		}
+		if err == nil {
+			err = os.WriteFile(filepath.Join(s.o.ProfileDir, name), b, 0o644)
+		}
+		if err != nil {
+			s.log.Warn("saving the agent's heap profile failed", "err", err)
+		} else {
+			s.profiles = append(s.profiles, name)
+		}
+	}
+	return live
+}
+
+// parseHeapAlloc returns the "# HeapAlloc = N" line of a text heap
+// profile (runtime/pprof, debug=1), or -1.
+func parseHeapAlloc(profile []byte) int64 {
+	sc := bufio.NewScanner(bytes.NewReader(profile))
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "# HeapAlloc = "); ok {
+			if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil {
+				return n
 			}
 		}
 	}

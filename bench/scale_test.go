@@ -1,11 +1,14 @@
 package bench
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strings"
 	"testing"
@@ -83,6 +86,33 @@ func TestScaleMarkdownWithoutPoints(t *testing.T) {
 	}
 	if c := scaleCharts(res); len(c) != 3 {
 		t.Errorf("%d charts", len(c))
+	}
+}
+
+// The live heap comes from a real heap profile's MemStats, taken after a
+// forced collection, and the report gives it per synthetic pod against the
+// agent before loading and between points.
+func TestLiveHeapPerPod(t *testing.T) {
+	runtime.GC()
+	var buf bytes.Buffer
+	if err := pprof.Lookup("heap").WriteTo(&buf, 1); err != nil {
+		t.Fatal(err)
+	}
+	if got := parseHeapAlloc(buf.Bytes()); got <= 0 {
+		t.Fatalf("HeapAlloc %d from a heap profile:\n%.2000s", got, buf.String())
+	}
+	if got := parseHeapAlloc([]byte("heap profile: 0: 0 [0: 0] @ heap/1048576\n")); got != -1 {
+		t.Errorf("HeapAlloc %d from a profile without MemStats", got)
+	}
+	res := &ScaleResults{Profile: ScaleProfiles["scale"], BaseLiveHeap: 10 << 20, Points: []ScaleSize{
+		{Pods: 1000, LiveHeap: 10<<20 + 1000*1500},
+		{Pods: 10000, LiveHeap: 10<<20 + 10000*1200},
+	}}
+	md := scaleMarkdown(res)
+	for _, want := range []string{"| 1000 | 11.4 MiB | 1.4 MiB | 1500 B | 1500 B |", "| 10000 | 21.4 MiB | 11.4 MiB | 1200 B | 1167 B |"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
 	}
 }
 

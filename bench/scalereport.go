@@ -70,6 +70,7 @@ func scaleCharts(res *ScaleResults) map[string][]byte {
 		chartScaleMemory: lineChart("agent memory vs synthetic pods", "MiB", xs, []series{
 			{Name: "RSS at rest", Values: val(func(p ScaleSize) float64 { return mib(p.Rest.RSS) })},
 			{Name: "heap at rest", Values: val(func(p ScaleSize) float64 { return mib(p.Rest.HeapInuse) })},
+			{Name: "live heap at rest", Values: val(func(p ScaleSize) float64 { return mib(p.LiveHeap) })},
 			{Name: "RSS under churn", Values: val(func(p ScaleSize) float64 { return mib(p.Churn.RSS) })},
 		}, false),
 		chartScaleCPU: lineChart("agent CPU vs synthetic pods", "cores", xs, []series{
@@ -122,7 +123,7 @@ func scaleMarkdown(res *ScaleResults) string {
 		fmt.Fprintf(&b, "| %d | %d | %d | %d | %d | %d | %d | %d | %s | %s |\n", pt.Pods, s.Nodes, s.Namespaces, s.NetworkPolicies,
 			s.AuthorizationPolicies, s.Services, pt.Load.Objects, pt.Load.Requests, fmtDur(pt.Load.Total), pt.LoadAvg)
 	}
-	b.WriteString("\n## The agent\n\n| pods | condition | RSS | heap in use | heap/pod | CPU (cores) | changes/s | CPU ms/change | API req/min | watch KiB/min | NetworkPolicy→enforced p50 / p99 | label→enforced p50 / p99 | tcp-crr p50 / p99 | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("\n## The agent\n\n| pods | condition | RSS | heap in use | CPU (cores) | changes/s | CPU ms/change | API req/min | watch KiB/min | NetworkPolicy→enforced p50 / p99 | label→enforced p50 / p99 | tcp-crr p50 / p99 | load avg |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, pt := range res.Points {
 		for _, c := range []struct {
 			name string
@@ -133,10 +134,6 @@ func scaleMarkdown(res *ScaleResults) string {
 				continue
 			}
 			perMin := 60 / cc.Window.Seconds()
-			heapPod := "n/a"
-			if cc.HeapInuse > 0 {
-				heapPod = fmt.Sprintf("%.0f B", float64(cc.HeapInuse)/float64(pt.Pods))
-			}
 			rate, per := "-", "-"
 			if c.name == "churn" {
 				rate = fmt.Sprintf("%.0f", cc.ChangesPerSec)
@@ -150,12 +147,13 @@ func scaleMarkdown(res *ScaleResults) string {
 			if cc.Netpol.Timeouts > 0 {
 				np += fmt.Sprintf(" (%d timeouts)", cc.Netpol.Timeouts)
 			}
-			fmt.Fprintf(&b, "| %d | %s | %s | %s | %s | %.3f | %s | %s | %.0f | %.0f | %s | %s | %s | %s |\n",
-				pt.Pods, c.name, fmtBytes(cc.RSS), fmtBytes(cc.HeapInuse), heapPod, cc.CPU, rate, per,
+			fmt.Fprintf(&b, "| %d | %s | %s | %s | %.3f | %s | %s | %.0f | %.0f | %s | %s | %s | %s |\n",
+				pt.Pods, c.name, fmtBytes(cc.RSS), fmtBytes(cc.HeapInuse), cc.CPU, rate, per,
 				float64(cc.API.Requests())*perMin, float64(cc.API.WatchBytes)/1024*perMin,
 				np, fmtDur(cc.Label.P50)+" / "+fmtDur(cc.Label.P99), crr, cc.LoadAvg)
 		}
 	}
+	b.WriteString(liveHeapMarkdown(res))
 	b.WriteString("\n## Start-up and restart at size\n\n| pods | agent caught up after load | restart to ready (and last pod known) | restart API requests | restart bytes |\n|---|---|---|---|---|\n")
 	for _, pt := range res.Points {
 		fmt.Fprintf(&b, "| %d | %s | %s | %d | %s |\n", pt.Pods, fmtDur(pt.CatchUp), fmtDur(pt.Restart), pt.RestartAPI.Requests(), fmtBytes(pt.RestartAPI.Bytes))
@@ -166,7 +164,8 @@ func scaleMarkdown(res *ScaleResults) string {
 		}
 	}
 	if len(res.Profiles) > 0 {
-		b.WriteString("\nCPU profiles of the agent over each churn window (`go tool pprof -top FILE`; the profiler's own cost is in the churn figures): ")
+		b.WriteString("\nProfiles of the agent: CPU over each churn window (`*-churn.pprof`, `go tool pprof -top FILE`; the profiler's own cost is in the churn figures) and " +
+			"live heap before loading and at rest at each point (`*-heap.pprof`, `go tool pprof -sample_index=inuse_space -top FILE`): ")
 		for i, f := range res.Profiles {
 			if i > 0 {
 				b.WriteString(", ")
@@ -179,5 +178,40 @@ func scaleMarkdown(res *ScaleResults) string {
 	b.WriteString("\nSamples per cell: change→enforcement has 2×" + fmt.Sprint(p.Probes) +
 		" samples per kind and condition, so its p99 is the largest but one or the largest; each is timed from just before the API call until the agent's " +
 		"/policy/explain (answered from the snapshot the agent enforces) flips, polled every ~2 ms plus one admin round trip.\n")
+	return b.String()
+}
+
+// liveHeapMarkdown is the report's per-pod memory: the agent's live heap
+// (after a forced collection) at each point at rest, against the same
+// agent before any synthetic object and against the point before.
+func liveHeapMarkdown(res *ScaleResults) string {
+	var b strings.Builder
+	b.WriteString("\n## Memory per pod (live heap)\n\n")
+	b.WriteString("RSS and heap in use include garbage the collector has not reclaimed yet, so they vary with when it last ran. " +
+		"The live heap is the agent's Go heap right after a forced collection (`HeapAlloc` from `/debug/pprof/heap?gc=1`), at rest. " +
+		"Per synthetic pod is (live heap at the point - live heap before loading) / pods: it includes each pod's share of the synthetic " +
+		"cluster's other objects (per 100 pods: 5 nodes, 1 namespace, 10 NetworkPolicies, 1 AuthorizationPolicy, 5 Services with EndpointSlices), " +
+		"and the agent's own growth with size (maps, caches). Between points is the same over the pods added since the point before.\n\n")
+	fmt.Fprintf(&b, "Live heap before loading: %s.\n\n", fmtBytes(res.BaseLiveHeap))
+	b.WriteString("| pods | live heap | minus before loading | per synthetic pod | per pod since the point before |\n|---|---|---|---|---|\n")
+	prevPods, prevLive := 0, res.BaseLiveHeap
+	for _, pt := range res.Points {
+		if pt.LiveHeap <= 0 {
+			fmt.Fprintf(&b, "| %d | n/a | | | |\n", pt.Pods)
+			prevPods, prevLive = 0, -1
+			continue
+		}
+		grown, perPod := "n/a", "n/a"
+		if res.BaseLiveHeap > 0 {
+			grown = fmtBytes(pt.LiveHeap - res.BaseLiveHeap)
+			perPod = fmt.Sprintf("%.0f B", float64(pt.LiveHeap-res.BaseLiveHeap)/float64(pt.Pods))
+		}
+		since := "n/a"
+		if prevLive > 0 && pt.Pods > prevPods {
+			since = fmt.Sprintf("%.0f B", float64(pt.LiveHeap-prevLive)/float64(pt.Pods-prevPods))
+		}
+		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s |\n", pt.Pods, fmtBytes(pt.LiveHeap), grown, perPod, since)
+		prevPods, prevLive = pt.Pods, pt.LiveHeap
+	}
 	return b.String()
 }
