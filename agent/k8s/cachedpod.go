@@ -29,13 +29,22 @@ type CachedPod struct {
 	// Pod is the converted pod; on a conversion error it holds only the
 	// namespace and name.
 	Pod *state.Pod
-	// Err is ConvertPod's error: the store drops such a pod (its old
-	// version would be wrong) and the agent logs it.
-	Err error
 	// ResourceVersion is the pod's, kept for the cache's bookkeeping.
 	ResourceVersion string
-	// labels keeps the pod's interned label set alive while it is cached.
-	labels *labelSet
+	// held keeps the pod's interned label set alive while it is cached;
+	// a pod that did not convert has none, and held carries its error
+	// instead. One field for both keeps a cached pod in the 32-byte size
+	// class (TestCachedPodSize).
+	held *labelSet
+}
+
+// Err returns ConvertPod's error: the store drops such a pod (its old
+// version would be wrong) and the agent logs it.
+func (c *CachedPod) Err() error {
+	if c.held == nil {
+		return nil
+	}
+	return c.held.err
 }
 
 var (
@@ -88,7 +97,7 @@ func CompactPodFor(p *corev1.Pod, node string) *CachedPod {
 	if err != nil {
 		out.Pod = &state.Pod{Namespace: intern(p.Namespace), Name: p.Name}
 		out.Pod.SetUID(string(p.UID))
-		out.Err = err
+		out.held = &labelSet{err: err}
 		return out
 	}
 	if node != "" && c.Node != node {
@@ -105,11 +114,11 @@ func CompactPodFor(p *corev1.Pod, node string) *CachedPod {
 	}
 	c.Ports = portLists.Make(c.Ports)
 	c.IPs = slices.Clip(c.IPs)
-	c.ProbePorts = slices.Clip(c.ProbePorts)
-	out.labels = internLabelSet(c.Labels)
+	c.ProbePorts = probeLists.Make(c.ProbePorts)
+	out.held = internLabelSet(c.Labels)
 	c.Labels = nil
-	if out.labels != nil {
-		c.Labels = out.labels.m
+	if out.held != nil {
+		c.Labels = out.held.m
 	}
 	out.Pod = c
 	return out
@@ -137,9 +146,18 @@ var portLists = interned.NewPorts(func(p state.ContainerPort) (string, int64, st
 	return p.Name, int64(p.Port), p.Protocol
 })
 
+// probeLists interns pods' probe port lists, which the pods of one
+// workload share too.
+var probeLists interned.Ints[uint16]
+
 // labelSet is one interned label map. Pods hold the map; their CachedPod
-// holds the set, which keeps the table entry alive.
-type labelSet struct{ m map[string]string }
+// holds the set, which keeps the table entry alive. (For a pod that did
+// not convert, CachedPod.held is a labelSet of its error alone, never
+// interned.)
+type labelSet struct {
+	m   map[string]string
+	err error
+}
 
 // labelSets interns label maps by their contents, like package unique does
 // for strings: an entry lives while a cached pod holds it and is removed by

@@ -166,8 +166,8 @@ func TestCompactPodIsConvertPod(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := obj.(*CachedPod)
-	if c.Err != nil || c.ResourceVersion != "1" {
-		t.Fatalf("cached pod err %v, resource version %q", c.Err, c.ResourceVersion)
+	if c.Err() != nil || c.ResourceVersion != "1" {
+		t.Fatalf("cached pod err %v, resource version %q", c.Err(), c.ResourceVersion)
 	}
 	a, _ := json.Marshal(full)
 	b, _ := json.Marshal(c.Pod)
@@ -250,8 +250,8 @@ func TestCompactPodKeepsConversionError(t *testing.T) {
 	p := fullPod(t, 1)
 	p.Status.PodIP = "not-an-ip"
 	c := CompactPod(p)
-	if c.Err == nil || !strings.Contains(c.Err.Error(), "not-an-ip") || c.Pod.Key() != (state.Key{Namespace: "shop", Name: "web-1"}) {
-		t.Fatalf("cached pod %+v, err %v", c.Pod, c.Err)
+	if c.Err() == nil || !strings.Contains(c.Err().Error(), "not-an-ip") || c.Pod.Key() != (state.Key{Namespace: "shop", Name: "web-1"}) {
+		t.Fatalf("cached pod %+v, err %v", c.Pod, c.Err())
 	}
 	st := newStore(t)
 	st.Update(func(tx *state.Tx) { tx.SetPod(&state.Pod{Namespace: "shop", Name: "web-1"}) })
@@ -502,5 +502,12 @@ func TestConvertPodSidecars(t *testing.T) {
 		if !slices.Equal(pod.Ports, want) || !slices.Equal(pod.ProbePorts, []uint16{9901}) {
 			t.Errorf("ports %+v, probe ports %v; want %+v, [9901]", pod.Ports, pod.ProbePorts, want)
 		}
+	}
+}
+
+// The informer caches one CachedPod per pod in the cluster.
+func TestCachedPodSize(t *testing.T) {
+	if n := unsafe.Sizeof(CachedPod{}); n > 32 {
+		t.Fatalf("CachedPod is %d bytes, more than the 32 of its size class", n)
 	}
 }

@@ -280,8 +280,8 @@ func (r *informerRuns) wait() { r.wg.Wait() }
 // setCachedPod stores the pod the transform converted (CompactPod), or
 // returns its conversion error.
 func setCachedPod(tx *state.Tx, c *CachedPod) error {
-	if c.Err != nil {
-		return c.Err
+	if err := c.Err(); err != nil {
+		return err
 	}
 	tx.SetPod(c.Pod)
 	return nil

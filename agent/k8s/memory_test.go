@@ -108,8 +108,12 @@ func TestMemoryPerPodAtScale(t *testing.T) {
 	// Before the cached form and shared label maps: 2,953 + 910 + 709 + 945 = 5,517 B;
 	// before the store filled pods in place: 1,149 + 78 + 514 + 609 = 2,350 B;
 	// before remote pods lost their node-local detail and policy entries
-	// shared their lists: 1,146 + 78 + 166 + 609 = 1,999 B (all pods whole).
-	const budget = 1300
+	// shared their lists: 1,146 + 78 + 166 + 609 = 1,999 B (all pods whole);
+	// before the Pod's detail moved behind a pointer, probe port lists were
+	// interned, CachedPod shrank and address keys took 16 bytes:
+	// 617 + 78 + 118 + 329 = 1,142 B. The goal is 1 KiB per remote pod
+	// (issue 18); the budget keeps a little margin under it.
+	const budget = 1000
 	if total := c + s + x + p; total > budget {
 		t.Fatalf("%d B per pod, over the budget of %d B", total, budget)
 	}

@@ -172,7 +172,7 @@ func emptySnapshot(opts Options) *Snapshot {
 		opts:       opts,
 		namespaces: pmap.New[string, map[string]string](pmap.String),
 		pods:       pmap.New[string, *podEntry](pmap.String),
-		podsByIP:   pmap.New[netip.Addr, *podEntry](pmap.Addr),
+		podsByIP:   pmap.NewAddrMap[*podEntry](),
 		nodeIPs:    pmap.New[string, []netip.Addr](pmap.String),
 	}
 }
@@ -614,6 +614,7 @@ func (b *Builder) Snapshot(version uint64) *Snapshot {
 			// its own back, so a pod that kept its labels keeps them.
 			e = &podEntry{Pod: *p, spiffeID: unique.Make(s.SPIFFEID(*p)).Value(), attached: st.attach(p.Labels)}
 			e.Ports = portLists.Make(p.Ports)
+			e.ProbePorts = probeLists.Make(p.ProbePorts)
 		}
 		if old := s.pods.Lookup(key); old != nil {
 			ost := b.nss[old.Namespace]
@@ -923,6 +924,9 @@ func (a *attached) match(pol *nsPolicies) {
 var portLists = intern.NewPorts(func(p ContainerPort) (string, int64, string) {
 	return p.Name, int64(p.Port), string(p.Protocol)
 })
+
+// probeLists interns the pod entries' probe port lists.
+var probeLists intern.Ints[int32]
 
 // mergeByRef merges two lists sorted by ref.
 func mergeByRef(a, b []*authzPolicy) []*authzPolicy {

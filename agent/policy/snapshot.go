@@ -134,7 +134,7 @@ type Snapshot struct {
 	// for the shards a change touched (see Builder).
 	namespaces  pmap.Map[string, map[string]string]
 	pods        pmap.Map[string, *podEntry]
-	podsByIP    pmap.Map[netip.Addr, *podEntry]
+	podsByIP    pmap.AddrMap[*podEntry]
 	nodeIPs     pmap.Map[string, []netip.Addr]
 	problems    []Problem
 	netpolCount int

@@ -61,7 +61,7 @@ func (s *Snapshot) diffSince(old *Snapshot) Changes {
 	diff(&s.namespaces, &old.namespaces, func(k string) { c.Namespaces = append(c.Namespaces, k) })
 	diff(&s.nodes, &old.nodes, func(k string) { c.Nodes = append(c.Nodes, k) })
 	diff(&s.pods, &old.pods, func(k Key) { c.Pods = append(c.Pods, k) })
-	diff(&s.podsByIP, &old.podsByIP, func(a netip.Addr) { c.Addresses = append(c.Addresses, a) })
+	s.podsByIP.Diff(&old.podsByIP, func(a, b *Pod) bool { return a == b }, func(a netip.Addr) { c.Addresses = append(c.Addresses, a) })
 	diff(&s.netpols, &old.netpols, func(k Key) { c.NetworkPolicies = append(c.NetworkPolicies, k) })
 	diff(&s.services, &old.services, func(k Key) { c.Services = append(c.Services, k) })
 	var backends map[Key]bool

@@ -25,7 +25,7 @@ type Snapshot struct {
 	namespaces pmap.Map[string, *Namespace]
 	nodes      pmap.Map[string, *Node]
 	pods       pmap.Map[Key, *Pod]
-	podsByIP   pmap.Map[netip.Addr, *Pod]
+	podsByIP   pmap.AddrMap[*Pod]
 	podsByNode pmap.Map[string, []*Pod]
 	services   pmap.Map[Key, *Service]
 	vips       pmap.Map[netip.AddrPort, vip]
@@ -47,7 +47,7 @@ func emptySnapshot(td spiffeid.TrustDomain) *Snapshot {
 		namespaces:  pmap.New[string, *Namespace](pmap.String),
 		nodes:       pmap.New[string, *Node](pmap.String),
 		pods:        pmap.New[Key, *Pod](hashKey),
-		podsByIP:    pmap.New[netip.Addr, *Pod](pmap.Addr),
+		podsByIP:    pmap.NewAddrMap[*Pod](),
 		podsByNode:  pmap.New[string, []*Pod](pmap.String),
 		services:    pmap.New[Key, *Service](hashKey),
 		vips:        pmap.New[netip.AddrPort, vip](pmap.AddrPort),

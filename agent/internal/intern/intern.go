@@ -105,3 +105,30 @@ func (t *Ports[E]) Make(ports []E) []E {
 // Len returns the number of entries, live or awaiting their cleanup, for
 // tests.
 func (t *Ports[E]) Len() int { return t.tab.Len() }
+
+// Integer is an integer type whose values Ints keys lists by.
+type Integer interface {
+	~int | ~int8 | ~int16 | ~int32 | ~int64 | ~uint | ~uint8 | ~uint16 | ~uint32 | ~uint64
+}
+
+// Ints interns lists of integers (a pod's probe ports) by their values.
+// The zero Ints is ready to use and safe for concurrent use.
+type Ints[E Integer] struct{ tab Slices[E] }
+
+// Make returns the shared list equal to s (nil for none), as Slices.Make
+// does.
+func (t *Ints[E]) Make(s []E) []E {
+	if len(s) == 0 {
+		return nil
+	}
+	b := make([]byte, 0, 6*len(s))
+	for _, e := range s {
+		b = strconv.AppendInt(b, int64(e), 10) // int64(e) is one-to-one for every Integer type
+		b = append(b, ',')
+	}
+	return t.tab.Make(string(b), s)
+}
+
+// Len returns the number of entries, live or awaiting their cleanup, for
+// tests.
+func (t *Ints[E]) Len() int { return t.tab.Len() }

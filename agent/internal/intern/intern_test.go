@@ -84,3 +84,21 @@ func TestPortsKeyOnEveryField(t *testing.T) {
 	}
 	runtime.KeepAlive(b)
 }
+
+func TestIntsShareEqualLists(t *testing.T) {
+	var tab Ints[uint16]
+	a := tab.Make([]uint16{8080, 9090})
+	b := tab.Make([]uint16{8080, 9090})
+	if unsafe.SliceData(a) != unsafe.SliceData(b) {
+		t.Error("equal lists gave separate arrays")
+	}
+	for _, other := range [][]uint16{{8080}, {808, 9090}, {9090, 8080}, {8080, 9090, 1}} {
+		if c := tab.Make(other); unsafe.SliceData(c) == unsafe.SliceData(a) || len(c) != len(other) {
+			t.Errorf("%v interned as %v, sharing %v's array", other, c, a)
+		}
+	}
+	if got := tab.Make(nil); got != nil {
+		t.Errorf("no ports interned as %v", got)
+	}
+	runtime.KeepAlive(b)
+}
