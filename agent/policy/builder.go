@@ -590,7 +590,7 @@ func (b *Builder) Snapshot(version uint64) *Snapshot {
 			b.rematch(st, pol)
 		}
 	}
-	clear(b.dirtyNS)
+	b.dirtyNS = pmap.Fresh(b.dirtyNS)
 
 	// Pods: new entries, then the owners of the addresses they had and have.
 	addrs := map[netip.Addr][]string{}
@@ -636,7 +636,7 @@ func (b *Builder) Snapshot(version uint64) *Snapshot {
 		st.pods[e] = struct{}{}
 		touch(e, key)
 	}
-	clear(b.pods)
+	b.pods = pmap.Fresh(b.pods)
 	for ip, keys := range addrs {
 		b.ownAddress(s, ip, keys)
 	}

@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/nodemesh/nodemesh/agent/internal/pmap"
 )
 
 // Store holds the current cluster state. Sources write into it with Update;
@@ -47,23 +49,13 @@ type pending struct {
 
 func (p *pending) clear() {
 	p.reset = false
-	p.namespaces = fresh(p.namespaces)
-	p.nodes = fresh(p.nodes)
-	p.pods = fresh(p.pods)
-	p.services = fresh(p.services)
-	p.slices = fresh(p.slices)
-	p.netpols = fresh(p.netpols)
-	p.objects = fresh(p.objects)
-}
-
-// fresh empties a pending map; one that held the initial sync (tens of
-// thousands of entries) is dropped rather than kept at that size.
-func fresh[K comparable, V any](m map[K]V) map[K]V {
-	if m == nil || len(m) > 1024 {
-		return make(map[K]V)
-	}
-	clear(m)
-	return m
+	p.namespaces = pmap.Fresh(p.namespaces)
+	p.nodes = pmap.Fresh(p.nodes)
+	p.pods = pmap.Fresh(p.pods)
+	p.services = pmap.Fresh(p.services)
+	p.slices = pmap.Fresh(p.slices)
+	p.netpols = pmap.Fresh(p.netpols)
+	p.objects = pmap.Fresh(p.objects)
 }
 
 // NewStore returns an empty, unsynced store whose pods get identities in td.
