@@ -193,8 +193,8 @@ func TestLabBenchScaleSmoke(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(res.Profiles) != 3 {
-		t.Errorf("profiles %v, want the churn window's and two heap profiles (before loading, at the point)", res.Profiles)
+	if len(res.Profiles) != 4 {
+		t.Errorf("profiles %v, want the churn and marks windows' and two heap profiles (before loading, at the point)", res.Profiles)
 	}
 	for _, f := range res.Profiles {
 		if st, err := os.Stat(filepath.Join(out, "profiles", f)); err != nil || st.Size() == 0 {
@@ -220,7 +220,7 @@ func TestLabBenchScaleSmoke(t *testing.T) {
 	if res.BaseLiveHeap <= 0 || pt.LiveHeap <= 0 {
 		t.Errorf("live heap not sampled: %d before loading, %d at the point", res.BaseLiveHeap, pt.LiveHeap)
 	}
-	for name, c := range map[string]ScaleCond{"rest": pt.Rest, "churn": pt.Churn} {
+	for name, c := range map[string]ScaleCond{"rest": pt.Rest, "churn": pt.Churn, "marks": pt.Marks} {
 		t.Logf("%s: RSS %.1f MiB heap %.1f MiB cpu %.3f netpol p99 %s label p99 %s crr p99 %s api %+v",
 			name, float64(c.RSS)/(1<<20), float64(c.HeapInuse)/(1<<20), c.CPU, c.Netpol.P99, c.Label.P99, c.CRR.P99, c.API)
 		if c.RSS <= 0 || c.HeapInuse <= 0 {
@@ -240,6 +240,11 @@ func TestLabBenchScaleSmoke(t *testing.T) {
 	}
 	if pt.Churn.Changes == 0 || pt.Churn.API.WatchBytes == 0 {
 		t.Errorf("churn: %d changes, %d watch bytes", pt.Churn.Changes, pt.Churn.API.WatchBytes)
+	}
+	// The simulated marks are renewed, and the agent's Lease watch
+	// receives them.
+	if pt.MarksAsked <= 0 || pt.Marks.Changes == 0 || pt.Marks.ChangeErrors > 0 || pt.Marks.API.WatchBytes == 0 {
+		t.Errorf("marks: %.0f/s asked, %d renewals, %d failed, %d watch bytes", pt.MarksAsked, pt.Marks.Changes, pt.Marks.ChangeErrors, pt.Marks.API.WatchBytes)
 	}
 }
 

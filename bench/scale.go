@@ -26,6 +26,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/nodemesh/nodemesh/agent/policy"
+	"github.com/nodemesh/nodemesh/agent/rollout"
 	"github.com/nodemesh/nodemesh/agent/state"
 	"github.com/nodemesh/nodemesh/bench/load"
 	"github.com/nodemesh/nodemesh/lab"
@@ -57,15 +58,22 @@ type ScaleProfile struct {
 	CRR time.Duration `json:"crr"`
 	// Workers is the loader's and churner's API concurrency.
 	Workers int `json:"workers"`
+	// MarkNodes is how many nodes' marks (Leases) are renewed every
+	// MarkRenew in the marks condition, as their agents would (0: no
+	// marks condition). Its window is Churn's.
+	MarkNodes int           `json:"markNodes,omitempty"`
+	MarkRenew time.Duration `json:"markRenew,omitempty"`
 }
 
 // ScaleProfiles by name; "scale:1000,20000" is "scale" at other points.
 var ScaleProfiles = map[string]ScaleProfile{
 	"scale": {Name: "scale", Points: []int{1000, 10000, 100000}, ChurnRate: 100, Churn: 30 * time.Second,
-		Idle: 30 * time.Second, Probes: 10, CRR: 5 * time.Second, Workers: 32},
+		Idle: 30 * time.Second, Probes: 10, CRR: 5 * time.Second, Workers: 32,
+		MarkNodes: 5000, MarkRenew: rollout.DefaultRenewInterval},
 	// scale-smoke is for CI: a tiny point that runs every phase.
 	"scale-smoke": {Name: "scale-smoke", Points: []int{200}, ChurnRate: 20, Churn: 3 * time.Second,
-		Idle: 3 * time.Second, Probes: 2, CRR: time.Second, Workers: 8},
+		Idle: 3 * time.Second, Probes: 2, CRR: time.Second, Workers: 8,
+		MarkNodes: 20, MarkRenew: time.Second},
 }
 
 // IsScaleProfile reports whether name names a scale profile.
@@ -158,6 +166,11 @@ type ScaleSize struct {
 	CatchUp time.Duration `json:"catchUp"`
 	Rest    ScaleCond     `json:"rest"`
 	Churn   ScaleCond     `json:"churn"`
+	// Marks is the agent while Profile.MarkNodes simulated nodes renew
+	// their marks (Changes are renewals); MarksAsked the renewals per
+	// second asked for. The Leases stay for the restart that follows.
+	Marks      ScaleCond `json:"marks"`
+	MarksAsked float64   `json:"marksAsked,omitempty"`
 	// Restart is an agent restart at this size: stop, start, until ready
 	// and the last pod known.
 	Restart    time.Duration `json:"restart"`
@@ -258,7 +271,7 @@ type scaleRun struct {
 	api    *apiCounter
 	c      kubernetes.Interface
 	worker string
-	// profiles are the files profileChurn wrote, for ScaleResults.
+	// profiles are the files profileWindow wrote, for ScaleResults.
 	profiles []string
 }
 
@@ -416,13 +429,28 @@ func (s *scaleRun) point(ctx context.Context, ld *loader, pods int) (ScaleSize, 
 	}
 	pt.LiveHeap = s.liveHeap(ctx, fmt.Sprintf("agent-%dpods-heap.pprof", pods))
 	ch := &churner{c: s.c, pods: pods, rate: s.o.Profile.ChurnRate, workers: s.o.Profile.Workers}
-	wait := s.profileChurn(ctx, pods)
+	wait := s.profileWindow(ctx, pods, "churn")
 	pt.Churn, err = s.measure(ctx, ch)
 	if f := wait(); f != "" {
 		s.profiles = append(s.profiles, f)
 	}
 	if err != nil {
 		return pt, fmt.Errorf("under churn: %w", err)
+	}
+	if n := s.o.Profile.MarkNodes; n > 0 {
+		m := &marker{c: s.c, nodes: n, interval: s.o.Profile.MarkRenew, workers: s.o.Profile.Workers}
+		if err := m.create(ctx); err != nil {
+			return pt, err
+		}
+		pt.MarksAsked = m.rate()
+		wait := s.profileWindow(ctx, pods, "marks")
+		pt.Marks, err = s.measure(ctx, m)
+		if f := wait(); f != "" {
+			s.profiles = append(s.profiles, f)
+		}
+		if err != nil {
+			return pt, fmt.Errorf("under node-mark renewals: %w", err)
+		}
 	}
 	before := s.api.read()
 	t = time.Now()
@@ -445,18 +473,18 @@ func (s *scaleRun) point(ctx context.Context, ld *loader, pods int) (ScaleSize, 
 	return pt, nil
 }
 
-// profileChurn starts a CPU profile of the agent over the churn window
-// that measure is about to run, if ScaleOptions.ProfileDir is set; wait
-// returns the file written ("" if none). The profiler's own cost (a
-// sample 100 times a second) is in the churn figures.
-func (s *scaleRun) profileChurn(ctx context.Context, pods int) (wait func() string) {
+// profileWindow starts a CPU profile of the agent over the churn or marks
+// window (cond) that measure is about to run, if ScaleOptions.ProfileDir
+// is set; wait returns the file written ("" if none). The profiler's own
+// cost (a sample 100 times a second) is in that window's figures.
+func (s *scaleRun) profileWindow(ctx context.Context, pods int, cond string) (wait func() string) {
 	if s.o.ProfileDir == "" {
 		return func() string { return "" }
 	}
 	secs := max(1, int(s.o.Profile.Churn/time.Second))
 	done := make(chan string, 1)
 	go func() {
-		name := fmt.Sprintf("agent-%dpods-churn.pprof", pods)
+		name := fmt.Sprintf("agent-%dpods-%s.pprof", pods, cond)
 		b, err := s.mesh.Fetch(ctx, scaleNode, labmesh.AdminURL+fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs), s.o.Profile.Churn+time.Minute)
 		if err == nil {
 			err = os.MkdirAll(s.o.ProfileDir, 0o755)
@@ -465,7 +493,7 @@ func (s *scaleRun) profileChurn(ctx context.Context, pods int) (wait func() stri
 			err = os.WriteFile(filepath.Join(s.o.ProfileDir, name), b, 0o644)
 		}
 		if err != nil {
-			s.log.Warn("profiling the agent under churn failed", "pods", pods, "err", err)
+			s.log.Warn("profiling the agent failed", "pods", pods, "condition", cond, "err", err)
 			name = ""
 		}
 		done <- name
@@ -473,10 +501,17 @@ func (s *scaleRun) profileChurn(ctx context.Context, pods int) (wait func() stri
 	return func() string { return <-done }
 }
 
+// changer is a load the scale profile measures the agent under: pod
+// churn or node-mark renewals.
+type changer interface {
+	run(ctx context.Context)
+	counts() (done, errs, late int64)
+}
+
 // measure runs one condition: the agent's CPU, memory and API traffic
-// over the window (with ch churning, if not nil), then the
-// change-to-enforcement probes and tcp-crr (churn still running).
-func (s *scaleRun) measure(ctx context.Context, ch *churner) (ScaleCond, error) {
+// over the window (with ch making changes, if not nil), then the
+// change-to-enforcement probes and tcp-crr (ch still running).
+func (s *scaleRun) measure(ctx context.Context, ch changer) (ScaleCond, error) {
 	var c ScaleCond
 	window := s.o.Profile.Idle
 	cctx, stopChurn := context.WithCancel(ctx)
@@ -496,7 +531,7 @@ func (s *scaleRun) measure(ctx context.Context, ch *churner) (ScaleCond, error) 
 	a0, t0 := s.api.read(), time.Now()
 	var n0 int64
 	if ch != nil {
-		n0 = ch.done.Load()
+		n0, _, _ = ch.counts()
 	}
 	if err := sleepCtx(ctx, window); err != nil {
 		return c, err
@@ -512,7 +547,8 @@ func (s *scaleRun) measure(ctx context.Context, ch *churner) (ScaleCond, error) 
 	c.HeapInuse = s.heapInuse(ctx)
 	c.LoadAvg, _ = machineLoad()
 	if ch != nil {
-		c.Changes = ch.done.Load() - n0
+		n1, _, _ := ch.counts()
+		c.Changes = n1 - n0
 		c.ChangesPerSec = float64(c.Changes) / c.Window.Seconds()
 		if c.Changes > 0 {
 			c.CPUPerChange = float64(p1.CPUNanos-p0.CPUNanos) / float64(c.Changes) / 1e6
@@ -528,7 +564,7 @@ func (s *scaleRun) measure(ctx context.Context, ch *churner) (ScaleCond, error) 
 		c.CRRError = err.Error()
 	}
 	if ch != nil {
-		c.ChangeErrors, c.ChangesLate = ch.errs.Load(), ch.late.Load()
+		_, c.ChangeErrors, c.ChangesLate = ch.counts()
 	}
 	return c, nil
 }

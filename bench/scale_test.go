@@ -116,6 +116,25 @@ func TestLiveHeapPerPod(t *testing.T) {
 	}
 }
 
+// The marks section gives the achieved rate and scales the watch bytes
+// to the asked rate.
+func TestMarksMarkdown(t *testing.T) {
+	res := &ScaleResults{Profile: ScaleProfiles["scale"], Points: []ScaleSize{{Pods: 1000, MarksAsked: 500,
+		Marks: ScaleCond{Window: 30 * time.Second, ChangesPerSec: 250, ChangesLate: 7500, CPU: 0.05,
+			API: apiCount{Writes: 3, WatchBytes: 30 * 250 * 512}}}}}
+	md := scaleMarkdown(res)
+	// 250 renewals/s of 512 B: 7500 KiB/min, 15000 at 500/s.
+	for _, want := range []string{"## Node marks of 5000 nodes (simulated)", "| 1000 | 500 | 250 | 7500 / 0 | 0.050 | 6 | 7500 | 15000 |"} {
+		if !strings.Contains(md, want) {
+			t.Errorf("report lacks %q:\n%s", want, md)
+		}
+	}
+	res.Profile.MarkNodes = 0
+	if md := scaleMarkdown(res); strings.Contains(md, "Node marks") {
+		t.Errorf("a profile without marks reports them:\n%s", md)
+	}
+}
+
 // The API counter forwards requests and streams and counts them by kind.
 func TestAPICounter(t *testing.T) {
 	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

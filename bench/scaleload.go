@@ -307,6 +307,10 @@ type churner struct {
 	done, errs, late atomic.Int64
 }
 
+func (ch *churner) counts() (done, errs, late int64) {
+	return ch.done.Load(), ch.errs.Load(), ch.late.Load()
+}
+
 // run churns until ctx ends. Changes that find every worker busy are
 // counted as late and skipped (the API server could not keep up): the
 // achieved rate is done/elapsed.

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/nodemesh/nodemesh/agent/rollout"
 )
 
 // WriteScaleOutput writes report.md, results.json and the charts of a
@@ -128,14 +130,14 @@ func scaleMarkdown(res *ScaleResults) string {
 		for _, c := range []struct {
 			name string
 			c    ScaleCond
-		}{{"rest", pt.Rest}, {"churn", pt.Churn}} {
+		}{{"rest", pt.Rest}, {"churn", pt.Churn}, {"marks", pt.Marks}} {
 			cc := c.c
 			if cc.Window == 0 {
 				continue
 			}
 			perMin := 60 / cc.Window.Seconds()
 			rate, per := "-", "-"
-			if c.name == "churn" {
+			if c.name != "rest" {
 				rate = fmt.Sprintf("%.0f", cc.ChangesPerSec)
 				per = fmt.Sprintf("%.2f", cc.CPUPerChange)
 			}
@@ -153,6 +155,7 @@ func scaleMarkdown(res *ScaleResults) string {
 				np, fmtDur(cc.Label.P50)+" / "+fmtDur(cc.Label.P99), crr, cc.LoadAvg)
 		}
 	}
+	b.WriteString(marksMarkdown(res))
 	b.WriteString(liveHeapMarkdown(res))
 	b.WriteString("\n## Start-up and restart at size\n\n| pods | agent caught up after load | restart to ready (and last pod known) | restart API requests | restart bytes |\n|---|---|---|---|---|\n")
 	for _, pt := range res.Points {
@@ -212,6 +215,37 @@ func liveHeapMarkdown(res *ScaleResults) string {
 		}
 		fmt.Fprintf(&b, "| %d | %s | %s | %s | %s |\n", pt.Pods, fmtBytes(pt.LiveHeap), grown, perPod, since)
 		prevPods, prevLive = pt.Pods, pt.LiveHeap
+	}
+	return b.String()
+}
+
+// marksMarkdown is the report's node-mark section: the agent's share of
+// the API traffic of a cluster whose every node renews its mark.
+func marksMarkdown(res *ScaleResults) string {
+	p := res.Profile
+	if p.MarkNodes == 0 {
+		return ""
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "\n## Node marks of %d nodes (simulated)\n\n", p.MarkNodes)
+	fmt.Fprintf(&b, "In the marks condition the bench holds a mark (a Lease in %s, as an agent writes it) for each of %d simulated nodes and renews each every %s, "+
+		"one Update per renewal, spread evenly: the renewals every agent of such a cluster watches. Rows \"marks\" above give the agent's CPU per renewal; "+
+		"its API requests are its own (its mark and discovery), the watch bytes are mostly the other nodes' marks. "+
+		"Where the API server could not take the asked rate, the last column scales the watch bytes to it.\n\n", rollout.DefaultNamespace, p.MarkNodes, p.MarkRenew)
+	b.WriteString("| pods | renewals/s asked | achieved | late / failed | agent CPU (cores) | API req/min | watch KiB/min | watch KiB/min at the asked rate |\n|---|---|---|---|---|---|---|---|\n")
+	for _, pt := range res.Points {
+		c := pt.Marks
+		if c.Window == 0 {
+			continue
+		}
+		perMin := 60 / c.Window.Seconds()
+		watch := float64(c.API.WatchBytes) / 1024 * perMin
+		scaled := "n/a"
+		if c.ChangesPerSec > 0 {
+			scaled = fmt.Sprintf("%.0f", watch*pt.MarksAsked/c.ChangesPerSec)
+		}
+		fmt.Fprintf(&b, "| %d | %.0f | %.0f | %d / %d | %.3f | %.0f | %.0f | %s |\n", pt.Pods, pt.MarksAsked, c.ChangesPerSec,
+			c.ChangesLate, c.ChangeErrors, c.CPU, float64(c.API.Requests())*perMin, watch, scaled)
 	}
 	return b.String()
 }
