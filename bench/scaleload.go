@@ -303,39 +303,47 @@ type churner struct {
 	pods    int
 	rate    float64
 	workers int
+	paced
+}
 
+// run churns until ctx ends; see paced.
+func (ch *churner) run(ctx context.Context) {
+	ch.paced.run(ctx, ch.rate, ch.workers, func() int { return rand.IntN(ch.pods) }, func(ctx context.Context, i int) error {
+		patch := fmt.Sprintf(`{"metadata":{"labels":{"app":%q}}}`, simApp(rand.IntN(appsPerNS)))
+		_, err := ch.c.CoreV1().Pods(simPodNS(i)).Patch(ctx, simPod(i), types.MergePatchType, []byte(patch), metav1.PatchOptions{})
+		return err
+	})
+}
+
+// paced makes changes at a steady rate with a pool of workers, counting
+// them. A change that finds every worker busy is counted as late and
+// skipped (the API server could not keep up), so the achieved rate is
+// done/elapsed.
+type paced struct {
 	done, errs, late atomic.Int64
 }
 
-func (ch *churner) counts() (done, errs, late int64) {
-	return ch.done.Load(), ch.errs.Load(), ch.late.Load()
-}
-
-// run churns until ctx ends. Changes that find every worker busy are
-// counted as late and skipped (the API server could not keep up): the
-// achieved rate is done/elapsed.
-func (ch *churner) run(ctx context.Context) {
-	work := make(chan int, ch.workers)
+// run calls change(ctx, next()) rate times a second on up to workers
+// goroutines until ctx ends, and waits for those under way.
+func (p *paced) run(ctx context.Context, rate float64, workers int, next func() int, change func(context.Context, int) error) {
+	work := make(chan int, workers)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	defer close(work)
-	for range ch.workers {
+	for range workers {
 		wg.Go(func() {
 			for i := range work {
-				patch := fmt.Sprintf(`{"metadata":{"labels":{"app":%q}}}`, simApp(rand.IntN(appsPerNS)))
-				_, err := ch.c.CoreV1().Pods(simPodNS(i)).Patch(ctx, simPod(i), types.MergePatchType, []byte(patch), metav1.PatchOptions{})
-				if err != nil {
+				if err := change(ctx, i); err != nil {
 					if ctx.Err() == nil {
-						ch.errs.Add(1)
+						p.errs.Add(1)
 					}
 					continue
 				}
-				ch.done.Add(1)
+				p.done.Add(1)
 			}
 		})
 	}
-	interval := time.Duration(float64(time.Second) / ch.rate)
-	t := time.NewTicker(interval)
+	t := time.NewTicker(time.Duration(float64(time.Second) / rate))
 	defer t.Stop()
 	for {
 		select {
@@ -343,10 +351,14 @@ func (ch *churner) run(ctx context.Context) {
 			return
 		case <-t.C:
 			select {
-			case work <- rand.IntN(ch.pods):
+			case work <- next():
 			default:
-				ch.late.Add(1)
+				p.late.Add(1)
 			}
 		}
 	}
+}
+
+func (p *paced) counts() (done, errs, late int64) {
+	return p.done.Load(), p.errs.Load(), p.late.Load()
 }

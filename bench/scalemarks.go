@@ -30,8 +30,7 @@ type marker struct {
 	workers  int
 
 	leases []atomic.Pointer[coordinationv1.Lease] // as last written, by node
-
-	done, errs, late atomic.Int64
+	paced
 }
 
 // create writes every node's Lease (or takes the one a previous point
@@ -102,52 +101,19 @@ func (m *marker) lease(n int) *coordinationv1.Lease {
 // rate is the renewals per second asked for.
 func (m *marker) rate() float64 { return float64(m.nodes) / m.interval.Seconds() }
 
-// run renews the marks round robin until ctx ends. A renewal that finds
-// every worker busy is counted as late and skipped (the API server could
-// not keep up); the achieved rate is done/elapsed.
+// run renews the marks round robin until ctx ends; see paced. Node n
+// is handed out again only a whole round (nodes renewals) later.
 func (m *marker) run(ctx context.Context) {
 	leases := m.c.CoordinationV1().Leases(rollout.DefaultNamespace)
-	work := make(chan int, m.workers)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer close(work)
-	for range m.workers {
-		wg.Go(func() {
-			for n := range work {
-				l := m.leases[n].Load().DeepCopy()
-				now := metav1.NewMicroTime(time.Now())
-				l.Spec.RenewTime = &now
-				got, err := leases.Update(ctx, l, metav1.UpdateOptions{})
-				if err != nil {
-					if ctx.Err() == nil {
-						m.errs.Add(1)
-					}
-					continue
-				}
-				m.leases[n].Store(got)
-				m.done.Add(1)
-			}
-		})
-	}
-	t := time.NewTicker(time.Duration(float64(time.Second) / m.rate()))
-	defer t.Stop()
-	// Each node is renewed by one worker at a time: node n is handed out
-	// again only a whole round (nodes renewals) later, and a late one is
-	// skipped rather than queued.
-	for next := 0; ; next = (next + 1) % m.nodes {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			select {
-			case work <- next:
-			default:
-				m.late.Add(1)
-			}
+	n := -1
+	m.paced.run(ctx, m.rate(), m.workers, func() int { n = (n + 1) % m.nodes; return n }, func(ctx context.Context, n int) error {
+		l := m.leases[n].Load().DeepCopy()
+		now := metav1.NewMicroTime(time.Now())
+		l.Spec.RenewTime = &now
+		got, err := leases.Update(ctx, l, metav1.UpdateOptions{})
+		if err == nil {
+			m.leases[n].Store(got)
 		}
-	}
-}
-
-func (m *marker) counts() (done, errs, late int64) {
-	return m.done.Load(), m.errs.Load(), m.late.Load()
+		return err
+	})
 }
