@@ -478,13 +478,28 @@ type streamBody struct {
 
 func (b *streamBody) Read(p []byte) (int, error) {
 	if b.bw.Buffered() > 0 && (b.buffered == nil || b.buffered() == 0) {
+		// p may be the free part of bw's own buffer: net/http's writer
+		// copies a body with a length through bw.ReadFrom, which reads
+		// into bw's buffer behind what it holds. After the flush that
+		// space is no longer behind what bw holds, and bytes read into
+		// it would be lost; so nothing is read, and ReadFrom asks again
+		// with the space that is free now (it allows empty reads).
+		inBuffer := sameStart(p, b.bw.AvailableBuffer())
 		if err := b.bw.Flush(); err != nil {
 			return 0, err
+		}
+		if inBuffer {
+			return 0, nil
 		}
 	}
 	n, err := b.r.Read(p)
 	b.n += int64(n)
 	return n, err
+}
+
+// sameStart reports whether p and the capacity of q begin at the same byte.
+func sameStart(p, q []byte) bool {
+	return len(p) > 0 && cap(q) > 0 && &p[0] == &q[:1][0]
 }
 
 // WriteTo copies through a pooled buffer: io.Copy would allocate 32 KiB

@@ -2,6 +2,7 @@ package l7
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 )
 
@@ -379,4 +381,58 @@ func TestLeanBodyInMemory(t *testing.T) {
 			<-done
 		})
 	}
+}
+
+// A response body with a length that comes from the upstream in pieces
+// reaches the client whole and in order: the client's buffer is flushed
+// whenever the next read would wait for the upstream, also while
+// net/http's writer is reading the body into that buffer.
+func TestLeanWriteResponseBodyInPieces(t *testing.T) {
+	body := make([]byte, 20000)
+	for i := range body {
+		body[i] = 'a' + byte(i%26)
+	}
+	for _, tc := range []struct {
+		name   string
+		length string
+	}{{"content-length", "Content-Length: 20000\r\n"}, {"chunked", "Transfer-Encoding: chunked\r\n"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			up := "HTTP/1.1 200 OK\r\n" + tc.length + "\r\n"
+			if tc.length[0] == 'T' {
+				up += fmt.Sprintf("%x\r\n%s\r\n0\r\n\r\n", len(body), body)
+			} else {
+				up += string(body)
+			}
+			h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				// The upstream's bytes come a few hundred at a time.
+				br := bufio.NewReaderSize(iotest.HalfReader(strings.NewReader(up)), 4096)
+				resp, err := http.ReadResponse(br, r)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if n, err := w.(*LeanWriter).WriteResponse(resp, br.Buffered); err != nil || n != int64(len(body)) {
+					t.Errorf("WriteResponse: %d bytes, %v", n, err)
+				}
+			})
+			raw := exchange(t, servers[1].serve, h, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+			resp, err := http.ReadResponse(bufio.NewReader(strings.NewReader(raw)), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(resp.Body)
+			if err != nil || !bytes.Equal(got, body) {
+				t.Fatalf("the client got %d bytes (%v), not the upstream's %d; first difference at %d", len(got), err, len(body), firstDiff(got, body))
+			}
+		})
+	}
+}
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
 }

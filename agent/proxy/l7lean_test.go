@@ -15,7 +15,8 @@ import (
 // dumpApp answers each request with what it received (request line, Host,
 // header, body), framed as the path asks: /chunked (with a trailer and
 // hop-by-hop headers), /nolength (close-delimited), /close, /204, /early
-// (a 103 first), else a Content-Length with hop-by-hop headers.
+// (a 103 first), /big (a Content-Length body of about 100 kB: the dump
+// repeated), else a Content-Length with hop-by-hop headers.
 func dumpApp(c net.Conn) {
 	defer c.Close()
 	br := bufio.NewReader(c)
@@ -49,6 +50,10 @@ func dumpApp(c net.Conn) {
 		case "/close":
 			io.WriteString(c, fmt.Sprintf("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s", len(dump), dump))
 			return
+		case "/big":
+			// Far more than one read's worth at each agent.
+			big := strings.Repeat(dump, 1+100000/len(dump))
+			out = fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(big), big)
 		case "/204":
 			out = "HTTP/1.1 204 No Content\r\nX-App: 1\r\n\r\n"
 		case "/early":
@@ -121,6 +126,7 @@ func TestL7LeanLikeReverseProxy(t *testing.T) {
 		{"no length", []string{get("/nolength")}},
 		{"upstream closes", []string{get("/close"), get("/after")}},
 		{"no content", []string{get("/204"), get("/after")}},
+		{"large body", []string{get("/big"), get("/after")}},
 		{"early hints", []string{get("/early")}},
 		{"denied keeps the connection", []string{"POST /p HTTP/1.1\r\nHost: b.default.svc.cluster.local\r\nContent-Length: 0\r\n\r\n", get("/after")}},
 		{"client closes", []string{get("/a", "Connection: close\r\n")}},
