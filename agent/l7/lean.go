@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -91,6 +92,12 @@ type leanConn struct {
 	body       []byte
 	bodyReader bytes.Reader
 	bodyRC     io.ReadCloser
+	// w and sb are the writer and response body of the request being
+	// served, kept here so that a request allocates neither (the
+	// connection serves one request at a time, and neither is used after
+	// the handler returns: http.ResponseWriter's contract).
+	w  LeanWriter
+	sb streamBody
 }
 
 var (
@@ -189,7 +196,8 @@ func (lc *leanConn) serve(ctx context.Context, h http.Handler) (rest net.Conn) {
 			return Replay(lc.c, replay)
 		}
 		lc.inMemory(req)
-		w := &LeanWriter{lc: lc, req: req, close: req.Close}
+		w := &lc.w
+		*w = LeanWriter{lc: lc, req: req, close: req.Close, body: w.body[:0]}
 		lc.afterPOST = req.Method == http.MethodPost
 		lc.served++
 		h.ServeHTTP(w, req.WithContext(ctx))
@@ -415,7 +423,8 @@ func (w *LeanWriter) finish() error {
 // error the connection is closed (the client may have a partial response).
 // The response's header becomes this writer's Header.
 func (w *LeanWriter) WriteResponse(resp *http.Response, upstreamBuffered func() int) (int64, error) {
-	body := &streamBody{r: resp.Body, bw: w.lc.bw, buffered: upstreamBuffered}
+	body := &w.lc.sb
+	*body = streamBody{r: resp.Body, bw: w.lc.bw, buffered: upstreamBuffered}
 	defer body.Close()
 	w.sent = true
 	w.header = resp.Header
@@ -462,9 +471,28 @@ func isChunked(te []string) bool { return len(te) > 0 && te[0] == "chunked" }
 // addDate adds a Date header if there is none, as net/http's server does.
 func addDate(h http.Header) {
 	if _, ok := h["Date"]; !ok {
-		h["Date"] = []string{time.Now().UTC().Format(http.TimeFormat)}
+		h["Date"] = []string{httpDate(time.Now())}
 	}
 }
+
+// httpDate is now in http.TimeFormat. The text changes once a second, so
+// it is formatted once a second, not once a response.
+func httpDate(now time.Time) string {
+	sec := now.Unix()
+	if d := lastDate.Load(); d != nil && d.sec == sec {
+		return d.text
+	}
+	d := &formattedDate{sec: sec, text: now.UTC().Format(http.TimeFormat)}
+	lastDate.Store(d)
+	return d.text
+}
+
+type formattedDate struct {
+	sec  int64
+	text string
+}
+
+var lastDate atomic.Pointer[formattedDate]
 
 // streamBody is a response body on its way to the client: it counts the
 // bytes, and flushes the client's buffer before a read that would wait.
@@ -511,8 +539,14 @@ func (b *streamBody) WriteTo(w io.Writer) (int64, error) {
 		bp = &buf
 	}
 	defer copyBuffers.Put(bp)
-	return io.CopyBuffer(w, readerOnly{b}, *bp)
+	return io.CopyBuffer(w, (*readOnlyBody)(b), *bp)
 }
+
+// readOnlyBody is a streamBody without WriteTo (io.CopyBuffer would call
+// it), as a pointer, which an interface holds without an allocation.
+type readOnlyBody streamBody
+
+func (b *readOnlyBody) Read(p []byte) (int, error) { return (*streamBody)(b).Read(p) }
 
 func (b *streamBody) Close() error {
 	if b.closed {
@@ -521,7 +555,5 @@ func (b *streamBody) Close() error {
 	b.closed = true
 	return b.r.Close()
 }
-
-type readerOnly struct{ io.Reader }
 
 var copyBuffers sync.Pool // *[]byte, 32 KiB

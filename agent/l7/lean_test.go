@@ -135,6 +135,7 @@ func TestServeHTTP1LikeServeConn(t *testing.T) {
 		{"one GET", get, 1, 1},
 		{"keep-alive", get + get + "GET /b HTTP/1.1\r\nHost: web\r\nUser-Agent: x\r\n\r\n", 3, 3},
 		{"deny then serve", "GET /deny HTTP/1.1\r\nHost: web\r\n\r\n" + get, 2, 2},
+		{"a long answer, then a short one", "GET /" + strings.Repeat("l", 300) + " HTTP/1.1\r\nHost: web\r\n\r\n" + get, 2, 2},
 		{"connection close", "GET /a HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n" + get, 1, 1},
 		{"bodiless POST", "POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\n\r\n\r\n" + get, 2, 2},
 		{"POST with a body", get + "POST /p HTTP/1.1\r\nHost: web\r\nContent-Length: 5\r\n\r\nhello" + get, 3, 3},
@@ -380,6 +381,69 @@ func TestLeanBodyInMemory(t *testing.T) {
 			client.Close()
 			<-done
 		})
+	}
+}
+
+// One connection's writer and response body are reused from request to
+// request: forwarded and local answers in any order get exactly their own
+// status, header and body.
+func TestLeanWriterReused(t *testing.T) {
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/fwd":
+			up := "HTTP/1.1 201 Created\r\nX-Up: " + r.URL.RawQuery + "\r\nContent-Length: 8\r\n\r\nupstream"
+			resp, err := http.ReadResponse(bufio.NewReader(strings.NewReader(up)), r)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if _, err := w.(*LeanWriter).WriteResponse(resp, func() int { return 0 }); err != nil {
+				t.Error(err)
+			}
+		case "/long":
+			w.Header().Set("X-Local", "long")
+			_, _ = io.WriteString(w, strings.Repeat("L", 500))
+		default:
+			w.WriteHeader(http.StatusAccepted)
+			_, _ = io.WriteString(w, "s")
+		}
+	})
+	req := func(path string) string { return "GET " + path + " HTTP/1.1\r\nHost: x\r\n\r\n" }
+	raw := exchange(t, servers[1].serve, h, req("/fwd?1")+req("/long")+req("/short")+req("/fwd?2")+req("/short"))
+	br := bufio.NewReader(strings.NewReader(raw))
+	want := []struct {
+		status    int
+		up, local string
+		body      string
+	}{
+		{201, "1", "", "upstream"}, {200, "", "long", strings.Repeat("L", 500)}, {202, "", "", "s"},
+		{201, "2", "", "upstream"}, {202, "", "", "s"},
+	}
+	for i, w := range want {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("response %d: %v", i, err)
+		}
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != w.status || string(body) != w.body ||
+			resp.Header.Get("X-Up") != w.up || resp.Header.Get("X-Local") != w.local || resp.Header.Get("Date") == "" {
+			t.Errorf("response %d: %d %q %v, header %v; want %d %q", i, resp.StatusCode, body, err, resp.Header, w.status, w.body)
+		}
+	}
+	if rest, _ := io.ReadAll(br); len(rest) > 0 {
+		t.Errorf("%d bytes after the last response: %q", len(rest), rest)
+	}
+}
+
+// The Date header, formatted once a second, is the time's own in
+// http.TimeFormat, also across seconds and back.
+func TestHTTPDate(t *testing.T) {
+	base := time.Date(2026, 12, 3, 19, 5, 59, 0, time.FixedZone("CET", 3600))
+	for _, d := range []time.Duration{0, 300 * time.Millisecond, 999 * time.Millisecond, time.Second, 1500 * time.Millisecond, 0, 61 * time.Second} {
+		now := base.Add(d)
+		if got, want := httpDate(now), now.UTC().Format(http.TimeFormat); got != want {
+			t.Errorf("httpDate(%v) = %q, want %q", now, got, want)
+		}
 	}
 }
 

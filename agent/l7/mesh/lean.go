@@ -66,6 +66,8 @@ type leanPool struct {
 	// client receives the informational (1xx) responses of the request
 	// in flight.
 	client *l7.LeanWriter
+	// pendingFn is p.pending, made once (a method value allocates).
+	pendingFn func() int
 }
 
 // leanUp is one upstream connection.
@@ -78,7 +80,23 @@ type leanUp struct {
 	idleSince time.Time
 	used      bool // it carried a whole exchange before
 	deadline  bool // a deadline is set on conn
+	// The peek of open, set up once per connection: the socket under
+	// conn, the callback and its result.
+	peekHow  peekHow
+	peekRC   syscall.RawConn
+	peekFn   func(fd uintptr) bool
+	peekOpen bool
 }
+
+// peekHow is how open looks at an idle connection.
+type peekHow uint8
+
+const (
+	peekUnknown peekHow = iota // not set up yet
+	peekSocket                 // a non-blocking peek at the socket
+	peekNone                   // no socket under it (a tunnel stream)
+	peekBroken                 // its socket cannot be reached: not open
+)
 
 type countingReader struct {
 	r io.Reader
@@ -92,7 +110,9 @@ func (c *countingReader) Read(p []byte) (int, error) {
 }
 
 func newLeanPool(dial func(ctx context.Context, service string, ep proxy.Endpoint) (net.Conn, error)) *leanPool {
-	return &leanPool{dial: dial}
+	p := &leanPool{dial: dial}
+	p.pendingFn = p.pending
+	return p
 }
 
 // pending is how many bytes of the current response the upstream
@@ -272,33 +292,44 @@ func (u *leanUp) open() bool {
 	if u.br.Buffered() > 0 {
 		return false
 	}
-	c := u.conn
-	for {
-		nc, ok := c.(interface{ NetConn() net.Conn })
-		if !ok {
-			break
+	if u.peekHow == peekUnknown {
+		u.peekHow = peekNone
+		c := u.conn
+		for {
+			nc, ok := c.(interface{ NetConn() net.Conn })
+			if !ok {
+				break
+			}
+			c = nc.NetConn()
 		}
-		c = nc.NetConn()
+		if sc, ok := c.(syscall.Conn); ok {
+			u.peekHow = peekBroken
+			if rc, err := sc.SyscallConn(); err == nil {
+				u.peekHow, u.peekRC, u.peekFn = peekSocket, rc, u.peek
+			}
+		}
 	}
-	sc, ok := c.(syscall.Conn)
-	if !ok {
+	switch u.peekHow {
+	case peekNone:
 		return time.Since(u.idleSince) < time.Second
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
+	case peekBroken:
 		return false
 	}
-	open := false
+	u.peekOpen = false
+	err := u.peekRC.Read(u.peekFn)
+	return err == nil && u.peekOpen
+}
+
+// peek is open's callback on the socket: whether a one-byte peek finds
+// nothing to read (EAGAIN), neither data nor the peer's FIN or reset.
+func (u *leanUp) peek(fd uintptr) bool {
+	// A raw system call, as the lean path's other socket calls
+	// (l7.RawIO): it cannot wait (MSG_DONTWAIT), and syscall.Syscall
+	// would wake the runtime's monitor thread at every request.
 	var b [1]byte
-	err = rc.Read(func(fd uintptr) bool {
-		// A raw system call, as the lean path's other socket calls
-		// (l7.RawIO): it cannot wait (MSG_DONTWAIT), and syscall.Syscall
-		// would wake the runtime's monitor thread at every request.
-		_, _, e := syscall.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1, unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
-		open = e == unix.EAGAIN
-		return true
-	})
-	return err == nil && open
+	_, _, e := syscall.RawSyscall6(unix.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1, unix.MSG_PEEK|unix.MSG_DONTWAIT, 0, 0)
+	u.peekOpen = e == unix.EAGAIN
+	return true
 }
 
 // leanBody is an upstream response's body: closed after it was read to
@@ -431,7 +462,7 @@ func (l *Layer) forwardLean(rw *recorder, lw *l7.LeanWriter, r *http.Request, po
 	}
 	removeHopHeaders(resp.Header)
 	_ = modifyResponse(resp)
-	n, err := lw.WriteResponse(resp, pool.pending)
+	n, err := lw.WriteResponse(resp, pool.pendingFn)
 	rw.status, rw.wrote, rw.bytes = resp.StatusCode, true, n
 	if err != nil {
 		l.log.Debug("response not sent in full", "error", err)

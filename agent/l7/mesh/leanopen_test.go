@@ -43,7 +43,14 @@ func TestLeanUpOpen(t *testing.T) {
 	if !u.open() {
 		t.Error("a quiet socket is not open")
 	}
+	// The peek is set up once per connection: later looks see what
+	// happened since.
 	u, peer := pair()
+	for i := range 3 {
+		if !u.open() {
+			t.Fatalf("look %d: a quiet socket is not open", i)
+		}
+	}
 	peer.Close()
 	wait()
 	if u.open() {
@@ -56,5 +63,19 @@ func TestLeanUpOpen(t *testing.T) {
 	wait()
 	if u.open() {
 		t.Error("a socket with unasked bytes is open")
+	}
+
+	// A connection with no socket under it (a tunnel stream) counts as
+	// open only while it was idle under a second.
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	u = &leanUp{conn: a, br: bufio.NewReader(a), idleSince: time.Now()}
+	if !u.open() {
+		t.Error("a stream idle for a moment is not open")
+	}
+	u.idleSince = time.Now().Add(-2 * time.Second)
+	if u.open() {
+		t.Error("a stream idle for two seconds is open")
 	}
 }

@@ -243,18 +243,22 @@ func (l *Layer) Inbound(i *proxy.L7Inbound) {
 	}
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		rw := &recorder{ResponseWriter: w}
+		// The recorder and the authorization request, in one allocation.
+		call := &inboundCall{rw: recorder{ResponseWriter: w}}
+		rw := &call.rw
 		r, span := l.cfg.Tracer.Start(r, trace.SpanKindServer, spanName, spanAttrs...)
 		defer func() {
 			span.End(rw.statusOr200(), orDash(rw.flags))
 			l.cfg.Observer.Request(l.requestInfo(&flow, r, rw, start, proxy.Inbound))
 		}()
-		req, err := authz.Prepare(r, l.cfg.RequestHeaders())
+		req := &call.req
+		var err error
+		*req, err = authz.Prepare(r, l.cfg.RequestHeaders())
 		if err != nil {
 			http.Error(rw, err.Error(), http.StatusBadRequest)
 			return
 		}
-		if d := l.cfg.Authorize(&flow, &req); !d.Allow {
+		if d := l.cfg.Authorize(&flow, req); !d.Allow {
 			log.Debug("request denied", "method", req.Method, "path", req.Path, "reason", d.Reason)
 			rw.denied, rw.flags = true, "RBAC"
 			writeDenied(rw, r)
@@ -382,6 +386,23 @@ type routed struct {
 }
 
 type routedKey struct{}
+
+// inboundCall holds what one request at the destination agent keeps
+// beyond its handler's frame: its recorder and its authorization request.
+type inboundCall struct {
+	rw  recorder
+	req authz.Request
+}
+
+// outboundCall holds what one request at the source agent keeps beyond
+// ServeHTTP's frame: its recorder, its routing decision (in the request's
+// context) and the flow its metrics are labelled with.
+type outboundCall struct {
+	rw   recorder
+	rt   routed
+	flow proxy.Flow
+}
+
 type endpointKey struct{}
 
 // endpointFor is the endpoint a transport dial is for.
@@ -393,9 +414,12 @@ type endpointFor struct {
 func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	o := out.o
-	rw := &recorder{ResponseWriter: w}
+	// What the request needs to outlive this frame, in one allocation.
+	call := &outboundCall{rw: recorder{ResponseWriter: w}}
+	rw := &call.rw
 	lw, _ := w.(*l7.LeanWriter)
-	rt := &routed{service: o.Flow.Service, dest: o.Dest, start: start, lean: lw != nil}
+	rt := &call.rt
+	*rt = routed{service: o.Flow.Service, dest: o.Dest, start: start, lean: lw != nil}
 	r, span := out.l.cfg.Tracer.Start(r, trace.SpanKindClient, out.spanName, out.spanAttrs...)
 	defer func() {
 		if span == nil {
@@ -408,7 +432,8 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		span.End(rw.statusOr200(), orDash(rw.flags), attrs...)
 	}()
 	defer func() {
-		f := o.Flow
+		f := &call.flow
+		*f = o.Flow
 		f.Service = rt.service
 		if rt.picked {
 			// The last attempt's endpoint, for the destination labels.
@@ -418,7 +443,7 @@ func (out *outbound) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				f.Transport = proxy.TransportHBONE
 			}
 		}
-		out.l.cfg.Observer.Request(out.l.requestInfo(&f, r, rw, start, proxy.Outbound))
+		out.l.cfg.Observer.Request(out.l.requestInfo(f, r, rw, start, proxy.Outbound))
 	}()
 	target := route.ServiceKey{Namespace: o.Target.Namespace, Name: o.Target.Name}
 	// TrafficPolicy, before routing: the rate limit, then the faults.
@@ -544,8 +569,8 @@ func (out *outbound) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, errors.New("request without a routing decision")
 	}
 	budget := out.l.budgets.For(rt.service)
-	done := budget.Request()
-	defer done()
+	budget.Begin()
+	defer budget.End()
 	var pol *route.RetryPolicy
 	var backendTimeout time.Duration
 	if rt.rule != nil {
@@ -651,7 +676,7 @@ func (out *outbound) attempt(req *http.Request, rt *routed, body []byte, replay 
 		release()
 		return nil, err
 	}
-	resp.Body = &releaseBody{ReadCloser: resp.Body, release: func() { cancel(); release() }}
+	resp.Body = &releaseBody{ReadCloser: resp.Body, cancel: cancel, release: release}
 	return resp, nil
 }
 
@@ -663,15 +688,20 @@ func (out *outbound) dial(ctx context.Context, _ string) (net.Conn, error) {
 	return out.o.Dial(ctx, e.service, e.ep)
 }
 
+// releaseBody is an attempt's response body: closing it (the first time)
+// ends the attempt's context and its hold on the endpoint.
 type releaseBody struct {
 	io.ReadCloser
-	once    sync.Once
-	release func()
+	released        atomic.Bool
+	cancel, release func()
 }
 
 func (b *releaseBody) Close() error {
 	err := b.ReadCloser.Close()
-	b.once.Do(b.release)
+	if b.released.CompareAndSwap(false, true) {
+		b.cancel()
+		b.release()
+	}
 	return err
 }
 

@@ -1,6 +1,7 @@
 package mesh
 
 import (
+	"io"
 	"net/netip"
 	"testing"
 
@@ -92,3 +93,25 @@ func BenchmarkInboundPortNothingOptedIn(b *testing.B) {
 		}
 	}
 }
+
+// An attempt's response body ends the attempt's context and its hold on
+// the endpoint once, however often it is closed.
+func TestReleaseBodyOnce(t *testing.T) {
+	var cancels, releases, closes int
+	b := &releaseBody{
+		ReadCloser: closeCounter{&closes},
+		cancel:     func() { cancels++ },
+		release:    func() { releases++ },
+	}
+	for range 3 {
+		_ = b.Close()
+	}
+	if cancels != 1 || releases != 1 || closes != 3 {
+		t.Fatalf("3 closes: %d cancels, %d releases, %d closes of the body; want 1, 1, 3", cancels, releases, closes)
+	}
+}
+
+type closeCounter struct{ n *int }
+
+func (closeCounter) Read([]byte) (int, error) { return 0, io.EOF }
+func (c closeCounter) Close() error           { *c.n++; return nil }

@@ -49,8 +49,11 @@ type nopObserver struct{}
 
 func (nopObserver) Request(*RequestInfo) {}
 
+// requestInfo fills rw.ri for the Observer (which keeps no pointer to
+// it), so that it takes no allocation of its own.
 func (l *Layer) requestInfo(f *proxy.Flow, r *http.Request, rw *recorder, start time.Time, dir proxy.Direction) *RequestInfo {
-	ri := &RequestInfo{
+	ri := &rw.ri
+	*ri = RequestInfo{
 		Direction: dir, Flow: f, Protocol: "http", Method: r.Method, Path: r.URL.Path, Host: r.Host,
 		Status: rw.status, Denied: rw.denied, Flags: rw.flags, Duration: time.Since(start), ResponseBytes: rw.bytes,
 	}
@@ -80,6 +83,8 @@ type recorder struct {
 	wrote  bool
 	denied bool
 	flags  string
+	// ri is the request's RequestInfo, built when it is over.
+	ri RequestInfo
 }
 
 // statusOr200 is the status written, 200 for a body without one, 0 for

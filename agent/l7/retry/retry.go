@@ -43,17 +43,24 @@ func NewBudget(percent float64, minConcurrency int) *Budget {
 // Request records a request in flight; call the returned func exactly
 // once when it is over (all attempts done).
 func (b *Budget) Request() (done func()) {
+	b.Begin()
+	var once sync.Once
+	return func() { once.Do(b.End) }
+}
+
+// Begin records a request in flight, as Request does, without a func to
+// allocate: the caller must call End exactly once when it is over.
+func (b *Budget) Begin() {
 	b.mu.Lock()
 	b.requests++
 	b.mu.Unlock()
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			b.mu.Lock()
-			b.requests--
-			b.mu.Unlock()
-		})
-	}
+}
+
+// End records the end of a request that Begin recorded.
+func (b *Budget) End() {
+	b.mu.Lock()
+	b.requests--
+	b.mu.Unlock()
 }
 
 // Retry asks for one retry. ok is false when the budget is spent: do not

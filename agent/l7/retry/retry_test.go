@@ -51,6 +51,35 @@ func TestBudget(t *testing.T) {
 	}
 }
 
+// Begin and End count a request in flight as Request and its done do, and
+// the retries allowed follow them.
+func TestBudgetBeginEnd(t *testing.T) {
+	b := NewBudget(20, 0)
+	for range 10 {
+		b.Begin()
+	}
+	done := b.Request()
+	if r, _ := b.InFlight(); r != 11 {
+		t.Fatalf("%d requests in flight, want 11", r)
+	}
+	rdone, ok := b.Retry()
+	if !ok {
+		t.Fatal("no retry allowed with 11 requests at 20%")
+	}
+	rdone()
+	for range 10 {
+		b.End()
+	}
+	done()
+	done() // idempotent
+	if r, rt := b.InFlight(); r != 0 || rt != 0 {
+		t.Fatalf("in flight after End: %d requests, %d retries", r, rt)
+	}
+	if _, ok := b.Retry(); ok {
+		t.Fatal("a retry allowed with nothing in flight and no minimum")
+	}
+}
+
 // TestBudgetOutage simulates a destination that fails every request: with
 // 100 requests in flight, each wanting 3 retries, the retries made at once
 // are capped at the budget, so the load stays at most 1.2× instead of 4×.
