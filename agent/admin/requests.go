@@ -27,7 +27,9 @@ var (
 // see it: the connection's labels (Conn, with the request's destination)
 // and the request's outcome.
 type Request struct {
-	Conn *Conn
+	// Conn is held by value, so that a caller can build a Request on its
+	// stack: one per request, not one allocation per request.
+	Conn Conn
 	// Protocol is "http" or "grpc".
 	Protocol string
 	Method   string
@@ -73,7 +75,7 @@ type requestSeries struct {
 // Istio's older label names for the same values, which its dashboards
 // still read.
 func (r *Request) key() requestKey {
-	c := r.Conn
+	c := &r.Conn
 	return requestKey{
 		orUnknown(c.Reporter),
 		orUnknown(c.Source.Workload),
@@ -171,7 +173,7 @@ func (m *Metrics) Request(r *Request) {
 	s.reqSize.Observe(float64(r.RequestBytes))
 	s.respSize.Observe(float64(r.ResponseBytes))
 	if m.access != nil {
-		c := r.Conn
+		c := &r.Conn
 		m.access.LogAttrs(context.Background(), slog.LevelInfo, "request",
 			slog.String("reporter", c.Reporter),
 			slog.String("src", c.Src.String()),

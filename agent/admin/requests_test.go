@@ -28,10 +28,10 @@ func TestRequestSeriesLabels(t *testing.T) {
 		Destination: Peer{Workload: "dw", Namespace: "dns", Principal: "spiffe://td/d", CanonicalService: "dcs", CanonicalRevision: "dcr", Cluster: "dc"},
 		DstService:  "web.shop.svc.cluster.local", DstServiceName: "web", DstServiceNamespace: "shop", SecurityPolicy: SecurityMutualTLS}
 	reqs := []*Request{
-		{Conn: c, Protocol: "http", Method: "GET", Path: "/a", Status: 200, Duration: 3 * time.Millisecond, ResponseBytes: 10},
-		{Conn: c, Protocol: "http", Method: "GET", Path: "/b", Status: 200, Duration: time.Millisecond, ResponseBytes: 5},
-		{Conn: c, Protocol: "grpc", Status: 200, GRPCStatus: "7", Flags: "RBAC"},
-		{Conn: &Conn{}, Protocol: "http", Status: 999},
+		{Conn: *c, Protocol: "http", Method: "GET", Path: "/a", Status: 200, Duration: 3 * time.Millisecond, ResponseBytes: 10},
+		{Conn: *c, Protocol: "http", Method: "GET", Path: "/b", Status: 200, Duration: time.Millisecond, ResponseBytes: 5},
+		{Conn: *c, Protocol: "grpc", Status: 200, GRPCStatus: "7", Flags: "RBAC"},
+		{Conn: Conn{}, Protocol: "http", Status: 999},
 	}
 	for _, r := range reqs {
 		m.Request(r)
@@ -109,7 +109,7 @@ func BenchmarkRequestMetrics(b *testing.B) {
 	}
 	c := &Conn{Reporter: ReporterSource, Source: Peer{Workload: "sw", Namespace: "sns", Principal: "spiffe://td/s"},
 		Destination: Peer{Workload: "dw", Namespace: "dns"}, DstService: "web.shop.svc.cluster.local", SecurityPolicy: SecurityMutualTLS}
-	r := &Request{Conn: c, Protocol: "http", Status: 200, Duration: time.Millisecond, ResponseBytes: 100}
+	r := &Request{Conn: *c, Protocol: "http", Status: 200, Duration: time.Millisecond, ResponseBytes: 100}
 	b.ReportAllocs()
 	for b.Loop() {
 		m.Request(r)

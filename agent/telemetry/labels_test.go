@@ -12,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/nodemesh/nodemesh/agent/admin"
+	l7mesh "github.com/nodemesh/nodemesh/agent/l7/mesh"
 	"github.com/nodemesh/nodemesh/agent/proxy"
 	"github.com/nodemesh/nodemesh/agent/state"
 )
@@ -167,4 +168,51 @@ func scrape(t *testing.T, reg *prometheus.Registry, names ...string) string {
 		t.Fatal(err)
 	}
 	return string(b)
+}
+
+// TestRequestLabels: a request the L7 layer reports is counted in
+// istio_requests_total with its connection's labels (as conn builds
+// them) and its own status, and twice when reported twice.
+func TestRequestLabels(t *testing.T) {
+	o, reg := labelFixture(t, Config{})
+	client := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/client")
+	web := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/web")
+	flow := proxy.Flow{Direction: proxy.Outbound, Transport: proxy.TransportHBONE,
+		Workload: &proxy.Workload{Namespace: "shop", Name: "client-0", Identity: client}, SrcIdentity: client, DstIdentity: web,
+		Src: netip.MustParseAddrPort("10.0.1.5:40000"), Dst: netip.MustParseAddrPort("10.0.2.7:8080"), Service: "shop/web", DstWorkload: "shop/web-7d9f-x2"}
+	for range 2 {
+		o.Request(&l7mesh.RequestInfo{Direction: proxy.Outbound, Flow: &flow, Protocol: "http", Method: "GET", Path: "/a",
+			Status: 201, Duration: time.Millisecond, ResponseBytes: 3})
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"reporter": "source", "source_workload": "client", "source_principal": client.String(),
+		"destination_workload": "web", "destination_principal": web.String(), "destination_service": "web.shop.svc.cluster.local",
+		"destination_canonical_service": "storefront", "response_code": "201", "connection_security_policy": "mutual_tls"}
+	found := false
+	for _, mf := range mfs {
+		if mf.GetName() != "istio_requests_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			found = true
+			got := map[string]string{}
+			for _, l := range m.GetLabel() {
+				got[l.GetName()] = l.GetValue()
+			}
+			for k, v := range want {
+				if got[k] != v {
+					t.Errorf("label %s = %q, want %q", k, got[k], v)
+				}
+			}
+			if n := m.GetCounter().GetValue(); n != 2 {
+				t.Errorf("counted %v requests, want 2", n)
+			}
+		}
+	}
+	if !found {
+		t.Fatal("no istio_requests_total series")
+	}
 }

@@ -191,7 +191,14 @@ func splitKey(s string) (ns, name string) {
 // controller names (Deployment, StatefulSet...), as in Istio's metrics;
 // the pod's name when it has no controller.
 func (o *Observer) conn(f *proxy.Flow, start time.Time) *admin.Conn {
-	c := &admin.Conn{Src: f.Src, Dst: f.Dst, Start: start, SecurityPolicy: admin.SecurityNone, ResponseFlags: admin.FlagsNone}
+	c := new(admin.Conn)
+	o.fillConn(c, f, start)
+	return c
+}
+
+// fillConn is conn, into c.
+func (o *Observer) fillConn(c *admin.Conn, f *proxy.Flow, start time.Time) {
+	*c = admin.Conn{Src: f.Src, Dst: f.Dst, Start: start, SecurityPolicy: admin.SecurityNone, ResponseFlags: admin.FlagsNone}
 	if f.Transport == proxy.TransportHBONE {
 		c.SecurityPolicy = admin.SecurityMutualTLS
 	}
@@ -248,7 +255,6 @@ func (o *Observer) conn(f *proxy.Flow, start time.Time) *admin.Conn {
 		ns, name := splitKey(service)
 		c.DstService, c.DstServiceName, c.DstServiceNamespace = ServiceFQDN(name, ns, o.cfg.ClusterDomain), name, ns
 	}
-	return c
 }
 
 // ExposureEvent turns a closed connection into a ledger event: plaintext
@@ -287,9 +293,11 @@ func ExposureEvent(snap *state.Snapshot, c *proxy.ConnInfo) (exposure.Event, boo
 // in Istio's request metrics, with the connection's labels (the
 // destination is the endpoint the request went to) and the access log.
 func (o *Observer) Request(ri *l7mesh.RequestInfo) {
-	o.cfg.Metrics.Request(&admin.Request{
-		Conn: o.conn(ri.Flow, time.Time{}), Protocol: ri.Protocol, Method: ri.Method, Path: ri.Path,
+	r := admin.Request{
+		Protocol: ri.Protocol, Method: ri.Method, Path: ri.Path,
 		Status: ri.Status, GRPCStatus: ri.GRPCStatus, Flags: ri.Flags, Duration: ri.Duration,
 		RequestBytes: ri.RequestBytes, ResponseBytes: ri.ResponseBytes,
-	})
+	}
+	o.fillConn(&r.Conn, ri.Flow, time.Time{})
+	o.cfg.Metrics.Request(&r)
 }
