@@ -39,40 +39,31 @@ func (l *claimingLayer) InboundPort(_ *proxy.Workload, port uint16) (l7.Protocol
 
 // httpApp answers every HTTP/1.1 request on c with a 2-byte body, as a
 // minimal backend would, until the client closes.
-func httpApp(c net.Conn) {
-	br := bufio.NewReader(c)
-	bw := bufio.NewWriter(c)
-	for {
-		req, err := http.ReadRequest(br)
-		if err != nil {
-			return
-		}
-		_, _ = io.Copy(io.Discard, req.Body)
-		req.Body.Close()
-		bw.WriteString("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
-		if bw.Flush() != nil {
-			return
-		}
-	}
-}
+var httpApp = httpAppWith("text/plain", []byte("ok"))
 
 // httpApp1k answers every HTTP/1.1 request on c with a 1 kB body, as
 // the benchmark's HTTP server does (bench/load), until the client closes.
-func httpApp1k(c net.Conn) {
-	br := bufio.NewReader(c)
-	bw := bufio.NewWriter(c)
-	body := bytes.Repeat([]byte("x"), 1024)
-	for {
-		req, err := http.ReadRequest(br)
-		if err != nil {
-			return
-		}
-		_, _ = io.Copy(io.Discard, req.Body)
-		req.Body.Close()
-		bw.WriteString("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1024\r\n\r\n")
-		bw.Write(body)
-		if bw.Flush() != nil {
-			return
+var httpApp1k = httpAppWith("application/octet-stream", bytes.Repeat([]byte("x"), 1024))
+
+// httpAppWith returns an application that answers every HTTP/1.1 request
+// with body, until the client closes.
+func httpAppWith(contentType string, body []byte) func(net.Conn) {
+	header := fmt.Sprintf("HTTP/1.1 200 OK\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n", contentType, len(body))
+	return func(c net.Conn) {
+		br := bufio.NewReader(c)
+		bw := bufio.NewWriter(c)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			_, _ = io.Copy(io.Discard, req.Body)
+			req.Body.Close()
+			bw.WriteString(header)
+			bw.Write(body)
+			if bw.Flush() != nil {
+				return
+			}
 		}
 	}
 }
